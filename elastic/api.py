@@ -1,0 +1,200 @@
+"""What plugin authors subclass: ``Aggregator``, ``Task`` and ``Codec``, and the
+dataclasses they receive.
+
+A plugin contributes its classes by name through a hook (see ``elastic.hookspecs``);
+a job spec then picks them by that name. Constructors validate their parameters and
+raise ``JobSpecError`` with a message naming the key and the fix, so a bad job is
+refused when it is submitted, not halfway through a run.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch.utils.data import Dataset
+
+from elastic.errors import JobSpecError
+from elastic.wire.messages import WireTensor
+
+__all__ = ["Aggregator", "Task", "Codec", "Shard", "Update", "WorkerMode", "check_params"]
+
+WorkerMode = Literal["train", "gradient"]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Which part of a task's data a worker trains on: part ``index`` of ``count``.
+
+    ``seed`` is the job's seed; a task splits its data the same way on every worker
+    from it, so the parts are disjoint and together cover the data.
+    """
+
+    index: int
+    count: int
+    seed: int = 0
+
+
+@dataclass
+class Update:
+    """One worker's contribution to a round, as the aggregator receives it.
+
+    Attributes:
+        worker: the sending worker's id.
+        base_version: the model version the update was computed against.
+        num_samples: how many samples it was computed on (its weight in averages).
+        loss: the worker's mean training loss.
+        kind: ``"delta"`` (trained weights minus the weights sent) or ``"gradient"``.
+        tensors: by parameter name; zero-copy views over the received frames. Use
+            ``WireTensor.add_to`` to fold one into an accumulator without a copy, or
+            ``to_tensor()`` for the whole tensor.
+    """
+
+    worker: str
+    base_version: int
+    num_samples: int
+    loss: float
+    kind: str
+    tensors: Mapping[str, WireTensor] = field(default_factory=dict)
+
+
+def check_params(owner: str, params: Mapping[str, Any], allowed: Mapping[str, type | tuple]) -> dict[str, Any]:
+    """Check a plugin's parameters: no unknown keys, the right types. Returns a copy.
+
+    Raises ``JobSpecError`` naming the key, what was expected and what is known.
+    """
+    out = dict(params)
+    for key, value in out.items():
+        if key not in allowed:
+            known = ", ".join(sorted(allowed)) or "none"
+            raise JobSpecError(f"{owner}: unknown parameter {key!r} (known: {known})")
+        want = allowed[key]
+        wants = want if isinstance(want, tuple) else (want,)
+        ok = isinstance(value, wants) and not (isinstance(value, bool) and bool not in wants)
+        if not ok and float in wants and isinstance(value, int) and not isinstance(value, bool):
+            out[key] = float(value)
+            ok = True
+        if not ok:
+            names = "/".join(t.__name__ for t in wants)
+            raise JobSpecError(f"{owner}: parameter {key!r} must be {names}, got {value!r}")
+    return out
+
+
+class Aggregator(ABC):
+    """A rule that folds worker updates into the next model version.
+
+    The round engine calls, per round: ``begin_round()``, then ``accumulate(update)``
+    once per accepted update *as it arrives*, then ``finalize()`` once, which must
+    leave the new global weights in the model passed to ``setup``. Updates are not
+    kept: a rule holds O(model) state, never O(workers x model).
+
+    Class attributes:
+        name: the name a job spec uses to pick this rule.
+        worker_mode: what workers compute for it: ``"train"`` (local training; the
+            update is trained weights minus the weights sent) or ``"gradient"`` (the
+            gradient of the loss on one batch, with the model unchanged).
+    """
+
+    name: ClassVar[str]
+    worker_mode: ClassVar[WorkerMode] = "train"
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        """Validate ``params`` (the job spec's ``[rule]`` table); raise ``JobSpecError``."""
+        self.params = dict(params)
+
+    @abstractmethod
+    def setup(self, model: torch.nn.Module) -> None:
+        """Take the job's global model (on CPU). Called once, before any round."""
+
+    @abstractmethod
+    def begin_round(self) -> None:
+        """Reset the running aggregate for a new round."""
+
+    @abstractmethod
+    def accumulate(self, update: Update) -> None:
+        """Fold one update into the running aggregate."""
+
+    @abstractmethod
+    def finalize(self) -> None:
+        """Write the new global weights into the model. Called only with >= 1 update."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to checkpoint (server optimizer, momentum...). Tensors, numbers, strings."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Restore what ``state_dict`` returned, after ``setup``."""
+
+
+class Task(ABC):
+    """A training problem: the model, the data, the loss and the evaluation.
+
+    The worker runtime owns the training loop (epochs, batches, optimizer), so a task
+    only says *what* to train. It is built from the job spec's ``[task]`` table on the
+    coordinator (to build and evaluate the global model) and on every worker.
+
+    Class attributes:
+        name: the name a job spec uses to pick this task.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        """Validate ``params`` (the job spec's ``[task]`` table); raise ``JobSpecError``."""
+        self.params = dict(params)
+
+    @abstractmethod
+    def build_model(self, seed: int) -> torch.nn.Module:
+        """A freshly initialised model; the same ``seed`` must give the same weights."""
+
+    @abstractmethod
+    def train_dataset(self, shard: Shard, data_dir: Path | None) -> Dataset:
+        """This worker's part of the training data; items are ``(inputs, targets)``.
+
+        ``data_dir`` is the worker's ``--data`` directory, or None when it has none.
+        """
+
+    @abstractmethod
+    def test_dataset(self, data_dir: Path | None) -> Dataset:
+        """The held-out evaluation data (used by the coordinator)."""
+
+    @abstractmethod
+    def loss(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean loss of ``model`` on one batch (a scalar with a graph)."""
+
+    def metrics(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """Extra evaluation figures on one batch, as sums over its samples.
+
+        The runtime adds them up over the test set and divides by its size. The
+        default adds nothing; a classifier returns e.g. ``{"accuracy": correct}``.
+        """
+        return {}
+
+
+class Codec(ABC):
+    """A compression stage for tensors on the wire, chosen by name in a job spec.
+
+    Stages chain: each ``encode`` output is the next stage's input, and ``decode``
+    runs the chain backwards. A codec must not move a tensor between devices.
+
+    Class attributes:
+        name: the name a job spec uses to pick this codec.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, arg: str | None = None) -> None:
+        """Parse the stage argument (``"topk:0.01"`` gives ``arg="0.01"``)."""
+        self.arg = arg
+
+    @abstractmethod
+    def encode(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Encode one tensor into named parts (each sent as its own tensor)."""
+
+    @abstractmethod
+    def decode(self, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Rebuild the tensor of ``shape`` and ``dtype`` from ``encode``'s parts."""

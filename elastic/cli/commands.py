@@ -1,0 +1,215 @@
+"""The subcommands behind ``elastic``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from elastic.config import CoordinatorConfig, WorkerConfig, resolve
+from elastic.coordinator.checkpoints import atomic_write
+from elastic.errors import ConfigError, ElasticError
+from elastic.jobspec import JobSpec, load_job_spec
+from elastic.logs import setup_logging
+from elastic.plugins import Plugins
+
+__all__ = ["cmd_run", "cmd_coordinator", "cmd_worker", "cmd_plugins", "cmd_validate", "check_spec"]
+
+
+def check_spec(spec: JobSpec, plugins: Plugins) -> None:
+    """Refuse a spec whose task or rule is unknown or has bad parameters."""
+    plugins.tasks.get(spec.task)(spec.task_params)
+    plugins.aggregators.get(spec.rule)(spec.rule_params)
+
+
+def _flags(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    return {n: getattr(args, n, None) for n in names}
+
+
+# ------------------------------------------------------------------ daemons --
+
+
+def cmd_coordinator(args: argparse.Namespace) -> int:
+    from elastic.coordinator.daemon import Coordinator
+
+    config = resolve(
+        CoordinatorConfig,
+        "coordinator",
+        args.config,
+        _flags(args, "bind", "state_dir", "membership", "heartbeat_interval", "heartbeat_timeout", "max_message_bytes", "exit_when_done", "log_format", "log_level"),
+    )
+    setup_logging(config.log_format, config.log_level)
+    plugins = Plugins()
+    specs = [load_job_spec(p) for p in args.job]
+    for spec in specs:
+        check_spec(spec, plugins)
+    Coordinator(config, plugins, specs).run()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from elastic.worker.daemon import Worker
+
+    config = resolve(
+        WorkerConfig,
+        "worker",
+        args.config,
+        _flags(args, "coordinator", "id", "device", "data", "coordinator_timeout", "max_message_bytes", "log_format", "log_level"),
+    )
+    setup_logging(config.log_format, config.log_level)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    Worker(config, Plugins()).run()
+    return 0
+
+
+# -------------------------------------------------------------------- tools --
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    plugins = Plugins()
+    table = Table(title="elastic plugins")
+    for col in ("kind", "name", "class", "distribution"):
+        table.add_column(col)
+    for item in plugins.provided():
+        table.add_row(item.kind, item.name, f"{item.cls.__module__}.{item.cls.__qualname__}", item.distribution)
+    for plugin, dist in plugins.observers():
+        table.add_row("observer", plugin, "-", dist)
+    Console().print(table)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    spec = load_job_spec(args.job)
+    check_spec(spec, Plugins())
+    print(f"{args.job}: ok (job {spec.id}: task {spec.task}, rule {spec.rule}, {spec.rounds} rounds, min_workers {spec.min_workers})")
+    return 0
+
+
+# ---------------------------------------------------------------------- run --
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from elastic.cli.progress import ProgressObserver
+    from elastic.coordinator.daemon import Coordinator
+
+    if args.local_workers < 1:
+        raise ConfigError(f"--local-workers must be >= 1, got {args.local_workers}")
+    setup_logging(args.log_format, "warning" if not args.quiet else "error")
+    spec = load_job_spec(args.job)
+    if args.local_workers < spec.min_workers:
+        raise ConfigError(
+            f"job {spec.id} needs min_workers = {spec.min_workers} but --local-workers is {args.local_workers}; "
+            f"start at least {spec.min_workers} workers"
+        )
+    state_dir = args.resume or args.state_dir or Path("runs") / f"{spec.id}-{time.strftime('%Y%m%d-%H%M%S')}"
+    console = Console(stderr=True)
+    observer = ProgressObserver(spec.id, spec.rounds, console, enabled=not args.quiet)
+    plugins = Plugins(extra=[observer])
+    check_spec(spec, plugins)
+    config = CoordinatorConfig(bind="tcp://127.0.0.1:0", state_dir=state_dir, exit_when_done=True)
+    config.validate()
+    coordinator = Coordinator(config, plugins, [spec])
+    job = coordinator.engines[spec.id].job
+    workers = _start_local_workers(coordinator.endpoint, args.local_workers, args.device, state_dir)
+    thread = threading.Thread(target=coordinator.run, kwargs={"install_signals": False}, name="coordinator", daemon=True)
+    started = time.time()
+    failure = ""
+    with observer:
+        thread.start()
+        try:
+            while thread.is_alive():
+                thread.join(0.2)
+                dead = [w for w in workers if w.poll() is not None]
+                if len(dead) == len(workers) and not job.done:
+                    failure = f"every local worker exited (see the logs in {state_dir / 'workers'})"
+                    coordinator.stop(failure)
+        except KeyboardInterrupt:
+            failure = "interrupted"
+            coordinator.stop(failure)
+            thread.join(10)
+    _stop_workers(workers)
+    if not job.done:
+        raise ElasticError(f"job {spec.id} did not finish: {failure or 'coordinator stopped'}; resume it with --resume {state_dir}")
+    final = job.history[-1] if job.history else {}
+    figures = {
+        "job": spec.id,
+        "state": str(job.state),
+        "rounds": job.round,
+        "accuracy": final.get("accuracy"),
+        "loss": final.get("eval_loss", final.get("loss")),
+        "train_loss": final.get("loss"),
+        "wall_seconds": round(job.wall_seconds() if job.resumed_from is not None else time.time() - started, 3),
+        "bytes_sent": job.totals["bytes_sent"],
+        "bytes_received": job.totals["bytes_received"],
+        "model": str(job.dir / "final.safetensors"),
+        "state_dir": str(state_dir),
+    }
+    if args.out:
+        _export(job.model.state_dict(), args.out)
+        figures["model"] = str(args.out)
+    if args.summary:
+        data = json.dumps(figures, indent=2).encode()
+        atomic_write(args.summary, lambda f: f.write(data))
+    _print_result(console, figures)
+    return 0 if str(job.state) == "finished" else 1
+
+
+def _start_local_workers(endpoint: str, n: int, device: str, state_dir: Path) -> list[subprocess.Popen]:
+    logs = state_dir / "workers"
+    logs.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // n)
+    procs = []
+    for i in range(n):
+        log = open(logs / f"local-{i}.log", "ab")  # noqa: SIM115 - owned by the child
+        cmd = [sys.executable, "-m", "elastic", "worker", "--coordinator", endpoint, "--id", f"local-{i}", "--device", device, "--threads", str(threads), "--log-level", "info"]
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+        log.close()
+    return procs
+
+
+def _stop_workers(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.time() + 5
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def _export(state: dict[str, torch.Tensor], path: Path) -> None:
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    if path.suffix == ".safetensors":
+        import safetensors.torch
+
+        data = safetensors.torch.save(tensors)
+        atomic_write(path, lambda f: f.write(data))
+    else:
+        atomic_write(path, lambda f: torch.save(tensors, f))
+
+
+def _print_result(console: Console, figures: dict[str, Any]) -> None:
+    table = Table(title=f"job {figures['job']}: {figures['state']}", show_header=False)
+    for key in ("rounds", "accuracy", "loss", "train_loss", "wall_seconds", "bytes_sent", "bytes_received", "model"):
+        value = figures.get(key)
+        if value is None:
+            continue
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)

@@ -1,0 +1,93 @@
+"""``elastic``: the command line.
+
+User errors end as one line naming the problem and the fix, exit status 2; add
+``--debug`` for the traceback. Exit status 1 means the job itself failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from elastic import __version__
+from elastic.errors import ElasticError
+
+__all__ = ["main"]
+
+
+def _daemon_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML file with a [coordinator] / [worker] table")
+    p.add_argument("--log-format", choices=["kv", "json"], default=None, help="log line format (default kv)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="elastic", description="Federated / elastic training daemon.")
+    parser.add_argument("--version", action="version", version=f"elastic {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a job end to end: embedded coordinator + local workers")
+    p.add_argument("job", type=Path, help="job spec (TOML)")
+    p.add_argument("--local-workers", type=int, default=2, help="worker processes to start (default 2)")
+    p.add_argument("--device", default="cpu", help="device of the local workers (auto, cpu, cuda:N)")
+    p.add_argument("--state-dir", type=Path, default=None, help="checkpoints and status (default runs/<job>-<time>)")
+    p.add_argument("--resume", type=Path, default=None, help="continue a run from its state directory")
+    p.add_argument("--out", type=Path, default=None, help="also write the final model here (.safetensors or .pt)")
+    p.add_argument("--summary", type=Path, default=None, help="write the final figures here as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--log-format", choices=["kv", "json"], default="kv")
+
+    p = sub.add_parser("coordinator", help="run the coordinator daemon")
+    p.add_argument("--bind", default=None, help="ZeroMQ endpoint to serve on (default tcp://127.0.0.1:5555)")
+    p.add_argument("--job", type=Path, action="append", default=[], help="job spec to serve (repeatable)")
+    p.add_argument("--state-dir", type=Path, default=None, help="checkpoints and status (default ./elastic-state)")
+    p.add_argument("--membership", default=None, help="membership backend URL (default embedded://)")
+    p.add_argument("--heartbeat-interval", type=float, default=None)
+    p.add_argument("--heartbeat-timeout", type=float, default=None, help="seconds of silence before a worker is removed (default 3)")
+    p.add_argument("--max-message-bytes", type=int, default=None)
+    p.add_argument("--exit-when-done", action="store_const", const=True, default=None, help="exit once every job is finished")
+    _daemon_flags(p)
+
+    p = sub.add_parser("worker", help="run a worker daemon")
+    p.add_argument("--coordinator", default=None, help="coordinator endpoint, e.g. tcp://HOST:5555")
+    p.add_argument("--id", default=None, help="worker id (default HOSTNAME-PID)")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--data", type=Path, default=None, help="this worker's data directory, handed to the task")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default torch's)")
+    p.add_argument("--coordinator-timeout", type=float, default=None, help="seconds of coordinator silence before reconnecting (default 10)")
+    p.add_argument("--max-message-bytes", type=int, default=None)
+    _daemon_flags(p)
+
+    sub.add_parser("plugins", help="list installed plugins and the distribution of each")
+
+    p = sub.add_parser("validate", help="check a job spec against the installed plugins")
+    p.add_argument("job", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ElasticError as exc:
+        if args.debug:
+            raise
+        print(f"elastic: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from elastic.cli import commands
+
+    if args.debug:
+        logging.getLogger("elastic").setLevel(logging.DEBUG)
+    return getattr(commands, f"cmd_{args.command}")(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

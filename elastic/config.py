@@ -1,0 +1,136 @@
+"""Typed daemon settings: a TOML file < environment ``ELASTIC_*`` < command-line flags.
+
+Each daemon has one dataclass; every field can come from its table in the config
+file (``[coordinator]`` / ``[worker]``), from ``ELASTIC_<FIELD>`` in the environment,
+or from a flag. Values are converted and validated once, with errors that name the
+source and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from elastic.errors import ConfigError
+
+__all__ = ["CoordinatorConfig", "WorkerConfig", "resolve"]
+
+C = TypeVar("C")
+
+
+@dataclass
+class CoordinatorConfig:
+    bind: str = "tcp://127.0.0.1:5555"
+    state_dir: Path = Path("elastic-state")
+    membership: str = "embedded://"
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 3.0
+    max_message_bytes: int = 4 << 30
+    exit_when_done: bool = False
+    log_format: str = "kv"
+    log_level: str = "info"
+
+    def validate(self) -> None:
+        _check_endpoint("bind", self.bind)
+        _positive("heartbeat_interval", self.heartbeat_interval)
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ConfigError(
+                f"heartbeat_timeout ({self.heartbeat_timeout}s) must be longer than "
+                f"heartbeat_interval ({self.heartbeat_interval}s); e.g. 3x the interval"
+            )
+        _positive("max_message_bytes", self.max_message_bytes)
+        _log_settings(self.log_format, self.log_level)
+
+
+@dataclass
+class WorkerConfig:
+    coordinator: str = "tcp://127.0.0.1:5555"
+    id: str = ""
+    device: str = "auto"
+    data: Path | None = None
+    coordinator_timeout: float = 10.0
+    max_message_bytes: int = 4 << 30
+    log_format: str = "kv"
+    log_level: str = "info"
+
+    def validate(self) -> None:
+        _check_endpoint("coordinator", self.coordinator)
+        if not self.id:
+            self.id = f"{socket.gethostname()}-{os.getpid()}"
+        if len(self.id) > 128 or not self.id.isprintable() or "/" in self.id:
+            raise ConfigError(f"worker id {self.id!r} must be printable, without '/', at most 128 characters")
+        _positive("coordinator_timeout", self.coordinator_timeout)
+        if self.data is not None and not self.data.is_dir():
+            raise ConfigError(f"data directory {self.data} does not exist; create it or fix --data")
+        _log_settings(self.log_format, self.log_level)
+
+
+def resolve(cls: type[C], section: str, config_file: Path | None, flags: dict[str, Any], env: dict[str, str] | None = None) -> C:
+    """Build ``cls`` from the file's ``[section]``, then ``ELASTIC_*`` env, then ``flags``
+    (a flag whose value is None was not given)."""
+    env = dict(os.environ) if env is None else env
+    values: dict[str, Any] = {}
+    known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+    if config_file is not None:
+        try:
+            table = tomllib.loads(Path(config_file).read_text()).get(section, {})
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {config_file}: {exc}; fix or remove --config") from exc
+        for key, value in table.items():
+            if key not in known:
+                raise ConfigError(f"config file {config_file}: [{section}] unknown key {key!r} (known: {', '.join(known)})")
+            values[key] = _convert(f"{config_file} [{section}] {key}", known[key].type, value)
+    for name, f in known.items():
+        var = f"ELASTIC_{name.upper()}"
+        if var in env:
+            values[name] = _convert(f"environment {var}", f.type, env[var])
+    for name, value in flags.items():
+        if value is not None and name in known:
+            values[name] = _convert(f"--{name.replace('_', '-')}", known[name].type, value)
+    obj = cls(**values)
+    obj.validate()  # type: ignore[attr-defined]
+    return obj
+
+
+def _convert(where: str, typ: Any, value: Any) -> Any:
+    typ = str(typ)
+    try:
+        if "bool" in typ:
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(value)
+        if "Path" in typ:
+            return Path(value) if value not in ("", None) else None
+        if "float" in typ:
+            return float(value)
+        if "int" in typ:
+            return int(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {value!r} is not a valid {typ.replace('pathlib.', '')}") from None
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def _check_endpoint(name: str, value: str) -> None:
+    if not value.startswith(("tcp://", "ipc://", "inproc://")) or "://" == value[-3:]:
+        raise ConfigError(f"{name} {value!r} is not a ZeroMQ endpoint; use e.g. tcp://127.0.0.1:5555")
+
+
+def _log_settings(fmt: str, level: str) -> None:
+    if fmt not in ("kv", "json"):
+        raise ConfigError(f'log_format must be "kv" or "json", got {fmt!r}')
+    if level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level must be debug, info, warning or error, got {level!r}")

@@ -1,0 +1,203 @@
+"""The coordinator daemon: one event loop owns every job, the member table and the socket.
+
+Each pass of the loop: receive what has arrived (each message decoded, validated
+and answered), hand membership changes to the round engines, let each engine start
+rounds or enforce deadlines, and send what they produced. A bad message is
+answered with a NACK (or dropped when it cannot be answered) and counted; nothing a
+peer sends can stop the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import zmq
+
+from elastic import __version__
+from elastic.config import CoordinatorConfig
+from elastic.coordinator.job import Job
+from elastic.coordinator.rounds import Outgoing, RoundEngine
+from elastic.errors import ConfigError, ProtocolError
+from elastic.jobspec import JobSpec
+from elastic.membership.base import Member, MembershipBackend
+from elastic.plugins import Plugins
+from elastic.wire.frames import decode
+from elastic.wire.messages import Message, MsgType
+from elastic.wire.transport import recv_frames, router_socket, send_message
+
+__all__ = ["Coordinator", "build_membership"]
+
+log = logging.getLogger("elastic.coordinator")
+MAX_BATCH = 256  # messages handled per pass before engines get a turn
+
+
+def build_membership(plugins: Plugins, url: str, heartbeat_timeout: float) -> MembershipBackend:
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    if not scheme:
+        raise ConfigError(f"membership {url!r} is not a URL; use embedded:// or etcd://host:2379/CLUSTER")
+    cls = plugins.membership.get(scheme)
+    return cls(url, heartbeat_timeout)
+
+
+class Coordinator:
+    """Serves jobs to workers. ``run()`` blocks until ``stop()`` (or a signal)."""
+
+    def __init__(self, config: CoordinatorConfig, plugins: Plugins, specs: list[JobSpec]) -> None:
+        self.config = config
+        self.plugins = plugins
+        self.membership = build_membership(plugins, config.membership, config.heartbeat_timeout)
+        self.engines: dict[str, RoundEngine] = {}
+        for spec in specs:
+            self.add_job(spec)
+        self.rejected: Counter[str] = Counter()
+        self.ctx = zmq.Context.instance()
+        self.sock, self.endpoint = router_socket(self.ctx, config.bind)
+        self._stop = threading.Event()
+        self._stop_reason = "stopped"
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    def add_job(self, spec: JobSpec) -> Job:
+        if spec.id in self.engines:
+            raise ConfigError(f"job id {spec.id!r} is given twice; give each job its own id")
+        job = Job(spec, self.plugins, self.config.state_dir)
+        self.engines[spec.id] = RoundEngine(job, self.plugins.notify)
+        return job
+
+    # ---------------------------------------------------------------- loop --
+
+    def run(self, install_signals: bool = True) -> None:
+        if install_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda signum, _frame: self.stop(f"signal {signal.Signals(signum).name}"))
+        log.info("coordinator serving address=%s jobs=%s membership=%s", self.endpoint, ",".join(self.engines) or "-", self.config.membership)
+        self.plugins.notify("elastic_coordinator_started", address=self.endpoint, jobs=list(self.engines))
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                if poller.poll(timeout=50):
+                    self._drain()
+                self._housekeeping()
+                if self.config.exit_when_done and self.engines and all(e.job.done for e in self.engines.values()):
+                    self.stop("all jobs done")
+        finally:
+            self.plugins.notify("elastic_coordinator_stopping", reason=self._stop_reason)
+            log.info("coordinator stopping reason=%s", self._stop_reason)
+            self.sock.close(linger=0)
+            self.membership.close()
+
+    def stop(self, reason: str = "stopped") -> None:
+        self._stop_reason = reason
+        self._stop.set()
+
+    def _drain(self) -> None:
+        for _ in range(MAX_BATCH):
+            try:
+                routing, frames = recv_frames(self.sock, routed=True)
+            except zmq.Again:
+                return
+            assert routing is not None
+            self.bytes_in += sum(len(f) for f in frames)
+            try:
+                self._handle(routing, frames)
+            except Exception:  # a bug on one message must not take the daemon down
+                log.exception("error handling a message from %r", routing)
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        for event in self.membership.poll(now):
+            m = event.member
+            if event.kind == "joined":
+                log.info("worker joined worker=%s device=%s host=%s slot=%d", m.id, m.device, m.host, m.slot)
+                self.plugins.notify("elastic_worker_joined", worker_id=m.id, device=m.device, host=m.host, slot=m.slot)
+            else:
+                log.info("worker left worker=%s reason=%s", m.id, event.reason)
+                self.plugins.notify("elastic_worker_left", worker_id=m.id, reason=event.reason)
+                for engine in self.engines.values():
+                    engine.on_member_left(m.id)
+        members = self.membership.members()
+        for engine in self.engines.values():
+            self._send_all(engine.tick(members))
+
+    # ------------------------------------------------------------ messages --
+
+    def _handle(self, routing: bytes, frames: list[zmq.Frame]) -> None:
+        peer = routing.decode("utf-8", "replace")
+        try:
+            msg = decode(frames, max_message_bytes=self.config.max_message_bytes)
+            if msg.sender != peer:
+                raise ProtocolError("sender_mismatch", f"header sender {msg.sender!r} is not the connection's id {peer!r}")
+        except ProtocolError as exc:
+            self._reject(routing, peer, "", exc.reason, exc.detail)
+            return
+        now = time.monotonic()
+        if msg.type is MsgType.HELLO:
+            member = self.membership.join(
+                Member(id=peer, host=msg.meta["host"], device=msg.meta["device"], software=msg.meta["software"], pid=msg.meta["pid"]),
+                now,
+            )
+            self._send(routing, Message(MsgType.WELCOME, meta={"heartbeat_interval": self.config.heartbeat_interval, "heartbeat_timeout": self.config.heartbeat_timeout, "slot": member.slot, "software": __version__}))
+        elif msg.type is MsgType.HEARTBEAT:
+            if self.membership.heartbeat(peer, now, busy=msg.meta["busy"]):
+                self._send(routing, Message(MsgType.HEARTBEAT_ACK))
+            else:
+                self._reject(routing, peer, "", "unknown_member", "this coordinator does not know you; send HELLO")
+        elif msg.type is MsgType.BYE:
+            self.membership.leave(peer, "bye")
+        elif msg.type is MsgType.UPDATE:
+            self._on_update(routing, peer, msg, now)
+        elif msg.type is MsgType.NACK:
+            engine = self.engines.get(msg.job)
+            if engine is not None:
+                engine.on_worker_failed(peer, msg.round, f"{msg.meta['reason']}: {msg.meta['detail']}")
+        else:
+            self._reject(routing, peer, msg.job, "unexpected_type", f"a coordinator does not accept {msg.type}")
+
+    def _on_update(self, routing: bytes, peer: str, msg: Message, now: float) -> None:
+        if not self.membership.heartbeat(peer, now, busy=False):
+            self._reject(routing, peer, msg.job, "unknown_member", "this coordinator does not know you; send HELLO", msg)
+            return
+        engine = self.engines.get(msg.job)
+        if engine is None:
+            self._reject(routing, peer, msg.job, "unknown_job", f"no job {msg.job!r} here (jobs: {', '.join(self.engines) or 'none'})", msg)
+            return
+        reply = engine.on_update(peer, msg)
+        if reply.type is MsgType.NACK:
+            self.rejected[reply.meta["reason"]] += 1
+        self._send(routing, reply)
+
+    def _reject(self, routing: bytes, peer: str, job: str, reason: str, detail: str, msg: Message | None = None) -> None:
+        self.rejected[reason] += 1
+        log.warning("message rejected peer=%r reason=%s detail=%s", peer, reason, detail)
+        self.plugins.notify("elastic_update_rejected", job_id=job, worker_id=peer, reason=reason, detail=detail)
+        nack = Message(MsgType.NACK, job=job, meta={"reason": reason, "detail": detail})
+        if msg is not None:
+            nack.round, nack.version, nack.key = msg.round, msg.version, msg.key
+        self._send(routing, nack)
+
+    def _send_all(self, outgoing: list[Outgoing]) -> None:
+        for out in outgoing:
+            if not self._send(out.worker.encode(), out.message):
+                self.membership.leave(out.worker, "unreachable")
+
+    def _send(self, routing: bytes, msg: Message) -> bool:
+        try:
+            self.bytes_out += send_message(self.sock, msg, routing)
+            return True
+        except zmq.ZMQError as exc:
+            log.warning("cannot send to peer=%r type=%s error=%s", routing, msg.type, exc.strerror)
+            return False
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "address": self.endpoint,
+            "members": [m.id for m in self.membership.members()],
+            "jobs": {jid: e.job.status(len(self.membership.members())) for jid, e in self.engines.items()},
+            "rejected": dict(self.rejected),
+        }

@@ -1,0 +1,157 @@
+"""A job on the coordinator: its spec, task, global model, rule, and persisted state."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from elastic.api import Aggregator, Task
+from elastic.coordinator.checkpoints import CheckpointStore, atomic_write
+from elastic.errors import CheckpointError
+from elastic.jobspec import JobSpec
+from elastic.plugins import Plugins
+from elastic.training import evaluate
+
+__all__ = ["Job", "JobState"]
+
+log = logging.getLogger("elastic.job")
+CHECKPOINT_FORMAT = 1
+
+
+class JobState(StrEnum):
+    WAITING = "waiting"  # fewer members than min_workers
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+
+
+class Job:
+    """Owns the global model of one job and everything a checkpoint must hold.
+
+    Building a job builds its task and rule from the plugins, so a spec naming an
+    unknown plugin or bad parameters fails here, before any worker is involved.
+    """
+
+    def __init__(self, spec: JobSpec, plugins: Plugins, state_dir: Path) -> None:
+        self.spec = spec
+        self.task: Task = plugins.tasks.get(spec.task)(spec.task_params)
+        self.aggregator: Aggregator = plugins.aggregators.get(spec.rule)(spec.rule_params)
+        self.model = self.task.build_model(spec.seed)
+        self.aggregator.setup(self.model)
+        self.store = CheckpointStore(state_dir, spec.id, keep=spec.checkpoint.keep)
+        self.state = JobState.WAITING
+        self.round = 0  # last committed round
+        self.version = 0  # model version; +1 per committed round
+        self.history: list[dict[str, Any]] = []
+        self.totals = {"bytes_sent": 0, "bytes_received": 0, "updates": 0, "rejected": 0}
+        self.final_metrics: dict[str, Any] = {}
+        self.started_wall = time.time()
+        self._test_data = None
+        self.resumed_from: int | None = None
+        self._resume()
+
+    @property
+    def dir(self) -> Path:
+        return self.store.dir
+
+    @property
+    def done(self) -> bool:
+        return self.state in (JobState.FINISHED, JobState.FAILED)
+
+    def evaluate(self) -> dict[str, float]:
+        if self._test_data is None:
+            self._test_data = self.task.test_dataset(None)
+        return evaluate(self.task, self.model, self._test_data)
+
+    # ------------------------------------------------------------ persistence --
+
+    def checkpoint(self) -> Path:
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "job": self.spec.to_dict(),
+            "round": self.round,
+            "version": self.version,
+            "state": str(self.state),
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "aggregator": self.aggregator.state_dict(),
+            "history": self.history,
+            "totals": self.totals,
+            "final_metrics": self.final_metrics,
+            "wall_seconds": self.wall_seconds(),
+        }
+        return self.store.save(self.round, state)
+
+    def _resume(self) -> None:
+        ckpt = self.store.latest()
+        if ckpt is None:
+            return
+        saved = ckpt.get("job", {})
+        for key in ("task", "rule"):
+            if saved.get(key) != getattr(self.spec, key):
+                raise CheckpointError(
+                    f"checkpoints in {self.dir} belong to a job with {key} {saved.get(key)!r}, "
+                    f"not {getattr(self.spec, key)!r}; give the job another id or use another state directory"
+                )
+        self.model.load_state_dict(ckpt["model"])
+        self.aggregator.load_state_dict(ckpt.get("aggregator", {}))
+        self.round = int(ckpt["round"])
+        self.version = int(ckpt["version"])
+        self.history = list(ckpt.get("history", []))
+        self.totals.update(ckpt.get("totals", {}))
+        self.final_metrics = dict(ckpt.get("final_metrics", {}))
+        self.started_wall = time.time() - float(ckpt.get("wall_seconds", 0.0))
+        if ckpt.get("state") in (JobState.FINISHED, JobState.FAILED):
+            self.state = JobState(ckpt["state"])
+        self.resumed_from = self.round
+        log.info("resumed job=%s round=%d version=%d", self.spec.id, self.round, self.version)
+
+    def save_final_model(self) -> Path:
+        path = self.dir / "final.safetensors"
+        tensors = {k: v.detach().contiguous().clone() for k, v in self.model.state_dict().items()}
+        data = safetensors.torch.save(tensors, metadata={"job": self.spec.id, "round": str(self.round)})
+        atomic_write(path, lambda f: f.write(data))
+        return path
+
+    def wall_seconds(self) -> float:
+        return time.time() - self.started_wall
+
+    def status(self, members: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        status = {
+            "job": self.spec.id,
+            "task": self.spec.task,
+            "rule": self.spec.rule,
+            "state": str(self.state),
+            "round": self.round,
+            "rounds": self.spec.rounds,
+            "version": self.version,
+            "members": members,
+            "min_workers": self.spec.min_workers,
+            "last": last,
+            "final": self.final_metrics,
+            "totals": self.totals,
+            "wall_seconds": round(self.wall_seconds(), 3),
+            "history": self.history,
+            "updated_at": time.time(),
+        }
+        status.update(extra or {})
+        return status
+
+    def write_status(self, status: dict[str, Any]) -> None:
+        data = json.dumps(status, indent=1).encode()
+        try:
+            atomic_write(self.dir / "status.json", lambda f: f.write(data))
+        except CheckpointError as exc:  # status is informational: never stop a job for it
+            log.warning("cannot write status job=%s error=%s", self.spec.id, exc)
+
+
+def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """An immutable snapshot of the model to send: frames alias it while queued."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}

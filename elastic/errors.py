@@ -1,0 +1,56 @@
+"""The typed error hierarchy.
+
+Every error a user can cause ends as one of these, with a message that names the
+thing at fault and the fix. The CLI prints that one line (a traceback only with
+``--debug``); daemons log it and keep serving everyone else.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ElasticError",
+    "ConfigError",
+    "JobSpecError",
+    "ProtocolError",
+    "PluginError",
+    "CodecError",
+    "MembershipUnavailable",
+    "CheckpointError",
+]
+
+
+class ElasticError(Exception):
+    """Base class of every error elastic raises on purpose."""
+
+
+class ConfigError(ElasticError):
+    """A daemon setting (flag, environment variable, config file) is invalid."""
+
+
+class JobSpecError(ConfigError):
+    """A job spec is invalid; the message names the key and the fix."""
+
+
+class ProtocolError(ElasticError):
+    """A message broke the wire protocol. ``reason`` is a short machine-readable code."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+class PluginError(ElasticError):
+    """A plugin failed to load, clashed with another, or was asked for by an unknown name."""
+
+
+class CodecError(ElasticError):
+    """A codec could not encode or decode a tensor."""
+
+
+class MembershipUnavailable(ElasticError):
+    """The membership backend (e.g. etcd) cannot be reached."""
+
+
+class CheckpointError(ElasticError):
+    """A checkpoint could not be written or read."""

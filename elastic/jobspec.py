@@ -1,0 +1,195 @@
+"""Job specs: a TOML file that says what to train, with which rule, for how long.
+
+```toml
+[job]
+task = "digits"          # a Task plugin
+rule = "fedavg"          # an Aggregator plugin
+rounds = 30
+min_workers = 4
+[task]                   # passed to the task
+[rule]                   # passed to the rule
+[train]                  # the worker runtime's local training
+[checkpoint]
+```
+
+Everything is checked once, at load: an unknown key, a wrong type or a value out of
+range is a ``JobSpecError`` naming the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from elastic.errors import JobSpecError
+
+__all__ = ["JobSpec", "TrainParams", "CheckpointPolicy", "load_job_spec", "parse_job_spec"]
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """How a worker trains locally (``[train]``)."""
+
+    local_epochs: int = 1
+    batch_size: int = 32  # 0 = the whole shard in one batch
+    lr: float = 0.05
+    optimizer: str = "sgd"  # sgd | adam
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """When checkpoints are written (``[checkpoint]``)."""
+
+    every: int = 1  # rounds between checkpoints; 1 = a crash loses at most the round in progress
+    keep: int = 3  # newest checkpoints kept
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A validated job."""
+
+    id: str
+    task: str
+    rule: str
+    rounds: int = 10
+    min_workers: int = 1
+    max_workers: int = 0  # 0 = every member takes part
+    fraction: float = 1.0
+    round_timeout: float = 60.0
+    eval_every: int = 1
+    seed: int = 0
+    partitions: int = 0  # data shards; 0 = max_workers, else min_workers
+    task_params: dict[str, Any] = field(default_factory=dict)
+    rule_params: dict[str, Any] = field(default_factory=dict)
+    train: TrainParams = field(default_factory=TrainParams)
+    checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
+
+    @property
+    def shard_count(self) -> int:
+        return self.partitions or self.max_workers or self.min_workers
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as plain data (for checkpoints and the wire)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
+        data = dict(data)
+        data["train"] = TrainParams(**data["train"])
+        data["checkpoint"] = CheckpointPolicy(**data["checkpoint"])
+        return cls(**data)
+
+
+# key -> (type, check, what a good value looks like)
+_JOB_KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
+    "id": (str, lambda v: bool(_ID.match(v)), 'letters, digits, "._-", e.g. id = "digits-1"'),
+    "task": (str, bool, 'a task name, e.g. task = "digits"'),
+    "rule": (str, bool, 'a rule name, e.g. rule = "fedavg"'),
+    "rounds": (int, lambda v: v >= 1, "a positive integer, e.g. rounds = 30"),
+    "min_workers": (int, lambda v: v >= 1, "a positive integer, e.g. min_workers = 2"),
+    "max_workers": (int, lambda v: v >= 0, "0 (no limit) or a positive integer"),
+    "fraction": (float, lambda v: 0 < v <= 1, "in (0, 1], e.g. fraction = 0.5"),
+    "round_timeout": (float, lambda v: v > 0, "seconds > 0, e.g. round_timeout = 60"),
+    "eval_every": (int, lambda v: v >= 0, "0 (only at the end) or a positive integer"),
+    "seed": (int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    "partitions": (int, lambda v: v >= 0, "0 (= max_workers or min_workers) or a positive integer"),
+}
+_TRAIN_KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
+    "local_epochs": (int, lambda v: v >= 1, "a positive integer"),
+    "batch_size": (int, lambda v: v >= 0, "0 (whole shard) or a positive integer"),
+    "lr": (float, lambda v: v > 0, "a learning rate > 0, e.g. lr = 0.05"),
+    "optimizer": (str, lambda v: v in ("sgd", "adam"), 'one of "sgd", "adam"'),
+    "momentum": (float, lambda v: 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": (float, lambda v: v >= 0, ">= 0"),
+}
+_CHECKPOINT_KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
+    "every": (int, lambda v: v >= 1, "a positive integer (rounds between checkpoints)"),
+    "keep": (int, lambda v: v >= 1, "a positive integer (checkpoints kept)"),
+}
+_TABLES = {"job", "task", "rule", "train", "checkpoint"}
+
+
+def load_job_spec(path: str | Path) -> JobSpec:
+    """Read and validate a job spec file; the job id defaults to the file's stem."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise JobSpecError(f"job spec {p} does not exist; give the path of a .toml job file") from None
+    except OSError as exc:
+        raise JobSpecError(f"job spec {p} cannot be read: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise JobSpecError(f"{p}: not valid TOML ({exc}); fix the syntax") from exc
+    return parse_job_spec(data, source=str(p), default_id=p.stem)
+
+
+def parse_job_spec(data: dict[str, Any], source: str = "job spec", default_id: str = "job") -> JobSpec:
+    """Validate a job spec given as parsed TOML."""
+    for table in data:
+        if table not in _TABLES:
+            raise JobSpecError(f"{source}: unknown table [{table}]{_suggest(table, _TABLES)}")
+    for table in _TABLES:
+        if table in data and not isinstance(data[table], dict):
+            raise JobSpecError(f"{source}: [{table}] must be a table")
+    job = dict(data.get("job", {}))
+    for required in ("task", "rule"):
+        if required not in job:
+            raise JobSpecError(
+                f"{source}: [job] {required} is missing; add it, e.g. {_JOB_KEYS[required][2]}"
+            )
+    job.setdefault("id", _sanitize_id(default_id))
+    job_values = _check_table(source, "job", job, _JOB_KEYS)
+    train = _check_table(source, "train", data.get("train", {}), _TRAIN_KEYS)
+    ckpt = _check_table(source, "checkpoint", data.get("checkpoint", {}), _CHECKPOINT_KEYS)
+    spec = JobSpec(
+        **job_values,
+        task_params=dict(data.get("task", {})),
+        rule_params=dict(data.get("rule", {})),
+        train=TrainParams(**train),
+        checkpoint=CheckpointPolicy(**ckpt),
+    )
+    if spec.max_workers and spec.max_workers < spec.min_workers:
+        raise JobSpecError(
+            f"{source}: [job] max_workers = {spec.max_workers} is below min_workers = "
+            f"{spec.min_workers}; raise max_workers or lower min_workers"
+        )
+    return spec
+
+
+def _check_table(source: str, table: str, values: dict[str, Any], keys: dict) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in keys:
+            raise JobSpecError(f"{source}: [{table}] unknown key {key!r}{_suggest(key, keys)}")
+        typ, check, hint = keys[key]
+        if typ is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool):
+            raise JobSpecError(
+                f"{source}: [{table}] {key} must be {typ.__name__}, got {value!r}; use {hint}"
+            )
+        if not check(value):
+            raise JobSpecError(f"{source}: [{table}] {key} = {value!r} is invalid; use {hint}")
+        out[key] = value
+    return out
+
+
+def _suggest(word: str, options: Any) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    known = ", ".join(sorted(options))
+    return f" (did you mean {close[0]!r}?)" if close else f" (known: {known})"
+
+
+def _sanitize_id(stem: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]", "-", stem).strip("-.") or "job"
+    return cleaned[:128]

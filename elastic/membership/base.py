@@ -1,0 +1,79 @@
+"""The membership interface the coordinator sees, whatever keeps the member table."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+__all__ = ["Member", "MembershipEvent", "MembershipBackend"]
+
+
+@dataclass
+class Member:
+    """A worker the coordinator knows.
+
+    ``slot`` is a small stable number given at join (the lowest free one); it picks
+    the worker's data shard, so a worker that re-joins after a blip keeps its data.
+    """
+
+    id: str
+    host: str = ""
+    device: str = "cpu"
+    software: str = ""
+    pid: int = 0
+    slot: int = 0
+    joined_at: float = 0.0
+    last_seen: float = 0.0
+    busy: bool = False
+    info: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MembershipEvent:
+    """A change in membership, delivered to the coordinator's event loop."""
+
+    kind: Literal["joined", "left"]
+    member: Member
+    reason: str
+
+
+class MembershipBackend(ABC):
+    """Keeps the member table and says when members join and leave.
+
+    The coordinator's single event loop calls every method; ``poll`` hands over the
+    events that happened since the last call (including members found dead), so a
+    backend that watches something in another thread only has to queue them.
+
+    Class attributes:
+        name: the URL scheme that picks this backend (``embedded://``, ``etcd://``).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, url: str, heartbeat_timeout: float) -> None:
+        self.url = url
+        self.heartbeat_timeout = heartbeat_timeout
+
+    @abstractmethod
+    def join(self, member: Member, now: float) -> Member:
+        """Add (or refresh) a member; returns it with its slot assigned."""
+
+    @abstractmethod
+    def heartbeat(self, member_id: str, now: float, busy: bool = False) -> bool:
+        """Note a sign of life. False if the member is unknown (it must join again)."""
+
+    @abstractmethod
+    def leave(self, member_id: str, reason: str) -> None:
+        """Remove a member now (graceful leave, or the coordinator gave up on it)."""
+
+    @abstractmethod
+    def members(self) -> list[Member]:
+        """The live members, by slot."""
+
+    @abstractmethod
+    def poll(self, now: float) -> list[MembershipEvent]:
+        """Events since the last call, after removing members whose time ran out."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (connections, threads)."""

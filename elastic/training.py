@@ -1,0 +1,140 @@
+"""The training loops the runtime owns, so that tasks only say what to train.
+
+Workers use ``local_train`` (rules whose ``worker_mode`` is ``"train"``) and
+``batch_gradient`` (``"gradient"``); the coordinator uses ``evaluate``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from elastic.api import Task
+from elastic.jobspec import TrainParams
+
+__all__ = ["TrainResult", "local_train", "batch_gradient", "evaluate", "dataset_tensors", "update_template", "update_kind"]
+
+
+@dataclass
+class TrainResult:
+    num_samples: int
+    loss: float
+
+
+def dataset_tensors(dataset: Dataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The (inputs, targets) of an in-memory dataset moved to ``device``, else None."""
+    if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
+        x, y = dataset.tensors
+        return x.to(device), y.to(device)
+    return None
+
+
+def _batches(
+    dataset: Dataset, batch_size: int, device: torch.device, generator: torch.Generator | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    n = len(dataset)  # type: ignore[arg-type]
+    size = batch_size or n
+    tensors = dataset_tensors(dataset, device)
+    if tensors is not None:  # fast path: slice in-memory tensors, no per-sample collate
+        x, y = tensors
+        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+        order = order.to(device)
+        for start in range(0, n, size):
+            idx = order[start : start + size]
+            yield x[idx], y[idx]
+        return
+    loader = DataLoader(dataset, batch_size=size, shuffle=generator is not None, generator=generator)
+    for inputs, targets in loader:
+        yield inputs.to(device), targets.to(device)
+
+
+def _optimizer(model: torch.nn.Module, params: TrainParams) -> torch.optim.Optimizer:
+    if params.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay
+    )
+
+
+def local_train(
+    task: Task, model: torch.nn.Module, dataset: Dataset, params: TrainParams, seed: int, device: torch.device
+) -> TrainResult:
+    """Train ``model`` in place for ``params.local_epochs`` epochs; the mean loss of the last epoch."""
+    model.train()
+    optimizer = _optimizer(model, params)
+    generator = torch.Generator().manual_seed(seed)
+    n = len(dataset)  # type: ignore[arg-type]
+    last = 0.0
+    for _ in range(params.local_epochs):
+        total, count = 0.0, 0
+        for inputs, targets in _batches(dataset, params.batch_size, device, generator):
+            optimizer.zero_grad(set_to_none=True)
+            loss = task.loss(model, inputs, targets)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(targets)
+            count += len(targets)
+        last = total / max(count, 1)
+    return TrainResult(num_samples=n, loss=last)
+
+
+def batch_gradient(
+    task: Task, model: torch.nn.Module, dataset: Dataset, batch_size: int, step: int, seed: int, device: torch.device
+) -> TrainResult:
+    """Leave in ``.grad`` the gradient of the mean loss on this step's batch.
+
+    Batch ``step`` walks the shard in a per-epoch shuffled order (``batch_size`` 0:
+    the whole shard, so every step sees every sample).
+    """
+    model.train()
+    model.zero_grad(set_to_none=False)
+    n = len(dataset)  # type: ignore[arg-type]
+    if batch_size == 0 or batch_size >= n:
+        inputs, targets = next(_batches(dataset, 0, device, None))
+    else:
+        per_epoch = (n + batch_size - 1) // batch_size
+        epoch, index = divmod(step, per_epoch)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        batches = _batches(dataset, batch_size, device, generator)
+        for _ in range(index):
+            next(batches)
+        inputs, targets = next(batches)
+    loss = task.loss(model, inputs, targets)
+    loss.backward()
+    return TrainResult(num_samples=len(targets), loss=float(loss.detach()))
+
+
+@torch.no_grad()
+def evaluate(task: Task, model: torch.nn.Module, dataset: Dataset, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Mean loss (``eval_loss``) and the task's metrics over ``dataset``."""
+    device = torch.device(device)
+    model.eval()
+    sums: dict[str, float] = {}
+    total_loss, n = 0.0, 0
+    for inputs, targets in _batches(dataset, 4096, device, None):
+        total_loss += float(task.loss(model, inputs, targets)) * len(targets)
+        for key, value in task.metrics(model, inputs, targets).items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+        n += len(targets)
+    out = {"eval_loss": total_loss / max(n, 1)}
+    out.update({k: v / max(n, 1) for k, v in sums.items()})
+    return out
+
+
+def update_template(model: torch.nn.Module, mode: str) -> dict[str, torch.Tensor]:
+    """The tensors an update carries for a rule's ``worker_mode``, by name.
+
+    ``train``: every floating-point entry of the state dict (sent as a delta).
+    ``gradient``: every parameter that requires a gradient.
+    """
+    if mode == "gradient":
+        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return {n: t for n, t in model.state_dict().items() if t.is_floating_point()}
+
+
+def update_kind(mode: str) -> str:
+    """The ``kind`` of update a worker sends for a rule's ``worker_mode``."""
+    return "gradient" if mode == "gradient" else "delta"

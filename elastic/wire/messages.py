@@ -1,0 +1,178 @@
+"""Message types, the header schema, and tensors as they travel (``WireTensor``)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import torch
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "MsgType",
+    "Message",
+    "WireTensor",
+    "DTYPES",
+    "DTYPE_NAMES",
+    "META_SCHEMA",
+]
+
+PROTOCOL_VERSION = 1
+
+
+class MsgType(StrEnum):
+    """Every message type on the wire. Anything else is rejected as ``unknown_type``."""
+
+    HELLO = "HELLO"  # worker -> coordinator: join (or re-join) with a description of itself
+    WELCOME = "WELCOME"  # coordinator -> worker: accepted; heartbeat settings
+    HEARTBEAT = "HEARTBEAT"  # worker -> coordinator: still alive
+    HEARTBEAT_ACK = "HEARTBEAT_ACK"  # coordinator -> worker: coordinator still alive
+    BYE = "BYE"  # worker -> coordinator: graceful leave
+    WORK = "WORK"  # coordinator -> worker: the model at `version` and what to do with it
+    UPDATE = "UPDATE"  # worker -> coordinator: the result, computed against `version`
+    ACK = "ACK"  # coordinator -> worker: update folded in
+    NACK = "NACK"  # either way: rejected, with a reason
+
+
+# Tensor dtypes allowed on the wire, by their wire name.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+# Required `meta` fields per type, with the Python types their values must have.
+# (bool is checked apart from int: msgpack keeps them distinct, and so do we.)
+META_SCHEMA: dict[MsgType, dict[str, type | tuple[type, ...]]] = {
+    MsgType.HELLO: {"device": str, "host": str, "software": str, "pid": int},
+    MsgType.WELCOME: {"heartbeat_interval": float, "heartbeat_timeout": float},
+    MsgType.HEARTBEAT: {"busy": bool},
+    MsgType.HEARTBEAT_ACK: {},
+    MsgType.BYE: {},
+    MsgType.WORK: {
+        "mode": str,
+        "task": str,
+        "task_params": dict,
+        "train": dict,
+        "shard": list,
+        "seed": int,
+    },
+    MsgType.UPDATE: {"num_samples": int, "loss": float, "kind": str, "train_seconds": float},
+    MsgType.ACK: {},
+    MsgType.NACK: {"reason": str, "detail": str},
+}
+
+
+@dataclass
+class WireTensor:
+    """A tensor as it travels: its dtype and shape, and its elements as 1-D chunks.
+
+    On the receiving side each chunk is a ``torch.frombuffer`` view over one ZeroMQ
+    frame, so nothing is copied until the tensor is folded somewhere. Folding chunk by
+    chunk (``copy_to``, ``add_to``) keeps the receiver's memory at one model.
+    """
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    chunks: list[torch.Tensor] = field(default_factory=list)
+
+    @classmethod
+    def from_tensor(cls, tensor: torch.Tensor) -> WireTensor:
+        """Wrap a tensor for sending (moved to contiguous host memory if it is not)."""
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        flat = t.reshape(-1)
+        return cls(dtype=t.dtype, shape=tuple(t.shape), chunks=[flat] if flat.numel() else [])
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * _itemsize(self.dtype)
+
+    def iter_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(element_offset, chunk)`` pairs in order."""
+        offset = 0
+        for chunk in self.chunks:
+            yield offset, chunk
+            offset += chunk.numel()
+
+    def to_tensor(self) -> torch.Tensor:
+        """The whole tensor. Zero-copy for one chunk; one concatenation otherwise."""
+        if not self.chunks:
+            return torch.empty(self.shape, dtype=self.dtype)
+        flat = self.chunks[0] if len(self.chunks) == 1 else torch.cat(self.chunks)
+        return flat.view(self.shape)
+
+    def copy_to(self, target: torch.Tensor) -> None:
+        """Copy into ``target`` (same number of elements), chunk by chunk."""
+        flat = _flat_view(target, self.numel)
+        for offset, chunk in self.iter_chunks():
+            flat[offset : offset + chunk.numel()].copy_(chunk, non_blocking=True)
+
+    def add_to(self, target: torch.Tensor, alpha: float = 1.0) -> None:
+        """``target += alpha * self``, chunk by chunk (``target`` may be another dtype)."""
+        flat = _flat_view(target, self.numel)
+        for offset, chunk in self.iter_chunks():
+            flat[offset : offset + chunk.numel()].add_(chunk, alpha=alpha)
+
+    def is_finite(self) -> bool:
+        """True when no element is NaN or ±Inf (always true for integer dtypes)."""
+        if not self.dtype.is_floating_point:
+            return True
+        for chunk in self.chunks:
+            # One fast pass: a finite sum means every element is finite. Only when the
+            # sum overflows (or there really is a NaN/Inf) do we look element-wise.
+            if not torch.isfinite(chunk.sum()) and not bool(torch.isfinite(chunk).all()):
+                return False
+        return True
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _flat_view(target: torch.Tensor, numel: int) -> torch.Tensor:
+    if target.numel() != numel:
+        raise ValueError(f"target has {target.numel()} elements, the wire tensor {numel}")
+    if not target.is_contiguous():
+        raise ValueError("target tensor must be contiguous")
+    return target.view(-1)
+
+
+@dataclass
+class Message:
+    """One protocol message: the header fields plus named tensors.
+
+    ``version`` is the model version the message refers to: for ``WORK`` the version
+    sent, for ``UPDATE`` the version the update was computed against (its base).
+    ``key`` is the idempotency key of an update (``worker/job/round``).
+    """
+
+    type: MsgType
+    job: str = ""
+    round: int = 0
+    version: int = 0
+    sender: str = ""
+    key: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, WireTensor] = field(default_factory=dict)
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())

@@ -1,0 +1,74 @@
+"""ZeroMQ sockets for the protocol, and sending/receiving messages on them.
+
+The coordinator binds a ROUTER; each worker connects a DEALER whose routing id is
+its worker id. Frames go out with ``copy=False`` (libzmq reads the tensors' memory)
+and come in with ``copy=False`` (``decode`` views them with ``torch.frombuffer``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import zmq
+
+from elastic.wire.frames import CHUNK_BYTES, MAX_HEADER_BYTES, encode
+from elastic.wire.messages import Message
+
+__all__ = ["router_socket", "dealer_socket", "send_message", "recv_frames", "MAX_FRAME_BYTES"]
+
+# A frame is a header or a chunk; anything much larger is not ours. libzmq drops
+# the connection of a peer that sends one, before it costs us memory.
+MAX_FRAME_BYTES = max(MAX_HEADER_BYTES, CHUNK_BYTES) * 4
+
+
+def _common(sock: zmq.Socket) -> None:
+    sock.setsockopt(zmq.LINGER, 0)
+    # Unlimited queues: a message is ~100s of frames, and frames are views of
+    # immutable snapshots, so queued sends cost no copies. Never drop silently.
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+
+
+def router_socket(ctx: zmq.Context, bind: str) -> tuple[zmq.Socket, str]:
+    """A bound ROUTER; returns it and the endpoint actually bound (port ``0``/``*`` resolved)."""
+    sock = ctx.socket(zmq.ROUTER)
+    _common(sock)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown peer -> error, not a silent drop
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker takes its id back
+    if bind.startswith("tcp://") and bind.endswith(":0"):
+        bind = bind[:-2] + ":*"
+    sock.bind(bind)
+    endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    return sock, endpoint
+
+
+def dealer_socket(ctx: zmq.Context, identity: str, connect: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    _common(sock)
+    sock.setsockopt(zmq.ROUTING_ID, identity.encode())
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+    sock.connect(connect)
+    return sock
+
+
+def send_message(sock: zmq.Socket, msg: Message, routing: bytes | None = None) -> int:
+    """Send without blocking the caller's loop; returns the payload bytes sent.
+
+    Raises ``zmq.ZMQError`` (e.g. ``EHOSTUNREACH`` for a ROUTER peer that is gone).
+    """
+    frames: list[Any] = encode(msg)
+    if routing is not None:
+        frames.insert(0, routing)
+    sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+    return msg.payload_bytes
+
+
+def recv_frames(sock: zmq.Socket, routed: bool) -> tuple[bytes | None, list[zmq.Frame]]:
+    """Receive one multipart message without blocking; ``zmq.Again`` when none waits."""
+    frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+    if routed:
+        return frames[0].bytes, frames[1:]
+    return None, frames

@@ -1,0 +1,205 @@
+"""The worker daemon: join, heartbeat, do work, send updates, and come back after outages.
+
+The main thread owns the socket and never trains: it polls, sends heartbeats, and
+hands WORK to one training thread, which wakes it through an inproc socket when an
+update is ready. So heartbeats keep flowing during long local training, and a
+worker is only declared dead when it really is.
+
+When the coordinator goes silent for ``coordinator_timeout`` seconds, the worker
+drops its connection and reconnects with exponential backoff (with jitter), then
+joins again; a restarted coordinator that does not know it answers heartbeats with
+``unknown_member`` and the worker joins again at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import random
+import signal
+import socket
+import threading
+import time
+
+import zmq
+
+from elastic import __version__
+from elastic.config import WorkerConfig
+from elastic.errors import ProtocolError
+from elastic.plugins import Plugins
+from elastic.wire.frames import decode
+from elastic.wire.messages import Message, MsgType
+from elastic.wire.transport import dealer_socket, recv_frames, send_message
+from elastic.worker.devices import describe_device, resolve_device
+from elastic.worker.runner import TaskRunner
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("elastic.worker")
+BACKOFF_START, BACKOFF_MAX = 0.2, 10.0
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, plugins: Plugins) -> None:
+        self.config = config
+        self.id = config.id
+        self.device = resolve_device(config.device)
+        self.runner = TaskRunner(plugins, self.device, config.data, self.id)
+        self.ctx = zmq.Context.instance()
+        self._stop = threading.Event()
+        self._work: queue.Queue[Message | None] = queue.Queue()
+        self._results: queue.Queue[Message] = queue.Queue()
+        self._wake_addr = f"inproc://worker-wake-{id(self)}"
+        self._wake = self.ctx.socket(zmq.PAIR)
+        self._wake.bind(self._wake_addr)
+        self._busy = False
+        self._pending: dict[str, Message] = {}  # newest WORK per job, waiting for the trainer
+        self.sock: zmq.Socket | None = None
+        self.registered = False
+        self.heartbeat_interval = 1.0
+        self.rounds_done = 0
+
+    # ------------------------------------------------------------ lifecycle --
+
+    def run(self, install_signals: bool = True) -> None:
+        if install_signals and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self._stop.set())
+        trainer = threading.Thread(target=self._train_loop, name="trainer", daemon=True)
+        trainer.start()
+        log.info("worker starting worker=%s device=%s coordinator=%s", self.id, describe_device(self.device), self.config.coordinator)
+        backoff = BACKOFF_START
+        try:
+            while not self._stop.is_set():
+                if self._session():  # returns True when the session had joined
+                    backoff = BACKOFF_START
+                if self._stop.is_set():
+                    break
+                delay = backoff * random.uniform(0.8, 1.2)
+                log.warning("coordinator unreachable coordinator=%s retry_in=%.1fs", self.config.coordinator, delay)
+                self._stop.wait(delay)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+        finally:
+            self._work.put(None)
+            self._wake.close(linger=0)
+            log.info("worker stopped worker=%s rounds=%d", self.id, self.rounds_done)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _session(self) -> bool:
+        """One connection to the coordinator, until it goes silent or we stop."""
+        self.sock = dealer_socket(self.ctx, self.id, self.config.coordinator)
+        self.registered = False
+        joined = False
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self._wake, zmq.POLLIN)
+        last_heard = time.monotonic()
+        next_beat = 0.0
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= next_beat:
+                    self._send(self._hello() if not self.registered else Message(MsgType.HEARTBEAT, meta={"busy": self._busy}))
+                    next_beat = now + (self.heartbeat_interval if self.registered else 0.5)
+                if now - last_heard > self.config.coordinator_timeout:
+                    return joined
+                events = dict(poller.poll(timeout=max(1, int((next_beat - now) * 1000))))
+                if self._wake in events:
+                    self._wake.recv()
+                    self._flush_results()
+                if self.sock in events:
+                    last_heard = time.monotonic()
+                    self._drain()
+                    joined = joined or self.registered
+            if self.registered:
+                self._send(Message(MsgType.BYE))
+                time.sleep(0.05)  # let the goodbye leave before the socket closes
+            return joined
+        finally:
+            self.sock.close(linger=0)
+            self.sock = None
+
+    # ------------------------------------------------------------- messages --
+
+    def _hello(self) -> Message:
+        return Message(MsgType.HELLO, meta={"device": describe_device(self.device), "host": socket.gethostname(), "software": __version__, "pid": os.getpid()})
+
+    def _send(self, msg: Message) -> None:
+        assert self.sock is not None
+        msg.sender = self.id
+        try:
+            send_message(self.sock, msg)
+        except zmq.Again:
+            log.debug("send would block type=%s", msg.type)
+
+    def _drain(self) -> None:
+        assert self.sock is not None
+        while True:
+            try:
+                _, frames = recv_frames(self.sock, routed=False)
+            except zmq.Again:
+                return
+            try:
+                msg = decode(frames, max_message_bytes=self.config.max_message_bytes, check_finite=False)
+            except ProtocolError as exc:
+                log.warning("bad message from coordinator reason=%s detail=%s", exc.reason, exc.detail)
+                continue
+            self._handle(msg)
+
+    def _handle(self, msg: Message) -> None:
+        if msg.type is MsgType.WELCOME:
+            if not self.registered:
+                log.info("joined coordinator=%s slot=%s", self.config.coordinator, msg.meta.get("slot"))
+            self.registered = True
+            self.heartbeat_interval = float(msg.meta["heartbeat_interval"])
+        elif msg.type is MsgType.NACK:
+            reason, detail = msg.meta["reason"], msg.meta["detail"]
+            if reason == "unknown_member":
+                if self.registered:
+                    log.warning("coordinator forgot us (restarted?); joining again")
+                self.registered = False
+                self._send(self._hello())
+            else:
+                log.warning("coordinator refused job=%s round=%d reason=%s detail=%s", msg.job, msg.round, reason, detail)
+        elif msg.type is MsgType.WORK:
+            self._pending[msg.job] = msg  # a newer round supersedes one not yet started
+            self._feed()
+        elif msg.type is MsgType.ACK:
+            self.rounds_done += 1
+        elif msg.type is not MsgType.HEARTBEAT_ACK:
+            log.warning("unexpected message type=%s from coordinator", msg.type)
+
+    # ------------------------------------------------------------- training --
+
+    def _feed(self) -> None:
+        if not self._busy and self._pending:
+            job = next(iter(self._pending))
+            self._busy = True
+            self._work.put(self._pending.pop(job))
+
+    def _flush_results(self) -> None:
+        while True:
+            try:
+                result = self._results.get_nowait()
+            except queue.Empty:
+                break
+            self._busy = False
+            if self.sock is not None:
+                self._send(result)
+        self._feed()
+
+    def _train_loop(self) -> None:
+        wake = self.ctx.socket(zmq.PAIR)
+        wake.connect(self._wake_addr)
+        try:
+            while True:
+                work = self._work.get()
+                if work is None:
+                    return
+                self._results.put(self.runner.run(work))
+                wake.send(b"")
+        finally:
+            wake.close(linger=0)

@@ -1,0 +1,119 @@
+"""Runs one unit of work: load the received model, train or take a gradient, build the update."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from elastic.api import Shard, Task
+from elastic.errors import ElasticError
+from elastic.jobspec import TrainParams
+from elastic.plugins import Plugins
+from elastic.training import batch_gradient, local_train, update_kind, update_template
+from elastic.wire.messages import Message, MsgType, WireTensor
+from elastic.worker.devices import HostStaging
+
+__all__ = ["TaskRunner"]
+
+log = logging.getLogger("elastic.worker.runner")
+
+
+@dataclass
+class _JobContext:
+    key: str
+    task: Task
+    model: torch.nn.Module
+    dataset: Dataset
+
+
+class TaskRunner:
+    """Keeps one model and dataset per job (rebuilt only if the task or shard changes)."""
+
+    def __init__(self, plugins: Plugins, device: torch.device, data_dir: Path | None, worker_id: str) -> None:
+        self.plugins = plugins
+        self.device = device
+        self.data_dir = data_dir
+        self.worker_id = worker_id
+        self.staging = HostStaging(device)
+        self._jobs: dict[str, _JobContext] = {}
+
+    def run(self, work: Message) -> Message:
+        """The UPDATE for a WORK message, or a NACK saying why the work cannot be done."""
+        try:
+            return self._run(work)
+        except ElasticError as exc:
+            return self._nack(work, "work_failed", str(exc))
+        except Exception as exc:  # a task's bug is reported to the coordinator, not fatal here
+            log.exception("work failed job=%s round=%d", work.job, work.round)
+            return self._nack(work, "work_failed", f"{type(exc).__name__}: {exc}")
+
+    def _context(self, work: Message) -> _JobContext:
+        meta = work.meta
+        shard = Shard(int(meta["shard"][0]), int(meta["shard"][1]), int(meta["seed"]))
+        key = json.dumps([meta["task"], meta["task_params"], meta["shard"], meta["seed"]], sort_keys=True)
+        ctx = self._jobs.get(work.job)
+        if ctx is None or ctx.key != key:
+            task = self.plugins.tasks.get(meta["task"])(meta["task_params"])
+            model = task.build_model(shard.seed).to(self.device)
+            dataset = task.train_dataset(shard, self.data_dir)
+            ctx = _JobContext(key, task, model, dataset)
+            self._jobs[work.job] = ctx
+            log.info("job loaded job=%s task=%s shard=%d/%d samples=%d", work.job, meta["task"], shard.index, shard.count, len(dataset))  # type: ignore[arg-type]
+        return ctx
+
+    def _load(self, model: torch.nn.Module, tensors: dict[str, WireTensor]) -> None:
+        state = model.state_dict()
+        if set(state) != set(tensors):
+            raise ElasticError(f"received model does not match the task's model: {sorted(set(state) ^ set(tensors))[:5]}")
+        with torch.no_grad():
+            for name, wt in tensors.items():
+                target = state[name]
+                if tuple(target.shape) != wt.shape or target.dtype != wt.dtype:
+                    raise ElasticError(f"tensor {name!r}: received {list(wt.shape)} {wt.dtype}, model has {list(target.shape)} {target.dtype}")
+                if self.device.type == "cpu":
+                    wt.copy_to(target)  # frames straight into the parameters
+                else:
+                    staged = self.staging.buffer(name, target)
+                    wt.copy_to(staged)
+                    target.copy_(staged, non_blocking=True)
+
+    def _run(self, work: Message) -> Message:
+        started = time.perf_counter()
+        ctx = self._context(work)
+        self._load(ctx.model, work.tensors)
+        mode = work.meta["mode"]
+        train = TrainParams(**work.meta["train"])
+        seed = (int(work.meta["seed"]) * 1_000_003 + work.round) * 1009 + int(work.meta["shard"][0])
+        if mode == "train":
+            before = {k: v.detach().clone() for k, v in update_template(ctx.model, "train").items()}
+            result = local_train(ctx.task, ctx.model, ctx.dataset, train, seed, self.device)
+            after = update_template(ctx.model, "train")
+            out = {k: after[k].detach() - before[k] for k in before}
+        elif mode == "gradient":
+            result = batch_gradient(ctx.task, ctx.model, ctx.dataset, train.batch_size, work.round - 1, int(work.meta["seed"]), self.device)
+            out = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in update_template(ctx.model, "gradient").items()}
+        else:
+            raise ElasticError(f"unknown work mode {mode!r}; this worker knows train and gradient")
+        host = self.staging.to_host(out)
+        meta: dict[str, Any] = {"num_samples": result.num_samples, "loss": result.loss, "kind": update_kind(mode), "train_seconds": time.perf_counter() - started}
+        return Message(
+            MsgType.UPDATE,
+            job=work.job,
+            round=work.round,
+            version=work.version,
+            sender=self.worker_id,
+            key=f"{self.worker_id}/{work.job}/{work.round}",
+            meta=meta,
+            tensors={k: WireTensor.from_tensor(v) for k, v in host.items()},
+        )
+
+    def _nack(self, work: Message, reason: str, detail: str) -> Message:
+        log.warning("cannot do work job=%s round=%d reason=%s detail=%s", work.job, work.round, reason, detail)
+        return Message(MsgType.NACK, job=work.job, round=work.round, version=work.version, sender=self.worker_id, key=work.key, meta={"reason": reason, "detail": detail})

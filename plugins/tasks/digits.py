@@ -1,0 +1,121 @@
+"""``digits``: classify scikit-learn's bundled 8x8 handwritten digits (1,797 images).
+
+The data ships inside scikit-learn, so nothing is downloaded. A fixed stratified
+part is held out for evaluation; the rest is split across the job's partitions by a
+Dirichlet draw over class proportions (concentration ``alpha``; small = more
+non-IID), seeded by the job's seed so every worker computes the same split and
+takes part ``shard.index``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from elastic_plugins.tasks import seeded
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from elastic.api import Shard, Task, check_params
+from elastic.errors import JobSpecError
+from elastic.hookspecs import hookimpl
+
+__all__ = ["Digits", "dirichlet_split"]
+
+MIN_SHARD = 10  # redraw a split that leaves a worker fewer samples than this
+
+
+@lru_cache(maxsize=1)
+def _load() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as exc:
+        raise JobSpecError(
+            "task digits needs scikit-learn; install it with: pip install 'elastic[examples]'"
+        ) from exc
+    data = load_digits()
+    return (data.data / 16.0).astype(np.float32), data.target.astype(np.int64)
+
+
+def _split(test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified train/test indices."""
+    _, y = _load()
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        k = int(round(len(idx) * test_fraction))
+        test.extend(idx[:k])
+        train.extend(idx[k:])
+    return np.sort(np.array(train)), np.sort(np.array(test))
+
+
+def dirichlet_split(labels: np.ndarray, parts: int, alpha: float, seed: int) -> list[np.ndarray]:
+    """Split sample indices into ``parts`` disjoint lists with Dirichlet class mixes."""
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    for _ in range(1000):
+        shards: list[list[int]] = [[] for _ in range(parts)]
+        for c in classes:
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            cuts = (np.cumsum(rng.dirichlet([alpha] * parts)) * len(idx)).astype(int)[:-1]
+            for shard, piece in zip(shards, np.split(idx, cuts), strict=True):
+                shard.extend(piece.tolist())
+        if min(len(s) for s in shards) >= min(MIN_SHARD, len(labels) // parts):
+            return [np.sort(np.array(s, dtype=np.int64)) for s in shards]
+    raise JobSpecError(f"task digits: no split into {parts} parts with alpha={alpha} gives every part data; raise alpha")
+
+
+class Digits(Task):
+    """A small MLP on the digits data.
+
+    Parameters (``[task]``):
+        alpha: Dirichlet concentration of the non-IID split (default 0.5).
+        hidden: hidden units (default 64).
+        test_fraction: share held out for evaluation (default 0.2).
+    """
+
+    name = "digits"
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        p = check_params("task digits", params, {"alpha": float, "hidden": int, "test_fraction": float})
+        self.alpha = p.get("alpha", 0.5)
+        self.hidden = p.get("hidden", 64)
+        self.test_fraction = p.get("test_fraction", 0.2)
+        if self.alpha <= 0:
+            raise JobSpecError(f"task digits: alpha must be > 0, got {self.alpha}")
+        if self.hidden < 1:
+            raise JobSpecError(f"task digits: hidden must be >= 1, got {self.hidden}")
+        if not 0 < self.test_fraction < 1:
+            raise JobSpecError(f"task digits: test_fraction must be in (0, 1), got {self.test_fraction}")
+        super().__init__(p)
+
+    def build_model(self, seed: int) -> nn.Module:
+        return seeded(seed, lambda: nn.Sequential(nn.Linear(64, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 10)))
+
+    def train_dataset(self, shard: Shard, data_dir: Path | None) -> TensorDataset:
+        x, y = _load()
+        train, _ = _split(self.test_fraction, 0)
+        parts = dirichlet_split(y[train], shard.count, self.alpha, shard.seed)
+        idx = train[parts[shard.index % shard.count]]
+        return TensorDataset(torch.from_numpy(x[idx]), torch.from_numpy(y[idx]))
+
+    def test_dataset(self, data_dir: Path | None) -> TensorDataset:
+        x, y = _load()
+        _, test = _split(self.test_fraction, 0)
+        return TensorDataset(torch.from_numpy(x[test]), torch.from_numpy(y[test]))
+
+    def loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(model(inputs), targets)
+
+    def metrics(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        return {"accuracy": float((model(inputs).argmax(dim=1) == targets).sum())}
+
+
+@hookimpl
+def elastic_tasks() -> dict[str, type]:
+    return {"digits": Digits}
