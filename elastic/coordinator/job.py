@@ -139,6 +139,7 @@ class Job:
             "totals": self.totals,
             "wall_seconds": round(self.wall_seconds(), 3),
             "history": self.history,
+            "resumed_from": self.resumed_from,
             "updated_at": time.time(),
         }
         status.update(extra or {})

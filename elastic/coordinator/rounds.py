@@ -50,6 +50,7 @@ class _Round:
     loss_sum: float = 0.0
     bytes_sent: int = 0
     bytes_received: int = 0
+    asked: int = 0
 
     @property
     def complete(self) -> bool:
@@ -110,7 +111,7 @@ class RoundEngine:
         chosen = sorted(random.Random(spec.seed * 1_000_003 + number).sample(members, min(count, len(members))), key=lambda m: m.slot)
         snapshot = {k: WireTensor.from_tensor(v) for k, v in model_tensors(job.model).items()}
         payload = sum(t.nbytes for t in snapshot.values())
-        rnd = _Round(number, job.version, {m.id for m in chosen}, now, now + spec.round_timeout)
+        rnd = _Round(number, job.version, {m.id for m in chosen}, now, now + spec.round_timeout, asked=len(chosen))
         out = []
         for m in chosen:
             meta = {
@@ -241,6 +242,7 @@ class RoundEngine:
             "version": job.version,
             "loss": rnd.loss_sum / rnd.samples if rnd.samples else float("nan"),
             "updates": rnd.updates,
+            "asked": rnd.asked,
             "participants": len(rnd.participants),
             "members": self.members_now,
             "samples": rnd.samples,

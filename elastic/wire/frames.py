@@ -12,6 +12,7 @@ only exception it lets out is ``ProtocolError``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -137,7 +138,7 @@ def decode(
                     f"of {spec['dtype']} elements",
                 )
             got += len(buf)
-            wt.chunks.append(torch.frombuffer(buf, dtype=wt.dtype))
+            wt.chunks.append(_view(buf, wt.dtype))
         pos += spec["frames"]
         if got != spec["nbytes"]:
             raise ProtocolError(
@@ -148,6 +149,14 @@ def decode(
             raise ProtocolError("non_finite", f"tensor {name!r} contains NaN or Inf")
         msg.tensors[name] = wt
     return msg
+
+
+def _view(buf: memoryview, dtype: torch.dtype) -> torch.Tensor:
+    if not buf.readonly:  # zmq frames: a plain zero-copy view
+        return torch.frombuffer(buf, dtype=dtype)
+    with warnings.catch_warnings():  # bytes input (tests, tools): torch warns it is read-only
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(buf, dtype=dtype)
 
 
 def _as_buffer(frame: Any) -> memoryview:

@@ -1,0 +1,177 @@
+"""The round engine, driven directly: members, updates and time are ours to set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from elastic.coordinator.job import Job, JobState
+from elastic.coordinator.rounds import RoundEngine
+from elastic.errors import CheckpointError
+from elastic.jobspec import parse_job_spec
+from elastic.membership.base import Member
+from elastic.plugins import Plugins
+from elastic.training import update_template
+from elastic.wire.messages import Message, MsgType, WireTensor
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Events(list):
+    def __call__(self, hook: str, **kwargs) -> None:
+        self.append((hook, kwargs))
+
+    def names(self) -> list[str]:
+        return [h for h, _ in self]
+
+
+def make(tmp_path: Path, **job) -> tuple[RoundEngine, Events, Clock]:
+    spec = parse_job_spec({"job": {"id": "j", "task": "linreg", "rule": "fedavg", "rounds": 3, "min_workers": 2, "round_timeout": 10, **job}, "task": {"samples": 60}})
+    events, clock = Events(), Clock()
+    return RoundEngine(Job(spec, Plugins(), tmp_path), events, clock), events, clock
+
+
+def members(*ids: str) -> list[Member]:
+    return [Member(id=i, slot=n) for n, i in enumerate(ids)]
+
+
+def update_for(engine: RoundEngine, work: Message, worker: str, value: float = 1.0, **overrides) -> Message:
+    template = update_template(engine.job.model, "train")
+    fields = dict(job=work.job, round=work.round, version=work.version, sender=worker, key=f"{worker}/{work.job}/{work.round}")
+    fields.update(overrides)
+    return Message(
+        MsgType.UPDATE,
+        meta={"num_samples": 10, "loss": 0.5, "kind": "delta", "train_seconds": 0.01},
+        tensors={k: WireTensor.from_tensor(torch.full_like(v, value)) for k, v in template.items()},
+        **fields,
+    )
+
+
+def test_waits_for_min_workers_then_sends_the_model(tmp_path: Path) -> None:
+    engine, events, _ = make(tmp_path)
+    assert engine.tick(members("a")) == []
+    assert engine.job.state is JobState.WAITING and "elastic_job_waiting" in events.names()
+    out = engine.tick(members("a", "b"))
+    assert sorted(o.worker for o in out) == ["a", "b"]
+    work = out[0].message
+    assert (work.type, work.round, work.version, work.meta["shard"]) == (MsgType.WORK, 1, 0, [0, 2])
+    assert set(work.tensors) == set(engine.job.model.state_dict())
+
+
+def test_round_commits_when_all_answered(tmp_path: Path) -> None:
+    engine, events, _ = make(tmp_path)
+    out = engine.tick(members("a", "b"))
+    w0 = engine.job.model.weight.detach().clone()
+    assert engine.on_update("a", update_for(engine, out[0].message, "a", 1.0)).type is MsgType.ACK
+    assert engine.job.round == 0
+    assert engine.on_update("b", update_for(engine, out[1].message, "b", 3.0)).type is MsgType.ACK
+    assert (engine.job.round, engine.job.version) == (1, 1)
+    assert torch.allclose(engine.job.model.weight.detach(), w0 + 2.0)
+    assert engine.job.store.paths()[-1][0] == 1
+    assert "eval_loss" in engine.job.history[-1]
+    assert ["elastic_round_started", "elastic_checkpoint_saved", "elastic_round_completed"] == [n for n in events.names() if n.startswith("elastic_round") or n.startswith("elastic_check")]
+
+
+@pytest.mark.parametrize(
+    "overrides, reason",
+    [
+        ({"version": 7}, "stale_version"),
+        ({"key": "a/j/99"}, "bad_key"),
+        ({"round": 5}, "unknown_round"),
+    ],
+)
+def test_bad_updates_get_a_nack_with_the_reason(tmp_path: Path, overrides: dict, reason: str) -> None:
+    engine, events, _ = make(tmp_path)
+    work = engine.tick(members("a", "b"))[0].message
+    reply = engine.on_update("a", update_for(engine, work, "a", **overrides))
+    assert (reply.type, reply.meta["reason"]) == (MsgType.NACK, reason)
+    assert events[-1][0] == "elastic_update_rejected"
+
+
+def test_duplicates_late_and_outsiders_are_refused(tmp_path: Path) -> None:
+    engine, _, _ = make(tmp_path, min_workers=1, max_workers=1)
+    work = engine.tick(members("a", "b"))[0].message
+    outsider = "b" if work.key.startswith("a/") else "a"
+    insider = "a" if outsider == "b" else "b"
+    assert engine.on_update(outsider, update_for(engine, work, outsider)).meta["reason"] == "not_participant"
+    first = update_for(engine, work, insider)
+    assert engine.on_update(insider, first).type is MsgType.ACK  # commits round 1 (only participant)
+    assert engine.on_update(insider, update_for(engine, work, insider)).meta["reason"] == "late"
+    engine.tick(members("a", "b"))
+    assert engine.job.version == 1  # applied once
+
+
+def test_shape_and_kind_mismatch(tmp_path: Path) -> None:
+    engine, _, _ = make(tmp_path)
+    work = engine.tick(members("a", "b"))[0].message
+    bad = update_for(engine, work, "a")
+    bad.tensors["weight"] = WireTensor.from_tensor(torch.zeros(3))
+    assert engine.on_update("a", bad).meta["reason"] == "shape_mismatch"
+    bad = update_for(engine, work, "a")
+    bad.meta["kind"] = "gradient"
+    assert engine.on_update("a", bad).meta["reason"] == "wrong_kind"
+
+
+def test_a_worker_that_leaves_does_not_stall_the_round(tmp_path: Path) -> None:
+    engine, _, _ = make(tmp_path)
+    out = engine.tick(members("a", "b", "c"))
+    engine.on_update("a", update_for(engine, out[0].message, "a"))
+    engine.on_update("b", update_for(engine, out[1].message, "b"))
+    assert engine.job.round == 0
+    engine.on_member_left("c")
+    assert engine.job.round == 1 and engine.job.history[-1]["updates"] == 2
+
+
+def test_deadline_commits_with_enough_updates_and_reruns_without(tmp_path: Path) -> None:
+    engine, events, clock = make(tmp_path)
+    out = engine.tick(members("a", "b", "c"))
+    engine.on_update("a", update_for(engine, out[0].message, "a"))
+    clock.now = 11
+    engine.tick(members("a", "b", "c"))
+    assert engine.job.round == 0 and events.names()[-1] == "elastic_round_abandoned"
+    out = engine.tick(members("a", "b", "c"))  # the same round again, same version
+    assert (out[0].message.round, out[0].message.version) == (1, 0)
+    engine.on_update("a", update_for(engine, out[0].message, "a"))
+    engine.on_update("b", update_for(engine, out[1].message, "b"))
+    clock.now = 30
+    engine.tick(members("a", "b", "c"))
+    assert engine.job.round == 1
+    late = engine.on_update("c", update_for(engine, out[2].message, "c"))
+    assert late.meta["reason"] == "late" and "closed" in late.meta["detail"]
+
+
+def test_job_finishes_saves_the_model_and_resumes(tmp_path: Path) -> None:
+    engine, events, _ = make(tmp_path)
+    for _ in range(3):
+        out = engine.tick(members("a", "b"))
+        for o in out:
+            engine.on_update(o.worker, update_for(engine, o.message, o.worker, 0.1))
+    engine.tick(members("a", "b"))
+    assert engine.job.state is JobState.FINISHED and "elastic_job_finished" in events.names()
+    assert (tmp_path / "j" / "final.safetensors").exists()
+    assert [h["round"] for h in engine.job.history] == [1, 2, 3]
+    again, _, _ = make(tmp_path)
+    assert again.job.state is JobState.FINISHED and again.job.round == 3
+    assert torch.equal(again.job.model.weight, engine.job.model.weight)
+    assert again.tick(members("a", "b")) == []
+
+
+def test_resume_mid_job_and_refuse_a_foreign_checkpoint(tmp_path: Path) -> None:
+    engine, _, _ = make(tmp_path)
+    out = engine.tick(members("a", "b"))
+    for o in out:
+        engine.on_update(o.worker, update_for(engine, o.message, o.worker))
+    resumed, _, _ = make(tmp_path)
+    assert (resumed.job.round, resumed.job.version, resumed.job.resumed_from) == (1, 1, 1)
+    assert resumed.tick(members("a", "b"))[0].message.round == 2
+    spec = parse_job_spec({"job": {"id": "j", "task": "digits", "rule": "fedavg"}})
+    with pytest.raises(CheckpointError, match="belong to a job with task 'linreg'"):
+        Job(spec, Plugins(), tmp_path)

@@ -1,0 +1,122 @@
+"""Aggregation rules against hand computations, plus one conformance suite for every rule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from elastic.api import Update
+from elastic.errors import JobSpecError
+from elastic.plugins import Plugins
+from elastic.training import update_template
+from elastic.wire.messages import WireTensor
+from elastic_plugins.averaging import WeightedSum, weighted_mean
+from elastic_plugins.fedavg import FedAvg
+from elastic_plugins.syncavg import SyncAvg
+
+
+def model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+
+
+def make_update(tensors: dict[str, torch.Tensor], n: int, kind: str = "delta") -> Update:
+    return Update("w", 0, n, 0.1, kind, {k: WireTensor.from_tensor(v) for k, v in tensors.items()})
+
+
+def test_weighted_mean_by_hand() -> None:
+    got = weighted_mean([torch.tensor([1.0, 2.0]), torch.tensor([4.0, 8.0])], [1, 2])
+    assert torch.allclose(got, torch.tensor([3.0, 6.0]))
+    ws = WeightedSum({"x": torch.zeros(2)})
+    ws.add({"x": torch.tensor([1.0, 2.0])}, 1)
+    ws.add({"x": WireTensor.from_tensor(torch.tensor([4.0, 8.0]))}, 2)
+    assert torch.allclose(ws.mean()["x"], got)
+
+
+def test_fedavg_is_sample_weighted_mean_of_deltas() -> None:
+    m = model()
+    before = {k: v.clone() for k, v in update_template(m, "train").items()}
+    agg = FedAvg({})
+    agg.setup(m)
+    agg.begin_round()
+    d1 = {k: torch.ones_like(v) for k, v in before.items()}
+    d2 = {k: torch.full_like(v, 4.0) for k, v in before.items()}
+    agg.accumulate(make_update(d1, 10))
+    agg.accumulate(make_update(d2, 30))
+    agg.finalize()
+    for k, v in update_template(m, "train").items():
+        assert torch.allclose(v, before[k] + 3.25)  # (10*1 + 30*4) / 40
+    assert m.state_dict()["1.num_batches_tracked"].dtype == torch.int64  # untouched
+
+
+def test_fedavg_server_lr_and_momentum() -> None:
+    m = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        m.weight.fill_(0.0)
+    agg = FedAvg({"server_lr": 0.5, "server_momentum": 0.9})
+    agg.setup(m)
+    for _ in range(2):
+        agg.begin_round()
+        agg.accumulate(make_update({"weight": torch.ones(1, 1)}, 1))
+        agg.finalize()
+    # v1 = 1, w = 0.5; v2 = 0.9 + 1 = 1.9, w = 0.5 + 0.95
+    assert m.weight.item() == pytest.approx(1.45)
+    restored = FedAvg({"server_lr": 0.5, "server_momentum": 0.9})
+    restored.setup(m)
+    restored.load_state_dict(agg.state_dict())
+    assert torch.equal(restored.state_dict()["velocity"]["weight"], agg.state_dict()["velocity"]["weight"])
+
+
+def test_syncavg_steps_the_optimizer_on_the_weighted_mean_gradient() -> None:
+    m = nn.Linear(2, 1)
+    w0 = m.weight.detach().clone()
+    agg = SyncAvg({"lr": 0.5})
+    agg.setup(m)
+    agg.begin_round()
+    agg.accumulate(make_update({"weight": torch.tensor([[1.0, 0.0]]), "bias": torch.tensor([1.0])}, 1, "gradient"))
+    agg.accumulate(make_update({"weight": torch.tensor([[0.0, 3.0]]), "bias": torch.tensor([0.0])}, 3, "gradient"))
+    agg.finalize()
+    assert torch.allclose(m.weight.detach(), w0 - 0.5 * torch.tensor([[0.25, 2.25]]))
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"server_lr": -1.0}, "server_lr must be > 0"),
+    ({"server_momentum": 1.0}, "server_momentum"),
+    ({"servr_lr": 1.0}, "unknown parameter 'servr_lr'"),
+    ({"weighting": 3}, "weighting' must be str"),
+])
+def test_fedavg_bad_params(params: dict, match: str) -> None:
+    with pytest.raises(JobSpecError, match=match):
+        FedAvg(params)
+
+
+@pytest.mark.parametrize("name", Plugins().aggregators.names())
+class TestAggregatorConformance:
+    """Every installed rule: the aggregate of one zero update changes nothing it should not."""
+
+    def test_single_zero_update_keeps_the_model(self, name: str) -> None:
+        cls = Plugins().aggregators.get(name)
+        m = model()
+        agg = cls({})
+        agg.setup(m)
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        template = update_template(m, cls.worker_mode)
+        agg.begin_round()
+        agg.accumulate(make_update({k: torch.zeros_like(v) for k, v in template.items()}, 5))
+        agg.finalize()
+        for k, v in m.state_dict().items():
+            assert torch.equal(v, before[k]), k
+
+    def test_state_round_trips(self, name: str) -> None:
+        cls = Plugins().aggregators.get(name)
+        m = model()
+        agg = cls({})
+        agg.setup(m)
+        template = update_template(m, cls.worker_mode)
+        agg.begin_round()
+        agg.accumulate(make_update({k: torch.ones_like(v) for k, v in template.items()}, 5))
+        agg.finalize()
+        other = cls({})
+        other.setup(model())
+        other.load_state_dict(agg.state_dict())

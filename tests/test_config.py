@@ -1,0 +1,45 @@
+from pathlib import Path
+
+import pytest
+
+from elastic.config import CoordinatorConfig, WorkerConfig, resolve
+from elastic.errors import ConfigError
+
+
+def test_file_then_env_then_flags(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[coordinator]\nbind = "tcp://127.0.0.1:7000"\nheartbeat_timeout = 9\nlog_format = "json"\n')
+    env = {"ELASTIC_HEARTBEAT_TIMEOUT": "7", "ELASTIC_EXIT_WHEN_DONE": "yes"}
+    c = resolve(CoordinatorConfig, "coordinator", cfg, {"heartbeat_timeout": None, "bind": "tcp://127.0.0.1:7001"}, env)
+    assert c.bind == "tcp://127.0.0.1:7001"  # flag beats file
+    assert c.heartbeat_timeout == 7.0  # env beats file
+    assert c.exit_when_done is True
+    assert c.log_format == "json"  # file beats default
+
+
+@pytest.mark.parametrize(
+    "flags, env, match",
+    [
+        ({"bind": "localhost:5555"}, {}, "not a ZeroMQ endpoint"),
+        ({}, {"ELASTIC_HEARTBEAT_TIMEOUT": "soon"}, "environment ELASTIC_HEARTBEAT_TIMEOUT: 'soon'"),
+        ({"heartbeat_timeout": 0.5}, {}, "must be longer than heartbeat_interval"),
+        ({"log_format": "xml"}, {}, "log_format"),
+    ],
+)
+def test_bad_settings_are_one_clear_error(flags: dict, env: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        resolve(CoordinatorConfig, "coordinator", None, flags, env)
+
+
+def test_unknown_file_key(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[worker]\ncolor = 1\n")
+    with pytest.raises(ConfigError, match="unknown key 'color'"):
+        resolve(WorkerConfig, "worker", cfg, {}, {})
+
+
+def test_worker_defaults(tmp_path: Path) -> None:
+    w = resolve(WorkerConfig, "worker", None, {"data": str(tmp_path)}, {})
+    assert w.id and "/" not in w.id
+    with pytest.raises(ConfigError, match="data directory .* does not exist"):
+        resolve(WorkerConfig, "worker", None, {"data": str(tmp_path / "nope")}, {})
