@@ -52,30 +52,31 @@ class FedAvg(Aggregator):
 
     def setup(self, model: torch.nn.Module) -> None:
         self._targets = update_template(model, "train")
-        self._sum: WeightedSum | None = None
-
-    def begin_round(self) -> None:
         self._sum = WeightedSum(self._targets)
 
+    def begin_round(self) -> None:
+        self._sum.reset()
+
     def accumulate(self, update: Update) -> None:
-        assert self._sum is not None, "begin_round() first"
         weight = 1.0 if self.weighting == "uniform" else float(update.num_samples)
         self._sum.add(update.tensors, weight)
 
     def finalize(self) -> None:
-        assert self._sum is not None, "begin_round() first"
         if self._sum.total_weight <= 0:
             return  # every update came from an empty shard: nothing to learn from
+        inv = 1.0 / self._sum.total_weight
         with torch.no_grad():
-            for name, avg in self._sum.mean().items():
-                step = avg
-                if self.momentum:
-                    v = self._velocity.get(name)
-                    v = avg.clone() if v is None else v.mul_(self.momentum).add_(avg)
-                    self._velocity[name] = v
-                    step = v
-                self._targets[name].add_(step.to(self._targets[name].dtype), alpha=self.server_lr)
-        self._sum = None
+            for name, acc in self._sum.sums.items():  # acc * inv is the mean delta
+                if not self.momentum:  # one fused pass: w += lr * mean
+                    self._targets[name].add_(acc, alpha=self.server_lr * inv)
+                    continue
+                v = self._velocity.get(name)
+                if v is None:
+                    v = self._velocity[name] = acc * inv
+                else:
+                    v.mul_(self.momentum).add_(acc, alpha=inv)
+                self._targets[name].add_(v, alpha=self.server_lr)
+        self._sum.reset()
 
     def state_dict(self) -> dict[str, Any]:
         return {"velocity": dict(self._velocity)}

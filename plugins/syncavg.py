@@ -65,17 +65,15 @@ class SyncAvg(Aggregator):
             self.optimizer = torch.optim.SGD(
                 params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
             )
-        self._sum: WeightedSum | None = None
-
-    def begin_round(self) -> None:
         self._sum = WeightedSum(self._params)
 
+    def begin_round(self) -> None:
+        self._sum.reset()
+
     def accumulate(self, update: Update) -> None:
-        assert self._sum is not None, "begin_round() first"
         self._sum.add(update.tensors, float(update.num_samples))
 
     def finalize(self) -> None:
-        assert self._sum is not None, "begin_round() first"
         if self._sum.total_weight <= 0:
             return
         for name, grad in self._sum.mean().items():
@@ -83,7 +81,7 @@ class SyncAvg(Aggregator):
             p.grad = grad.to(p.dtype).view_as(p)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._sum = None
+        self._sum.reset()
 
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict()}

@@ -19,6 +19,7 @@ from typing import Any
 import zmq
 
 from elastic import __version__
+from elastic.allocator import tune_allocator
 from elastic.config import CoordinatorConfig
 from elastic.coordinator.job import Job
 from elastic.coordinator.rounds import Outgoing, RoundEngine
@@ -48,6 +49,7 @@ class Coordinator:
     """Serves jobs to workers. ``run()`` blocks until ``stop()`` (or a signal)."""
 
     def __init__(self, config: CoordinatorConfig, plugins: Plugins, specs: list[JobSpec]) -> None:
+        tune_allocator()
         self.config = config
         self.plugins = plugins
         self.membership = build_membership(plugins, config.membership, config.heartbeat_timeout)
@@ -182,17 +184,26 @@ class Coordinator:
         self._send(routing, nack)
 
     def _send_all(self, outgoing: list[Outgoing]) -> None:
+        pooled = {}
         for out in outgoing:
-            if not self._send(out.worker.encode(), out.message):
+            sent = self._send(out.worker.encode(), out.message, track=out.buffers is not None)
+            if sent is False:
                 self.membership.leave(out.worker, "unreachable")
+            elif out.buffers is not None:
+                out.buffers.attach(sent)
+                pooled[id(out.buffers)] = out.buffers
+        for buffers in pooled.values():
+            buffers.release()
 
-    def _send(self, routing: bytes, msg: Message) -> bool:
+    def _send(self, routing: bytes, msg: Message, track: bool = False) -> zmq.MessageTracker | bool | None:
+        """The tracker (with ``track``), True when sent untracked, False when it failed."""
         try:
-            self.bytes_out += send_message(self.sock, msg, routing)
-            return True
+            tracker = send_message(self.sock, msg, routing, track=track)
         except zmq.ZMQError as exc:
             log.warning("cannot send to peer=%r type=%s error=%s", routing, msg.type, exc.strerror)
             return False
+        self.bytes_out += msg.payload_bytes
+        return tracker if track else True
 
     def status(self) -> dict[str, Any]:
         return {

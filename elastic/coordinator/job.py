@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
-import torch
 
 from elastic.api import Aggregator, Task
 from elastic.coordinator.checkpoints import CheckpointStore, atomic_write
@@ -151,8 +150,3 @@ class Job:
             atomic_write(self.dir / "status.json", lambda f: f.write(data))
         except CheckpointError as exc:  # status is informational: never stop a job for it
             log.warning("cannot write status job=%s error=%s", self.spec.id, exc)
-
-
-def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """An immutable snapshot of the model to send: frames alias it while queued."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}

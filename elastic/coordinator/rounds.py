@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from elastic.api import Update
-from elastic.coordinator.job import Job, JobState, model_tensors
+from elastic.coordinator.job import Job, JobState
 from elastic.membership.base import Member
 from elastic.training import update_kind, update_template
+from elastic.wire.buffers import BufferPool, BufferSet
 from elastic.wire.messages import Message, MsgType, WireTensor
 
 __all__ = ["RoundEngine", "Outgoing"]
@@ -33,8 +34,12 @@ Notify = Callable[..., None]
 
 @dataclass
 class Outgoing:
+    """A message to send. ``buffers``: the pooled memory its frames alias; the sender
+    attaches its tracker, then releases the set once the batch is out."""
+
     worker: str
     message: Message
+    buffers: BufferSet | None = None
 
 
 @dataclass
@@ -70,6 +75,10 @@ class RoundEngine:
         self._template = {k: (tuple(t.shape), t.dtype) for k, t in update_template(job.model, self.mode).items()}
         self._waiting_reported: int | None = None
         self.members_now = 0
+        # Round snapshots of the model: WORK frames alias them while queued, and the
+        # rule updates the model in place, so each round sends a copy, made into
+        # reused memory once earlier sends from it are done.
+        self.snapshots = BufferPool()
 
     # -------------------------------------------------------------- driving --
 
@@ -109,7 +118,8 @@ class RoundEngine:
         if spec.max_workers:
             count = min(count, spec.max_workers)
         chosen = sorted(random.Random(spec.seed * 1_000_003 + number).sample(members, min(count, len(members))), key=lambda m: m.slot)
-        snapshot = {k: WireTensor.from_tensor(v) for k, v in model_tensors(job.model).items()}
+        buffers = self.snapshots.copy_of(job.model.state_dict())
+        snapshot = {k: WireTensor.from_tensor(v) for k, v in buffers.tensors.items()}
         payload = sum(t.nbytes for t in snapshot.values())
         rnd = _Round(number, job.version, {m.id for m in chosen}, now, now + spec.round_timeout, asked=len(chosen))
         out = []
@@ -123,7 +133,7 @@ class RoundEngine:
                 "seed": spec.seed,
             }
             msg = Message(MsgType.WORK, job=spec.id, round=number, version=job.version, key=f"{m.id}/{spec.id}/{number}", meta=meta, tensors=snapshot)
-            out.append(Outgoing(m.id, msg))
+            out.append(Outgoing(m.id, msg, buffers))
             rnd.bytes_sent += payload
         self.current = rnd
         job.aggregator.begin_round()

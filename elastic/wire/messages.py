@@ -131,6 +131,12 @@ class WireTensor:
         for offset, chunk in self.iter_chunks():
             flat[offset : offset + chunk.numel()].add_(chunk, alpha=alpha)
 
+    def scale_to(self, target: torch.Tensor, alpha: float = 1.0) -> None:
+        """``target = alpha * self``, chunk by chunk (one pass: no zeroing first)."""
+        flat = _flat_view(target, self.numel)
+        for offset, chunk in self.iter_chunks():
+            torch.mul(chunk, alpha, out=flat[offset : offset + chunk.numel()])
+
     def is_finite(self) -> bool:
         """True when no element is NaN or ±Inf (always true for integer dtypes)."""
         if not self.dtype.is_floating_point:

@@ -54,16 +54,18 @@ def dealer_socket(ctx: zmq.Context, identity: str, connect: str) -> zmq.Socket:
     return sock
 
 
-def send_message(sock: zmq.Socket, msg: Message, routing: bytes | None = None) -> int:
-    """Send without blocking the caller's loop; returns the payload bytes sent.
+def send_message(sock: zmq.Socket, msg: Message, routing: bytes | None = None, track: bool = False) -> zmq.MessageTracker | None:
+    """Send without blocking the caller's loop.
 
-    Raises ``zmq.ZMQError`` (e.g. ``EHOSTUNREACH`` for a ROUTER peer that is gone).
+    With ``track`` the returned tracker says when libzmq is done with the tensor
+    memory the frames alias (frames leave in order, so the last one's tracker
+    covers them all). Raises ``zmq.ZMQError`` (e.g. ``EHOSTUNREACH`` for a ROUTER
+    peer that is gone).
     """
     frames: list[Any] = encode(msg)
     if routing is not None:
         frames.insert(0, routing)
-    sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
-    return msg.payload_bytes
+    return sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False, track=track)
 
 
 def recv_frames(sock: zmq.Socket, routed: bool) -> tuple[bytes | None, list[zmq.Frame]]:

@@ -25,6 +25,7 @@ import time
 import zmq
 
 from elastic import __version__
+from elastic.allocator import tune_allocator
 from elastic.config import WorkerConfig
 from elastic.errors import ProtocolError
 from elastic.plugins import Plugins
@@ -32,7 +33,7 @@ from elastic.wire.frames import decode
 from elastic.wire.messages import Message, MsgType
 from elastic.wire.transport import dealer_socket, recv_frames, send_message
 from elastic.worker.devices import describe_device, resolve_device
-from elastic.worker.runner import TaskRunner
+from elastic.worker.runner import Result, TaskRunner
 
 __all__ = ["Worker"]
 
@@ -42,6 +43,7 @@ BACKOFF_START, BACKOFF_MAX = 0.2, 10.0
 
 class Worker:
     def __init__(self, config: WorkerConfig, plugins: Plugins) -> None:
+        tune_allocator()
         self.config = config
         self.id = config.id
         self.device = resolve_device(config.device)
@@ -49,7 +51,7 @@ class Worker:
         self.ctx = zmq.Context.instance()
         self._stop = threading.Event()
         self._work: queue.Queue[Message | None] = queue.Queue()
-        self._results: queue.Queue[Message] = queue.Queue()
+        self._results: queue.Queue[Result] = queue.Queue()
         self._wake_addr = f"inproc://worker-wake-{id(self)}"
         self._wake = self.ctx.socket(zmq.PAIR)
         self._wake.bind(self._wake_addr)
@@ -127,13 +129,14 @@ class Worker:
     def _hello(self) -> Message:
         return Message(MsgType.HELLO, meta={"device": describe_device(self.device), "host": socket.gethostname(), "software": __version__, "pid": os.getpid()})
 
-    def _send(self, msg: Message) -> None:
+    def _send(self, msg: Message, track: bool = False) -> zmq.MessageTracker | None:
         assert self.sock is not None
         msg.sender = self.id
         try:
-            send_message(self.sock, msg)
-        except zmq.Again:
-            log.debug("send would block type=%s", msg.type)
+            return send_message(self.sock, msg, track=track)
+        except zmq.ZMQError as exc:
+            log.warning("cannot send type=%s error=%s", msg.type, exc.strerror)
+            return None
 
     def _drain(self) -> None:
         assert self.sock is not None
@@ -187,8 +190,11 @@ class Worker:
             except queue.Empty:
                 break
             self._busy = False
+            tracker = None
             if self.sock is not None:
-                self._send(result)
+                tracker = self._send(result.message, track=result.buffers is not None)
+            if result.buffers is not None:
+                self.runner.updates.sent(result.buffers, tracker)
         self._feed()
 
     def _train_loop(self) -> None:

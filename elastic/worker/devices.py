@@ -2,7 +2,7 @@
 
 Received tensors are ZeroMQ frames in host memory. On CUDA they are staged through
 pinned host buffers (reused round after round) so the copy to the GPU is a fast
-asynchronous DMA; updates come back the same way before they are sent.
+asynchronous DMA; updates come back through pinned buffers too (``updates.py``).
 """
 
 from __future__ import annotations
@@ -55,15 +55,3 @@ class HostStaging:
             buf = torch.empty(like.shape, dtype=like.dtype, pin_memory=self.pinned)
             self._buffers[name] = buf
         return buf
-
-    def to_host(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Device tensors to host memory for sending (one sync at the end on CUDA)."""
-        if not self.pinned:
-            return {k: v.detach() for k, v in tensors.items()}
-        out = {}
-        for name, t in tensors.items():
-            buf = self.buffer(f"out:{name}", t)
-            buf.copy_(t.detach(), non_blocking=True)
-            out[name] = buf
-        torch.cuda.synchronize(self.device)
-        return out

@@ -17,12 +17,22 @@ from elastic.errors import ElasticError
 from elastic.jobspec import TrainParams
 from elastic.plugins import Plugins
 from elastic.training import batch_gradient, local_train, update_kind, update_template
+from elastic.wire.buffers import BufferSet
 from elastic.wire.messages import Message, MsgType, WireTensor
 from elastic.worker.devices import HostStaging
+from elastic.worker.updates import UpdateBuilder
 
-__all__ = ["TaskRunner"]
+__all__ = ["TaskRunner", "Result"]
 
 log = logging.getLogger("elastic.worker.runner")
+
+
+@dataclass
+class Result:
+    """What to send back: an UPDATE (aliasing ``buffers``) or a NACK."""
+
+    message: Message
+    buffers: BufferSet | None = None
 
 
 @dataclass
@@ -42,9 +52,10 @@ class TaskRunner:
         self.data_dir = data_dir
         self.worker_id = worker_id
         self.staging = HostStaging(device)
+        self.updates = UpdateBuilder(device)
         self._jobs: dict[str, _JobContext] = {}
 
-    def run(self, work: Message) -> Message:
+    def run(self, work: Message) -> Result:
         """The UPDATE for a WORK message, or a NACK saying why the work cannot be done."""
         try:
             return self._run(work)
@@ -84,7 +95,7 @@ class TaskRunner:
                     wt.copy_to(staged)
                     target.copy_(staged, non_blocking=True)
 
-    def _run(self, work: Message) -> Message:
+    def _run(self, work: Message) -> Result:
         started = time.perf_counter()
         ctx = self._context(work)
         self._load(ctx.model, work.tensors)
@@ -92,18 +103,21 @@ class TaskRunner:
         train = TrainParams(**work.meta["train"])
         seed = (int(work.meta["seed"]) * 1_000_003 + work.round) * 1009 + int(work.meta["shard"][0])
         if mode == "train":
-            before = {k: v.detach().clone() for k, v in update_template(ctx.model, "train").items()}
-            result = local_train(ctx.task, ctx.model, ctx.dataset, train, seed, self.device)
-            after = update_template(ctx.model, "train")
-            out = {k: after[k].detach() - before[k] for k in before}
+            if self.device.type == "cpu":  # the received frames are the weights before training
+                result = local_train(ctx.task, ctx.model, ctx.dataset, train, seed, self.device)
+                buffers = self.updates.delta_from_wire(update_template(ctx.model, "train"), work.tensors)
+            else:
+                before = self.updates.remember(update_template(ctx.model, "train"))
+                result = local_train(ctx.task, ctx.model, ctx.dataset, train, seed, self.device)
+                buffers = self.updates.delta(update_template(ctx.model, "train"), before)
         elif mode == "gradient":
             result = batch_gradient(ctx.task, ctx.model, ctx.dataset, train.batch_size, work.round - 1, int(work.meta["seed"]), self.device)
-            out = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in update_template(ctx.model, "gradient").items()}
+            grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in update_template(ctx.model, "gradient").items()}
+            buffers = self.updates.copy(grads)
         else:
             raise ElasticError(f"unknown work mode {mode!r}; this worker knows train and gradient")
-        host = self.staging.to_host(out)
         meta: dict[str, Any] = {"num_samples": result.num_samples, "loss": result.loss, "kind": update_kind(mode), "train_seconds": time.perf_counter() - started}
-        return Message(
+        msg = Message(
             MsgType.UPDATE,
             job=work.job,
             round=work.round,
@@ -111,9 +125,10 @@ class TaskRunner:
             sender=self.worker_id,
             key=f"{self.worker_id}/{work.job}/{work.round}",
             meta=meta,
-            tensors={k: WireTensor.from_tensor(v) for k, v in host.items()},
+            tensors={k: WireTensor.from_tensor(v) for k, v in buffers.tensors.items()},
         )
+        return Result(msg, buffers)
 
-    def _nack(self, work: Message, reason: str, detail: str) -> Message:
+    def _nack(self, work: Message, reason: str, detail: str) -> Result:
         log.warning("cannot do work job=%s round=%d reason=%s detail=%s", work.job, work.round, reason, detail)
-        return Message(MsgType.NACK, job=work.job, round=work.round, version=work.version, sender=self.worker_id, key=work.key, meta={"reason": reason, "detail": detail})
+        return Result(Message(MsgType.NACK, job=work.job, round=work.round, version=work.version, sender=self.worker_id, key=work.key, meta={"reason": reason, "detail": detail}))

@@ -15,7 +15,7 @@ import zmq
 
 from elastic.wire import Message, MsgType, WireTensor, decode, encode
 
-from .conftest import Cluster, wait_for, write_job
+from .conftest import Cluster, write_job
 
 pytestmark = pytest.mark.slow
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from elastic_plugins.tasks.linreg import LinReg
 
 from elastic.api import Shard
-from elastic_plugins.tasks.linreg import LinReg
 
 from .conftest import Cluster, write_job
 

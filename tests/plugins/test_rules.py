@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from elastic_plugins.averaging import WeightedSum, weighted_mean
+from elastic_plugins.fedavg import FedAvg
+from elastic_plugins.syncavg import SyncAvg
 from torch import nn
 
 from elastic.api import Update
@@ -11,9 +14,6 @@ from elastic.errors import JobSpecError
 from elastic.plugins import Plugins
 from elastic.training import update_template
 from elastic.wire.messages import WireTensor
-from elastic_plugins.averaging import WeightedSum, weighted_mean
-from elastic_plugins.fedavg import FedAvg
-from elastic_plugins.syncavg import SyncAvg
 
 
 def model() -> nn.Module:

@@ -3,13 +3,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from elastic_plugins.tasks.digits import Digits, dirichlet_split
+from elastic_plugins.tasks.linreg import LinReg
 
 from elastic.api import Shard
 from elastic.errors import JobSpecError
 from elastic.plugins import Plugins
 from elastic.training import evaluate
-from elastic_plugins.tasks.digits import Digits, dirichlet_split
-from elastic_plugins.tasks.linreg import LinReg
 
 
 def test_dirichlet_split_is_a_partition_and_non_iid() -> None:

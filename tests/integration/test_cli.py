@@ -1,0 +1,89 @@
+"""The command line as a person uses it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def elastic(*args: str, cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "elastic", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_run_digits_fedavg_reaches_090_within_30_rounds(tmp_path: Path) -> None:
+    summary, out = tmp_path / "summary.json", tmp_path / "model.safetensors"
+    r = elastic("run", str(ROOT / "examples" / "digits-fedavg.toml"), "--local-workers", "4", "--summary", str(summary), "--out", str(out), "--state-dir", str(tmp_path / "state"), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    figures = json.loads(summary.read_text())
+    assert figures["rounds"] <= 30 and figures["accuracy"] >= 0.90, figures
+    assert set(figures) >= {"rounds", "accuracy", "loss", "wall_seconds", "bytes_sent", "bytes_received"}
+    assert figures["bytes_sent"] > 0 and figures["bytes_received"] > 0
+    assert "accuracy" in r.stdout and f"{figures['accuracy']:.4f}" in r.stdout  # the final result is printed
+    assert set(safetensors.torch.load_file(out)) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    history = json.loads((tmp_path / "state" / "digits-fedavg" / "status.json").read_text())["history"]
+    assert [h["round"] for h in history] == list(range(1, 31))
+
+
+@pytest.mark.slow
+def test_run_linreg_syncavg_example(tmp_path: Path) -> None:
+    summary = tmp_path / "s.json"
+    r = elastic("run", str(ROOT / "examples" / "linreg-syncavg.toml"), "--local-workers", "3", "--quiet", "--summary", str(summary), "--state-dir", str(tmp_path / "st"), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    figures = json.loads(summary.read_text())
+    assert figures["rounds"] == 50 and figures["loss"] < 0.05  # noise variance is 0.01
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ('[job]\ntask = "digits"\nrule = "fedavgg"\n', ["unknown aggregator 'fedavgg'", "known: fedavg, syncavg"]),
+        ('[job]\ntask = "mnist"\nrule = "fedavg"\n', ["unknown task 'mnist'", "digits, linreg"]),
+        ('[job]\ntask = "digits"\nrule = "fedavg"\nrounds = -1\n', ["rounds = -1 is invalid"]),
+        ('[job]\ntask = "digits"\nrule = "fedavg"\n[rule]\nserver_lr = "fast"\n', ["rule fedavg: parameter 'server_lr' must be float"]),
+        ("[job\n", ["not valid TOML"]),
+    ],
+)
+def test_bad_job_specs_are_one_clear_line(tmp_path: Path, spec: str, words: list[str]) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(spec)
+    commands = [["validate", str(path)]]
+    if "fedavgg" in spec:  # every command that takes a spec refuses it the same way
+        commands += [["run", str(path), "--local-workers", "1"], ["coordinator", "--job", str(path), "--bind", "tcp://127.0.0.1:0"]]
+    for cmd in commands:
+        r = elastic(*cmd, cwd=tmp_path)
+        assert r.returncode == 2, (cmd, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("elastic: error: "), r.stderr
+        for word in words:
+            assert word in lines[0]
+        assert "Traceback" not in r.stderr
+
+
+def test_daemon_flag_errors(tmp_path: Path) -> None:
+    r = elastic("worker", "--coordinator", "localhost:5555")
+    assert r.returncode == 2 and "is not a ZeroMQ endpoint" in r.stderr
+    r = elastic("worker", "--device", "cuda:7", "--coordinator", "tcp://127.0.0.1:1")
+    assert r.returncode == 2 and ("CUDA is not available" in r.stderr or "CUDA device(s)" in r.stderr)
+    r = elastic("coordinator", "--membership", "zookeeper://x", "--bind", "tcp://127.0.0.1:0")
+    assert r.returncode == 2 and "unknown membership backend 'zookeeper'" in r.stderr
+    r = elastic("run", str(ROOT / "examples" / "digits-fedavg.toml"), "--local-workers", "2")
+    assert r.returncode == 2 and "min_workers = 4" in r.stderr
+    r = elastic("--debug", "validate", str(tmp_path / "missing.toml"))
+    assert r.returncode != 0 and "Traceback" in r.stderr  # --debug shows it
+
+
+def test_plugins_and_validate() -> None:
+    r = elastic("plugins")
+    assert r.returncode == 0
+    for name in ("fedavg", "syncavg", "digits", "linreg", "embedded", "elastic 0.1.0"):
+        assert name in r.stdout
+    r = elastic("validate", str(ROOT / "examples" / "digits-fedavg.toml"))
+    assert r.returncode == 0 and "ok" in r.stdout
