@@ -81,14 +81,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     plugins = Plugins()
+    rows = [(i.kind, i.name, f"{i.cls.__module__}.{i.cls.__qualname__}", i.distribution) for i in plugins.provided()]
+    rows += [("observer", plugin, "-", dist) for plugin, dist in plugins.observers()]
+    if args.output == "json":
+        print(json.dumps([dict(zip(("kind", "name", "class", "distribution"), r, strict=True)) for r in rows], indent=2))
+        return 0
     table = Table(title="elastic plugins")
     for col in ("kind", "name", "class", "distribution"):
-        table.add_column(col)
-    for item in plugins.provided():
-        table.add_row(item.kind, item.name, f"{item.cls.__module__}.{item.cls.__qualname__}", item.distribution)
-    for plugin, dist in plugins.observers():
-        table.add_row("observer", plugin, "-", dist)
-    Console().print(table)
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    if not console.is_terminal:
+        console.width = 160  # a pipe or a log: no terminal width to fit, keep rows whole
+    console.print(table)
     return 0
 
 

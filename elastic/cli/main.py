@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-bytes", type=int, default=None)
     _daemon_flags(p)
 
-    sub.add_parser("plugins", help="list installed plugins and the distribution of each")
+    p = sub.add_parser("plugins", help="list installed plugins and the distribution of each")
+    p.add_argument("--output", choices=["table", "json"], default="table")
 
     p = sub.add_parser("validate", help="check a job spec against the installed plugins")
     p.add_argument("job", type=Path)

@@ -1,0 +1,54 @@
+"""The example plugin package installs with pip and is found like any plugin."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from elastic.api import Update
+from elastic.wire.messages import WireTensor
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plugin-clipped-mean"
+
+
+@pytest.mark.slow
+def test_pip_installed_plugin_is_listed_and_usable(tmp_path: Path) -> None:
+    target = tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(EXAMPLE)]
+    subprocess.run(pip, check=True, timeout=300, capture_output=True)
+    env = dict(os.environ, PYTHONPATH=str(target))
+    listing = subprocess.run([sys.executable, "-m", "elastic", "plugins", "--output", "json"], env=env, capture_output=True, text=True, timeout=60)
+    assert listing.returncode == 0, listing.stderr
+    rows = json.loads(listing.stdout)
+    assert {"kind": "aggregator", "name": "clipped_mean", "class": "elastic_clipped_mean.ClippedMean", "distribution": "elastic-clipped-mean 0.1.0"} in rows
+    assert {"kind": "observer", "name": "clipped_mean", "class": "-", "distribution": "elastic-clipped-mean 0.1.0"} in rows
+    spec = tmp_path / "job.toml"
+    spec.write_text('[job]\ntask = "linreg"\nrule = "clipped_mean"\n[rule]\nmax_norm = 0.5\n')
+    ok = subprocess.run([sys.executable, "-m", "elastic", "validate", str(spec)], env=env, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    spec.write_text('[job]\ntask = "linreg"\nrule = "clipped_mean"\n[rule]\nmax_norm = -1.0\n')
+    bad = subprocess.run([sys.executable, "-m", "elastic", "validate", str(spec)], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "max_norm must be > 0" in bad.stderr
+
+
+def test_clipping_math(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    from elastic_clipped_mean import ClippedMean
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    rule = ClippedMean({"max_norm": 1.0})
+    rule.setup(model)
+    rule.begin_round()
+    rule.accumulate(Update("a", 0, 1, 0.0, "delta", {"weight": WireTensor.from_tensor(torch.tensor([[3.0, 4.0]]))}))  # norm 5 -> 1
+    rule.accumulate(Update("b", 0, 1, 0.0, "delta", {"weight": WireTensor.from_tensor(torch.tensor([[0.2, 0.0]]))}))  # kept
+    rule.finalize()
+    assert torch.allclose(model.weight.detach(), torch.tensor([[(0.6 + 0.2) / 2, 0.8 / 2]]))
+    assert rule.clipped == 1

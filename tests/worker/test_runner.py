@@ -1,0 +1,116 @@
+"""The worker's runner and its buffers, on CPU; the same on CUDA where there is one."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import zmq
+from elastic_plugins.tasks.linreg import LinReg
+
+from elastic.errors import ConfigError
+from elastic.plugins import Plugins
+from elastic.training import update_template
+from elastic.wire import Message, MsgType, WireTensor, decode, encode
+from elastic.wire.buffers import BufferPool
+from elastic.worker.devices import resolve_device
+from elastic.worker.runner import TaskRunner
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def work(mode: str, model: torch.nn.Module, round_: int = 1) -> Message:
+    msg = Message(
+        MsgType.WORK, job="j", round=round_, version=round_ - 1, key=f"w/j/{round_}",
+        meta={"mode": mode, "task": "linreg", "task_params": {"samples": 40, "features": 3}, "train": {"local_epochs": 1, "batch_size": 0, "lr": 0.1, "optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0}, "shard": [0, 2], "seed": 0},
+        tensors={k: WireTensor.from_tensor(v) for k, v in model.state_dict().items()},
+    )
+    return decode([bytes(f) for f in encode(msg)], check_finite=False)  # as a worker receives it
+
+
+def expected(mode: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from elastic.api import Shard
+
+    task = LinReg({"samples": 40, "features": 3})
+    data = task.train_dataset(Shard(0, 2, 0), None)
+    x, y = data.tensors
+    m = task.build_model(0)
+    m.load_state_dict(model.state_dict())
+    loss = task.loss(m, x, y)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    if mode == "gradient":
+        return grads
+    return {n: -0.1 * g for n, g in grads.items()}  # one full-batch SGD step
+
+
+@pytest.mark.parametrize("mode", ["train", "gradient"])
+def test_runner_update_on_cpu(mode: str) -> None:
+    model = LinReg({"samples": 40, "features": 3}).build_model(3)
+    runner = TaskRunner(Plugins(), torch.device("cpu"), None, "w")
+    result = runner.run(work(mode, model))
+    msg = result.message
+    assert msg.type is MsgType.UPDATE, msg.meta
+    assert (msg.round, msg.version, msg.key, msg.meta["kind"], msg.meta["num_samples"]) == (1, 0, "w/j/1", "delta" if mode == "train" else "gradient", 20)
+    for name, want in expected(mode, model).items():
+        assert torch.allclose(msg.tensors[name].to_tensor(), want, atol=1e-6), name
+
+
+def test_runner_reports_bad_work_as_a_nack() -> None:
+    model = torch.nn.Linear(5, 1)  # not the task's model
+    result = TaskRunner(Plugins(), torch.device("cpu"), None, "w").run(work("train", model))
+    assert result.message.type is MsgType.NACK and "received [1, 5]" in result.message.meta["detail"]
+    w = work("train", LinReg({}).build_model(0))
+    w.meta["task"] = "nope"
+    result = TaskRunner(Plugins(), torch.device("cpu"), None, "w").run(w)
+    assert result.message.meta["reason"] == "work_failed" and "unknown task 'nope'" in result.message.meta["detail"]
+
+
+def test_pool_never_reuses_memory_zmq_still_holds() -> None:
+    ctx = zmq.Context.instance()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect("inproc://pool-test")  # nobody receives yet: the message stays queued
+    pool = BufferPool()
+    like = {"w": torch.zeros(1 << 16)}
+    first = pool.copy_of({"w": torch.ones(1 << 16)})
+    first.attach(push.send(memoryview(first.tensors["w"].numpy()), copy=False, track=True))
+    first.release()
+    second = pool.acquire(like)
+    assert second is not first  # the first is still referenced by a queued frame
+    second.release()
+    pull = ctx.socket(zmq.PULL)
+    pull.bind("inproc://pool-test")
+    assert torch.equal(torch.frombuffer(bytearray(pull.recv()), dtype=torch.float32), torch.ones(1 << 16))
+    deadline = time.monotonic() + 5
+    while first.trackers and not first.trackers[0].done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert pool.acquire(like) in (first, second)  # free again: reused, not allocated
+    assert len(pool._sets) == 2
+    push.close()
+    pull.close()
+
+
+def test_resolve_device() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="not a device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["train", "gradient"])
+def test_runner_on_cuda_matches_cpu(mode: str) -> None:
+    model = LinReg({"samples": 40, "features": 3}).build_model(3)
+    cpu = TaskRunner(Plugins(), torch.device("cpu"), None, "w").run(work(mode, model)).message
+    runner = TaskRunner(Plugins(), torch.device("cuda:0"), None, "w")
+    gpu = runner.run(work(mode, model))
+    assert gpu.message.type is MsgType.UPDATE
+    assert runner.staging.pinned and all(t.is_pinned() for t in gpu.buffers.tensors.values())
+    for name in update_template(model, "gradient" if mode == "gradient" else "train"):
+        assert torch.allclose(gpu.message.tensors[name].to_tensor(), cpu.tensors[name].to_tensor(), atol=1e-5)
