@@ -129,7 +129,7 @@ class Plugins:
             self.register(module, name=ep.name, distribution=dist)
 
     def _build_registries(self) -> None:
-        registries = {
+        registries: dict[str, Registry[Any]] = {
             "elastic_aggregators": self.aggregators,
             "elastic_tasks": self.tasks,
             "elastic_codecs": self.codecs,
@@ -188,5 +188,5 @@ def _check_class(kind: str, base: type, name: Any, cls: Any, plugin: str, dist: 
     if not (inspect.isclass(cls) and issubclass(cls, base)):
         raise PluginError(f"{where}: {kind} {name!r} must be a subclass of {base.__qualname__}, got {cls!r}")
     if inspect.isabstract(cls):
-        missing = ", ".join(sorted(cls.__abstractmethods__))
+        missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
         raise PluginError(f"{where}: {kind} {name!r} ({cls.__qualname__}) leaves abstract: {missing}")

@@ -57,7 +57,7 @@ class Coordinator:
         for spec in specs:
             self.add_job(spec)
         self.rejected: Counter[str] = Counter()
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context = zmq.Context.instance()
         self.sock, self.endpoint = router_socket(self.ctx, config.bind)
         self._stop = threading.Event()
         self._stop_reason = "stopped"
@@ -186,24 +186,27 @@ class Coordinator:
     def _send_all(self, outgoing: list[Outgoing]) -> None:
         pooled = {}
         for out in outgoing:
-            sent = self._send(out.worker.encode(), out.message, track=out.buffers is not None)
-            if sent is False:
+            ok, tracker = self._send_tracked(out.worker.encode(), out.message, track=out.buffers is not None)
+            if not ok:
                 self.membership.leave(out.worker, "unreachable")
-            elif out.buffers is not None:
-                out.buffers.attach(sent)
+            if out.buffers is not None:
+                out.buffers.attach(tracker)
                 pooled[id(out.buffers)] = out.buffers
         for buffers in pooled.values():
             buffers.release()
 
-    def _send(self, routing: bytes, msg: Message, track: bool = False) -> zmq.MessageTracker | bool | None:
-        """The tracker (with ``track``), True when sent untracked, False when it failed."""
+    def _send(self, routing: bytes, msg: Message) -> bool:
+        return self._send_tracked(routing, msg)[0]
+
+    def _send_tracked(self, routing: bytes, msg: Message, track: bool = False) -> tuple[bool, zmq.MessageTracker | None]:
+        """Whether it was sent, and (with ``track``) the tracker of its frames."""
         try:
             tracker = send_message(self.sock, msg, routing, track=track)
         except zmq.ZMQError as exc:
             log.warning("cannot send to peer=%r type=%s error=%s", routing, msg.type, exc.strerror)
-            return False
+            return False, None
         self.bytes_out += msg.payload_bytes
-        return tracker if track else True
+        return True, tracker
 
     def status(self) -> dict[str, Any]:
         return {

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+from torch.utils.data import Dataset
 
 from elastic.api import Aggregator, Task
 from elastic.coordinator.checkpoints import CheckpointStore, atomic_write
@@ -52,7 +53,7 @@ class Job:
         self.totals = {"bytes_sent": 0, "bytes_received": 0, "updates": 0, "rejected": 0}
         self.final_metrics: dict[str, Any] = {}
         self.started_wall = time.time()
-        self._test_data = None
+        self._test_data: Dataset | None = None
         self.resumed_from: int | None = None
         self._resume()
 

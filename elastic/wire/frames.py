@@ -65,7 +65,7 @@ def encode(msg: Message, chunk_bytes: int = CHUNK_BYTES) -> list[bytes | memoryv
             raise ProtocolError("bad_dtype", f"tensor {name!r} has unsupported dtype {wt.dtype}")
         nframes = 0
         for chunk in wt.chunks:
-            raw = memoryview(chunk.reshape(-1).view(torch.uint8).numpy())
+            raw = chunk.reshape(-1).view(torch.uint8).numpy().data  # a memoryview of the tensor
             for start in range(0, len(raw), chunk_bytes):
                 buffers.append(raw[start : start + chunk_bytes])
                 nframes += 1
@@ -182,7 +182,7 @@ def _unpack_header(buf: memoryview) -> dict[str, Any]:
 
 def _check_type(where: str, value: Any, expected: type | tuple[type, ...]) -> None:
     # bool is a subclass of int in Python; on the wire they are different types.
-    wanted = expected if isinstance(expected, tuple) else (expected,)
+    wanted: tuple[type, ...] = expected if isinstance(expected, tuple) else (expected,)
     if isinstance(value, bool) and bool not in wanted:
         ok = False
     elif float in wanted and isinstance(value, int) and not isinstance(value, bool):
@@ -217,10 +217,10 @@ def _validate_header(header: dict[str, Any]) -> Message:
         if len(header[key]) > MAX_NAME:
             raise ProtocolError("bad_field", f"{key} longer than {MAX_NAME} characters")
     meta = header["meta"]
-    for key, typ in META_SCHEMA[mtype].items():
+    for key, want in META_SCHEMA[mtype].items():
         if key not in meta:
             raise ProtocolError("missing_field", f"{mtype} meta field {key!r} is missing")
-        _check_type(f"{mtype} meta field {key!r}", meta[key], typ)
+        _check_type(f"{mtype} meta field {key!r}", meta[key], want)
         if isinstance(meta[key], float) and not math.isfinite(meta[key]):
             if key != "loss":  # a diverged loss is reported, not hidden
                 raise ProtocolError("bad_field", f"{mtype} meta field {key!r} is not finite")

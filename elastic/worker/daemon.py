@@ -48,7 +48,7 @@ class Worker:
         self.id = config.id
         self.device = resolve_device(config.device)
         self.runner = TaskRunner(plugins, self.device, config.data, self.id)
-        self.ctx = zmq.Context.instance()
+        self.ctx: zmq.Context = zmq.Context.instance()
         self._stop = threading.Event()
         self._work: queue.Queue[Message | None] = queue.Queue()
         self._results: queue.Queue[Result] = queue.Queue()
