@@ -13,8 +13,9 @@ __all__ = ["Member", "MembershipEvent", "MembershipBackend"]
 class Member:
     """A worker the coordinator knows.
 
-    ``slot`` is a small stable number given at join (the lowest free one); it picks
-    the worker's data shard, so a worker that re-joins after a blip keeps its data.
+    ``slot`` is a small stable number given at join: the worker's previous slot when
+    it comes back and that slot is still free, else the lowest free one. It picks the
+    worker's data shard, so a worker that re-joins after a blip keeps its data.
     """
 
     id: str

@@ -24,6 +24,7 @@ class EmbeddedMembership(MembershipBackend):
         super().__init__(url, heartbeat_timeout)
         self._members: dict[str, Member] = {}
         self._events: list[MembershipEvent] = []
+        self._last_slot: dict[str, int] = {}  # a worker that comes back gets its shard back
 
     def join(self, member: Member, now: float) -> Member:
         known = self._members.get(member.id)
@@ -31,7 +32,12 @@ class EmbeddedMembership(MembershipBackend):
             known.last_seen = now
             return known
         used = {m.slot for m in self._members.values()}
-        member.slot = next(i for i in range(len(used) + 1) if i not in used)
+        previous = self._last_slot.get(member.id)
+        if previous is not None and previous not in used:
+            member.slot = previous
+        else:
+            member.slot = next(i for i in range(len(used) + 1) if i not in used)
+        self._last_slot[member.id] = member.slot
         member.joined_at = member.last_seen = now
         self._members[member.id] = member
         self._events.append(MembershipEvent("joined", member, "hello"))

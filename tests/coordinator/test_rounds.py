@@ -175,3 +175,27 @@ def test_resume_mid_job_and_refuse_a_foreign_checkpoint(tmp_path: Path) -> None:
     spec = parse_job_spec({"job": {"id": "j", "task": "digits", "rule": "fedavg"}})
     with pytest.raises(CheckpointError, match="belong to a job with task 'linreg'"):
         Job(spec, Plugins(), tmp_path)
+
+
+def test_fraction_and_max_workers_pick_participants(tmp_path: Path) -> None:
+    engine, _, _ = make(tmp_path, fraction=0.5, min_workers=2)
+    out = engine.tick(members(*"abcdefgh"))
+    assert len(out) == 4  # ceil(0.5 * 8)
+    picked_round1 = {o.worker for o in out}
+    capped, _, _ = make(tmp_path / "cap", max_workers=3)
+    assert len(capped.tick(members(*"abcdefgh"))) == 3
+    floor, _, _ = make(tmp_path / "floor", fraction=0.1, min_workers=2)
+    assert len(floor.tick(members(*"abcdefgh"))) == 2  # never below min_workers
+    for o in out:
+        engine.on_update(o.worker, update_for(engine, o.message, o.worker))
+    picked_round2 = {o.worker for o in engine.tick(members(*"abcdefgh"))}
+    assert len(picked_round2) == 4 and picked_round2 != picked_round1  # rotates across rounds (seeded)
+
+
+def test_a_worker_that_cannot_work_is_not_waited_for(tmp_path: Path) -> None:
+    engine, _, _ = make(tmp_path)
+    out = engine.tick(members("a", "b", "c"))
+    engine.on_update("a", update_for(engine, out[0].message, "a"))
+    engine.on_update("b", update_for(engine, out[1].message, "b"))
+    engine.on_worker_failed("c", 1, "work_failed: unknown task")
+    assert engine.job.round == 1 and engine.job.history[-1]["updates"] == 2
