@@ -132,7 +132,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     job = coordinator.engines[spec.id].job
     workers = _start_local_workers(coordinator.endpoint, args.local_workers, args.device, state_dir)
     thread = threading.Thread(target=coordinator.run, kwargs={"install_signals": False}, name="coordinator", daemon=True)
-    started = time.time()
     failure = ""
     with observer:
         thread.start()
@@ -148,6 +147,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             coordinator.stop(failure)
             thread.join(10)
     _stop_workers(workers)
+    if failure == "interrupted":
+        console.print(f"interrupted at round {job.round}; continue with: elastic run {args.job} --resume {state_dir}")
+        return 130
     if not job.done:
         raise ElasticError(f"job {spec.id} did not finish: {failure or 'coordinator stopped'}; resume it with --resume {state_dir}")
     final = job.history[-1] if job.history else {}
@@ -158,7 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "accuracy": final.get("accuracy"),
         "loss": final.get("eval_loss", final.get("loss")),
         "train_loss": final.get("loss"),
-        "wall_seconds": round(job.wall_seconds() if job.resumed_from is not None else time.time() - started, 3),
+        "wall_seconds": round(job.wall_seconds(), 3),  # includes the time before a --resume
         "bytes_sent": job.totals["bytes_sent"],
         "bytes_received": job.totals["bytes_received"],
         "model": str(job.dir / "final.safetensors"),

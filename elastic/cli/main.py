@@ -28,8 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"elastic {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
+    # --debug also after the subcommand; SUPPRESS keeps a main-level --debug from being reset
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
 
-    p = sub.add_parser("run", help="run a job end to end: embedded coordinator + local workers")
+    p = sub.add_parser("run", parents=[debug], help="run a job end to end: embedded coordinator + local workers")
     p.add_argument("job", type=Path, help="job spec (TOML)")
     p.add_argument("--local-workers", type=int, default=2, help="worker processes to start (default 2)")
     p.add_argument("--device", default="cpu", help="device of the local workers (auto, cpu, cuda:N)")
@@ -40,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--log-format", choices=["kv", "json"], default="kv")
 
-    p = sub.add_parser("coordinator", help="run the coordinator daemon")
+    p = sub.add_parser("coordinator", parents=[debug], help="run the coordinator daemon")
     p.add_argument("--bind", default=None, help="ZeroMQ endpoint to serve on (default tcp://127.0.0.1:5555)")
     p.add_argument("--job", type=Path, action="append", default=[], help="job spec to serve (repeatable)")
     p.add_argument("--state-dir", type=Path, default=None, help="checkpoints and status (default ./elastic-state)")
@@ -51,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-when-done", action="store_const", const=True, default=None, help="exit once every job is finished")
     _daemon_flags(p)
 
-    p = sub.add_parser("worker", help="run a worker daemon")
+    p = sub.add_parser("worker", parents=[debug], help="run a worker daemon")
     p.add_argument("--coordinator", default=None, help="coordinator endpoint, e.g. tcp://HOST:5555")
     p.add_argument("--id", default=None, help="worker id (default HOSTNAME-PID)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda or cuda:N")
@@ -61,10 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-bytes", type=int, default=None)
     _daemon_flags(p)
 
-    p = sub.add_parser("plugins", help="list installed plugins and the distribution of each")
+    p = sub.add_parser("plugins", parents=[debug], help="list installed plugins and the distribution of each")
     p.add_argument("--output", choices=["table", "json"], default="table")
 
-    p = sub.add_parser("validate", help="check a job spec against the installed plugins")
+    p = sub.add_parser("validate", parents=[debug], help="check a job spec against the installed plugins")
     p.add_argument("job", type=Path)
     return parser
 

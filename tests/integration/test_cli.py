@@ -87,3 +87,32 @@ def test_plugins_and_validate() -> None:
         assert name in r.stdout
     r = elastic("validate", str(ROOT / "examples" / "digits-fedavg.toml"))
     assert r.returncode == 0 and "ok" in r.stdout
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    spec = tmp_path / "lr.toml"
+    spec.write_text('[job]\nid = "lr"\ntask = "linreg"\nrule = "syncavg"\nrounds = 400\nmin_workers = 2\neval_every = 0\n[task]\nsamples = 4000\nfeatures = 64\n[train]\nbatch_size = 0\n[rule]\nlr = 0.05\n')
+    state = tmp_path / "state"
+    first = subprocess.Popen([sys.executable, "-m", "elastic", "run", str(spec), "--local-workers", "2", "--quiet", "--state-dir", str(state)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    status = state / "lr" / "status.json"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if status.exists() and json.loads(status.read_text() or "{}").get("round", 0) >= 20:
+            break
+        time.sleep(0.1)
+    first.send_signal(signal.SIGINT)
+    _, err = first.communicate(timeout=60)
+    assert first.returncode == 130 and f"--resume {state}" in err, err
+    interrupted_at = json.loads(status.read_text())["round"]
+    assert 20 <= interrupted_at < 400
+    summary = tmp_path / "s.json"
+    r = elastic("run", str(spec), "--local-workers", "2", "--quiet", "--resume", str(state), "--summary", str(summary), timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    final = json.loads(status.read_text())
+    assert final["resumed_from"] >= interrupted_at - 1
+    assert [h["round"] for h in final["history"]] == list(range(1, 401))
+    assert json.loads(summary.read_text())["rounds"] == 400
