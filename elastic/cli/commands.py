@@ -148,7 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             thread.join(10)
     _stop_workers(workers)
     if failure == "interrupted":
-        console.print(f"interrupted at round {job.round}; continue with: elastic run {args.job} --resume {state_dir}")
+        console.print(f"interrupted at round {job.round}; continue with: elastic run {args.job} --resume {state_dir}", soft_wrap=True)
         return 130
     if not job.done:
         raise ElasticError(f"job {spec.id} did not finish: {failure or 'coordinator stopped'}; resume it with --resume {state_dir}")
