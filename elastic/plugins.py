@@ -80,9 +80,6 @@ class Registry(Generic[T]):
     def items(self) -> list[Provided]:
         return [self._items[n] for n in self.names()]
 
-    def __contains__(self, name: object) -> bool:
-        return name in self._items
-
 
 class Plugins:
     """Loads plugins and exposes the registries and the event hooks.

@@ -14,7 +14,6 @@ import signal
 import threading
 import time
 from collections import Counter
-from typing import Any
 
 import zmq
 
@@ -90,7 +89,8 @@ class Coordinator:
                     self.stop("all jobs done")
         finally:
             self.plugins.notify("elastic_coordinator_stopping", reason=self._stop_reason)
-            log.info("coordinator stopping reason=%s", self._stop_reason)
+            rejected = ",".join(f"{k}:{v}" for k, v in sorted(self.rejected.items())) or "none"
+            log.info("coordinator stopping reason=%s bytes_in=%d bytes_out=%d rejected=%s", self._stop_reason, self.bytes_in, self.bytes_out, rejected)
             self.sock.close(linger=0)
             self.membership.close()
 
@@ -207,11 +207,3 @@ class Coordinator:
             return False, None
         self.bytes_out += msg.payload_bytes
         return True, tracker
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "address": self.endpoint,
-            "members": [m.id for m in self.membership.members()],
-            "jobs": {jid: e.job.status(len(self.membership.members())) for jid, e in self.engines.items()},
-            "rejected": dict(self.rejected),
-        }

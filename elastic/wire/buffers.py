@@ -9,7 +9,7 @@ buffer costs ~100 ms of page faults, a copy into a warm one ~20 ms.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -77,11 +77,3 @@ class BufferPool:
         if self.pin and any(t.is_cuda for t in tensors.values()):
             torch.cuda.synchronize()
         return s
-
-    def in_flight(self) -> int:
-        return sum(1 for s in self._sets if not s.free)
-
-
-def release_all(sets: Iterable[BufferSet]) -> None:
-    for s in sets:
-        s.release()

@@ -53,7 +53,7 @@ batch_size = 0
 [rule]
 lr = {LR}
 """)
-    cluster.coordinator(job, extra=("--exit-when-done",))
+    coordinator = cluster.coordinator(job, extra=("--exit-when-done",))
     for i in range(3):
         cluster.worker(f"w{i}")
     status = cluster.wait_status("lin", lambda s: s["state"] == "finished", 90, "syncavg job to finish")
@@ -63,5 +63,8 @@ lr = {LR}
     want = reference()
     for name, tensor in want.items():
         assert torch.allclose(got[name], tensor, atol=1e-5, rtol=0), (name, (got[name] - tensor).abs().max())
+    assert coordinator.wait(20) == 0  # --exit-when-done: a clean exit once the job is done
+    log = (tmp_path / "coordinator.log").read_text()
+    assert "coordinator stopping reason=all jobs done bytes_in=" in log and "rejected=none" in log
     # and it actually learned something: far from the initial weights
     assert (got["weight"] - LinReg(TASK).build_model(SEED).weight.detach()).abs().max() > 0.1
