@@ -85,7 +85,7 @@ def worker_side(endpoint: str, mode: str, params: int, rounds: int) -> None:
         update = runner.updates.delta_from_wire(model.state_dict(), work.tensors)
         meta = {"num_samples": 1, "loss": 0.0, "kind": "delta", "train_seconds": 0.0}
         msg = Message(MsgType.UPDATE, job="b", round=work.round, version=work.version, sender="peer", key=f"peer/b/{work.round}", meta=meta, tensors={k: WireTensor.from_tensor(v) for k, v in update.tensors.items()})
-        runner.updates.sent(update, send_message(sock, msg, track=True))
+        update.release_after(send_message(sock, msg, track=True))
     sock.setsockopt(zmq.LINGER, 30_000)  # let the last reply leave before closing
     sock.close()
     ctx.term()
@@ -119,8 +119,7 @@ def coordinator_side(mode: str, params: int, repeats: int, out: mp.Queue) -> Non
             snapshot = pool.copy_of(model.state_dict())  # what RoundEngine does per round
             meta = {"mode": "train", "task": "-", "task_params": {}, "train": {}, "shard": [0, 1], "seed": 0}
             work = Message(MsgType.WORK, job="b", round=r + 1, version=r, key="k", meta=meta, tensors={k: WireTensor.from_tensor(v) for k, v in snapshot.tensors.items()})
-            snapshot.attach(send_message(sock, work, ident, track=True))
-            snapshot.release()
+            snapshot.release_after(send_message(sock, work, ident, track=True))
             sock.poll()
             _, frames = recv_frames(sock, routed=True)
             msg = decode(frames)

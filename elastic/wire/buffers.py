@@ -15,7 +15,23 @@ from dataclasses import dataclass, field
 import torch
 import zmq
 
-__all__ = ["BufferSet", "BufferPool"]
+__all__ = ["BufferSet", "BufferPool", "reusable"]
+
+
+def reusable(
+    cache: dict[str, torch.Tensor], name: str, like: torch.Tensor, device: torch.device | None = None, pin: bool = False
+) -> torch.Tensor:
+    """``cache[name]``: shaped like ``like``, on ``device`` (default: like's; pinned host
+    memory with ``pin``), reallocated only when the shape or dtype changed.
+
+    For private scratch memory that no frame aliases; memory that frames alias goes
+    through a ``BufferPool``.
+    """
+    where = torch.device("cpu") if pin else (device or like.device)
+    buf = cache.get(name)
+    if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != where:
+        buf = cache[name] = torch.empty(like.shape, dtype=like.dtype, device=where, pin_memory=pin)
+    return buf
 
 
 @dataclass
@@ -33,6 +49,11 @@ class BufferSet:
     def release(self) -> None:
         """The user is done; the set is free once its messages are sent."""
         self.busy = False
+
+    def release_after(self, tracker: zmq.MessageTracker | None) -> None:
+        """Sent as one message with this tracker (None: not sent): free once it is out."""
+        self.attach(tracker)
+        self.release()
 
     @property
     def free(self) -> bool:
@@ -59,7 +80,7 @@ class BufferPool:
         """A free set shaped like ``like`` (contents undefined); allocated if none is free."""
         self._sets = [s for s in self._sets if s.fits(like) or not s.free]  # shapes changed: drop
         for s in self._sets:
-            if s.free:
+            if s.free and s.fits(like):  # re-check fits: trackers finish concurrently
                 s.busy = True
                 return s
         new = BufferSet({k: torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin) for k, t in like.items()})

@@ -194,7 +194,7 @@ class Worker:
             if self.sock is not None:
                 tracker = self._send(result.message, track=result.buffers is not None)
             if result.buffers is not None:
-                self.runner.updates.sent(result.buffers, tracker)
+                result.buffers.release_after(tracker)
         self._feed()
 
     def _train_loop(self) -> None:

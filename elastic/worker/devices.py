@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from elastic.errors import ConfigError
+from elastic.wire.buffers import reusable
 
 __all__ = ["resolve_device", "describe_device", "HostStaging"]
 
@@ -50,8 +51,4 @@ class HostStaging:
         self._buffers: dict[str, torch.Tensor] = {}
 
     def buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        buf = self._buffers.get(name)
-        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
-            buf = torch.empty(like.shape, dtype=like.dtype, pin_memory=self.pinned)
-            self._buffers[name] = buf
-        return buf
+        return reusable(self._buffers, name, like, device=torch.device("cpu"), pin=self.pinned)

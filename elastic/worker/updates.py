@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from elastic.wire.buffers import BufferPool, BufferSet
+from elastic.wire.buffers import BufferPool, BufferSet, reusable
 from elastic.wire.messages import WireTensor
 
 __all__ = ["UpdateBuilder"]
@@ -27,12 +27,7 @@ class UpdateBuilder:
 
     def remember(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A copy of ``tensors`` (on their device) in buffers kept for the next call."""
-        for name, t in tensors.items():
-            buf = self._before.get(name)
-            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.device != t.device:
-                buf = self._before[name] = torch.empty_like(t, memory_format=torch.contiguous_format)
-            buf.copy_(t.detach())
-        return {name: self._before[name] for name in tensors}
+        return {name: reusable(self._before, name, t).copy_(t.detach()) for name, t in tensors.items()}
 
     def delta(self, after: Mapping[str, torch.Tensor], before: Mapping[str, torch.Tensor]) -> BufferSet:
         """``after - before`` in host buffers ready to send."""
@@ -42,7 +37,7 @@ class UpdateBuilder:
             if self.device.type == "cpu":
                 torch.sub(a, b, out=out.tensors[name])
             else:
-                scratch = self._scratch_like(name, b)
+                scratch = reusable(self._scratch, name, b)
                 torch.sub(a, b, out=scratch)
                 out.tensors[name].copy_(scratch, non_blocking=True)
         self._sync()
@@ -50,7 +45,7 @@ class UpdateBuilder:
 
     def delta_from_wire(self, after: Mapping[str, torch.Tensor], sent: Mapping[str, WireTensor]) -> BufferSet:
         """``after - sent`` on CPU, straight from the received frames (no copy kept aside)."""
-        out = self.pool.acquire({k: after[k] for k in after})
+        out = self.pool.acquire(after)
         for name, a in after.items():
             flat_a, flat_out = a.detach().reshape(-1), out.tensors[name].view(-1)
             for offset, chunk in sent[name].iter_chunks():
@@ -63,17 +58,6 @@ class UpdateBuilder:
         out = self.pool.copy_of({k: v.detach() for k, v in tensors.items()})
         self._sync()
         return out
-
-    def sent(self, buffers: BufferSet, tracker: object) -> None:
-        """The message aliasing ``buffers`` was sent with this tracker (or not at all)."""
-        buffers.attach(tracker)  # type: ignore[arg-type]
-        buffers.release()
-
-    def _scratch_like(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        buf = self._scratch.get(name)
-        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
-            buf = self._scratch[name] = torch.empty_like(like)
-        return buf
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

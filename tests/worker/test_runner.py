@@ -114,3 +114,22 @@ def test_runner_on_cuda_matches_cpu(mode: str) -> None:
     assert runner.staging.pinned and all(t.is_pinned() for t in gpu.buffers.tensors.values())
     for name in update_template(model, "gradient" if mode == "gradient" else "train"):
         assert torch.allclose(gpu.message.tensors[name].to_tensor(), cpu.tensors[name].to_tensor(), atol=1e-5)
+
+
+def test_reusable_scratch_is_reused_until_the_shape_changes() -> None:
+    from elastic.wire.buffers import reusable
+
+    cache: dict[str, torch.Tensor] = {}
+    a = reusable(cache, "w", torch.zeros(3, 4))
+    assert reusable(cache, "w", torch.ones(3, 4)) is a
+    b = reusable(cache, "w", torch.zeros(5))
+    assert b is not a and b.shape == (5,)
+    assert reusable(cache, "w", torch.zeros(5, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_pool_never_hands_out_a_set_of_another_shape() -> None:
+    pool = BufferPool()
+    small = pool.acquire({"w": torch.zeros(4)})
+    small.release()
+    big = pool.acquire({"w": torch.zeros(8)})
+    assert big is not small and big.tensors["w"].shape == (8,)
