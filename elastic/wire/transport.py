@@ -58,14 +58,26 @@ def send_message(sock: zmq.Socket, msg: Message, routing: bytes | None = None, t
     """Send without blocking the caller's loop.
 
     With ``track`` the returned tracker says when libzmq is done with the tensor
-    memory the frames alias (frames leave in order, so the last one's tracker
-    covers them all). Raises ``zmq.ZMQError`` (e.g. ``EHOSTUNREACH`` for a ROUTER
-    peer that is gone).
+    memory the frames alias; None means no frame aliases it. Raises
+    ``zmq.ZMQError`` (e.g. ``EHOSTUNREACH`` for a ROUTER peer that is gone).
     """
     frames: list[Any] = encode(msg)
     if routing is not None:
         frames.insert(0, routing)
-    return sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False, track=track)
+    if not track:
+        sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        return None
+    # pyzmq copies a frame under its copy threshold, and that frame's tracker is done
+    # at once; so track the last frame sent zero-copy. libzmq releases the frames of
+    # one connection in order, so when it is done, every earlier one is too.
+    tracked = max((i for i, f in enumerate(frames) if len(f) >= sock.copy_threshold), default=-1)
+    tracker = None
+    for i, frame in enumerate(frames):
+        more = zmq.SNDMORE if i < len(frames) - 1 else 0
+        sent = sock.send(frame, flags=zmq.NOBLOCK | more, copy=False, track=i == tracked)
+        if i == tracked:
+            tracker = sent
+    return tracker
 
 
 def recv_frames(sock: zmq.Socket, routed: bool) -> tuple[bytes | None, list[zmq.Frame]]:
