@@ -48,8 +48,10 @@ class Update:
         base_version: the model version the update was computed against.
         num_samples: how many samples it was computed on (its weight in averages).
         loss: the worker's mean training loss.
-        kind: ``"delta"`` (trained weights minus the weights sent) or ``"gradient"``.
-        tensors: by parameter name; zero-copy views over the received frames. Use
+        kind: ``"weights"`` (the worker's trained weights; its delta is these minus
+            the global model, which is still at ``base_version`` while the round
+            runs) or ``"gradient"``.
+        tensors: by state-dict name; zero-copy views over the received frames. Use
             ``WireTensor.add_to`` to fold one into an accumulator without a copy, or
             ``to_tensor()`` for the whole tensor.
     """
@@ -95,8 +97,8 @@ class Aggregator(ABC):
     Class attributes:
         name: the name a job spec uses to pick this rule.
         worker_mode: what workers compute for it: ``"train"`` (local training; the
-            update is trained weights minus the weights sent) or ``"gradient"`` (the
-            gradient of the loss on one batch, with the model unchanged).
+            update carries the trained weights) or ``"gradient"`` (the gradient of
+            the loss on one batch, with the model unchanged).
     """
 
     name: ClassVar[str]
@@ -108,7 +110,14 @@ class Aggregator(ABC):
 
     @abstractmethod
     def setup(self, model: torch.nn.Module) -> None:
-        """Take the job's global model (on CPU). Called once, before any round."""
+        """Take the job's global model (on CPU). Called once, before any round.
+
+        Keep the model, or its ``Parameter`` and buffer objects
+        (``elastic.training.update_template``), never ``state_dict()`` views: the
+        engine sends the model from its own memory and, when a send is still
+        queued as a round closes, moves the model's tensors to new memory (through
+        ``.data``) before ``finalize``. Views would then point at the old memory.
+        """
 
     @abstractmethod
     def begin_round(self) -> None:

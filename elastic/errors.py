@@ -54,3 +54,7 @@ class MembershipUnavailable(ElasticError):
 
 class CheckpointError(ElasticError):
     """A checkpoint could not be written or read."""
+
+
+class Cancelled(ElasticError):
+    """Work stopped part-way because the daemon is shutting down."""

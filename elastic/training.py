@@ -6,6 +6,7 @@ Workers use ``local_train`` (rules whose ``worker_mode`` is ``"train"``) and
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -13,9 +14,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from elastic.api import Task
+from elastic.errors import Cancelled
 from elastic.jobspec import TrainParams
 
-__all__ = ["TrainResult", "local_train", "batch_gradient", "evaluate", "dataset_tensors", "update_template", "update_kind"]
+__all__ = ["TrainResult", "local_train", "batch_gradient", "evaluate", "dataset_tensors", "update_template", "update_kind", "move_to_fresh_memory"]
 
 
 @dataclass
@@ -60,9 +62,18 @@ def _optimizer(model: torch.nn.Module, params: TrainParams) -> torch.optim.Optim
 
 
 def local_train(
-    task: Task, model: torch.nn.Module, dataset: Dataset, params: TrainParams, seed: int, device: torch.device
+    task: Task,
+    model: torch.nn.Module,
+    dataset: Dataset,
+    params: TrainParams,
+    seed: int,
+    device: torch.device,
+    cancel: threading.Event | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place for ``params.local_epochs`` epochs; the mean loss of the last epoch."""
+    """Train ``model`` in place for ``params.local_epochs`` epochs; the mean loss of the last epoch.
+
+    Raises ``Cancelled`` between batches once ``cancel`` is set (a daemon stopping).
+    """
     model.train()
     optimizer = _optimizer(model, params)
     generator = torch.Generator().manual_seed(seed)
@@ -71,6 +82,8 @@ def local_train(
     for _ in range(params.local_epochs):
         total, count = 0.0, 0
         for inputs, targets in _batches(dataset, params.batch_size, device, generator):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("training stopped: the worker is shutting down")
             optimizer.zero_grad(set_to_none=True)
             loss = task.loss(model, inputs, targets)
             loss.backward()
@@ -125,16 +138,34 @@ def evaluate(task: Task, model: torch.nn.Module, dataset: Dataset, device: torch
 
 
 def update_template(model: torch.nn.Module, mode: str) -> dict[str, torch.Tensor]:
-    """The tensors an update carries for a rule's ``worker_mode``, by name.
+    """The tensors an update carries for a rule's ``worker_mode``, by state-dict name.
 
-    ``train``: every floating-point entry of the state dict (sent as a delta).
+    ``train``: every floating-point parameter and buffer (sent as trained weights).
     ``gradient``: every parameter that requires a gradient.
+
+    The values are the model's own ``Parameter`` and buffer objects, not
+    ``state_dict()`` views, so they stay valid when ``move_to_fresh_memory`` moves
+    the model: hold these (or the model), never views of them, across rounds.
     """
     if mode == "gradient":
         return {n: p for n, p in model.named_parameters() if p.requires_grad}
-    return {n: t for n, t in model.state_dict().items() if t.is_floating_point()}
+    named = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    return {n: named[n] for n, t in model.state_dict().items() if t.is_floating_point()}
 
 
 def update_kind(mode: str) -> str:
     """The ``kind`` of update a worker sends for a rule's ``worker_mode``."""
-    return "gradient" if mode == "gradient" else "delta"
+    return "gradient" if mode == "gradient" else "weights"
+
+
+@torch.no_grad()
+def move_to_fresh_memory(model: torch.nn.Module, copy: bool = True) -> None:
+    """Give every parameter and buffer new memory (with its values when ``copy``).
+
+    For when frames still queued in ZeroMQ alias the old memory, which must then not
+    change: the tensors are rebound through ``.data``, so ``Parameter`` and buffer
+    objects (and optimizers holding them) see the new memory; the old memory lives
+    on, untouched, for as long as the queued frames need it.
+    """
+    for tensor in [*model.parameters(), *model.buffers()]:
+        tensor.data = tensor.data.clone() if copy else torch.empty_like(tensor.data)

@@ -1,9 +1,10 @@
 """FedAvg (McMahan et al. 2017), with an optional server learning rate and momentum.
 
-Workers train locally and send ``trained - sent`` weights. The server averages the
-deltas weighted by sample counts and applies ``w += server_lr * step``, where
-``step`` is the average delta, or with ``server_momentum`` β the momentum buffer
-``m = β m + avg`` (FedAvgM, Hsu et al. 2019). ``server_lr = 1``, β = 0 is plain FedAvg.
+Workers train locally and send their trained weights. The server averages them
+weighted by sample counts; the step is ``avg - w`` (the mean delta), applied as
+``w += server_lr * step``, or with ``server_momentum`` β through the momentum buffer
+``m = β m + step`` (FedAvgM, Hsu et al. 2019). ``server_lr = 1``, β = 0 is plain
+FedAvg: the new model is the weighted mean, written in one pass.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ __all__ = ["FedAvg"]
 
 
 class FedAvg(Aggregator):
-    """Sample-weighted averaging of model deltas.
+    """Sample-weighted averaging of trained weights.
 
     Parameters (``[rule]``):
         server_lr: scale of the averaged delta (default 1.0).
@@ -64,18 +65,22 @@ class FedAvg(Aggregator):
     def finalize(self) -> None:
         if self._sum.total_weight <= 0:
             return  # every update came from an empty shard: nothing to learn from
-        inv = 1.0 / self._sum.total_weight
+        total, lr = self._sum.total_weight, self.server_lr
         with torch.no_grad():
-            for name, acc in self._sum.sums.items():  # acc * inv is the mean delta
-                if not self.momentum:  # one fused pass: w += lr * mean
-                    self._targets[name].add_(acc, alpha=self.server_lr * inv)
+            for name, acc in self._sum.sums.items():
+                w = self._targets[name]
+                if not self.momentum and lr == 1.0:  # plain FedAvg: w = mean, one pass
+                    torch.div(acc, total, out=w.view(acc.shape))
                     continue
-                v = self._velocity.get(name)
-                if v is None:
-                    v = self._velocity[name] = acc * inv
-                else:
-                    v.mul_(self.momentum).add_(acc, alpha=inv)
-                self._targets[name].add_(v, alpha=self.server_lr)
+                step = acc.div_(total).sub_(w.view(acc.shape))  # mean weights - w = mean delta
+                if self.momentum:
+                    v = self._velocity.get(name)
+                    if v is None:
+                        v = self._velocity[name] = step.clone()
+                    else:
+                        v.mul_(self.momentum).add_(step)
+                    step = v
+                w.add_(step.view(w.shape), alpha=lr)
         self._sum.reset()
 
     def state_dict(self) -> dict[str, Any]:

@@ -152,6 +152,7 @@ class Coordinator:
                 self._reject(routing, peer, "", "unknown_member", "this coordinator does not know you; send HELLO")
         elif msg.type is MsgType.BYE:
             self.membership.leave(peer, "bye")
+            self._send(routing, Message(MsgType.ACK, key=msg.key))  # the worker may now disconnect
         elif msg.type is MsgType.UPDATE:
             self._on_update(routing, peer, msg, now)
         elif msg.type is MsgType.NACK:

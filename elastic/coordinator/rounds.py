@@ -22,8 +22,8 @@ from typing import Any
 from elastic.api import Update
 from elastic.coordinator.job import Job, JobState
 from elastic.membership.base import Member
-from elastic.training import update_kind, update_template
-from elastic.wire.buffers import BufferPool, BufferSet
+from elastic.training import move_to_fresh_memory, update_kind, update_template
+from elastic.wire.buffers import BufferSet
 from elastic.wire.messages import Message, MsgType, WireTensor
 
 __all__ = ["RoundEngine", "Outgoing"]
@@ -75,10 +75,10 @@ class RoundEngine:
         self._template = {k: (tuple(t.shape), t.dtype) for k, t in update_template(job.model, self.mode).items()}
         self._waiting_reported: int | None = None
         self.members_now = 0
-        # Round snapshots of the model: WORK frames alias them while queued, and the
-        # rule updates the model in place, so each round sends a copy, made into
-        # reused memory once earlier sends from it are done.
-        self.snapshots = BufferPool()
+        # WORK frames alias the model's own memory (no copy per round); these are the
+        # trackers of those sends. Before the rule writes the model, memory a queued
+        # frame still reads is left to it and the model moves to a copy.
+        self.model_sends = BufferSet({}, busy=False)
 
     # -------------------------------------------------------------- driving --
 
@@ -118,8 +118,7 @@ class RoundEngine:
         if spec.max_workers:
             count = min(count, spec.max_workers)
         chosen = sorted(random.Random(spec.seed * 1_000_003 + number).sample(members, min(count, len(members))), key=lambda m: m.slot)
-        buffers = self.snapshots.copy_of(job.model.state_dict())
-        snapshot = {k: WireTensor.from_tensor(v) for k, v in buffers.tensors.items()}
+        snapshot = {k: WireTensor.from_tensor(v) for k, v in job.model.state_dict().items()}
         payload = sum(t.nbytes for t in snapshot.values())
         rnd = _Round(number, job.version, {m.id for m in chosen}, now, now + spec.round_timeout, asked=len(chosen))
         out = []
@@ -133,7 +132,7 @@ class RoundEngine:
                 "seed": spec.seed,
             }
             msg = Message(MsgType.WORK, job=spec.id, round=number, version=job.version, key=f"{m.id}/{spec.id}/{number}", meta=meta, tensors=snapshot)
-            out.append(Outgoing(m.id, msg, buffers))
+            out.append(Outgoing(m.id, msg, self.model_sends))
             rnd.bytes_sent += payload
         self.current = rnd
         job.aggregator.begin_round()
@@ -243,6 +242,10 @@ class RoundEngine:
             job.aggregator.begin_round()  # drop the partial aggregate
             self.notify("elastic_round_abandoned", job_id=job.spec.id, round=rnd.number, reason=reason)
             return
+        if not self.model_sends.free:  # e.g. a frozen straggler has not read its WORK
+            log.info("model memory still being sent job=%s round=%d: moving the model to a copy", job.spec.id, rnd.number)
+            move_to_fresh_memory(job.model)
+            self.model_sends = BufferSet({}, busy=False)
         job.aggregator.finalize()
         job.round, job.version = rnd.number, job.version + 1
         job.totals["bytes_sent"] += rnd.bytes_sent

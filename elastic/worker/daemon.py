@@ -47,9 +47,9 @@ class Worker:
         self.config = config
         self.id = config.id
         self.device = resolve_device(config.device)
-        self.runner = TaskRunner(plugins, self.device, config.data, self.id)
-        self.ctx: zmq.Context = zmq.Context.instance()
         self._stop = threading.Event()
+        self.runner = TaskRunner(plugins, self.device, config.data, self.id, cancel=self._stop)
+        self.ctx = zmq.Context()
         self._work: queue.Queue[Message | None] = queue.Queue()
         self._results: queue.Queue[Result] = queue.Queue()
         self._wake_addr = f"inproc://worker-wake-{id(self)}"
@@ -84,7 +84,12 @@ class Worker:
                 backoff = min(backoff * 2, BACKOFF_MAX)
         finally:
             self._work.put(None)
+            # Training stops at its next batch; exiting with torch still running in
+            # that thread can abort the interpreter's shutdown.
+            trainer.join(timeout=30)
             self._wake.close(linger=0)
+            if not trainer.is_alive():  # else its socket is open and term() would wait for it
+                self.ctx.term()
             log.info("worker stopped worker=%s rounds=%d", self.id, self.rounds_done)
 
     def stop(self) -> None:
@@ -117,8 +122,7 @@ class Worker:
                     self._drain()
                     joined = joined or self.registered
             if self.registered:
-                self._send(Message(MsgType.BYE))
-                time.sleep(0.05)  # let the goodbye leave before the socket closes
+                self._say_goodbye()
             return joined
         finally:
             self.sock.close(linger=0)
@@ -128,6 +132,21 @@ class Worker:
 
     def _hello(self) -> Message:
         return Message(MsgType.HELLO, meta={"device": describe_device(self.device), "host": socket.gethostname(), "software": __version__, "pid": os.getpid()})
+
+    def _say_goodbye(self) -> None:
+        """BYE, then wait (briefly) for the coordinator to acknowledge it: closing at
+        once could let it see the connection drop before it reads the goodbye."""
+        assert self.sock is not None
+        self._send(Message(MsgType.BYE, key="bye"))
+        deadline = time.monotonic() + 1.0
+        while (left := deadline - time.monotonic()) > 0 and self.sock.poll(int(left * 1000) + 1):
+            try:
+                msg = decode(recv_frames(self.sock, routed=False)[1], check_finite=False)
+            except ProtocolError:
+                continue
+            if msg.type is MsgType.ACK and msg.key == "bye":
+                return
+        log.warning("coordinator did not acknowledge the goodbye; it will notice by heartbeat")
 
     def _send(self, msg: Message, track: bool = False) -> zmq.MessageTracker | None:
         assert self.sock is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,14 +14,19 @@ import torch
 from torch.utils.data import Dataset
 
 from elastic.api import Shard, Task
-from elastic.errors import ElasticError
+from elastic.errors import Cancelled, ElasticError
 from elastic.jobspec import TrainParams
 from elastic.plugins import Plugins
-from elastic.training import batch_gradient, local_train, update_kind, update_template
-from elastic.wire.buffers import BufferSet
+from elastic.training import (
+    batch_gradient,
+    local_train,
+    move_to_fresh_memory,
+    update_kind,
+    update_template,
+)
+from elastic.wire.buffers import BufferPool, BufferSet
 from elastic.wire.messages import Message, MsgType, WireTensor
 from elastic.worker.devices import HostStaging
-from elastic.worker.updates import UpdateBuilder
 
 __all__ = ["TaskRunner", "Result"]
 
@@ -41,24 +47,31 @@ class _JobContext:
     task: Task
     model: torch.nn.Module
     dataset: Dataset
+    sent: BufferSet | None = None  # the last update, when its frames alias the model
 
 
 class TaskRunner:
     """Keeps one model and dataset per job (rebuilt only if the task or shard changes)."""
 
-    def __init__(self, plugins: Plugins, device: torch.device, data_dir: Path | None, worker_id: str) -> None:
+    def __init__(
+        self, plugins: Plugins, device: torch.device, data_dir: Path | None, worker_id: str, cancel: threading.Event | None = None
+    ) -> None:
         self.plugins = plugins
+        self.cancel = cancel  # set: local training stops at the next batch
         self.device = device
         self.data_dir = data_dir
         self.worker_id = worker_id
         self.staging = HostStaging(device)
-        self.updates = UpdateBuilder(device)
+        # Host copies of updates computed on a GPU (pinned), reused once sent.
+        self.outbox = BufferPool(pin=device.type == "cuda")
         self._jobs: dict[str, _JobContext] = {}
 
     def run(self, work: Message) -> Result:
         """The UPDATE for a WORK message, or a NACK saying why the work cannot be done."""
         try:
             return self._run(work)
+        except Cancelled as exc:
+            return self._nack(work, "cancelled", str(exc))
         except ElasticError as exc:
             return self._nack(work, "work_failed", str(exc))
         except Exception as exc:  # a task's bug is reported to the coordinator, not fatal here
@@ -98,22 +111,24 @@ class TaskRunner:
     def _run(self, work: Message) -> Result:
         started = time.perf_counter()
         ctx = self._context(work)
+        if ctx.sent is not None and not ctx.sent.free:  # ZeroMQ still reads the last update
+            move_to_fresh_memory(ctx.model)
+        ctx.sent = None
         self._load(ctx.model, work.tensors)
         mode = work.meta["mode"]
         train = TrainParams(**work.meta["train"])
         seed = (int(work.meta["seed"]) * 1_000_003 + work.round) * 1009 + int(work.meta["shard"][0])
         if mode == "train":
-            if self.device.type == "cpu":  # the received frames are the weights before training
-                result = local_train(ctx.task, ctx.model, ctx.dataset, train, seed, self.device)
-                buffers = self.updates.delta_from_wire(update_template(ctx.model, "train"), work.tensors)
+            result = local_train(ctx.task, ctx.model, ctx.dataset, train, seed, self.device, self.cancel)
+            weights = update_template(ctx.model, "train")
+            if self.device.type == "cpu":  # sent straight from the parameters: no copy
+                buffers = ctx.sent = BufferSet({k: v.detach() for k, v in weights.items()})
             else:
-                before = self.updates.remember(update_template(ctx.model, "train"))
-                result = local_train(ctx.task, ctx.model, ctx.dataset, train, seed, self.device)
-                buffers = self.updates.delta(update_template(ctx.model, "train"), before)
+                buffers = self.outbox.copy_of(weights)
         elif mode == "gradient":
             result = batch_gradient(ctx.task, ctx.model, ctx.dataset, train.batch_size, work.round - 1, int(work.meta["seed"]), self.device)
             grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in update_template(ctx.model, "gradient").items()}
-            buffers = self.updates.copy(grads)
+            buffers = self.outbox.copy_of(grads)
         else:
             raise ElasticError(f"unknown work mode {mode!r}; this worker knows train and gradient")
         meta: dict[str, Any] = {"num_samples": result.num_samples, "loss": result.loss, "kind": update_kind(mode), "train_seconds": time.perf_counter() - started}

@@ -1,8 +1,9 @@
 """An example third-party aggregation rule: FedAvg with per-update norm clipping.
 
-Each worker's delta is scaled down to at most ``max_norm`` (L2 over all tensors)
-before the sample-weighted average, which bounds how far one worker can pull the
-model. It streams like FedAvg: one pass over the frames for the norm, one to fold.
+Each worker's delta (its trained weights minus the global model) is scaled down
+to at most ``max_norm`` (L2 over all tensors) before the sample-weighted average,
+which bounds how far one worker can pull the model. It streams like FedAvg: one
+pass over the frames for the norm, one to fold.
 
 Install it (``pip install ./examples/plugin-clipped-mean``) and use
 ``rule = "clipped_mean"`` with ``[rule] max_norm = 1.0`` in a job spec.
@@ -19,6 +20,7 @@ import torch
 from elastic.api import Aggregator, Update, check_params
 from elastic.errors import JobSpecError
 from elastic.hookspecs import hookimpl
+from elastic.training import update_template
 
 
 class ClippedMean(Aggregator):
@@ -35,7 +37,7 @@ class ClippedMean(Aggregator):
         super().__init__(p)
 
     def setup(self, model: torch.nn.Module) -> None:
-        self.targets = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+        self.targets = update_template(model, "train")  # the parameters themselves, not views
         self.sums = {k: torch.zeros(v.shape, dtype=torch.float32) for k, v in self.targets.items()}
         self.total = 0.0
         self.clipped = 0
@@ -45,20 +47,29 @@ class ClippedMean(Aggregator):
             acc.zero_()
         self.total = 0.0
 
+    def _deltas(self, update: Update, name: str):
+        """(offset, delta chunk) pairs: the received weights minus the global model."""
+        base = self.targets[name].detach().reshape(-1)
+        for offset, chunk in update.tensors[name].iter_chunks():
+            yield offset, chunk.float() - base[offset : offset + chunk.numel()]
+
     def accumulate(self, update: Update) -> None:
-        squares = sum(float(chunk.float().pow(2).sum()) for t in update.tensors.values() for chunk in t.chunks)
+        squares = sum(float(d.pow(2).sum()) for name in self.sums for _, d in self._deltas(update, name))
         norm = math.sqrt(squares)
         scale = min(1.0, self.max_norm / norm) if norm > 0 else 1.0
         self.clipped += scale < 1.0
         for name, acc in self.sums.items():
-            update.tensors[name].add_to(acc, alpha=update.num_samples * scale)
+            flat = acc.view(-1)
+            for offset, d in self._deltas(update, name):
+                flat[offset : offset + d.numel()].add_(d, alpha=update.num_samples * scale)
         self.total += update.num_samples
 
     def finalize(self) -> None:
         if self.total <= 0:
             return
-        for name, acc in self.sums.items():
-            self.targets[name].add_(acc, alpha=1.0 / self.total)
+        with torch.no_grad():
+            for name, acc in self.sums.items():
+                self.targets[name].add_(acc, alpha=1.0 / self.total)
 
 
 @hookimpl

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import zmq
 
 from elastic.coordinator.job import Job, JobState
 from elastic.coordinator.rounds import RoundEngine
@@ -14,7 +15,10 @@ from elastic.jobspec import parse_job_spec
 from elastic.membership.base import Member
 from elastic.plugins import Plugins
 from elastic.training import update_template
+from elastic.wire.frames import decode
 from elastic.wire.messages import Message, MsgType, WireTensor
+from elastic.wire.transport import send_message
+from tests.worker.test_runner import wait_until_free
 
 
 class Clock:
@@ -33,8 +37,8 @@ class Events(list):
         return [h for h, _ in self]
 
 
-def make(tmp_path: Path, **job) -> tuple[RoundEngine, Events, Clock]:
-    spec = parse_job_spec({"job": {"id": "j", "task": "linreg", "rule": "fedavg", "rounds": 3, "min_workers": 2, "round_timeout": 10, **job}, "task": {"samples": 60}})
+def make(tmp_path: Path, task: dict | None = None, **job) -> tuple[RoundEngine, Events, Clock]:
+    spec = parse_job_spec({"job": {"id": "j", "task": "linreg", "rule": "fedavg", "rounds": 3, "min_workers": 2, "round_timeout": 10, **job}, "task": {"samples": 60, **(task or {})}})
     events, clock = Events(), Clock()
     return RoundEngine(Job(spec, Plugins(), tmp_path), events, clock), events, clock
 
@@ -49,8 +53,8 @@ def update_for(engine: RoundEngine, work: Message, worker: str, value: float = 1
     fields.update(overrides)
     return Message(
         MsgType.UPDATE,
-        meta={"num_samples": 10, "loss": 0.5, "kind": "delta", "train_seconds": 0.01},
-        tensors={k: WireTensor.from_tensor(torch.full_like(v, value)) for k, v in template.items()},
+        meta={"num_samples": 10, "loss": 0.5, "kind": "weights", "train_seconds": 0.01},
+        tensors={k: WireTensor.from_tensor(v.detach() + value) for k, v in template.items()},  # delta = value
         **fields,
     )
 
@@ -78,6 +82,40 @@ def test_round_commits_when_all_answered(tmp_path: Path) -> None:
     assert engine.job.store.paths()[-1][0] == 1
     assert "eval_loss" in engine.job.history[-1]
     assert ["elastic_round_started", "elastic_checkpoint_saved", "elastic_round_completed"] == [n for n in events.names() if n.startswith("elastic_round") or n.startswith("elastic_check")]
+
+
+@pytest.mark.parametrize("reader_keeps_up", [True, False])
+def test_work_is_sent_from_the_model_and_queued_frames_never_change(tmp_path: Path, reader_keeps_up: bool) -> None:
+    """WORK frames alias the model's memory (no copy per round). If a send is still
+    queued when the round commits, the model moves to a copy and the queued frames
+    still carry the version they were sent with."""
+    # frames under pyzmq's copy threshold (64 KiB) are copied at send, so use bigger ones
+    engine, _, _ = make(tmp_path, task={"features": 40_000, "samples": 4}, min_workers=1)
+    ctx = zmq.Context()
+    tx, rx = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    tx.bind("inproc://work")
+    rx.connect("inproc://work")  # inproc: a frame is released only once the reader has it
+    try:
+        out = engine.tick(members("a"))[0]
+        weight = engine.job.model.weight
+        before, where = weight.detach().clone(), weight.data_ptr()
+        assert out.message.tensors["weight"].chunks[0].data_ptr() == where  # no snapshot copy
+        assert out.buffers is not None
+        out.buffers.attach(send_message(tx, out.message, track=True))
+        out.buffers.release()
+        if reader_keeps_up:  # read (and copy, as TCP would) before the round commits
+            sent = decode(rx.recv_multipart()).tensors["weight"].to_tensor().clone()
+            assert wait_until_free(out.buffers)  # pyzmq reports the release from its own thread
+        assert engine.on_update("a", update_for(engine, out.message, "a", 1.0)).type is MsgType.ACK
+        assert torch.allclose(weight.detach(), before + 1.0)  # the Parameter object got the new weights
+        assert (weight.data_ptr() == where) is reader_keeps_up  # moved only when it had to
+        if not reader_keeps_up:
+            sent = decode(rx.recv_multipart(copy=False)).tensors["weight"].to_tensor()
+        assert torch.equal(sent, before)
+    finally:
+        tx.close(linger=0)
+        rx.close(linger=0)
+        ctx.term()
 
 
 @pytest.mark.parametrize(

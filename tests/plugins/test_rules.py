@@ -12,7 +12,7 @@ from torch import nn
 from elastic.api import Update
 from elastic.errors import JobSpecError
 from elastic.plugins import Plugins
-from elastic.training import update_template
+from elastic.training import move_to_fresh_memory, update_kind, update_template
 from elastic.wire.messages import WireTensor
 
 
@@ -21,7 +21,7 @@ def model() -> nn.Module:
     return nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
 
 
-def make_update(tensors: dict[str, torch.Tensor], n: int, kind: str = "delta") -> Update:
+def make_update(tensors: dict[str, torch.Tensor], n: int, kind: str = "weights") -> Update:
     return Update("w", 0, n, 0.1, kind, {k: WireTensor.from_tensor(v) for k, v in tensors.items()})
 
 
@@ -34,16 +34,17 @@ def test_weighted_mean_by_hand() -> None:
     assert torch.allclose(ws.mean()["x"], got)
 
 
-def test_fedavg_is_sample_weighted_mean_of_deltas() -> None:
+@pytest.mark.parametrize("params", [{}, {"server_lr": 1.0, "server_momentum": 0.0}, {"weighting": "samples"}])
+def test_fedavg_is_sample_weighted_mean_of_weights(params: dict) -> None:
     m = model()
-    before = {k: v.clone() for k, v in update_template(m, "train").items()}
-    agg = FedAvg({})
+    before = {k: v.detach().clone() for k, v in update_template(m, "train").items()}
+    agg = FedAvg(params)
     agg.setup(m)
     agg.begin_round()
-    d1 = {k: torch.ones_like(v) for k, v in before.items()}
-    d2 = {k: torch.full_like(v, 4.0) for k, v in before.items()}
-    agg.accumulate(make_update(d1, 10))
-    agg.accumulate(make_update(d2, 30))
+    w1 = {k: v + 1.0 for k, v in before.items()}  # trained weights: the model plus a delta
+    w2 = {k: v + 4.0 for k, v in before.items()}
+    agg.accumulate(make_update(w1, 10))
+    agg.accumulate(make_update(w2, 30))
     agg.finalize()
     for k, v in update_template(m, "train").items():
         assert torch.allclose(v, before[k] + 3.25)  # (10*1 + 30*4) / 40
@@ -58,7 +59,7 @@ def test_fedavg_server_lr_and_momentum() -> None:
     agg.setup(m)
     for _ in range(2):
         agg.begin_round()
-        agg.accumulate(make_update({"weight": torch.ones(1, 1)}, 1))
+        agg.accumulate(make_update({"weight": m.weight.detach() + 1.0}, 1))  # delta 1
         agg.finalize()
     # v1 = 1, w = 0.5; v2 = 0.9 + 1 = 1.9, w = 0.5 + 0.95
     assert m.weight.item() == pytest.approx(1.45)
@@ -91,22 +92,47 @@ def test_fedavg_bad_params(params: dict, match: str) -> None:
         FedAvg(params)
 
 
+def neutral_update(m: nn.Module, mode: str) -> Update:
+    template = update_template(m, mode)
+    if mode == "train":
+        return make_update({k: v.detach().clone() for k, v in template.items()}, 5)
+    return make_update({k: torch.zeros_like(v) for k, v in template.items()}, 5, "gradient")
+
+
 @pytest.mark.parametrize("name", Plugins().aggregators.names())
 class TestAggregatorConformance:
     """Every installed rule: the aggregate of one zero update changes nothing it should not."""
 
-    def test_single_zero_update_keeps_the_model(self, name: str) -> None:
+    def test_neutral_update_keeps_the_model(self, name: str) -> None:
+        """Trained weights equal to the model (or a zero gradient) change nothing
+        beyond float32 rounding of the average."""
         cls = Plugins().aggregators.get(name)
         m = model()
         agg = cls({})
         agg.setup(m)
         before = {k: v.clone() for k, v in m.state_dict().items()}
-        template = update_template(m, cls.worker_mode)
         agg.begin_round()
-        agg.accumulate(make_update({k: torch.zeros_like(v) for k, v in template.items()}, 5))
+        agg.accumulate(neutral_update(m, cls.worker_mode))
         agg.finalize()
         for k, v in m.state_dict().items():
-            assert torch.equal(v, before[k]), k
+            torch.testing.assert_close(v, before[k], rtol=1e-6, atol=1e-7, msg=k)
+
+    def test_finalize_reaches_a_model_moved_to_fresh_memory(self, name: str) -> None:
+        """The engine moves the model's tensors while a send still reads them; the
+        rule must write the model's current memory, not views it kept."""
+        cls = Plugins().aggregators.get(name)
+        m = model()
+        agg = cls({})
+        agg.setup(m)
+        for _ in range(2):
+            move_to_fresh_memory(m)
+            before = {k: v.clone() for k, v in update_template(m, cls.worker_mode).items()}
+            agg.begin_round()
+            shifted = {k: (v + 1.0 if cls.worker_mode == "train" else torch.ones_like(v)) for k, v in before.items()}
+            agg.accumulate(make_update(shifted, 5, update_kind(cls.worker_mode)))
+            agg.finalize()
+            after = update_template(m, cls.worker_mode)
+            assert any(not torch.equal(after[k], before[k]) for k in before), "finalize left the model unchanged"
 
     def test_state_round_trips(self, name: str) -> None:
         cls = Plugins().aggregators.get(name)
@@ -115,7 +141,7 @@ class TestAggregatorConformance:
         agg.setup(m)
         template = update_template(m, cls.worker_mode)
         agg.begin_round()
-        agg.accumulate(make_update({k: torch.ones_like(v) for k, v in template.items()}, 5))
+        agg.accumulate(make_update({k: torch.ones_like(v) for k, v in template.items()}, 5, update_kind(cls.worker_mode)))
         agg.finalize()
         other = cls({})
         other.setup(model())

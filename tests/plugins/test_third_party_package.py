@@ -43,12 +43,12 @@ def test_clipping_math(monkeypatch: pytest.MonkeyPatch) -> None:
 
     model = torch.nn.Linear(2, 1, bias=False)
     with torch.no_grad():
-        model.weight.zero_()
+        model.weight.fill_(1.0)
     rule = ClippedMean({"max_norm": 1.0})
     rule.setup(model)
     rule.begin_round()
-    rule.accumulate(Update("a", 0, 1, 0.0, "delta", {"weight": WireTensor.from_tensor(torch.tensor([[3.0, 4.0]]))}))  # norm 5 -> 1
-    rule.accumulate(Update("b", 0, 1, 0.0, "delta", {"weight": WireTensor.from_tensor(torch.tensor([[0.2, 0.0]]))}))  # kept
+    rule.accumulate(Update("a", 0, 1, 0.0, "weights", {"weight": WireTensor.from_tensor(torch.tensor([[4.0, 5.0]]))}))  # delta norm 5 -> 1
+    rule.accumulate(Update("b", 0, 1, 0.0, "weights", {"weight": WireTensor.from_tensor(torch.tensor([[1.2, 1.0]]))}))  # kept
     rule.finalize()
-    assert torch.allclose(model.weight.detach(), torch.tensor([[(0.6 + 0.2) / 2, 0.8 / 2]]))
+    assert torch.allclose(model.weight.detach(), torch.tensor([[1 + (0.6 + 0.2) / 2, 1 + 0.8 / 2]]))
     assert rule.clipped == 1

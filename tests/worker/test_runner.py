@@ -13,7 +13,8 @@ from elastic.errors import ConfigError
 from elastic.plugins import Plugins
 from elastic.training import update_template
 from elastic.wire import Message, MsgType, WireTensor, decode, encode
-from elastic.wire.buffers import BufferPool
+from elastic.wire.buffers import BufferPool, BufferSet
+from elastic.wire.transport import send_message
 from elastic.worker.devices import resolve_device
 from elastic.worker.runner import TaskRunner
 
@@ -42,7 +43,8 @@ def expected(mode: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     grads = {n: p.grad.clone() for n, p in m.named_parameters()}
     if mode == "gradient":
         return grads
-    return {n: -0.1 * g for n, g in grads.items()}  # one full-batch SGD step
+    weights = model.state_dict()
+    return {n: weights[n] - 0.1 * g for n, g in grads.items()}  # one full-batch SGD step
 
 
 @pytest.mark.parametrize("mode", ["train", "gradient"])
@@ -52,9 +54,53 @@ def test_runner_update_on_cpu(mode: str) -> None:
     result = runner.run(work(mode, model))
     msg = result.message
     assert msg.type is MsgType.UPDATE, msg.meta
-    assert (msg.round, msg.version, msg.key, msg.meta["kind"], msg.meta["num_samples"]) == (1, 0, "w/j/1", "delta" if mode == "train" else "gradient", 20)
+    assert (msg.round, msg.version, msg.key, msg.meta["kind"], msg.meta["num_samples"]) == (1, 0, "w/j/1", "weights" if mode == "train" else "gradient", 20)
     for name, want in expected(mode, model).items():
         assert torch.allclose(msg.tensors[name].to_tensor(), want, atol=1e-6), name
+
+
+@pytest.mark.parametrize("reader_keeps_up", [True, False])
+def test_update_is_sent_from_the_model_and_never_changes_while_queued(reader_keeps_up: bool) -> None:
+    """On CPU the update's frames are the trained parameters themselves. If they are
+    still queued when the next WORK comes, the model moves to new memory first."""
+    params = {"samples": 4, "features": 40_000}  # frames over pyzmq's 64 KiB copy threshold
+    model = LinReg(params).build_model(3)
+    runner = TaskRunner(Plugins(), torch.device("cpu"), None, "w")
+    ctx = zmq.Context()
+    tx, rx = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    tx.bind("inproc://update")
+    rx.connect("inproc://update")
+    try:
+        first = work("train", model)
+        first.meta["task_params"] = params
+        result = runner.run(first)
+        trained = runner._jobs["j"].model.weight
+        where = trained.data_ptr()
+        assert result.message.tensors["weight"].chunks[0].data_ptr() == where  # no copy
+        assert result.buffers is not None
+        result.buffers.release_after(send_message(tx, result.message, track=True))
+        sent = result.message.tensors["weight"].to_tensor().clone()
+        if reader_keeps_up:
+            received = decode(rx.recv_multipart()).tensors["weight"].to_tensor().clone()
+            assert wait_until_free(result.buffers)  # pyzmq reports the release from its own thread
+        second = work("train", model, round_=2)
+        second.meta["task_params"] = params
+        runner.run(second)  # loads round 2's model into the worker's model
+        assert (trained.data_ptr() == where) is reader_keeps_up  # moved only when it had to
+        if not reader_keeps_up:
+            received = decode(rx.recv_multipart(copy=False)).tensors["weight"].to_tensor()
+        assert torch.equal(received, sent)
+    finally:
+        tx.close(linger=0)
+        rx.close(linger=0)
+        ctx.term()
+
+
+def wait_until_free(buffers: BufferSet, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not buffers.free and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return buffers.free
 
 
 def test_runner_reports_bad_work_as_a_nack() -> None:
