@@ -18,7 +18,7 @@ from elastic.training import update_template
 from elastic.wire.frames import decode
 from elastic.wire.messages import Message, MsgType, WireTensor
 from elastic.wire.transport import send_message
-from tests.worker.test_runner import wait_until_free
+from tests.conftest import wait_until_free
 
 
 class Clock:
@@ -85,37 +85,29 @@ def test_round_commits_when_all_answered(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("reader_keeps_up", [True, False])
-def test_work_is_sent_from_the_model_and_queued_frames_never_change(tmp_path: Path, reader_keeps_up: bool) -> None:
+def test_work_is_sent_from_the_model_and_queued_frames_never_change(tmp_path: Path, reader_keeps_up: bool, inproc_pair: tuple[zmq.Socket, zmq.Socket]) -> None:
     """WORK frames alias the model's memory (no copy per round). If a send is still
     queued when the round commits, the model moves to a copy and the queued frames
     still carry the version they were sent with."""
     # frames under pyzmq's copy threshold (64 KiB) are copied at send, so use bigger ones
     engine, _, _ = make(tmp_path, task={"features": 40_000, "samples": 4}, min_workers=1)
-    ctx = zmq.Context()
-    tx, rx = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
-    tx.bind("inproc://work")
-    rx.connect("inproc://work")  # inproc: a frame is released only once the reader has it
-    try:
-        out = engine.tick(members("a"))[0]
-        weight = engine.job.model.weight
-        before, where = weight.detach().clone(), weight.data_ptr()
-        assert out.message.tensors["weight"].chunks[0].data_ptr() == where  # no snapshot copy
-        assert out.buffers is not None
-        out.buffers.attach(send_message(tx, out.message, track=True))
-        out.buffers.release()
-        if reader_keeps_up:  # read (and copy, as TCP would) before the round commits
-            sent = decode(rx.recv_multipart()).tensors["weight"].to_tensor().clone()
-            assert wait_until_free(out.buffers)  # pyzmq reports the release from its own thread
-        assert engine.on_update("a", update_for(engine, out.message, "a", 1.0)).type is MsgType.ACK
-        assert torch.allclose(weight.detach(), before + 1.0)  # the Parameter object got the new weights
-        assert (weight.data_ptr() == where) is reader_keeps_up  # moved only when it had to
-        if not reader_keeps_up:
-            sent = decode(rx.recv_multipart(copy=False)).tensors["weight"].to_tensor()
-        assert torch.equal(sent, before)
-    finally:
-        tx.close(linger=0)
-        rx.close(linger=0)
-        ctx.term()
+    tx, rx = inproc_pair
+    out = engine.tick(members("a"))[0]
+    weight = engine.job.model.weight
+    before, where = weight.detach().clone(), weight.data_ptr()
+    assert out.message.tensors["weight"].chunks[0].data_ptr() == where  # no snapshot copy
+    assert out.buffers is not None
+    out.buffers.attach(send_message(tx, out.message, track=True))
+    out.buffers.release()
+    if reader_keeps_up:  # read (and copy, as TCP would) before the round commits
+        sent = decode(rx.recv_multipart()).tensors["weight"].to_tensor().clone()
+        assert wait_until_free(out.buffers)
+    assert engine.on_update("a", update_for(engine, out.message, "a", 1.0)).type is MsgType.ACK
+    assert torch.allclose(weight.detach(), before + 1.0)  # the Parameter object got the new weights
+    assert (weight.data_ptr() == where) is reader_keeps_up  # moved only when it had to
+    if not reader_keeps_up:
+        sent = decode(rx.recv_multipart(copy=False)).tensors["weight"].to_tensor()
+    assert torch.equal(sent, before)
 
 
 @pytest.mark.parametrize(

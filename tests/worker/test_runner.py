@@ -13,10 +13,11 @@ from elastic.errors import ConfigError
 from elastic.plugins import Plugins
 from elastic.training import update_template
 from elastic.wire import Message, MsgType, WireTensor, decode, encode
-from elastic.wire.buffers import BufferPool, BufferSet
+from elastic.wire.buffers import BufferPool
 from elastic.wire.transport import send_message
 from elastic.worker.devices import resolve_device
 from elastic.worker.runner import TaskRunner
+from tests.conftest import wait_until_free
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -60,47 +61,32 @@ def test_runner_update_on_cpu(mode: str) -> None:
 
 
 @pytest.mark.parametrize("reader_keeps_up", [True, False])
-def test_update_is_sent_from_the_model_and_never_changes_while_queued(reader_keeps_up: bool) -> None:
+def test_update_is_sent_from_the_model_and_never_changes_while_queued(reader_keeps_up: bool, inproc_pair: tuple[zmq.Socket, zmq.Socket]) -> None:
     """On CPU the update's frames are the trained parameters themselves. If they are
     still queued when the next WORK comes, the model moves to new memory first."""
     params = {"samples": 4, "features": 40_000}  # frames over pyzmq's 64 KiB copy threshold
     model = LinReg(params).build_model(3)
     runner = TaskRunner(Plugins(), torch.device("cpu"), None, "w")
-    ctx = zmq.Context()
-    tx, rx = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
-    tx.bind("inproc://update")
-    rx.connect("inproc://update")
-    try:
-        first = work("train", model)
-        first.meta["task_params"] = params
-        result = runner.run(first)
-        trained = runner._jobs["j"].model.weight
-        where = trained.data_ptr()
-        assert result.message.tensors["weight"].chunks[0].data_ptr() == where  # no copy
-        assert result.buffers is not None
-        result.buffers.release_after(send_message(tx, result.message, track=True))
-        sent = result.message.tensors["weight"].to_tensor().clone()
-        if reader_keeps_up:
-            received = decode(rx.recv_multipart()).tensors["weight"].to_tensor().clone()
-            assert wait_until_free(result.buffers)  # pyzmq reports the release from its own thread
-        second = work("train", model, round_=2)
-        second.meta["task_params"] = params
-        runner.run(second)  # loads round 2's model into the worker's model
-        assert (trained.data_ptr() == where) is reader_keeps_up  # moved only when it had to
-        if not reader_keeps_up:
-            received = decode(rx.recv_multipart(copy=False)).tensors["weight"].to_tensor()
-        assert torch.equal(received, sent)
-    finally:
-        tx.close(linger=0)
-        rx.close(linger=0)
-        ctx.term()
-
-
-def wait_until_free(buffers: BufferSet, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not buffers.free and time.monotonic() < deadline:
-        time.sleep(0.005)
-    return buffers.free
+    tx, rx = inproc_pair
+    first = work("train", model)
+    first.meta["task_params"] = params
+    result = runner.run(first)
+    trained = runner._jobs["j"].model.weight
+    where = trained.data_ptr()
+    assert result.message.tensors["weight"].chunks[0].data_ptr() == where  # no copy
+    assert result.buffers is not None
+    result.buffers.release_after(send_message(tx, result.message, track=True))
+    sent = result.message.tensors["weight"].to_tensor().clone()
+    if reader_keeps_up:
+        received = decode(rx.recv_multipart()).tensors["weight"].to_tensor().clone()
+        assert wait_until_free(result.buffers)
+    second = work("train", model, round_=2)
+    second.meta["task_params"] = params
+    runner.run(second)  # loads round 2's model into the worker's model
+    assert (trained.data_ptr() == where) is reader_keeps_up  # moved only when it had to
+    if not reader_keeps_up:
+        received = decode(rx.recv_multipart(copy=False)).tensors["weight"].to_tensor()
+    assert torch.equal(received, sent)
 
 
 def test_runner_reports_bad_work_as_a_nack() -> None:

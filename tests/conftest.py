@@ -1,0 +1,33 @@
+"""Fixtures shared by unit tests."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import zmq
+
+from elastic.wire.buffers import BufferSet
+
+
+@pytest.fixture
+def inproc_pair() -> Iterator[tuple[zmq.Socket, zmq.Socket]]:
+    """A connected (sender, reader) PAIR over inproc: a zero-copy frame stays queued,
+    and its tracker pending, until the reader takes it."""
+    ctx = zmq.Context()
+    tx, rx = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    tx.bind("inproc://pair")
+    rx.connect("inproc://pair")
+    yield tx, rx
+    tx.close(linger=0)
+    rx.close(linger=0)
+    ctx.term()
+
+
+def wait_until_free(buffers: BufferSet, timeout: float = 5.0) -> bool:
+    """pyzmq reports a frame's release from its own thread: give it a moment."""
+    deadline = time.monotonic() + timeout
+    while not buffers.free and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return buffers.free
