@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from elastic.errors import ConfigError
+from elastic.membership.etcd import parse_etcd_url
 
 __all__ = ["CoordinatorConfig", "WorkerConfig", "resolve"]
 
@@ -53,12 +54,18 @@ class WorkerConfig:
     device: str = "auto"
     data: Path | None = None
     coordinator_timeout: float = 10.0
+    membership: str = ""  # etcd://...: also register there, under a lease
+    lease_ttl: float = 10.0
     max_message_bytes: int = 4 << 30
     log_format: str = "kv"
     log_level: str = "info"
 
     def validate(self) -> None:
         _check_endpoint("coordinator", self.coordinator)
+        if self.membership and self.membership != "embedded://":
+            parse_etcd_url(self.membership)
+        if self.lease_ttl < 2:
+            raise ConfigError(f"lease_ttl must be at least 2 seconds, got {self.lease_ttl}")
         if not self.id:
             self.id = f"{socket.gethostname()}-{os.getpid()}"
         if len(self.id) > 128 or not self.id.isprintable() or "/" in self.id:

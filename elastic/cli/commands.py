@@ -65,7 +65,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         WorkerConfig,
         "worker",
         args.config,
-        _flags(args, "coordinator", "id", "device", "data", "coordinator_timeout", "max_message_bytes", "log_format", "log_level"),
+        _flags(args, "coordinator", "id", "device", "data", "coordinator_timeout", "membership", "lease_ttl", "max_message_bytes", "log_format", "log_level"),
     )
     setup_logging(config.log_format, config.log_level)
     if args.threads is not None:

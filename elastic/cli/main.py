@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=None, help="this worker's data directory, handed to the task")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default torch's)")
     p.add_argument("--coordinator-timeout", type=float, default=None, help="seconds of coordinator silence before reconnecting (default 10)")
+    p.add_argument("--membership", default=None, help="etcd://HOST:PORT[,...]/CLUSTER: register there under a lease (default: none)")
+    p.add_argument("--lease-ttl", type=float, default=None, help="seconds a crashed worker stays registered in etcd (default 10)")
     p.add_argument("--max-message-bytes", type=int, default=None)
     _daemon_flags(p)
 

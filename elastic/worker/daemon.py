@@ -28,6 +28,7 @@ from elastic import __version__
 from elastic.allocator import tune_allocator
 from elastic.config import WorkerConfig
 from elastic.errors import ProtocolError
+from elastic.membership.etcd import WorkerRegistration
 from elastic.plugins import Plugins
 from elastic.wire.frames import decode
 from elastic.wire.messages import Message, MsgType
@@ -68,6 +69,9 @@ class Worker:
         if install_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self._stop.set())
+        # Registered in etcd (when asked) before anything else: unreachable etcd is one
+        # clear error at start, and the record exists before the first HELLO.
+        registration = self._register() if self.config.membership.startswith("etcd://") else None
         trainer = threading.Thread(target=self._train_loop, name="trainer", daemon=True)
         trainer.start()
         log.info("worker starting worker=%s device=%s coordinator=%s", self.id, describe_device(self.device), self.config.coordinator)
@@ -83,6 +87,8 @@ class Worker:
                 self._stop.wait(delay)
                 backoff = min(backoff * 2, BACKOFF_MAX)
         finally:
+            if registration is not None:
+                registration.close()  # the record goes at once: no waiting out the TTL
             self._work.put(None)
             # Training stops at its next batch; exiting with torch still running in
             # that thread can abort the interpreter's shutdown.
@@ -91,6 +97,10 @@ class Worker:
             if not trainer.is_alive():  # else its socket is open and term() would wait for it
                 self.ctx.term()
             log.info("worker stopped worker=%s rounds=%d", self.id, self.rounds_done)
+
+    def _register(self) -> WorkerRegistration:
+        record = {"id": self.id, "host": socket.gethostname(), "pid": os.getpid(), "device": describe_device(self.device), "software": __version__, "data": str(self.config.data or "")}
+        return WorkerRegistration(self.config.membership, self.id, record, self.config.lease_ttl)
 
     def stop(self) -> None:
         self._stop.set()

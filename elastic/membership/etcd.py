@@ -1,0 +1,293 @@
+"""The etcd backend: membership lives in etcd, under leases, and is watched.
+
+Configured as ``etcd://HOST:PORT[,HOST:PORT...]/CLUSTER``; the client fails over
+between the endpoints. Key layout (all under ``/elastic/<cluster>/``), the one place
+it is written down:
+
+    members/<worker-id>            a worker's record (JSON), under the worker's lease
+    leader                         the leading coordinator's address, under its lease
+    jobs/<job-id>/spec|state|status
+    rendezvous/<job-id>/generation
+
+A worker registers itself (``WorkerRegistration``) under a lease with a TTL and
+keeps the lease alive; a graceful stop revokes it, so its record disappears at
+once, and a crash is noticed when the lease runs out. The coordinator
+(``EtcdMembership``) watches ``members/`` and never polls. A member takes part in
+rounds once it has both a record in etcd and a connection (its HELLO), so neither
+may race ahead of the other.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from elastic.errors import ConfigError, MembershipUnavailable
+from elastic.hookspecs import hookimpl
+from elastic.membership.base import Member, MembershipBackend, MembershipEvent
+
+__all__ = ["EtcdMembership", "WorkerRegistration", "Keys", "parse_etcd_url", "connect"]
+
+log = logging.getLogger("elastic.etcd")
+DEFAULT_PORT = 2379
+CONNECT_TIMEOUT = 10.0  # seconds of retrying before "etcd is unreachable"
+RPC_TIMEOUT = 3.0
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The key layout of one cluster."""
+
+    cluster: str
+
+    @property
+    def root(self) -> str:
+        return f"/elastic/{self.cluster}/"
+
+    @property
+    def members(self) -> str:
+        return self.root + "members/"
+
+    def member(self, worker_id: str) -> str:
+        return self.members + worker_id
+
+    @property
+    def leader(self) -> str:
+        return self.root + "leader"
+
+    def job(self, job_id: str, part: str) -> str:
+        return f"{self.root}jobs/{job_id}/{part}"
+
+    def generation(self, job_id: str) -> str:
+        return f"{self.root}rendezvous/{job_id}/generation"
+
+
+def parse_etcd_url(url: str) -> tuple[list[tuple[str, int]], str]:
+    """``etcd://h1:2379,h2:2379/CLUSTER`` -> ([(h1, 2379), (h2, 2379)], CLUSTER)."""
+    fix = "use etcd://HOST:PORT[,HOST:PORT...]/CLUSTER, e.g. etcd://127.0.0.1:2379/demo"
+    parts = urlsplit(url)
+    if parts.scheme != "etcd" or not parts.netloc:
+        raise ConfigError(f"membership {url!r} is not an etcd URL; {fix}")
+    cluster = parts.path.strip("/")
+    if not cluster or "/" in cluster or not cluster.isprintable():
+        raise ConfigError(f"membership {url!r} names no cluster (one path segment); {fix}")
+    endpoints = []
+    for item in parts.netloc.split(","):
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", str(DEFAULT_PORT))
+        host = host.strip("[]")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"membership {url!r}: bad endpoint {item!r}; {fix}")
+        endpoints.append((host, int(port)))
+    return endpoints, cluster
+
+
+def connect(url: str, timeout: float = CONNECT_TIMEOUT) -> Any:
+    """A client for the URL's endpoints, once one of them answers.
+
+    Retries with backoff for ``timeout`` seconds, then raises ``MembershipUnavailable``
+    naming the endpoints and the fix.
+    """
+    import pyetcd  # noqa: PLC0415 - only daemons that use etcd pay for importing grpc
+
+    endpoints, _ = parse_etcd_url(url)
+    names = ", ".join(f"{h}:{p}" for h, p in endpoints)
+    client = pyetcd.MultiEndpointEtcd3Client(
+        endpoints=[pyetcd.Endpoint(h, p, secure=False, time_retry=1.0) for h, p in endpoints],
+        timeout=RPC_TIMEOUT,
+        failover=True,
+    )
+    deadline, delay, tries = time.monotonic() + timeout, 0.1, 0
+    while True:
+        tries += 1
+        try:
+            client.status()
+            return client
+        except Exception as exc:  # grpc and pyetcd raise many types for "not reachable"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                client.close()
+                raise MembershipUnavailable(
+                    f"etcd unreachable at {names} after {tries} tries over {timeout:.0f}s "
+                    f"({type(exc).__name__}); start etcd there or fix --membership"
+                ) from None
+            time.sleep(min(delay * random.uniform(0.8, 1.2), left))
+            delay = min(delay * 2, 2.0)
+
+
+class EtcdMembership(MembershipBackend):
+    """The coordinator's view: members are workers with a live record and a HELLO."""
+
+    name = "etcd"
+
+    def __init__(self, url: str, heartbeat_timeout: float = 3.0) -> None:
+        super().__init__(url, heartbeat_timeout)
+        self.keys = Keys(parse_etcd_url(url)[1])
+        self.client = connect(url)
+        self._changes: queue.Queue[tuple[str, str, dict[str, Any] | None]] = queue.Queue()
+        self._records: dict[str, dict[str, Any]] = {}  # worker id -> record, from etcd
+        self._connected: dict[str, Member] = {}  # worker id -> member, from HELLO
+        self._active: set[str] = set()  # both: reported as joined
+        self._events: list[MembershipEvent] = []
+        self._last_slot: dict[str, int] = {}
+        # Watch first, then read: a change between the two arrives twice, never zero times.
+        self._watch = self.client.add_watch_prefix_callback(self.keys.members, self._on_watch)
+        for value, meta in self.client.get_prefix(self.keys.members):
+            self._queue_put(meta.key, value)
+
+    # Called on pyetcd's watcher thread: only queue.
+    def _on_watch(self, response: Any) -> None:
+        if isinstance(response, Exception):
+            log.warning("etcd watch failed error=%s; membership changes wait until it is back", response)
+            return
+        for event in response.events:
+            if type(event).__name__ == "DeleteEvent":
+                self._changes.put(("delete", self._worker_id(event.key), None))
+            else:
+                self._queue_put(event.key, event.value)
+
+    def _queue_put(self, key: bytes, value: bytes) -> None:
+        worker = self._worker_id(key)
+        try:
+            record = json.loads(value)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            log.warning("ignoring a malformed member record key=%s error=%s", key.decode("utf-8", "replace"), exc)
+            return
+        self._changes.put(("put", worker, record))
+
+    def _worker_id(self, key: bytes) -> str:
+        return key.decode("utf-8", "replace")[len(self.keys.members) :]
+
+    # ------------------------------------------------------------ interface --
+
+    def join(self, member: Member, now: float) -> Member:
+        self._apply_changes()
+        known = self._connected.get(member.id)
+        if known is not None:
+            known.last_seen = now
+            return known
+        used = {m.slot for m in self._connected.values()}
+        previous = self._last_slot.get(member.id)
+        member.slot = previous if previous is not None and previous not in used else next(i for i in range(len(used) + 1) if i not in used)
+        self._last_slot[member.id] = member.slot
+        member.joined_at = member.last_seen = now
+        self._connected[member.id] = member
+        self._update(member.id, "hello")
+        return member
+
+    def heartbeat(self, member_id: str, now: float, busy: bool = False) -> bool:
+        member = self._connected.get(member_id)
+        if member is None:
+            return False
+        member.last_seen, member.busy = now, busy
+        return True
+
+    def leave(self, member_id: str, reason: str) -> None:
+        if self._connected.pop(member_id, None) is not None:
+            self._update(member_id, reason)
+
+    def members(self) -> list[Member]:
+        return sorted((self._connected[i] for i in self._active), key=lambda m: m.slot)
+
+    def poll(self, now: float) -> list[MembershipEvent]:
+        self._apply_changes()
+        events, self._events = self._events, []
+        return events
+
+    def close(self) -> None:
+        try:
+            self.client.cancel_watch(self._watch)
+        except Exception:  # closing anyway
+            pass
+        self.client.close()
+
+    # -------------------------------------------------------------- helpers --
+
+    def _apply_changes(self) -> None:
+        while True:
+            try:
+                kind, worker, record = self._changes.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "put" and record is not None:
+                self._records[worker] = record
+                self._update(worker, "registered")
+            elif self._records.pop(worker, None) is not None:
+                self._update(worker, "lease ended (stopped, or silent for its TTL)")
+
+    def _update(self, worker: str, reason: str) -> None:
+        """Report a join or leave when the member's two halves change together."""
+        member = self._connected.get(worker)
+        live = member is not None and worker in self._records
+        if live and worker not in self._active:
+            assert member is not None
+            record = self._records[worker]
+            member.device = str(record.get("device", member.device))
+            self._active.add(worker)
+            self._events.append(MembershipEvent("joined", member, reason))
+        elif not live and worker in self._active:
+            self._active.discard(worker)
+            gone = member or Member(id=worker)
+            self._events.append(MembershipEvent("left", gone, reason))
+            if member is not None and worker not in self._records:
+                self._connected.pop(worker, None)  # its lease is gone: it must HELLO again
+
+
+class WorkerRegistration:
+    """A worker's record in etcd, under a lease it keeps alive from a thread.
+
+    ``close()`` revokes the lease, so the record disappears at once. If the lease is
+    lost anyway (etcd unreachable for longer than the TTL), a new one is granted and
+    the record written again as soon as etcd answers.
+    """
+
+    def __init__(self, url: str, worker_id: str, record: dict[str, Any], ttl: float = 10.0) -> None:
+        if ttl < 2:
+            raise ConfigError(f"lease TTL must be at least 2 s, got {ttl}")
+        self.keys = Keys(parse_etcd_url(url)[1])
+        self.key = self.keys.member(worker_id)
+        self.record = json.dumps(record, sort_keys=True)
+        self.ttl = int(round(ttl))
+        self.client = connect(url)
+        self._lease: Any = None
+        self._stop = threading.Event()
+        self._register()
+        self._thread = threading.Thread(target=self._keep_alive, name="etcd-lease", daemon=True)
+        self._thread.start()
+
+    def _register(self) -> None:
+        self._lease = self.client.lease(self.ttl)
+        self.client.put(self.key, self.record, lease=self._lease)
+        log.info("registered in etcd key=%s lease=%x ttl=%ds", self.key, self._lease.id, self.ttl)
+
+    def _keep_alive(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                responses = self._lease.refresh()
+                if not responses or responses[0].TTL <= 0:  # expired while we were cut off
+                    log.warning("etcd lease expired; registering again key=%s", self.key)
+                    self._register()
+            except Exception as exc:
+                log.warning("cannot refresh the etcd lease error=%s; retrying", type(exc).__name__)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            self._lease.revoke()
+        except Exception as exc:
+            log.warning("cannot revoke the etcd lease error=%s; it ends by itself within %ds", type(exc).__name__, self.ttl)
+        self.client.close()
+
+
+@hookimpl
+def elastic_membership_backends() -> dict[str, Any]:
+    return {"etcd": EtcdMembership}

@@ -1,0 +1,52 @@
+"""Workers register in a real etcd; the coordinator follows membership by watching it."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.etcd_server import EtcdServer
+
+from .conftest import Cluster, wait_for
+from .test_failures import digits_job
+
+pytestmark = pytest.mark.slow
+TTL = 3.0
+
+
+def test_workers_join_and_leave_through_etcd(cluster: Cluster, tmp_path: Path, etcd: EtcdServer) -> None:
+    url = f"etcd://{etcd.url}/it"
+    job = digits_job(tmp_path, rounds=60, min_workers=1, epochs=8)  # slow enough for w3 to join
+    # A zmq heartbeat timeout far beyond the test: only etcd (or a dead connection) removes workers.
+    cluster.coordinator(job, extra=("--membership", url, "--heartbeat-timeout", "600"))
+    workers = {w: cluster.worker(w, "--membership", url, "--lease-ttl", str(TTL)) for w in ("w0", "w1", "w2")}
+    cluster.wait_status("dg", lambda s: len(s.get("in_progress", {}).get("participants", [])) == 3, 60, "a round with all three")
+    log = tmp_path / "coordinator.log"
+
+    workers["w0"].send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    wait_for(lambda: "worker left worker=w0" in log.read_text(), 1.5, "w0 to leave after SIGTERM")
+    assert time.monotonic() - started < 1.0 + 0.5
+    assert workers["w0"].wait(10) == 0
+
+    workers["w1"].send_signal(signal.SIGKILL)
+    wait_for(lambda: "worker left worker=w1" in log.read_text(), TTL + 2, "w1 to be removed within its lease TTL")
+
+    cluster.worker("w3", "--membership", url, "--lease-ttl", str(TTL))  # joins mid-job
+    cluster.wait_status("dg", lambda s: "w3" in s.get("in_progress", {}).get("participants", []), 30, "w3 in a round")
+    done = cluster.wait_status("dg", lambda s: s["state"] == "finished", 120, "the job to finish")
+    assert [h["round"] for h in done["history"]] == list(range(1, 61))
+
+
+def test_unreachable_etcd_stops_a_worker_with_one_clear_line(cluster: Cluster, tmp_path: Path) -> None:
+    from tests.etcd_server import free_port
+
+    port = free_port()
+    worker = cluster.worker("w0", "--membership", f"etcd://127.0.0.1:{port}/it")
+    assert worker.wait(60) == 2
+    lines = [line for line in (tmp_path / "w0.log").read_text().splitlines() if line.strip()]
+    assert any(f"etcd unreachable at 127.0.0.1:{port}" in line and "fix --membership" in line for line in lines), lines
+    assert not any("Traceback" in line for line in lines)
