@@ -28,6 +28,8 @@ class CoordinatorConfig:
     bind: str = "tcp://127.0.0.1:5555"
     state_dir: Path = Path("elastic-state")
     membership: str = "embedded://"
+    id: str = ""  # this coordinator's name in elections (default HOSTNAME-PID)
+    lease_ttl: float = 10.0  # etcd: a dead leader is replaced within about this long
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 3.0
     max_message_bytes: int = 4 << 30
@@ -37,6 +39,12 @@ class CoordinatorConfig:
 
     def validate(self) -> None:
         _check_endpoint("bind", self.bind)
+        if not self.id:
+            self.id = f"{socket.gethostname()}-{os.getpid()}"
+        if self.membership.startswith("etcd://"):
+            parse_etcd_url(self.membership)
+        if self.lease_ttl < 2:
+            raise ConfigError(f"lease_ttl must be at least 2 seconds, got {self.lease_ttl}")
         _positive("heartbeat_interval", self.heartbeat_interval)
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ConfigError(
@@ -49,7 +57,7 @@ class CoordinatorConfig:
 
 @dataclass
 class WorkerConfig:
-    coordinator: str = "tcp://127.0.0.1:5555"
+    coordinator: str = ""  # default: the leader found in etcd, else tcp://127.0.0.1:5555
     id: str = ""
     device: str = "auto"
     data: Path | None = None
@@ -61,9 +69,12 @@ class WorkerConfig:
     log_level: str = "info"
 
     def validate(self) -> None:
-        _check_endpoint("coordinator", self.coordinator)
         if self.membership and self.membership != "embedded://":
             parse_etcd_url(self.membership)
+        elif not self.coordinator:
+            self.coordinator = "tcp://127.0.0.1:5555"
+        if self.coordinator:
+            _check_endpoint("coordinator", self.coordinator)
         if self.lease_ttl < 2:
             raise ConfigError(f"lease_ttl must be at least 2 seconds, got {self.lease_ttl}")
         if not self.id:

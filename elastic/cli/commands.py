@@ -47,15 +47,16 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         CoordinatorConfig,
         "coordinator",
         args.config,
-        _flags(args, "bind", "state_dir", "membership", "heartbeat_interval", "heartbeat_timeout", "max_message_bytes", "exit_when_done", "log_format", "log_level"),
+        _flags(args, "bind", "state_dir", "membership", "id", "lease_ttl", "heartbeat_interval", "heartbeat_timeout", "max_message_bytes", "exit_when_done", "log_format", "log_level"),
     )
     setup_logging(config.log_format, config.log_level)
     plugins = Plugins()
     specs = [load_job_spec(p) for p in args.job]
     for spec in specs:
         check_spec(spec, plugins)
-    Coordinator(config, plugins, specs).run()
-    return 0
+    coordinator = Coordinator(config, plugins, specs)
+    coordinator.run()
+    return coordinator.exit_code
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

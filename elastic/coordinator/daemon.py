@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 import time
 from collections import Counter
@@ -25,6 +26,7 @@ from elastic.coordinator.rounds import Outgoing, RoundEngine
 from elastic.errors import ConfigError, ProtocolError
 from elastic.jobspec import JobSpec
 from elastic.membership.base import Member, MembershipBackend
+from elastic.membership.election import Leadership
 from elastic.plugins import Plugins
 from elastic.wire.frames import decode
 from elastic.wire.messages import Message, MsgType
@@ -34,6 +36,15 @@ __all__ = ["Coordinator", "build_membership"]
 
 log = logging.getLogger("elastic.coordinator")
 MAX_BATCH = 256  # messages handled per pass before engines get a turn
+
+
+def advertised(endpoint: str) -> str:
+    """The endpoint workers on other hosts can reach: a wildcard host becomes our name."""
+    scheme, _, rest = endpoint.partition("://")
+    host, _, port = rest.rpartition(":")
+    if host in ("0.0.0.0", "*", "[::]", "::"):
+        host = socket.getfqdn()
+    return f"{scheme}://{host}:{port}"
 
 
 def build_membership(plugins: Plugins, url: str, heartbeat_timeout: float) -> MembershipBackend:
@@ -51,15 +62,22 @@ class Coordinator:
         tune_allocator()
         self.config = config
         self.plugins = plugins
+        self._stop = threading.Event()
+        self._stop_reason = "stopped"
+        self.exit_code = 0
+        self.ctx: zmq.Context = zmq.Context.instance()
+        self.sock, self.endpoint = router_socket(self.ctx, config.bind)
+        self.leadership: Leadership | None = None
+        if config.membership.startswith("etcd://"):
+            # Jobs load their newest checkpoint only once this coordinator leads, so a
+            # standby that takes over resumes where the old leader stopped.
+            self.leadership = Leadership(config.membership, config.id, config.lease_ttl)
+            self.leadership.campaign(advertised(self.endpoint))
         self.membership = build_membership(plugins, config.membership, config.heartbeat_timeout)
         self.engines: dict[str, RoundEngine] = {}
         for spec in specs:
             self.add_job(spec)
         self.rejected: Counter[str] = Counter()
-        self.ctx: zmq.Context = zmq.Context.instance()
-        self.sock, self.endpoint = router_socket(self.ctx, config.bind)
-        self._stop = threading.Event()
-        self._stop_reason = "stopped"
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -85,6 +103,9 @@ class Coordinator:
                 if poller.poll(timeout=50):
                     self._drain()
                 self._housekeeping()
+                if self.leadership is not None and self.leadership.lost.is_set():
+                    self.exit_code = 1  # a supervisor restarts us, as a standby
+                    self.stop("lost leadership: a standby takes over")
                 if self.config.exit_when_done and self.engines and all(e.job.done for e in self.engines.values()):
                     self.stop("all jobs done")
         finally:
@@ -93,6 +114,8 @@ class Coordinator:
             log.info("coordinator stopping reason=%s bytes_in=%d bytes_out=%d rejected=%s", self._stop_reason, self.bytes_in, self.bytes_out, rejected)
             self.sock.close(linger=0)
             self.membership.close()
+            if self.leadership is not None:
+                self.leadership.resign()
 
     def stop(self, reason: str = "stopped") -> None:
         self._stop_reason = reason

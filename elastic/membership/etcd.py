@@ -33,7 +33,7 @@ from elastic.errors import ConfigError, MembershipUnavailable
 from elastic.hookspecs import hookimpl
 from elastic.membership.base import Member, MembershipBackend, MembershipEvent
 
-__all__ = ["EtcdMembership", "WorkerRegistration", "Keys", "parse_etcd_url", "connect"]
+__all__ = ["EtcdMembership", "WorkerRegistration", "Keys", "parse_etcd_url", "connect", "read_leader"]
 
 log = logging.getLogger("elastic.etcd")
 DEFAULT_PORT = 2379
@@ -119,6 +119,18 @@ def connect(url: str, timeout: float = CONNECT_TIMEOUT) -> Any:
                 ) from None
             time.sleep(min(delay * random.uniform(0.8, 1.2), left))
             delay = min(delay * 2, 2.0)
+
+
+def read_leader(client: Any, keys: Keys) -> dict[str, Any] | None:
+    """The current leader's record (``id``, ``address``), or None when there is none."""
+    value, _ = client.get(keys.leader)
+    if value is None:
+        return None
+    try:
+        record = json.loads(value)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("address"), str) else None
 
 
 class EtcdMembership(MembershipBackend):
@@ -259,9 +271,20 @@ class WorkerRegistration:
         self.client = connect(url)
         self._lease: Any = None
         self._stop = threading.Event()
+        self.leader_changed = threading.Event()  # set by the watch on the leader key
+        self._leader_watch = self.client.add_watch_callback(self.keys.leader, lambda _response: self.leader_changed.set())
         self._register()
         self._thread = threading.Thread(target=self._keep_alive, name="etcd-lease", daemon=True)
         self._thread.start()
+
+    def leader_address(self) -> str | None:
+        """The leading coordinator's address, or None while there is none."""
+        try:
+            record = read_leader(self.client, self.keys)
+        except Exception as exc:
+            log.warning("cannot read the leader from etcd error=%s", type(exc).__name__)
+            return None
+        return record["address"] if record else None
 
     def _register(self) -> None:
         self._lease = self.client.lease(self.ttl)
@@ -282,6 +305,7 @@ class WorkerRegistration:
         self._stop.set()
         self._thread.join(timeout=5)
         try:
+            self.client.cancel_watch(self._leader_watch)
             self._lease.revoke()
         except Exception as exc:
             log.warning("cannot revoke the etcd lease error=%s; it ends by itself within %ds", type(exc).__name__, self.ttl)

@@ -59,6 +59,8 @@ class Worker:
         self._busy = False
         self._pending: dict[str, Message] = {}  # newest WORK per job, waiting for the trainer
         self.sock: zmq.Socket | None = None
+        self.registration: WorkerRegistration | None = None
+        self.address = ""  # the coordinator of the current session
         self.registered = False
         self.heartbeat_interval = 1.0
         self.rounds_done = 0
@@ -71,24 +73,27 @@ class Worker:
                 signal.signal(sig, lambda *_: self._stop.set())
         # Registered in etcd (when asked) before anything else: unreachable etcd is one
         # clear error at start, and the record exists before the first HELLO.
-        registration = self._register() if self.config.membership.startswith("etcd://") else None
+        self.registration = self._register() if self.config.membership.startswith("etcd://") else None
         trainer = threading.Thread(target=self._train_loop, name="trainer", daemon=True)
         trainer.start()
-        log.info("worker starting worker=%s device=%s coordinator=%s", self.id, describe_device(self.device), self.config.coordinator)
+        log.info("worker starting worker=%s device=%s coordinator=%s", self.id, describe_device(self.device), self.config.coordinator or "(the leader in etcd)")
         backoff = BACKOFF_START
         try:
             while not self._stop.is_set():
-                if self._session():  # returns True when the session had joined
+                address = self._coordinator_address()
+                if address is None:
+                    break
+                if self._session(address):  # returns True when the session had joined
                     backoff = BACKOFF_START
                 if self._stop.is_set():
                     break
                 delay = backoff * random.uniform(0.8, 1.2)
-                log.warning("coordinator unreachable coordinator=%s retry_in=%.1fs", self.config.coordinator, delay)
+                log.warning("coordinator unreachable coordinator=%s retry_in=%.1fs", address, delay)
                 self._stop.wait(delay)
                 backoff = min(backoff * 2, BACKOFF_MAX)
         finally:
-            if registration is not None:
-                registration.close()  # the record goes at once: no waiting out the TTL
+            if self.registration is not None:
+                self.registration.close()  # the record goes at once: no waiting out the TTL
             self._work.put(None)
             # Training stops at its next batch; exiting with torch still running in
             # that thread can abort the interpreter's shutdown.
@@ -105,9 +110,38 @@ class Worker:
     def stop(self) -> None:
         self._stop.set()
 
-    def _session(self) -> bool:
+    def _coordinator_address(self) -> str | None:
+        """``--coordinator``, else the leader published in etcd (waited for); None if stopped."""
+        if self.config.coordinator or self.registration is None:
+            return self.config.coordinator
+        waiting = False
+        while not self._stop.is_set():
+            self.registration.leader_changed.clear()
+            address = self.registration.leader_address()
+            if address is not None:
+                return address
+            if not waiting:
+                log.info("waiting for a coordinator to lead cluster=%s", self.registration.keys.cluster)
+                waiting = True
+            self.registration.leader_changed.wait(1.0)
+        return None
+
+    def _leader_moved(self, address: str) -> bool:
+        """True when etcd names another leader than the one this session talks to."""
+        reg = self.registration
+        if self.config.coordinator or reg is None or not reg.leader_changed.is_set():
+            return False
+        reg.leader_changed.clear()
+        leader = reg.leader_address()
+        if leader == address:
+            return False
+        log.warning("the leading coordinator changed old=%s new=%s", address, leader or "(none yet)")
+        return True
+
+    def _session(self, address: str) -> bool:
         """One connection to the coordinator, until it goes silent or we stop."""
-        self.sock = dealer_socket(self.ctx, self.id, self.config.coordinator)
+        self.address = address
+        self.sock = dealer_socket(self.ctx, self.id, address)
         self.registered = False
         joined = False
         poller = zmq.Poller()
@@ -121,7 +155,7 @@ class Worker:
                 if now >= next_beat:
                     self._send(self._hello() if not self.registered else Message(MsgType.HEARTBEAT, meta={"busy": self._busy}))
                     next_beat = now + (self.heartbeat_interval if self.registered else 0.5)
-                if now - last_heard > self.config.coordinator_timeout:
+                if now - last_heard > self.config.coordinator_timeout or self._leader_moved(address):
                     return joined
                 events = dict(poller.poll(timeout=max(1, int((next_beat - now) * 1000))))
                 if self._wake in events:
@@ -184,7 +218,7 @@ class Worker:
     def _handle(self, msg: Message) -> None:
         if msg.type is MsgType.WELCOME:
             if not self.registered:
-                log.info("joined coordinator=%s slot=%s", self.config.coordinator, msg.meta.get("slot"))
+                log.info("joined coordinator=%s slot=%s", self.address, msg.meta.get("slot"))
             self.registered = True
             self.heartbeat_interval = float(msg.meta["heartbeat_interval"])
         elif msg.type is MsgType.NACK:

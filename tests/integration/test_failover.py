@@ -1,0 +1,42 @@
+"""Two coordinators elect a leader in a real etcd; the standby takes over when it dies."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.etcd_server import EtcdServer, free_port
+
+from .conftest import Cluster, wait_for, write_job
+
+pytestmark = pytest.mark.slow
+TTL = 3.0
+
+
+def test_standby_takes_over_and_the_job_finishes(cluster: Cluster, tmp_path: Path, etcd: EtcdServer) -> None:
+    url = f"etcd://{etcd.url}/fo"
+    # The README's example job (30 rounds, 4 non-IID shards), with 3 workers.
+    example = (Path(__file__).parents[2] / "examples" / "digits-fedavg.toml").read_text()
+    job = write_job(tmp_path / "dg.toml", example.replace("min_workers = 4", 'id = "dg"\nmin_workers = 2\npartitions = 3'))
+    flags = ("--membership", url, "--lease-ttl", str(TTL))
+    first = cluster.spawn("c1", "coordinator", "--bind", f"tcp://127.0.0.1:{free_port()}", "--state-dir", str(cluster.state), "--job", str(job), "--id", "c1", *flags)
+    wait_for(lambda: "leading cluster=fo" in (tmp_path / "c1.log").read_text(), 30, "c1 to lead")
+    cluster.spawn("c2", "coordinator", "--bind", f"tcp://127.0.0.1:{free_port()}", "--state-dir", str(cluster.state), "--job", str(job), "--id", "c2", *flags)
+    wait_for(lambda: "standing by cluster=fo" in (tmp_path / "c2.log").read_text(), 30, "c2 to stand by")
+    for w in ("w0", "w1", "w2"):  # no --coordinator: they find the leader in etcd
+        cluster.spawn(w, "worker", "--membership", url, "--lease-ttl", str(TTL), "--id", w, "--device", "cpu", "--threads", "1", "--coordinator-timeout", "5")
+
+    cluster.wait_status("dg", lambda s: s["round"] >= 4, 120, "a few rounds under c1")
+    first.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(lambda: "leading cluster=fo" in (tmp_path / "c2.log").read_text(), TTL + 5, "c2 to lead within TTL + 5 s")
+    took_over = time.monotonic() - killed
+    done = cluster.wait_status("dg", lambda s: s["state"] == "finished", 180, "the job to finish under c2")
+    assert [h["round"] for h in done["history"]] == list(range(1, 31))  # continuous, each once
+    assert done["final"]["accuracy"] >= 0.90, done["final"]  # the bar the example meets without a failover
+    assert re.search(r"resum", (tmp_path / "c2.log").read_text(), re.IGNORECASE)
+    print(f"standby led {took_over:.1f}s after the leader was killed")
