@@ -58,3 +58,7 @@ class CheckpointError(ElasticError):
 
 class Cancelled(ElasticError):
     """Work stopped part-way because the daemon is shutting down."""
+
+
+class Fenced(ElasticError):
+    """A commit was refused because this coordinator no longer leads."""

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from elastic.errors import CheckpointError
+from elastic.errors import CheckpointError, Fenced
 
 __all__ = ["CheckpointStore", "atomic_write"]
 
@@ -23,8 +24,13 @@ log = logging.getLogger("elastic.checkpoints")
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
 
 
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(file)`` on a temp file beside ``path``, then publish it atomically."""
+def atomic_write(path: Path, write: Any, fence: Callable[[], bool | None] | None = None) -> None:
+    """Call ``write(file)`` on a temp file beside ``path``, then publish it atomically.
+
+    ``fence``, when given, is asked right before publishing; anything but True
+    discards the file and raises ``Fenced`` (a coordinator that no longer leads
+    must not publish a checkpoint).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -32,6 +38,9 @@ def atomic_write(path: Path, write: Any) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if fence is not None and fence() is not True:
+            tmp.unlink(missing_ok=True)
+            raise Fenced(f"not publishing {path}: this coordinator could not confirm it still leads")
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -61,9 +70,9 @@ class CheckpointStore:
                 found.append((int(m.group(1)), p))
         return sorted(found)
 
-    def save(self, round_: int, state: dict[str, Any]) -> Path:
+    def save(self, round_: int, state: dict[str, Any], fence: Callable[[], bool | None] | None = None) -> Path:
         path = self.dir / f"ckpt-{round_:08d}.pt"
-        atomic_write(path, lambda f: torch.save(state, f))
+        atomic_write(path, lambda f: torch.save(state, f), fence)
         for _, old in self.paths()[: -self.keep]:
             old.unlink(missing_ok=True)
         return path

@@ -85,7 +85,8 @@ class Coordinator:
         if spec.id in self.engines:
             raise ConfigError(f"job id {spec.id!r} is given twice; give each job its own id")
         job = Job(spec, self.plugins, self.config.state_dir)
-        self.engines[spec.id] = RoundEngine(job, self.plugins.notify)
+        fence = self.leadership.check if self.leadership is not None else None
+        self.engines[spec.id] = RoundEngine(job, self.plugins.notify, fence=fence)
         return job
 
     # ---------------------------------------------------------------- loop --

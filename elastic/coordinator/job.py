@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,8 @@ class Job:
 
     # ------------------------------------------------------------ persistence --
 
-    def checkpoint(self) -> Path:
+    def checkpoint(self, fence: Callable[[], bool | None] | None = None) -> Path:
+        """Write a checkpoint; with ``fence``, only if it says we still lead (else ``Fenced``)."""
         state = {
             "format": CHECKPOINT_FORMAT,
             "job": self.spec.to_dict(),
@@ -86,7 +88,7 @@ class Job:
             "final_metrics": self.final_metrics,
             "wall_seconds": self.wall_seconds(),
         }
-        return self.store.save(self.round, state)
+        return self.store.save(self.round, state, fence)
 
     def _resume(self) -> None:
         ckpt = self.store.latest()

@@ -21,6 +21,7 @@ from typing import Any
 
 from elastic.api import Update
 from elastic.coordinator.job import Job, JobState
+from elastic.errors import Fenced
 from elastic.membership.base import Member
 from elastic.training import move_to_fresh_memory, update_kind, update_template
 from elastic.wire.buffers import BufferSet
@@ -65,10 +66,17 @@ class _Round:
 class RoundEngine:
     """Drives one job's rounds. ``notify(hook_name, **kwargs)`` reports events."""
 
-    def __init__(self, job: Job, notify: Notify, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, job: Job, notify: Notify, clock: Callable[[], float] = time.monotonic, fence: Callable[[], bool | None] | None = None
+    ) -> None:
         self.job = job
         self.notify = notify
         self.clock = clock
+        # Asked before every commit (model version, checkpoint): True to go ahead;
+        # False: another coordinator leads, so this engine stops for good; None: not
+        # known now (etcd silent), so the round is re-run rather than committed.
+        self.fence = fence or (lambda: True)
+        self.fenced = False
         self.current: _Round | None = None
         self.mode = job.aggregator.worker_mode
         self.kind = update_kind(self.mode)
@@ -86,7 +94,7 @@ class RoundEngine:
         """Start a round when none runs and enough members exist; enforce deadlines."""
         job = self.job
         self.members_now = len(members)
-        if job.done:
+        if job.done or self.fenced:
             return []
         now = self.clock()
         if self.current is not None:
@@ -242,6 +250,14 @@ class RoundEngine:
             job.aggregator.begin_round()  # drop the partial aggregate
             self.notify("elastic_round_abandoned", job_id=job.spec.id, round=rnd.number, reason=reason)
             return
+        verdict = self.fence()
+        if verdict is not True:
+            self.fenced = verdict is False
+            reason = "another coordinator leads" if self.fenced else "leadership not confirmed (etcd silent)"
+            log.warning("round not committed job=%s round=%d reason=%s", job.spec.id, rnd.number, reason)
+            job.aggregator.begin_round()
+            self.notify("elastic_round_abandoned", job_id=job.spec.id, round=rnd.number, reason=reason)
+            return
         if not self.model_sends.free:  # e.g. a frozen straggler has not read its WORK
             log.info("model memory still being sent job=%s round=%d: moving the model to a copy", job.spec.id, rnd.number)
             move_to_fresh_memory(job.model)
@@ -272,8 +288,15 @@ class RoundEngine:
             job.state = JobState.FINISHED
             job.final_metrics = {k: v for k, v in metrics.items() if k in ("loss", "eval_loss", "accuracy")} | {"rounds": job.round}
         if last or rnd.number % spec.checkpoint.every == 0:
-            path = job.checkpoint()
-            self.notify("elastic_checkpoint_saved", job_id=spec.id, round=rnd.number, path=str(path))
+            try:
+                path = job.checkpoint(self.fence)
+                self.notify("elastic_checkpoint_saved", job_id=spec.id, round=rnd.number, path=str(path))
+            except Fenced as exc:  # leadership unsure between the fence and the publish
+                log.error("checkpoint not published job=%s round=%d: %s", spec.id, rnd.number, exc)
+                if self.fence() is False:  # another leader: stop here, publish nothing more
+                    self.fenced = True
+                    return
+                # else etcd is only silent: the next checkpoint will carry this version
         log.info("round committed job=%s round=%d version=%d updates=%d loss=%.4f%s", spec.id, rnd.number, job.version, rnd.updates, metrics["loss"], "".join(f" {k}={metrics[k]:.4f}" for k in ("eval_loss", "accuracy") if k in metrics))
         self.notify("elastic_round_completed", job_id=spec.id, round=rnd.number, version=job.version, metrics=metrics)
         if last:

@@ -35,6 +35,7 @@ class Leadership:
         self.ttl = int(round(ttl))
         self.client = connect(url)
         self.lease: Any = None
+        self.revision = 0  # the leader key's create revision while we lead
         self.lost = threading.Event()
         self._changed = threading.Event()
         self._stop = threading.Event()
@@ -48,13 +49,14 @@ class Leadership:
             self._changed.clear()
             lease = self.client.lease(self.ttl)
             tx = self.client.transactions
-            won, _ = self.client.transaction(
+            won, responses = self.client.transaction(
                 compare=[tx.create(self.keys.leader) == 0],
                 success=[tx.put(self.keys.leader, record, lease)],
                 failure=[],
             )
             if won:
                 self.lease = lease
+                self.revision = responses[0].response_put.header.revision  # our fencing token
                 log.info("leading cluster=%s address=%s lease=%x ttl=%ds", self.keys.cluster, address, lease.id, self.ttl)
                 threading.Thread(target=self._keep_alive, name="etcd-leader", daemon=True).start()
                 return True
@@ -65,6 +67,26 @@ class Leadership:
                 announced = True
             self._changed.wait(1.0)  # the watch wakes us when the key changes
         return False
+
+    def check(self) -> bool | None:
+        """Whether we still lead, asked of etcd now (a fence before every commit).
+
+        True: the leader key is still the one we created. False: it is gone or
+        another coordinator's (``lost`` is set). None: etcd did not answer; commit
+        nothing now, and the lease decides soon enough.
+        """
+        if self.lost.is_set():
+            return False
+        try:
+            tx = self.client.transactions
+            ok, _ = self.client.transaction(compare=[tx.create(self.keys.leader) == self.revision], success=[], failure=[])
+        except Exception as exc:
+            log.warning("cannot confirm leadership error=%s; not committing now", type(exc).__name__)
+            return None
+        if not ok:
+            log.error("another coordinator leads cluster=%s: stepping down", self.keys.cluster)
+            self.lost.set()
+        return bool(ok)
 
     def _keep_alive(self) -> None:
         renewed = time.monotonic()

@@ -229,3 +229,38 @@ def test_a_worker_that_cannot_work_is_not_waited_for(tmp_path: Path) -> None:
     engine.on_update("b", update_for(engine, out[1].message, "b"))
     engine.on_worker_failed("c", 1, "work_failed: unknown task")
     assert engine.job.round == 1 and engine.job.history[-1]["updates"] == 2
+
+
+class Fence:
+    """Answers the engine's leadership questions from a script of verdicts."""
+
+    def __init__(self, *verdicts: bool | None) -> None:
+        self.verdicts = list(verdicts)
+
+    def __call__(self) -> bool | None:
+        return self.verdicts.pop(0) if len(self.verdicts) > 1 else self.verdicts[0]
+
+
+def commit_one_round(engine: RoundEngine) -> None:
+    for o in engine.tick(members("a")):
+        engine.on_update(o.worker, update_for(engine, o.message, o.worker))
+
+
+@pytest.mark.parametrize("verdict, fenced", [(False, True), (None, False)])
+def test_a_fenced_engine_commits_nothing(tmp_path: Path, verdict: bool | None, fenced: bool) -> None:
+    engine, events, _ = make(tmp_path, min_workers=1)
+    engine.fence = Fence(verdict)
+    before = engine.job.model.weight.detach().clone()
+    commit_one_round(engine)
+    assert (engine.job.round, engine.job.version, engine.job.store.paths()) == (0, 0, [])
+    assert torch.equal(engine.job.model.weight.detach(), before)
+    assert events.names()[-1] == "elastic_round_abandoned" and engine.fenced is fenced
+    assert (engine.tick(members("a")) == []) is fenced  # another leader: no more rounds here
+
+
+def test_leadership_lost_between_commit_and_publish(tmp_path: Path) -> None:
+    engine, _, _ = make(tmp_path, min_workers=1)
+    engine.fence = Fence(True, False)  # the round may commit; the checkpoint may not publish
+    commit_one_round(engine)
+    assert engine.fenced and engine.job.store.paths() == []
+    assert not list(engine.job.dir.glob(".*tmp*"))  # the unpublished file is gone too

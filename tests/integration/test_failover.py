@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -17,11 +18,13 @@ pytestmark = pytest.mark.slow
 TTL = 3.0
 
 
-def test_standby_takes_over_and_the_job_finishes(cluster: Cluster, tmp_path: Path, etcd: EtcdServer) -> None:
+def start_pair(cluster: Cluster, tmp_path: Path, etcd: EtcdServer, epochs: int = 2) -> subprocess.Popen:
+    """Two coordinators (c1 leads, c2 stands by) and three workers on the example job."""
     url = f"etcd://{etcd.url}/fo"
-    # The README's example job (30 rounds, 4 non-IID shards), with 3 workers.
+    # The README's example job (30 rounds, non-IID shards), with 3 workers.
     example = (Path(__file__).parents[2] / "examples" / "digits-fedavg.toml").read_text()
-    job = write_job(tmp_path / "dg.toml", example.replace("min_workers = 4", 'id = "dg"\nmin_workers = 2\npartitions = 3'))
+    example = example.replace("min_workers = 4", 'id = "dg"\nmin_workers = 2\npartitions = 3').replace("local_epochs = 2", f"local_epochs = {epochs}")
+    job = write_job(tmp_path / "dg.toml", example)
     flags = ("--membership", url, "--lease-ttl", str(TTL))
     first = cluster.spawn("c1", "coordinator", "--bind", f"tcp://127.0.0.1:{free_port()}", "--state-dir", str(cluster.state), "--job", str(job), "--id", "c1", *flags)
     wait_for(lambda: "leading cluster=fo" in (tmp_path / "c1.log").read_text(), 30, "c1 to lead")
@@ -29,7 +32,11 @@ def test_standby_takes_over_and_the_job_finishes(cluster: Cluster, tmp_path: Pat
     wait_for(lambda: "standing by cluster=fo" in (tmp_path / "c2.log").read_text(), 30, "c2 to stand by")
     for w in ("w0", "w1", "w2"):  # no --coordinator: they find the leader in etcd
         cluster.spawn(w, "worker", "--membership", url, "--lease-ttl", str(TTL), "--id", w, "--device", "cpu", "--threads", "1", "--coordinator-timeout", "5")
+    return first
 
+
+def test_standby_takes_over_and_the_job_finishes(cluster: Cluster, tmp_path: Path, etcd: EtcdServer) -> None:
+    first = start_pair(cluster, tmp_path, etcd)
     cluster.wait_status("dg", lambda s: s["round"] >= 4, 120, "a few rounds under c1")
     first.send_signal(signal.SIGKILL)
     killed = time.monotonic()
@@ -40,3 +47,22 @@ def test_standby_takes_over_and_the_job_finishes(cluster: Cluster, tmp_path: Pat
     assert done["final"]["accuracy"] >= 0.90, done["final"]  # the bar the example meets without a failover
     assert re.search(r"resum", (tmp_path / "c2.log").read_text(), re.IGNORECASE)
     print(f"standby led {took_over:.1f}s after the leader was killed")
+
+
+def test_a_frozen_leader_is_fenced_when_it_wakes(cluster: Cluster, tmp_path: Path, etcd: EtcdServer) -> None:
+    first = start_pair(cluster, tmp_path, etcd, epochs=4)
+    cluster.wait_status("dg", lambda s: s["round"] >= 2 and s.get("in_progress"), 120, "a round in progress under c1")
+    first.send_signal(signal.SIGSTOP)  # frozen mid-round: its lease runs out, c2 takes over
+    c2_log = tmp_path / "c2.log"
+    wait_for(lambda: "leading cluster=fo" in c2_log.read_text(), TTL + 5, "c2 to lead")
+    wait_for(lambda: "round committed" in c2_log.read_text(), 60, "c2 to commit a round")
+    c1_log = tmp_path / "c1.log"
+    before_wake = len(c1_log.read_text().splitlines())
+    first.send_signal(signal.SIGCONT)
+    assert first.wait(30) == 1  # it stepped down
+    woke = "\n".join(c1_log.read_text().splitlines()[before_wake:])
+    assert "round committed" not in woke and "checkpoint" not in woke.replace("checkpoint not published", ""), woke
+    assert re.search(r"stepping down|no longer leading|lost leadership", woke), woke
+    done = cluster.wait_status("dg", lambda s: s["state"] == "finished", 240, "the job to finish under c2")
+    assert [h["round"] for h in done["history"]] == list(range(1, 31))
+    assert [h["version"] for h in done["history"]] == list(range(1, 31))  # strictly increasing, none lost
