@@ -29,26 +29,39 @@ def free_port() -> int:
 
 
 class EtcdServer:
-    def __init__(self, data_dir: Path, binary: str) -> None:
+    """One etcd member; alone by default, or one of a cluster (``cluster``: name -> peer URL)."""
+
+    def __init__(self, data_dir: Path, binary: str, name: str = "t", peer_port: int = 0, cluster: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.binary = binary
-        self.client_port, self.peer_port = free_port(), free_port()
+        self.name = name
+        self.client_port, self.peer_port = free_port(), peer_port or free_port()
+        self.cluster = cluster or {name: f"http://127.0.0.1:{self.peer_port}"}
         self.proc: subprocess.Popen | None = None
-        self.log = data_dir.parent / f"etcd-{self.client_port}.log"
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.log = data_dir.parent / f"etcd-{self.name}-{self.client_port}.log"
 
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.client_port}"
 
-    def start(self) -> EtcdServer:
+    def launch(self) -> EtcdServer:
         client, peer = f"http://127.0.0.1:{self.client_port}", f"http://127.0.0.1:{self.peer_port}"
+        initial = ",".join(f"{n}={u}" for n, u in self.cluster.items())
         self.proc = subprocess.Popen(
-            [self.binary, "--name", "t", "--data-dir", str(self.data_dir),
+            [self.binary, "--name", self.name, "--data-dir", str(self.data_dir),
              "--listen-client-urls", client, "--advertise-client-urls", client,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"t={peer}", "--log-level", "warn"],
+             "--initial-cluster", initial, "--initial-cluster-token", "elastic-test", "--log-level", "warn"],
             stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
         )
+        return self
+
+    def start(self) -> EtcdServer:
+        """Launch and wait until it accepts client connections."""
+        if self.proc is None:
+            self.launch()
+        assert self.proc is not None
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -64,3 +77,13 @@ class EtcdServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def etcd_cluster(root: Path, binary: str, size: int = 3) -> list[EtcdServer]:
+    """``size`` members on loopback, started together (each waits for a quorum)."""
+    peers = {f"m{i}": free_port() for i in range(size)}
+    urls = {n: f"http://127.0.0.1:{p}" for n, p in peers.items()}
+    members = [EtcdServer(root / n, binary, n, p, urls) for n, p in peers.items()]
+    for m in members:
+        m.launch()
+    return [m.start() for m in members]

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from elastic.errors import ConfigError
-from elastic.membership.etcd import Keys, connect, parse_etcd_url, read_leader
+from elastic.membership.etcd import Keys, connect, failed_over, parse_etcd_url, read_leader, revoke
 
 __all__ = ["Leadership"]
 
@@ -47,26 +47,36 @@ class Leadership:
         announced = False
         while not (stop is not None and stop.is_set()):
             self._changed.clear()
-            lease = self.client.lease(self.ttl)
-            tx = self.client.transactions
-            won, responses = self.client.transaction(
-                compare=[tx.create(self.keys.leader) == 0],
-                success=[tx.put(self.keys.leader, record, lease)],
-                failure=[],
-            )
-            if won:
-                self.lease = lease
-                self.revision = responses[0].response_put.header.revision  # our fencing token
-                log.info("leading cluster=%s address=%s lease=%x ttl=%ds", self.keys.cluster, address, lease.id, self.ttl)
-                threading.Thread(target=self._keep_alive, name="etcd-leader", daemon=True).start()
-                return True
-            lease.revoke()
-            if not announced:
-                leader = read_leader(self.client, self.keys)
-                log.info("standing by cluster=%s leader=%s", self.keys.cluster, leader["address"] if leader else "?")
-                announced = True
+            try:
+                if self._try_to_lead(record, address):
+                    return True
+                if not announced:
+                    leader = read_leader(self.client, self.keys)
+                    log.info("standing by cluster=%s leader=%s", self.keys.cluster, leader["address"] if leader else "?")
+                    announced = True
+            except Exception as exc:  # etcd away: keep standing by, try again
+                failed_over(self.client, exc)
+                log.warning("cannot campaign error=%s; retrying", type(exc).__name__)
             self._changed.wait(1.0)  # the watch wakes us when the key changes
         return False
+
+    def _try_to_lead(self, record: str, address: str) -> bool:
+        """One attempt: create the leader key under a new lease if nobody holds it."""
+        lease = self.client.lease(self.ttl)
+        tx = self.client.transactions
+        won, responses = self.client.transaction(
+            compare=[tx.create(self.keys.leader) == 0],
+            success=[tx.put(self.keys.leader, record, lease)],
+            failure=[],
+        )
+        if not won:
+            lease.revoke()
+            return False
+        self.lease = lease
+        self.revision = responses[0].response_put.header.revision  # our fencing token
+        log.info("leading cluster=%s address=%s lease=%x ttl=%ds", self.keys.cluster, address, lease.id, self.ttl)
+        threading.Thread(target=self._keep_alive, name="etcd-leader", daemon=True).start()
+        return True
 
     def check(self) -> bool | None:
         """Whether we still lead, asked of etcd now (a fence before every commit).
@@ -108,11 +118,8 @@ class Leadership:
     def resign(self) -> None:
         """Give up leadership at once (the lease is revoked: a standby takes over)."""
         self._stop.set()
-        try:
-            if self.lease is not None and not self.lost.is_set():
-                self.lease.revoke()
-        except Exception as exc:
-            log.warning("cannot revoke the leader lease error=%s; it ends within %ds", type(exc).__name__, self.ttl)
+        if self.lease is not None and not self.lost.is_set():
+            revoke(self.client, self.lease, "leader", self.ttl)
         try:
             self.client.cancel_watch(self._watch)
         except Exception:  # closing anyway

@@ -88,6 +88,38 @@ def parse_etcd_url(url: str) -> tuple[list[tuple[str, int]], str]:
     return endpoints, cluster
 
 
+def _client_class() -> type:
+    """pyetcd's multi-endpoint client, moving to the next endpoint after a failure.
+
+    pyetcd marks a failing endpoint but keeps using it once ``time_retry`` has
+    passed, so a dead member would be retried on every call; here the next
+    endpoint takes over at once and stays in use while it answers.
+    """
+    import grpc  # noqa: PLC0415 - only daemons that use etcd pay for importing grpc
+    import pyetcd  # noqa: PLC0415
+    from pyetcd.client import _EXCEPTIONS_BY_CODE, _FAILED_EP_CODES  # noqa: PLC0415
+
+    class FailoverClient(pyetcd.MultiEndpointEtcd3Client):  # type: ignore[misc]
+        def _manage_grpc_errors(self, exc: grpc.RpcError) -> None:  # replaces pyetcd's
+            code = exc.code()
+            if code in _FAILED_EP_CODES:
+                self.rotate()
+            mapped = _EXCEPTIONS_BY_CODE.get(code)
+            if mapped is None:
+                raise exc
+            raise mapped()
+
+        def rotate(self) -> None:
+            """Mark the endpoint in use failed and move to the next one."""
+            current: str = self._current_endpoint_label  # type: ignore[has-type]
+            self.endpoints[current].fail()
+            labels = list(self.endpoints)
+            if len(labels) > 1:
+                self._current_endpoint_label = labels[(labels.index(current) + 1) % len(labels)]  # drops old stubs
+
+    return FailoverClient
+
+
 def connect(url: str, timeout: float = CONNECT_TIMEOUT) -> Any:
     """A client for the URL's endpoints, once one of them answers.
 
@@ -98,7 +130,7 @@ def connect(url: str, timeout: float = CONNECT_TIMEOUT) -> Any:
 
     endpoints, _ = parse_etcd_url(url)
     names = ", ".join(f"{h}:{p}" for h, p in endpoints)
-    client = pyetcd.MultiEndpointEtcd3Client(
+    client = _client_class()(
         endpoints=[pyetcd.Endpoint(h, p, secure=False, time_retry=1.0) for h, p in endpoints],
         timeout=RPC_TIMEOUT,
         failover=True,
@@ -119,6 +151,25 @@ def connect(url: str, timeout: float = CONNECT_TIMEOUT) -> Any:
                 ) from None
             time.sleep(min(delay * random.uniform(0.8, 1.2), left))
             delay = min(delay * 2, 2.0)
+
+
+def revoke(client: Any, lease: Any, what: str, ttl: int) -> None:
+    """Revoke a lease, trying each endpoint once; if none answers, it ends with its TTL."""
+    for _ in range(len(client.endpoints)):
+        try:
+            client.revoke_lease(lease.id)
+            return
+        except Exception as exc:  # rotated to the next endpoint by the client
+            error = type(exc).__name__
+    log.warning("cannot revoke the %s lease error=%s; it ends by itself within %ds", what, error, ttl)
+
+
+def failed_over(client: Any, exc: BaseException) -> None:
+    """After an error from a call pyetcd does not wrap (``lease``): try the next endpoint."""
+    import grpc  # noqa: PLC0415
+
+    if isinstance(exc, grpc.RpcError):
+        client.rotate()
 
 
 def read_leader(client: Any, keys: Keys) -> dict[str, Any] | None:
@@ -148,15 +199,28 @@ class EtcdMembership(MembershipBackend):
         self._active: set[str] = set()  # both: reported as joined
         self._events: list[MembershipEvent] = []
         self._last_slot: dict[str, int] = {}
-        # Watch first, then read: a change between the two arrives twice, never zero times.
+        self._watch: Any = None
+        self._watch_broken = threading.Event()
+        self._next_rewatch = 0.0
+        self._start_watch()
+
+    def _start_watch(self) -> None:
+        """Watch first, then read everything: a change between the two arrives twice,
+        never zero times; records gone while the watch was down become leaves."""
         self._watch = self.client.add_watch_prefix_callback(self.keys.members, self._on_watch)
+        present = set()
         for value, meta in self.client.get_prefix(self.keys.members):
+            present.add(self._worker_id(meta.key))
             self._queue_put(meta.key, value)
+        for worker in set(self._records) - present:
+            self._changes.put(("delete", worker, None))
 
     # Called on pyetcd's watcher thread: only queue.
     def _on_watch(self, response: Any) -> None:
         if isinstance(response, Exception):
-            log.warning("etcd watch failed error=%s; membership changes wait until it is back", response)
+            if not self._watch_broken.is_set():
+                log.warning("etcd watch broke error=%s; watching again once etcd answers", type(response).__name__)
+            self._watch_broken.set()
             return
         for event in response.events:
             if type(event).__name__ == "DeleteEvent":
@@ -210,6 +274,14 @@ class EtcdMembership(MembershipBackend):
         return sorted((self._connected[i] for i in self._active), key=lambda m: m.slot)
 
     def poll(self, now: float) -> list[MembershipEvent]:
+        if self._watch_broken.is_set() and now >= self._next_rewatch:
+            self._next_rewatch = now + 1.0
+            try:
+                self._start_watch()
+                self._watch_broken.clear()
+                log.info("watching etcd membership again")
+            except Exception as exc:  # still away: members stay as they are meanwhile
+                log.debug("etcd still unreachable error=%s", type(exc).__name__)
         self._apply_changes()
         events, self._events = self._events, []
         return events
@@ -272,18 +344,22 @@ class WorkerRegistration:
         self._lease: Any = None
         self._stop = threading.Event()
         self.leader_changed = threading.Event()  # set by the watch on the leader key
-        self._leader_watch = self.client.add_watch_callback(self.keys.leader, lambda _response: self.leader_changed.set())
+        self._leader_watch_broken = threading.Event()
+        self._leader_watch = self.client.add_watch_callback(self.keys.leader, self._on_leader_watch)
         self._register()
         self._thread = threading.Thread(target=self._keep_alive, name="etcd-lease", daemon=True)
         self._thread.start()
 
+    def _on_leader_watch(self, response: Any) -> None:
+        if isinstance(response, Exception):
+            self._leader_watch_broken.set()  # the keep-alive thread watches again
+        else:
+            self.leader_changed.set()
+
     def leader_address(self) -> str | None:
-        """The leading coordinator's address, or None while there is none."""
-        try:
-            record = read_leader(self.client, self.keys)
-        except Exception as exc:
-            log.warning("cannot read the leader from etcd error=%s", type(exc).__name__)
-            return None
+        """The leading coordinator's address; None while there is none. Raises when
+        etcd does not answer (a silent etcd says nothing about the coordinator)."""
+        record = read_leader(self.client, self.keys)
         return record["address"] if record else None
 
     def _register(self) -> None:
@@ -294,11 +370,16 @@ class WorkerRegistration:
     def _keep_alive(self) -> None:
         while not self._stop.wait(self.ttl / 3):
             try:
+                if self._leader_watch_broken.is_set():
+                    self._leader_watch = self.client.add_watch_callback(self.keys.leader, self._on_leader_watch)
+                    self._leader_watch_broken.clear()
+                    self.leader_changed.set()  # it may have changed while we were not watching
                 responses = self._lease.refresh()
                 if not responses or responses[0].TTL <= 0:  # expired while we were cut off
                     log.warning("etcd lease expired; registering again key=%s", self.key)
                     self._register()
             except Exception as exc:
+                failed_over(self.client, exc)
                 log.warning("cannot refresh the etcd lease error=%s; retrying", type(exc).__name__)
 
     def close(self) -> None:
@@ -306,9 +387,9 @@ class WorkerRegistration:
         self._thread.join(timeout=5)
         try:
             self.client.cancel_watch(self._leader_watch)
-            self._lease.revoke()
-        except Exception as exc:
-            log.warning("cannot revoke the etcd lease error=%s; it ends by itself within %ds", type(exc).__name__, self.ttl)
+        except Exception:  # closing anyway
+            pass
+        revoke(self.client, self._lease, "worker", self.ttl)
         self.client.close()
 
 

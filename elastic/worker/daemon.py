@@ -117,7 +117,11 @@ class Worker:
         waiting = False
         while not self._stop.is_set():
             self.registration.leader_changed.clear()
-            address = self.registration.leader_address()
+            try:
+                address = self.registration.leader_address()
+            except Exception as exc:  # etcd away: keep waiting
+                log.warning("cannot read the leader from etcd error=%s; retrying", type(exc).__name__)
+                address = None
             if address is not None:
                 return address
             if not waiting:
@@ -132,7 +136,10 @@ class Worker:
         if self.config.coordinator or reg is None or not reg.leader_changed.is_set():
             return False
         reg.leader_changed.clear()
-        leader = reg.leader_address()
+        try:
+            leader = reg.leader_address()
+        except Exception:  # etcd silent: that says nothing about our coordinator
+            return False
         if leader == address:
             return False
         log.warning("the leading coordinator changed old=%s new=%s", address, leader or "(none yet)")
