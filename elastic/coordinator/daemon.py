@@ -78,6 +78,8 @@ class Coordinator:
         for spec in specs:
             self.add_job(spec)
         self.rejected: Counter[str] = Counter()
+        self._published: dict[str, int] = {}  # rendezvous generation last written to etcd, by job
+        self._publish_after = 0.0
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -150,6 +152,17 @@ class Coordinator:
         members = self.membership.members()
         for engine in self.engines.values():
             self._send_all(engine.tick(members))
+            self._publish_generation(engine, now)
+
+    def _publish_generation(self, engine: RoundEngine, now: float) -> None:
+        """Keep ``rendezvous/<job>/generation`` in etcd current (retried each second)."""
+        job_id = engine.job.spec.id
+        if self.leadership is None or engine.generation == self._published.get(job_id) or now < self._publish_after:
+            return
+        if self.leadership.publish(self.leadership.keys.generation(job_id), str(engine.generation)):
+            self._published[job_id] = engine.generation
+        else:
+            self._publish_after = now + 1.0
 
     # ------------------------------------------------------------ messages --
 

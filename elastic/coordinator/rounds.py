@@ -7,6 +7,14 @@ arrives, and commit when every participant that is still alive has answered, or 
 the deadline. A round commits with at least ``min_workers`` updates; with fewer it
 is abandoned and run again (same number, same model version). Nothing waits on a
 worker that left: it is dropped from the round at once.
+
+Rules whose workers send gradients (``syncavg``) train data-parallel, so the data
+follows the members: each set of participants is a *generation*, and the data is
+split into as many shards as it has participants, one each by rank, so every sample
+is in exactly one worker's batch per step. A participant lost mid-round would leave
+its shard out of the step: the round is re-run with the next generation instead.
+Train-mode rules (FedAvg) keep a fixed shard per slot: in federated learning the
+data belongs to the worker.
 """
 
 from __future__ import annotations
@@ -83,6 +91,9 @@ class RoundEngine:
         self._template = {k: (tuple(t.shape), t.dtype) for k, t in update_template(job.model, self.mode).items()}
         self._waiting_reported: int | None = None
         self.members_now = 0
+        self.rendezvous = self.mode == "gradient"
+        self.generation = 0
+        self._generation_members: tuple[str, ...] = ()
         # WORK frames alias the model's own memory (no copy per round); these are the
         # trackers of those sends. Before the rule writes the model, memory a queued
         # frame still reads is left to it and the model moves to a copy.
@@ -126,17 +137,22 @@ class RoundEngine:
         if spec.max_workers:
             count = min(count, spec.max_workers)
         chosen = sorted(random.Random(spec.seed * 1_000_003 + number).sample(members, min(count, len(members))), key=lambda m: m.slot)
+        if self.rendezvous and tuple(m.id for m in chosen) != self._generation_members:
+            self._generation_members = tuple(m.id for m in chosen)
+            self.generation += 1
+            log.info("new generation job=%s generation=%d members=%s", spec.id, self.generation, ",".join(self._generation_members))
         snapshot = {k: WireTensor.from_tensor(v) for k, v in job.model.state_dict().items()}
         payload = sum(t.nbytes for t in snapshot.values())
         rnd = _Round(number, job.version, {m.id for m in chosen}, now, now + spec.round_timeout, asked=len(chosen))
         out = []
-        for m in chosen:
+        for rank, m in enumerate(chosen):
+            shard = [rank, len(chosen)] if self.rendezvous else [m.slot % spec.shard_count, spec.shard_count]
             meta = {
                 "mode": self.mode,
                 "task": spec.task,
                 "task_params": spec.task_params,
                 "train": asdict(spec.train),
-                "shard": [m.slot % spec.shard_count, spec.shard_count],
+                "shard": shard,
                 "seed": spec.seed,
             }
             msg = Message(MsgType.WORK, job=spec.id, round=number, version=job.version, key=f"{m.id}/{spec.id}/{number}", meta=meta, tensors=snapshot)
@@ -235,7 +251,9 @@ class RoundEngine:
         if worker in rnd.answered:
             return
         rnd.participants.discard(worker)
-        if rnd.complete:
+        if self.rendezvous:  # its shard would be missing from this step
+            self._close(f"{worker} left generation {self.generation}; re-running with the next", force_abandon=True)
+        elif rnd.complete:
             self._close("every remaining participant answered")
 
     # ------------------------------------------------------------ committing --
@@ -244,6 +262,8 @@ class RoundEngine:
         job, rnd = self.job, self.current
         assert rnd is not None
         self.current = None
+        if self.rendezvous and not force_abandon and rnd.updates < rnd.asked:
+            force_abandon, why = True, f"{why}: {rnd.asked - rnd.updates} shard(s) of generation {self.generation} missing"
         if force_abandon or rnd.updates < job.spec.min_workers:
             reason = why if force_abandon else f"{why} with {rnd.updates} update(s), fewer than min_workers={job.spec.min_workers}"
             log.warning("round abandoned job=%s round=%d reason=%s", job.spec.id, rnd.number, reason)
@@ -274,6 +294,7 @@ class RoundEngine:
             "asked": rnd.asked,
             "participants": len(rnd.participants),
             "members": self.members_now,
+            "generation": self.generation,
             "samples": rnd.samples,
             "seconds": round(self.clock() - rnd.started, 4),
             "bytes_sent": rnd.bytes_sent,

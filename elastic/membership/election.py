@@ -98,6 +98,16 @@ class Leadership:
             self.lost.set()
         return bool(ok)
 
+    def publish(self, key: str, value: str) -> bool:
+        """Write ``key`` if we still lead (one transaction); False if not written now."""
+        try:
+            tx = self.client.transactions
+            ok, _ = self.client.transaction(compare=[tx.create(self.keys.leader) == self.revision], success=[tx.put(key, value)], failure=[])
+        except Exception as exc:
+            log.warning("cannot write %s to etcd error=%s; retrying", key, type(exc).__name__)
+            return False
+        return bool(ok)
+
     def _keep_alive(self) -> None:
         renewed = time.monotonic()
         while not self._stop.wait(self.ttl / 3):

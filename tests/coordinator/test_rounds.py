@@ -264,3 +264,16 @@ def test_leadership_lost_between_commit_and_publish(tmp_path: Path) -> None:
     commit_one_round(engine)
     assert engine.fenced and engine.job.store.paths() == []
     assert not list(engine.job.dir.glob(".*tmp*"))  # the unpublished file is gone too
+
+
+def test_syncavg_shards_follow_the_members_by_generation(tmp_path: Path) -> None:
+    spec = parse_job_spec({"job": {"id": "s", "task": "linreg", "rule": "syncavg", "rounds": 5, "min_workers": 2}, "task": {"samples": 60}})
+    events = Events()
+    engine = RoundEngine(Job(spec, Plugins(), tmp_path), events, Clock())
+    out = engine.tick(members("a", "b", "c"))
+    assert [(o.worker, o.message.meta["shard"]) for o in out] == [("a", [0, 3]), ("b", [1, 3]), ("c", [2, 3])]
+    engine.on_member_left("b")  # its third of the data would be missing: re-run
+    assert engine.current is None and events.names()[-1] == "elastic_round_abandoned"
+    out = engine.tick(members("a", "c"))
+    assert [(o.worker, o.message.meta["shard"]) for o in out] == [("a", [0, 2]), ("c", [1, 2])]
+    assert (out[0].message.round, engine.generation) == (1, 2)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from elastic.membership.etcd import Keys, connect
 from tests.etcd_server import EtcdServer
 
 from .conftest import Cluster, wait_for
@@ -39,6 +40,10 @@ def test_workers_join_and_leave_through_etcd(cluster: Cluster, tmp_path: Path, e
     cluster.wait_status("dg", lambda s: "w3" in s.get("in_progress", {}).get("participants", []), 30, "w3 in a round")
     done = cluster.wait_status("dg", lambda s: s["state"] == "finished", 120, "the job to finish")
     assert [h["round"] for h in done["history"]] == list(range(1, 61))
+    client = connect(url)  # the leader keeps the rendezvous generation in etcd
+    value, _ = client.get(Keys("it").generation("dg"))
+    assert value == b"0"  # FedAvg keeps fixed shards: never a new generation
+    client.close()
 
 
 def test_unreachable_etcd_stops_a_worker_with_one_clear_line(cluster: Cluster, tmp_path: Path) -> None:

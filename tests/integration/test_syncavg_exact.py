@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -19,28 +20,28 @@ STEPS, LR, SEED = 20, 0.1, 5
 TASK = {"samples": 300, "features": 8, "noise": 0.1, "data_seed": 2}
 
 
-def reference() -> dict[str, torch.Tensor]:
+def reference(steps: int = STEPS) -> dict[str, torch.Tensor]:
     task = LinReg(TASK)
     model = task.build_model(SEED)
     shards = [task.train_dataset(Shard(i, 3, SEED), None) for i in range(3)]
     x = torch.cat([s.tensors[0] for s in shards])
     y = torch.cat([s.tensors[1] for s in shards])
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    for _ in range(STEPS):
+    for _ in range(steps):
         opt.zero_grad()
         task.loss(model, x, y).backward()
         opt.step()
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
-def test_syncavg_three_workers_equals_full_batch_sgd(cluster: Cluster, tmp_path: Path) -> None:
-    job = write_job(tmp_path / "lin.toml", f"""
+def linreg_job(tmp_path: Path, steps: int, min_workers: int) -> Path:
+    return write_job(tmp_path / "lin.toml", f"""
 [job]
 id = "lin"
 task = "linreg"
 rule = "syncavg"
-rounds = {STEPS}
-min_workers = 3
+rounds = {steps}
+min_workers = {min_workers}
 eval_every = 0
 seed = {SEED}
 [task]
@@ -52,7 +53,13 @@ data_seed = {TASK['data_seed']}
 batch_size = 0
 [rule]
 lr = {LR}
+[checkpoint]
+every = 50
 """)
+
+
+def test_syncavg_three_workers_equals_full_batch_sgd(cluster: Cluster, tmp_path: Path) -> None:
+    job = linreg_job(tmp_path, STEPS, 3)
     coordinator = cluster.coordinator(job, extra=("--exit-when-done",))
     for i in range(3):
         cluster.worker(f"w{i}")
@@ -68,3 +75,23 @@ lr = {LR}
     assert "coordinator stopping reason=all jobs done bytes_in=" in log and "rejected=none" in log
     # and it actually learned something: far from the initial weights
     assert (got["weight"] - LinReg(TASK).build_model(SEED).weight.detach()).abs().max() > 0.1
+
+
+def test_a_worker_lost_mid_job_starts_a_new_generation_and_stays_exact(cluster: Cluster, tmp_path: Path) -> None:
+    """Shards follow the members: after w0 dies, two workers split all the data, so
+    every step is still the full-batch gradient and the result the same."""
+    steps = 400
+    job = linreg_job(tmp_path, steps, 2)
+    cluster.coordinator(job)
+    victim = cluster.worker("w0")
+    cluster.worker("w1")
+    cluster.worker("w2")
+    cluster.wait_status("lin", lambda s: s["history"] and s["history"][-1]["updates"] == 3, 60, "a step with all three")
+    victim.send_signal(signal.SIGKILL)
+    status = cluster.wait_status("lin", lambda s: s["state"] == "finished", 120, "the job to finish with two")
+    history = status["history"]
+    assert [h["round"] for h in history] == list(range(1, steps + 1))
+    assert history[-1]["updates"] == 2 and history[-1]["generation"] > max(h["generation"] for h in history if h["updates"] == 3)
+    got = safetensors.torch.load_file(cluster.state / "lin" / "final.safetensors")
+    for name, tensor in reference(steps).items():
+        assert torch.allclose(got[name], tensor, atol=1e-5, rtol=0), (name, (got[name] - tensor).abs().max())
