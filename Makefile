@@ -6,9 +6,10 @@ demo:   ## run the main job end to end on the embedded backend
 test:   ## install what the tests need and run them all
 	scripts/test.sh
 
-bench:  ## the transport benchmark (prints ratios against bare pyzmq)
+bench:  ## the benchmarks (each prints ratios against a baseline measured in the same run)
 	scripts/setup-venv.sh test
 	.venv/bin/python benchmarks/transport.py
+	.venv/bin/python benchmarks/membership.py
 
 lint:
 	.venv/bin/ruff check .
