@@ -9,12 +9,15 @@ peer sends can stop the loop.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import signal
 import socket
 import threading
 import time
 from collections import Counter
+from typing import Any
 
 import zmq
 
@@ -22,6 +25,7 @@ from elastic import __version__
 from elastic.allocator import tune_allocator
 from elastic.config import CoordinatorConfig
 from elastic.coordinator.job import Job
+from elastic.coordinator.jobboard import JobBoard
 from elastic.coordinator.rounds import Outgoing, RoundEngine
 from elastic.errors import ConfigError, ProtocolError
 from elastic.jobspec import JobSpec
@@ -75,8 +79,15 @@ class Coordinator:
             self.leadership.campaign(advertised(self.endpoint))
         self.membership = build_membership(plugins, config.membership, config.heartbeat_timeout)
         self.engines: dict[str, RoundEngine] = {}
+        self.board = JobBoard(self.leadership) if self.leadership is not None else None
         for spec in specs:
+            if self.board is not None:
+                self.board.publish(spec)  # a no-op if the job is already in etcd
             self.add_job(spec)
+        if self.board is not None:  # every job in etcd, wherever it was submitted
+            for job_id, parts in self.board.jobs().items():
+                self._board_change(job_id, "spec", parts.get("spec", b""))
+                self._board_change(job_id, "state", parts.get("state", b"running"))
         self.rejected: Counter[str] = Counter()
         self._published: dict[str, int] = {}  # rendezvous generation last written to etcd, by job
         self._publish_after = 0.0
@@ -88,7 +99,9 @@ class Coordinator:
             raise ConfigError(f"job id {spec.id!r} is given twice; give each job its own id")
         job = Job(spec, self.plugins, self.config.state_dir)
         fence = self.leadership.check if self.leadership is not None else None
-        self.engines[spec.id] = RoundEngine(job, self.plugins.notify, fence=fence)
+        engine = self.engines[spec.id] = RoundEngine(job, self.plugins.notify, fence=fence)
+        if self.board is not None:
+            engine.on_status = functools.partial(self._report_status, spec.id)
         return job
 
     # ---------------------------------------------------------------- loop --
@@ -117,6 +130,8 @@ class Coordinator:
             log.info("coordinator stopping reason=%s bytes_in=%d bytes_out=%d rejected=%s", self._stop_reason, self.bytes_in, self.bytes_out, rejected)
             self.sock.close(linger=0)
             self.membership.close()
+            if self.board is not None:
+                self.board.close()
             if self.leadership is not None:
                 self.leadership.resign()
 
@@ -137,8 +152,29 @@ class Coordinator:
             except Exception:  # a bug on one message must not take the daemon down
                 log.exception("error handling a message from %r", routing)
 
+    def _report_status(self, job_id: str, status: dict[str, Any]) -> None:
+        if self.board is not None:
+            self.board.write_status(job_id, status)
+
+    def _board_change(self, job_id: str, part: str, value: bytes) -> None:
+        """A job's spec or desired state as found in etcd."""
+        if part == "spec" and value and job_id not in self.engines:
+            try:
+                spec = JobSpec.from_dict(json.loads(value))
+                if spec.id != job_id:
+                    raise ValueError(f"spec id {spec.id!r} under key of job {job_id!r}")
+                self.add_job(spec)
+                log.info("serving job from etcd job=%s task=%s rule=%s", spec.id, spec.task, spec.rule)
+            except Exception as exc:  # a bad spec in etcd must not stop the jobs that are fine
+                log.error("cannot serve job %s from etcd: %s: %s; fix or delete its spec", job_id, type(exc).__name__, exc)
+        elif part == "state" and job_id in self.engines:
+            self.engines[job_id].set_desired(value.decode("utf-8", "replace"))
+
     def _housekeeping(self) -> None:
         now = time.monotonic()
+        if self.board is not None:
+            for job_id, part, value in self.board.changes(now):
+                self._board_change(job_id, part, value)
         for event in self.membership.poll(now):
             m = event.member
             if event.kind == "joined":

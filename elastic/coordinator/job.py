@@ -29,8 +29,10 @@ CHECKPOINT_FORMAT = 1
 class JobState(StrEnum):
     WAITING = "waiting"  # fewer members than min_workers
     RUNNING = "running"
+    PAUSED = "paused"  # by the operator: the model and round are kept
     FINISHED = "finished"
     FAILED = "failed"
+    CANCELLED = "cancelled"  # by the operator: stopped for good, last checkpoint kept
 
 
 class Job:
@@ -64,7 +66,7 @@ class Job:
 
     @property
     def done(self) -> bool:
-        return self.state in (JobState.FINISHED, JobState.FAILED)
+        return self.state in (JobState.FINISHED, JobState.FAILED, JobState.CANCELLED)
 
     def evaluate(self) -> dict[str, float]:
         if self._test_data is None:
@@ -109,7 +111,7 @@ class Job:
         self.totals.update(ckpt.get("totals", {}))
         self.final_metrics = dict(ckpt.get("final_metrics", {}))
         self.started_wall = time.time() - float(ckpt.get("wall_seconds", 0.0))
-        if ckpt.get("state") in (JobState.FINISHED, JobState.FAILED):
+        if ckpt.get("state") in (JobState.FINISHED, JobState.FAILED, JobState.CANCELLED):
             self.state = JobState(ckpt["state"])
         self.resumed_from = self.round
         log.info("resumed job=%s round=%d version=%d", self.spec.id, self.round, self.version)

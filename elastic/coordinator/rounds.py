@@ -91,6 +91,8 @@ class RoundEngine:
         self._template = {k: (tuple(t.shape), t.dtype) for k, t in update_template(job.model, self.mode).items()}
         self._waiting_reported: int | None = None
         self.members_now = 0
+        self.paused = False
+        self.on_status: Callable[[dict[str, Any]], None] | None = None  # also told every status
         self.rendezvous = self.mode == "gradient"
         self.generation = 0
         self._generation_members: tuple[str, ...] = ()
@@ -108,6 +110,12 @@ class RoundEngine:
         if job.done or self.fenced:
             return []
         now = self.clock()
+        if self.paused and self.current is None:
+            if job.state is not JobState.PAUSED:
+                job.state = JobState.PAUSED
+                log.info("job paused job=%s round=%d version=%d", job.spec.id, job.round, job.version)
+                self._write_status()
+            return []
         if self.current is not None:
             if now >= self.current.deadline:
                 late = sorted(self.current.participants - self.current.answered)
@@ -164,6 +172,30 @@ class RoundEngine:
         self.notify("elastic_round_started", job_id=spec.id, round=number, version=job.version, participants=sorted(rnd.participants))
         self._write_status()
         return out
+
+    def set_desired(self, state: str) -> None:
+        """The operator's wish: ``running``, ``paused`` (the round in progress still
+        commits; no new one starts) or ``cancelled`` (the round in progress is dropped;
+        the job stops for good and its last checkpoint stays)."""
+        job = self.job
+        if job.done:
+            return
+        if state == "cancelled":
+            if self.current is not None:
+                self._close("job cancelled", force_abandon=True)
+            job.state = JobState.CANCELLED
+            log.info("job cancelled job=%s round=%d version=%d", job.spec.id, job.round, job.version)
+            self.notify("elastic_job_finished", job_id=job.spec.id, state=str(job.state), metrics=dict(job.final_metrics))
+            self._write_status()
+        elif state == "paused":
+            self.paused = True
+        elif state == "running" and self.paused:
+            self.paused = False
+            job.state = JobState.RUNNING
+            log.info("job resumed job=%s round=%d", job.spec.id, job.round)
+            self._write_status()
+        elif state not in ("running", "paused"):
+            log.warning("ignoring unknown desired state job=%s state=%r (running, paused or cancelled)", job.spec.id, state)
 
     # -------------------------------------------------------------- updates --
 
@@ -338,4 +370,7 @@ class RoundEngine:
         extra = {}
         if self.current is not None:
             extra["in_progress"] = {"round": self.current.number, "participants": sorted(self.current.participants), "answered": sorted(self.current.answered)}
-        self.job.write_status(self.job.status(self.members_now, extra))
+        status = self.job.status(self.members_now, extra)
+        self.job.write_status(status)
+        if self.on_status is not None:
+            self.on_status(status)

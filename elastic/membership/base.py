@@ -39,6 +39,14 @@ class MembershipEvent:
     reason: str
 
 
+def assign_slot(member: Member, taken: set[int], previous: dict[str, int]) -> None:
+    """Give ``member`` its previous slot if free (so it keeps its data shard), else the
+    lowest free one; remember it in ``previous``."""
+    slot = previous.get(member.id)
+    member.slot = slot if slot is not None and slot not in taken else next(i for i in range(len(taken) + 1) if i not in taken)
+    previous[member.id] = member.slot
+
+
 class MembershipBackend(ABC):
     """Keeps the member table and says when members join and leave.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from elastic.hookspecs import hookimpl
-from elastic.membership.base import Member, MembershipBackend, MembershipEvent
+from elastic.membership.base import Member, MembershipBackend, MembershipEvent, assign_slot
 
 __all__ = ["EmbeddedMembership"]
 
@@ -31,13 +31,7 @@ class EmbeddedMembership(MembershipBackend):
         if known is not None:
             known.last_seen = now
             return known
-        used = {m.slot for m in self._members.values()}
-        previous = self._last_slot.get(member.id)
-        if previous is not None and previous not in used:
-            member.slot = previous
-        else:
-            member.slot = next(i for i in range(len(used) + 1) if i not in used)
-        self._last_slot[member.id] = member.slot
+        assign_slot(member, {m.slot for m in self._members.values()}, self._last_slot)
         member.joined_at = member.last_seen = now
         self._members[member.id] = member
         self._events.append(MembershipEvent("joined", member, "hello"))

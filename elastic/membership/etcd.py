@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from elastic.errors import ConfigError, MembershipUnavailable
 from elastic.hookspecs import hookimpl
-from elastic.membership.base import Member, MembershipBackend, MembershipEvent
+from elastic.membership.base import Member, MembershipBackend, MembershipEvent, assign_slot
 
 __all__ = ["EtcdMembership", "WorkerRegistration", "Keys", "parse_etcd_url", "connect", "read_leader"]
 
@@ -250,10 +250,7 @@ class EtcdMembership(MembershipBackend):
         if known is not None:
             known.last_seen = now
             return known
-        used = {m.slot for m in self._connected.values()}
-        previous = self._last_slot.get(member.id)
-        member.slot = previous if previous is not None and previous not in used else next(i for i in range(len(used) + 1) if i not in used)
-        self._last_slot[member.id] = member.slot
+        assign_slot(member, {m.slot for m in self._connected.values()}, self._last_slot)
         member.joined_at = member.last_seen = now
         self._connected[member.id] = member
         self._update(member.id, "hello")

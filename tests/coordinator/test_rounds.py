@@ -277,3 +277,19 @@ def test_syncavg_shards_follow_the_members_by_generation(tmp_path: Path) -> None
     out = engine.tick(members("a", "c"))
     assert [(o.worker, o.message.meta["shard"]) for o in out] == [("a", [0, 2]), ("c", [1, 2])]
     assert (out[0].message.round, engine.generation) == (1, 2)
+
+
+def test_pause_resume_and_cancel(tmp_path: Path) -> None:
+    engine, events, _ = make(tmp_path, min_workers=1, rounds=10)
+    commit_one_round(engine)
+    out = engine.tick(members("a"))  # round 2 runs...
+    engine.set_desired("paused")  # ...and still commits; no round 3 starts
+    engine.on_update("a", update_for(engine, out[0].message, "a"))
+    assert engine.tick(members("a")) == [] and engine.job.state is JobState.PAUSED and engine.job.round == 2
+    engine.set_desired("running")
+    out = engine.tick(members("a"))
+    assert out and out[0].message.round == 3
+    engine.set_desired("cancelled")  # drops round 3; the checkpoints of rounds 1-2 stay
+    assert engine.job.state is JobState.CANCELLED and engine.job.done and engine.current is None
+    assert engine.tick(members("a")) == [] and [r for r, _ in engine.job.store.paths()] == [1, 2]
+    assert events.names()[-1] == "elastic_job_finished"

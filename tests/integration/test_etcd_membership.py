@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -55,3 +56,27 @@ def test_unreachable_etcd_stops_a_worker_with_one_clear_line(cluster: Cluster, t
     lines = [line for line in (tmp_path / "w0.log").read_text().splitlines() if line.strip()]
     assert any(f"etcd unreachable at 127.0.0.1:{port}" in line and "fix --membership" in line for line in lines), lines
     assert not any("Traceback" in line for line in lines)
+
+
+def test_pause_resume_and_cancel_through_etcd(cluster: Cluster, tmp_path: Path, etcd: EtcdServer) -> None:
+    url = f"etcd://{etcd.url}/ctl"
+    job = digits_job(tmp_path, rounds=500, min_workers=1, epochs=2)
+    cluster.coordinator(job, extra=("--membership", url))
+    cluster.worker("w0", "--membership", url)
+    cluster.wait_status("dg", lambda s: s["round"] >= 2, 60, "two rounds")
+    client, keys = connect(url), Keys("ctl")
+    try:
+        client.put(keys.job("dg", "state"), "paused")
+        paused = cluster.wait_status("dg", lambda s: s["state"] == "paused", 30, "the job to pause")
+        time.sleep(1.0)
+        assert cluster.status("dg")["round"] == paused["round"]  # nothing runs while paused
+        status, _ = client.get(keys.job("dg", "status"))  # the leader reports in etcd too
+        assert json.loads(status)["state"] == "paused"
+        client.put(keys.job("dg", "state"), "running")
+        cluster.wait_status("dg", lambda s: s["round"] > paused["round"], 30, "the job to go on")
+        client.put(keys.job("dg", "state"), "cancelled")
+        cancelled = cluster.wait_status("dg", lambda s: s["state"] == "cancelled", 30, "the job to be cancelled")
+        assert list((cluster.state / "dg").glob("ckpt-*.pt"))  # its last checkpoint stays
+        assert cancelled["round"] < 500
+    finally:
+        client.close()

@@ -28,7 +28,8 @@ def start_pair(cluster: Cluster, tmp_path: Path, etcd: EtcdServer, epochs: int =
     flags = ("--membership", url, "--lease-ttl", str(TTL))
     first = cluster.spawn("c1", "coordinator", "--bind", f"tcp://127.0.0.1:{free_port()}", "--state-dir", str(cluster.state), "--job", str(job), "--id", "c1", *flags)
     wait_for(lambda: "leading cluster=fo" in (tmp_path / "c1.log").read_text(), 30, "c1 to lead")
-    cluster.spawn("c2", "coordinator", "--bind", f"tcp://127.0.0.1:{free_port()}", "--state-dir", str(cluster.state), "--job", str(job), "--id", "c2", *flags)
+    # c2 is given no job: it serves what is in etcd (c1 published the spec there).
+    cluster.spawn("c2", "coordinator", "--bind", f"tcp://127.0.0.1:{free_port()}", "--state-dir", str(cluster.state), "--id", "c2", *flags)
     wait_for(lambda: "standing by cluster=fo" in (tmp_path / "c2.log").read_text(), 30, "c2 to stand by")
     for w in ("w0", "w1", "w2"):  # no --coordinator: they find the leader in etcd
         cluster.spawn(w, "worker", "--membership", url, "--lease-ttl", str(TTL), "--id", w, "--device", "cpu", "--threads", "1", "--coordinator-timeout", "5")
