@@ -18,6 +18,7 @@ from typing import Any
 
 from elastic.jobspec import JobSpec
 from elastic.membership.election import Leadership
+from elastic.membership.etcd import retrying
 
 __all__ = ["JobBoard", "DESIRED_STATES"]
 
@@ -33,7 +34,7 @@ class JobBoard:
         self._changes: queue.Queue[tuple[str, str, bytes]] = queue.Queue()
         self._broken = threading.Event()
         self._next_rewatch = 0.0
-        self._watch = self.client.add_watch_prefix_callback(self.prefix, self._on_watch)
+        self._watch = retrying(self.client, "watching jobs", lambda: self.client.add_watch_prefix_callback(self.prefix, self._on_watch))
 
     def _key(self, job_id: str, part: str) -> str:
         return self.leadership.keys.job(job_id, part)
@@ -42,15 +43,18 @@ class JobBoard:
         """Store a spec (and ``running``) unless the job is already there. True if stored."""
         tx = self.client.transactions
         spec_key = self._key(spec.id, "spec")
-        stored, _ = self.client.transaction(
+        stored, _ = retrying(self.client, f"publishing job {spec.id}", lambda: self.client.transaction(
             compare=[tx.create(spec_key) == 0],
             success=[tx.put(spec_key, json.dumps(spec.to_dict())), tx.put(self._key(spec.id, "state"), "running")],
             failure=[],
-        )
+        ))
         return bool(stored)
 
     def jobs(self) -> dict[str, dict[str, bytes]]:
-        """Everything under ``jobs/``: job id -> {part: value}."""
+        """Everything under ``jobs/``: job id -> {part: value} (retried while etcd fails)."""
+        return retrying(self.client, "reading jobs", self._read_all)
+
+    def _read_all(self) -> dict[str, dict[str, bytes]]:
         found: dict[str, dict[str, bytes]] = {}
         for value, meta in self.client.get_prefix(self.prefix):
             job_id, part = self._split(meta.key)
@@ -69,7 +73,7 @@ class JobBoard:
             try:
                 self._watch = self.client.add_watch_prefix_callback(self.prefix, self._on_watch)
                 self._broken.clear()
-                for job_id, parts in self.jobs().items():  # what changed meanwhile
+                for job_id, parts in self._read_all().items():  # what changed meanwhile
                     for part in ("spec", "state"):
                         if part in parts:
                             self._changes.put((job_id, part, parts[part]))

@@ -17,7 +17,15 @@ import time
 from typing import Any
 
 from elastic.errors import ConfigError
-from elastic.membership.etcd import Keys, connect, failed_over, parse_etcd_url, read_leader, revoke
+from elastic.membership.etcd import (
+    Keys,
+    connect,
+    failed_over,
+    parse_etcd_url,
+    read_leader,
+    retrying,
+    revoke,
+)
 
 __all__ = ["Leadership"]
 
@@ -39,7 +47,7 @@ class Leadership:
         self.lost = threading.Event()
         self._changed = threading.Event()
         self._stop = threading.Event()
-        self._watch = self.client.add_watch_callback(self.keys.leader, lambda _response: self._changed.set())
+        self._watch = retrying(self.client, "watching the leader", lambda: self.client.add_watch_callback(self.keys.leader, lambda _response: self._changed.set()))
 
     def campaign(self, address: str, stop: threading.Event | None = None) -> bool:
         """Lead (True), or return False once ``stop`` is set while standing by."""

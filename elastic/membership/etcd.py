@@ -5,6 +5,7 @@ between the endpoints. Key layout (all under ``/elastic/<cluster>/``), the one p
 it is written down:
 
     members/<worker-id>            a worker's record (JSON), under the worker's lease
+    slots/<worker-id>              its slot (so its data shard) as the leader gave it
     leader                         the leading coordinator's address, under its lease
     jobs/<job-id>/spec|state|status
     rendezvous/<job-id>/generation
@@ -25,17 +26,19 @@ import queue
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from elastic.errors import ConfigError, MembershipUnavailable
 from elastic.hookspecs import hookimpl
 from elastic.membership.base import Member, MembershipBackend, MembershipEvent, assign_slot
 
-__all__ = ["EtcdMembership", "WorkerRegistration", "Keys", "parse_etcd_url", "connect", "read_leader"]
+__all__ = ["EtcdMembership", "WorkerRegistration", "Keys", "parse_etcd_url", "connect", "read_leader", "retrying"]
 
 log = logging.getLogger("elastic.etcd")
+T = TypeVar("T")
 DEFAULT_PORT = 2379
 CONNECT_TIMEOUT = 10.0  # seconds of retrying before "etcd is unreachable"
 RPC_TIMEOUT = 3.0
@@ -57,6 +60,10 @@ class Keys:
 
     def member(self, worker_id: str) -> str:
         return self.members + worker_id
+
+    @property
+    def slots(self) -> str:
+        return self.root + "slots/"
 
     @property
     def leader(self) -> str:
@@ -153,6 +160,23 @@ def connect(url: str, timeout: float = CONNECT_TIMEOUT) -> Any:
             delay = min(delay * 2, 2.0)
 
 
+def retrying(client: Any, what: str, call: Callable[[], T], timeout: float = CONNECT_TIMEOUT) -> T:
+    """``call()``, retried with backoff while etcd fails (e.g. electing a new raft
+    leader after a member died); ``MembershipUnavailable`` once ``timeout`` is spent."""
+    deadline, delay = time.monotonic() + timeout, 0.1
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            failed_over(client, exc)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MembershipUnavailable(f"etcd did not answer while {what} for {timeout:.0f}s ({type(exc).__name__}); check the etcd cluster's health") from None
+            log.warning("etcd failed while %s error=%s; retrying", what, type(exc).__name__)
+            time.sleep(min(delay * random.uniform(0.8, 1.2), left))
+            delay = min(delay * 2, 2.0)
+
+
 def revoke(client: Any, lease: Any, what: str, ttl: int) -> None:
     """Revoke a lease, trying each endpoint once; if none answers, it ends with its TTL."""
     for _ in range(len(client.endpoints)):
@@ -199,10 +223,14 @@ class EtcdMembership(MembershipBackend):
         self._active: set[str] = set()  # both: reported as joined
         self._events: list[MembershipEvent] = []
         self._last_slot: dict[str, int] = {}
+        # Slots survive a failover: a worker keeps its data shard under the next leader.
+        for value, meta in retrying(self.client, "reading slots", lambda: list(self.client.get_prefix(self.keys.slots))):
+            if value.isdigit():
+                self._last_slot[meta.key.decode("utf-8", "replace")[len(self.keys.slots) :]] = int(value)
         self._watch: Any = None
         self._watch_broken = threading.Event()
         self._next_rewatch = 0.0
-        self._start_watch()
+        retrying(self.client, "watching members", self._start_watch)
 
     def _start_watch(self) -> None:
         """Watch first, then read everything: a change between the two arrives twice,
@@ -250,7 +278,13 @@ class EtcdMembership(MembershipBackend):
         if known is not None:
             known.last_seen = now
             return known
+        before = self._last_slot.get(member.id)
         assign_slot(member, {m.slot for m in self._connected.values()}, self._last_slot)
+        if member.slot != before:
+            try:
+                self.client.put(self.keys.slots + member.id, str(member.slot))
+            except Exception as exc:  # only the next leader's shard choice depends on it
+                log.warning("cannot record the slot in etcd worker=%s error=%s", member.id, type(exc).__name__)
         member.joined_at = member.last_seen = now
         self._connected[member.id] = member
         self._update(member.id, "hello")
@@ -342,8 +376,8 @@ class WorkerRegistration:
         self._stop = threading.Event()
         self.leader_changed = threading.Event()  # set by the watch on the leader key
         self._leader_watch_broken = threading.Event()
-        self._leader_watch = self.client.add_watch_callback(self.keys.leader, self._on_leader_watch)
-        self._register()
+        self._leader_watch = retrying(self.client, "watching the leader", lambda: self.client.add_watch_callback(self.keys.leader, self._on_leader_watch))
+        retrying(self.client, "registering", self._register)
         self._thread = threading.Thread(target=self._keep_alive, name="etcd-lease", daemon=True)
         self._thread.start()
 

@@ -47,6 +47,8 @@ def test_standby_takes_over_and_the_job_finishes(cluster: Cluster, tmp_path: Pat
     assert [h["round"] for h in done["history"]] == list(range(1, 31))  # continuous, each once
     assert done["final"]["accuracy"] >= 0.90, done["final"]  # the bar the example meets without a failover
     assert re.search(r"resum", (tmp_path / "c2.log").read_text(), re.IGNORECASE)
+    slots = [dict(re.findall(r"worker joined worker=(w\d) .*slot=(\d+)", (tmp_path / f"{c}.log").read_text())) for c in ("c1", "c2")]
+    assert slots[0] == slots[1] and len(slots[0]) == 3, slots  # every worker keeps its shard
     print(f"standby led {took_over:.1f}s after the leader was killed")
 
 

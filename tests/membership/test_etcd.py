@@ -105,3 +105,23 @@ def test_a_malformed_record_is_ignored(etcd: EtcdServer, backend: EtcdMembership
         time.sleep(0.02)
     assert "malformed member record" in caplog.text and backend.members() == []
     client.close()
+
+
+def test_retrying_rides_out_failures_then_names_the_problem() -> None:
+    from elastic.membership.etcd import retrying
+
+    calls = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise TimeoutError("electing a raft leader")
+        return "ok"
+
+    assert retrying(object(), "registering", flaky, timeout=5) == "ok" and len(calls) == 3
+
+    def down() -> None:
+        raise TimeoutError
+
+    with pytest.raises(MembershipUnavailable, match="etcd did not answer while registering .*check the etcd cluster"):
+        retrying(object(), "registering", down, timeout=0.3)
