@@ -94,6 +94,9 @@ class RoundEngine:
         self.paused = False
         self.on_status: Callable[[dict[str, Any]], None] | None = None  # also told every status
         self.rendezvous = self.mode == "gradient"
+        # Workers whose work failed in a generation: each failure re-runs the step, so
+        # they sit out (until they leave and join again) instead of stalling the job.
+        self.benched: set[str] = set()
         self.generation = 0
         self._generation_members: tuple[str, ...] = ()
         # WORK frames alias the model's own memory (no copy per round); these are the
@@ -109,6 +112,8 @@ class RoundEngine:
         self.members_now = len(members)
         if job.done or self.fenced:
             return []
+        if self.benched:  # they sit out until they leave and come back
+            members = [m for m in members if m.id not in self.benched]
         now = self.clock()
         if self.paused and self.current is None:
             if job.state is not JobState.PAUSED:
@@ -270,10 +275,14 @@ class RoundEngine:
         rnd = self.current
         if rnd is not None and rnd.number == round_ and worker in rnd.participants:
             log.warning("worker could not do its work job=%s worker=%s detail=%s", self.job.spec.id, worker, detail)
+            if self.rendezvous:
+                self.benched.add(worker)
+                log.warning("worker sits out the next generations job=%s worker=%s (it may leave and join again)", self.job.spec.id, worker)
             self._drop(worker)
 
     def on_member_left(self, worker: str) -> None:
         """A member left: a round never waits on a worker that is gone."""
+        self.benched.discard(worker)  # coming back gives it another chance
         if self.current is not None and worker in self.current.participants:
             self._drop(worker)
 

@@ -293,3 +293,16 @@ def test_pause_resume_and_cancel(tmp_path: Path) -> None:
     assert engine.job.state is JobState.CANCELLED and engine.job.done and engine.current is None
     assert engine.tick(members("a")) == [] and [r for r, _ in engine.job.store.paths()] == [1, 2]
     assert events.names()[-1] == "elastic_job_finished"
+
+
+def test_a_syncavg_worker_that_fails_its_work_sits_out(tmp_path: Path) -> None:
+    spec = parse_job_spec({"job": {"id": "s", "task": "linreg", "rule": "syncavg", "rounds": 5, "min_workers": 2}, "task": {"samples": 60}})
+    clock = Clock()
+    engine = RoundEngine(Job(spec, Plugins(), tmp_path), Events(), clock)
+    out = engine.tick(members("a", "b", "c"))
+    engine.on_worker_failed("b", out[0].message.round, "work_failed: bad data")  # the step is re-run...
+    assert [o.worker for o in engine.tick(members("a", "b", "c"))] == ["a", "c"]  # ...without it
+    engine.on_member_left("b")  # it left; when it joins again it gets another chance
+    clock.now += spec.round_timeout + 1
+    assert engine.tick(members("a", "b", "c")) == []  # the deadline closes the a+c round
+    assert [o.worker for o in engine.tick(members("a", "b", "c"))] == ["a", "b", "c"]
