@@ -159,8 +159,8 @@ def update_kind(mode: str) -> str:
 
 
 @torch.no_grad()
-def move_to_fresh_memory(model: torch.nn.Module, copy: bool = True) -> None:
-    """Give every parameter and buffer new memory (with its values when ``copy``).
+def move_to_fresh_memory(model: torch.nn.Module) -> None:
+    """Give every parameter and buffer new memory holding the same values.
 
     For when frames still queued in ZeroMQ alias the old memory, which must then not
     change: the tensors are rebound through ``.data``, so ``Parameter`` and buffer
@@ -168,4 +168,4 @@ def move_to_fresh_memory(model: torch.nn.Module, copy: bool = True) -> None:
     on, untouched, for as long as the queued frames need it.
     """
     for tensor in [*model.parameters(), *model.buffers()]:
-        tensor.data = tensor.data.clone() if copy else torch.empty_like(tensor.data)
+        tensor.data = tensor.data.clone()

@@ -35,7 +35,7 @@ from elastic.errors import ConfigError, MembershipUnavailable
 from elastic.hookspecs import hookimpl
 from elastic.membership.base import Member, MembershipBackend, MembershipEvent, assign_slot
 
-__all__ = ["EtcdMembership", "WorkerRegistration", "Keys", "parse_etcd_url", "connect", "read_leader", "retrying"]
+__all__ = ["EtcdMembership", "WorkerRegistration", "PrefixWatch", "Keys", "parse_etcd_url", "connect", "read_leader", "retrying"]
 
 log = logging.getLogger("elastic.etcd")
 T = TypeVar("T")
@@ -208,6 +208,72 @@ def read_leader(client: Any, keys: Keys) -> dict[str, Any] | None:
     return record if isinstance(record, dict) and isinstance(record.get("address"), str) else None
 
 
+class PrefixWatch:
+    """A watch on every key under ``prefix``, its events queued for the event loop.
+
+    Events are ``(name, value)`` with ``name`` the key after the prefix and ``value``
+    None for a delete. After an etcd error the watch is set up again (at most once a
+    second) and the prefix read afresh: keys present come as puts, keys gone since
+    come as deletes, so nothing is missed. Watch first, then read: a change between
+    the two arrives twice, never zero times.
+    """
+
+    def __init__(self, client: Any, prefix: str) -> None:
+        self.client, self.prefix = client, prefix
+        self._queue: queue.Queue[tuple[str, bytes | None]] = queue.Queue()
+        self._known: set[str] = set()  # names present, as last seen here
+        self._broken = threading.Event()
+        self._next_try = 0.0
+        self._watch: Any = None
+        retrying(client, f"watching {prefix}", self._start)
+
+    def _start(self) -> None:
+        self._watch = self.client.add_watch_prefix_callback(self.prefix, self._on_event)
+        present = {self._name(meta.key): value for value, meta in self.client.get_prefix(self.prefix)}
+        for name in self._known - set(present):
+            self._queue.put((name, None))
+        for name, value in present.items():
+            self._queue.put((name, value))
+
+    def _on_event(self, response: Any) -> None:  # on pyetcd's watcher thread: only queue
+        if isinstance(response, Exception):
+            if not self._broken.is_set():
+                log.warning("etcd watch broke prefix=%s error=%s; watching again once etcd answers", self.prefix, type(response).__name__)
+            self._broken.set()
+            return
+        for event in response.events:
+            deleted = type(event).__name__ == "DeleteEvent"
+            self._queue.put((self._name(event.key), None if deleted else event.value))
+
+    def _name(self, key: bytes) -> str:
+        return key.decode("utf-8", "replace")[len(self.prefix) :]
+
+    def changes(self, now: float) -> list[tuple[str, bytes | None]]:
+        """What changed since the last call (watching again first if the watch broke)."""
+        if self._broken.is_set() and now >= self._next_try:
+            self._next_try = now + 1.0
+            try:
+                self._start()
+                self._broken.clear()
+                log.info("watching etcd again prefix=%s", self.prefix)
+            except Exception as exc:  # still away: nothing changes meanwhile
+                failed_over(self.client, exc)
+        out: list[tuple[str, bytes | None]] = []
+        while True:
+            try:
+                name, value = self._queue.get_nowait()
+            except queue.Empty:
+                return out
+            (self._known.discard if value is None else self._known.add)(name)
+            out.append((name, value))
+
+    def close(self) -> None:
+        try:
+            self.client.cancel_watch(self._watch)
+        except Exception:  # closing anyway
+            pass
+
+
 class EtcdMembership(MembershipBackend):
     """The coordinator's view: members are workers with a live record and a HELLO."""
 
@@ -217,7 +283,6 @@ class EtcdMembership(MembershipBackend):
         super().__init__(url, heartbeat_timeout)
         self.keys = Keys(parse_etcd_url(url)[1])
         self.client = connect(url)
-        self._changes: queue.Queue[tuple[str, str, dict[str, Any] | None]] = queue.Queue()
         self._records: dict[str, dict[str, Any]] = {}  # worker id -> record, from etcd
         self._connected: dict[str, Member] = {}  # worker id -> member, from HELLO
         self._active: set[str] = set()  # both: reported as joined
@@ -227,53 +292,12 @@ class EtcdMembership(MembershipBackend):
         for value, meta in retrying(self.client, "reading slots", lambda: list(self.client.get_prefix(self.keys.slots))):
             if value.isdigit():
                 self._last_slot[meta.key.decode("utf-8", "replace")[len(self.keys.slots) :]] = int(value)
-        self._watch: Any = None
-        self._watch_broken = threading.Event()
-        self._next_rewatch = 0.0
-        retrying(self.client, "watching members", self._start_watch)
-
-    def _start_watch(self) -> None:
-        """Watch first, then read everything: a change between the two arrives twice,
-        never zero times; records gone while the watch was down become leaves."""
-        self._watch = self.client.add_watch_prefix_callback(self.keys.members, self._on_watch)
-        present = set()
-        for value, meta in self.client.get_prefix(self.keys.members):
-            present.add(self._worker_id(meta.key))
-            self._queue_put(meta.key, value)
-        for worker in set(self._records) - present:
-            self._changes.put(("delete", worker, None))
-
-    # Called on pyetcd's watcher thread: only queue.
-    def _on_watch(self, response: Any) -> None:
-        if isinstance(response, Exception):
-            if not self._watch_broken.is_set():
-                log.warning("etcd watch broke error=%s; watching again once etcd answers", type(response).__name__)
-            self._watch_broken.set()
-            return
-        for event in response.events:
-            if type(event).__name__ == "DeleteEvent":
-                self._changes.put(("delete", self._worker_id(event.key), None))
-            else:
-                self._queue_put(event.key, event.value)
-
-    def _queue_put(self, key: bytes, value: bytes) -> None:
-        worker = self._worker_id(key)
-        try:
-            record = json.loads(value)
-            if not isinstance(record, dict):
-                raise ValueError("not an object")
-        except ValueError as exc:
-            log.warning("ignoring a malformed member record key=%s error=%s", key.decode("utf-8", "replace"), exc)
-            return
-        self._changes.put(("put", worker, record))
-
-    def _worker_id(self, key: bytes) -> str:
-        return key.decode("utf-8", "replace")[len(self.keys.members) :]
+        self._watch = PrefixWatch(self.client, self.keys.members)
 
     # ------------------------------------------------------------ interface --
 
     def join(self, member: Member, now: float) -> Member:
-        self._apply_changes()
+        self._apply_changes(now)
         known = self._connected.get(member.id)
         if known is not None:
             known.last_seen = now
@@ -305,38 +329,31 @@ class EtcdMembership(MembershipBackend):
         return sorted((self._connected[i] for i in self._active), key=lambda m: m.slot)
 
     def poll(self, now: float) -> list[MembershipEvent]:
-        if self._watch_broken.is_set() and now >= self._next_rewatch:
-            self._next_rewatch = now + 1.0
-            try:
-                self._start_watch()
-                self._watch_broken.clear()
-                log.info("watching etcd membership again")
-            except Exception as exc:  # still away: members stay as they are meanwhile
-                log.debug("etcd still unreachable error=%s", type(exc).__name__)
-        self._apply_changes()
+        self._apply_changes(now)
         events, self._events = self._events, []
         return events
 
     def close(self) -> None:
-        try:
-            self.client.cancel_watch(self._watch)
-        except Exception:  # closing anyway
-            pass
+        self._watch.close()
         self.client.close()
 
     # -------------------------------------------------------------- helpers --
 
-    def _apply_changes(self) -> None:
-        while True:
+    def _apply_changes(self, now: float) -> None:
+        for worker, value in self._watch.changes(now):
+            if value is None:
+                if self._records.pop(worker, None) is not None:
+                    self._update(worker, "lease ended (stopped, or silent for its TTL)")
+                continue
             try:
-                kind, worker, record = self._changes.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "put" and record is not None:
-                self._records[worker] = record
-                self._update(worker, "registered")
-            elif self._records.pop(worker, None) is not None:
-                self._update(worker, "lease ended (stopped, or silent for its TTL)")
+                record = json.loads(value)
+                if not isinstance(record, dict):
+                    raise ValueError("not an object")
+            except ValueError as exc:
+                log.warning("ignoring a malformed member record worker=%s error=%s", worker, exc)
+                continue
+            self._records[worker] = record
+            self._update(worker, "registered")
 
     def _update(self, worker: str, reason: str) -> None:
         """Report a join or leave when the member's two halves change together."""
