@@ -27,7 +27,7 @@ from elastic.config import CoordinatorConfig
 from elastic.coordinator.job import Job
 from elastic.coordinator.jobboard import JobBoard
 from elastic.coordinator.rounds import Outgoing, RoundEngine
-from elastic.errors import ConfigError, ProtocolError
+from elastic.errors import ConfigError, MembershipUnavailable, ProtocolError
 from elastic.jobspec import JobSpec
 from elastic.membership.base import Member, MembershipBackend
 from elastic.membership.election import Leadership
@@ -72,27 +72,72 @@ class Coordinator:
         self.ctx: zmq.Context = zmq.Context.instance()
         self.sock, self.endpoint = router_socket(self.ctx, config.bind)
         self.leadership: Leadership | None = None
+        self.engines: dict[str, RoundEngine] = {}
+        self.membership: MembershipBackend
+        self.board: JobBoard | None = None
+        self._serving = False  # a term is on: members and jobs are loaded
+        self.rejected: Counter[str] = Counter()
+        self._published: dict[str, int] = {}  # rendezvous generation last queued for etcd, by job
+        self.bytes_in = 0
+        self.bytes_out = 0
         if config.membership.startswith("etcd://"):
             # Jobs load their newest checkpoint only once this coordinator leads, so a
             # standby that takes over resumes where the old leader stopped.
             self.leadership = Leadership(config.membership, config.id, config.lease_ttl)
             self.leadership.campaign(advertised(self.endpoint))
-        self.membership = build_membership(plugins, config.membership, config.heartbeat_timeout)
-        self.engines: dict[str, RoundEngine] = {}
-        self.board = JobBoard(self.leadership) if self.leadership is not None else None
-        for spec in specs:
-            if self.board is not None:
-                self.board.publish(spec)  # a no-op if the job is already in etcd
-            self.add_job(spec)
-        if self.board is not None:  # every job in etcd, wherever it was submitted
-            for job_id, parts in self.board.jobs().items():
-                self._board_change(job_id, "spec", parts.get("spec", b""))
-                self._board_change(job_id, "state", parts.get("state", b"running"))
-        self.rejected: Counter[str] = Counter()
-        self._published: dict[str, int] = {}  # rendezvous generation last written to etcd, by job
-        self._publish_after = 0.0
-        self.bytes_in = 0
-        self.bytes_out = 0
+        try:
+            self._begin_term(specs)
+        except BaseException:  # e.g. a checkpoint of another job: hand leadership on at once
+            self.sock.close(linger=0)
+            if self.leadership is not None:
+                self.leadership.resign()
+            raise
+
+    def _begin_term(self, specs: list[JobSpec]) -> None:
+        """Start serving: the member table, and every job (given, or found in etcd)."""
+        self.membership = build_membership(self.plugins, self.config.membership, self.config.heartbeat_timeout)
+        self._serving = True
+        try:
+            self.board = JobBoard(self.leadership) if self.leadership is not None else None
+            for spec in specs:
+                if self.board is not None:
+                    self.board.publish(spec)  # a no-op if the job is already in etcd
+                self.add_job(spec)
+            if self.board is not None:  # every job in etcd, wherever it was submitted
+                for job_id, parts in self.board.jobs().items():
+                    self._board_change(job_id, "spec", parts.get("spec", b""))
+                    self._board_change(job_id, "state", parts.get("state", b"running"))
+        except BaseException:
+            self._end_term()
+            raise
+
+    def _end_term(self) -> None:
+        """Stop serving: forget members and jobs (the next term reloads them from
+        etcd and the checkpoints, as any other coordinator would)."""
+        if not self._serving:
+            return
+        self._serving = False
+        self.membership.close()
+        if self.board is not None:
+            self.board.close()
+            self.board = None
+        self.engines.clear()
+        self._published.clear()
+
+    def _stand_by(self) -> bool:
+        """After losing leadership: campaign again, then serve anew. False if stopped."""
+        assert self.leadership is not None
+        self._end_term()
+        self.leadership.step_down()
+        log.warning("lost leadership: standing by; serving again if elected")
+        while self.leadership.campaign(advertised(self.endpoint), stop=self._stop):
+            try:
+                self._begin_term([])
+                return True
+            except MembershipUnavailable as exc:  # etcd failed again: stand by again
+                log.error("cannot serve after winning the election: %s", exc)
+                self.leadership.step_down()
+        return False
 
     def add_job(self, spec: JobSpec) -> Job:
         if spec.id in self.engines:
@@ -119,9 +164,8 @@ class Coordinator:
                 if poller.poll(timeout=50):
                     self._drain()
                 self._housekeeping()
-                if self.leadership is not None and self.leadership.lost.is_set():
-                    self.exit_code = 1  # a supervisor restarts us, as a standby
-                    self.stop("lost leadership: a standby takes over")
+                if self.leadership is not None and self.leadership.lost.is_set() and not self._stand_by():
+                    break
                 if self.config.exit_when_done and self.engines and all(e.job.done for e in self.engines.values()):
                     self.stop("all jobs done")
         finally:
@@ -129,9 +173,7 @@ class Coordinator:
             rejected = ",".join(f"{k}:{v}" for k, v in sorted(self.rejected.items())) or "none"
             log.info("coordinator stopping reason=%s bytes_in=%d bytes_out=%d rejected=%s", self._stop_reason, self.bytes_in, self.bytes_out, rejected)
             self.sock.close(linger=0)
-            self.membership.close()
-            if self.board is not None:
-                self.board.close()
+            self._end_term()
             if self.leadership is not None:
                 self.leadership.resign()
 
@@ -188,17 +230,14 @@ class Coordinator:
         members = self.membership.members()
         for engine in self.engines.values():
             self._send_all(engine.tick(members))
-            self._publish_generation(engine, now)
+            self._publish_generation(engine)
 
-    def _publish_generation(self, engine: RoundEngine, now: float) -> None:
-        """Keep ``rendezvous/<job>/generation`` in etcd current (retried each second)."""
+    def _publish_generation(self, engine: RoundEngine) -> None:
+        """Keep ``rendezvous/<job>/generation`` in etcd current."""
         job_id = engine.job.spec.id
-        if self.leadership is None or engine.generation == self._published.get(job_id) or now < self._publish_after:
-            return
-        if self.leadership.publish(self.leadership.keys.generation(job_id), str(engine.generation)):
+        if self.leadership is not None and engine.generation != self._published.get(job_id):
+            self.leadership.publish_later(self.leadership.keys.generation(job_id), str(engine.generation))
             self._published[job_id] = engine.generation
-        else:
-            self._publish_after = now + 1.0
 
     # ------------------------------------------------------------ messages --
 

@@ -4,8 +4,8 @@ Per job, under ``/elastic/<cluster>/jobs/<id>/``: ``spec`` (the validated spec a
 JSON, written once), ``state`` (what the operator wants: ``running``, ``paused`` or
 ``cancelled``) and ``status`` (what the leader reports: state, round, members, last
 metrics). A coordinator publishes the specs it was started with; the leader serves
-every spec it finds, follows ``state`` through a watch, and writes ``status`` back,
-each write fenced by its leader revision.
+every spec it finds, follows ``state`` through a watch, and writes ``status`` back
+from a background thread, each write fenced by its leader revision.
 """
 
 from __future__ import annotations
@@ -53,9 +53,10 @@ class JobBoard:
             found.setdefault(job_id, {})[part] = value
         return found
 
-    def write_status(self, job_id: str, status: dict[str, Any]) -> bool:
+    def write_status(self, job_id: str, status: dict[str, Any]) -> None:
+        """Queue the job's status for etcd (written in the background, fenced)."""
         compact = {k: v for k, v in status.items() if k != "history"}  # etcd values stay small
-        return self.leadership.publish(self._key(job_id, "status"), json.dumps(compact, default=str))
+        self.leadership.publish_later(self._key(job_id, "status"), json.dumps(compact, default=str))
 
     def changes(self, now: float) -> list[tuple[str, str, bytes]]:
         """(job id, part, value) for each ``spec``/``state`` written since the last call."""

@@ -5,11 +5,18 @@ Any number of coordinators may run against one cluster. Each campaigns by creati
 not exist, under its own lease. The winner publishes its address there and keeps
 the lease alive; the others stand by, watching the key, and campaign again when it
 is deleted (the leader stopped, or its lease ran out). A leader that cannot renew
-its lease within the TTL has lost leadership and must stop serving.
+its lease within the TTL has lost leadership: it stops serving, ``step_down()``,
+and may campaign again as a standby.
+
+Each term (from winning to stepping down) has its own lease and two threads: one
+keeps the lease alive, one writes what the leader publishes in the background
+(status, rendezvous generation), each write fenced by the term's revision, so a
+silent etcd never blocks the coordinator's event loop on them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -18,6 +25,7 @@ from typing import Any
 
 from elastic.errors import ConfigError
 from elastic.membership.etcd import (
+    RPC_TIMEOUT,
     Keys,
     connect,
     failed_over,
@@ -46,7 +54,10 @@ class Leadership:
         self.revision = 0  # the leader key's create revision while we lead
         self.lost = threading.Event()
         self._changed = threading.Event()
-        self._stop = threading.Event()
+        self._term_over = threading.Event()  # ends this term's threads
+        self._outbox: dict[str, str] = {}  # key -> newest value to write, fenced
+        self._outbox_ready = threading.Condition()
+        self._writer: threading.Thread | None = None
         self._watch = retrying(self.client, "watching the leader", lambda: self.client.add_watch_callback(self.keys.leader, lambda _response: self._changed.set()))
 
     def campaign(self, address: str, stop: threading.Event | None = None) -> bool:
@@ -83,7 +94,11 @@ class Leadership:
         self.lease = lease
         self.revision = responses[0].response_put.header.revision  # our fencing token
         log.info("leading cluster=%s address=%s lease=%x ttl=%ds", self.keys.cluster, address, lease.id, self.ttl)
-        threading.Thread(target=self._keep_alive, name="etcd-leader", daemon=True).start()
+        self.lost.clear()
+        self._term_over = threading.Event()
+        threading.Thread(target=self._keep_alive, args=(lease, self._term_over), name="etcd-leader", daemon=True).start()
+        self._writer = threading.Thread(target=self._write_outbox, args=(self._term_over,), name="etcd-publish", daemon=True)
+        self._writer.start()
         return True
 
     def check(self) -> bool | None:
@@ -106,21 +121,47 @@ class Leadership:
             self.lost.set()
         return bool(ok)
 
-    def publish(self, key: str, value: str) -> bool:
-        """Write ``key`` if we still lead (one transaction); False if not written now."""
+    def publish(self, key: str, value: str) -> bool | None:
+        """Write ``key`` if we still lead (one transaction). True: written; False:
+        another coordinator leads (not written, never will be); None: etcd failed."""
         try:
             tx = self.client.transactions
             ok, _ = self.client.transaction(compare=[tx.create(self.keys.leader) == self.revision], success=[tx.put(key, value)], failure=[])
         except Exception as exc:
             log.warning("cannot write %s to etcd error=%s; retrying", key, type(exc).__name__)
-            return False
+            return None
         return bool(ok)
 
-    def _keep_alive(self) -> None:
+    def publish_later(self, key: str, value: str) -> None:
+        """Queue a fenced write of ``key``; a newer value for the same key replaces a
+        queued one. Written in order of keys by this term's writer thread, retried
+        each second while etcd fails, dropped once another coordinator leads."""
+        with self._outbox_ready:
+            self._outbox[key] = value
+            self._outbox_ready.notify()
+
+    def _write_outbox(self, term_over: threading.Event) -> None:
+        retry = False
+        while not term_over.is_set():
+            with self._outbox_ready:
+                if not self._outbox or retry:
+                    self._outbox_ready.wait(1.0)
+                pending = dict(self._outbox)
+            retry = False
+            for key, value in pending.items():
+                written = self.publish(key, value)
+                if written is None:
+                    retry = True
+                    break
+                with self._outbox_ready:
+                    if self._outbox.get(key) == value:
+                        del self._outbox[key]
+
+    def _keep_alive(self, lease: Any, term_over: threading.Event) -> None:
         renewed = time.monotonic()
-        while not self._stop.wait(self.ttl / 3):
+        while not term_over.wait(self.ttl / 3):
             try:
-                responses = self.lease.refresh()
+                responses = lease.refresh()
                 if responses and responses[0].TTL > 0:
                     renewed = time.monotonic()
                     continue
@@ -130,14 +171,36 @@ class Leadership:
                     log.warning("cannot renew the leader lease error=%s; retrying", type(exc).__name__)
                     continue
                 log.error("leader lease not renewed for %ds cluster=%s: no longer leading", self.ttl, self.keys.cluster)
-            self.lost.set()
+            if not term_over.is_set():  # a later term is not this thread's to end
+                self.lost.set()
             return
 
+    def step_down(self) -> None:
+        """End this term: stop its threads, write what is still queued (one try each,
+        while we lead), and give the lease back (at once if etcd answers, else it runs
+        out). Campaign again to lead."""
+        self._term_over.set()
+        with self._outbox_ready:
+            self._outbox_ready.notify()
+        if self._writer is not None:
+            self._writer.join(timeout=2 * RPC_TIMEOUT)  # no older value may land after ours
+        with self._outbox_ready:
+            pending, self._outbox = self._outbox, {}
+        if not self.lost.is_set():
+            for key, value in pending.items():
+                self.publish(key, value)
+        if self.lease is not None:
+            if self.lost.is_set():  # most likely gone already: make sure, quietly
+                with contextlib.suppress(Exception):
+                    self.client.revoke_lease(self.lease.id)
+            else:
+                revoke(self.client, self.lease, "leader", self.ttl)
+        self.lease, self.revision = None, 0
+        self.lost.set()
+
     def resign(self) -> None:
-        """Give up leadership at once (the lease is revoked: a standby takes over)."""
-        self._stop.set()
-        if self.lease is not None and not self.lost.is_set():
-            revoke(self.client, self.lease, "leader", self.ttl)
+        """Give up leadership for good and close the client (a standby takes over)."""
+        self.step_down()
         try:
             self.client.cancel_watch(self._watch)
         except Exception:  # closing anyway

@@ -5,7 +5,8 @@ between the endpoints. Key layout (all under ``/elastic/<cluster>/``), the one p
 it is written down:
 
     members/<worker-id>            a worker's record (JSON), under the worker's lease
-    slots/<worker-id>              its slot (so its data shard) as the leader gave it
+    slots/<worker-id>              its slot (so its data shard) as the leader gave it;
+                                   deleted when the worker leaves with a goodbye
     leader                         the leading coordinator's address, under its lease
     jobs/<job-id>/spec|state|status
     rendezvous/<job-id>/generation
@@ -324,6 +325,13 @@ class EtcdMembership(MembershipBackend):
     def leave(self, member_id: str, reason: str) -> None:
         if self._connected.pop(member_id, None) is not None:
             self._update(member_id, reason)
+        if reason == "bye" and self._last_slot.pop(member_id, None) is not None:
+            # It left on purpose: its slot is free for good (a crashed worker keeps its
+            # slot, so it gets its shard back when it returns).
+            try:
+                self.client.delete(self.keys.slots + member_id)
+            except Exception as exc:  # a stale slot only makes a returning worker's shard sticky
+                log.warning("cannot delete the slot in etcd worker=%s error=%s", member_id, type(exc).__name__)
 
     def members(self) -> list[Member]:
         return sorted((self._connected[i] for i in self._active), key=lambda m: m.slot)

@@ -100,3 +100,28 @@ def test_etcd_frozen_mid_job_loses_nothing(cluster: Cluster, tmp_path: Path, etc
     assert [h["version"] for h in done["history"]] == list(range(1, 41))
     assert coordinator.poll() is None  # still leading, still serving
     assert "worker left" not in (tmp_path / "coordinator.log").read_text()  # nobody was dropped
+
+
+def test_etcd_away_longer_than_the_lease_the_leader_steps_down_and_leads_again(cluster: Cluster, tmp_path: Path, etcd: EtcdServer) -> None:
+    """All leases run out while etcd is frozen: the coordinator stops serving, stands
+    by in the same process, wins again once etcd is back, resumes from its newest
+    checkpoint, and the workers (re-registered by themselves) finish the job."""
+    url = f"etcd://{etcd.url}/away"
+    job = digits_job(tmp_path, rounds=30, min_workers=2, epochs=4)
+    flags = ("--membership", url, "--lease-ttl", str(TTL))
+    coordinator = cluster.coordinator(job, extra=flags)
+    for w in ("w0", "w1"):
+        cluster.worker(w, *flags)
+    cluster.wait_status("dg", lambda s: s["round"] >= 3, 60, "three rounds")
+    assert etcd.proc is not None
+    etcd.proc.send_signal(signal.SIGSTOP)
+    log = tmp_path / "coordinator.log"
+    wait_for(lambda: "no longer leading" in log.read_text(), 3 * TTL + 5, "the leader to notice its lease is gone")
+    etcd.proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: log.read_text().count("leading cluster=away") == 2, 30, "the coordinator to lead again")
+    done = cluster.wait_status("dg", lambda s: s["state"] == "finished", 180, "the job to finish")
+    assert [h["round"] for h in done["history"]] == list(range(1, 31))  # from the checkpoint on, each once
+    assert [h["version"] for h in done["history"]] == list(range(1, 31))
+    text = log.read_text()
+    assert "standing by" in text and "resumed job=dg" in text, text
+    assert coordinator.poll() is None  # the same process throughout

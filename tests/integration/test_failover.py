@@ -62,10 +62,12 @@ def test_a_frozen_leader_is_fenced_when_it_wakes(cluster: Cluster, tmp_path: Pat
     c1_log = tmp_path / "c1.log"
     before_wake = len(c1_log.read_text().splitlines())
     first.send_signal(signal.SIGCONT)
-    assert first.wait(30) == 1  # it stepped down
-    woke = "\n".join(c1_log.read_text().splitlines()[before_wake:])
-    assert "round committed" not in woke and "checkpoint" not in woke.replace("checkpoint not published", ""), woke
-    assert re.search(r"stepping down|no longer leading|lost leadership", woke), woke
+    # It steps down and stands by in the same process, ready to lead again.
+    wait_for(lambda: "standing by cluster=fo" in "\n".join(c1_log.read_text().splitlines()[before_wake:]), 30, "c1 to stand by")
     done = cluster.wait_status("dg", lambda s: s["state"] == "finished", 240, "the job to finish under c2")
     assert [h["round"] for h in done["history"]] == list(range(1, 31))
     assert [h["version"] for h in done["history"]] == list(range(1, 31))  # strictly increasing, none lost
+    woke = "\n".join(c1_log.read_text().splitlines()[before_wake:])
+    assert "round committed" not in woke and "checkpoint" not in woke.replace("checkpoint not published", ""), woke
+    assert re.search(r"stepping down|no longer leading|lost leadership", woke), woke
+    assert first.poll() is None  # still there, a standby

@@ -11,8 +11,10 @@ import torch
 from elastic_plugins.tasks.linreg import LinReg
 
 from elastic.api import Shard
+from elastic.membership.etcd import Keys, connect
+from tests.etcd_server import EtcdServer
 
-from .conftest import Cluster, write_job
+from .conftest import Cluster, wait_for, write_job
 
 pytestmark = pytest.mark.slow
 
@@ -95,3 +97,34 @@ def test_a_worker_lost_mid_job_starts_a_new_generation_and_stays_exact(cluster: 
     got = safetensors.torch.load_file(cluster.state / "lin" / "final.safetensors")
     for name, tensor in reference(steps).items():
         assert torch.allclose(got[name], tensor, atol=1e-5, rtol=0), (name, (got[name] - tensor).abs().max())
+
+
+def test_a_worker_joining_through_etcd_gets_a_shard_in_the_next_generation(cluster: Cluster, tmp_path: Path, etcd: EtcdServer) -> None:
+    """A third worker registers in etcd mid-job: the next step is a new generation with
+    the data split three ways, the two running workers go on without a restart, and
+    the result is still full-batch SGD on all the data."""
+    steps = 300
+    url = f"etcd://{etcd.url}/rdv"
+    flags = ("--membership", url, "--lease-ttl", "3")
+    cluster.coordinator(linreg_job(tmp_path, steps, 2), extra=flags)
+    first = [cluster.worker(w, *flags) for w in ("w0", "w1")]
+    cluster.wait_status("lin", lambda s: s["round"] >= 20, 60, "steps with two workers")
+    cluster.worker("w2", *flags)
+    status = cluster.wait_status("lin", lambda s: s["state"] == "finished", 120, "the job to finish")
+    history = status["history"]
+    assert [h["round"] for h in history] == list(range(1, steps + 1))
+    two = [h for h in history if h["updates"] == 2]
+    three = [h for h in history if h["updates"] == 3]
+    assert two and three and min(h["round"] for h in three) > max(h["round"] for h in two)
+    assert min(h["generation"] for h in three) > max(h["generation"] for h in two)  # a new generation
+    assert all(p.poll() is None for p in first)  # the survivors were never restarted
+    for w in ("w0", "w1"):
+        assert (tmp_path / f"{w}.log").read_text().count("worker starting") == 1
+    got = safetensors.torch.load_file(cluster.state / "lin" / "final.safetensors")
+    for name, tensor in reference(steps).items():
+        assert torch.allclose(got[name], tensor, atol=1e-5, rtol=0), (name, (got[name] - tensor).abs().max())
+    client = connect(url)  # the generation is published in etcd for anyone to see
+    try:
+        assert wait_for(lambda: client.get(Keys("rdv").generation("lin"))[0] == str(history[-1]["generation"]).encode(), 5, "the generation in etcd")
+    finally:
+        client.close()

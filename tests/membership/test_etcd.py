@@ -125,3 +125,18 @@ def test_retrying_rides_out_failures_then_names_the_problem() -> None:
 
     with pytest.raises(MembershipUnavailable, match="etcd did not answer while registering .*check the etcd cluster"):
         retrying(object(), "registering", down, timeout=0.3)
+
+
+def test_a_goodbye_frees_the_slot_and_a_crash_keeps_it(etcd: EtcdServer, backend: EtcdMembership) -> None:
+    client, keys = connect(f"etcd://{etcd.url}/t"), Keys("t")
+    try:
+        for worker in ("w1", "w2"):
+            backend.join(Member(id=worker), time.monotonic())
+        assert client.get(keys.slots + "w1")[0] == b"0" and client.get(keys.slots + "w2")[0] == b"1"
+        backend.leave("w1", "bye")
+        backend.leave("w2", "unreachable")
+        assert client.get(keys.slots + "w1")[0] is None  # gone for good: nothing to keep
+        assert client.get(keys.slots + "w2")[0] == b"1"  # it comes back to its shard
+        assert backend.join(Member(id="w2"), time.monotonic()).slot == 1
+    finally:
+        client.close()
