@@ -10,6 +10,7 @@ bench:  ## the benchmarks (each prints ratios against a baseline measured in the
 	scripts/setup-venv.sh test
 	.venv/bin/python benchmarks/transport.py
 	.venv/bin/python benchmarks/membership.py
+	.venv/bin/python benchmarks/async_vs_sync.py
 
 lint:
 	.venv/bin/ruff check .

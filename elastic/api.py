@@ -21,9 +21,9 @@ from torch.utils.data import Dataset
 from elastic.errors import JobSpecError
 from elastic.wire.messages import WireTensor
 
-__all__ = ["Aggregator", "Task", "Codec", "Shard", "Update", "WorkerMode", "check_params"]
+__all__ = ["Aggregator", "AsyncAggregator", "Task", "Codec", "Shard", "Update", "WorkerMode", "check_params"]
 
-WorkerMode = Literal["train", "gradient"]
+WorkerMode = Literal["train", "gradient", "delta"]
 
 
 @dataclass(frozen=True)
@@ -50,10 +50,13 @@ class Update:
         loss: the worker's mean training loss.
         kind: ``"weights"`` (the worker's trained weights; its delta is these minus
             the global model, which is still at ``base_version`` while the round
-            runs) or ``"gradient"``.
+            runs), ``"gradient"``, or ``"delta"`` (trained weights minus the
+            weights of ``base_version``: asynchronous rules).
         tensors: by state-dict name; zero-copy views over the received frames. Use
             ``WireTensor.add_to`` to fold one into an accumulator without a copy, or
             ``to_tensor()`` for the whole tensor.
+        staleness: how many versions the model advanced since ``base_version``
+            (always 0 for synchronous rules).
     """
 
     worker: str
@@ -62,6 +65,7 @@ class Update:
     loss: float
     kind: str
     tensors: Mapping[str, WireTensor] = field(default_factory=dict)
+    staleness: int = 0
 
 
 def check_params(owner: str, params: Mapping[str, Any], allowed: Mapping[str, type | tuple]) -> dict[str, Any]:
@@ -97,8 +101,9 @@ class Aggregator(ABC):
     Class attributes:
         name: the name a job spec uses to pick this rule.
         worker_mode: what workers compute for it: ``"train"`` (local training; the
-            update carries the trained weights) or ``"gradient"`` (the gradient of
-            the loss on one batch, with the model unchanged).
+            update carries the trained weights), ``"gradient"`` (the gradient of
+            the loss on one batch, with the model unchanged) or ``"delta"`` (local
+            training; the update carries trained minus received weights).
     """
 
     name: ClassVar[str]
@@ -137,6 +142,31 @@ class Aggregator(ABC):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: B027 - optional hook
         """Restore what ``state_dict`` returned, after ``setup``."""
+
+
+class AsyncAggregator(Aggregator):
+    """A rule that folds updates in as they arrive, whatever version they started from.
+
+    There are no rounds: the engine gives work (the current model) to every idle
+    member, and each update comes back computed against the version its worker
+    received. The engine refuses an update whose staleness (current version minus
+    ``base_version``) exceeds ``max_staleness`` with a NACK, and sends that worker
+    the current model; it never offers the same update twice. Otherwise it calls
+    ``accumulate(update)`` with ``update.staleness`` set, then asks ``ready()``:
+    when True it calls ``finalize()``, which writes the new model (one new version),
+    and ``begin_round()`` to start the next buffer. Workers send ``"delta"`` updates
+    (trained minus received weights), which stay meaningful after the model moved.
+
+    Attributes:
+        max_staleness: the bound on staleness; set it from the rule's parameters.
+    """
+
+    worker_mode: ClassVar[WorkerMode] = "delta"
+    max_staleness: int = 10
+
+    @abstractmethod
+    def ready(self) -> bool:
+        """Whether enough has been accumulated to make a new version now."""
 
 
 class Task(ABC):

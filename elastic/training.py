@@ -140,7 +140,8 @@ def evaluate(task: Task, model: torch.nn.Module, dataset: Dataset, device: torch
 def update_template(model: torch.nn.Module, mode: str) -> dict[str, torch.Tensor]:
     """The tensors an update carries for a rule's ``worker_mode``, by state-dict name.
 
-    ``train``: every floating-point parameter and buffer (sent as trained weights).
+    ``train`` and ``delta``: every floating-point parameter and buffer (sent as
+    trained weights, or as trained minus received weights).
     ``gradient``: every parameter that requires a gradient.
 
     The values are the model's own ``Parameter`` and buffer objects, not
@@ -155,7 +156,7 @@ def update_template(model: torch.nn.Module, mode: str) -> dict[str, torch.Tensor
 
 def update_kind(mode: str) -> str:
     """The ``kind`` of update a worker sends for a rule's ``worker_mode``."""
-    return "gradient" if mode == "gradient" else "weights"
+    return {"gradient": "gradient", "delta": "delta"}.get(mode, "weights")
 
 
 @torch.no_grad()

@@ -23,10 +23,13 @@ import zmq
 
 from elastic import __version__
 from elastic.allocator import tune_allocator
+from elastic.api import AsyncAggregator
 from elastic.config import CoordinatorConfig
+from elastic.coordinator.asynchronous import AsyncEngine
+from elastic.coordinator.engine import Engine, Outgoing
 from elastic.coordinator.job import Job
 from elastic.coordinator.jobboard import JobBoard
-from elastic.coordinator.rounds import Outgoing, RoundEngine
+from elastic.coordinator.rounds import RoundEngine
 from elastic.errors import ConfigError, MembershipUnavailable, ProtocolError
 from elastic.jobspec import JobSpec
 from elastic.membership.base import Member, MembershipBackend
@@ -72,7 +75,7 @@ class Coordinator:
         self.ctx: zmq.Context = zmq.Context.instance()
         self.sock, self.endpoint = router_socket(self.ctx, config.bind)
         self.leadership: Leadership | None = None
-        self.engines: dict[str, RoundEngine] = {}
+        self.engines: dict[str, Engine] = {}
         self.membership: MembershipBackend
         self.board: JobBoard | None = None
         self._serving = False  # a term is on: members and jobs are loaded
@@ -144,7 +147,8 @@ class Coordinator:
             raise ConfigError(f"job id {spec.id!r} is given twice; give each job its own id")
         job = Job(spec, self.plugins, self.config.state_dir)
         fence = self.leadership.check if self.leadership is not None else None
-        engine = self.engines[spec.id] = RoundEngine(job, self.plugins.notify, fence=fence)
+        kind = AsyncEngine if isinstance(job.aggregator, AsyncAggregator) else RoundEngine
+        engine = self.engines[spec.id] = kind(job, self.plugins.notify, fence=fence)
         if self.board is not None:
             engine.on_status = functools.partial(self._report_status, spec.id)
         return job
@@ -232,7 +236,7 @@ class Coordinator:
             self._send_all(engine.tick(members))
             self._publish_generation(engine)
 
-    def _publish_generation(self, engine: RoundEngine) -> None:
+    def _publish_generation(self, engine: Engine) -> None:
         """Keep ``rendezvous/<job>/generation`` in etcd current."""
         job_id = engine.job.spec.id
         if self.leadership is not None and engine.generation != self._published.get(job_id):

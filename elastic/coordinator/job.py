@@ -53,9 +53,10 @@ class Job:
         self.round = 0  # last committed round
         self.version = 0  # model version; +1 per committed round
         self.history: list[dict[str, Any]] = []
-        self.totals = {"bytes_sent": 0, "bytes_received": 0, "updates": 0, "rejected": 0}
+        self.totals: dict[str, Any] = {"bytes_sent": 0, "bytes_received": 0, "updates": 0, "rejected": 0}
         self.final_metrics: dict[str, Any] = {}
         self.started_wall = time.time()
+        self.started_at: float | None = None  # when work was first handed out (unix time)
         self._test_data: Dataset | None = None
         self.resumed_from: int | None = None
         self._resume()
@@ -89,6 +90,7 @@ class Job:
             "totals": self.totals,
             "final_metrics": self.final_metrics,
             "wall_seconds": self.wall_seconds(),
+            "started_at": self.started_at,
         }
         return self.store.save(self.round, state, fence)
 
@@ -111,6 +113,7 @@ class Job:
         self.totals.update(ckpt.get("totals", {}))
         self.final_metrics = dict(ckpt.get("final_metrics", {}))
         self.started_wall = time.time() - float(ckpt.get("wall_seconds", 0.0))
+        self.started_at = ckpt.get("started_at")
         if ckpt.get("state") in (JobState.FINISHED, JobState.FAILED, JobState.CANCELLED):
             self.state = JobState(ckpt["state"])
         self.resumed_from = self.round
@@ -122,6 +125,12 @@ class Job:
         data = safetensors.torch.save(tensors, metadata={"job": self.spec.id, "round": str(self.round)})
         atomic_write(path, lambda f: f.write(data))
         return path
+
+    def mark_running(self) -> None:
+        if self.state is not JobState.RUNNING:
+            self.state = JobState.RUNNING
+            if self.started_at is None:
+                self.started_at = time.time()
 
     def wall_seconds(self) -> float:
         return time.time() - self.started_wall
@@ -144,6 +153,7 @@ class Job:
             "wall_seconds": round(self.wall_seconds(), 3),
             "history": self.history,
             "resumed_from": self.resumed_from,
+            "started_at": self.started_at,
             "updated_at": time.time(),
         }
         status.update(extra or {})

@@ -22,33 +22,17 @@ from __future__ import annotations
 import logging
 import math
 import random
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from elastic.api import Update
-from elastic.coordinator.job import Job, JobState
-from elastic.errors import Fenced
+from elastic.coordinator.engine import Engine, Outgoing
 from elastic.membership.base import Member
-from elastic.training import move_to_fresh_memory, update_kind, update_template
-from elastic.wire.buffers import BufferSet
 from elastic.wire.messages import Message, MsgType, WireTensor
 
 __all__ = ["RoundEngine", "Outgoing"]
 
 log = logging.getLogger("elastic.rounds")
-Notify = Callable[..., None]
-
-
-@dataclass
-class Outgoing:
-    """A message to send. ``buffers``: the pooled memory its frames alias; the sender
-    attaches its tracker, then releases the set once the batch is out."""
-
-    worker: str
-    message: Message
-    buffers: BufferSet | None = None
 
 
 @dataclass
@@ -71,38 +55,17 @@ class _Round:
         return self.participants <= self.answered
 
 
-class RoundEngine:
-    """Drives one job's rounds. ``notify(hook_name, **kwargs)`` reports events."""
+class RoundEngine(Engine):
+    """Drives one job's synchronous rounds."""
 
-    def __init__(
-        self, job: Job, notify: Notify, clock: Callable[[], float] = time.monotonic, fence: Callable[[], bool | None] | None = None
-    ) -> None:
-        self.job = job
-        self.notify = notify
-        self.clock = clock
-        # Asked before every commit (model version, checkpoint): True to go ahead;
-        # False: another coordinator leads, so this engine stops for good; None: not
-        # known now (etcd silent), so the round is re-run rather than committed.
-        self.fence = fence or (lambda: True)
-        self.fenced = False
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self.current: _Round | None = None
-        self.mode = job.aggregator.worker_mode
-        self.kind = update_kind(self.mode)
-        self._template = {k: (tuple(t.shape), t.dtype) for k, t in update_template(job.model, self.mode).items()}
-        self._waiting_reported: int | None = None
-        self.members_now = 0
-        self.paused = False
-        self.on_status: Callable[[dict[str, Any]], None] | None = None  # also told every status
         self.rendezvous = self.mode == "gradient"
         # Workers whose work failed in a generation: each failure re-runs the step, so
         # they sit out (until they leave and join again) instead of stalling the job.
         self.benched: set[str] = set()
-        self.generation = 0
         self._generation_members: tuple[str, ...] = ()
-        # WORK frames alias the model's own memory (no copy per round); these are the
-        # trackers of those sends. Before the rule writes the model, memory a queued
-        # frame still reads is left to it and the model moves to a copy.
-        self.model_sends = BufferSet({}, busy=False)
 
     # -------------------------------------------------------------- driving --
 
@@ -115,11 +78,7 @@ class RoundEngine:
         if self.benched:  # they sit out until they leave and come back
             members = [m for m in members if m.id not in self.benched]
         now = self.clock()
-        if self.paused and self.current is None:
-            if job.state is not JobState.PAUSED:
-                job.state = JobState.PAUSED
-                log.info("job paused job=%s round=%d version=%d", job.spec.id, job.round, job.version)
-                self._write_status()
+        if self.current is None and self._pause_if_asked(idle=True):
             return []
         if self.current is not None:
             if now >= self.current.deadline:
@@ -127,24 +86,13 @@ class RoundEngine:
                 log.warning("round deadline passed job=%s round=%d missing=%s", job.spec.id, self.current.number, ",".join(late))
                 self._close("deadline passed")
             return []
-        if job.round >= job.spec.rounds:  # resumed with fewer rounds than already run
-            job.final_metrics = job.final_metrics or {"rounds": job.round}
-            self._finish()
-            return []
-        if len(members) < job.spec.min_workers:
-            if job.state is not JobState.WAITING or self._waiting_reported != len(members):
-                job.state = JobState.WAITING
-                self._waiting_reported = len(members)
-                log.info("waiting for workers job=%s members=%d needed=%d", job.spec.id, len(members), job.spec.min_workers)
-                self.notify("elastic_job_waiting", job_id=job.spec.id, members=len(members), needed=job.spec.min_workers)
-                self._write_status()
+        if self._finish_if_resumed_past_the_end() or self._too_few(members):
             return []
         return self._start(members, now)
 
     def _start(self, members: list[Member], now: float) -> list[Outgoing]:
         job, spec = self.job, self.job.spec
-        job.state = JobState.RUNNING
-        self._waiting_reported = None
+        job.mark_running()
         number = job.round + 1
         count = max(spec.min_workers, math.ceil(spec.fraction * len(members)))
         if spec.max_workers:
@@ -178,29 +126,9 @@ class RoundEngine:
         self._write_status()
         return out
 
-    def set_desired(self, state: str) -> None:
-        """The operator's wish: ``running``, ``paused`` (the round in progress still
-        commits; no new one starts) or ``cancelled`` (the round in progress is dropped;
-        the job stops for good and its last checkpoint stays)."""
-        job = self.job
-        if job.done:
-            return
-        if state == "cancelled":
-            if self.current is not None:
-                self._close("job cancelled", force_abandon=True)
-            job.state = JobState.CANCELLED
-            log.info("job cancelled job=%s round=%d version=%d", job.spec.id, job.round, job.version)
-            self.notify("elastic_job_finished", job_id=job.spec.id, state=str(job.state), metrics=dict(job.final_metrics))
-            self._write_status()
-        elif state == "paused":
-            self.paused = True
-        elif state == "running" and self.paused:
-            self.paused = False
-            job.state = JobState.RUNNING
-            log.info("job resumed job=%s round=%d", job.spec.id, job.round)
-            self._write_status()
-        elif state not in ("running", "paused"):
-            log.warning("ignoring unknown desired state job=%s state=%r (running, paused or cancelled)", job.spec.id, state)
+    def _abandon_work(self, why: str) -> None:
+        if self.current is not None:
+            self._close(why, force_abandon=True)
 
     # -------------------------------------------------------------- updates --
 
@@ -209,7 +137,6 @@ class RoundEngine:
         job, rnd = self.job, self.current
         reason = self._refuse(worker, msg)
         if reason is not None:
-            job.totals["rejected"] += 1
             return self._nack(msg, *reason)
         assert rnd is not None
         update = Update(
@@ -253,22 +180,7 @@ class RoundEngine:
             return "bad_key", f"idempotency key {msg.key!r} does not match sender, job and round"
         if worker in rnd.answered:
             return "duplicate", f"an update for {msg.key} was already applied or refused"
-        if msg.meta["kind"] != self.kind:
-            return "wrong_kind", f"rule {job.spec.rule} needs {self.kind} updates, got {msg.meta['kind']}"
-        if set(msg.tensors) != set(self._template):
-            missing = sorted(set(self._template) - set(msg.tensors))[:3]
-            extra = sorted(set(msg.tensors) - set(self._template))[:3]
-            return "shape_mismatch", f"tensor names differ from the model (missing {missing}, unexpected {extra})"
-        for name, (shape, dtype) in self._template.items():
-            t = msg.tensors[name]
-            if t.shape != shape or not t.dtype.is_floating_point:
-                return "shape_mismatch", f"tensor {name!r} is {list(t.shape)} {t.dtype}, the model has {list(shape)} {dtype}"
-        return None
-
-    def _nack(self, msg: Message, reason: str, detail: str) -> Message:
-        log.warning("update rejected job=%s sender=%s reason=%s detail=%s", self.job.spec.id, msg.sender, reason, detail)
-        self.notify("elastic_update_rejected", job_id=self.job.spec.id, worker_id=msg.sender, reason=reason, detail=detail)
-        return Message(MsgType.NACK, job=msg.job, round=msg.round, version=msg.version, key=msg.key, meta={"reason": reason, "detail": detail})
+        return self._check_tensors(msg)
 
     def on_worker_failed(self, worker: str, round_: int, detail: str) -> None:
         """A participant said it cannot do the work: stop waiting for it."""
@@ -311,75 +223,24 @@ class RoundEngine:
             job.aggregator.begin_round()  # drop the partial aggregate
             self.notify("elastic_round_abandoned", job_id=job.spec.id, round=rnd.number, reason=reason)
             return
-        verdict = self.fence()
-        if verdict is not True:
-            self.fenced = verdict is False
-            reason = "another coordinator leads" if self.fenced else "leadership not confirmed (etcd silent)"
-            log.warning("round not committed job=%s round=%d reason=%s", job.spec.id, rnd.number, reason)
-            job.aggregator.begin_round()
-            self.notify("elastic_round_abandoned", job_id=job.spec.id, round=rnd.number, reason=reason)
-            return
-        if not self.model_sends.free:  # e.g. a frozen straggler has not read its WORK
-            log.info("model memory still being sent job=%s round=%d: moving the model to a copy", job.spec.id, rnd.number)
-            move_to_fresh_memory(job.model)
-            self.model_sends = BufferSet({}, busy=False)
-        job.aggregator.finalize()
-        job.round, job.version = rnd.number, job.version + 1
-        job.totals["bytes_sent"] += rnd.bytes_sent
-        job.totals["bytes_received"] += rnd.bytes_received
-        metrics: dict[str, Any] = {
-            "round": rnd.number,
-            "version": job.version,
+        self.job.totals["bytes_sent"] += rnd.bytes_sent
+        self.job.totals["bytes_received"] += rnd.bytes_received
+        committed = self._commit(rnd.number, {
             "loss": rnd.loss_sum / rnd.samples if rnd.samples else float("nan"),
             "updates": rnd.updates,
             "asked": rnd.asked,
             "participants": len(rnd.participants),
-            "members": self.members_now,
             "generation": self.generation,
             "samples": rnd.samples,
             "seconds": round(self.clock() - rnd.started, 4),
             "bytes_sent": rnd.bytes_sent,
             "bytes_received": rnd.bytes_received,
-        }
-        spec = job.spec
-        last = rnd.number >= spec.rounds
-        if last or (spec.eval_every and rnd.number % spec.eval_every == 0):
-            metrics.update(job.evaluate())
-        job.history.append(metrics)
-        if last:
-            job.state = JobState.FINISHED
-            job.final_metrics = {k: v for k, v in metrics.items() if k in ("loss", "eval_loss", "accuracy")} | {"rounds": job.round}
-        if last or rnd.number % spec.checkpoint.every == 0:
-            try:
-                path = job.checkpoint(self.fence)
-                self.notify("elastic_checkpoint_saved", job_id=spec.id, round=rnd.number, path=str(path))
-            except Fenced as exc:  # leadership unsure between the fence and the publish
-                log.error("checkpoint not published job=%s round=%d: %s", spec.id, rnd.number, exc)
-                if self.fence() is False:  # another leader: stop here, publish nothing more
-                    self.fenced = True
-                    return
-                # else etcd is only silent: the next checkpoint will carry this version
-        log.info("round committed job=%s round=%d version=%d updates=%d loss=%.4f%s", spec.id, rnd.number, job.version, rnd.updates, metrics["loss"], "".join(f" {k}={metrics[k]:.4f}" for k in ("eval_loss", "accuracy") if k in metrics))
-        self.notify("elastic_round_completed", job_id=spec.id, round=rnd.number, version=job.version, metrics=metrics)
-        if last:
-            self._finish()
-        else:
-            self._write_status()
+        })
+        if committed is not True:
+            job.aggregator.begin_round()  # the round is run again (or never, if fenced)
 
-    def _finish(self) -> None:
-        job = self.job
-        job.state = JobState.FINISHED
-        path = job.save_final_model()
-        final = job.final_metrics | {"model": str(path), "wall_seconds": round(job.wall_seconds(), 3)}
-        log.info("job finished job=%s rounds=%d %s", job.spec.id, job.round, " ".join(f"{k}={v}" for k, v in final.items()))
-        self.notify("elastic_job_finished", job_id=job.spec.id, state=str(job.state), metrics=final)
-        self._write_status()
-
-    def _write_status(self) -> None:
-        extra = {}
-        if self.current is not None:
-            extra["in_progress"] = {"round": self.current.number, "participants": sorted(self.current.participants), "answered": sorted(self.current.answered)}
-        status = self.job.status(self.members_now, extra)
-        self.job.write_status(status)
-        if self.on_status is not None:
-            self.on_status(status)
+    def _in_progress(self) -> dict[str, Any]:
+        if self.current is None:
+            return {}
+        rnd = self.current
+        return {"in_progress": {"round": rnd.number, "participants": sorted(rnd.participants), "answered": sorted(rnd.answered)}}

@@ -6,7 +6,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from elastic.training import (
     update_kind,
     update_template,
 )
-from elastic.wire.buffers import BufferPool, BufferSet
+from elastic.wire.buffers import BufferPool, BufferSet, reusable
 from elastic.wire.messages import Message, MsgType, WireTensor
 from elastic.worker.devices import HostStaging
 
@@ -48,6 +48,7 @@ class _JobContext:
     model: torch.nn.Module
     dataset: Dataset
     sent: BufferSet | None = None  # the last update, when its frames alias the model
+    received: dict[str, torch.Tensor] = field(default_factory=dict)  # delta mode: the weights trained from
 
 
 class TaskRunner:
@@ -118,9 +119,13 @@ class TaskRunner:
         mode = work.meta["mode"]
         train = TrainParams(**work.meta["train"])
         seed = (int(work.meta["seed"]) * 1_000_003 + work.round) * 1009 + int(work.meta["shard"][0])
-        if mode == "train":
+        if mode in ("train", "delta"):
+            weights = update_template(ctx.model, mode)
+            received = {k: reusable(ctx.received, k, v).copy_(v.detach()) for k, v in weights.items()} if mode == "delta" else {}
             result = local_train(ctx.task, ctx.model, ctx.dataset, train, seed, self.device, self.cancel)
-            weights = update_template(ctx.model, "train")
+            with torch.no_grad():
+                for name, start in received.items():  # delta: trained minus received, in place
+                    weights[name].sub_(start)
             if self.device.type == "cpu":  # sent straight from the parameters: no copy
                 buffers = ctx.sent = BufferSet({k: v.detach() for k, v in weights.items()})
             else:
@@ -130,7 +135,7 @@ class TaskRunner:
             grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in update_template(ctx.model, "gradient").items()}
             buffers = self.outbox.copy_of(grads)
         else:
-            raise ElasticError(f"unknown work mode {mode!r}; this worker knows train and gradient")
+            raise ElasticError(f"unknown work mode {mode!r}; this worker knows train, delta and gradient")
         meta: dict[str, Any] = {"num_samples": result.num_samples, "loss": result.loss, "kind": update_kind(mode), "train_seconds": time.perf_counter() - started}
         msg = Message(
             MsgType.UPDATE,

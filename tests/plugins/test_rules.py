@@ -96,7 +96,7 @@ def neutral_update(m: nn.Module, mode: str) -> Update:
     template = update_template(m, mode)
     if mode == "train":
         return make_update({k: v.detach().clone() for k, v in template.items()}, 5)
-    return make_update({k: torch.zeros_like(v) for k, v in template.items()}, 5, "gradient")
+    return make_update({k: torch.zeros_like(v) for k, v in template.items()}, 5, update_kind(mode))  # a zero gradient or delta
 
 
 @pytest.mark.parametrize("name", Plugins().aggregators.names())

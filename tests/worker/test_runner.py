@@ -11,7 +11,7 @@ from elastic_plugins.tasks.linreg import LinReg
 
 from elastic.errors import ConfigError
 from elastic.plugins import Plugins
-from elastic.training import update_template
+from elastic.training import update_kind, update_template
 from elastic.wire import Message, MsgType, WireTensor, decode, encode
 from elastic.wire.buffers import BufferPool
 from elastic.wire.transport import send_message
@@ -45,17 +45,19 @@ def expected(mode: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     if mode == "gradient":
         return grads
     weights = model.state_dict()
+    if mode == "delta":
+        return {n: -0.1 * g for n, g in grads.items()}  # trained minus received
     return {n: weights[n] - 0.1 * g for n, g in grads.items()}  # one full-batch SGD step
 
 
-@pytest.mark.parametrize("mode", ["train", "gradient"])
+@pytest.mark.parametrize("mode", ["train", "gradient", "delta"])
 def test_runner_update_on_cpu(mode: str) -> None:
     model = LinReg({"samples": 40, "features": 3}).build_model(3)
     runner = TaskRunner(Plugins(), torch.device("cpu"), None, "w")
     result = runner.run(work(mode, model))
     msg = result.message
     assert msg.type is MsgType.UPDATE, msg.meta
-    assert (msg.round, msg.version, msg.key, msg.meta["kind"], msg.meta["num_samples"]) == (1, 0, "w/j/1", "weights" if mode == "train" else "gradient", 20)
+    assert (msg.round, msg.version, msg.key, msg.meta["kind"], msg.meta["num_samples"]) == (1, 0, "w/j/1", update_kind(mode), 20)
     for name, want in expected(mode, model).items():
         assert torch.allclose(msg.tensors[name].to_tensor(), want, atol=1e-6), name
 
@@ -136,7 +138,7 @@ def test_resolve_device() -> None:
 
 @cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["train", "gradient"])
+@pytest.mark.parametrize("mode", ["train", "gradient", "delta"])
 def test_runner_on_cuda_matches_cpu(mode: str) -> None:
     model = LinReg({"samples": 40, "features": 3}).build_model(3)
     cpu = TaskRunner(Plugins(), torch.device("cpu"), None, "w").run(work(mode, model)).message

@@ -1,0 +1,241 @@
+"""What every job engine shares: validating updates, committing model versions, status.
+
+An engine drives one job. It is socket-free: the coordinator gives it members,
+updates and the time, and sends the messages it answers with. ``RoundEngine``
+(``rounds.py``) runs synchronous rounds; ``AsyncEngine`` (``asynchronous.py``)
+folds updates in as they arrive. Both commit through ``_commit``: fence, finalize,
+new version, evaluation, checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from elastic.coordinator.job import Job, JobState
+from elastic.errors import Fenced
+from elastic.membership.base import Member
+from elastic.training import move_to_fresh_memory, update_kind, update_template
+from elastic.wire.buffers import BufferSet
+from elastic.wire.messages import Message, MsgType
+
+__all__ = ["Engine", "Outgoing", "Notify"]
+
+log = logging.getLogger("elastic.rounds")
+Notify = Callable[..., None]
+
+
+@dataclass
+class Outgoing:
+    """A message to send. ``buffers``: the pooled memory its frames alias; the sender
+    attaches its tracker, then releases the set once the batch is out."""
+
+    worker: str
+    message: Message
+    buffers: BufferSet | None = None
+
+
+class Engine(ABC):
+    """One job's driver. ``notify(hook_name, **kwargs)`` reports events."""
+
+    def __init__(
+        self, job: Job, notify: Notify, clock: Callable[[], float] = time.monotonic, fence: Callable[[], bool | None] | None = None
+    ) -> None:
+        self.job = job
+        self.notify = notify
+        self.clock = clock
+        # Asked before every commit (model version, checkpoint): True to go ahead;
+        # False: another coordinator leads, so this engine stops for good; None: not
+        # known now (etcd silent), so nothing is committed now.
+        self.fence = fence or (lambda: True)
+        self.fenced = False
+        self.mode = job.aggregator.worker_mode
+        self.kind = update_kind(self.mode)
+        self._template = {k: (tuple(t.shape), t.dtype) for k, t in update_template(job.model, self.mode).items()}
+        self.members_now = 0
+        self.paused = False
+        self._waiting_reported: int | None = None
+        self.on_status: Callable[[dict[str, Any]], None] | None = None  # also told every status
+        self.generation = 0  # rendezvous generation (data-parallel rules only)
+        # WORK frames alias the model's own memory (no copy per round); these are the
+        # trackers of those sends. Before the rule writes the model, memory a queued
+        # frame still reads is left to it and the model moves to a copy.
+        self.model_sends = BufferSet({}, busy=False)
+
+    # ------------------------------------------------------------ interface --
+
+    @abstractmethod
+    def tick(self, members: list[Member]) -> list[Outgoing]:
+        """Hand out work to the members as the rule wants; enforce deadlines."""
+
+    @abstractmethod
+    def on_update(self, worker: str, msg: Message) -> Message:
+        """Validate and fold an update; the answer is an ACK or a NACK with the reason."""
+
+    @abstractmethod
+    def on_worker_failed(self, worker: str, round_: int, detail: str) -> None:
+        """A worker said it cannot do the work it was given."""
+
+    @abstractmethod
+    def on_member_left(self, worker: str) -> None:
+        """A member left: nothing may wait on it."""
+
+    @abstractmethod
+    def _abandon_work(self, why: str) -> None:
+        """Drop the work in progress and its partial aggregate (the job is cancelled)."""
+
+    def _in_progress(self) -> dict[str, Any]:
+        """Extra status fields about the work in progress."""
+        return {}
+
+    # -------------------------------------------------------------- control --
+
+    def set_desired(self, state: str) -> None:
+        """The operator's wish: ``running``, ``paused`` (work in progress still
+        commits; no new work starts) or ``cancelled`` (work in progress is dropped;
+        the job stops for good and its last checkpoint stays)."""
+        job = self.job
+        if job.done:
+            return
+        if state == "cancelled":
+            self._abandon_work("job cancelled")
+            job.state = JobState.CANCELLED
+            log.info("job cancelled job=%s round=%d version=%d", job.spec.id, job.round, job.version)
+            self.notify("elastic_job_finished", job_id=job.spec.id, state=str(job.state), metrics=dict(job.final_metrics))
+            self._write_status()
+        elif state == "paused":
+            self.paused = True
+        elif state == "running" and self.paused:
+            self.paused = False
+            job.mark_running()
+            log.info("job resumed job=%s round=%d", job.spec.id, job.round)
+            self._write_status()
+        elif state not in ("running", "paused"):
+            log.warning("ignoring unknown desired state job=%s state=%r (running, paused or cancelled)", job.spec.id, state)
+
+    def _pause_if_asked(self, idle: bool) -> bool:
+        """True while paused; the job shows as paused once no work is in progress."""
+        if not self.paused:
+            return False
+        if idle and self.job.state is not JobState.PAUSED:
+            self.job.state = JobState.PAUSED
+            log.info("job paused job=%s round=%d version=%d", self.job.spec.id, self.job.round, self.job.version)
+            self._write_status()
+        return True
+
+    def _too_few(self, members: list[Member]) -> bool:
+        """True (and the job shows as waiting) while fewer than ``min_workers`` are here."""
+        job = self.job
+        if len(members) >= job.spec.min_workers:
+            self._waiting_reported = None
+            return False
+        if job.state is not JobState.WAITING or self._waiting_reported != len(members):
+            job.state = JobState.WAITING
+            self._waiting_reported = len(members)
+            log.info("waiting for workers job=%s members=%d needed=%d", job.spec.id, len(members), job.spec.min_workers)
+            self.notify("elastic_job_waiting", job_id=job.spec.id, members=len(members), needed=job.spec.min_workers)
+            self._write_status()
+        return True
+
+    def _finish_if_resumed_past_the_end(self) -> bool:
+        """True (and the job finishes) if a checkpoint already holds every round."""
+        job = self.job
+        if job.round < job.spec.rounds:
+            return False
+        job.final_metrics = job.final_metrics or {"rounds": job.round}
+        self._finish()
+        return True
+
+    # ------------------------------------------------------------- checking --
+
+    def _check_tensors(self, msg: Message) -> tuple[str, str] | None:
+        """The update's kind, names, shapes and dtypes against the model's."""
+        if msg.meta["kind"] != self.kind:
+            return "wrong_kind", f"rule {self.job.spec.rule} needs {self.kind} updates, got {msg.meta['kind']}"
+        if set(msg.tensors) != set(self._template):
+            missing = sorted(set(self._template) - set(msg.tensors))[:3]
+            extra = sorted(set(msg.tensors) - set(self._template))[:3]
+            return "shape_mismatch", f"tensor names differ from the model (missing {missing}, unexpected {extra})"
+        for name, (shape, dtype) in self._template.items():
+            t = msg.tensors[name]
+            if t.shape != shape or not t.dtype.is_floating_point:
+                return "shape_mismatch", f"tensor {name!r} is {list(t.shape)} {t.dtype}, the model has {list(shape)} {dtype}"
+        return None
+
+    def _nack(self, msg: Message, reason: str, detail: str) -> Message:
+        self.job.totals["rejected"] += 1
+        log.warning("update rejected job=%s sender=%s reason=%s detail=%s", self.job.spec.id, msg.sender, reason, detail)
+        self.notify("elastic_update_rejected", job_id=self.job.spec.id, worker_id=msg.sender, reason=reason, detail=detail)
+        return Message(MsgType.NACK, job=msg.job, round=msg.round, version=msg.version, key=msg.key, meta={"reason": reason, "detail": detail})
+
+    # ------------------------------------------------------------ committing --
+
+    def _commit(self, number: int, metrics: dict[str, Any]) -> bool | None:
+        """Write the rule's aggregate into the model as version + 1, unless fenced.
+
+        ``number`` is the round (or, for asynchronous rules, the version) committed;
+        ``metrics`` its figures. Evaluates, records history, checkpoints, and
+        finishes the job after its last round. Returns the fence's verdict: True
+        (committed), False (another coordinator leads; this engine stops) or None
+        (leadership unconfirmed); on anything but True the rule's aggregate is
+        untouched, for the caller to drop or keep.
+        """
+        job, spec = self.job, self.job.spec
+        verdict = self.fence()
+        if verdict is not True:
+            self.fenced = verdict is False
+            reason = "another coordinator leads" if self.fenced else "leadership not confirmed (etcd silent)"
+            log.warning("round not committed job=%s round=%d reason=%s", spec.id, number, reason)
+            self.notify("elastic_round_abandoned", job_id=spec.id, round=number, reason=reason)
+            return verdict
+        if not self.model_sends.free:  # e.g. a frozen straggler has not read its WORK
+            log.debug("model memory still being sent job=%s round=%d: moving the model to a copy", spec.id, number)
+            move_to_fresh_memory(job.model)
+            self.model_sends = BufferSet({}, busy=False)
+        job.aggregator.finalize()
+        job.round, job.version = number, job.version + 1
+        metrics = {"round": number, "version": job.version, **metrics, "members": self.members_now, "at": round(time.time(), 3)}
+        last = number >= spec.rounds
+        if last or (spec.eval_every and number % spec.eval_every == 0):
+            metrics.update(job.evaluate())
+        job.history.append(metrics)
+        if last:
+            job.state = JobState.FINISHED
+            job.final_metrics = {k: v for k, v in metrics.items() if k in ("loss", "eval_loss", "accuracy")} | {"rounds": job.round}
+        if last or number % spec.checkpoint.every == 0:
+            try:
+                path = job.checkpoint(self.fence)
+                self.notify("elastic_checkpoint_saved", job_id=spec.id, round=number, path=str(path))
+            except Fenced as exc:  # leadership unsure between the fence and the publish
+                log.error("checkpoint not published job=%s round=%d: %s", spec.id, number, exc)
+                if self.fence() is False:  # another leader: stop here, publish nothing more
+                    self.fenced = True
+                    return True
+                # else etcd is only silent: the next checkpoint will carry this version
+        loss = metrics.get("loss", float("nan"))
+        log.info("round committed job=%s round=%d version=%d updates=%d loss=%.4f%s", spec.id, number, job.version, metrics.get("updates", 0), loss, "".join(f" {k}={metrics[k]:.4f}" for k in ("eval_loss", "accuracy") if k in metrics))
+        self.notify("elastic_round_completed", job_id=spec.id, round=number, version=job.version, metrics=metrics)
+        if last:
+            self._finish()
+        else:
+            self._write_status()
+        return True
+
+    def _finish(self) -> None:
+        job = self.job
+        job.state = JobState.FINISHED
+        path = job.save_final_model()
+        final = job.final_metrics | {"model": str(path), "wall_seconds": round(job.wall_seconds(), 3)}
+        log.info("job finished job=%s rounds=%d %s", job.spec.id, job.round, " ".join(f"{k}={v}" for k, v in final.items()))
+        self.notify("elastic_job_finished", job_id=job.spec.id, state=str(job.state), metrics=final)
+        self._write_status()
+
+    def _write_status(self) -> None:
+        status = self.job.status(self.members_now, self._in_progress())
+        self.job.write_status(status)
+        if self.on_status is not None:
+            self.on_status(status)
