@@ -42,6 +42,7 @@ class TrainParams:
     optimizer: str = "sgd"  # sgd | adam
     momentum: float = 0.0
     weight_decay: float = 0.0
+    prox_mu: float = 0.0  # FedProx: mu/2 * ||w - w_received||^2 added to every task's loss
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ _TRAIN_KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
     "optimizer": (str, lambda v: v in ("sgd", "adam"), 'one of "sgd", "adam"'),
     "momentum": (float, lambda v: 0 <= v < 1, "in [0, 1)"),
     "weight_decay": (float, lambda v: v >= 0, ">= 0"),
+    "prox_mu": (float, lambda v: v >= 0, ">= 0"),
 }
 _CHECKPOINT_KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
     "every": (int, lambda v: v >= 1, "a positive integer (rounds between checkpoints)"),

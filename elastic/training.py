@@ -72,10 +72,17 @@ def local_train(
 ) -> TrainResult:
     """Train ``model`` in place for ``params.local_epochs`` epochs; the mean loss of the last epoch.
 
+    With ``params.prox_mu`` = μ > 0 (FedProx, Li et al. 2020) every step also pulls
+    toward the weights training started from, as if μ/2·‖w − w_start‖² were part of
+    the task's loss: its gradient μ(w − w_start) is added after ``backward``, so any
+    task gets it unchanged. The loss reported is the task's own.
+
     Raises ``Cancelled`` between batches once ``cancel`` is set (a daemon stopping).
     """
     model.train()
     optimizer = _optimizer(model, params)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for p in trained] if params.prox_mu > 0 else []
     generator = torch.Generator().manual_seed(seed)
     n = len(dataset)  # type: ignore[arg-type]
     last = 0.0
@@ -87,6 +94,9 @@ def local_train(
             optimizer.zero_grad(set_to_none=True)
             loss = task.loss(model, inputs, targets)
             loss.backward()
+            for p, anchor in zip(trained, anchors, strict=False):  # FedProx's proximal term
+                if p.grad is not None:
+                    p.grad.add_(p.detach(), alpha=params.prox_mu).sub_(anchor, alpha=params.prox_mu)
             optimizer.step()
             total += float(loss.detach()) * len(targets)
             count += len(targets)

@@ -1,17 +1,23 @@
-"""Aggregation math as pure functions and one streaming accumulator.
+"""Aggregation math as pure functions, one streaming accumulator, and the base of
+the rules that step the model along the mean delta (FedAvg, FedOpt).
 
 Tensors in, tensors out: easy to check against a hand computation.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
+from elastic.api import Aggregator, Update, check_params
+from elastic.errors import JobSpecError
+from elastic.training import update_template
 from elastic.wire.messages import WireTensor
 
-__all__ = ["WeightedSum", "weighted_mean"]
+__all__ = ["WeightedSum", "weighted_mean", "MeanDeltaRule"]
 
 
 def weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -67,3 +73,58 @@ class WeightedSum:
         for acc in self.sums.values():
             acc.div_(self.total_weight)
         return self.sums
+
+
+class MeanDeltaRule(Aggregator):
+    """A train-mode rule that averages the workers' trained weights and steps the
+    model along the mean delta (``mean(w_i) - w``, the pseudo-gradient of Reddi et
+    al. 2021 with the sign of a step). Subclasses say how: ``apply_step``.
+
+    ``weighting`` (``"samples"``, the default, or ``"uniform"``) is every such
+    rule's parameter; ``check`` validates it with the subclass's own.
+    """
+
+    worker_mode = "train"
+
+    def check(self, owner: str, params: Mapping[str, Any], allowed: Mapping[str, type | tuple]) -> dict[str, Any]:
+        """Validate ``params`` against ``allowed`` plus ``weighting``; sets ``self.params``."""
+        p = check_params(owner, params, {**allowed, "weighting": str})
+        self.weighting = p.get("weighting", "samples")
+        if self.weighting not in ("samples", "uniform"):
+            raise JobSpecError(f'{owner}: weighting must be "samples" or "uniform", got {self.weighting!r}')
+        self.params = p
+        return p
+
+    @property
+    def plain(self) -> bool:
+        """True when the new model is just the mean (written in one pass)."""
+        return False
+
+    @abstractmethod
+    def apply_step(self, name: str, w: torch.Tensor, step: torch.Tensor) -> None:
+        """Move parameter ``w`` (a model tensor) by the mean delta ``step`` (scratch memory)."""
+
+    def setup(self, model: torch.nn.Module) -> None:
+        self._targets = update_template(model, "train")
+        self._sum = WeightedSum(self._targets)
+
+    def begin_round(self) -> None:
+        self._sum.reset()
+
+    def accumulate(self, update: Update) -> None:
+        weight = 1.0 if self.weighting == "uniform" else float(update.num_samples)
+        self._sum.add(update.tensors, weight)
+
+    def finalize(self) -> None:
+        if self._sum.total_weight <= 0:
+            return  # every update came from an empty shard: nothing to learn from
+        total = self._sum.total_weight
+        with torch.no_grad():
+            for name, acc in self._sum.sums.items():
+                w = self._targets[name]
+                if self.plain:  # w = mean, one pass
+                    torch.div(acc, total, out=w.view(acc.shape))
+                    continue
+                step = acc.div_(total).sub_(w.view(acc.shape))  # mean weights - w = mean delta
+                self.apply_step(name, w, step)
+        self._sum.reset()

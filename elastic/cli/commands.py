@@ -153,9 +153,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 130
     if not job.done:
         raise ElasticError(f"job {spec.id} did not finish: {failure or 'coordinator stopped'}; resume it with --resume {state_dir}")
+    figures = _figures(job, state_dir)
+    if args.out:
+        _export(job.model.state_dict(), args.out)
+        figures["model"] = str(args.out)
+    _report(console, figures, args.summary)
+    return 0 if str(job.state) == "finished" else 1
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from elastic.cli.progress import ProgressObserver
+    from elastic.simulation import simulate
+
+    setup_logging("kv", "warning" if not args.quiet else "error")
+    spec = load_job_spec(args.job)
+    state_dir = args.state_dir or Path("runs") / f"{spec.id}-sim-{time.strftime('%Y%m%d-%H%M%S')}"
+    console = Console(stderr=True)
+    observer = ProgressObserver(spec.id, spec.rounds, console, enabled=not args.quiet)
+    plugins = Plugins(extra=[observer])
+    check_spec(spec, plugins)
+    with observer:
+        job = simulate(spec, args.workers, plugins, state_dir, args.data)
+    _report(console, _figures(job, state_dir), args.summary)
+    return 0 if str(job.state) == "finished" else 1
+
+
+def _figures(job: Any, state_dir: Path) -> dict[str, Any]:
     final = job.history[-1] if job.history else {}
-    figures = {
-        "job": spec.id,
+    return {
+        "job": job.spec.id,
         "state": str(job.state),
         "rounds": job.round,
         "accuracy": final.get("accuracy"),
@@ -167,14 +193,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         "model": str(job.dir / "final.safetensors"),
         "state_dir": str(state_dir),
     }
-    if args.out:
-        _export(job.model.state_dict(), args.out)
-        figures["model"] = str(args.out)
-    if args.summary:
+
+
+def _report(console: Console, figures: dict[str, Any], summary: Path | None) -> None:
+    if summary:
         data = json.dumps(figures, indent=2).encode()
-        atomic_write(args.summary, lambda f: f.write(data))
+        atomic_write(summary, lambda f: f.write(data))
     _print_result(console, figures)
-    return 0 if str(job.state) == "finished" else 1
 
 
 def _start_local_workers(endpoint: str, n: int, device: str, state_dir: Path) -> list[subprocess.Popen]:

@@ -43,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--log-format", choices=["kv", "json"], default="kv")
 
+    p = sub.add_parser("simulate", parents=[debug], help="run a job in this process: the real engine and worker runtime, no sockets")
+    p.add_argument("job", type=Path, help="job spec (TOML)")
+    p.add_argument("--workers", type=int, default=4, help="simulated workers (default 4)")
+    p.add_argument("--state-dir", type=Path, default=None, help="checkpoints and status (default runs/<job>-sim-<time>)")
+    p.add_argument("--data", type=Path, default=None, help="data directory handed to the task")
+    p.add_argument("--summary", type=Path, default=None, help="write the final figures here as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
     p = sub.add_parser("coordinator", parents=[debug], help="run the coordinator daemon")
     p.add_argument("--bind", default=None, help="ZeroMQ endpoint to serve on (default tcp://127.0.0.1:5555)")
     p.add_argument("--job", type=Path, action="append", default=[], help="job spec to serve (repeatable)")
