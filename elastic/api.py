@@ -215,25 +215,54 @@ class Task(ABC):
 
 
 class Codec(ABC):
-    """A compression stage for tensors on the wire, chosen by name in a job spec.
+    """A compression stage for update tensors, chosen by name in a job's codec chain
+    (``[compression] update = ["topk:0.01", "fp16", "zstd"]``).
 
-    Stages chain: each ``encode`` output is the next stage's input, and ``decode``
-    runs the chain backwards. A codec must not move a tensor between devices.
+    Stages chain part by part: a tensor enters the first stage, each stage turns
+    every part it ``accepts`` into named parts, and the next stage sees those (a
+    part it does not accept passes through). The header records, per tensor, each
+    stage applied with its argument and the shape and dtype it was given, so the
+    coordinator decodes any chain with fresh instances and no other state.
+
+    On a worker each tensor of each job gets its own instance, kept from round to
+    round: state such as an error-feedback residual or warm-started factors lives on
+    ``self``. ``decode`` must use no instance state. A codec computes on the tensor's
+    device (CPU or CUDA) and must not move it, except a byte-level stage that has to
+    work on host memory. Non-contiguous, empty and 0-d inputs must work.
 
     Class attributes:
-        name: the name a job spec uses to pick this codec.
+        name: the name a chain uses to pick this codec (``"topk"`` in ``"topk:0.01"``).
+        lossless: True when ``decode(encode(x))`` is ``x`` exactly.
     """
 
     name: ClassVar[str]
+    lossless: ClassVar[bool] = False
 
     def __init__(self, arg: str | None = None) -> None:
-        """Parse the stage argument (``"topk:0.01"`` gives ``arg="0.01"``)."""
+        """Parse the stage argument (``"topk:0.01"`` gives ``arg="0.01"``); raise
+        ``JobSpecError`` naming the stage and the fix when it is not valid."""
         self.arg = arg
+
+    def accepts(self, tensor: torch.Tensor) -> bool:
+        """Whether this stage encodes ``tensor`` (default: floating-point tensors)."""
+        return tensor.dtype.is_floating_point
 
     @abstractmethod
     def encode(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Encode one tensor into named parts (each sent as its own tensor)."""
+        """Encode one tensor into named parts (each sent as a tensor of its own)."""
 
     @abstractmethod
     def decode(self, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """Rebuild the tensor of ``shape`` and ``dtype`` from ``encode``'s parts."""
+        """Rebuild a tensor of ``shape`` and ``dtype`` from ``encode``'s parts.
+
+        Parts come from the network: check what you rely on (names, sizes) and
+        raise ``ValueError`` saying what is wrong; it becomes a NACK.
+        """
+
+    def error_bound(self, tensor: torch.Tensor) -> float:
+        """An upper bound on ``max |decode(encode(x)) - x|`` for one call on a fresh
+        instance (no error feedback carried in), stated per codec and checked by the
+        conformance tests. Default: 0 for lossless codecs, else ``max |x|``."""
+        if self.lossless or tensor.numel() == 0:
+            return 0.0
+        return float(tensor.detach().abs().max())

@@ -27,7 +27,7 @@ from typing import Any
 
 from elastic.errors import JobSpecError
 
-__all__ = ["JobSpec", "TrainParams", "CheckpointPolicy", "load_job_spec", "parse_job_spec"]
+__all__ = ["JobSpec", "TrainParams", "CheckpointPolicy", "CompressionPolicy", "load_job_spec", "parse_job_spec"]
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -54,6 +54,14 @@ class CheckpointPolicy:
 
 
 @dataclass(frozen=True)
+class CompressionPolicy:
+    """How updates travel (``[compression]``): codec chains, e.g.
+    ``update = ["topk:0.01", "fp16", "zstd"]``. Empty: sent as they are."""
+
+    update: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """A validated job."""
 
@@ -72,6 +80,7 @@ class JobSpec:
     rule_params: dict[str, Any] = field(default_factory=dict)
     train: TrainParams = field(default_factory=TrainParams)
     checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
+    compression: CompressionPolicy = field(default_factory=CompressionPolicy)
 
     @property
     def shard_count(self) -> int:
@@ -86,6 +95,7 @@ class JobSpec:
         data = dict(data)
         data["train"] = TrainParams(**data["train"])
         data["checkpoint"] = CheckpointPolicy(**data["checkpoint"])
+        data["compression"] = CompressionPolicy(update=tuple(data.get("compression", {}).get("update", ())))
         return cls(**data)
 
 
@@ -116,7 +126,12 @@ _CHECKPOINT_KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
     "every": (int, lambda v: v >= 1, "a positive integer (rounds between checkpoints)"),
     "keep": (int, lambda v: v >= 1, "a positive integer (checkpoints kept)"),
 }
-_TABLES = {"job", "task", "rule", "train", "checkpoint"}
+_STAGE = re.compile(r"^[A-Za-z0-9_.-]+(:[^\s:]+)?$")
+_COMPRESSION_KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
+    "update": (list, lambda v: all(isinstance(x, str) and _STAGE.match(x) for x in v) and len(v) <= 16,
+               'a list of codec stages, e.g. update = ["topk:0.01", "fp16", "zstd"]'),
+}
+_TABLES = {"job", "task", "rule", "train", "checkpoint", "compression"}
 
 
 def load_job_spec(path: str | Path) -> JobSpec:
@@ -153,12 +168,14 @@ def parse_job_spec(data: dict[str, Any], source: str = "job spec", default_id: s
     job_values = _check_table(source, "job", job, _JOB_KEYS)
     train = _check_table(source, "train", data.get("train", {}), _TRAIN_KEYS)
     ckpt = _check_table(source, "checkpoint", data.get("checkpoint", {}), _CHECKPOINT_KEYS)
+    compression = _check_table(source, "compression", data.get("compression", {}), _COMPRESSION_KEYS)
     spec = JobSpec(
         **job_values,
         task_params=dict(data.get("task", {})),
         rule_params=dict(data.get("rule", {})),
         train=TrainParams(**train),
         checkpoint=CheckpointPolicy(**ckpt),
+        compression=CompressionPolicy(update=tuple(compression.get("update", ()))),
     )
     if spec.max_workers and spec.max_workers < spec.min_workers:
         raise JobSpecError(

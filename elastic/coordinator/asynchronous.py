@@ -17,7 +17,7 @@ import logging
 import math
 import random
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from elastic.api import AsyncAggregator, Update
@@ -104,14 +104,7 @@ class AsyncEngine(Engine):
         number, self._next = self._next, self._next + 1
         self.assigned[member.id] = _Assignment(number, job.version, now + spec.round_timeout)
         tensors = {k: WireTensor.from_tensor(v) for k, v in job.model.state_dict().items()}
-        meta = {
-            "mode": self.mode,
-            "task": spec.task,
-            "task_params": spec.task_params,
-            "train": asdict(spec.train),
-            "shard": [member.slot % spec.shard_count, spec.shard_count],
-            "seed": spec.seed,
-        }
+        meta = self._work_meta([member.slot % spec.shard_count, spec.shard_count])
         msg = Message(MsgType.WORK, job=spec.id, round=number, version=job.version, key=f"{member.id}/{spec.id}/{number}", meta=meta, tensors=tensors)
         self.buffer.bytes_sent += sum(t.nbytes for t in tensors.values())
         return Outgoing(member.id, msg, self.model_sends)
@@ -128,6 +121,7 @@ class AsyncEngine(Engine):
         if msg.key != f"{worker}/{job.spec.id}/{task.number}" or msg.version != task.version:
             return self._nack(msg, "bad_key", f"key {msg.key!r} at version {msg.version} does not match assignment {task.number} at version {task.version}")
         del self.assigned[worker]  # answered: whatever the verdict, it gets fresh work next
+        wire_bytes = msg.payload_bytes  # as sent: compressed updates expand while checked
         reason = self._check_tensors(msg)
         if reason is not None:
             return self._nack(msg, *reason)
@@ -149,7 +143,7 @@ class AsyncEngine(Engine):
             buf.loss_sum += update.loss * update.num_samples
         buf.staleness_sum += staleness
         buf.staleness_max = max(buf.staleness_max, staleness)
-        buf.bytes_received += msg.payload_bytes
+        buf.bytes_received += wire_bytes
         self.histogram[staleness] += 1
         job.totals["updates"] += 1
         job.totals["staleness_histogram"] = {str(k): v for k, v in sorted(self.histogram.items())}

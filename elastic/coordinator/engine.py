@@ -13,15 +13,16 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from elastic.coordinator.job import Job, JobState
-from elastic.errors import Fenced
+from elastic.errors import Fenced, ProtocolError
 from elastic.membership.base import Member
 from elastic.training import move_to_fresh_memory, update_kind, update_template
 from elastic.wire.buffers import BufferSet
-from elastic.wire.messages import Message, MsgType
+from elastic.wire.compression import expand
+from elastic.wire.messages import Message, MsgType, WireTensor
 
 __all__ = ["Engine", "Outgoing", "Notify"]
 
@@ -153,9 +154,19 @@ class Engine(ABC):
     # ------------------------------------------------------------- checking --
 
     def _check_tensors(self, msg: Message) -> tuple[str, str] | None:
-        """The update's kind, names, shapes and dtypes against the model's."""
+        """The update's kind, names, shapes and dtypes against the model's (compressed
+        tensors are expanded first: their records are checked the same way)."""
         if msg.meta["kind"] != self.kind:
             return "wrong_kind", f"rule {self.job.spec.rule} needs {self.kind} updates, got {msg.meta['kind']}"
+        if msg.encodings:
+            try:
+                msg.tensors = expand(msg, self.job.codecs, self._template)
+            except ProtocolError as exc:
+                return exc.reason, exc.detail
+            msg.encodings = {}
+            for name, wt in msg.tensors.items():  # the parts were checked, not what they decode to
+                if not wt.is_finite():
+                    return "non_finite", f"tensor {name!r} decodes to NaN or Inf"
         if set(msg.tensors) != set(self._template):
             missing = sorted(set(self._template) - set(msg.tensors))[:3]
             extra = sorted(set(msg.tensors) - set(self._template))[:3]
@@ -164,7 +175,26 @@ class Engine(ABC):
             t = msg.tensors[name]
             if t.shape != shape or not t.dtype.is_floating_point:
                 return "shape_mismatch", f"tensor {name!r} is {list(t.shape)} {t.dtype}, the model has {list(shape)} {dtype}"
+        if msg.meta.get("relative") is True and self.kind == "weights":
+            self._add_base_model(msg)
         return None
+
+    def _add_base_model(self, msg: Message) -> None:
+        """A compressed weights update carries trained minus received weights: add the
+        model back (it is still at the update's base version while the round runs)."""
+        weights = update_template(self.job.model, self.mode)
+        for name, wt in msg.tensors.items():
+            base = weights[name].detach()
+            msg.tensors[name] = WireTensor.from_tensor(wt.to_tensor().to(base.dtype).reshape(base.shape) + base)
+
+    def _work_meta(self, shard: list[int]) -> dict[str, Any]:
+        """The ``meta`` of a WORK message: what to compute, on which shard, and how to
+        send it back."""
+        spec = self.job.spec
+        meta = {"mode": self.mode, "task": spec.task, "task_params": spec.task_params, "train": asdict(spec.train), "shard": shard, "seed": spec.seed}
+        if spec.compression.update:
+            meta["codecs"] = list(spec.compression.update)
+        return meta
 
     def _nack(self, msg: Message, reason: str, detail: str) -> Message:
         self.job.totals["rejected"] += 1

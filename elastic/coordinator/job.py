@@ -19,6 +19,7 @@ from elastic.errors import CheckpointError
 from elastic.jobspec import JobSpec
 from elastic.plugins import Plugins
 from elastic.training import evaluate
+from elastic.wire.compression import check_chain
 
 __all__ = ["Job", "JobState"]
 
@@ -46,6 +47,8 @@ class Job:
         self.spec = spec
         self.task: Task = plugins.tasks.get(spec.task)(spec.task_params)
         self.aggregator: Aggregator = plugins.aggregators.get(spec.rule)(spec.rule_params)
+        self.codecs = plugins.codecs  # to expand compressed updates
+        check_chain(self.codecs, spec.compression.update)
         self.model = self.task.build_model(spec.seed)
         self.aggregator.setup(self.model)
         self.store = CheckpointStore(state_dir, spec.id, keep=spec.checkpoint.keep)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from elastic.api import Update
@@ -107,15 +107,7 @@ class RoundEngine(Engine):
         rnd = _Round(number, job.version, {m.id for m in chosen}, now, now + spec.round_timeout, asked=len(chosen))
         out = []
         for rank, m in enumerate(chosen):
-            shard = [rank, len(chosen)] if self.rendezvous else [m.slot % spec.shard_count, spec.shard_count]
-            meta = {
-                "mode": self.mode,
-                "task": spec.task,
-                "task_params": spec.task_params,
-                "train": asdict(spec.train),
-                "shard": shard,
-                "seed": spec.seed,
-            }
+            meta = self._work_meta([rank, len(chosen)] if self.rendezvous else [m.slot % spec.shard_count, spec.shard_count])
             msg = Message(MsgType.WORK, job=spec.id, round=number, version=job.version, key=f"{m.id}/{spec.id}/{number}", meta=meta, tensors=snapshot)
             out.append(Outgoing(m.id, msg, self.model_sends))
             rnd.bytes_sent += payload
@@ -135,6 +127,7 @@ class RoundEngine(Engine):
     def on_update(self, worker: str, msg: Message) -> Message:
         """Validate and fold an update; the answer is an ACK or a NACK with the reason."""
         job, rnd = self.job, self.current
+        wire_bytes = msg.payload_bytes  # as sent: compressed updates expand while checked
         reason = self._refuse(worker, msg)
         if reason is not None:
             return self._nack(msg, *reason)
@@ -158,7 +151,7 @@ class RoundEngine(Engine):
         rnd.samples += update.num_samples
         if math.isfinite(update.loss):
             rnd.loss_sum += update.loss * update.num_samples
-        rnd.bytes_received += msg.payload_bytes
+        rnd.bytes_received += wire_bytes
         job.totals["updates"] += 1
         if rnd.complete:
             self._close("all participants answered")

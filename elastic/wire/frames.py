@@ -40,6 +40,7 @@ MAX_HEADER_BYTES = 1 << 20
 MAX_TENSORS = 100_000
 MAX_NDIM = 16
 MAX_NAME = 512
+MAX_STAGES = 16
 
 _HEADER_FIELDS: dict[str, type] = {
     "p": int,
@@ -89,6 +90,8 @@ def encode(msg: Message, chunk_bytes: int = CHUNK_BYTES) -> list[bytes | memoryv
         "meta": msg.meta,
         "tensors": specs,
     }
+    if msg.encodings:
+        header["enc"] = msg.encodings
     return [msgpack.packb(header, use_bin_type=True), *buffers]
 
 
@@ -240,7 +243,36 @@ def _validate_header(header: dict[str, Any]) -> Message:
         sender=header["sender"],
         key=header["key"],
         meta=meta_clean,
+        encodings=_validate_encodings(header.get("enc", {})),
     )
+
+
+_STAGE_FIELDS: dict[str, type] = {"s": str, "in": str, "shape": list, "dtype": str, "out": list}
+
+
+def _validate_encodings(enc: Any) -> dict[str, list[dict[str, Any]]]:
+    """The shape of the codec records; what they mean is checked when decoding them."""
+    _check_type("header field 'enc'", enc, dict)
+    if len(enc) > MAX_TENSORS:
+        raise ProtocolError("bad_encoding", f"{len(enc)} encoded tensors > {MAX_TENSORS}")
+    for name, stages in enc.items():
+        _check_type(f"encoding of {name!r}", stages, list)
+        if len(name) > MAX_NAME or not 0 < len(stages) <= MAX_STAGES:
+            raise ProtocolError("bad_encoding", f"encoding of {name[:MAX_NAME]!r}: {len(stages)} stages")
+        for stage in stages:
+            _check_type(f"encoding of {name!r}: a stage", stage, dict)
+            for key, typ in _STAGE_FIELDS.items():
+                if key not in stage:
+                    raise ProtocolError("bad_encoding", f"encoding of {name!r}: a stage has no {key!r}")
+                _check_type(f"encoding of {name!r}: stage field {key!r}", stage[key], typ)
+            if stage["dtype"] not in DTYPES:
+                raise ProtocolError("bad_dtype", f"encoding of {name!r}: unknown dtype {stage['dtype']!r}")
+            shape, out = stage["shape"], stage["out"]
+            if len(shape) > MAX_NDIM or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape):
+                raise ProtocolError("bad_shape", f"encoding of {name!r}: shape {shape!r}")
+            if not 0 < len(out) <= MAX_STAGES or not all(isinstance(p, str) and 0 < len(p) <= MAX_NAME for p in out):
+                raise ProtocolError("bad_encoding", f"encoding of {name!r}: bad part names {out!r}")
+    return enc
 
 
 def _validate_spec(i: int, spec: Any) -> None:

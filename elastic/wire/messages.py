@@ -178,6 +178,9 @@ class Message:
     key: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     tensors: dict[str, WireTensor] = field(default_factory=dict)
+    # Compressed tensors: per tensor name, the codec stages applied, in order (see
+    # ``elastic.wire.compression``); their parts travel as ``<name>#<part>`` tensors.
+    encodings: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def payload_bytes(self) -> int:

@@ -25,6 +25,7 @@ from elastic.training import (
     update_template,
 )
 from elastic.wire.buffers import BufferPool, BufferSet, reusable
+from elastic.wire.compression import Compressor
 from elastic.wire.messages import Message, MsgType, WireTensor
 from elastic.worker.devices import HostStaging
 
@@ -48,7 +49,8 @@ class _JobContext:
     model: torch.nn.Module
     dataset: Dataset
     sent: BufferSet | None = None  # the last update, when its frames alias the model
-    received: dict[str, torch.Tensor] = field(default_factory=dict)  # delta mode: the weights trained from
+    received: dict[str, torch.Tensor] = field(default_factory=dict)  # deltas: the weights trained from
+    compressor: Compressor | None = None  # the job's codec chain, with its error-feedback state
 
 
 class TaskRunner:
@@ -118,25 +120,39 @@ class TaskRunner:
         self._load(ctx.model, work.tensors)
         mode = work.meta["mode"]
         train = TrainParams(**work.meta["train"])
+        chain = [str(c) for c in work.meta.get("codecs", [])]
         seed = (int(work.meta["seed"]) * 1_000_003 + work.round) * 1009 + int(work.meta["shard"][0])
         if mode in ("train", "delta"):
             weights = update_template(ctx.model, mode)
-            received = {k: reusable(ctx.received, k, v).copy_(v.detach()) for k, v in weights.items()} if mode == "delta" else {}
+            # Deltas for async rules, and for any compressed update: what codecs
+            # sparsify or quantise is the change, never the weights themselves.
+            relative = mode == "delta" or bool(chain)
+            received = {k: reusable(ctx.received, k, v).copy_(v.detach()) for k, v in weights.items()} if relative else {}
             result = local_train(ctx.task, ctx.model, ctx.dataset, train, seed, self.device, self.cancel)
             with torch.no_grad():
-                for name, start in received.items():  # delta: trained minus received, in place
+                for name, start in received.items():  # trained minus received, in place
                     weights[name].sub_(start)
-            if self.device.type == "cpu":  # sent straight from the parameters: no copy
-                buffers = ctx.sent = BufferSet({k: v.detach() for k, v in weights.items()})
-            else:
-                buffers = self.outbox.copy_of(weights)
+            update = {k: v.detach() for k, v in weights.items()}
         elif mode == "gradient":
             result = batch_gradient(ctx.task, ctx.model, ctx.dataset, train.batch_size, work.round - 1, int(work.meta["seed"]), self.device)
-            grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in update_template(ctx.model, "gradient").items()}
-            buffers = self.outbox.copy_of(grads)
+            update = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in update_template(ctx.model, "gradient").items()}
         else:
             raise ElasticError(f"unknown work mode {mode!r}; this worker knows train, delta and gradient")
         meta: dict[str, Any] = {"num_samples": result.num_samples, "loss": result.loss, "kind": update_kind(mode), "train_seconds": time.perf_counter() - started}
+        encodings: dict[str, list[dict[str, Any]]] = {}
+        buffers: BufferSet | None
+        if chain:  # compressed on the device; the parts are new memory, sent as they are
+            if ctx.compressor is None or ctx.compressor.chain != chain:
+                ctx.compressor = Compressor(self.plugins.codecs, chain)
+            tensors, encodings = ctx.compressor.compress(update)
+            meta["relative"] = mode == "train"
+            buffers = None
+        elif mode != "gradient" and self.device.type == "cpu":  # sent straight from the parameters
+            buffers = ctx.sent = BufferSet(update)
+            tensors = buffers.tensors
+        else:
+            buffers = self.outbox.copy_of(update)
+            tensors = buffers.tensors
         msg = Message(
             MsgType.UPDATE,
             job=work.job,
@@ -145,7 +161,8 @@ class TaskRunner:
             sender=self.worker_id,
             key=f"{self.worker_id}/{work.job}/{work.round}",
             meta=meta,
-            tensors={k: WireTensor.from_tensor(v) for k, v in buffers.tensors.items()},
+            tensors={k: WireTensor.from_tensor(v) for k, v in tensors.items()},
+            encodings=encodings,
         )
         return Result(msg, buffers)
 

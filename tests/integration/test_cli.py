@@ -44,10 +44,12 @@ def test_run_linreg_syncavg_example(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "spec, words",
     [
-        ('[job]\ntask = "digits"\nrule = "fedavgg"\n', ["unknown aggregator 'fedavgg'", "known: fedavg, syncavg"]),
+        ('[job]\ntask = "digits"\nrule = "fedavgg"\n', ["unknown aggregator 'fedavgg'", "known: async, fedadagrad, fedadam, fedavg, fedyogi, syncavg"]),
         ('[job]\ntask = "mnist"\nrule = "fedavg"\n', ["unknown task 'mnist'", "digits, linreg"]),
         ('[job]\ntask = "digits"\nrule = "fedavg"\nrounds = -1\n', ["rounds = -1 is invalid"]),
         ('[job]\ntask = "digits"\nrule = "fedavg"\n[rule]\nserver_lr = "fast"\n', ["rule fedavg: parameter 'server_lr' must be float"]),
+        ('[job]\ntask = "digits"\nrule = "fedavg"\n[compression]\nupdate = ["gzip"]\n', ["unknown codec 'gzip'", "fp16", "zstd"]),
+        ('[job]\ntask = "digits"\nrule = "fedavg"\n[compression]\nupdate = ["topk:2"]\n', ["codec topk:2 is out of range", "topk:0.01"]),
         ("[job\n", ["not valid TOML"]),
     ],
 )

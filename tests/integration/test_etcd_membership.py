@@ -21,7 +21,8 @@ TTL = 3.0
 
 def test_workers_join_and_leave_through_etcd(cluster: Cluster, tmp_path: Path, etcd: EtcdServer) -> None:
     url = f"etcd://{etcd.url}/it"
-    job = digits_job(tmp_path, rounds=60, min_workers=1, epochs=8)  # slow enough for w3 to join
+    # min_workers 2: once w0 and w1 are gone the job waits for w3, however fast rounds go
+    job = digits_job(tmp_path, rounds=60, min_workers=2, epochs=8)
     # A zmq heartbeat timeout far beyond the test: only etcd (or a dead connection) removes workers.
     cluster.coordinator(job, extra=("--membership", url, "--heartbeat-timeout", "600"))
     workers = {w: cluster.worker(w, "--membership", url, "--lease-ttl", str(TTL)) for w in ("w0", "w1", "w2")}

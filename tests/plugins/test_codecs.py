@@ -1,0 +1,168 @@
+"""One conformance suite every installed codec passes, plus what each promises."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from elastic.api import Codec
+from elastic.errors import JobSpecError, ProtocolError
+from elastic.plugins import Plugins
+from elastic.wire.compression import Compressor, expand
+from elastic.wire.frames import decode, encode
+from elastic.wire.messages import Message, MsgType, WireTensor
+
+ARGS = {"topk": "0.1", "qsgd": "4", "powersgd": "2", "zstd": "3"}  # a typical argument each
+CODECS = Plugins().codecs
+NAMES = CODECS.names()
+SHAPES = [(), (0,), (1,), (7,), (3, 4), (6, 5, 4), (40, 30), (1000,)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def make(name: str) -> Codec:
+    return CODECS.get(name)(ARGS.get(name))
+
+
+def sample(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 3).to(dtype)
+
+
+@pytest.mark.parametrize("name", NAMES)
+class TestCodecConformance:
+    @pytest.mark.parametrize("dtype", DTYPES)
+    def test_round_trip_within_the_stated_bound(self, name: str, dtype: torch.dtype) -> None:
+        for shape in SHAPES:
+            x = sample(shape, dtype)
+            codec = make(name)
+            if not codec.accepts(x):
+                continue
+            y = codec.decode(codec.encode(x), tuple(x.shape), x.dtype)
+            assert (tuple(y.shape), y.dtype) == (tuple(x.shape), x.dtype), (shape, dtype)
+            error = float((y.double() - x.double()).abs().max()) if x.numel() else 0.0
+            bound = make(name).error_bound(x)
+            assert error <= bound + 1e-6 * max(1.0, bound), (shape, dtype, error, bound)
+
+    def test_non_contiguous_input(self, name: str) -> None:
+        x = sample((8, 6), torch.float32).T  # a transposed view
+        codec = make(name)
+        if not codec.accepts(x):
+            pytest.skip(f"{name} does not take this tensor")
+        y = codec.decode(codec.encode(x), tuple(x.shape), x.dtype)
+        assert float((y - x).abs().max()) <= make(name).error_bound(x) + 1e-6
+
+    def test_error_feedback_loses_nothing(self, name: str) -> None:
+        """Whatever a codec with a residual did not send, it still holds: the sum of
+        what arrived plus the residual is the sum of what went in."""
+        codec = make(name)
+        x = sample((40, 30), torch.float32)
+        if not hasattr(codec, "residual") or not codec.accepts(x):
+            pytest.skip(f"{name} keeps no residual")
+        sent, arrived = torch.zeros(40, 30, dtype=torch.float64), torch.zeros(40, 30, dtype=torch.float64)
+        for step in range(5):
+            g = sample((40, 30), torch.float32, seed=step)
+            sent += g.double()
+            arrived += codec.decode(codec.encode(g), (40, 30), torch.float32).double()
+        residual = codec.residual.reshape(40, 30).double()
+        torch.testing.assert_close(arrived + residual, sent, atol=1e-4, rtol=1e-5)
+
+    def test_decode_refuses_parts_that_do_not_fit(self, name: str) -> None:
+        codec = make(name)
+        x = sample((40, 30), torch.float32)
+        if not codec.accepts(x):
+            pytest.skip(f"{name} does not take this tensor")
+        parts = codec.encode(x)
+        first = next(iter(parts))
+        parts[first] = parts[first].reshape(-1)[: parts[first].numel() // 2]  # truncated in transit
+        with pytest.raises((ValueError, RuntimeError, IndexError)):
+            codec.decode(parts, (40, 30), torch.float32)
+
+    @cuda
+    @pytest.mark.gpu
+    def test_runs_on_cuda_without_moving(self, name: str) -> None:
+        x = sample((40, 30), torch.float32).cuda()
+        codec = make(name)
+        parts = codec.encode(x)
+        if not codec.lossless:
+            assert all(p.is_cuda for p in parts.values()), {k: p.device for k, p in parts.items()}
+        y = codec.decode(parts, (40, 30), torch.float32)
+        assert float((y.cpu() - x.cpu()).abs().max()) <= make(name).error_bound(x.cpu()) + 1e-5
+
+
+def test_qsgd_is_unbiased() -> None:
+    x = sample((600,), torch.float32)
+    codec = make("qsgd")
+    mean = sum(codec.decode(codec.encode(x), (600,), torch.float32) for _ in range(3000)) / 3000
+    assert float((mean - x).abs().max()) < 0.05 * float(x.abs().max())
+
+
+def test_sizes_on_the_wire() -> None:
+    x = sample((1000, 100), torch.float32)
+    raw = x.numel() * 4
+
+    def size(name: str, arg: str | None) -> int:
+        parts = CODECS.get(name)(arg).encode(x)
+        return sum(p.numel() * p.element_size() for p in parts.values())
+
+    assert size("fp16", None) == raw // 2 and size("bf16", None) == raw // 2
+    assert size("topk", "0.01") == 1000 * 8  # 1 % of the elements: int32 index + float32 value
+    assert size("signsgd", None) == raw // 32 + 4
+    assert size("qsgd", "4") == raw // 4 + 4 * (x.numel() // 512 + 1)
+    assert size("powersgd", "2") == (1000 + 100) * 2 * 4
+    assert CODECS.get("zstd")("3").encode(torch.zeros(100_000))["z"].numel() < 1000
+
+
+def test_bad_arguments_name_the_stage() -> None:
+    for name, arg, words in [("topk", None, "needs an argument"), ("topk", "x", "not a float"), ("qsgd", "16", "out of range"), ("fp16", "2", "takes no argument"), ("zstd", "30", "out of range")]:
+        with pytest.raises(JobSpecError, match=words):
+            CODECS.get(name)(arg)
+
+
+def chain_message(chain: list[str], tensors: dict[str, torch.Tensor]) -> Message:
+    parts, encodings = Compressor(CODECS, chain).compress(tensors)
+    msg = Message(MsgType.UPDATE, meta={"num_samples": 1, "loss": 0.0, "kind": "gradient", "train_seconds": 0.0},
+                  tensors={k: WireTensor.from_tensor(v) for k, v in parts.items()}, encodings=encodings)
+    return decode(encode(msg))  # through the wire format
+
+
+def test_a_chain_through_the_wire_and_back() -> None:
+    tensors = {"w": sample((50, 20), torch.float32), "b": sample((20,), torch.float32), "n": torch.tensor(3.0)}
+    msg = chain_message(["topk:0.1", "fp16", "zstd"], tensors)
+    assert set(msg.encodings) == {"w", "b", "n"} and all(name.count("#") == 1 for name in msg.tensors)
+    assert [r["s"] for r in msg.encodings["w"]] == ["topk:0.1", "fp16", "zstd", "zstd"]  # zstd on both parts
+    template = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
+    out = expand(msg, CODECS, template)
+    for name, x in tensors.items():
+        y = out[name].to_tensor()
+        assert y.shape == x.shape and y.dtype == x.dtype
+        kept = y != 0
+        assert int(kept.sum()) == max(1, -(-x.numel() // 10))  # top 10 %
+        torch.testing.assert_close(y[kept], x[kept], rtol=1e-3, atol=1e-3)  # fp16 on the values
+
+
+@pytest.mark.parametrize("tamper, reason", [
+    (lambda m: m.encodings["w"][0].update(s="lz4"), "unknown_codec"),
+    (lambda m: m.encodings["w"][0].update(shape=[10, 10]), "bad_encoding"),
+    (lambda m: m.tensors.pop("w#values"), "bad_encoding"),
+    (lambda m: m.encodings["w"][0].update(out=["indices", "values", "extra"]), "bad_encoding"),
+    (lambda m: m.encodings.pop("w"), "bad_encoding"),
+])
+def test_expand_refuses_bad_records(tamper, reason: str) -> None:  # type: ignore[no-untyped-def]
+    msg = chain_message(["topk:0.1"], {"w": sample((50, 20), torch.float32)})
+    tamper(msg)
+    with pytest.raises(ProtocolError) as err:
+        expand(msg, CODECS, {"w": ((50, 20), torch.float32)})
+    assert err.value.reason == reason
+
+
+def test_expand_refuses_a_decompression_bomb() -> None:
+    msg = chain_message(["zstd"], {"w": torch.zeros(100)})
+    msg.encodings["w"][0]["shape"] = [1 << 30]  # "decode me to 4 GiB"
+    with pytest.raises(ProtocolError) as err:
+        expand(msg, CODECS, {"w": ((100,), torch.float32)})
+    assert err.value.reason == "bad_encoding"  # the first stage must start from the model's shape
+    msg = chain_message(["zstd"], {"w": torch.zeros(100)})
+    msg.tensors["w#z"] = WireTensor.from_tensor(torch.randint(0, 255, (64,), dtype=torch.uint8))  # garbage
+    with pytest.raises(ProtocolError) as err:
+        expand(msg, CODECS, {"w": ((100,), torch.float32)})
+    assert err.value.reason == "bad_encoding"
