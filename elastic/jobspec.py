@@ -55,10 +55,12 @@ class CheckpointPolicy:
 
 @dataclass(frozen=True)
 class CompressionPolicy:
-    """How updates travel (``[compression]``): codec chains, e.g.
-    ``update = ["topk:0.01", "fp16", "zstd"]``. Empty: sent as they are."""
+    """How tensors travel (``[compression]``): codec chains, e.g.
+    ``update = ["topk:0.01", "fp16", "zstd"]`` for updates, and ``model`` for the model
+    sent down as a delta against the version a worker holds. Empty: sent as they are."""
 
     update: tuple[str, ...] = ()
+    model: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,8 @@ class JobSpec:
         data = dict(data)
         data["train"] = TrainParams(**data["train"])
         data["checkpoint"] = CheckpointPolicy(**data["checkpoint"])
-        data["compression"] = CompressionPolicy(update=tuple(data.get("compression", {}).get("update", ())))
+        compression = data.get("compression", {})
+        data["compression"] = CompressionPolicy(update=tuple(compression.get("update", ())), model=tuple(compression.get("model", ())))
         return cls(**data)
 
 
@@ -127,10 +130,9 @@ _CHECKPOINT_KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
     "keep": (int, lambda v: v >= 1, "a positive integer (checkpoints kept)"),
 }
 _STAGE = re.compile(r"^[A-Za-z0-9_.-]+(:[^\s:]+)?$")
-_COMPRESSION_KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
-    "update": (list, lambda v: all(isinstance(x, str) and _STAGE.match(x) for x in v) and len(v) <= 16,
-               'a list of codec stages, e.g. update = ["topk:0.01", "fp16", "zstd"]'),
-}
+_CHAIN = (list, lambda v: all(isinstance(x, str) and _STAGE.match(x) for x in v) and len(v) <= 16,
+          'a list of codec stages, e.g. ["topk:0.01", "fp16", "zstd"]')
+_COMPRESSION_KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {"update": _CHAIN, "model": _CHAIN}
 _TABLES = {"job", "task", "rule", "train", "checkpoint", "compression"}
 
 
@@ -175,7 +177,7 @@ def parse_job_spec(data: dict[str, Any], source: str = "job spec", default_id: s
         rule_params=dict(data.get("rule", {})),
         train=TrainParams(**train),
         checkpoint=CheckpointPolicy(**ckpt),
-        compression=CompressionPolicy(update=tuple(compression.get("update", ()))),
+        compression=CompressionPolicy(update=tuple(compression.get("update", ())), model=tuple(compression.get("model", ()))),
     )
     if spec.max_workers and spec.max_workers < spec.min_workers:
         raise JobSpecError(

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from elastic.errors import ConfigError
+from elastic.errors import ConfigError, JobSpecError
 from elastic.jobspec import parse_job_spec
 from elastic.plugins import Plugins
 from elastic.simulation import simulate
@@ -62,3 +63,35 @@ def test_simulate_command(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     figures = json.loads((tmp_path / "out.json").read_text())
     assert figures["state"] == "finished" and figures["rounds"] == 5
+
+
+def compressed(model: list[str], update: list[str] | None = None) -> dict:
+    spec = non_iid("fedavg")
+    spec["task"] = {"alpha": 0.5}
+    spec["job"] = spec["job"] | {"rounds": 15, "eval_every": 15}
+    spec["compression"] = {"model": model, "update": update or []}
+    return spec
+
+
+def test_a_lossless_model_downlink_changes_nothing_but_the_bytes(tmp_path: Path) -> None:
+    plain = simulate(parse_job_spec(compressed([])), 4, Plugins(), tmp_path / "a")
+    zstd = simulate(parse_job_spec(compressed(["zstd"])), 4, Plugins(), tmp_path / "b")
+    for name, t in plain.model.state_dict().items():
+        torch.testing.assert_close(zstd.model.state_dict()[name], t, atol=1e-5, rtol=1e-4)
+    first, later = zstd.history[0]["bytes_sent"], [h["bytes_sent"] for h in zstd.history[1:]]
+    assert first == plain.history[0]["bytes_sent"]  # round 1: everyone gets the whole model
+    assert max(later) < first  # then deltas, compressed
+
+
+def test_lossy_both_ways_still_learns(tmp_path: Path) -> None:
+    job = simulate(parse_job_spec(compressed(["fp16", "zstd"], ["qsgd:4", "zstd"])), 4, Plugins(), tmp_path)
+    assert job.history[-1]["accuracy"] >= 0.9, job.history[-1]
+    full = job.history[0]["bytes_sent"]
+    assert all(h["bytes_sent"] < full / 2 for h in job.history[1:])
+    assert all(h["bytes_received"] < full / 4 for h in job.history)
+
+
+def test_model_compression_needs_a_synchronous_rule(tmp_path: Path) -> None:
+    spec = parse_job_spec(non_iid("async") | {"compression": {"model": ["fp16"]}})
+    with pytest.raises(JobSpecError, match="needs a synchronous rule"):
+        simulate(spec, 4, Plugins(), tmp_path)

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+
 from elastic.coordinator.job import Job, JobState
 from elastic.errors import Fenced, ProtocolError
 from elastic.membership.base import Member
@@ -179,10 +181,14 @@ class Engine(ABC):
             self._add_base_model(msg)
         return None
 
+    def _base_weights(self) -> dict[str, torch.Tensor]:
+        """The weights workers trained from: the model, which does not change while a round runs."""
+        return update_template(self.job.model, self.mode)
+
     def _add_base_model(self, msg: Message) -> None:
-        """A compressed weights update carries trained minus received weights: add the
-        model back (it is still at the update's base version while the round runs)."""
-        weights = update_template(self.job.model, self.mode)
+        """A compressed weights update carries trained minus received weights: add
+        what the worker received back."""
+        weights = self._base_weights()
         for name, wt in msg.tensors.items():
             base = weights[name].detach()
             msg.tensors[name] = WireTensor.from_tensor(wt.to_tensor().to(base.dtype).reshape(base.shape) + base)

@@ -13,15 +13,15 @@ from typing import Any
 import safetensors.torch
 from torch.utils.data import Dataset
 
-from elastic.api import Aggregator, Task
+from elastic.api import Aggregator, AsyncAggregator, Task
 from elastic.coordinator.checkpoints import CheckpointStore, atomic_write
-from elastic.errors import CheckpointError
+from elastic.errors import CheckpointError, JobSpecError
 from elastic.jobspec import JobSpec
 from elastic.plugins import Plugins
 from elastic.training import evaluate
 from elastic.wire.compression import check_chain
 
-__all__ = ["Job", "JobState"]
+__all__ = ["Job", "JobState", "check_compression"]
 
 log = logging.getLogger("elastic.job")
 CHECKPOINT_FORMAT = 1
@@ -36,6 +36,17 @@ class JobState(StrEnum):
     CANCELLED = "cancelled"  # by the operator: stopped for good, last checkpoint kept
 
 
+def check_compression(spec: JobSpec, aggregator: Aggregator, codecs: Any) -> None:
+    """Every codec chain of the spec can be built, and fits the rule."""
+    check_chain(codecs, spec.compression.update)
+    check_chain(codecs, spec.compression.model)
+    if spec.compression.model and isinstance(aggregator, AsyncAggregator):
+        raise JobSpecError(
+            f"job {spec.id}: [compression] model needs a synchronous rule (every worker at one version), "
+            f"and rule {spec.rule} is asynchronous; drop it, or compress updates only"
+        )
+
+
 class Job:
     """Owns the global model of one job and everything a checkpoint must hold.
 
@@ -48,7 +59,7 @@ class Job:
         self.task: Task = plugins.tasks.get(spec.task)(spec.task_params)
         self.aggregator: Aggregator = plugins.aggregators.get(spec.rule)(spec.rule_params)
         self.codecs = plugins.codecs  # to expand compressed updates
-        check_chain(self.codecs, spec.compression.update)
+        check_compression(spec, self.aggregator, self.codecs)
         self.model = self.task.build_model(spec.seed)
         self.aggregator.setup(self.model)
         self.store = CheckpointStore(state_dir, spec.id, keep=spec.checkpoint.keep)

@@ -25,7 +25,10 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from elastic.api import Update
+from elastic.coordinator.downlink import Downlink
 from elastic.coordinator.engine import Engine, Outgoing
 from elastic.membership.base import Member
 from elastic.wire.messages import Message, MsgType, WireTensor
@@ -66,6 +69,8 @@ class RoundEngine(Engine):
         # they sit out (until they leave and join again) instead of stalling the job.
         self.benched: set[str] = set()
         self._generation_members: tuple[str, ...] = ()
+        spec = self.job.spec
+        self.downlink = Downlink(self.job.model, spec.compression.model, self.job.codecs) if spec.compression.model else None
 
     # -------------------------------------------------------------- driving --
 
@@ -102,15 +107,22 @@ class RoundEngine(Engine):
             self._generation_members = tuple(m.id for m in chosen)
             self.generation += 1
             log.info("new generation job=%s generation=%d members=%s", spec.id, self.generation, ",".join(self._generation_members))
-        snapshot = {k: WireTensor.from_tensor(v) for k, v in job.model.state_dict().items()}
-        payload = sum(t.nbytes for t in snapshot.values())
+        state = job.model.state_dict()
+        snapshot = {k: WireTensor.from_tensor(v) for k, v in state.items()}
+        if self.downlink is not None:
+            self.downlink.advance(job.model, job.version)
         rnd = _Round(number, job.version, {m.id for m in chosen}, now, now + spec.round_timeout, asked=len(chosen))
         out = []
         for rank, m in enumerate(chosen):
             meta = self._work_meta([rank, len(chosen)] if self.rendezvous else [m.slot % spec.shard_count, spec.shard_count])
             msg = Message(MsgType.WORK, job=spec.id, round=number, version=job.version, key=f"{m.id}/{spec.id}/{number}", meta=meta, tensors=snapshot)
-            out.append(Outgoing(m.id, msg, self.model_sends))
-            rnd.bytes_sent += payload
+            sends = self.model_sends
+            if self.downlink is not None:  # the reference, or a delta against what it holds
+                msg.tensors, msg.encodings, extra = self.downlink.work(m.id, state)
+                meta.update(extra)
+                sends = self.downlink.sends
+            out.append(Outgoing(m.id, msg, sends))
+            rnd.bytes_sent += msg.payload_bytes
         self.current = rnd
         job.aggregator.begin_round()
         log.info("round started job=%s round=%d version=%d participants=%d", spec.id, number, job.version, len(chosen))
@@ -178,9 +190,11 @@ class RoundEngine(Engine):
     def on_worker_failed(self, worker: str, round_: int, detail: str) -> None:
         """A participant said it cannot do the work: stop waiting for it."""
         rnd = self.current
+        if self.downlink is not None:  # e.g. it did not hold the version the delta was against
+            self.downlink.forget(worker)
         if rnd is not None and rnd.number == round_ and worker in rnd.participants:
             log.warning("worker could not do its work job=%s worker=%s detail=%s", self.job.spec.id, worker, detail)
-            if self.rendezvous:
+            if self.rendezvous and not detail.startswith("need_full_model"):  # that one gets it next time
                 self.benched.add(worker)
                 log.warning("worker sits out the next generations job=%s worker=%s (it may leave and join again)", self.job.spec.id, worker)
             self._drop(worker)
@@ -188,6 +202,8 @@ class RoundEngine(Engine):
     def on_member_left(self, worker: str) -> None:
         """A member left: a round never waits on a worker that is gone."""
         self.benched.discard(worker)  # coming back gives it another chance
+        if self.downlink is not None:
+            self.downlink.forget(worker)
         if self.current is not None and worker in self.current.participants:
             self._drop(worker)
 
@@ -231,6 +247,11 @@ class RoundEngine(Engine):
         })
         if committed is not True:
             job.aggregator.begin_round()  # the round is run again (or never, if fenced)
+
+    def _base_weights(self) -> dict[str, torch.Tensor]:
+        if self.downlink is not None and self.downlink.reference is not None:
+            return self.downlink.reference  # what the workers trained from
+        return super()._base_weights()
 
     def _in_progress(self) -> dict[str, Any]:
         if self.current is None:

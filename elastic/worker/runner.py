@@ -25,7 +25,7 @@ from elastic.training import (
     update_template,
 )
 from elastic.wire.buffers import BufferPool, BufferSet, reusable
-from elastic.wire.compression import Compressor
+from elastic.wire.compression import Compressor, expand
 from elastic.wire.messages import Message, MsgType, WireTensor
 from elastic.worker.devices import HostStaging
 
@@ -51,6 +51,8 @@ class _JobContext:
     sent: BufferSet | None = None  # the last update, when its frames alias the model
     received: dict[str, torch.Tensor] = field(default_factory=dict)  # deltas: the weights trained from
     compressor: Compressor | None = None  # the job's codec chain, with its error-feedback state
+    reference: dict[str, torch.Tensor] | None = None  # compressed downlink: the model as we hold it
+    reference_version: int | None = None
 
 
 class TaskRunner:
@@ -117,7 +119,13 @@ class TaskRunner:
         if ctx.sent is not None and not ctx.sent.free:  # ZeroMQ still reads the last update
             move_to_fresh_memory(ctx.model)
         ctx.sent = None
-        self._load(ctx.model, work.tensors)
+        model_in = work.tensors
+        if work.meta.get("downlink") is True:
+            held = self._from_reference(ctx, work)
+            if held is None:
+                return self._nack(work, "need_full_model", f"this worker holds version {ctx.reference_version}, not {work.meta.get('delta_from')}; send the whole model")
+            model_in = held
+        self._load(ctx.model, model_in)
         mode = work.meta["mode"]
         train = TrainParams(**work.meta["train"])
         chain = [str(c) for c in work.meta.get("codecs", [])]
@@ -165,6 +173,23 @@ class TaskRunner:
             encodings=encodings,
         )
         return Result(msg, buffers)
+
+    def _from_reference(self, ctx: _JobContext, work: Message) -> dict[str, WireTensor] | None:
+        """The model this WORK stands for, when it comes down as a delta against the
+        reference we hold (``delta_from``) or whole; None if we hold another version."""
+        floats = {k: (tuple(t.shape), t.dtype) for k, t in update_template(ctx.model, "train").items()}
+        others = {k: wt for k, wt in work.tensors.items() if k not in floats and "#" not in k}
+        if "delta_from" not in work.meta:  # the whole reference: keep a copy to apply deltas to
+            ctx.reference = {k: wt.to_tensor().clone() for k, wt in work.tensors.items() if k in floats}
+        elif ctx.reference is None or ctx.reference_version != work.meta["delta_from"]:
+            return None
+        else:
+            delta = expand(work, self.plugins.codecs, floats)
+            for name, ref in ctx.reference.items():
+                if name in delta:
+                    ref.add_(delta[name].to_tensor().view(ref.shape).to(ref.dtype))
+        ctx.reference_version = work.version
+        return others | {k: WireTensor.from_tensor(v) for k, v in ctx.reference.items()}
 
     def _nack(self, work: Message, reason: str, detail: str) -> Result:
         log.warning("cannot do work job=%s round=%d reason=%s detail=%s", work.job, work.round, reason, detail)

@@ -167,3 +167,29 @@ def test_pool_never_hands_out_a_set_of_another_shape() -> None:
     small.release()
     big = pool.acquire({"w": torch.zeros(8)})
     assert big is not small and big.tensors["w"].shape == (8,)
+
+
+def test_model_comes_down_as_a_delta_against_the_reference() -> None:
+    """Whole first, then a delta against the version the worker holds; a delta
+    against a version it does not hold is refused with need_full_model."""
+    from elastic.wire.compression import Compressor
+
+    model = LinReg({"samples": 40, "features": 3}).build_model(3)
+    runner = TaskRunner(Plugins(), torch.device("cpu"), None, "w")
+    first = work("train", model)
+    first.meta["downlink"] = True
+    assert runner.run(first).message.type is MsgType.UPDATE
+    assert runner._jobs["j"].reference_version == 0
+    moved = {k: v.detach() + 0.25 for k, v in update_template(model, "train").items()}
+    parts, encodings = Compressor(Plugins().codecs, ["zstd"]).compress({k: moved[k] - v.detach() for k, v in update_template(model, "train").items()})
+    delta = Message(MsgType.WORK, job="j", round=2, version=1, key="w/j/2", meta=dict(first.meta, delta_from=0),
+                    tensors={k: WireTensor.from_tensor(v) for k, v in parts.items()}, encodings=encodings)
+    delta = decode([bytes(f) for f in encode(delta)], check_finite=False)
+    assert runner.run(delta).message.type is MsgType.UPDATE
+    ctx = runner._jobs["j"]
+    assert ctx.reference_version == 1
+    for name, want in moved.items():
+        torch.testing.assert_close(ctx.reference[name], want)
+    stale = decode([bytes(f) for f in encode(Message(MsgType.WORK, job="j", round=3, version=2, key="w/j/3", meta=dict(first.meta, delta_from=0)))], check_finite=False)
+    nack = runner.run(stale).message
+    assert nack.type is MsgType.NACK and nack.meta["reason"] == "need_full_model"
