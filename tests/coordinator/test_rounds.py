@@ -15,7 +15,7 @@ from elastic.jobspec import parse_job_spec
 from elastic.membership.base import Member
 from elastic.plugins import Plugins
 from elastic.training import update_template
-from elastic.wire.frames import decode
+from elastic.wire.frames import decode, encode
 from elastic.wire.messages import Message, MsgType, WireTensor
 from elastic.wire.transport import send_message
 from tests.conftest import wait_until_free
@@ -37,8 +37,8 @@ class Events(list):
         return [h for h, _ in self]
 
 
-def make(tmp_path: Path, task: dict | None = None, **job) -> tuple[RoundEngine, Events, Clock]:
-    spec = parse_job_spec({"job": {"id": "j", "task": "linreg", "rule": "fedavg", "rounds": 3, "min_workers": 2, "round_timeout": 10, **job}, "task": {"samples": 60, **(task or {})}})
+def make(tmp_path: Path, task: dict | None = None, compression: dict | None = None, **job) -> tuple[RoundEngine, Events, Clock]:
+    spec = parse_job_spec({"job": {"id": "j", "task": "linreg", "rule": "fedavg", "rounds": 3, "min_workers": 2, "round_timeout": 10, **job}, "task": {"samples": 60, **(task or {})}, "compression": compression or {}})
     events, clock = Events(), Clock()
     return RoundEngine(Job(spec, Plugins(), tmp_path), events, clock), events, clock
 
@@ -306,3 +306,33 @@ def test_a_syncavg_worker_that_fails_its_work_sits_out(tmp_path: Path) -> None:
     clock.now += spec.round_timeout + 1
     assert engine.tick(members("a", "b", "c")) == []  # the deadline closes the a+c round
     assert [o.worker for o in engine.tick(members("a", "b", "c"))] == ["a", "b", "c"]
+
+
+def test_a_compressed_update_is_expanded_and_an_unknown_codec_is_a_nack(tmp_path: Path) -> None:
+    from elastic.wire.compression import Compressor
+
+    engine, _, _ = make(tmp_path, compression={"update": ["topk:0.5", "zstd"]}, min_workers=1)
+    out = engine.tick(members("a", "b"))
+    assert out[0].message.meta["codecs"] == ["topk:0.5", "zstd"]
+    template = update_template(engine.job.model, "train")
+
+    def compressed(worker: str, work: Message, codec: str | None = None) -> Message:
+        deltas = {k: torch.full_like(v.detach(), 0.5) for k, v in template.items()}
+        parts, encodings = Compressor(Plugins().codecs, ["topk:0.5", "zstd"]).compress(deltas)
+        if codec:
+            encodings["weight"][0]["s"] = codec
+        msg = Message(MsgType.UPDATE, job=work.job, round=work.round, version=work.version, sender=worker, key=f"{worker}/{work.job}/{work.round}",
+                      meta={"num_samples": 10, "loss": 0.5, "kind": "weights", "train_seconds": 0.01, "relative": True},
+                      tensors={k: WireTensor.from_tensor(v) for k, v in parts.items()}, encodings=encodings)
+        return decode([bytes(f) for f in encode(msg)])
+
+    nack = engine.on_update("a", compressed("a", out[0].message, codec="lz4:9"))
+    assert nack.type is MsgType.NACK and nack.meta["reason"] == "unknown_codec" and "lz4" in nack.meta["detail"]
+    w0 = engine.job.model.weight.detach().clone()
+    engine.on_update("b", compressed("b", out[1].message))
+    assert engine.job.round == 0  # a's refused update is no answer: the round waits for it
+    engine.on_member_left("a")
+    assert engine.job.round == 1
+    changed = engine.job.model.weight.detach() - w0
+    kept = torch.isclose(changed, torch.tensor(0.5))
+    assert int(kept.sum()) == changed.numel() // 2 and bool((changed[~kept] == 0).all())  # topk 50 %: half the deltas, added
