@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from elastic.errors import ConfigError
 from elastic.membership.etcd import parse_etcd_url
 
-__all__ = ["CoordinatorConfig", "WorkerConfig", "resolve"]
+__all__ = ["CoordinatorConfig", "WorkerConfig", "resolve", "apply_reload"]
 
 C = TypeVar("C")
 
@@ -152,3 +152,29 @@ def _log_settings(fmt: str, level: str) -> None:
         raise ConfigError(f'log_format must be "kv" or "json", got {fmt!r}')
     if level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level must be debug, info, warning or error, got {level!r}")
+
+
+# What a running daemon takes from a reloaded configuration (SIGHUP); the rest needs a restart.
+RELOADABLE = {
+    "CoordinatorConfig": {"heartbeat_interval", "heartbeat_timeout", "max_message_bytes", "exit_when_done", "log_format", "log_level"},
+    "WorkerConfig": {"coordinator_timeout", "max_message_bytes", "log_format", "log_level"},
+}
+
+
+def apply_reload(current: Any, new: Any) -> tuple[list[str], list[str]]:
+    """Copy what may change while running from ``new`` into ``current``.
+
+    Returns (fields applied, fields that changed but need a restart to take effect).
+    """
+    live = RELOADABLE[type(current).__name__]
+    applied, restart = [], []
+    for f in fields(current):
+        old, value = getattr(current, f.name), getattr(new, f.name)
+        if old == value:
+            continue
+        if f.name in live:
+            setattr(current, f.name, value)
+            applied.append(f.name)
+        else:
+            restart.append(f.name)
+    return applied, restart

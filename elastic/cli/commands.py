@@ -44,18 +44,22 @@ def _flags(args: argparse.Namespace, *names: str) -> dict[str, Any]:
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from elastic.coordinator.daemon import Coordinator
 
-    config = resolve(
-        CoordinatorConfig,
-        "coordinator",
-        args.config,
-        _flags(args, "bind", "state_dir", "membership", "id", "lease_ttl", "heartbeat_interval", "heartbeat_timeout", "max_message_bytes", "exit_when_done", "log_format", "log_level"),
-    )
-    setup_logging(config.log_format, config.log_level)
+    def read() -> tuple[CoordinatorConfig, list[JobSpec]]:  # at start, and again on SIGHUP
+        config = resolve(
+            CoordinatorConfig,
+            "coordinator",
+            args.config,
+            _flags(args, "bind", "state_dir", "membership", "id", "lease_ttl", "heartbeat_interval", "heartbeat_timeout", "max_message_bytes", "exit_when_done", "log_format", "log_level"),
+        )
+        specs = [load_job_spec(p) for p in args.job]
+        for spec in specs:
+            check_spec(spec, plugins)
+        return config, specs
+
     plugins = Plugins()
-    specs = [load_job_spec(p) for p in args.job]
-    for spec in specs:
-        check_spec(spec, plugins)
-    coordinator = Coordinator(config, plugins, specs)
+    config, specs = read()
+    setup_logging(config.log_format, config.log_level)
+    coordinator = Coordinator(config, plugins, specs, reloader=read)
     coordinator.run()
     return coordinator.exit_code
 
@@ -63,18 +67,21 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from elastic.worker.daemon import Worker
 
-    config = resolve(
-        WorkerConfig,
-        "worker",
-        args.config,
-        _flags(args, "coordinator", "id", "device", "data", "coordinator_timeout", "membership", "lease_ttl", "max_message_bytes", "log_format", "log_level"),
-    )
+    def read() -> WorkerConfig:  # at start, and again on SIGHUP
+        return resolve(
+            WorkerConfig,
+            "worker",
+            args.config,
+            _flags(args, "coordinator", "id", "device", "data", "coordinator_timeout", "membership", "lease_ttl", "max_message_bytes", "log_format", "log_level"),
+        )
+
+    config = read()
     setup_logging(config.log_format, config.log_level)
     if args.threads is not None:
         if args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    Worker(config, Plugins()).run()
+    Worker(config, Plugins(), reloader=read).run()
     return 0
 
 

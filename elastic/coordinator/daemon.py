@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -24,17 +25,19 @@ import zmq
 from elastic import __version__
 from elastic.allocator import tune_allocator
 from elastic.api import AsyncAggregator
-from elastic.config import CoordinatorConfig
+from elastic.config import CoordinatorConfig, apply_reload
 from elastic.coordinator.asynchronous import AsyncEngine
 from elastic.coordinator.engine import Engine, Outgoing
 from elastic.coordinator.job import Job
 from elastic.coordinator.jobboard import JobBoard
 from elastic.coordinator.rounds import RoundEngine
-from elastic.errors import ConfigError, MembershipUnavailable, ProtocolError
+from elastic.errors import ConfigError, ElasticError, MembershipUnavailable, ProtocolError
 from elastic.jobspec import JobSpec
+from elastic.logs import setup_logging
 from elastic.membership.base import Member, MembershipBackend
 from elastic.membership.election import Leadership
 from elastic.plugins import Plugins
+from elastic.sdnotify import Notifier
 from elastic.wire.frames import decode
 from elastic.wire.messages import Message, MsgType
 from elastic.wire.transport import recv_frames, router_socket, send_message
@@ -42,6 +45,7 @@ from elastic.wire.transport import recv_frames, router_socket, send_message
 __all__ = ["Coordinator", "build_membership"]
 
 log = logging.getLogger("elastic.coordinator")
+Reloader = Callable[[], tuple[CoordinatorConfig, list[JobSpec]]]
 MAX_BATCH = 256  # messages handled per pass before engines get a turn
 
 
@@ -65,10 +69,16 @@ def build_membership(plugins: Plugins, url: str, heartbeat_timeout: float) -> Me
 class Coordinator:
     """Serves jobs to workers. ``run()`` blocks until ``stop()`` (or a signal)."""
 
-    def __init__(self, config: CoordinatorConfig, plugins: Plugins, specs: list[JobSpec]) -> None:
+    def __init__(
+        self, config: CoordinatorConfig, plugins: Plugins, specs: list[JobSpec], reloader: Reloader | None = None
+    ) -> None:
         tune_allocator()
         self.config = config
         self.plugins = plugins
+        self.reloader = reloader  # SIGHUP: the configuration and job specs read again
+        self.notifier = Notifier()
+        self._reload_asked = threading.Event()
+        self._status_at = 0.0
         self._stop = threading.Event()
         self._stop_reason = "stopped"
         self.exit_code = 0
@@ -87,7 +97,8 @@ class Coordinator:
             # Jobs load their newest checkpoint only once this coordinator leads, so a
             # standby that takes over resumes where the old leader stopped.
             self.leadership = Leadership(config.membership, config.id, config.lease_ttl)
-            self.leadership.campaign(advertised(self.endpoint))
+            self.notifier.ready("standing by for leadership")  # a standby is a service that started fine
+            self.leadership.campaign(advertised(self.endpoint), tick=self.notifier.watchdog)
         try:
             self._begin_term(specs)
         except BaseException:  # e.g. a checkpoint of another job: hand leadership on at once
@@ -133,7 +144,8 @@ class Coordinator:
         self._end_term()
         self.leadership.step_down()
         log.warning("lost leadership: standing by; serving again if elected")
-        while self.leadership.campaign(advertised(self.endpoint), stop=self._stop):
+        self.notifier.status("standing by for leadership")
+        while self.leadership.campaign(advertised(self.endpoint), stop=self._stop, tick=self.notifier.watchdog):
             try:
                 self._begin_term([])
                 return True
@@ -159,8 +171,10 @@ class Coordinator:
         if install_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda signum, _frame: self.stop(f"signal {signal.Signals(signum).name}"))
+            signal.signal(signal.SIGHUP, lambda *_: self._reload_asked.set())
         log.info("coordinator serving address=%s jobs=%s membership=%s", self.endpoint, ",".join(self.engines) or "-", self.config.membership)
         self.plugins.notify("elastic_coordinator_started", address=self.endpoint, jobs=list(self.engines))
+        self.notifier.ready(self._status_line())
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         try:
@@ -168,6 +182,7 @@ class Coordinator:
                 if poller.poll(timeout=50):
                     self._drain()
                 self._housekeeping()
+                self._supervision()
                 if self.leadership is not None and self.leadership.lost.is_set() and not self._stand_by():
                     break
                 if self.config.exit_when_done and self.engines and all(e.job.done for e in self.engines.values()):
@@ -180,10 +195,59 @@ class Coordinator:
             self._end_term()
             if self.leadership is not None:
                 self.leadership.resign()
+            self.notifier.close()
 
     def stop(self, reason: str = "stopped") -> None:
         self._stop_reason = reason
         self._stop.set()
+        self.notifier.stopping()
+
+    # --------------------------------------------------------- supervision --
+
+    def _supervision(self) -> None:
+        """What systemd (or any supervisor) hears from the main loop: the watchdog,
+        a status line once a second, and SIGHUP handled here, outside the handler."""
+        self.notifier.watchdog()
+        now = time.monotonic()
+        if now - self._status_at >= 1.0:
+            self._status_at = now
+            self.notifier.status(self._status_line())
+        if self._reload_asked.is_set():
+            self._reload_asked.clear()
+            self._reload()
+
+    def _status_line(self) -> str:
+        jobs = "; ".join(f"{job_id} {e.job.state} round {e.job.round}/{e.job.spec.rounds}" for job_id, e in self.engines.items())
+        role = "leading, " if self.leadership is not None else ""
+        return f"{role}{len(self.membership.members())} workers; {jobs or 'no jobs'}"
+
+    def _reload(self) -> None:
+        if self.reloader is None:
+            log.warning("SIGHUP ignored: this coordinator was not started from a configuration it can read again")
+            return
+        self.notifier.reloading()
+        try:
+            config, specs = self.reloader()
+        except ElasticError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            self.notifier.ready()
+            return
+        applied, restart = apply_reload(self.config, config)
+        setup_logging(self.config.log_format, self.config.log_level)
+        self.membership.heartbeat_timeout = self.config.heartbeat_timeout
+        added = []
+        for spec in specs:
+            if spec.id in self.engines:
+                continue
+            try:
+                if self.board is not None:
+                    self.board.publish(spec)
+                self.add_job(spec)
+                added.append(spec.id)
+            except ElasticError as exc:  # the jobs already running go on
+                log.error("cannot serve job %s after reload: %s", spec.id, exc)
+        log.info("configuration reloaded applied=%s new_jobs=%s needs_restart=%s", ",".join(applied) or "-", ",".join(added) or "-", ",".join(restart) or "-")
+        self.notifier.ready(self._status_line())
 
     def _drain(self) -> None:
         for _ in range(MAX_BATCH):

@@ -21,6 +21,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from elastic.errors import ConfigError
@@ -60,8 +61,9 @@ class Leadership:
         self._writer: threading.Thread | None = None
         self._watch = retrying(self.client, "watching the leader", lambda: self.client.add_watch_callback(self.keys.leader, lambda _response: self._changed.set()))
 
-    def campaign(self, address: str, stop: threading.Event | None = None) -> bool:
-        """Lead (True), or return False once ``stop`` is set while standing by."""
+    def campaign(self, address: str, stop: threading.Event | None = None, tick: Callable[[], None] | None = None) -> bool:
+        """Lead (True), or return False once ``stop`` is set while standing by.
+        ``tick`` is called about once a second while standing by (a watchdog)."""
         record = json.dumps({"id": self.id, "address": address, "since": time.time()})
         announced = False
         while not (stop is not None and stop.is_set()):
@@ -76,6 +78,8 @@ class Leadership:
             except Exception as exc:  # etcd away: keep standing by, try again
                 failed_over(self.client, exc)
                 log.warning("cannot campaign error=%s; retrying", type(exc).__name__)
+            if tick is not None:
+                tick()
             self._changed.wait(1.0)  # the watch wakes us when the key changes
         return False
 

@@ -21,15 +21,18 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import zmq
 
 from elastic import __version__
 from elastic.allocator import tune_allocator
-from elastic.config import WorkerConfig
-from elastic.errors import ProtocolError
+from elastic.config import WorkerConfig, apply_reload
+from elastic.errors import ElasticError, ProtocolError
+from elastic.logs import setup_logging
 from elastic.membership.etcd import WorkerRegistration
 from elastic.plugins import Plugins
+from elastic.sdnotify import Notifier
 from elastic.wire.frames import decode
 from elastic.wire.messages import Message, MsgType
 from elastic.wire.transport import dealer_socket, recv_frames, send_message
@@ -43,9 +46,12 @@ BACKOFF_START, BACKOFF_MAX = 0.2, 10.0
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig, plugins: Plugins) -> None:
+    def __init__(self, config: WorkerConfig, plugins: Plugins, reloader: Callable[[], WorkerConfig] | None = None) -> None:
         tune_allocator()
         self.config = config
+        self.reloader = reloader  # SIGHUP: the configuration read again
+        self.notifier = Notifier()
+        self._reload_asked = threading.Event()
         self.id = config.id
         self.device = resolve_device(config.device)
         self._stop = threading.Event()
@@ -70,13 +76,15 @@ class Worker:
     def run(self, install_signals: bool = True) -> None:
         if install_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda *_: self._stop.set())
+                signal.signal(sig, lambda *_: self.stop())
+            signal.signal(signal.SIGHUP, lambda *_: self._reload_asked.set())
         # Registered in etcd (when asked) before anything else: unreachable etcd is one
         # clear error at start, and the record exists before the first HELLO.
         self.registration = self._register() if self.config.membership.startswith("etcd://") else None
         trainer = threading.Thread(target=self._train_loop, name="trainer", daemon=True)
         trainer.start()
         log.info("worker starting worker=%s device=%s coordinator=%s", self.id, describe_device(self.device), self.config.coordinator or "(the leader in etcd)")
+        self.notifier.ready(f"starting on {describe_device(self.device)}")
         backoff = BACKOFF_START
         try:
             while not self._stop.is_set():
@@ -89,7 +97,8 @@ class Worker:
                     break
                 delay = backoff * random.uniform(0.8, 1.2)
                 log.warning("coordinator unreachable coordinator=%s retry_in=%.1fs", address, delay)
-                self._stop.wait(delay)
+                self.notifier.status(f"coordinator {address} unreachable; retrying")
+                self._wait(delay)
                 backoff = min(backoff * 2, BACKOFF_MAX)
         finally:
             if self.registration is not None:
@@ -102,6 +111,7 @@ class Worker:
             if not trainer.is_alive():  # else its socket is open and term() would wait for it
                 self.ctx.term()
             log.info("worker stopped worker=%s rounds=%d", self.id, self.rounds_done)
+            self.notifier.close()
 
     def _register(self) -> WorkerRegistration:
         record = {"id": self.id, "host": socket.gethostname(), "pid": os.getpid(), "device": describe_device(self.device), "software": __version__, "data": str(self.config.data or "")}
@@ -109,6 +119,35 @@ class Worker:
 
     def stop(self) -> None:
         self._stop.set()
+        self.notifier.stopping()
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep until stopped, still petting the watchdog."""
+        deadline = time.monotonic() + seconds
+        while not self._stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            self._supervision()
+            self._stop.wait(min(left, 1.0))
+
+    def _supervision(self) -> None:
+        """Called from every loop of the main thread: watchdog, and SIGHUP handled here."""
+        self.notifier.watchdog()
+        if self._reload_asked.is_set():
+            self._reload_asked.clear()
+            self._reload()
+
+    def _reload(self) -> None:
+        if self.reloader is None:
+            log.warning("SIGHUP ignored: this worker was not started from a configuration it can read again")
+            return
+        self.notifier.reloading()
+        try:
+            applied, restart = apply_reload(self.config, self.reloader())
+        except ElasticError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+        else:
+            setup_logging(self.config.log_format, self.config.log_level)
+            log.info("configuration reloaded applied=%s needs_restart=%s", ",".join(applied) or "-", ",".join(restart) or "-")
+        self.notifier.ready()
 
     def _coordinator_address(self) -> str | None:
         """``--coordinator``, else the leader published in etcd (waited for); None if stopped."""
@@ -126,7 +165,9 @@ class Worker:
                 return address
             if not waiting:
                 log.info("waiting for a coordinator to lead cluster=%s", self.registration.keys.cluster)
+                self.notifier.status("waiting for a coordinator to lead")
                 waiting = True
+            self._supervision()
             self.registration.leader_changed.wait(1.0)
         return None
 
@@ -158,6 +199,7 @@ class Worker:
         next_beat = 0.0
         try:
             while not self._stop.is_set():
+                self._supervision()
                 now = time.monotonic()
                 if now >= next_beat:
                     self._send(self._hello() if not self.registered else Message(MsgType.HEARTBEAT, meta={"busy": self._busy}))
@@ -226,6 +268,7 @@ class Worker:
         if msg.type is MsgType.WELCOME:
             if not self.registered:
                 log.info("joined coordinator=%s slot=%s", self.address, msg.meta.get("slot"))
+                self.notifier.status(f"joined {self.address}")
             self.registered = True
             self.heartbeat_interval = float(msg.meta["heartbeat_interval"])
         elif msg.type is MsgType.NACK:

@@ -50,9 +50,9 @@ class Cluster:
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.state = root / "state"
 
-    def spawn(self, name: str, *args: str) -> subprocess.Popen:
+    def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         log = self.root / f"{name}.log"
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         with open(log, "ab") as out:
             p = subprocess.Popen([sys.executable, "-m", "elastic", *args], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         self.procs.append(p)
