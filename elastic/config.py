@@ -34,11 +34,15 @@ class CoordinatorConfig:
     heartbeat_timeout: float = 3.0
     max_message_bytes: int = 4 << 30
     exit_when_done: bool = False
+    metrics_port: int = 0  # Prometheus /metrics, /healthz, /readyz; 0 = not served
+    metrics_host: str = "127.0.0.1"
     log_format: str = "kv"
     log_level: str = "info"
 
     def validate(self) -> None:
         _check_endpoint("bind", self.bind)
+        if not 0 <= self.metrics_port < 65536:
+            raise ConfigError(f"metrics_port must be a TCP port (1-65535), or 0 for none; got {self.metrics_port}")
         if not self.id:
             self.id = f"{socket.gethostname()}-{os.getpid()}"
         if self.membership.startswith("etcd://"):

@@ -208,11 +208,12 @@ def elastic_update_rejected(job_id: str, worker_id: str, reason: str, detail: st
 
 
 @hookspec
-def elastic_checkpoint_saved(job_id: str, round: int, path: str) -> None:
+def elastic_checkpoint_saved(job_id: str, round: int, path: str, seconds: float) -> None:
     """A checkpoint was written atomically (write, fsync, rename).
 
     Args:
         job_id: the job.
         round: the round it holds.
         path: where it is.
+        seconds: how long writing it took.
     """

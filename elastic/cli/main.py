@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-timeout", type=float, default=None, help="seconds of silence before a worker is removed (default 3)")
     p.add_argument("--max-message-bytes", type=int, default=None)
     p.add_argument("--exit-when-done", action="store_const", const=True, default=None, help="exit once every job is finished")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics, /healthz and /readyz on this port (default: off)")
+    p.add_argument("--metrics-host", default=None, help="address for --metrics-port (default 127.0.0.1; 0.0.0.0 for all)")
     _daemon_flags(p)
 
     p = sub.add_parser("worker", parents=[debug], help="run a worker daemon")

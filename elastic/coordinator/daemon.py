@@ -36,6 +36,7 @@ from elastic.jobspec import JobSpec
 from elastic.logs import setup_logging
 from elastic.membership.base import Member, MembershipBackend
 from elastic.membership.election import Leadership
+from elastic.metrics import Metrics
 from elastic.plugins import Plugins
 from elastic.sdnotify import Notifier
 from elastic.wire.frames import decode
@@ -79,6 +80,12 @@ class Coordinator:
         self.notifier = Notifier()
         self._reload_asked = threading.Event()
         self._status_at = 0.0
+        self.metrics: Metrics | None = None
+        if config.metrics_port:
+            self.metrics = Metrics()
+            plugins.register(self.metrics, name="elastic-metrics", distribution="elastic (built in)")
+            port = self.metrics.serve(config.metrics_host, config.metrics_port)
+            log.info("metrics served address=http://%s:%d/metrics", config.metrics_host, port)
         self._stop = threading.Event()
         self._stop_reason = "stopped"
         self.exit_code = 0
@@ -196,6 +203,8 @@ class Coordinator:
             if self.leadership is not None:
                 self.leadership.resign()
             self.notifier.close()
+            if self.metrics is not None:
+                self.metrics.close()
 
     def stop(self, reason: str = "stopped") -> None:
         self._stop_reason = reason
@@ -212,9 +221,20 @@ class Coordinator:
         if now - self._status_at >= 1.0:
             self._status_at = now
             self.notifier.status(self._status_line())
+            if self.metrics is not None:
+                self.metrics.update(self._metrics_snapshot())
         if self._reload_asked.is_set():
             self._reload_asked.clear()
             self._reload()
+
+    def _metrics_snapshot(self) -> dict[str, Any]:
+        jobs = {
+            job_id: {"round": e.job.round, "version": e.job.version, "rounds": e.job.spec.rounds, "state": str(e.job.state), "totals": dict(e.job.totals)}
+            for job_id, e in self.engines.items()
+        }
+        members = Counter(m.device.split()[0].split(":")[0] if m.device else "unknown" for m in self.membership.members())
+        serving = self._serving and (self.leadership is None or not self.leadership.lost.is_set())
+        return {"jobs": jobs, "members": dict(members), "rejected": dict(self.rejected), "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "serving": serving}
 
     def _status_line(self) -> str:
         jobs = "; ".join(f"{job_id} {e.job.state} round {e.job.round}/{e.job.spec.rounds}" for job_id, e in self.engines.items())

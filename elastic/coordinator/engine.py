@@ -202,6 +202,12 @@ class Engine(ABC):
             meta["codecs"] = list(spec.compression.update)
         return meta
 
+    def _count_update(self, wire_bytes: int, msg: Message) -> None:
+        """An update was folded: its bytes as sent and as decoded (the compression ratio)."""
+        totals = self.job.totals
+        totals["update_bytes_wire"] = totals.get("update_bytes_wire", 0) + wire_bytes
+        totals["update_bytes_raw"] = totals.get("update_bytes_raw", 0) + msg.payload_bytes
+
     def _nack(self, msg: Message, reason: str, detail: str) -> Message:
         self.job.totals["rejected"] += 1
         log.warning("update rejected job=%s sender=%s reason=%s detail=%s", self.job.spec.id, msg.sender, reason, detail)
@@ -244,8 +250,9 @@ class Engine(ABC):
             job.final_metrics = {k: v for k, v in metrics.items() if k in ("loss", "eval_loss", "accuracy")} | {"rounds": job.round}
         if last or number % spec.checkpoint.every == 0:
             try:
+                started = time.perf_counter()
                 path = job.checkpoint(self.fence)
-                self.notify("elastic_checkpoint_saved", job_id=spec.id, round=number, path=str(path))
+                self.notify("elastic_checkpoint_saved", job_id=spec.id, round=number, path=str(path), seconds=time.perf_counter() - started)
             except Fenced as exc:  # leadership unsure between the fence and the publish
                 log.error("checkpoint not published job=%s round=%d: %s", spec.id, number, exc)
                 if self.fence() is False:  # another leader: stop here, publish nothing more
