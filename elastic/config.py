@@ -26,6 +26,7 @@ C = TypeVar("C")
 @dataclass
 class CoordinatorConfig:
     bind: str = "tcp://127.0.0.1:5555"
+    control: str = ""  # the control API's endpoint; default: bind's port + 1 (5556)
     state_dir: Path = Path("elastic-state")
     membership: str = "embedded://"
     id: str = ""  # this coordinator's name in elections (default HOSTNAME-PID)
@@ -41,6 +42,8 @@ class CoordinatorConfig:
 
     def validate(self) -> None:
         _check_endpoint("bind", self.bind)
+        self.control = self.control or default_control(self.bind)
+        _check_endpoint("control", self.control)
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError(f"metrics_port must be a TCP port (1-65535), or 0 for none; got {self.metrics_port}")
         if not self.id:
@@ -182,3 +185,13 @@ def apply_reload(current: Any, new: Any) -> tuple[list[str], list[str]]:
         else:
             restart.append(f.name)
     return applied, restart
+
+
+def default_control(bind: str) -> str:
+    """The control endpoint beside a data endpoint: TCP port + 1 (a random one when
+    the data port is), or the IPC path with ``.control`` appended."""
+    scheme, _, rest = bind.partition("://")
+    if scheme != "tcp":
+        return f"{bind}.control"
+    host, _, port = rest.rpartition(":")
+    return f"tcp://{host}:{int(port) + 1 if port.isdigit() and int(port) > 0 else 0}"

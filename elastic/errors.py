@@ -16,11 +16,15 @@ __all__ = [
     "CodecError",
     "MembershipUnavailable",
     "CheckpointError",
+    "ControlError",
+    "Unreachable",
 ]
 
 
 class ElasticError(Exception):
     """Base class of every error elastic raises on purpose."""
+
+    exit_code = 2  # what the CLI exits with
 
 
 class ConfigError(ElasticError):
@@ -62,3 +66,19 @@ class Cancelled(ElasticError):
 
 class Fenced(ElasticError):
     """A commit was refused because this coordinator no longer leads."""
+
+
+class ControlError(ElasticError):
+    """A control request failed. ``code``: ``no_such_job`` (CLI exit 4),
+    ``invalid_job`` / ``bad_request`` (2), anything else (1)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.exit_code = {"no_such_job": 4, "invalid_job": 2, "bad_request": 2}.get(code, 1)
+        super().__init__(message)
+
+
+class Unreachable(ElasticError):
+    """No coordinator answered (CLI exit 3)."""
+
+    exit_code = 3

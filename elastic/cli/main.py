@@ -17,6 +17,14 @@ from elastic.errors import ElasticError
 __all__ = ["main"]
 
 
+def add_control_flags(p: argparse.ArgumentParser) -> None:
+    """Where the control API is, and how to answer: for ``elastic job`` and ``elastic members``."""
+    p.add_argument("--coordinator", default=None, help="the coordinator's control endpoint (default: $ELASTIC_CONTROL, else tcp://127.0.0.1:5556)")
+    p.add_argument("--membership", default=None, help="etcd://HOST:PORT[,...]/CLUSTER: ask whichever coordinator leads there")
+    p.add_argument("--output", choices=["table", "json"], default="table")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer (default 10)")
+
+
 def _daemon_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML file with a [coordinator] / [worker] table")
     p.add_argument("--log-format", choices=["kv", "json"], default=None, help="log line format (default kv)")
@@ -53,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("coordinator", parents=[debug], help="run the coordinator daemon")
     p.add_argument("--bind", default=None, help="ZeroMQ endpoint to serve on (default tcp://127.0.0.1:5555)")
+    p.add_argument("--control", default=None, help="endpoint of the control API for `elastic job` (default: --bind's port + 1)")
     p.add_argument("--job", type=Path, action="append", default=[], help="job spec to serve (repeatable)")
     p.add_argument("--state-dir", type=Path, default=None, help="checkpoints and status (default ./elastic-state)")
     p.add_argument("--membership", default=None, help="embedded:// (default) or etcd://HOST:PORT[,...]/CLUSTER (election + membership)")
@@ -78,6 +87,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-bytes", type=int, default=None)
     _daemon_flags(p)
 
+    p = sub.add_parser("job", parents=[debug], help="operate jobs on a running coordinator (submit, ls, status, pause, resume, cancel, export, logs)")
+    jobs = p.add_subparsers(dest="job_command", required=True)
+    q = jobs.add_parser("submit", parents=[debug], help="hand a job spec to the coordinator")
+    q.add_argument("spec", type=Path, help="job spec (TOML)")
+    q.add_argument("--follow", action="store_true", help="show a live progress bar until the job ends")
+    add_control_flags(q)
+    q = jobs.add_parser("ls", parents=[debug], help="the coordinator's jobs")
+    add_control_flags(q)
+    for name, text in (("status", "one job in detail"), ("pause", "no new round starts; the one running still commits"), ("resume", "go on from the round reached"), ("cancel", "stop for good; the last checkpoint stays")):
+        q = jobs.add_parser(name, parents=[debug], help=text)
+        q.add_argument("id", help="job id")
+        add_control_flags(q)
+    q = jobs.add_parser("export", parents=[debug], help="download the job's current model")
+    q.add_argument("id", help="job id")
+    q.add_argument("--out", type=Path, required=True, help="where to write it (.safetensors or .pt)")
+    add_control_flags(q)
+    q = jobs.add_parser("logs", parents=[debug], help="the job's rounds, one line each")
+    q.add_argument("id", help="job id")
+    q.add_argument("--follow", action="store_true", help="keep printing rounds as they commit, until the job ends")
+    add_control_flags(q)
+
+    p = sub.add_parser("members", parents=[debug], help="the workers a coordinator has now")
+    add_control_flags(p)
+
     p = sub.add_parser("plugins", parents=[debug], help="list installed plugins and the distribution of each")
     p.add_argument("--output", choices=["table", "json"], default="table")
 
@@ -94,17 +127,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"elastic: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from elastic.cli import commands
-
     if args.debug:
         logging.getLogger("elastic").setLevel(logging.DEBUG)
-    return getattr(commands, f"cmd_{args.command}")(args)
+    if args.command in ("job", "members"):  # a client of the control API: no torch to load
+        from elastic.cli import jobs  # noqa: PLC0415
+
+        return int(getattr(jobs, f"cmd_{args.command}")(args))
+    from elastic.cli import commands  # noqa: PLC0415
+
+    return int(getattr(commands, f"cmd_{args.command}")(args))
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ import zmq
 from elastic import __version__
 from elastic.allocator import tune_allocator
 from elastic.api import AsyncAggregator
-from elastic.config import CoordinatorConfig, apply_reload
+from elastic.config import CoordinatorConfig, apply_reload, default_control
 from elastic.coordinator.asynchronous import AsyncEngine
+from elastic.coordinator.control import ControlAPI
 from elastic.coordinator.engine import Engine, Outgoing
 from elastic.coordinator.job import Job
 from elastic.coordinator.jobboard import JobBoard
@@ -48,6 +49,7 @@ __all__ = ["Coordinator", "build_membership"]
 log = logging.getLogger("elastic.coordinator")
 Reloader = Callable[[], tuple[CoordinatorConfig, list[JobSpec]]]
 MAX_BATCH = 256  # messages handled per pass before engines get a turn
+MAX_CONTROL_BYTES = 64 << 20  # a control request carries a job spec, not tensors
 
 
 def advertised(endpoint: str) -> str:
@@ -91,6 +93,8 @@ class Coordinator:
         self.exit_code = 0
         self.ctx: zmq.Context = zmq.Context.instance()
         self.sock, self.endpoint = router_socket(self.ctx, config.bind)
+        self.control_sock, self.control_endpoint = router_socket(self.ctx, config.control or default_control(config.bind))
+        self.control = ControlAPI(self)
         self.leadership: Leadership | None = None
         self.engines: dict[str, Engine] = {}
         self.membership: MembershipBackend
@@ -105,11 +109,12 @@ class Coordinator:
             # standby that takes over resumes where the old leader stopped.
             self.leadership = Leadership(config.membership, config.id, config.lease_ttl)
             self.notifier.ready("standing by for leadership")  # a standby is a service that started fine
-            self.leadership.campaign(advertised(self.endpoint), tick=self.notifier.watchdog)
+            self.leadership.campaign(advertised(self.endpoint), tick=self.notifier.watchdog, control=advertised(self.control_endpoint))
         try:
             self._begin_term(specs)
         except BaseException:  # e.g. a checkpoint of another job: hand leadership on at once
             self.sock.close(linger=0)
+            self.control_sock.close(linger=0)
             if self.leadership is not None:
                 self.leadership.resign()
             raise
@@ -152,7 +157,7 @@ class Coordinator:
         self.leadership.step_down()
         log.warning("lost leadership: standing by; serving again if elected")
         self.notifier.status("standing by for leadership")
-        while self.leadership.campaign(advertised(self.endpoint), stop=self._stop, tick=self.notifier.watchdog):
+        while self.leadership.campaign(advertised(self.endpoint), stop=self._stop, tick=self.notifier.watchdog, control=advertised(self.control_endpoint)):
             try:
                 self._begin_term([])
                 return True
@@ -179,15 +184,19 @@ class Coordinator:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda signum, _frame: self.stop(f"signal {signal.Signals(signum).name}"))
             signal.signal(signal.SIGHUP, lambda *_: self._reload_asked.set())
-        log.info("coordinator serving address=%s jobs=%s membership=%s", self.endpoint, ",".join(self.engines) or "-", self.config.membership)
+        log.info("coordinator serving address=%s control=%s jobs=%s membership=%s", self.endpoint, self.control_endpoint, ",".join(self.engines) or "-", self.config.membership)
         self.plugins.notify("elastic_coordinator_started", address=self.endpoint, jobs=list(self.engines))
         self.notifier.ready(self._status_line())
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.control_sock, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                if poller.poll(timeout=50):
+                ready = dict(poller.poll(timeout=50))
+                if self.sock in ready:
                     self._drain()
+                if self.control_sock in ready:
+                    self._drain_control()
                 self._housekeeping()
                 self._supervision()
                 if self.leadership is not None and self.leadership.lost.is_set() and not self._stand_by():
@@ -199,6 +208,7 @@ class Coordinator:
             rejected = ",".join(f"{k}:{v}" for k, v in sorted(self.rejected.items())) or "none"
             log.info("coordinator stopping reason=%s bytes_in=%d bytes_out=%d rejected=%s", self._stop_reason, self.bytes_in, self.bytes_out, rejected)
             self.sock.close(linger=0)
+            self.control_sock.close(linger=0)
             self._end_term()
             if self.leadership is not None:
                 self.leadership.resign()
@@ -281,6 +291,25 @@ class Coordinator:
                 self._handle(routing, frames)
             except Exception:  # a bug on one message must not take the daemon down
                 log.exception("error handling a message from %r", routing)
+
+    def _drain_control(self) -> None:
+        for _ in range(MAX_BATCH):
+            try:
+                routing, frames = recv_frames(self.control_sock, routed=True)
+            except zmq.Again:
+                return
+            assert routing is not None
+            try:
+                request = decode(frames, max_message_bytes=MAX_CONTROL_BYTES)
+            except ProtocolError as exc:
+                self.rejected[exc.reason] += 1
+                reply = Message(MsgType.REPLY, meta={"ok": False, "data": {}, "code": "bad_request", "error": f"{exc.reason}: {exc.detail}"})
+            else:
+                reply = self.control.handle(request)
+            try:
+                send_message(self.control_sock, reply, routing)
+            except zmq.ZMQError as exc:
+                log.warning("cannot answer a control request error=%s", exc.strerror)
 
     def _report_status(self, job_id: str, status: dict[str, Any]) -> None:
         if self.board is not None:

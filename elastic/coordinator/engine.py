@@ -277,8 +277,12 @@ class Engine(ABC):
         self.notify("elastic_job_finished", job_id=job.spec.id, state=str(job.state), metrics=final)
         self._write_status()
 
+    def status(self) -> dict[str, Any]:
+        """The job's status, with the work in progress."""
+        return self.job.status(self.members_now, self._in_progress())
+
     def _write_status(self) -> None:
-        status = self.job.status(self.members_now, self._in_progress())
+        status = self.status()
         self.job.write_status(status)
         if self.on_status is not None:
             self.on_status(status)

@@ -16,7 +16,7 @@ from typing import Any
 
 from elastic.jobspec import JobSpec
 from elastic.membership.election import Leadership
-from elastic.membership.etcd import PrefixWatch, retrying
+from elastic.membership.etcd import RPC_TIMEOUT, PrefixWatch, retrying
 
 __all__ = ["JobBoard", "DESIRED_STATES"]
 
@@ -52,6 +52,12 @@ class JobBoard:
             job_id, _, part = meta.key.decode("utf-8", "replace")[len(self.prefix) :].partition("/")
             found.setdefault(job_id, {})[part] = value
         return found
+
+    def set_state(self, job_id: str, state: str) -> None:
+        """Write the operator's wish for a job (raises ``MembershipUnavailable``)."""
+        if state not in DESIRED_STATES:
+            raise ValueError(f"desired state must be one of {DESIRED_STATES}, not {state!r}")
+        retrying(self.client, f"setting job {job_id} {state}", lambda: self.client.put(self._key(job_id, "state"), state), timeout=RPC_TIMEOUT)
 
     def write_status(self, job_id: str, status: dict[str, Any]) -> None:
         """Queue the job's status for etcd (written in the background, fenced)."""

@@ -61,10 +61,11 @@ class Leadership:
         self._writer: threading.Thread | None = None
         self._watch = retrying(self.client, "watching the leader", lambda: self.client.add_watch_callback(self.keys.leader, lambda _response: self._changed.set()))
 
-    def campaign(self, address: str, stop: threading.Event | None = None, tick: Callable[[], None] | None = None) -> bool:
+    def campaign(self, address: str, stop: threading.Event | None = None, tick: Callable[[], None] | None = None, control: str = "") -> bool:
         """Lead (True), or return False once ``stop`` is set while standing by.
-        ``tick`` is called about once a second while standing by (a watchdog)."""
-        record = json.dumps({"id": self.id, "address": address, "since": time.time()})
+        ``tick`` is called about once a second while standing by (a watchdog).
+        The leader's record holds ``address`` (for workers) and ``control`` (for the CLI)."""
+        record = json.dumps({"id": self.id, "address": address, "control": control, "since": time.time()})
         announced = False
         while not (stop is not None and stop.is_set()):
             self._changed.clear()

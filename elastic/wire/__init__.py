@@ -1,6 +1,20 @@
-"""The wire protocol: msgpack headers plus zero-copy tensor frames over ZeroMQ."""
+"""The wire protocol: msgpack headers plus zero-copy tensor frames over ZeroMQ.
 
-from elastic.wire.frames import CHUNK_BYTES, decode, encode
-from elastic.wire.messages import PROTOCOL_VERSION, Message, MsgType, WireTensor
+The names below load on first use, so that importing ``elastic.wire.header`` (which
+a control client needs) does not import torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["CHUNK_BYTES", "PROTOCOL_VERSION", "Message", "MsgType", "WireTensor", "decode", "encode"]
+_HOME = {"CHUNK_BYTES": "header", "PROTOCOL_VERSION": "header", "Message": "header", "MsgType": "header", "WireTensor": "messages", "decode": "frames", "encode": "frames"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib  # noqa: PLC0415
+
+    return getattr(importlib.import_module(f"elastic.wire.{_HOME[name]}"), name)

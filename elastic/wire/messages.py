@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any
 
 import torch
+
+from elastic.wire.header import META_SCHEMA, PROTOCOL_VERSION, Message, MsgType
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -19,23 +19,6 @@ __all__ = [
     "DTYPE_NAMES",
     "META_SCHEMA",
 ]
-
-PROTOCOL_VERSION = 1
-
-
-class MsgType(StrEnum):
-    """Every message type on the wire. Anything else is rejected as ``unknown_type``."""
-
-    HELLO = "HELLO"  # worker -> coordinator: join (or re-join) with a description of itself
-    WELCOME = "WELCOME"  # coordinator -> worker: accepted; heartbeat settings
-    HEARTBEAT = "HEARTBEAT"  # worker -> coordinator: still alive
-    HEARTBEAT_ACK = "HEARTBEAT_ACK"  # coordinator -> worker: coordinator still alive
-    BYE = "BYE"  # worker -> coordinator: graceful leave
-    WORK = "WORK"  # coordinator -> worker: the model at `version` and what to do with it
-    UPDATE = "UPDATE"  # worker -> coordinator: the result, computed against `version`
-    ACK = "ACK"  # coordinator -> worker: update folded in
-    NACK = "NACK"  # either way: rejected, with a reason
-
 
 # Tensor dtypes allowed on the wire, by their wire name.
 DTYPES: dict[str, torch.dtype] = {
@@ -51,28 +34,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
-
-# Required `meta` fields per type, with the Python types their values must have.
-# (bool is checked apart from int: msgpack keeps them distinct, and so do we.)
-META_SCHEMA: dict[MsgType, dict[str, type | tuple[type, ...]]] = {
-    MsgType.HELLO: {"device": str, "host": str, "software": str, "pid": int},
-    MsgType.WELCOME: {"heartbeat_interval": float, "heartbeat_timeout": float},
-    MsgType.HEARTBEAT: {"busy": bool},
-    MsgType.HEARTBEAT_ACK: {},
-    MsgType.BYE: {},
-    MsgType.WORK: {
-        "mode": str,
-        "task": str,
-        "task_params": dict,
-        "train": dict,
-        "shard": list,
-        "seed": int,
-    },
-    MsgType.UPDATE: {"num_samples": int, "loss": float, "kind": str, "train_seconds": float},
-    MsgType.ACK: {},
-    MsgType.NACK: {"reason": str, "detail": str},
-}
-
 
 @dataclass
 class WireTensor:
@@ -159,29 +120,3 @@ def _flat_view(target: torch.Tensor, numel: int) -> torch.Tensor:
     if not target.is_contiguous():
         raise ValueError("target tensor must be contiguous")
     return target.view(-1)
-
-
-@dataclass
-class Message:
-    """One protocol message: the header fields plus named tensors.
-
-    ``version`` is the model version the message refers to: for ``WORK`` the version
-    sent, for ``UPDATE`` the version the update was computed against (its base).
-    ``key`` is the idempotency key of an update (``worker/job/round``).
-    """
-
-    type: MsgType
-    job: str = ""
-    round: int = 0
-    version: int = 0
-    sender: str = ""
-    key: str = ""
-    meta: dict[str, Any] = field(default_factory=dict)
-    tensors: dict[str, WireTensor] = field(default_factory=dict)
-    # Compressed tensors: per tensor name, the codec stages applied, in order (see
-    # ``elastic.wire.compression``); their parts travel as ``<name>#<part>`` tensors.
-    encodings: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-
-    @property
-    def payload_bytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())

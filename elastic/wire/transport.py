@@ -11,8 +11,7 @@ from typing import Any
 
 import zmq
 
-from elastic.wire.frames import CHUNK_BYTES, MAX_HEADER_BYTES, encode
-from elastic.wire.messages import Message
+from elastic.wire.header import CHUNK_BYTES, MAX_HEADER_BYTES, Message, pack
 
 __all__ = ["router_socket", "dealer_socket", "send_message", "recv_frames", "MAX_FRAME_BYTES"]
 
@@ -61,7 +60,12 @@ def send_message(sock: zmq.Socket, msg: Message, routing: bytes | None = None, t
     memory the frames alias; None means no frame aliases it. Raises
     ``zmq.ZMQError`` (e.g. ``EHOSTUNREACH`` for a ROUTER peer that is gone).
     """
-    frames: list[Any] = encode(msg)
+    if msg.tensors:
+        from elastic.wire.frames import encode  # noqa: PLC0415 - tensors need torch; requests do not
+
+        frames: list[Any] = encode(msg)
+    else:
+        frames = [pack(msg, [])]
     if routing is not None:
         frames.insert(0, routing)
     if not track:

@@ -1,0 +1,64 @@
+"""The CLI's side of the control API: find the coordinator, ask, wait for the answer."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from elastic.errors import ControlError, MembershipUnavailable, Unreachable
+from elastic.wire.header import Message, MsgType, decode_plain
+from elastic.wire.transport import dealer_socket, recv_frames, send_message
+
+if TYPE_CHECKING:
+    from elastic.wire.messages import WireTensor
+
+__all__ = ["ControlClient", "control_endpoint", "DEFAULT_CONTROL"]
+
+DEFAULT_CONTROL = "tcp://127.0.0.1:5556"
+
+
+def control_endpoint(coordinator: str | None, membership: str | None) -> str:
+    """``--coordinator``, else the leader's control endpoint in etcd, else
+    ``$ELASTIC_CONTROL``, else the default beside a local coordinator."""
+    if coordinator:
+        return coordinator
+    if membership:
+        from elastic.membership.etcd import Keys, connect, parse_etcd_url, read_leader  # noqa: PLC0415
+
+        client = connect(membership)
+        try:
+            leader = read_leader(client, Keys(parse_etcd_url(membership)[1]))
+        finally:
+            client.close()
+        if not leader or not leader.get("control"):
+            raise Unreachable(f"no coordinator leads the cluster in {membership}; start one, or wait for the election")
+        return str(leader["control"])
+    return os.environ.get("ELASTIC_CONTROL", DEFAULT_CONTROL)
+
+
+class ControlClient:
+    def __init__(self, endpoint: str, timeout: float = 10.0) -> None:
+        self.endpoint, self.timeout = endpoint, timeout
+
+    def call(self, op: str, **args: Any) -> tuple[dict[str, Any], dict[str, WireTensor]]:
+        """(data, tensors) of a successful reply; ``ControlError`` with the
+        coordinator's code and words, or ``Unreachable`` when nobody answers."""
+        ctx: zmq.Context = zmq.Context.instance()
+        sock = dealer_socket(ctx, f"cli-{uuid.uuid4().hex[:12]}", self.endpoint)
+        key = uuid.uuid4().hex
+        try:
+            send_message(sock, Message(MsgType.REQUEST, key=key, meta={"op": op, "args": args}))
+            while sock.poll(int(self.timeout * 1000)):
+                reply = decode_plain(recv_frames(sock, routed=False)[1])
+                if reply.type is MsgType.REPLY and reply.key in (key, ""):
+                    if not reply.meta["ok"]:
+                        raise ControlError(reply.meta["code"], reply.meta["error"])
+                    return reply.meta["data"], reply.tensors
+            raise Unreachable(f"no coordinator reachable at {self.endpoint} (no answer in {self.timeout:.0f}s); start one there, or give --coordinator or --membership")
+        except MembershipUnavailable as exc:
+            raise Unreachable(str(exc)) from None
+        finally:
+            sock.close(linger=0)
