@@ -21,7 +21,7 @@ from rich.table import Table
 from elastic.cli.control import ControlClient, control_endpoint
 from elastic.errors import ControlError
 
-__all__ = ["cmd_job", "cmd_members"]
+__all__ = ["cmd_job", "cmd_members", "cmd_report"]
 
 DONE = ("finished", "failed", "cancelled")
 
@@ -169,3 +169,20 @@ def cmd_members(args: argparse.Namespace) -> int:
     _print(args, data["members"], _table("members", ["worker", "host", "device", "slot", "busy", "joined s ago", "seen s ago"], rows))
     return 0
 
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from elastic.report import render  # noqa: PLC0415
+
+    if args.state_dir is not None:
+        path = args.state_dir / args.id / "status.json"
+        try:
+            status = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ControlError("no_such_job", f"no status of job {args.id} in {args.state_dir} ({path} does not exist)") from None
+    else:
+        status, _ = _client(args).call("report", job=args.id)
+    fmt = args.format or ("html" if args.out.suffix in (".html", ".htm") else "png")
+    render(status, args.out, fmt)
+    print(f"wrote the report of job {args.id} ({status['round']} rounds) to {args.out}")
+    return 0

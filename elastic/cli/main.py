@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("members", parents=[debug], help="the workers a coordinator has now")
     add_control_flags(p)
 
+    p = sub.add_parser("report", parents=[debug], help="plots of a job's run: loss, accuracy, members over time, bytes per round")
+    p.add_argument("id", help="job id")
+    p.add_argument("--out", type=Path, required=True, help="the file to write")
+    p.add_argument("--format", choices=["png", "html"], default=None, help="default: from --out's suffix, else png")
+    p.add_argument("--state-dir", type=Path, default=None, help="read STATE_DIR/ID/status.json instead of asking a coordinator")
+    add_control_flags(p)
+
     p = sub.add_parser("plugins", parents=[debug], help="list installed plugins and the distribution of each")
     p.add_argument("--output", choices=["table", "json"], default="table")
 
@@ -135,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.debug:
         logging.getLogger("elastic").setLevel(logging.DEBUG)
-    if args.command in ("job", "members"):  # a client of the control API: no torch to load
+    if args.command in ("job", "members", "report"):  # clients of the control API: no torch to load
         from elastic.cli import jobs  # noqa: PLC0415
 
         return int(getattr(jobs, f"cmd_{args.command}")(args))

@@ -144,6 +144,10 @@ class ControlAPI:
         entries = job.history[max(since, 0) :][:MAX_LOG_ENTRIES]
         return {"job": job.spec.id, "state": str(job.state), "entries": entries, "next": max(since, 0) + len(entries)}, {}
 
+    def op_report(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, WireTensor]]:
+        """Everything ``elastic report`` plots: the status with the full history and events."""
+        return self._engine(args).status(), {}
+
     def op_members(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, WireTensor]]:
         now = time.monotonic()
         members = [

@@ -336,6 +336,8 @@ class Coordinator:
                 self._board_change(job_id, part, value)
         for event in self.membership.poll(now):
             m = event.member
+            for engine in self.engines.values():
+                engine.job.note(event.kind, worker=m.id, device=m.device, reason=event.reason)
             if event.kind == "joined":
                 log.info("worker joined worker=%s device=%s host=%s slot=%d", m.id, m.device, m.host, m.slot)
                 self.plugins.notify("elastic_worker_joined", worker_id=m.id, device=m.device, host=m.host, slot=m.slot)

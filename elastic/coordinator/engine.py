@@ -104,6 +104,8 @@ class Engine(ABC):
         job = self.job
         if job.done:
             return
+        if state == "cancelled" or (state == "paused") != self.paused and state in ("paused", "running"):
+            job.note({"cancelled": "cancelled", "paused": "paused", "running": "resumed"}[state])
         if state == "cancelled":
             self._abandon_work("job cancelled")
             job.state = JobState.CANCELLED

@@ -25,6 +25,7 @@ __all__ = ["Job", "JobState", "check_compression"]
 
 log = logging.getLogger("elastic.job")
 CHECKPOINT_FORMAT = 1
+MAX_EVENTS = 10_000  # the newest kept
 
 
 class JobState(StrEnum):
@@ -67,6 +68,8 @@ class Job:
         self.round = 0  # last committed round
         self.version = 0  # model version; +1 per committed round
         self.history: list[dict[str, Any]] = []
+        # Joins, leaves and operator actions, with their time and round (for reports).
+        self.events: list[dict[str, Any]] = []
         self.totals: dict[str, Any] = {"bytes_sent": 0, "bytes_received": 0, "updates": 0, "rejected": 0}
         self.final_metrics: dict[str, Any] = {}
         self.started_wall = time.time()
@@ -101,6 +104,7 @@ class Job:
             "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
             "aggregator": self.aggregator.state_dict(),
             "history": self.history,
+            "events": self.events,
             "totals": self.totals,
             "final_metrics": self.final_metrics,
             "wall_seconds": self.wall_seconds(),
@@ -124,6 +128,7 @@ class Job:
         self.round = int(ckpt["round"])
         self.version = int(ckpt["version"])
         self.history = list(ckpt.get("history", []))
+        self.events = list(ckpt.get("events", []))
         self.totals.update(ckpt.get("totals", {}))
         self.final_metrics = dict(ckpt.get("final_metrics", {}))
         self.started_wall = time.time() - float(ckpt.get("wall_seconds", 0.0))
@@ -139,6 +144,11 @@ class Job:
         data = safetensors.torch.save(tensors, metadata={"job": self.spec.id, "round": str(self.round)})
         atomic_write(path, lambda f: f.write(data))
         return path
+
+    def note(self, event: str, **details: Any) -> None:
+        """Record an event (``joined``, ``left``, ``paused``...) at this time and round."""
+        self.events.append({"at": round(time.time(), 3), "round": self.round, "event": event, **details})
+        del self.events[:-MAX_EVENTS]
 
     def mark_running(self) -> None:
         if self.state is not JobState.RUNNING:
@@ -166,6 +176,7 @@ class Job:
             "totals": self.totals,
             "wall_seconds": round(self.wall_seconds(), 3),
             "history": self.history,
+            "events": self.events,
             "resumed_from": self.resumed_from,
             "started_at": self.started_at,
             "updated_at": time.time(),
