@@ -6,6 +6,10 @@ leading ``@`` is the abstract namespace) and, with ``WatchdogSec=``,
 ``WATCHDOG=1`` from their main loop (so a hung loop gets them restarted),
 ``STATUS=...`` with what they are doing, and ``STOPPING=1`` when asked to stop.
 Without ``NOTIFY_SOCKET`` every call is a no-op.
+
+For supervisors that cannot listen (a container's health check), the same beat
+touches ``$ELASTIC_HEALTH_FILE`` at most once a second when it is set: a file that
+stops getting newer means a stuck main loop.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ class Notifier:
         self.watchdog_every = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 and mine else 0.0
         self._last_pet = 0.0
         self._status = ""
+        self.health_file = env.get("ELASTIC_HEALTH_FILE", "")
+        self._last_touch = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -61,13 +67,19 @@ class Notifier:
             self.send(f"STATUS={text}")
 
     def watchdog(self) -> None:
-        """Call from the main loop: pets the watchdog when it is due."""
-        if not self.watchdog_every:
-            return
+        """Call from the main loop: pets the watchdog (and touches the health file) when due."""
         now = time.monotonic()
-        if now - self._last_pet >= self.watchdog_every:
+        if self.watchdog_every and now - self._last_pet >= self.watchdog_every:
             self._last_pet = now
             self.send("WATCHDOG=1")
+        if self.health_file and now - self._last_touch >= 1.0:
+            self._last_touch = now
+            try:
+                os.utime(self.health_file)
+            except FileNotFoundError:
+                open(self.health_file, "ab").close()
+            except OSError as exc:
+                log.debug("cannot touch the health file path=%s error=%s", self.health_file, exc)
 
     def stopping(self) -> None:
         self.send("STOPPING=1")

@@ -3,6 +3,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-venv.sh test
+# The deployment tests validate the compose file with docker-compose (no engine
+# needed) and use ip/systemd-analyze; install what is missing where we may.
+if ! command -v docker-compose >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null 2>&1 \
+    || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null)
+fi
 .venv/bin/ruff check .
 .venv/bin/mypy
 exec .venv/bin/python -m pytest -q "$@"

@@ -32,6 +32,14 @@ def test_pip_installed_plugin_is_listed_and_usable(tmp_path: Path) -> None:
     spec.write_text('[job]\ntask = "linreg"\nrule = "clipped_mean"\n[rule]\nmax_norm = 0.5\n')
     ok = subprocess.run([sys.executable, "-m", "elastic", "validate", str(spec)], env=env, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stderr
+    # and it drives a job: a coordinator and two worker processes, all finding the plugin
+    spec.write_text('[job]\nid = "clip"\ntask = "linreg"\nrule = "clipped_mean"\nrounds = 8\nmin_workers = 2\neval_every = 0\n[rule]\nmax_norm = 0.5\n')
+    state = tmp_path / "state"
+    ran = subprocess.run([sys.executable, "-m", "elastic", "run", str(spec), "--local-workers", "2", "--quiet", "--state-dir", str(state)], env=env, capture_output=True, text=True, timeout=180)
+    assert ran.returncode == 0, ran.stderr
+    status = json.loads((state / "clip" / "status.json").read_text())
+    assert status["state"] == "finished" and [h["round"] for h in status["history"]] == list(range(1, 9))
+    assert all(h["updates"] == 2 and h["observed_by"] == "clipped_mean" for h in status["history"])  # its observer hook ran
     spec.write_text('[job]\ntask = "linreg"\nrule = "clipped_mean"\n[rule]\nmax_norm = -1.0\n')
     bad = subprocess.run([sys.executable, "-m", "elastic", "validate", str(spec)], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "max_norm must be > 0" in bad.stderr
