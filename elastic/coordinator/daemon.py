@@ -194,9 +194,9 @@ class Coordinator:
             while not self._stop.is_set():
                 ready = dict(poller.poll(timeout=50))
                 if self.sock in ready:
-                    self._drain()
+                    self._drain(self.sock, self._handle)
                 if self.control_sock in ready:
-                    self._drain_control()
+                    self._drain(self.control_sock, self._answer_control)
                 self._housekeeping()
                 self._supervision()
                 if self.leadership is not None and self.leadership.lost.is_set() and not self._stand_by():
@@ -279,37 +279,31 @@ class Coordinator:
         log.info("configuration reloaded applied=%s new_jobs=%s needs_restart=%s", ",".join(applied) or "-", ",".join(added) or "-", ",".join(restart) or "-")
         self.notifier.ready(self._status_line())
 
-    def _drain(self) -> None:
+    def _drain(self, sock: zmq.Socket, handle: Callable[[bytes, list[zmq.Frame]], None]) -> None:
+        """Handle what waits on ``sock`` (a bounded batch: the engines get their turn)."""
         for _ in range(MAX_BATCH):
             try:
-                routing, frames = recv_frames(self.sock, routed=True)
+                routing, frames = recv_frames(sock, routed=True)
             except zmq.Again:
                 return
             assert routing is not None
-            self.bytes_in += sum(len(f) for f in frames)
             try:
-                self._handle(routing, frames)
+                handle(routing, frames)
             except Exception:  # a bug on one message must not take the daemon down
                 log.exception("error handling a message from %r", routing)
 
-    def _drain_control(self) -> None:
-        for _ in range(MAX_BATCH):
-            try:
-                routing, frames = recv_frames(self.control_sock, routed=True)
-            except zmq.Again:
-                return
-            assert routing is not None
-            try:
-                request = decode(frames, max_message_bytes=MAX_CONTROL_BYTES)
-            except ProtocolError as exc:
-                self.rejected[exc.reason] += 1
-                reply = Message(MsgType.REPLY, meta={"ok": False, "data": {}, "code": "bad_request", "error": f"{exc.reason}: {exc.detail}"})
-            else:
-                reply = self.control.handle(request)
-            try:
-                send_message(self.control_sock, reply, routing)
-            except zmq.ZMQError as exc:
-                log.warning("cannot answer a control request error=%s", exc.strerror)
+    def _answer_control(self, routing: bytes, frames: list[zmq.Frame]) -> None:
+        try:
+            request = decode(frames, max_message_bytes=MAX_CONTROL_BYTES)
+        except ProtocolError as exc:
+            self.rejected[exc.reason] += 1
+            reply = Message(MsgType.REPLY, meta={"ok": False, "data": {}, "code": "bad_request", "error": f"{exc.reason}: {exc.detail}"})
+        else:
+            reply = self.control.handle(request)
+        try:
+            send_message(self.control_sock, reply, routing)
+        except zmq.ZMQError as exc:
+            log.warning("cannot answer a control request error=%s", exc.strerror)
 
     def _report_status(self, job_id: str, status: dict[str, Any]) -> None:
         if self.board is not None:
@@ -361,6 +355,7 @@ class Coordinator:
     # ------------------------------------------------------------ messages --
 
     def _handle(self, routing: bytes, frames: list[zmq.Frame]) -> None:
+        self.bytes_in += sum(len(f) for f in frames)
         peer = routing.decode("utf-8", "replace")
         try:
             msg = decode(frames, max_message_bytes=self.config.max_message_bytes)

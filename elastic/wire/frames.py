@@ -24,6 +24,7 @@ from elastic.wire.header import (
     MAX_HEADER_BYTES,
     Message,
     MsgType,
+    as_buffer,
     pack,
     parse,
 )
@@ -73,7 +74,7 @@ def decode(
     if not frames:
         raise ProtocolError("empty", "message has no frames")
     msg, specs = parse(frames[0])
-    buffers = [_as_buffer(f) for f in frames[1:]]
+    buffers = [as_buffer(f) for f in frames[1:]]
     declared_frames = 0
     total = 0
     for spec in specs:
@@ -123,11 +124,3 @@ def _view(buf: memoryview, dtype: torch.dtype) -> torch.Tensor:
         warnings.simplefilter("ignore", UserWarning)
         return torch.frombuffer(buf, dtype=dtype)
 
-
-def _as_buffer(frame: Any) -> memoryview:
-    buf = getattr(frame, "buffer", frame)  # zmq.Frame exposes .buffer
-    try:
-        view = memoryview(buf)
-    except TypeError as exc:
-        raise ProtocolError("bad_frame", f"frame of type {type(frame).__name__}") from exc
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view

@@ -34,6 +34,7 @@ __all__ = [
     "pack",
     "parse",
     "decode_plain",
+    "as_buffer",
 ]
 
 PROTOCOL_VERSION = 1
@@ -162,7 +163,7 @@ def pack(msg: Message, specs: list[dict[str, Any]]) -> bytes:
 
 def parse(frame: Any) -> tuple[Message, list[dict[str, Any]]]:
     """The message (without tensors) and its tensor specs, every field checked."""
-    header = _unpack_header(_as_buffer(frame))
+    header = _unpack_header(as_buffer(frame))
     msg = _validate_header(header)
     return msg, header["tensors"]
 
@@ -178,7 +179,8 @@ def decode_plain(frames: list[Any]) -> Message:
     return decode(frames, check_finite=False)
 
 
-def _as_buffer(frame: Any) -> memoryview:
+def as_buffer(frame: Any) -> memoryview:
+    """A frame (bytes, memoryview or ``zmq.Frame``) as a flat byte view."""
     buf = getattr(frame, "buffer", frame)  # zmq.Frame exposes .buffer
     try:
         view = memoryview(buf)
