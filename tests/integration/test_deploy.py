@@ -165,7 +165,7 @@ def test_the_compose_topology_runs_a_job_across_five_hosts(hosts: Hosts, tmp_pat
         procs.append(hosts.spawn("coordinator", argv("coordinator", elastic), env("coordinator"), tmp_path / "coordinator.log"))
         for i in (1, 2, 3):
             procs.append(hosts.spawn(f"worker-{i}", argv("worker", elastic) + ["--device", "cpu", "--threads", "1"], env("worker"), tmp_path / f"worker-{i}.log"))
-        status = state / "digits" / "status.json"
+        status = state / "digits-cluster" / "status.json"
 
         def finished() -> dict[str, Any] | None:
             try:
