@@ -180,8 +180,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     observer = ProgressObserver(spec.id, spec.rounds, console, enabled=not args.quiet)
     plugins = Plugins(extra=[observer])
     check_spec(spec, plugins)
+    attackers = {}
+    for item in args.attack:
+        index, _, attack = item.partition("=")
+        if not index.isdigit() or int(index) >= args.workers:
+            raise ConfigError(f"--attack {item!r}: give a worker index below --workers and an attack, e.g. --attack 0=signflip:10")
+        attackers[int(index)] = attack
     with observer:
-        job = simulate(spec, args.workers, plugins, state_dir, args.data)
+        job = simulate(spec, args.workers, plugins, state_dir, args.data, attackers)
     _report(console, _figures(job, state_dir), args.summary)
     return 0 if str(job.state) == "finished" else 1
 

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=None, help="data directory handed to the task")
     p.add_argument("--summary", type=Path, default=None, help="write the final figures here as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--attack", action="append", default=[], metavar="N=KIND:VALUE", help="make worker N Byzantine: signflip:FACTOR or noise:STDDEV (repeatable)")
 
     p = sub.add_parser("coordinator", parents=[debug], help="run the coordinator daemon")
     p.add_argument("--bind", default=None, help="ZeroMQ endpoint to serve on (default tcp://127.0.0.1:5555)")
