@@ -76,7 +76,7 @@ def time_to_accuracy(mode: str, target: float, slowdown: float, seed: int, timeo
         job = root / "job.toml"
         job.write_text(COMMON.format(rule=mode, seed=seed, **MODES[mode]))
         address = f"tcp://127.0.0.1:{free_port()}"
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", ELASTIC_INSECURE="1")  # loopback only
         procs: list[subprocess.Popen] = []
 
         def spawn(name: str, *args: str) -> subprocess.Popen:

@@ -81,7 +81,7 @@ class Run:
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen:
         with open(self.root / f"{name}.log", "ab") as out:
-            p = subprocess.Popen([sys.executable, "-m", "elastic", *args], stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+            p = subprocess.Popen([sys.executable, "-m", "elastic", *args], stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1", ELASTIC_INSECURE="1"))  # loopback only
         self.procs[name] = p
         return p
 

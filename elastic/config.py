@@ -37,6 +37,10 @@ class CoordinatorConfig:
     exit_when_done: bool = False
     metrics_port: int = 0  # Prometheus /metrics, /healthz, /readyz; 0 = not served
     metrics_host: str = "127.0.0.1"
+    curve_key: str = ""  # this coordinator's secret key file (NAME.key_secret)
+    allow_workers: str = ""  # directory of the public keys (*.key) of workers allowed in
+    allow_admins: str = ""  # directory of the public keys of who may use the control API
+    insecure: bool = False  # plaintext, no authentication: only when asked for
     log_format: str = "kv"
     log_level: str = "info"
 
@@ -60,6 +64,7 @@ class CoordinatorConfig:
             )
         _positive("max_message_bytes", self.max_message_bytes)
         _log_settings(self.log_format, self.log_level)
+        _check_security(self.insecure, {"curve_key": self.curve_key, "allow_workers": self.allow_workers, "allow_admins": self.allow_admins})
 
 
 @dataclass
@@ -72,6 +77,9 @@ class WorkerConfig:
     membership: str = ""  # etcd://...: also register there, under a lease
     lease_ttl: float = 10.0
     max_message_bytes: int = 4 << 30
+    curve_key: str = ""  # this worker's secret key file (NAME.key_secret)
+    coordinator_key: str = ""  # the coordinator's public key file (NAME.key)
+    insecure: bool = False  # plaintext, no authentication: only when asked for
     log_format: str = "kv"
     log_level: str = "info"
 
@@ -92,6 +100,7 @@ class WorkerConfig:
         if self.data is not None and not self.data.is_dir():
             raise ConfigError(f"data directory {self.data} does not exist; create it or fix --data")
         _log_settings(self.log_format, self.log_level)
+        _check_security(self.insecure, {"curve_key": self.curve_key, "coordinator_key": self.coordinator_key})
 
 
 def resolve(cls: type[C], section: str, config_file: Path | None, flags: dict[str, Any], env: dict[str, str] | None = None) -> C:
@@ -152,6 +161,20 @@ def _positive(name: str, value: float) -> None:
 def _check_endpoint(name: str, value: str) -> None:
     if not value.startswith(("tcp://", "ipc://", "inproc://")) or "://" == value[-3:]:
         raise ConfigError(f"{name} {value!r} is not a ZeroMQ endpoint; use e.g. tcp://127.0.0.1:5555")
+
+
+def _check_security(insecure: bool, keys: dict[str, str]) -> None:
+    """CURVE needs every key setting; plaintext needs ``insecure`` and none of them."""
+    flags = ", ".join(f"--{k.replace('_', '-')}" for k in keys)
+    given = [k for k, v in keys.items() if v]
+    if insecure and given:
+        raise ConfigError(f"--insecure with {', '.join(given)}: choose CURVE keys or plaintext, not both")
+    if not insecure and len(given) != len(keys):
+        missing = ", ".join(f"--{k.replace('_', '-')}" for k, v in keys.items() if not v)
+        raise ConfigError(
+            f"no CURVE keys ({missing} missing): give {flags} (make keys with `elastic keys generate`), "
+            "or --insecure for plaintext on a network you trust"
+        )
 
 
 def _log_settings(fmt: str, level: str) -> None:

@@ -49,7 +49,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             CoordinatorConfig,
             "coordinator",
             args.config,
-            _flags(args, "bind", "control", "state_dir", "membership", "id", "lease_ttl", "heartbeat_interval", "heartbeat_timeout", "max_message_bytes", "exit_when_done", "metrics_port", "metrics_host", "log_format", "log_level"),
+            _flags(args, "bind", "control", "state_dir", "membership", "id", "lease_ttl", "heartbeat_interval", "heartbeat_timeout", "max_message_bytes", "exit_when_done", "metrics_port", "metrics_host", "curve_key", "allow_workers", "allow_admins", "insecure", "log_format", "log_level"),
         )
         specs = [load_job_spec(p) for p in args.job]
         for spec in specs:
@@ -72,7 +72,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             WorkerConfig,
             "worker",
             args.config,
-            _flags(args, "coordinator", "id", "device", "data", "coordinator_timeout", "membership", "lease_ttl", "max_message_bytes", "log_format", "log_level"),
+            _flags(args, "coordinator", "id", "device", "data", "coordinator_timeout", "membership", "lease_ttl", "max_message_bytes", "curve_key", "coordinator_key", "insecure", "log_format", "log_level"),
         )
 
     config = read()
@@ -135,11 +135,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     observer = ProgressObserver(spec.id, spec.rounds, console, enabled=not args.quiet)
     plugins = Plugins(extra=[observer])
     check_spec(spec, plugins)
-    config = CoordinatorConfig(bind="tcp://127.0.0.1:0", state_dir=state_dir, exit_when_done=True)
+    keys = _local_keys(state_dir / "keys")
+    config = CoordinatorConfig(bind="tcp://127.0.0.1:0", state_dir=state_dir, exit_when_done=True, curve_key=str(keys["coordinator"]), allow_workers=str(keys["workers"]), allow_admins=str(keys["admins"]))
     config.validate()
     coordinator = Coordinator(config, plugins, [spec])
     job = coordinator.engines[spec.id].job
-    workers = _start_local_workers(coordinator.endpoint, args.local_workers, args.device, state_dir)
+    workers = _start_local_workers(coordinator.endpoint, args.local_workers, args.device, state_dir, ["--curve-key", str(keys["worker"]), "--coordinator-key", str(keys["coordinator_public"])])
     thread = threading.Thread(target=coordinator.run, kwargs={"install_signals": False}, name="coordinator", daemon=True)
     failure = ""
     with observer:
@@ -216,14 +217,32 @@ def _report(console: Console, figures: dict[str, Any], summary: Path | None) -> 
     _print_result(console, figures)
 
 
-def _start_local_workers(endpoint: str, n: int, device: str, state_dir: Path) -> list[subprocess.Popen]:
+def _local_keys(directory: Path) -> dict[str, Path]:
+    """CURVE keys for a local run (made once, kept with its state for --resume):
+    even on loopback nothing travels in plaintext."""
+    from elastic.security import generate  # noqa: PLC0415
+
+    paths = {
+        "coordinator": directory / "coordinator.key_secret",
+        "coordinator_public": directory / "coordinator.key",
+        "workers": directory / "workers",
+        "worker": directory / "workers" / "local.key_secret",
+        "admins": directory / "admins",
+    }
+    for where, name in ((directory, "coordinator"), (directory / "workers", "local"), (directory / "admins", "admin")):
+        if not (where / f"{name}.key_secret").exists():
+            generate(where, name)
+    return paths
+
+
+def _start_local_workers(endpoint: str, n: int, device: str, state_dir: Path, extra: list[str]) -> list[subprocess.Popen]:
     logs = state_dir / "workers"
     logs.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // n)
     procs = []
     for i in range(n):
         log = open(logs / f"local-{i}.log", "ab")  # noqa: SIM115 - owned by the child
-        cmd = [sys.executable, "-m", "elastic", "worker", "--coordinator", endpoint, "--id", f"local-{i}", "--device", device, "--threads", str(threads), "--log-level", "info"]
+        cmd = [sys.executable, "-m", "elastic", "worker", "--coordinator", endpoint, "--id", f"local-{i}", "--device", device, "--threads", str(threads), "--log-level", "info", *extra]
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
         log.close()
     return procs
@@ -261,3 +280,11 @@ def _print_result(console: Console, figures: dict[str, Any]) -> None:
             continue
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     Console().print(table)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from elastic.security import generate
+
+    public, secret = generate(args.out, args.name)
+    print(f"wrote {public} (public: give it to whoever must trust this key) and {secret} (secret: keep it here)")
+    return 0

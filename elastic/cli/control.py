@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from elastic.errors import ControlError, MembershipUnavailable, Unreachable
+from elastic.errors import ConfigError, ControlError, MembershipUnavailable, Unreachable
 from elastic.wire.header import Message, MsgType, decode_plain
 from elastic.wire.transport import dealer_socket, recv_frames, send_message
 
@@ -40,14 +40,21 @@ def control_endpoint(coordinator: str | None, membership: str | None) -> str:
 
 
 class ControlClient:
-    def __init__(self, endpoint: str, timeout: float = 10.0) -> None:
+    def __init__(self, endpoint: str, timeout: float = 10.0, curve_key: str | None = None, coordinator_key: str | None = None) -> None:
         self.endpoint, self.timeout = endpoint, timeout
+        self.secure = None
+        if curve_key or coordinator_key:
+            if not (curve_key and coordinator_key):
+                raise ConfigError("CURVE needs both --curve-key (your secret key) and --coordinator-key (the coordinator's public key)")
+            from elastic.security import client_security  # noqa: PLC0415
+
+            self.secure = client_security(curve_key, coordinator_key)
 
     def call(self, op: str, **args: Any) -> tuple[dict[str, Any], dict[str, WireTensor]]:
         """(data, tensors) of a successful reply; ``ControlError`` with the
         coordinator's code and words, or ``Unreachable`` when nobody answers."""
         ctx: zmq.Context = zmq.Context.instance()
-        sock = dealer_socket(ctx, f"cli-{uuid.uuid4().hex[:12]}", self.endpoint)
+        sock = dealer_socket(ctx, f"cli-{uuid.uuid4().hex[:12]}", self.endpoint, secure=self.secure)
         key = uuid.uuid4().hex
         try:
             send_message(sock, Message(MsgType.REQUEST, key=key, meta={"op": op, "args": args}))
@@ -57,7 +64,8 @@ class ControlClient:
                     if not reply.meta["ok"]:
                         raise ControlError(reply.meta["code"], reply.meta["error"])
                     return reply.meta["data"], reply.tensors
-            raise Unreachable(f"no coordinator reachable at {self.endpoint} (no answer in {self.timeout:.0f}s); start one there, or give --coordinator or --membership")
+            hint = "" if self.secure else "; if it uses CURVE, give --curve-key and --coordinator-key"
+            raise Unreachable(f"no coordinator reachable at {self.endpoint} (no answer in {self.timeout:.0f}s); start one there, or give --coordinator or --membership{hint}")
         except MembershipUnavailable as exc:
             raise Unreachable(str(exc)) from None
         finally:

@@ -27,7 +27,7 @@ DONE = ("finished", "failed", "cancelled")
 
 
 def _client(args: argparse.Namespace) -> ControlClient:
-    return ControlClient(control_endpoint(args.coordinator, args.membership), args.timeout)
+    return ControlClient(control_endpoint(args.coordinator, args.membership), args.timeout, args.curve_key, args.coordinator_key)
 
 
 def _print(args: argparse.Namespace, data: Any, table: Table | str | None = None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,8 @@ def add_control_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--membership", default=None, help="etcd://HOST:PORT[,...]/CLUSTER: ask whichever coordinator leads there")
     p.add_argument("--output", choices=["table", "json"], default="table")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for an answer (default 10)")
+    p.add_argument("--curve-key", default=os.environ.get("ELASTIC_CURVE_KEY"), help="your admin secret key file, when the coordinator uses CURVE ($ELASTIC_CURVE_KEY)")
+    p.add_argument("--coordinator-key", default=os.environ.get("ELASTIC_COORDINATOR_KEY"), help="the coordinator's public key file ($ELASTIC_COORDINATOR_KEY)")
 
 
 def _daemon_flags(p: argparse.ArgumentParser) -> None:
@@ -72,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-timeout", type=float, default=None, help="seconds of silence before a worker is removed (default 3)")
     p.add_argument("--max-message-bytes", type=int, default=None)
     p.add_argument("--exit-when-done", action="store_const", const=True, default=None, help="exit once every job is finished")
+    p.add_argument("--curve-key", default=None, help="this coordinator's secret key file (NAME.key_secret from `elastic keys generate`)")
+    p.add_argument("--allow-workers", default=None, help="directory of the public keys (*.key) of the workers allowed to join")
+    p.add_argument("--allow-admins", default=None, help="directory of the public keys allowed to use the control API (elastic job ...)")
+    p.add_argument("--insecure", action="store_const", const=True, default=None, help="plaintext and no authentication (a trusted network only)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics, /healthz and /readyz on this port (default: off)")
     p.add_argument("--metrics-host", default=None, help="address for --metrics-port (default 127.0.0.1; 0.0.0.0 for all)")
     _daemon_flags(p)
@@ -85,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator-timeout", type=float, default=None, help="seconds of coordinator silence before reconnecting (default 10)")
     p.add_argument("--membership", default=None, help="etcd://HOST:PORT[,...]/CLUSTER: register there under a lease (default: none)")
     p.add_argument("--lease-ttl", type=float, default=None, help="seconds a crashed worker stays registered in etcd (default 10)")
+    p.add_argument("--curve-key", default=None, help="this worker's secret key file (NAME.key_secret from `elastic keys generate`)")
+    p.add_argument("--coordinator-key", default=None, help="the coordinator's public key file (NAME.key)")
+    p.add_argument("--insecure", action="store_const", const=True, default=None, help="plaintext and no authentication (a trusted network only)")
     p.add_argument("--max-message-bytes", type=int, default=None)
     _daemon_flags(p)
 
@@ -118,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["png", "html"], default=None, help="default: from --out's suffix, else png")
     p.add_argument("--state-dir", type=Path, default=None, help="read STATE_DIR/ID/status.json instead of asking a coordinator")
     add_control_flags(p)
+
+    p = sub.add_parser("keys", parents=[debug], help="CURVE key pairs for coordinators, workers and admins")
+    keys = p.add_subparsers(dest="keys_command", required=True)
+    q = keys.add_parser("generate", parents=[debug], help="write NAME.key (public: share it) and NAME.key_secret (secret: keep it)")
+    q.add_argument("name", help="e.g. coordinator, worker-1, alice")
+    q.add_argument("--out", type=Path, default=Path("."), help="directory to write them in (default .)")
 
     p = sub.add_parser("plugins", parents=[debug], help="list installed plugins and the distribution of each")
     p.add_argument("--output", choices=["table", "json"], default="table")

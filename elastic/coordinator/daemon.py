@@ -40,6 +40,7 @@ from elastic.membership.election import Leadership
 from elastic.metrics import Metrics
 from elastic.plugins import Plugins
 from elastic.sdnotify import Notifier
+from elastic.security import CONTROL, DATA, CurveServer
 from elastic.wire.frames import decode
 from elastic.wire.messages import Message, MsgType
 from elastic.wire.transport import recv_frames, router_socket, send_message
@@ -92,8 +93,14 @@ class Coordinator:
         self._stop_reason = "stopped"
         self.exit_code = 0
         self.ctx: zmq.Context = zmq.Context.instance()
-        self.sock, self.endpoint = router_socket(self.ctx, config.bind)
-        self.control_sock, self.control_endpoint = router_socket(self.ctx, config.control or default_control(config.bind))
+        self.curve: CurveServer | None = None
+        if config.curve_key:
+            self.curve = CurveServer(self.ctx, config.curve_key, {DATA: config.allow_workers, CONTROL: config.allow_admins})
+        else:
+            log.warning("plaintext (--insecure): anyone who reaches %s can join, send updates and read models; use CURVE keys beyond a network you trust", config.bind)
+        curve = self.curve
+        self.sock, self.endpoint = router_socket(self.ctx, config.bind, secure=(lambda s: curve.apply(s, DATA)) if curve else None)
+        self.control_sock, self.control_endpoint = router_socket(self.ctx, config.control or default_control(config.bind), secure=(lambda s: curve.apply(s, CONTROL)) if curve else None)
         self.control = ControlAPI(self)
         self.leadership: Leadership | None = None
         self.engines: dict[str, Engine] = {}
@@ -209,6 +216,8 @@ class Coordinator:
             log.info("coordinator stopping reason=%s bytes_in=%d bytes_out=%d rejected=%s", self._stop_reason, self.bytes_in, self.bytes_out, rejected)
             self.sock.close(linger=0)
             self.control_sock.close(linger=0)
+            if self.curve is not None:
+                self.curve.stop()
             self._end_term()
             if self.leadership is not None:
                 self.leadership.resign()
@@ -244,7 +253,8 @@ class Coordinator:
         }
         members = Counter(m.device.split()[0].split(":")[0] if m.device else "unknown" for m in self.membership.members())
         serving = self._serving and (self.leadership is None or not self.leadership.lost.is_set())
-        return {"jobs": jobs, "members": dict(members), "rejected": dict(self.rejected), "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "serving": serving}
+        rejected = dict(self.rejected) | (self.curve.refused() if self.curve is not None else {})
+        return {"jobs": jobs, "members": dict(members), "rejected": rejected, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "serving": serving}
 
     def _status_line(self) -> str:
         jobs = "; ".join(f"{job_id} {e.job.state} round {e.job.round}/{e.job.spec.rounds}" for job_id, e in self.engines.items())
@@ -264,6 +274,11 @@ class Coordinator:
             return
         applied, restart = apply_reload(self.config, config)
         setup_logging(self.config.log_format, self.config.log_level)
+        if self.curve is not None:
+            try:  # keys added to or removed from the allow-lists take effect now
+                self.curve.reload()
+            except ElasticError as exc:
+                log.error("allow-lists not reloaded: %s", exc)
         self.membership.heartbeat_timeout = self.config.heartbeat_timeout
         added = []
         for spec in specs:

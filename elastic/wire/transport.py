@@ -7,6 +7,7 @@ and come in with ``copy=False`` (``decode`` views them with ``torch.frombuffer``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -30,10 +31,15 @@ def _common(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
 
 
-def router_socket(ctx: zmq.Context, bind: str) -> tuple[zmq.Socket, str]:
+Secure = Callable[[zmq.Socket], None]  # sets CURVE options before bind/connect
+
+
+def router_socket(ctx: zmq.Context, bind: str, secure: Secure | None = None) -> tuple[zmq.Socket, str]:
     """A bound ROUTER; returns it and the endpoint actually bound (port ``0``/``*`` resolved)."""
     sock = ctx.socket(zmq.ROUTER)
     _common(sock)
+    if secure is not None:
+        secure(sock)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown peer -> error, not a silent drop
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting worker takes its id back
     if bind.startswith("tcp://") and bind.endswith(":0"):
@@ -43,9 +49,11 @@ def router_socket(ctx: zmq.Context, bind: str) -> tuple[zmq.Socket, str]:
     return sock, endpoint
 
 
-def dealer_socket(ctx: zmq.Context, identity: str, connect: str) -> zmq.Socket:
+def dealer_socket(ctx: zmq.Context, identity: str, connect: str, secure: Secure | None = None) -> zmq.Socket:
     sock = ctx.socket(zmq.DEALER)
     _common(sock)
+    if secure is not None:
+        secure(sock)
     sock.setsockopt(zmq.ROUTING_ID, identity.encode())
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)

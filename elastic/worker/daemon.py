@@ -33,9 +33,10 @@ from elastic.logs import setup_logging
 from elastic.membership.etcd import WorkerRegistration
 from elastic.plugins import Plugins
 from elastic.sdnotify import Notifier
+from elastic.security import client_security
 from elastic.wire.frames import decode
 from elastic.wire.messages import Message, MsgType
-from elastic.wire.transport import dealer_socket, recv_frames, send_message
+from elastic.wire.transport import Secure, dealer_socket, recv_frames, send_message
 from elastic.worker.devices import describe_device, resolve_device
 from elastic.worker.runner import Result, TaskRunner
 
@@ -50,6 +51,11 @@ class Worker:
         tune_allocator()
         self.config = config
         self.reloader = reloader  # SIGHUP: the configuration read again
+        if config.curve_key:
+            self._secure: Secure | None = client_security(config.curve_key, config.coordinator_key)
+        else:
+            self._secure = None
+            log.warning("plaintext (--insecure): updates and models travel unencrypted, to a coordinator not authenticated")
         self.notifier = Notifier()
         self._reload_asked = threading.Event()
         self.id = config.id
@@ -189,7 +195,7 @@ class Worker:
     def _session(self, address: str) -> bool:
         """One connection to the coordinator, until it goes silent or we stop."""
         self.address = address
-        self.sock = dealer_socket(self.ctx, self.id, address)
+        self.sock = dealer_socket(self.ctx, self.id, address, secure=self._secure)
         self.registered = False
         joined = False
         poller = zmq.Poller()

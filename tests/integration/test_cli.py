@@ -44,7 +44,7 @@ def test_run_linreg_syncavg_example(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "spec, words",
     [
-        ('[job]\ntask = "digits"\nrule = "fedavgg"\n', ["unknown aggregator 'fedavgg'", "known: async, fedadagrad, fedadam, fedavg, fedyogi, syncavg"]),
+        ('[job]\ntask = "digits"\nrule = "fedavgg"\n', ["unknown aggregator 'fedavgg'", "known: async, fedadagrad, fedadam, fedavg, fedyogi, krum, median, multikrum, syncavg, trimmed_mean"]),
         ('[job]\ntask = "mnist"\nrule = "fedavg"\n', ["unknown task 'mnist'", "digits, linreg"]),
         ('[job]\ntask = "digits"\nrule = "fedavg"\nrounds = -1\n', ["rounds = -1 is invalid"]),
         ('[job]\ntask = "digits"\nrule = "fedavg"\n[rule]\nserver_lr = "fast"\n', ["rule fedavg: parameter 'server_lr' must be float"]),
@@ -58,7 +58,7 @@ def test_bad_job_specs_are_one_clear_line(tmp_path: Path, spec: str, words: list
     path.write_text(spec)
     commands = [["validate", str(path)]]
     if "fedavgg" in spec:  # every command that takes a spec refuses it the same way
-        commands += [["run", str(path), "--local-workers", "1"], ["coordinator", "--job", str(path), "--bind", "tcp://127.0.0.1:0"]]
+        commands += [["run", str(path), "--local-workers", "1"], ["coordinator", "--job", str(path), "--bind", "tcp://127.0.0.1:0", "--insecure"]]
     for cmd in commands:
         r = elastic(*cmd, cwd=tmp_path)
         assert r.returncode == 2, (cmd, r.stderr)
@@ -72,12 +72,16 @@ def test_bad_job_specs_are_one_clear_line(tmp_path: Path, spec: str, words: list
 def test_daemon_flag_errors(tmp_path: Path) -> None:
     r = elastic("worker", "--coordinator", "localhost:5555")
     assert r.returncode == 2 and "is not a ZeroMQ endpoint" in r.stderr
-    r = elastic("worker", "--device", "cuda:7", "--coordinator", "tcp://127.0.0.1:1")
+    r = elastic("worker", "--device", "cuda:7", "--coordinator", "tcp://127.0.0.1:1", "--insecure")
     assert r.returncode == 2 and ("CUDA is not available" in r.stderr or "CUDA device(s)" in r.stderr)
-    r = elastic("coordinator", "--membership", "zookeeper://x", "--bind", "tcp://127.0.0.1:0")
+    r = elastic("coordinator", "--membership", "zookeeper://x", "--bind", "tcp://127.0.0.1:0", "--insecure")
     assert r.returncode == 2 and "unknown membership backend 'zookeeper'" in r.stderr
     r = elastic("run", str(ROOT / "examples" / "digits-fedavg.toml"), "--local-workers", "2")
     assert r.returncode == 2 and "min_workers = 4" in r.stderr
+    r = elastic("coordinator", "--bind", "tcp://127.0.0.1:0")  # neither keys nor --insecure
+    assert r.returncode == 2 and "no CURVE keys (--curve-key, --allow-workers, --allow-admins missing)" in r.stderr and "--insecure" in r.stderr
+    r = elastic("worker", "--coordinator", "tcp://127.0.0.1:1", "--insecure", "--curve-key", "x.key_secret")
+    assert r.returncode == 2 and "choose CURVE keys or plaintext, not both" in r.stderr
     r = elastic("--debug", "validate", str(tmp_path / "missing.toml"))
     assert r.returncode != 0 and "Traceback" in r.stderr  # --debug shows it
 

@@ -40,19 +40,24 @@ def compose_config(*flags: str) -> dict[str, Any]:
 def test_compose_file_validates_and_scales() -> None:
     config = compose_config()
     services = config["services"]
-    assert set(services) == {"etcd", "coordinator", "coordinator-standby", "worker"}
+    assert set(services) == {"keys", "etcd", "coordinator", "coordinator-standby", "worker"}
     assert services["coordinator-standby"]["profiles"] == ["failover"]  # started only with --profile failover
     assert "profiles" not in services["coordinator"] and "profiles" not in services["worker"]
     etcd_image = services["etcd"]["image"]
     assert etcd_image.startswith("quay.io/coreos/etcd:v3.5.") and "latest" not in etcd_image
     for name, service in services.items():
         assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
-        assert service.get("restart") in ("on-failure", "unless-stopped", "always"), name
+        assert service.get("restart") in ("on-failure", "unless-stopped", "always") or name == "keys", name  # keys runs once
+    for name in ("coordinator", "coordinator-standby"):  # CURVE on every socket, keys from the one-shot service
+        env = services[name]["environment"]
+        assert env["ELASTIC_CURVE_KEY"] == "/keys/coordinator.key_secret" and "ELASTIC_INSECURE" not in env
+        assert "keys:/keys:ro" in services[name]["volumes"]
+    assert services["worker"]["environment"]["ELASTIC_COORDINATOR_KEY"] == "/keys/coordinator.key"
     worker = services["worker"]
     assert "ports" not in worker and "container_name" not in worker  # --scale worker=N
     assert "checkpoints:/var/lib/elastic/state:rw" in services["coordinator"]["volumes"]
     standby = services["coordinator-standby"]
-    assert standby["volumes"] == services["coordinator"]["volumes"][:1]  # the same checkpoints
+    assert "checkpoints:/var/lib/elastic/state:rw" in standby["volumes"]  # the same checkpoints
     assert not any(arg.startswith("--job") for arg in standby["command"])  # it serves what etcd holds
 
 
@@ -144,20 +149,24 @@ def test_the_compose_topology_runs_a_job_across_five_hosts(hosts: Hosts, tmp_pat
     procs: list[subprocess.Popen] = []
     state = tmp_path / "state"
     # The compose file's container paths, mapped to this machine.
-    paths = {"/var/lib/elastic/state": str(state), "/jobs/": str(ROOT / "examples") + "/", "/etcd-data": str(tmp_path / "etcd-data")}
+    paths = {"/var/lib/elastic/state": str(state), "/jobs/": str(ROOT / "examples") + "/", "/etcd-data": str(tmp_path / "etcd-data"), "/keys": str(tmp_path / "keys")}
+
+    def here(value: str) -> str:
+        for container, host in paths.items():
+            value = value.replace(container, host)
+        return value
 
     def argv(service: str, program: list[str]) -> list[str]:
-        out = []
-        for arg in services[service]["command"]:
-            for container, host in paths.items():
-                arg = arg.replace(container, host)
-            out.append(arg)
-        return program + out
+        return program + [here(arg) for arg in services[service]["command"]]
 
     def env(service: str) -> dict[str, str]:
-        return dict(os.environ, PYTHONUNBUFFERED="1", **{k: str(v) for k, v in (services[service].get("environment") or {}).items()})
+        base = {k: v for k, v in os.environ.items() if k != "ELASTIC_INSECURE"}
+        base["PATH"] = f"{Path(sys.executable).parent}:{base.get('PATH', '')}"  # `elastic` as the image has it
+        return dict(base, PYTHONUNBUFFERED="1", **{k: here(str(v)) for k, v in (services[service].get("environment") or {}).items()})
 
     elastic = [sys.executable, "-m", "elastic"]
+    keys = subprocess.run([*services["keys"]["entrypoint"], *argv("keys", [])], env=env("keys"), capture_output=True, text=True, timeout=120)
+    assert keys.returncode == 0, keys.stderr  # the one-shot keys service, as compose runs it first
     try:
         etcd = argv("etcd", [])
         assert etcd[0] == "etcd"
