@@ -9,7 +9,7 @@ from elastic.errors import ConfigError
 def test_file_then_env_then_flags(tmp_path: Path) -> None:
     cfg = tmp_path / "c.toml"
     cfg.write_text('[coordinator]\nbind = "tcp://127.0.0.1:7000"\nheartbeat_timeout = 9\nlog_format = "json"\n')
-    env = {"ELASTIC_HEARTBEAT_TIMEOUT": "7", "ELASTIC_EXIT_WHEN_DONE": "yes"}
+    env = {"ELASTIC_HEARTBEAT_TIMEOUT": "7", "ELASTIC_EXIT_WHEN_DONE": "yes", "ELASTIC_INSECURE": "1"}
     c = resolve(CoordinatorConfig, "coordinator", cfg, {"heartbeat_timeout": None, "bind": "tcp://127.0.0.1:7001"}, env)
     assert c.bind == "tcp://127.0.0.1:7001"  # flag beats file
     assert c.heartbeat_timeout == 7.0  # env beats file
@@ -28,7 +28,7 @@ def test_file_then_env_then_flags(tmp_path: Path) -> None:
 )
 def test_bad_settings_are_one_clear_error(flags: dict, env: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
-        resolve(CoordinatorConfig, "coordinator", None, flags, env)
+        resolve(CoordinatorConfig, "coordinator", None, flags, env | {"ELASTIC_INSECURE": "1"})
 
 
 def test_unknown_file_key(tmp_path: Path) -> None:
@@ -39,7 +39,16 @@ def test_unknown_file_key(tmp_path: Path) -> None:
 
 
 def test_worker_defaults(tmp_path: Path) -> None:
-    w = resolve(WorkerConfig, "worker", None, {"data": str(tmp_path)}, {})
+    w = resolve(WorkerConfig, "worker", None, {"data": str(tmp_path), "insecure": True}, {})
     assert w.id and "/" not in w.id
     with pytest.raises(ConfigError, match="data directory .* does not exist"):
         resolve(WorkerConfig, "worker", None, {"data": str(tmp_path / "nope")}, {})
+
+
+def test_keys_or_insecure_and_never_both(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no CURVE keys .*--coordinator-key missing.*or --insecure"):
+        resolve(WorkerConfig, "worker", None, {"curve_key": "w.key_secret"}, {})
+    with pytest.raises(ConfigError, match="not both"):
+        resolve(CoordinatorConfig, "coordinator", None, {"insecure": True, "allow_workers": str(tmp_path)}, {})
+    c = resolve(CoordinatorConfig, "coordinator", None, {"curve_key": "c.key_secret", "allow_workers": "w", "allow_admins": "a"}, {})
+    assert not c.insecure  # the files themselves are read (and checked) when the daemon starts

@@ -97,7 +97,7 @@ class Recorder:
 
 
 def start_worker(address: str, wid: str, plugins: Plugins) -> Worker:
-    config = WorkerConfig(coordinator=address, id=wid, device="cpu", coordinator_timeout=5)
+    config = WorkerConfig(coordinator=address, id=wid, device="cpu", coordinator_timeout=5, insecure=True)
     config.validate()
     w = Worker(config, plugins)
     threading.Thread(target=w.run, kwargs={"install_signals": False}, daemon=True).start()
@@ -108,7 +108,7 @@ def test_every_event_hook_fires(tmp_path: Path) -> None:
     rec = Recorder()
     plugins = Plugins(extra=[rec])
     spec = parse_job_spec({"job": {"id": "ev", "task": "linreg", "rule": "fedavg", "rounds": 3, "min_workers": 3, "round_timeout": 1.5}, "task": {"samples": 90}})
-    config = CoordinatorConfig(bind="tcp://127.0.0.1:0", state_dir=tmp_path, heartbeat_interval=0.2, heartbeat_timeout=1.0, exit_when_done=True)
+    config = CoordinatorConfig(bind="tcp://127.0.0.1:0", state_dir=tmp_path, heartbeat_interval=0.2, heartbeat_timeout=1.0, exit_when_done=True, insecure=True)
     config.validate()
     coord = Coordinator(config, plugins, [spec])
     ct = threading.Thread(target=coord.run, kwargs={"install_signals": False}, daemon=True)
