@@ -24,9 +24,12 @@ daemon or the other observers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+if TYPE_CHECKING:
+    from elastic.api import Update
 
 __all__ = ["hookspec", "hookimpl", "PROJECT"]
 
@@ -190,6 +193,21 @@ def elastic_job_finished(job_id: str, state: str, metrics: dict[str, Any]) -> No
 
 
 # ------------------------------------------------------------------- updates -----
+
+
+@hookspec
+def elastic_validate_update(job_id: str, worker_id: str, update: Update) -> str | None:
+    """Veto an update before it is folded in: return the reason, or None to let it pass.
+
+    Called on the coordinator's event loop for every update that passed the built-in
+    checks (shapes, finiteness, staleness, the job's limits); any plugin's reason
+    refuses it with a NACK (``vetoed: <reason>``) and a metric. Return quickly.
+
+    Args:
+        job_id: the job.
+        worker_id: who sent it.
+        update: the update as the rule would receive it (tensors are zero-copy views).
+    """
 
 
 @hookspec

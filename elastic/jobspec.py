@@ -27,7 +27,7 @@ from typing import Any
 
 from elastic.errors import JobSpecError
 
-__all__ = ["JobSpec", "TrainParams", "CheckpointPolicy", "CompressionPolicy", "load_job_spec", "parse_job_spec"]
+__all__ = ["JobSpec", "TrainParams", "CheckpointPolicy", "CompressionPolicy", "UpdateLimits", "load_job_spec", "parse_job_spec"]
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -64,6 +64,16 @@ class CompressionPolicy:
 
 
 @dataclass(frozen=True)
+class UpdateLimits:
+    """What an update may be (``[limits]``); 0 turns a limit off."""
+
+    max_update_bytes: int = 0  # as received (compressed), per update
+    max_norm: float = 0.0  # L2 norm of the update's change (trained minus sent weights, or the gradient)
+    norm_action: str = "reject"  # reject | clip (scaled down to max_norm)
+    max_updates_per_minute: int = 0  # per worker
+
+
+@dataclass(frozen=True)
 class JobSpec:
     """A validated job."""
 
@@ -83,6 +93,7 @@ class JobSpec:
     train: TrainParams = field(default_factory=TrainParams)
     checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     compression: CompressionPolicy = field(default_factory=CompressionPolicy)
+    limits: UpdateLimits = field(default_factory=UpdateLimits)
 
     @property
     def shard_count(self) -> int:
@@ -99,6 +110,7 @@ class JobSpec:
         data["checkpoint"] = CheckpointPolicy(**data["checkpoint"])
         compression = data.get("compression", {})
         data["compression"] = CompressionPolicy(update=tuple(compression.get("update", ())), model=tuple(compression.get("model", ())))
+        data["limits"] = UpdateLimits(**data.get("limits", {}))
         return cls(**data)
 
 
@@ -133,7 +145,13 @@ _STAGE = re.compile(r"^[A-Za-z0-9_.-]+(:[^\s:]+)?$")
 _CHAIN = (list, lambda v: all(isinstance(x, str) and _STAGE.match(x) for x in v) and len(v) <= 16,
           'a list of codec stages, e.g. ["topk:0.01", "fp16", "zstd"]')
 _COMPRESSION_KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {"update": _CHAIN, "model": _CHAIN}
-_TABLES = {"job", "task", "rule", "train", "checkpoint", "compression"}
+_LIMIT_KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
+    "max_update_bytes": (int, lambda v: v >= 0, "bytes per update, 0 for no limit"),
+    "max_norm": (float, lambda v: v >= 0, "the largest L2 norm of an update's change, 0 for no limit"),
+    "norm_action": (str, lambda v: v in ("reject", "clip"), '"reject" or "clip"'),
+    "max_updates_per_minute": (int, lambda v: v >= 0, "updates a worker may send per minute, 0 for no limit"),
+}
+_TABLES = {"job", "task", "rule", "train", "checkpoint", "compression", "limits"}
 
 
 def load_job_spec(path: str | Path) -> JobSpec:
@@ -171,6 +189,7 @@ def parse_job_spec(data: dict[str, Any], source: str = "job spec", default_id: s
     train = _check_table(source, "train", data.get("train", {}), _TRAIN_KEYS)
     ckpt = _check_table(source, "checkpoint", data.get("checkpoint", {}), _CHECKPOINT_KEYS)
     compression = _check_table(source, "compression", data.get("compression", {}), _COMPRESSION_KEYS)
+    limits = _check_table(source, "limits", data.get("limits", {}), _LIMIT_KEYS)
     spec = JobSpec(
         **job_values,
         task_params=dict(data.get("task", {})),
@@ -178,6 +197,7 @@ def parse_job_spec(data: dict[str, Any], source: str = "job spec", default_id: s
         train=TrainParams(**train),
         checkpoint=CheckpointPolicy(**ckpt),
         compression=CompressionPolicy(update=tuple(compression.get("update", ())), model=tuple(compression.get("model", ()))),
+        limits=UpdateLimits(**limits),
     )
     if spec.max_workers and spec.max_workers < spec.min_workers:
         raise JobSpecError(

@@ -166,6 +166,20 @@ class Plugins:
                     seen[impl.plugin_name] = self._dist.get(impl.plugin_name, "(unknown)")
         return sorted(seen.items())
 
+    def ask(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """(plugin, answer) from every implementation of a question hook that gave
+        one (not None); one that raises answers with its exception."""
+        answers = []
+        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+            try:
+                answer = impl.function(**{a: kwargs[a] for a in impl.argnames})
+            except Exception as exc:
+                log.exception("plugin failed plugin=%s hook=%s", impl.plugin_name, hook_name)
+                answer = exc
+            if answer is not None:
+                answers.append((impl.plugin_name, answer))
+        return answers
+
     def notify(self, hook_name: str, **kwargs: Any) -> None:
         """Call every implementation of an event hook, each isolated from the others."""
         hook = getattr(self.pm.hook, hook_name)

@@ -45,7 +45,7 @@ def simulate(
     attacks = {f"sim-{i}": parse_attack(a) for i, a in (attackers or {}).items()}
     job = Job(spec, plugins, state_dir)
     kind = AsyncEngine if isinstance(job.aggregator, AsyncAggregator) else RoundEngine
-    engine: Engine = kind(job, plugins.notify)
+    engine: Engine = kind(job, plugins.notify, ask=plugins.ask)
     members = [Member(id=f"sim-{i}", slot=i) for i in range(workers)]
     runners = {m.id: TaskRunner(plugins, torch.device("cpu"), data_dir, m.id) for m in members}
     while not job.done:

@@ -129,6 +129,9 @@ class AsyncEngine(Engine):
         if staleness > self.rule.max_staleness:
             job.totals["rejected_stale"] += 1
             return self._nack(msg, "too_stale", f"computed against version {msg.version}, the model is at {job.version}: staleness {staleness} > max_staleness {self.rule.max_staleness}; training again on the current model")
+        screened = self._screen(worker, msg, wire_bytes)
+        if screened is not None:
+            return self._nack(msg, *screened)
         update = Update(worker, msg.version, int(msg.meta["num_samples"]), float(msg.meta["loss"]), msg.meta["kind"], msg.tensors, staleness)
         try:
             self.rule.accumulate(update)

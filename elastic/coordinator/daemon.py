@@ -179,7 +179,7 @@ class Coordinator:
         job = Job(spec, self.plugins, self.config.state_dir)
         fence = self.leadership.check if self.leadership is not None else None
         kind = AsyncEngine if isinstance(job.aggregator, AsyncAggregator) else RoundEngine
-        engine = self.engines[spec.id] = kind(job, self.plugins.notify, fence=fence)
+        engine = self.engines[spec.id] = kind(job, self.plugins.notify, fence=fence, ask=self.plugins.ask)
         if self.board is not None:
             engine.on_status = functools.partial(self._report_status, spec.id)
         return job

@@ -10,14 +10,17 @@ new version, evaluation, checkpoint.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from elastic.api import Update
 from elastic.coordinator.job import Job, JobState
 from elastic.errors import Fenced, ProtocolError
 from elastic.membership.base import Member
@@ -46,10 +49,17 @@ class Engine(ABC):
     """One job's driver. ``notify(hook_name, **kwargs)`` reports events."""
 
     def __init__(
-        self, job: Job, notify: Notify, clock: Callable[[], float] = time.monotonic, fence: Callable[[], bool | None] | None = None
+        self,
+        job: Job,
+        notify: Notify,
+        clock: Callable[[], float] = time.monotonic,
+        fence: Callable[[], bool | None] | None = None,
+        ask: Callable[..., list[tuple[str, Any]]] | None = None,
     ) -> None:
         self.job = job
         self.notify = notify
+        self.ask = ask or (lambda *_, **__: [])  # question hooks (elastic_validate_update)
+        self._recent: dict[str, deque[float]] = {}  # per worker: when its last updates came
         self.clock = clock
         # Asked before every commit (model version, checkpoint): True to go ahead;
         # False: another coordinator leads, so this engine stops for good; None: not
@@ -194,6 +204,55 @@ class Engine(ABC):
         for name, wt in msg.tensors.items():
             base = weights[name].detach()
             msg.tensors[name] = WireTensor.from_tensor(wt.to_tensor().to(base.dtype).reshape(base.shape) + base)
+
+    def _screen(self, worker: str, msg: Message, wire_bytes: int) -> tuple[str, str] | None:
+        """The job's limits and the plugins' veto, on an update that is well formed.
+        With ``norm_action = "clip"`` an update over the norm bound is scaled down to
+        it (its tensors replaced) instead of refused."""
+        limits, now = self.job.spec.limits, self.clock()
+        if limits.max_updates_per_minute:
+            recent = self._recent.setdefault(worker, deque())
+            while recent and now - recent[0] > 60.0:
+                recent.popleft()
+            if len(recent) >= limits.max_updates_per_minute:
+                return "rate_limited", f"more than {limits.max_updates_per_minute} updates in a minute from {worker}"
+            recent.append(now)
+        if limits.max_update_bytes and wire_bytes > limits.max_update_bytes:
+            return "too_large", f"update of {wire_bytes} bytes, the job allows {limits.max_update_bytes}"
+        if limits.max_norm:
+            reason = self._bound_norm(msg, limits.max_norm, limits.norm_action == "clip")
+            if reason is not None:
+                return reason
+        update = Update(worker, msg.version, int(msg.meta["num_samples"]), float(msg.meta["loss"]), msg.meta["kind"], msg.tensors)
+        for plugin, answer in self.ask("elastic_validate_update", job_id=self.job.spec.id, worker_id=worker, update=update):
+            why = f"validator {plugin} failed: {answer}" if isinstance(answer, Exception) else f"{plugin}: {answer}"
+            return "vetoed", why
+        return None
+
+    def _bound_norm(self, msg: Message, bound: float, clip: bool) -> tuple[str, str] | None:
+        """The L2 norm of the update's change (trained minus sent weights, or the
+        gradient or delta itself), refused or clipped when over ``bound``."""
+        relative = self.kind == "weights"
+        base = self._base_weights() if relative else {}
+        changes = {}
+        total = 0.0
+        for name, wt in msg.tensors.items():
+            t = wt.to_tensor()
+            change = t.to(torch.float32) - base[name].detach().reshape(t.shape).to(torch.float32) if relative else t.to(torch.float32)
+            changes[name] = change
+            total += float(change.pow(2).sum())
+        norm = math.sqrt(total)
+        if norm <= bound:
+            return None
+        if not clip:
+            return "norm_too_large", f"the update's L2 norm is {norm:.4g}, the job allows {bound:.4g}"
+        scale = bound / norm
+        for name, change in changes.items():
+            t = msg.tensors[name].to_tensor()
+            scaled = change.mul_(scale) + (base[name].detach().reshape(t.shape).to(torch.float32) if relative else 0)
+            msg.tensors[name] = WireTensor.from_tensor(scaled.to(t.dtype))
+        log.info("update clipped job=%s sender=%s norm=%.4g bound=%.4g", self.job.spec.id, msg.sender, norm, bound)
+        return None
 
     def _work_meta(self, shard: list[int]) -> dict[str, Any]:
         """The ``meta`` of a WORK message: what to compute, on which shard, and how to

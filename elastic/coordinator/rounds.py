@@ -140,7 +140,7 @@ class RoundEngine(Engine):
         """Validate and fold an update; the answer is an ACK or a NACK with the reason."""
         job, rnd = self.job, self.current
         wire_bytes = msg.payload_bytes  # as sent: compressed updates expand while checked
-        reason = self._refuse(worker, msg)
+        reason = self._refuse(worker, msg) or self._screen(worker, msg, wire_bytes)
         if reason is not None:
             return self._nack(msg, *reason)
         assert rnd is not None

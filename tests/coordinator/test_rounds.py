@@ -10,7 +10,7 @@ import zmq
 
 from elastic.coordinator.job import Job, JobState
 from elastic.coordinator.rounds import RoundEngine
-from elastic.errors import CheckpointError
+from elastic.errors import CheckpointError, JobSpecError
 from elastic.jobspec import parse_job_spec
 from elastic.membership.base import Member
 from elastic.plugins import Plugins
@@ -336,3 +336,46 @@ def test_a_compressed_update_is_expanded_and_an_unknown_codec_is_a_nack(tmp_path
     changed = engine.job.model.weight.detach() - w0
     kept = torch.isclose(changed, torch.tensor(0.5))
     assert int(kept.sum()) == changed.numel() // 2 and bool((changed[~kept] == 0).all())  # topk 50 %: half the deltas, added
+
+
+def test_job_limits_refuse_or_clip_and_a_plugin_can_veto(tmp_path: Path) -> None:
+    def engine_with(limits: dict, ask=None) -> tuple[RoundEngine, list]:  # type: ignore[no-untyped-def]
+        spec = parse_job_spec({"job": {"id": "j", "task": "linreg", "rule": "fedavg", "rounds": 50, "min_workers": 1, "round_timeout": 10}, "task": {"samples": 60}, "limits": limits})
+        engine = RoundEngine(Job(spec, Plugins(), tmp_path / str(len(limits)) / str(ask is not None)), Events(), Clock(), ask=ask)
+        return engine, engine.tick(members("a"))
+
+    engine, out = engine_with({"max_norm": 1.0})
+    nack = engine.on_update("a", update_for(engine, out[0].message, "a", 5.0))  # every weight +5: norm >> 1
+    assert nack.meta["reason"] == "norm_too_large" and engine.job.round == 0
+    assert engine.on_update("a", update_for(engine, out[0].message, "a", 0.01)).type is MsgType.ACK
+
+    engine, out = engine_with({"max_norm": 1.0, "norm_action": "clip"})
+    before = {k: v.detach().clone() for k, v in update_template(engine.job.model, "train").items()}
+    assert engine.on_update("a", update_for(engine, out[0].message, "a", 5.0)).type is MsgType.ACK
+    moved = sum(float((v.detach() - before[k]).pow(2).sum()) for k, v in update_template(engine.job.model, "train").items()) ** 0.5
+    assert abs(moved - 1.0) < 1e-4  # the change was scaled down to the bound
+
+    engine, out = engine_with({"max_update_bytes": 8})
+    assert engine.on_update("a", update_for(engine, out[0].message, "a")).meta["reason"] == "too_large"
+
+    engine, out = engine_with({"max_updates_per_minute": 2})
+    for _ in range(2):
+        assert engine.on_update("a", update_for(engine, out[0].message, "a")).type is MsgType.ACK
+        out = engine.tick(members("a"))
+    assert engine.on_update("a", update_for(engine, out[0].message, "a")).meta["reason"] == "rate_limited"
+
+    seen = []
+
+    def veto(hook: str, **kwargs) -> list:  # type: ignore[no-untyped-def]
+        seen.append((hook, kwargs["worker_id"], kwargs["update"].kind))
+        return [("no-mallory", "mallory is not trusted")] if kwargs["worker_id"] == "a" else []
+
+    engine, out = engine_with({}, ask=veto)
+    nack = engine.on_update("a", update_for(engine, out[0].message, "a"))
+    assert (nack.meta["reason"], nack.meta["detail"]) == ("vetoed", "no-mallory: mallory is not trusted")
+    assert seen == [("elastic_validate_update", "a", "weights")]
+
+
+def test_bad_limits_are_one_clear_error() -> None:
+    with pytest.raises(JobSpecError, match="norm_action = 'cut' is invalid"):
+        parse_job_spec({"job": {"task": "t", "rule": "r"}, "limits": {"norm_action": "cut"}})

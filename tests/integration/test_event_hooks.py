@@ -30,6 +30,7 @@ EXPECTED_EVENTS = [
     "elastic_round_started",
     "elastic_round_abandoned",
     "elastic_update_rejected",
+    "elastic_validate_update",
     "elastic_worker_left",
     "elastic_round_completed",
     "elastic_checkpoint_saved",
@@ -88,6 +89,11 @@ class Recorder:
         self._add("elastic_job_finished", state=state, metrics=metrics)
 
     @hookimpl
+    def elastic_validate_update(self, job_id, worker_id, update):
+        self._add("elastic_validate_update", worker_id=worker_id, kind=update.kind)
+        return None  # no veto
+
+    @hookimpl
     def elastic_update_rejected(self, job_id, worker_id, reason, detail):
         self._add("elastic_update_rejected", worker_id=worker_id, reason=reason)
 
@@ -100,7 +106,8 @@ def start_worker(address: str, wid: str, plugins: Plugins) -> Worker:
     config = WorkerConfig(coordinator=address, id=wid, device="cpu", coordinator_timeout=5, insecure=True)
     config.validate()
     w = Worker(config, plugins)
-    threading.Thread(target=w.run, kwargs={"install_signals": False}, daemon=True).start()
+    w.thread = threading.Thread(target=w.run, kwargs={"install_signals": False}, daemon=True)  # type: ignore[attr-defined]
+    w.thread.start()  # type: ignore[attr-defined]
     return w
 
 
@@ -141,6 +148,8 @@ def test_every_event_hook_fires(tmp_path: Path) -> None:
         ghost.close()
         for w in workers:
             w.stop()
+        for w in workers:  # let them finish: torch exiting under a running thread aborts
+            w.thread.join(30)  # type: ignore[attr-defined]
 
     names = rec.names()
     assert set(names) == set(EXPECTED_EVENTS), set(EXPECTED_EVENTS) ^ set(names)
