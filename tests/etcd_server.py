@@ -31,7 +31,10 @@ def free_port() -> int:
 class EtcdServer:
     """One etcd member; alone by default, or one of a cluster (``cluster``: name -> peer URL)."""
 
-    def __init__(self, data_dir: Path, binary: str, name: str = "t", peer_port: int = 0, cluster: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, binary: str, name: str = "t", peer_port: int = 0, cluster: dict[str, str] | None = None, tls: dict[str, Path] | None = None
+    ) -> None:
+        self.tls = tls  # ca, cert, key: clients over TLS, and they must show a certificate from ca
         self.data_dir = data_dir
         self.binary = binary
         self.name = name
@@ -46,13 +49,17 @@ class EtcdServer:
         return f"127.0.0.1:{self.client_port}"
 
     def launch(self) -> EtcdServer:
-        client, peer = f"http://127.0.0.1:{self.client_port}", f"http://127.0.0.1:{self.peer_port}"
+        scheme = "https" if self.tls else "http"
+        client, peer = f"{scheme}://127.0.0.1:{self.client_port}", f"http://127.0.0.1:{self.peer_port}"
         initial = ",".join(f"{n}={u}" for n, u in self.cluster.items())
+        tls = []
+        if self.tls:
+            tls = ["--cert-file", str(self.tls["cert"]), "--key-file", str(self.tls["key"]), "--trusted-ca-file", str(self.tls["ca"]), "--client-cert-auth"]
         self.proc = subprocess.Popen(
             [self.binary, "--name", self.name, "--data-dir", str(self.data_dir),
              "--listen-client-urls", client, "--advertise-client-urls", client,
              "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", initial, "--initial-cluster-token", "elastic-test", "--log-level", "warn"],
+             "--initial-cluster", initial, "--initial-cluster-token", "elastic-test", "--log-level", "warn", *tls],
             stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
         )
         return self

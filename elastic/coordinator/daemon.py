@@ -37,6 +37,7 @@ from elastic.jobspec import JobSpec
 from elastic.logs import setup_logging
 from elastic.membership.base import Member, MembershipBackend
 from elastic.membership.election import Leadership
+from elastic.membership.etcd import redacted
 from elastic.metrics import Metrics
 from elastic.plugins import Plugins
 from elastic.sdnotify import Notifier
@@ -191,7 +192,7 @@ class Coordinator:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda signum, _frame: self.stop(f"signal {signal.Signals(signum).name}"))
             signal.signal(signal.SIGHUP, lambda *_: self._reload_asked.set())
-        log.info("coordinator serving address=%s control=%s jobs=%s membership=%s", self.endpoint, self.control_endpoint, ",".join(self.engines) or "-", self.config.membership)
+        log.info("coordinator serving address=%s control=%s jobs=%s membership=%s", self.endpoint, self.control_endpoint, ",".join(self.engines) or "-", redacted(self.config.membership))
         self.plugins.notify("elastic_coordinator_started", address=self.endpoint, jobs=list(self.engines))
         self.notifier.ready(self._status_line())
         poller = zmq.Poller()

@@ -1,7 +1,9 @@
 """The etcd backend: membership lives in etcd, under leases, and is watched.
 
-Configured as ``etcd://HOST:PORT[,HOST:PORT...]/CLUSTER``; the client fails over
-between the endpoints. Key layout (all under ``/elastic/<cluster>/``), the one place
+Configured as ``etcd://[USER[:PASSWORD]@]HOST:PORT[,HOST:PORT...]/CLUSTER[?ca=FILE&cert=FILE&key=FILE]``;
+the client fails over between the endpoints. ``ca`` turns on TLS (``cert`` and ``key``
+add a client certificate); a user turns on etcd authentication, its password from the
+URL or from ``$ELASTIC_ETCD_PASSWORD`` (better: it stays out of process lists). Key layout (all under ``/elastic/<cluster>/``), the one place
 it is written down:
 
     members/<worker-id>            a worker's record (JSON), under the worker's lease
@@ -23,20 +25,22 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from elastic.errors import ConfigError, MembershipUnavailable
 from elastic.hookspecs import hookimpl
 from elastic.membership.base import Member, MembershipBackend, MembershipEvent, assign_slot
 
-__all__ = ["EtcdMembership", "WorkerRegistration", "PrefixWatch", "Keys", "parse_etcd_url", "connect", "read_leader", "retrying"]
+__all__ = ["EtcdMembership", "WorkerRegistration", "PrefixWatch", "Keys", "EtcdAccess", "etcd_access", "redacted", "parse_etcd_url", "connect", "read_leader", "retrying"]
 
 log = logging.getLogger("elastic.etcd")
 T = TypeVar("T")
@@ -77,21 +81,62 @@ class Keys:
         return f"{self.root}rendezvous/{job_id}/generation"
 
 
+@dataclass(frozen=True)
+class EtcdAccess:
+    """How to reach etcd beyond its address: TLS files and a user."""
+
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    user: str = ""
+    password: str = ""
+
+
+def redacted(url: str) -> str:
+    """The URL with its password, if any, replaced by ``***`` (for logs and errors)."""
+    scheme, _, rest = url.partition("://")
+    userinfo, at, hosts = rest.partition("@")
+    return f"{scheme}://{userinfo.split(':')[0]}:***@{hosts}" if at and ":" in userinfo else url
+
+
+def etcd_access(url: str) -> EtcdAccess:
+    """The TLS files and credentials an etcd URL asks for (files checked to exist)."""
+    parts = urlsplit(url)
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    unknown = set(query) - {"ca", "cert", "key"}
+    if unknown:
+        raise ConfigError(f"membership {redacted(url)}: unknown option(s) {', '.join(sorted(unknown))} (known: ca, cert, key)")
+    for name in ("ca", "cert", "key"):
+        if query.get(name) and not Path(query[name]).is_file():
+            raise ConfigError(f"membership {redacted(url)}: {name} file {query[name]} does not exist")
+    if bool(query.get("cert")) != bool(query.get("key")):
+        raise ConfigError(f"membership {redacted(url)}: a client certificate needs both cert= and key=")
+    if query.get("cert") and not query.get("ca"):
+        raise ConfigError(f"membership {redacted(url)}: cert= and key= need ca= (TLS)")
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":") if at else ("", "", "")
+    if user and not password:
+        password = os.environ.get("ELASTIC_ETCD_PASSWORD", "")
+        if not password:
+            raise ConfigError(f"membership {redacted(url)}: user {user!r} has no password; put it in $ELASTIC_ETCD_PASSWORD")
+    return EtcdAccess(query.get("ca", ""), query.get("cert", ""), query.get("key", ""), unquote(user), unquote(password))
+
+
 def parse_etcd_url(url: str) -> tuple[list[tuple[str, int]], str]:
     """``etcd://h1:2379,h2:2379/CLUSTER`` -> ([(h1, 2379), (h2, 2379)], CLUSTER)."""
-    fix = "use etcd://HOST:PORT[,HOST:PORT...]/CLUSTER, e.g. etcd://127.0.0.1:2379/demo"
+    fix = "use etcd://[USER@]HOST:PORT[,HOST:PORT...]/CLUSTER[?ca=FILE], e.g. etcd://127.0.0.1:2379/demo"
     parts = urlsplit(url)
     if parts.scheme != "etcd" or not parts.netloc:
-        raise ConfigError(f"membership {url!r} is not an etcd URL; {fix}")
+        raise ConfigError(f"membership {redacted(url)!r} is not an etcd URL; {fix}")
     cluster = parts.path.strip("/")
     if not cluster or "/" in cluster or not cluster.isprintable():
-        raise ConfigError(f"membership {url!r} names no cluster (one path segment); {fix}")
+        raise ConfigError(f"membership {redacted(url)!r} names no cluster (one path segment); {fix}")
     endpoints = []
-    for item in parts.netloc.split(","):
+    for item in parts.netloc.rpartition("@")[2].split(","):
         host, _, port = item.rpartition(":") if ":" in item else (item, "", str(DEFAULT_PORT))
         host = host.strip("[]")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"membership {url!r}: bad endpoint {item!r}; {fix}")
+            raise ConfigError(f"membership {redacted(url)!r}: bad endpoint {item!r}; {fix}")
         endpoints.append((host, int(port)))
     return endpoints, cluster
 
@@ -134,28 +179,47 @@ def connect(url: str, timeout: float = CONNECT_TIMEOUT) -> Any:
     Retries with backoff for ``timeout`` seconds, then raises ``MembershipUnavailable``
     naming the endpoints and the fix.
     """
+    import grpc  # noqa: PLC0415
     import pyetcd  # noqa: PLC0415 - only daemons that use etcd pay for importing grpc
 
     endpoints, _ = parse_etcd_url(url)
+    access = etcd_access(url)
     names = ", ".join(f"{h}:{p}" for h, p in endpoints)
-    client = _client_class()(
-        endpoints=[pyetcd.Endpoint(h, p, secure=False, time_retry=1.0) for h, p in endpoints],
-        timeout=RPC_TIMEOUT,
-        failover=True,
-    )
+    creds = None
+    if access.ca:
+        read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+        creds = grpc.ssl_channel_credentials(read(access.ca), read(access.key), read(access.cert))
+
+    def make() -> Any:  # authenticates at once when a user is given
+        return _client_class()(
+            endpoints=[pyetcd.Endpoint(h, p, secure=creds is not None, creds=creds, time_retry=1.0) for h, p in endpoints],
+            timeout=RPC_TIMEOUT,
+            failover=True,
+            user=access.user or None,
+            password=access.password or None,
+        )
+
+    client = None
     deadline, delay, tries = time.monotonic() + timeout, 0.1, 0
     while True:
         tries += 1
         try:
+            client = client or make()
             client.status()
             return client
         except Exception as exc:  # grpc and pyetcd raise many types for "not reachable"
+            code = exc.code() if isinstance(exc, grpc.RpcError) else None
+            if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                detail = exc.details() if isinstance(exc, grpc.RpcError) and hasattr(exc, "details") else str(exc)
+                raise ConfigError(f"etcd at {names} refused user {access.user!r} ({detail}); fix the user or password of --membership") from None
             left = deadline - time.monotonic()
             if left <= 0:
-                client.close()
+                if client is not None:
+                    client.close()
                 raise MembershipUnavailable(
                     f"etcd unreachable at {names} after {tries} tries over {timeout:.0f}s "
                     f"({type(exc).__name__}); start etcd there or fix --membership"
+                    + ("" if access.ca else " (if etcd serves TLS, add ?ca=FILE, and cert= and key= for a client certificate)")
                 ) from None
             time.sleep(min(delay * random.uniform(0.8, 1.2), left))
             delay = min(delay * 2, 2.0)

@@ -140,3 +140,22 @@ def test_a_goodbye_frees_the_slot_and_a_crash_keeps_it(etcd: EtcdServer, backend
         assert backend.join(Member(id="w2"), time.monotonic()).slot == 1
     finally:
         client.close()
+
+
+def test_etcd_access_options(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    from elastic.membership.etcd import etcd_access, redacted
+
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    assert etcd_access("etcd://h:2379/c") == etcd_access("etcd://h:2379/c")  # nothing asked: plain
+    access = etcd_access(f"etcd://alice:pw%40x@h1:2379,h2:2379/c?ca={ca}")
+    assert (access.user, access.password, access.ca) == ("alice", "pw@x", str(ca))
+    assert parse_etcd_url(f"etcd://alice:pw@h1:2379,h2:2379/c?ca={ca}") == ([("h1", 2379), ("h2", 2379)], "c")
+    monkeypatch.setenv("ELASTIC_ETCD_PASSWORD", "from-env")
+    assert etcd_access("etcd://bob@h:2379/c").password == "from-env"
+    monkeypatch.delenv("ELASTIC_ETCD_PASSWORD")
+    for bad, words in [("etcd://bob@h:2379/c", "has no password"), ("etcd://h:2379/c?ca=/nope", "does not exist"),
+                       (f"etcd://h:2379/c?cert={ca}&key={ca}", "need ca="), ("etcd://h:2379/c?tls=1", "unknown option")]:
+        with pytest.raises(ConfigError, match=words):
+            etcd_access(bad)
+    assert redacted("etcd://alice:pw@h:2379/c") == "etcd://alice:***@h:2379/c"
