@@ -68,6 +68,11 @@ def test_a_frozen_leader_is_fenced_when_it_wakes(cluster: Cluster, tmp_path: Pat
     assert [h["round"] for h in done["history"]] == list(range(1, 31))
     assert [h["version"] for h in done["history"]] == list(range(1, 31))  # strictly increasing, none lost
     woke = "\n".join(c1_log.read_text().splitlines()[before_wake:])
-    assert "round committed" not in woke and "checkpoint" not in woke.replace("checkpoint not published", ""), woke
+    # SIGSTOP may land between a commit and its log line: such a round was committed
+    # and checkpointed while c1 still led, so c2 resumed from it. Nothing later.
+    resumed = int(re.search(r"resumed job=dg round=(\d+)", c2_log.read_text()).group(1))  # type: ignore[union-attr]
+    late = [int(n) for n in re.findall(r"round committed job=dg round=(\d+)", woke)]
+    assert all(n <= resumed for n in late), (late, resumed, woke)
+    assert "round started" not in woke and "checkpoint" not in woke.replace("checkpoint not published", ""), woke
     assert re.search(r"stepping down|no longer leading|lost leadership", woke), woke
     assert first.poll() is None  # still there, a standby

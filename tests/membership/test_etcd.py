@@ -25,7 +25,7 @@ def test_parse_etcd_url() -> None:
     assert parse_etcd_url("etcd://127.0.0.1:2379,10.0.0.2:2380/prod") == ([("127.0.0.1", 2379), ("10.0.0.2", 2380)], "prod")
     assert parse_etcd_url("etcd://etcd/c") == ([("etcd", 2379)], "c")
     for bad in ("etcd://127.0.0.1:2379", "etcd://h:x/c", "http://h:2379/c", "etcd://h:2379/a/b", "etcd://h:0/c"):
-        with pytest.raises(ConfigError, match="etcd://HOST:PORT"):
+        with pytest.raises(ConfigError, match=r"etcd://\[USER@\]HOST:PORT"):
             parse_etcd_url(bad)
 
 
