@@ -1,4 +1,4 @@
-.PHONY: demo test bench lint
+.PHONY: demo test bench soak lint
 
 demo:   ## run the main job end to end on the embedded backend
 	scripts/demo.sh
@@ -11,6 +11,13 @@ bench:  ## the benchmarks (each prints ratios against a baseline measured in the
 	.venv/bin/python benchmarks/transport.py
 	.venv/bin/python benchmarks/membership.py
 	.venv/bin/python benchmarks/async_vs_sync.py
+	.venv/bin/python benchmarks/fed_rules.py
+	.venv/bin/python benchmarks/codecs.py
+	.venv/bin/python benchmarks/curve.py
+
+soak:   ## ten minutes of random worker churn: rounds, lost updates, coordinator memory
+	scripts/setup-venv.sh test
+	.venv/bin/python benchmarks/soak.py
 
 lint:
 	.venv/bin/ruff check .
