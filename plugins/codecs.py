@@ -303,10 +303,16 @@ class Zstd(Codec):
         import zstandard  # noqa: PLC0415
 
         size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        packed = parts["z"].cpu().numpy().tobytes()
         try:
-            raw = zstandard.ZstdDecompressor().decompress(parts["z"].cpu().numpy().tobytes(), max_output_size=size)
-        except zstandard.ZstdError as exc:
-            raise ValueError(f"not a zstd frame of {size} bytes ({exc})") from None
+            # A frame may declare its size, and the decompressor would allocate that
+            # much: check it against the tensor's before anything is allocated.
+            declared = zstandard.frame_content_size(packed)
+            if declared not in (-1, size):
+                raise ValueError(f"the zstd frame declares {declared} bytes, the tensor needs {size}")
+            raw = zstandard.ZstdDecompressor().decompress(packed, max_output_size=size)
+        except (zstandard.ZstdError, MemoryError) as exc:
+            raise ValueError(f"not a zstd frame of {size} bytes ({type(exc).__name__}: {exc})") from None
         _check(len(raw) == size, f"{len(raw)} bytes decompressed, the tensor needs {size}")
         if size == 0:
             return torch.empty(shape, dtype=dtype)
