@@ -4,10 +4,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-venv.sh test
 # The deployment tests validate the compose file with docker-compose (no engine
-# needed) and use ip/systemd-analyze; install what is missing where we may.
-if ! command -v docker-compose >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null 2>&1 \
-    || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null)
+# needed); the chaos suite cuts links with iptables inside network namespaces.
+# Install what is missing where we may.
+missing=()
+command -v docker-compose >/dev/null || missing+=(docker-compose)
+command -v iptables >/dev/null || missing+=(iptables)
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 \
+    || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null)
 fi
 .venv/bin/ruff check .
 .venv/bin/mypy

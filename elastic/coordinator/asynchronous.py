@@ -139,7 +139,7 @@ class AsyncEngine(Engine):
             log.exception("aggregator failed job=%s worker=%s", job.spec.id, worker)
             self._abandon_buffer(f"aggregator error: {exc}")
             return self._nack(msg, "aggregator_error", f"the rule failed on this update: {exc}")
-        log.debug("update folded job=%s worker=%s base_version=%d staleness=%d bytes=%d", job.spec.id, worker, msg.version, staleness, wire_bytes)
+        log.debug("update folded job=%s worker=%s base_version=%d key=%s staleness=%d bytes=%d", job.spec.id, worker, msg.version, msg.key, staleness, wire_bytes)
         self._count_update(wire_bytes, msg)
         buf = self.buffer
         buf.updates += 1

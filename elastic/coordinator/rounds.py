@@ -158,7 +158,7 @@ class RoundEngine(Engine):
             log.exception("aggregator failed job=%s worker=%s", job.spec.id, worker)
             self._close(f"aggregator error: {exc}", force_abandon=True)
             return self._nack(msg, "aggregator_error", f"the rule failed on this update: {exc}")
-        log.debug("update folded job=%s worker=%s round=%d samples=%d bytes=%d", job.spec.id, worker, rnd.number, update.num_samples, wire_bytes)
+        log.debug("update folded job=%s worker=%s round=%d key=%s samples=%d bytes=%d", job.spec.id, worker, rnd.number, msg.key, update.num_samples, wire_bytes)
         self._count_update(wire_bytes, msg)
         rnd.answered.add(worker)
         rnd.updates += 1

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from tests.etcd_server import etcd_binary
+from tests.netns import Hosts, hosts_up
 
 from .conftest import wait_for
 
@@ -78,69 +79,10 @@ def test_dockerfile_is_small_non_root_and_checks_health() -> None:
     alive.unlink()
 
 
-# ------------------------------------------------------------ namespaces --
-
-
-def run(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=30)
-
-
-class Hosts:
-    """Network namespaces on one bridge, each with an address, a host name and an
-    /etc/hosts naming all of them (``ip netns exec`` mounts /etc/netns/NS/hosts)."""
-
-    def __init__(self, names: list[str]) -> None:
-        tag = uuid.uuid4().hex[:5]
-        self.bridge = f"elbr{tag}"
-        self.ns = {name: f"el{tag}-{name}" for name in names}
-        self.ip = {name: f"10.213.{int(tag[:2], 16)}.{i + 2}" for i, name in enumerate(names)}
-        self.created: list[str] = []
-
-    def up(self) -> None:
-        run("ip", "link", "add", self.bridge, "type", "bridge")
-        run("ip", "link", "set", self.bridge, "up")
-        hosts = "127.0.0.1 localhost\n" + "".join(f"{ip} {name}\n" for name, ip in self.ip.items())
-        for i, (name, ns) in enumerate(self.ns.items()):
-            run("ip", "netns", "add", ns)
-            self.created.append(ns)
-            outside, inside = f"{self.bridge}v{i}", "eth0"
-            run("ip", "link", "add", outside, "type", "veth", "peer", "name", f"{self.bridge}p{i}")
-            run("ip", "link", "set", f"{self.bridge}p{i}", "netns", ns)
-            run("ip", "netns", "exec", ns, "ip", "link", "set", f"{self.bridge}p{i}", "name", inside)
-            run("ip", "link", "set", outside, "master", self.bridge)
-            run("ip", "link", "set", outside, "up")
-            run("ip", "netns", "exec", ns, "ip", "addr", "add", f"{self.ip[name]}/24", "dev", inside)
-            run("ip", "netns", "exec", ns, "ip", "link", "set", inside, "up")
-            run("ip", "netns", "exec", ns, "ip", "link", "set", "lo", "up")
-            etc = Path("/etc/netns") / ns
-            etc.mkdir(parents=True, exist_ok=True)
-            (etc / "hosts").write_text(hosts)
-
-    def spawn(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-        """Run ``argv`` on host ``name``: its namespace, and its own host name (UTS)."""
-        wrapped = ["ip", "netns", "exec", self.ns[name], "unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', name, *argv]
-        with open(log, "ab") as out:
-            return subprocess.Popen(wrapped, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def down(self) -> None:
-        for ns in self.created:
-            subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
-            shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
-        subprocess.run(["ip", "link", "delete", self.bridge], capture_output=True)
-
-
 @pytest.fixture
 def hosts() -> Iterator[Hosts]:
-    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("unshare") is None:
-        pytest.skip("needs root, ip and unshare")
-    h = Hosts(["etcd", "coordinator", "worker-1", "worker-2", "worker-3"])
-    try:
-        h.up()
-    except subprocess.CalledProcessError as exc:
-        h.down()
-        pytest.skip(f"cannot create network namespaces here: {exc.stderr.strip()}")
-    yield h
-    h.down()
+    with hosts_up(["etcd", "coordinator", "worker-1", "worker-2", "worker-3"]) as h:
+        yield h
 
 
 @needs_compose
