@@ -52,6 +52,7 @@ class _Round:
     bytes_sent: int = 0
     bytes_received: int = 0
     asked: int = 0
+    train_seconds_max: float = 0.0  # the slowest participant's own compute: the rest was the system
 
     @property
     def complete(self) -> bool:
@@ -166,6 +167,7 @@ class RoundEngine(Engine):
         if math.isfinite(update.loss):
             rnd.loss_sum += update.loss * update.num_samples
         rnd.bytes_received += wire_bytes
+        rnd.train_seconds_max = max(rnd.train_seconds_max, float(msg.meta.get("train_seconds", 0.0)))
         job.totals["updates"] += 1
         if rnd.complete:
             self._close("all participants answered")
@@ -244,6 +246,7 @@ class RoundEngine(Engine):
             "generation": self.generation,
             "samples": rnd.samples,
             "seconds": round(self.clock() - rnd.started, 4),
+            "train_seconds_max": round(rnd.train_seconds_max, 4),
             "bytes_sent": rnd.bytes_sent,
             "bytes_received": rnd.bytes_received,
         })

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 from elastic_plugins.tasks.digits import Digits, dirichlet_split
 from elastic_plugins.tasks.linreg import LinReg
+from elastic_plugins.tasks.synthetic import Synthetic
 
 from elastic.api import Shard
 from elastic.errors import JobSpecError
@@ -57,3 +60,36 @@ def test_task_param_errors() -> None:
         Digits({"alpha": 0})
     with pytest.raises(JobSpecError, match="unknown parameter 'size'"):
         LinReg({"size": 3})
+
+
+def test_synthetic_model_has_the_size_asked_random_and_reproducible() -> None:
+    task = Synthetic({"params": 1001, "tensors": 4})
+    model = task.build_model(seed=3)
+    sizes = [p.numel() for p in model.parameters()]
+    assert sum(sizes) == 1001 and len(sizes) == 4 and max(sizes) - min(sizes) <= 1
+    flat = torch.cat([p.detach() for p in model.parameters()])
+    assert flat.unique().numel() > 990  # random values, nothing a transport could deduplicate
+    assert torch.equal(flat, torch.cat([p.detach() for p in task.build_model(seed=3).parameters()]))
+    assert not torch.equal(flat, torch.cat([p.detach() for p in task.build_model(seed=4).parameters()]))
+
+
+def test_synthetic_training_touches_every_parameter_and_stays_finite() -> None:
+    task = Synthetic({"params": 100, "samples": 8})
+    model = task.build_model(seed=0)
+    data = task.train_dataset(Shard(1, 2, 0), None)
+    assert len(data) == 8 and not torch.equal(data.tensors[0], task.train_dataset(Shard(0, 2, 0), None).tensors[0])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(20):
+        opt.zero_grad()
+        loss = task.loss(model, *data.tensors)
+        loss.backward()
+        assert all(p.grad is not None and bool((p.grad != 0).all()) for p in model.parameters())
+        opt.step()
+    assert math.isfinite(loss.item())
+    assert "synthetic" in Plugins().tasks.names()
+
+
+@pytest.mark.parametrize("params", [{"params": 0}, {"tensors": 0}, {"params": 2, "tensors": 3}, {"samples": 0}, {"size": 5}])
+def test_synthetic_refuses_bad_parameters(params: dict) -> None:
+    with pytest.raises(JobSpecError, match="task synthetic"):
+        Synthetic(params)

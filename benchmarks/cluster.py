@@ -1,0 +1,109 @@
+"""Real daemons for benchmarks: a coordinator and N workers on loopback, one job.
+
+Each daemon is the ``elastic`` command in a process of its own, as a user would run
+it; the figures come from the job's status (per-round ``seconds`` and the slowest
+participant's ``train_seconds_max``) and from ``/proc`` (resident memory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0.0
+
+
+@dataclass
+class Run:
+    """What one job left: its final status and the coordinator's memory over time."""
+
+    status: dict[str, Any]
+    rss_samples: list[float] = field(default_factory=list)
+    wall: float = 0.0
+
+    def rounds(self, skip: int = 0) -> list[dict[str, Any]]:
+        """The round history after ``skip`` warm-up rounds."""
+        return self.status["history"][skip:]
+
+    @property
+    def peak_rss_mb(self) -> float:
+        return max(self.rss_samples, default=0.0)
+
+
+def run_job(job_toml: str, workers: int, timeout: float = 600.0, coordinator_args: tuple[str, ...] = (), worker_args: tuple[str, ...] = (), threads: int = 1) -> Run:
+    """Run ``job_toml`` on a fresh coordinator and ``workers`` workers; return when it finished."""
+    with tempfile.TemporaryDirectory(prefix="elastic-bench-") as tmp:
+        root = Path(tmp)
+        (root / "job.toml").write_text(job_toml)
+        port = free_port()
+        address = f"tcp://127.0.0.1:{port}"
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        base = [sys.executable, "-m", "elastic"]
+        procs: list[subprocess.Popen] = []
+
+        def spawn(name: str, argv: list[str]) -> subprocess.Popen:
+            with open(root / f"{name}.log", "ab") as out:
+                p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+            procs.append(p)
+            return p
+
+        coordinator = spawn("coordinator", [*base, "coordinator", "--bind", address, "--control", f"tcp://127.0.0.1:{free_port()}", "--state-dir", str(root / "state"),
+                                            "--job", str(root / "job.toml"), "--exit-when-done", "--insecure", "--log-level", "warning", *coordinator_args])
+        for i in range(workers):
+            spawn(f"w{i}", [*base, "worker", "--coordinator", address, "--id", f"w{i}", "--device", "cpu", "--threads", str(threads), "--insecure",
+                            "--log-level", "warning", "--coordinator-timeout", "60", *worker_args])
+        samples: list[float] = []
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                samples.append(rss_mb(coordinator.pid))
+                stop.wait(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        started = time.monotonic()
+        try:
+            coordinator.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"the job did not finish in {timeout:.0f}s:\n{(root / 'coordinator.log').read_text()[-3000:]}") from None
+        finally:
+            wall = time.monotonic() - started
+            stop.set()
+            sampler.join()
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for p in procs:
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        status_file = next((root / "state").glob("*/status.json"), None)
+        if coordinator.returncode != 0 or status_file is None:
+            raise RuntimeError(f"the coordinator exited with {coordinator.returncode}:\n{(root / 'coordinator.log').read_text()[-3000:]}")
+        return Run(json.loads(status_file.read_text()), samples, wall)

@@ -1,0 +1,1 @@
+"""FedAvg on a random model, for benchmarks/vs_flower.py."""

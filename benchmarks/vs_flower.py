@@ -1,0 +1,157 @@
+"""FedAvg rounds, elastic against Flower, on the same machine in the same run.
+
+The same job on both: a model of random float32 values (25M and 1K parameters),
+2 and 4 workers, each doing one in-place step over every parameter per round, and
+FedAvg weighted by examples.
+
+* **Flower**: a real deployment on loopback (flwr 1.41): ``flower-superlink`` and one
+  ``flower-supernode`` per worker, the app in ``benchmarks/flower_app`` submitted with
+  ``flwr run``; Flower's own ``FedAvg`` strategy. Round times come from the ServerApp
+  (Flower calls ``evaluate_fn`` after every round). Flower runs in its own virtual
+  environment (``.venv-flower``, made on first use), so its pins (grpcio, protobuf)
+  never touch elastic's.
+* **elastic**: the daemons (a coordinator and N workers, plaintext like Flower's
+  ``--insecure``) on the ``synthetic`` task with the ``fedavg`` rule; round times from
+  the job's history.
+
+The first round of each is a warm-up and not counted. Prints medians and the ratio
+Flower / elastic (targets: >= 30 at 25M, >= 300 at 1K).
+
+    python -m benchmarks.vs_flower [--sizes 25000000,1000] [--workers 2,4] [--rounds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.cluster import free_port, run_job
+from benchmarks.plotting import bar_chart
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = Path(__file__).parent / "flower_app"
+VENV = ROOT / ".venv-flower"
+FLWR = "flwr==1.41.0"
+
+
+def flower_env() -> Path:
+    """Flower's own virtual environment, made on first use."""
+    if not (VENV / "bin" / "flower-superlink").exists():
+        print(f"installing {FLWR} into {VENV} ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+        subprocess.run([str(VENV / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", FLWR, "numpy"], check=True)
+    return VENV / "bin"
+
+
+def wait_listening(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
+
+
+def flower_round_times(params: int, nodes: int, rounds: int) -> list[float]:
+    bin_dir = flower_env()
+    with tempfile.TemporaryDirectory(prefix="flbench-") as tmp:
+        root = Path(tmp)
+        link = free_port()  # since flwr 1.41 one HTTP port serves the Fleet and Control APIs
+        home = root / "flwr-home"
+        home.mkdir()
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+        env = dict(os.environ, FLWR_HOME=str(home), PYTHONUNBUFFERED="1", PATH=f"{bin_dir}:{os.environ.get('PATH', '')}")  # Flower starts its own helpers by name
+        procs: list[subprocess.Popen] = []
+
+        def spawn(name: str, argv: list[str]) -> subprocess.Popen:
+            with open(root / f"{name}.log", "ab") as out:
+                p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=root)
+            procs.append(p)
+            return p
+
+        out_file = root / "rounds.json"
+        try:
+            spawn("superlink", [str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link),
+                                "--disable-runtime-dependency-installation"])
+            wait_listening(link)
+            for i in range(nodes):
+                spawn(f"supernode{i}", [str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
+                                        "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", f"partition-id={i}"])
+            config = f'params={params} nodes={nodes} rounds={rounds} out-file="{out_file}"'
+            run = spawn("flwr-run", [str(bin_dir / "flwr"), "run", str(APP), "bench", "--run-config", config, "--stream"])
+            deadline = time.monotonic() + 120 + rounds * (30 + params / 1e6)
+            while not out_file.exists():
+                if time.monotonic() > deadline or (run.poll() is not None and not out_file.exists() and run.returncode != 0):
+                    logs = "\n".join(f"----- {p.name}\n{p.read_text(errors='replace')[-2000:]}" for p in sorted(root.glob("*.log")))
+                    raise RuntimeError(f"the Flower run did not finish\n{logs}")
+                time.sleep(0.2)
+            time.sleep(0.2)
+            marks = json.loads(out_file.read_text())
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+            for p in procs:
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    return [b - a for a, b in zip(marks, marks[1:], strict=False)][1:]  # marks: before round 1, after each; round 1 warms up
+
+
+def elastic_round_times(params: int, workers: int, rounds: int) -> list[float]:
+    job = f"""
+[job]
+id = "vs-flower"
+task = "synthetic"
+rule = "fedavg"
+rounds = {rounds}
+min_workers = {workers}
+max_workers = {workers}
+eval_every = 0
+round_timeout = 600
+[task]
+params = {params}
+samples = 8
+[train]
+batch_size = 8
+lr = 0.001
+[checkpoint]
+every = 1000000
+"""
+    return [r["seconds"] for r in run_job(job, workers).rounds(1)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="25000000,1000", help="parameter counts, comma-separated")
+    parser.add_argument("--workers", default="2,4", help="worker counts, comma-separated")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per run, the first a warm-up")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    counts = [int(w) for w in args.workers.split(",")]
+    print(f"FedAvg, median round of {args.rounds - 1} after a warm-up; Flower {FLWR.split('==')[1]} deployment (SuperLink + SuperNodes) vs elastic daemons, loopback")
+    print(f"{'params':>11} {'workers':>7} {'Flower s':>9} {'elastic s':>10} {'Flower / elastic':>17}")
+    bars = {}
+    for params in sizes:
+        for workers in counts:
+            flower = statistics.median(flower_round_times(params, workers, args.rounds))
+            elastic = statistics.median(elastic_round_times(params, workers, args.rounds))
+            print(f"{params:>11,} {workers:>7} {flower:>9.3f} {elastic:>10.4f} {flower / elastic:>17.1f}", flush=True)
+            bars[f"{params:,} params, {workers} workers"] = flower / elastic
+    bar_chart("vs_flower", "FedAvg round time, Flower / elastic (same run)", bars, "x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""One synchronous data-parallel step, elastic ``syncavg`` against torch.distributed gloo.
+
+Both sides average the gradient of a 25M-parameter float32 model over 2 workers, on
+this machine's loopback, in the same run:
+
+* ``gloo``: ``all_reduce`` of a random 25M-float tensor between 2 processes
+  (``init_process_group("gloo")``): the communication of one DDP step.
+* ``elastic``: the real daemons (a coordinator and 2 workers, plaintext like gloo) run
+  a ``syncavg`` job on the ``synthetic`` task. A step sends the model to each worker,
+  each sends its gradient back, the coordinator averages and steps the model. Its
+  communication part is the round's time less the slowest worker's own compute
+  (``seconds - train_seconds_max`` in the round history).
+* ``elastic fp16``: the same with the ``fp16`` codec on the gradient and the model.
+
+Prints the medians and the ratios elastic / gloo (targets: <= 2 uncompressed, <= 1
+with fp16).
+
+    python benchmarks/vs_gloo.py [--params 25_000_000] [--steps 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from benchmarks.cluster import free_port, run_job
+from benchmarks.plotting import bar_chart
+
+WARMUP = 2
+
+
+def gloo_rank(rank: int, port: int, params: int, steps: int, out: Any) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    grad = torch.randn(params, generator=torch.Generator().manual_seed(rank))
+    times = []
+    for _ in range(WARMUP + steps):
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(grad)
+        times.append(time.perf_counter() - start)
+    # A step ends when both ranks hold the sum: the slower rank's time.
+    gathered = [torch.zeros(len(times), dtype=torch.float64) for _ in range(2)]
+    dist.all_gather(gathered, torch.tensor(times, dtype=torch.float64))
+    if rank == 0:
+        out.put(torch.stack(gathered).max(dim=0).values[WARMUP:].tolist())
+    dist.destroy_process_group()
+
+
+def gloo_times(params: int, steps: int) -> list[float]:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=gloo_rank, args=(r, port, params, steps, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    times = out.get(timeout=600)
+    for p in procs:
+        p.join()
+    return times
+
+
+def elastic_job(params: int, steps: int, codec: str | None) -> str:
+    compression = f'[compression]\nupdate = ["{codec}"]\nmodel = ["{codec}"]\n' if codec else ""
+    return f"""
+[job]
+id = "vs-gloo"
+task = "synthetic"
+rule = "syncavg"
+rounds = {WARMUP + steps}
+min_workers = 2
+max_workers = 2
+eval_every = 0
+round_timeout = 600
+[task]
+params = {params}
+samples = 8
+[train]
+batch_size = 8
+[rule]
+lr = 0.01
+[checkpoint]
+every = 1000000
+{compression}"""
+
+
+def elastic_times(params: int, steps: int, codec: str | None) -> tuple[list[float], list[float]]:
+    """(communication part, whole step) of each timed step."""
+    run = run_job(elastic_job(params, steps, codec), workers=2)
+    rounds = run.rounds(WARMUP)
+    return [r["seconds"] - r["train_seconds_max"] for r in rounds], [r["seconds"] for r in rounds]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", type=int, default=25_000_000)
+    parser.add_argument("--steps", type=int, default=7)
+    args = parser.parse_args()
+    print(f"{args.params:,} float32 parameters ({args.params * 4 / 1e6:.0f} MB), 2 workers, median of {args.steps} steps after {WARMUP} warm-up")
+    gloo = statistics.median(gloo_times(args.params, args.steps))
+    rows = [("gloo all_reduce", gloo, gloo)]
+    for label, codec in (("elastic syncavg", None), ("elastic syncavg fp16", "fp16")):
+        comm, whole = elastic_times(args.params, args.steps, codec)
+        rows.append((label, statistics.median(comm), statistics.median(whole)))
+    print(f"{'path':<22} {'comm ms':>9} {'step ms':>9} {'comm / gloo':>12}")
+    for label, comm, whole in rows:
+        print(f"{label:<22} {comm * 1e3:>9.1f} {whole * 1e3:>9.1f} {comm / gloo:>12.2f}")
+    print(f"elastic / gloo = {rows[1][1] / gloo:.2f} (target <= 2); elastic fp16 / gloo = {rows[2][1] / gloo:.2f} (target <= 1)")
+    bar_chart("vs_gloo", "communication per step (ms), same run", {label: comm * 1e3 for label, comm, _ in rows}, "ms")
+
+
+if __name__ == "__main__":
+    main()
