@@ -54,14 +54,17 @@ class Run:
         return max(self.rss_samples, default=0.0)
 
 
-def run_job(job_toml: str, workers: int, timeout: float = 600.0, coordinator_args: tuple[str, ...] = (), worker_args: tuple[str, ...] = (), threads: int = 1) -> Run:
-    """Run ``job_toml`` on a fresh coordinator and ``workers`` workers; return when it finished."""
+def run_job(
+    job_toml: str, workers: int, timeout: float = 600.0, coordinator_args: tuple[str, ...] = (), worker_args: tuple[str, ...] = (), threads: int = 1, light: int = 0, light_delay: float = 0.0
+) -> Run:
+    """Run ``job_toml`` on a fresh coordinator, ``workers`` worker daemons and ``light``
+    light workers (``benchmarks/light_workers.py``, one process); return when it finished."""
     with tempfile.TemporaryDirectory(prefix="elastic-bench-") as tmp:
         root = Path(tmp)
         (root / "job.toml").write_text(job_toml)
         port = free_port()
         address = f"tcp://127.0.0.1:{port}"
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
         base = [sys.executable, "-m", "elastic"]
         procs: list[subprocess.Popen] = []
 
@@ -76,6 +79,8 @@ def run_job(job_toml: str, workers: int, timeout: float = 600.0, coordinator_arg
         for i in range(workers):
             spawn(f"w{i}", [*base, "worker", "--coordinator", address, "--id", f"w{i}", "--device", "cpu", "--threads", str(threads), "--insecure",
                             "--log-level", "warning", "--coordinator-timeout", "60", *worker_args])
+        if light:
+            spawn("light", [sys.executable, "-m", "benchmarks.light_workers", "--coordinator", address, "--count", str(light), "--delay", str(light_delay)])
         samples: list[float] = []
         stop = threading.Event()
 

@@ -16,7 +16,7 @@ def _figure():  # type: ignore[no-untyped-def]
     return plt
 
 
-def bar_chart(name: str, title: str, values: dict[str, float], unit: str) -> Path:
+def bar_chart(name: str, title: str, values: dict[str, float], unit: str, log_x: bool = False) -> Path:
     """Horizontal bars, one per measured path, labelled with their values."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(values) + 1.4))
@@ -24,6 +24,8 @@ def bar_chart(name: str, title: str, values: dict[str, float], unit: str) -> Pat
     bars = ax.barh(labels, [values[k] for k in labels], color="#4477aa")
     ax.bar_label(bars, labels=[f"{values[k]:.3g} {unit}" for k in labels], padding=3)
     ax.invert_yaxis()
+    if log_x:
+        ax.set_xscale("log")
     ax.set_title(title)
     ax.set_xlabel(unit)
     ax.margins(x=0.2)

@@ -150,7 +150,7 @@ def main() -> None:
             elastic = statistics.median(elastic_round_times(params, workers, args.rounds))
             print(f"{params:>11,} {workers:>7} {flower:>9.3f} {elastic:>10.4f} {flower / elastic:>17.1f}", flush=True)
             bars[f"{params:,} params, {workers} workers"] = flower / elastic
-    bar_chart("vs_flower", "FedAvg round time, Flower / elastic (same run)", bars, "x")
+    bar_chart("vs_flower", "FedAvg round time, Flower / elastic (same run)", bars, "x", log_x=True)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ class CoordinatorConfig:
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 3.0
     max_message_bytes: int = 4 << 30
+    # Bytes of big updates granted and not yet received: what the coordinator may be
+    # holding in receive buffers at once (one update always goes, however big).
+    upload_window: int = 64 << 20
     exit_when_done: bool = False
     metrics_port: int = 0  # Prometheus /metrics, /healthz, /readyz; 0 = not served
     metrics_host: str = "127.0.0.1"
@@ -63,6 +66,8 @@ class CoordinatorConfig:
                 f"heartbeat_interval ({self.heartbeat_interval}s); e.g. 3x the interval"
             )
         _positive("max_message_bytes", self.max_message_bytes)
+        if self.upload_window < 0:
+            raise ConfigError(f"upload_window must be >= 0 bytes (0: one big update at a time), got {self.upload_window}")
         _log_settings(self.log_format, self.log_level)
         _check_security(self.insecure, {"curve_key": self.curve_key, "allow_workers": self.allow_workers, "allow_admins": self.allow_admins})
 
@@ -186,7 +191,7 @@ def _log_settings(fmt: str, level: str) -> None:
 
 # What a running daemon takes from a reloaded configuration (SIGHUP); the rest needs a restart.
 RELOADABLE = {
-    "CoordinatorConfig": {"heartbeat_interval", "heartbeat_timeout", "max_message_bytes", "exit_when_done", "log_format", "log_level"},
+    "CoordinatorConfig": {"heartbeat_interval", "heartbeat_timeout", "max_message_bytes", "upload_window", "exit_when_done", "log_format", "log_level"},
     "WorkerConfig": {"coordinator_timeout", "max_message_bytes", "log_format", "log_level"},
 }
 

@@ -7,9 +7,11 @@ file. Checkpoints are ``torch.save`` files of plain data and tensors, loaded wit
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ import torch
 
 from elastic.errors import CheckpointError, Fenced
 
-__all__ = ["CheckpointStore", "atomic_write"]
+__all__ = ["CheckpointStore", "atomic_write", "write_safetensors"]
 
 log = logging.getLogger("elastic.checkpoints")
 _NAME = re.compile(r"^ckpt-(\d{8})\.pt$")
@@ -50,6 +52,41 @@ def atomic_write(path: Path, write: Any, fence: Callable[[], bool | None] | None
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write {path}: {exc.strerror}; check the disk and permissions") from exc
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def write_safetensors(f: Any, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write ``tensors`` to ``f`` in the safetensors format, straight from their memory.
+
+    ``safetensors.torch.save`` builds the whole file as one bytes object first: a
+    model-sized allocation at the moment the coordinator's memory peaks. Here each
+    tensor goes from its own storage to the file (a contiguous CPU copy only for a
+    tensor that is not one already).
+    """
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset, ordered = 0, []
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        if t.device.type != "cpu" or not t.is_contiguous():
+            t = t.to("cpu").contiguous()
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"cannot write tensor {name!r} of dtype {t.dtype} as safetensors")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        ordered.append(t)
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the format's own writer does
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for t in ordered:
+        if t.numel():
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
 
 
 class CheckpointStore:

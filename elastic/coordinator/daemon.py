@@ -32,6 +32,7 @@ from elastic.coordinator.engine import Engine, Outgoing
 from elastic.coordinator.job import Job
 from elastic.coordinator.jobboard import JobBoard
 from elastic.coordinator.rounds import RoundEngine
+from elastic.coordinator.uploads import Offer, UploadGate
 from elastic.errors import ConfigError, ElasticError, MembershipUnavailable, ProtocolError
 from elastic.jobspec import JobSpec
 from elastic.logs import setup_logging
@@ -112,6 +113,7 @@ class Coordinator:
         self._published: dict[str, int] = {}  # rendezvous generation last queued for etcd, by job
         self.bytes_in = 0
         self.bytes_out = 0
+        self.uploads = UploadGate(config.upload_window, grant_timeout=max(30.0, 10 * config.heartbeat_timeout))
         if config.membership.startswith("etcd://"):
             # Jobs load their newest checkpoint only once this coordinator leads, so a
             # standby that takes over resumes where the old leader stopped.
@@ -281,6 +283,7 @@ class Coordinator:
             except ElasticError as exc:
                 log.error("allow-lists not reloaded: %s", exc)
         self.membership.heartbeat_timeout = self.config.heartbeat_timeout
+        self.uploads.window = self.config.upload_window
         added = []
         for spec in specs:
             if spec.id in self.engines:
@@ -356,6 +359,8 @@ class Coordinator:
                 self.plugins.notify("elastic_worker_left", worker_id=m.id, reason=event.reason)
                 for engine in self.engines.values():
                     engine.on_member_left(m.id)
+                self._grant(self.uploads.done(m.id, now))
+        self._grant(self.uploads.expire(now))
         members = self.membership.members()
         for engine in self.engines.values():
             self._send_all(engine.tick(members))
@@ -397,6 +402,9 @@ class Coordinator:
             self._send(routing, Message(MsgType.ACK, key=msg.key))  # the worker may now disconnect
         elif msg.type is MsgType.UPDATE:
             self._on_update(routing, peer, msg, now)
+            self._grant(self.uploads.done(peer, now))  # its bytes are folded or refused: the next may come
+        elif msg.type is MsgType.OFFER:
+            self._on_offer(routing, peer, msg, now)
         elif msg.type is MsgType.NACK:
             engine = self.engines.get(msg.job)
             if engine is not None:
@@ -416,6 +424,22 @@ class Coordinator:
         if reply.type is MsgType.NACK:
             self.rejected[reply.meta["reason"]] += 1
         self._send(routing, reply)
+
+    def _on_offer(self, routing: bytes, peer: str, msg: Message, now: float) -> None:
+        """A worker has a big update ready: grant it when it fits the upload window."""
+        if not self.membership.heartbeat(peer, now, busy=False):
+            self._reject(routing, peer, msg.job, "unknown_member", "this coordinator does not know you; send HELLO", msg)
+        elif msg.job not in self.engines:
+            self._reject(routing, peer, msg.job, "unknown_job", f"no job {msg.job!r} here (jobs: {', '.join(self.engines) or 'none'})", msg)
+        elif not 0 < msg.meta["bytes"] <= self.config.max_message_bytes:
+            self._reject(routing, peer, msg.job, "too_big", f"an update of {msg.meta['bytes']} bytes; this coordinator takes 1 to {self.config.max_message_bytes} (--max-message-bytes)", msg)
+        else:
+            self._grant(self.uploads.offer(peer, msg.key, msg.meta["bytes"], now))
+
+    def _grant(self, offers: list[Offer]) -> None:
+        for offer in offers:
+            log.debug("upload granted worker=%s key=%s bytes=%d in_flight=%d", offer.peer, offer.key, offer.nbytes, self.uploads.in_flight)
+            self._send(offer.peer.encode(), Message(MsgType.GRANT, key=offer.key))
 
     def _reject(self, routing: bytes, peer: str, job: str, reason: str, detail: str, msg: Message | None = None) -> None:
         self.rejected[reason] += 1

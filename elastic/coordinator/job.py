@@ -10,11 +10,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 from torch.utils.data import Dataset
 
 from elastic.api import Aggregator, AsyncAggregator, Task
-from elastic.coordinator.checkpoints import CheckpointStore, atomic_write
+from elastic.coordinator.checkpoints import CheckpointStore, atomic_write, write_safetensors
 from elastic.errors import CheckpointError, JobSpecError
 from elastic.jobspec import JobSpec
 from elastic.plugins import Plugins
@@ -101,7 +100,9 @@ class Job:
             "round": self.round,
             "version": self.version,
             "state": str(self.state),
-            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            # Saved from the model's own memory: nothing changes it while torch.save
+            # runs (the event loop is here), and a copy would be a model's worth of RSS.
+            "model": {k: v.detach() for k, v in self.model.state_dict().items()},
             "aggregator": self.aggregator.state_dict(),
             "history": self.history,
             "events": self.events,
@@ -140,9 +141,8 @@ class Job:
 
     def save_final_model(self) -> Path:
         path = self.dir / "final.safetensors"
-        tensors = {k: v.detach().contiguous().clone() for k, v in self.model.state_dict().items()}
-        data = safetensors.torch.save(tensors, metadata={"job": self.spec.id, "round": str(self.round)})
-        atomic_write(path, lambda f: f.write(data))
+        tensors = dict(self.model.state_dict())
+        atomic_write(path, lambda f: write_safetensors(f, tensors, {"job": self.spec.id, "round": str(self.round)}))
         return path
 
     def note(self, event: str, **details: Any) -> None:

@@ -50,11 +50,18 @@ class MsgType(StrEnum):
     BYE = "BYE"  # worker -> coordinator: graceful leave
     WORK = "WORK"  # coordinator -> worker: the model at `version` and what to do with it
     UPDATE = "UPDATE"  # worker -> coordinator: the result, computed against `version`
+    OFFER = "OFFER"  # worker -> coordinator: a big UPDATE (`key`, meta.bytes) is ready; send it when granted
+    GRANT = "GRANT"  # coordinator -> worker: send the offered UPDATE `key` now
     ACK = "ACK"  # coordinator -> worker: update folded in
     NACK = "NACK"  # either way: rejected, with a reason
     REQUEST = "REQUEST"  # operator -> coordinator's control socket: op and args
     REPLY = "REPLY"  # coordinator -> operator: ok, data (tensors for an export), or the error
 
+
+# An UPDATE of at least this many payload bytes is OFFERed first and sent once
+# GRANTed (the coordinator bounds how many it receives at once); a smaller one is
+# sent at once, since the round trip would cost more than the memory it saves.
+OFFER_MIN_BYTES = 1 << 20
 
 # The dtypes allowed on the wire, by wire name, with their item sizes.
 DTYPE_SIZES: dict[str, int] = {
@@ -87,6 +94,8 @@ META_SCHEMA: dict[MsgType, dict[str, type | tuple[type, ...]]] = {
         "seed": int,
     },
     MsgType.UPDATE: {"num_samples": int, "loss": float, "kind": str, "train_seconds": float},
+    MsgType.OFFER: {"bytes": int},
+    MsgType.GRANT: {},
     MsgType.ACK: {},
     MsgType.NACK: {"reason": str, "detail": str},
     MsgType.REQUEST: {"op": str, "args": dict},

@@ -35,6 +35,7 @@ from elastic.plugins import Plugins
 from elastic.sdnotify import Notifier
 from elastic.security import client_security
 from elastic.wire.frames import decode
+from elastic.wire.header import OFFER_MIN_BYTES
 from elastic.wire.messages import Message, MsgType
 from elastic.wire.transport import Secure, dealer_socket, recv_frames, send_message
 from elastic.worker.devices import describe_device, resolve_device
@@ -70,6 +71,7 @@ class Worker:
         self._wake.bind(self._wake_addr)
         self._busy = False
         self._pending: dict[str, Message] = {}  # newest WORK per job, waiting for the trainer
+        self._held: dict[str, Result] = {}  # big updates offered, by key, waiting for a GRANT
         self.sock: zmq.Socket | None = None
         self.registration: WorkerRegistration | None = None
         self.address = ""  # the coordinator of the current session
@@ -224,6 +226,8 @@ class Worker:
                 self._say_goodbye()
             return joined
         finally:
+            for key in list(self._held):  # offered to this coordinator only
+                self._drop_held(key, "the session ended")
             self.sock.close(linger=0)
             self.sock = None
 
@@ -286,7 +290,13 @@ class Worker:
                 self._send(self._hello())
             else:
                 log.warning("coordinator refused job=%s round=%d reason=%s detail=%s", msg.job, msg.round, reason, detail)
+                if msg.key in self._held:
+                    self._drop_held(msg.key, f"refused: {reason}")
+        elif msg.type is MsgType.GRANT:
+            self._send_result(msg.key)
         elif msg.type is MsgType.WORK:
+            for key in [k for k, r in self._held.items() if r.message.job == msg.job]:
+                self._drop_held(key, "superseded by new work")  # the round it was for has closed
             self._pending[msg.job] = msg  # a newer round supersedes one not yet started
             self._feed()
         elif msg.type is MsgType.ACK:
@@ -309,12 +319,32 @@ class Worker:
             except queue.Empty:
                 break
             self._busy = False
-            tracker = None
-            if self.sock is not None:
-                tracker = self._send(result.message, track=result.buffers is not None)
-            if result.buffers is not None:
-                result.buffers.release_after(tracker)
+            msg = result.message
+            if self.sock is not None and msg.type is MsgType.UPDATE and msg.payload_bytes >= OFFER_MIN_BYTES:
+                # Big: offer it, and send it when the coordinator has room for it.
+                self._held[msg.key] = result
+                self._send(Message(MsgType.OFFER, job=msg.job, round=msg.round, version=msg.version, key=msg.key, meta={"bytes": msg.payload_bytes}))
+            else:
+                self._held[msg.key] = result
+                self._send_result(msg.key)
         self._feed()
+
+    def _send_result(self, key: str) -> None:
+        result = self._held.pop(key, None)
+        if result is None:
+            log.debug("grant for an update no longer held key=%s", key)
+            return
+        tracker = None
+        if self.sock is not None:
+            tracker = self._send(result.message, track=result.buffers is not None)
+        if result.buffers is not None:
+            result.buffers.release_after(tracker)
+
+    def _drop_held(self, key: str, why: str) -> None:
+        result = self._held.pop(key)
+        log.info("offered update dropped key=%s reason=%s", key, why)
+        if result.buffers is not None:
+            result.buffers.release_after(None)
 
     def _train_loop(self) -> None:
         wake = self.ctx.socket(zmq.PAIR)

@@ -64,7 +64,7 @@ class Synthetic(Task):
         def build() -> nn.Module:
             model = nn.Module()
             for i, size in enumerate(sizes):
-                model.register_parameter(f"layer{i}", nn.Parameter(torch.randn(size) * 0.01))
+                model.register_parameter(f"layer{i}", nn.Parameter(torch.randn(size).mul_(0.01)))
             return model
 
         return seeded(seed, build)

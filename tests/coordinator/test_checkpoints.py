@@ -1,8 +1,11 @@
 from pathlib import Path
 
+import pytest
+import safetensors
+import safetensors.torch
 import torch
 
-from elastic.coordinator.checkpoints import CheckpointStore
+from elastic.coordinator.checkpoints import CheckpointStore, atomic_write, write_safetensors
 
 
 def test_save_keeps_the_newest_k_and_leaves_no_temp_files(tmp_path: Path) -> None:
@@ -24,3 +27,23 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path: Path) 
 
 def test_no_checkpoint(tmp_path: Path) -> None:
     assert CheckpointStore(tmp_path, "job").latest() is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int8, torch.uint8, torch.bool])
+def test_safetensors_written_from_tensor_memory_load_with_the_safetensors_library(tmp_path: Path, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "b.weight": (torch.randn(3, 5, generator=g) * 10).to(dtype),
+        "a.bias": (torch.randn(7, generator=g) * 10).to(dtype),
+        "scalar": torch.tensor(3).to(dtype),
+        "empty": torch.zeros(0, 4, dtype=dtype),
+        "strided": (torch.randn(4, 6, generator=g) * 10).to(dtype).t(),  # not contiguous
+    }
+    path = tmp_path / "m.safetensors"
+    atomic_write(path, lambda f: write_safetensors(f, tensors, {"job": "j", "round": "4"}))
+    loaded = safetensors.torch.load_file(path)
+    assert loaded.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert loaded[name].dtype == dtype and torch.equal(loaded[name], t), name
+    with safetensors.safe_open(path, "pt") as f:
+        assert f.metadata() == {"job": "j", "round": "4"}

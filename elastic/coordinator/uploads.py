@@ -1,0 +1,79 @@
+"""Admission of big updates: the coordinator's memory stays O(model), not O(workers).
+
+A worker whose update is big (``OFFER_MIN_BYTES`` in ``elastic.wire.header``) first OFFERs it (its size, in a few bytes) and sends it
+when GRANTed. libzmq reads every message it is sent into memory, whether or not the
+coordinator is ready to fold it: 64 workers finishing a round together would
+otherwise put 64 model-sized updates in the coordinator's memory at once. The gate
+grants offers first come, first served, while the bytes granted and not yet received
+fit in a window, and always grants one when nothing is in flight, so an update
+bigger than the window still goes, alone.
+
+A grant ends when its update arrives (or is refused), when its worker leaves, or when
+it is not used within ``grant_timeout``; each end may admit the next offers.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+__all__ = ["Offer", "UploadGate"]
+
+
+@dataclass(frozen=True)
+class Offer:
+    peer: str
+    key: str
+    nbytes: int
+
+
+class UploadGate:
+    """Which offered updates may be sent now. Not thread-safe: the event loop owns it."""
+
+    def __init__(self, window_bytes: int, grant_timeout: float = 30.0) -> None:
+        if window_bytes < 0:
+            raise ValueError(f"window_bytes must be >= 0, got {window_bytes}")
+        self.window = window_bytes
+        self.grant_timeout = grant_timeout
+        self.waiting: OrderedDict[str, Offer] = OrderedDict()  # peer -> its offer, oldest first
+        self.granted: dict[str, tuple[Offer, float]] = {}  # peer -> (offer, deadline)
+        self.peak_bytes = 0  # the most ever granted at once
+
+    @property
+    def in_flight(self) -> int:
+        return sum(offer.nbytes for offer, _ in self.granted.values())
+
+    def offer(self, peer: str, key: str, nbytes: int, now: float) -> list[Offer]:
+        """A worker offers an update; returns the offers granted now (maybe its own).
+
+        A peer has one offer at a time: a new one replaces what it offered before
+        (granted or not), since a worker only offers its newest result.
+        """
+        self.waiting.pop(peer, None)
+        self.granted.pop(peer, None)
+        self.waiting[peer] = Offer(peer, key, nbytes)
+        return self._admit(now)
+
+    def done(self, peer: str, now: float) -> list[Offer]:
+        """``peer``'s update arrived, was refused, or ``peer`` left: its bytes are free."""
+        self.waiting.pop(peer, None)
+        self.granted.pop(peer, None)
+        return self._admit(now)
+
+    def expire(self, now: float) -> list[Offer]:
+        """Grants unused past their deadline end (a worker frozen after its offer)."""
+        for peer in [p for p, (_, deadline) in self.granted.items() if deadline <= now]:
+            del self.granted[peer]
+        return self._admit(now)
+
+    def _admit(self, now: float) -> list[Offer]:
+        admitted = []
+        while self.waiting:
+            offer = next(iter(self.waiting.values()))
+            if self.granted and self.in_flight + offer.nbytes > self.window:
+                break
+            del self.waiting[offer.peer]
+            self.granted[offer.peer] = (offer, now + self.grant_timeout)
+            admitted.append(offer)
+        self.peak_bytes = max(self.peak_bytes, self.in_flight)
+        return admitted
