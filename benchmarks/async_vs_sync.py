@@ -86,7 +86,7 @@ def time_to_accuracy(mode: str, target: float, slowdown: float, seed: int, timeo
             return p
 
         try:
-            spawn("coordinator", "coordinator", "--bind", address, "--state-dir", str(root / "state"), "--job", str(job))
+            spawn("coordinator", "coordinator", "--bind", address, "--control", f"tcp://127.0.0.1:{free_port()}", "--state-dir", str(root / "state"), "--job", str(job))
             workers = [spawn(w, "worker", "--coordinator", address, "--id", w, "--device", "cpu", "--threads", "1") for w in ("slow", "w1", "w2", "w3")]
             status_file = root / "state" / "bench" / "status.json"
             deadline = time.monotonic() + timeout

@@ -27,6 +27,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -44,6 +53,12 @@ class Run:
     status: dict[str, Any]
     rss_samples: list[float] = field(default_factory=list)
     wall: float = 0.0
+    cpu_samples: list[tuple[float, float]] = field(default_factory=list)  # (time.time(), coordinator CPU seconds)
+
+    def cpu_between(self, start: float, end: float) -> float:
+        """The coordinator's CPU seconds between two wall-clock times (sampled every 50 ms)."""
+        inside = [c for t, c in self.cpu_samples if start <= t <= end]
+        return inside[-1] - inside[0] if len(inside) > 1 else 0.0
 
     def rounds(self, skip: int = 0) -> list[dict[str, Any]]:
         """The round history after ``skip`` warm-up rounds."""
@@ -82,11 +97,13 @@ def run_job(
         if light:
             spawn("light", [sys.executable, "-m", "benchmarks.light_workers", "--coordinator", address, "--count", str(light), "--delay", str(light_delay)])
         samples: list[float] = []
+        cpu: list[tuple[float, float]] = []
         stop = threading.Event()
 
         def sample() -> None:
             while not stop.is_set():
                 samples.append(rss_mb(coordinator.pid))
+                cpu.append((time.time(), cpu_seconds(coordinator.pid)))
                 stop.wait(0.05)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -111,4 +128,4 @@ def run_job(
         status_file = next((root / "state").glob("*/status.json"), None)
         if coordinator.returncode != 0 or status_file is None:
             raise RuntimeError(f"the coordinator exited with {coordinator.returncode}:\n{(root / 'coordinator.log').read_text()[-3000:]}")
-        return Run(json.loads(status_file.read_text()), samples, wall)
+        return Run(json.loads(status_file.read_text()), samples, wall, cpu)

@@ -86,7 +86,7 @@ class Run:
         return p
 
     def coordinator(self, name: str) -> subprocess.Popen:
-        return self.spawn(name, "coordinator", "--bind", f"tcp://127.0.0.1:{free_port()}", "--state-dir", str(self.root / "state"), "--job", str(self.job),
+        return self.spawn(name, "coordinator", "--bind", f"tcp://127.0.0.1:{free_port()}", "--control", f"tcp://127.0.0.1:{free_port()}", "--state-dir", str(self.root / "state"), "--job", str(self.job),
                           "--id", name, "--membership", self.url, "--lease-ttl", str(self.ttl))
 
     def worker(self, name: str) -> subprocess.Popen:

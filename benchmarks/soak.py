@@ -75,7 +75,7 @@ def main() -> None:
         def worker(name: str) -> subprocess.Popen:
             return spawn(name, "worker", "--coordinator", address, "--id", name, "--device", "cpu", "--threads", "1", "--coordinator-timeout", "5")
 
-        coordinator = spawn("coordinator", "coordinator", "--bind", address, "--state-dir", str(root / "state"), "--job", str(root / "job.toml"), "--log-level", "debug", "--heartbeat-timeout", "3")
+        coordinator = spawn("coordinator", "coordinator", "--bind", address, "--control", f"tcp://127.0.0.1:{free_port()}", "--state-dir", str(root / "state"), "--job", str(root / "job.toml"), "--log-level", "debug", "--heartbeat-timeout", "3")
         workers = {f"w{i}": worker(f"w{i}") for i in range(4)}
         samples: list[tuple[float, float]] = []
         actions = {"kill": 0, "term": 0, "stop": 0}

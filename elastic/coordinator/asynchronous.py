@@ -80,6 +80,7 @@ class AsyncEngine(Engine):
 
     def tick(self, members: list[Member]) -> list[Outgoing]:
         """Give work to every idle member; expire assignments past the deadline."""
+        self.flush_status()
         job, spec = self.job, self.job.spec
         self.members_now = len(members)
         if job.done or self.fenced:

@@ -32,6 +32,7 @@ from elastic.wire.messages import Message, MsgType, WireTensor
 __all__ = ["Engine", "Outgoing", "Notify"]
 
 log = logging.getLogger("elastic.rounds")
+STATUS_EVERY = 0.05  # seconds between status writes while the job's state stays the same (at most 20 a second)
 Notify = Callable[..., None]
 
 
@@ -71,6 +72,9 @@ class Engine(ABC):
         self._template = {k: (tuple(t.shape), t.dtype) for k, t in update_template(job.model, self.mode).items()}
         self.members_now = 0
         self.paused = False
+        self._status_at = float("-inf")  # when status.json was last written (monotonic)
+        self._status_state = ""  # the job state it showed
+        self._status_due = False  # something changed since
         self._waiting_reported: int | None = None
         self.on_status: Callable[[dict[str, Any]], None] | None = None  # also told every status
         self.generation = 0  # rendezvous generation (data-parallel rules only)
@@ -343,7 +347,21 @@ class Engine(ABC):
         return self.job.status(self.members_now, self._in_progress())
 
     def _write_status(self) -> None:
+        """Publish the status: at once when the job's state changed, else at most every
+        ``STATUS_EVERY`` seconds (``flush_status`` writes what was held back). An
+        asynchronous job commits thousands of versions a second; its status file must
+        not be rewritten, nor etcd written, for each."""
+        now = time.monotonic()
+        if str(self.job.state) == self._status_state and now - self._status_at < STATUS_EVERY:
+            self._status_due = True
+            return
+        self._status_at, self._status_state, self._status_due = now, str(self.job.state), False
         status = self.status()
         self.job.write_status(status)
         if self.on_status is not None:
             self.on_status(status)
+
+    def flush_status(self) -> None:
+        """Write the status held back by ``_write_status``, once its interval is over."""
+        if self._status_due and time.monotonic() - self._status_at >= STATUS_EVERY:
+            self._write_status()

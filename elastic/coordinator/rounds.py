@@ -77,6 +77,7 @@ class RoundEngine(Engine):
 
     def tick(self, members: list[Member]) -> list[Outgoing]:
         """Start a round when none runs and enough members exist; enforce deadlines."""
+        self.flush_status()
         job = self.job
         self.members_now = len(members)
         if job.done or self.fenced:

@@ -55,6 +55,10 @@ class Cluster:
         # Plaintext unless a test brings keys (the CURVE tests do): the daemons
         # refuse to start without one or the other.
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "ELASTIC_INSECURE": "1", **(env or {})}
+        if args and args[0] == "coordinator" and "--control" not in args and any(a.startswith("--bind") for a in args):
+            # The default control port is the bind port + 1: with a random bind port,
+            # that one may be taken. Tests give it a free port of its own.
+            args = (*args, "--control", f"tcp://127.0.0.1:{free_port()}")
         with open(log, "ab") as out:
             p = subprocess.Popen([sys.executable, "-m", "elastic", *args], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         self.procs.append(p)
