@@ -46,6 +46,44 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def synthetic_job(job_id: str, rule: str, rounds: int, params: int, workers: int | None = None, rule_table: str = "", extra: str = "") -> str:
+    """A job spec on the ``synthetic`` task: no evaluation but the last, no checkpoint
+    but the last, ``workers`` exactly (else at least one), one small SGD step a round."""
+    count = f"min_workers = {workers}\nmax_workers = {workers}" if workers else "min_workers = 1"
+    return f"""
+[job]
+id = "{job_id}"
+task = "synthetic"
+rule = "{rule}"
+rounds = {rounds}
+{count}
+eval_every = 0
+round_timeout = 600
+[task]
+params = {params}
+samples = 8
+[train]
+batch_size = 8
+lr = 0.001
+[rule]
+{rule_table}
+[checkpoint]
+every = 1000000
+{extra}"""
+
+
+def stop_processes(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
+    """SIGTERM every process still running, then SIGKILL whatever outlives ``grace``."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 @dataclass
 class Run:
     """What one job left: its final status and the coordinator's memory over time."""
@@ -117,14 +155,7 @@ def run_job(
             wall = time.monotonic() - started
             stop.set()
             sampler.join()
-            for p in procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-            for p in procs:
-                try:
-                    p.wait(20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop_processes(procs)
         status_file = next((root / "state").glob("*/status.json"), None)
         if coordinator.returncode != 0 or status_file is None:
             raise RuntimeError(f"the coordinator exited with {coordinator.returncode}:\n{(root / 'coordinator.log').read_text()[-3000:]}")

@@ -16,28 +16,12 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.cluster import run_job
+from benchmarks.cluster import run_job, synthetic_job
 from benchmarks.plotting import line_chart
 
 
 def job(params: int, k: int, rounds: int) -> str:
-    return f"""
-[job]
-id = "memory"
-task = "synthetic"
-rule = "fedavg"
-rounds = {rounds}
-min_workers = {k}
-max_workers = {k}
-eval_every = 0
-round_timeout = 600
-[task]
-params = {params}
-[train]
-lr = 0.001
-[checkpoint]
-every = 1000000
-"""
+    return synthetic_job("memory", "fedavg", rounds, params, workers=k)
 
 
 def main() -> None:

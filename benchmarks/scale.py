@@ -14,32 +14,14 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks.cluster import run_job
+from benchmarks.cluster import run_job, synthetic_job
 from benchmarks.plotting import line_chart
 
 BUFFER = 10
 
 
-def job(k: int, versions: int) -> str:
-    return f"""
-[job]
-id = "scale"
-task = "synthetic"
-rule = "async"
-rounds = {versions}
-min_workers = 1
-eval_every = 0
-round_timeout = 600
-[task]
-params = 10000
-[rule]
-buffer = {BUFFER}
-max_staleness = 100000
-[train]
-lr = 0.001
-[checkpoint]
-every = 1000000
-"""
+def job(versions: int) -> str:
+    return synthetic_job("scale", "async", versions, 10_000, rule_table=f"buffer = {BUFFER}\nmax_staleness = 100000")
 
 
 def main() -> None:
@@ -51,7 +33,7 @@ def main() -> None:
     print(f"{'workers':>7} {'updates/s':>10} {'CPU us/update':>14} {'coordinator CPU %':>18}")
     ks, rates, costs = [], [], []
     for k in (int(w) for w in args.workers.split(",")):
-        run = run_job(job(k, args.versions), workers=0, light=k, timeout=900)
+        run = run_job(job(args.versions), workers=0, light=k, timeout=900)
         history = run.rounds()
         start, end = history[0]["at"], history[-1]["at"]
         updates = sum(h["updates"] for h in history[1:])  # those applied after the first commit

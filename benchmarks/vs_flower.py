@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import statistics
 import subprocess
@@ -34,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.cluster import free_port, run_job
+from benchmarks.cluster import free_port, run_job, stop_processes, synthetic_job
 from benchmarks.plotting import bar_chart
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,38 +98,12 @@ def flower_round_times(params: int, nodes: int, rounds: int) -> list[float]:
             time.sleep(0.2)
             marks = json.loads(out_file.read_text())
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-            for p in procs:
-                try:
-                    p.wait(15)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+            stop_processes(procs, grace=15)
     return [b - a for a, b in zip(marks, marks[1:], strict=False)][1:]  # marks: before round 1, after each; round 1 warms up
 
 
 def elastic_round_times(params: int, workers: int, rounds: int) -> list[float]:
-    job = f"""
-[job]
-id = "vs-flower"
-task = "synthetic"
-rule = "fedavg"
-rounds = {rounds}
-min_workers = {workers}
-max_workers = {workers}
-eval_every = 0
-round_timeout = 600
-[task]
-params = {params}
-samples = 8
-[train]
-batch_size = 8
-lr = 0.001
-[checkpoint]
-every = 1000000
-"""
-    return [r["seconds"] for r in run_job(job, workers).rounds(1)]
+    return [r["seconds"] for r in run_job(synthetic_job("vs-flower", "fedavg", rounds, params, workers), workers).rounds(1)]
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from benchmarks.cluster import free_port, run_job
+from benchmarks.cluster import free_port, run_job, synthetic_job
 from benchmarks.plotting import bar_chart
 
 WARMUP = 2
@@ -68,26 +68,7 @@ def gloo_times(params: int, steps: int) -> list[float]:
 
 def elastic_job(params: int, steps: int, codec: str | None) -> str:
     compression = f'[compression]\nupdate = ["{codec}"]\nmodel = ["{codec}"]\n' if codec else ""
-    return f"""
-[job]
-id = "vs-gloo"
-task = "synthetic"
-rule = "syncavg"
-rounds = {WARMUP + steps}
-min_workers = 2
-max_workers = 2
-eval_every = 0
-round_timeout = 600
-[task]
-params = {params}
-samples = 8
-[train]
-batch_size = 8
-[rule]
-lr = 0.01
-[checkpoint]
-every = 1000000
-{compression}"""
+    return synthetic_job("vs-gloo", "syncavg", WARMUP + steps, params, workers=2, rule_table="lr = 0.01", extra=compression)
 
 
 def elastic_times(params: int, steps: int, codec: str | None) -> tuple[list[float], list[float]]:
