@@ -62,6 +62,12 @@ class AsyncEngine(Engine):
             raise TypeError(f"rule {self.job.spec.rule} is not asynchronous")
         self.rule: AsyncAggregator = self.job.aggregator
         self.assigned: dict[str, _Assignment] = {}
+        self._next_expiry = float("-inf")  # when assignments are next checked for their deadlines
+        self._answered: set[str] = set()  # workers whose assignment ended since the last tick
+        self._member_by_id: dict[str, Member] = {}
+        self._members_seen = -1
+        self._rescan = True
+        self._work_tensors: tuple[int, dict[str, WireTensor]] | None = None  # (version, the model as sent)
         # Workers whose work failed: they sit out until they leave and join again,
         # rather than being sent the model over and over.
         self.benched: set[str] = set()
@@ -86,10 +92,13 @@ class AsyncEngine(Engine):
         if job.done or self.fenced:
             return []
         now = self.clock()
-        for worker, task in list(self.assigned.items()):
-            if now >= task.deadline:
-                log.warning("assignment deadline passed job=%s worker=%s assignment=%d", spec.id, worker, task.number)
-                del self.assigned[worker]  # it gets the current model again below
+        if now >= self._next_expiry:  # deadlines are seconds away: no O(workers) scan on every turn
+            self._next_expiry = now + min(1.0, spec.round_timeout / 10)
+            for worker, task in list(self.assigned.items()):
+                if now >= task.deadline:
+                    log.warning("assignment deadline passed job=%s worker=%s assignment=%d", spec.id, worker, task.number)
+                    del self.assigned[worker]  # it gets the current model again below
+                    self._answered.add(worker)
         if self._retry_commit_at is not None and now >= self._retry_commit_at:
             self._try_commit()
         if self._finish_if_resumed_past_the_end() or self._pause_if_asked(idle=not self.assigned) or self._too_few(members):
@@ -97,14 +106,26 @@ class AsyncEngine(Engine):
         if job.state is not JobState.RUNNING:
             job.mark_running()
             self._write_status()
-        idle = [m for m in members if m.id not in self.assigned and m.id not in self.benched]
+        if self._rescan or len(members) != self._members_seen:
+            # Who is here changed: look at everyone. Else only at the workers that
+            # answered since the last turn: with hundreds of members, a scan on every
+            # turn of the loop costs more than the updates.
+            self._rescan, self._members_seen = False, len(members)
+            self._member_by_id = {m.id: m for m in members}
+            candidates = list(members)
+        else:
+            candidates = [m for w in self._answered if (m := self._member_by_id.get(w)) is not None]
+        self._answered.clear()
+        idle = [m for m in candidates if m.id not in self.assigned and m.id not in self.benched]
         return [self._assign(m, now) for m in idle]
 
     def _assign(self, member: Member, now: float) -> Outgoing:
         job, spec = self.job, self.job.spec
         number, self._next = self._next, self._next + 1
         self.assigned[member.id] = _Assignment(number, job.version, now + spec.round_timeout)
-        tensors = {k: WireTensor.from_tensor(v) for k, v in job.model.state_dict().items()}
+        if self._work_tensors is None or self._work_tensors[0] != job.version:  # one view of the model per version
+            self._work_tensors = (job.version, {k: WireTensor.from_tensor(v) for k, v in job.model.state_dict().items()})
+        tensors = self._work_tensors[1]
         meta = self._work_meta([member.slot % spec.shard_count, spec.shard_count])
         msg = Message(MsgType.WORK, job=spec.id, round=number, version=job.version, key=f"{member.id}/{spec.id}/{number}", meta=meta, tensors=tensors)
         self.buffer.bytes_sent += sum(t.nbytes for t in tensors.values())
@@ -122,6 +143,7 @@ class AsyncEngine(Engine):
         if msg.key != f"{worker}/{job.spec.id}/{task.number}" or msg.version != task.version:
             return self._nack(msg, "bad_key", f"key {msg.key!r} at version {msg.version} does not match assignment {task.number} at version {task.version}")
         del self.assigned[worker]  # answered: whatever the verdict, it gets fresh work next
+        self._answered.add(worker)
         wire_bytes = msg.payload_bytes  # as sent: compressed updates expand while checked
         reason = self._check_tensors(msg)
         if reason is not None:
@@ -165,6 +187,7 @@ class AsyncEngine(Engine):
             log.warning("worker could not do its work job=%s worker=%s detail=%s; it sits out until it joins again", self.job.spec.id, worker, detail)
 
     def on_member_left(self, worker: str) -> None:
+        self._rescan = True
         self.assigned.pop(worker, None)
         self.benched.discard(worker)  # coming back gives it another chance
 
@@ -203,6 +226,7 @@ class AsyncEngine(Engine):
     def _abandon_work(self, why: str) -> None:
         self._abandon_buffer(why)
         self.assigned.clear()
+        self._rescan = True
 
     def _in_progress(self) -> dict[str, Any]:
         elapsed = self.clock() - self._started

@@ -185,7 +185,9 @@ class Job:
         return status
 
     def write_status(self, status: dict[str, Any]) -> None:
-        data = json.dumps(status, indent=1).encode()
+        # Compact: with ``indent`` json falls back to its pure-Python encoder, and the
+        # history makes this file grow with every round.
+        data = json.dumps(status, separators=(",", ":")).encode()
         try:
             atomic_write(self.dir / "status.json", lambda f: f.write(data))
         except CheckpointError as exc:  # status is informational: never stop a job for it

@@ -25,6 +25,10 @@ class EmbeddedMembership(MembershipBackend):
         self._members: dict[str, Member] = {}
         self._events: list[MembershipEvent] = []
         self._last_slot: dict[str, int] = {}  # a worker that comes back gets its shard back
+        # The loop asks for the members and polls for the silent ones on every turn;
+        # with hundreds of workers neither may cost O(members) each time.
+        self._sorted: list[Member] | None = None  # members by slot, until one joins or leaves
+        self._next_scan = float("-inf")
 
     def join(self, member: Member, now: float) -> Member:
         known = self._members.get(member.id)
@@ -34,6 +38,7 @@ class EmbeddedMembership(MembershipBackend):
         assign_slot(member, {m.slot for m in self._members.values()}, self._last_slot)
         member.joined_at = member.last_seen = now
         self._members[member.id] = member
+        self._sorted = None
         self._events.append(MembershipEvent("joined", member, "hello"))
         return member
 
@@ -48,16 +53,21 @@ class EmbeddedMembership(MembershipBackend):
     def leave(self, member_id: str, reason: str) -> None:
         member = self._members.pop(member_id, None)
         if member is not None:
+            self._sorted = None
             self._events.append(MembershipEvent("left", member, reason))
 
     def members(self) -> list[Member]:
-        return sorted(self._members.values(), key=lambda m: m.slot)
+        if self._sorted is None:
+            self._sorted = sorted(self._members.values(), key=lambda m: m.slot)
+        return list(self._sorted)
 
     def poll(self, now: float) -> list[MembershipEvent]:
-        for member in list(self._members.values()):
-            if now - member.last_seen > self.heartbeat_timeout:
-                silent = now - member.last_seen
-                self.leave(member.id, f"no heartbeat for {silent:.1f}s")
+        if now >= self._next_scan:  # silence is measured in seconds: a scan every tenth of the timeout will do
+            self._next_scan = now + self.heartbeat_timeout / 10
+            for member in list(self._members.values()):
+                if now - member.last_seen > self.heartbeat_timeout:
+                    silent = now - member.last_seen
+                    self.leave(member.id, f"no heartbeat for {silent:.1f}s")
         events, self._events = self._events, []
         return events
 

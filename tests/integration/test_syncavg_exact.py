@@ -109,7 +109,16 @@ def test_a_worker_joining_through_etcd_gets_a_shard_in_the_next_generation(clust
     cluster.coordinator(linreg_job(tmp_path, steps, 2), extra=flags)
     first = [cluster.worker(w, *flags) for w in ("w0", "w1")]
     cluster.wait_status("lin", lambda s: s["round"] >= 20, 60, "steps with two workers")
-    cluster.worker("w2", *flags)
+    # Paused while w2 starts (a few seconds of imports): the job must not end first.
+    client = connect(url)
+    try:
+        client.put(Keys("rdv").job("lin", "state"), "paused")
+        cluster.wait_status("lin", lambda s: s["state"] == "paused", 30, "the job to pause")
+        cluster.worker("w2", *flags)
+        wait_for(lambda: "worker joined worker=w2" in (tmp_path / "coordinator.log").read_text(), 60, "w2 to join")
+        client.put(Keys("rdv").job("lin", "state"), "running")
+    finally:
+        client.close()
     status = cluster.wait_status("lin", lambda s: s["state"] == "finished", 120, "the job to finish")
     history = status["history"]
     assert [h["round"] for h in history] == list(range(1, steps + 1))
