@@ -320,12 +320,11 @@ class Worker:
                 break
             self._busy = False
             msg = result.message
+            self._held[msg.key] = result
             if self.sock is not None and msg.type is MsgType.UPDATE and msg.payload_bytes >= OFFER_MIN_BYTES:
                 # Big: offer it, and send it when the coordinator has room for it.
-                self._held[msg.key] = result
                 self._send(Message(MsgType.OFFER, job=msg.job, round=msg.round, version=msg.version, key=msg.key, meta={"bytes": msg.payload_bytes}))
             else:
-                self._held[msg.key] = result
                 self._send_result(msg.key)
         self._feed()
 

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from elastic.membership.etcd import Keys, connect
 from tests.etcd_server import EtcdServer, etcd_binary, etcd_cluster
 
-from .conftest import Cluster
+from .conftest import Cluster, wait_for
 from .test_failures import digits_job
 
 pytestmark = pytest.mark.slow
@@ -35,8 +36,17 @@ def test_one_etcd_member_dies_mid_job(three: list[EtcdServer], cluster: Cluster,
     cluster.wait_status("dg", lambda s: s["round"] >= 3, 120, "a few rounds")
     three[0].stop()  # SIGKILL one member; clients on it fail over, the other two keep a quorum
     # Membership still follows etcd after the failover: a new worker joins a round.
-    cluster.spawn("w2", "worker", "--membership", url, "--lease-ttl", "4", "--id", "w2", "--device", "cpu", "--threads", "1", "--coordinator-timeout", "10")
-    cluster.wait_status("dg", lambda s: "w2" in s.get("in_progress", {}).get("participants", []), 60, "w2 in a round")
+    # The job is paused while w2 starts (seconds of imports), so that it cannot end first.
+    client = connect(url)
+    try:
+        client.put(Keys("three").job("dg", "state"), "paused")
+        cluster.wait_status("dg", lambda s: s["state"] == "paused", 30, "the job to pause")
+        cluster.spawn("w2", "worker", "--membership", url, "--lease-ttl", "4", "--id", "w2", "--device", "cpu", "--threads", "1", "--coordinator-timeout", "10")
+        wait_for(lambda: "worker joined worker=w2" in (tmp_path / "coordinator.log").read_text(), 60, "w2 to join")
+        client.put(Keys("three").job("dg", "state"), "running")
+    finally:
+        client.close()
+    cluster.wait_status("dg", lambda s: "w2" in s.get("in_progress", {}).get("participants", []) or s["history"][-1]["updates"] == 3, 60, "w2 in a round")
     done = cluster.wait_status("dg", lambda s: s["state"] == "finished", 180, "the job to finish on two etcd members")
     assert [h["round"] for h in done["history"]] == list(range(1, 61))
     assert done["history"][-1]["updates"] == 3
