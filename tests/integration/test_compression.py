@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Cluster, write_job
+from tests.etcd_server import free_port
+
+from .conftest import Cluster, wait_for, write_job
+from .test_job_cli import elastic
 
 pytestmark = pytest.mark.slow
 
@@ -62,11 +65,16 @@ momentum = 0.9
 update = ["topk:0.1", "fp16", "zstd"]
 model = ["fp16", "zstd"]
 """)
-    cluster.coordinator(job)
+    control = f"tcp://127.0.0.1:{free_port()}"
+    cluster.coordinator(job, extra=("--control", control))
     for w in ("w0", "w1"):
         cluster.worker(w)
     cluster.wait_status("cz", lambda s: s["round"] >= 3, 60, "three rounds with two workers")
+    # Paused while w2 starts (seconds of imports): the job must not end before it joins.
+    assert elastic("job", "pause", "cz", "--coordinator", control).returncode == 0
     cluster.worker("w2")
+    wait_for(lambda: "worker joined worker=w2" in (tmp_path / "coordinator.log").read_text(), 60, "w2 to join")
+    assert elastic("job", "resume", "cz", "--coordinator", control).returncode == 0
     done = cluster.wait_status("cz", lambda s: s["state"] == "finished", 120, "the job to finish")
     history = done["history"]
     whole = history[0]["bytes_sent"] / 2  # round 1: the whole model to each of two workers
