@@ -64,8 +64,7 @@ class AsyncEngine(Engine):
         self.assigned: dict[str, _Assignment] = {}
         self._next_expiry = float("-inf")  # when assignments are next checked for their deadlines
         self._answered: set[str] = set()  # workers whose assignment ended since the last tick
-        self._member_by_id: dict[str, Member] = {}
-        self._members_seen = -1
+        self._member_by_id: dict[str, Member] = {}  # the members at the last full look
         self._rescan = True
         self._work_tensors: tuple[int, dict[str, WireTensor]] | None = None  # (version, the model as sent)
         # Workers whose work failed: they sit out until they leave and join again,
@@ -106,11 +105,11 @@ class AsyncEngine(Engine):
         if job.state is not JobState.RUNNING:
             job.mark_running()
             self._write_status()
-        if self._rescan or len(members) != self._members_seen:
+        if self._rescan or len(members) != len(self._member_by_id):
             # Who is here changed: look at everyone. Else only at the workers that
             # answered since the last turn: with hundreds of members, a scan on every
             # turn of the loop costs more than the updates.
-            self._rescan, self._members_seen = False, len(members)
+            self._rescan = False
             self._member_by_id = {m.id: m for m in members}
             candidates = list(members)
         else:
