@@ -181,8 +181,9 @@ class Coordinator:
             raise ConfigError(f"job id {spec.id!r} is given twice; give each job its own id")
         job = Job(spec, self.plugins, self.config.state_dir)
         fence = self.leadership.check if self.leadership is not None else None
+        holds = self.leadership.holds if self.leadership is not None else None
         kind = AsyncEngine if isinstance(job.aggregator, AsyncAggregator) else RoundEngine
-        engine = self.engines[spec.id] = kind(job, self.plugins.notify, fence=fence, ask=self.plugins.ask)
+        engine = self.engines[spec.id] = kind(job, self.plugins.notify, fence=fence, holds=holds, ask=self.plugins.ask)
         if self.board is not None:
             engine.on_status = functools.partial(self._report_status, spec.id)
         return job
@@ -203,14 +204,16 @@ class Coordinator:
         try:
             while not self._stop.is_set():
                 ready = dict(poller.poll(timeout=50))
+                if self.leadership is not None and not self._still_leading():
+                    if not self._stand_by():
+                        break
+                    continue
                 if self.sock in ready:
                     self._drain(self.sock, self._handle)
                 if self.control_sock in ready:
                     self._drain(self.control_sock, self._answer_control)
                 self._housekeeping()
                 self._supervision()
-                if self.leadership is not None and self.leadership.lost.is_set() and not self._stand_by():
-                    break
                 if self.config.exit_when_done and self.engines and all(e.job.done for e in self.engines.values()):
                     self.stop("all jobs done")
         finally:
@@ -227,6 +230,15 @@ class Coordinator:
             self.notifier.close()
             if self.metrics is not None:
                 self.metrics.close()
+
+    def _still_leading(self) -> bool:
+        """False once leadership is lost. After a stall longer than the lease (this
+        process stopped, or starved) the lease may have run out unseen, and another
+        coordinator may lead: etcd is asked before anything queued is acted on."""
+        assert self.leadership is not None
+        if not self.leadership.lost.is_set() and not self.leadership.holds():
+            self.leadership.check()  # sets ``lost`` if another coordinator leads
+        return not self.leadership.lost.is_set()
 
     def stop(self, reason: str = "stopped") -> None:
         self._stop_reason = reason

@@ -55,6 +55,7 @@ class Engine(ABC):
         notify: Notify,
         clock: Callable[[], float] = time.monotonic,
         fence: Callable[[], bool | None] | None = None,
+        holds: Callable[[], bool] | None = None,
         ask: Callable[..., list[tuple[str, Any]]] | None = None,
     ) -> None:
         self.job = job
@@ -67,6 +68,9 @@ class Engine(ABC):
         # known now (etcd silent), so nothing is committed now.
         self.fence = fence or (lambda: True)
         self.fenced = False
+        # Asked (no etcd call) before the status file is written: a coordinator that
+        # wakes from a stall must not overwrite the new leader's status with its own.
+        self.holds = holds or (lambda: True)
         self.mode = job.aggregator.worker_mode
         self.kind = update_kind(self.mode)
         self._template = {k: (tuple(t.shape), t.dtype) for k, t in update_template(job.model, self.mode).items()}
@@ -357,7 +361,8 @@ class Engine(ABC):
             return
         self._status_at, self._status_state, self._status_due = now, str(self.job.state), False
         status = self.status()
-        self.job.write_status(status)
+        if not self.job.write_status(status, self.holds):
+            self._status_due = True  # tried again by ``flush_status``
         if self.on_status is not None:
             self.on_status(status)
 

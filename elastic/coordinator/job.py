@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 
 from elastic.api import Aggregator, AsyncAggregator, Task
 from elastic.coordinator.checkpoints import CheckpointStore, atomic_write, write_safetensors
-from elastic.errors import CheckpointError, JobSpecError
+from elastic.errors import CheckpointError, Fenced, JobSpecError
 from elastic.jobspec import JobSpec
 from elastic.plugins import Plugins
 from elastic.training import evaluate
@@ -184,11 +184,17 @@ class Job:
         status.update(extra or {})
         return status
 
-    def write_status(self, status: dict[str, Any]) -> None:
+    def write_status(self, status: dict[str, Any], holds: Callable[[], bool] | None = None) -> bool:
+        """Write ``status.json``; with ``holds``, only while it says we still lead.
+        False when not written because of that (worth another try)."""
         # Compact: with ``indent`` json falls back to its pure-Python encoder, and the
         # history makes this file grow with every round.
         data = json.dumps(status, separators=(",", ":")).encode()
         try:
-            atomic_write(self.dir / "status.json", lambda f: f.write(data))
+            atomic_write(self.dir / "status.json", lambda f: f.write(data), holds)
+        except Fenced:  # another coordinator may lead: its status is the one to keep
+            log.debug("status not written job=%s: leadership not held", self.spec.id)
+            return False
         except CheckpointError as exc:  # status is informational: never stop a job for it
             log.warning("cannot write status job=%s error=%s", self.spec.id, exc)
+        return True

@@ -53,6 +53,9 @@ class Leadership:
         self.client = connect(url)
         self.lease: Any = None
         self.revision = 0  # the leader key's create revision while we lead
+        # When the last renewal that etcd granted was sent (monotonic): the lease
+        # lives at least a TTL from then, whatever happened to this process since.
+        self.renewed_at = float("-inf")
         self.lost = threading.Event()
         self._changed = threading.Event()
         self._term_over = threading.Event()  # ends this term's threads
@@ -86,6 +89,7 @@ class Leadership:
 
     def _try_to_lead(self, record: str, address: str) -> bool:
         """One attempt: create the leader key under a new lease if nobody holds it."""
+        asked = time.monotonic()
         lease = self.client.lease(self.ttl)
         tx = self.client.transactions
         won, responses = self.client.transaction(
@@ -99,6 +103,7 @@ class Leadership:
         self.lease = lease
         self.revision = responses[0].response_put.header.revision  # our fencing token
         log.info("leading cluster=%s address=%s lease=%x ttl=%ds", self.keys.cluster, address, lease.id, self.ttl)
+        self.renewed_at = asked
         self.lost.clear()
         self._term_over = threading.Event()
         threading.Thread(target=self._keep_alive, args=(lease, self._term_over), name="etcd-leader", daemon=True).start()
@@ -162,13 +167,23 @@ class Leadership:
                     if self._outbox.get(key) == value:
                         del self._outbox[key]
 
+    def holds(self) -> bool:
+        """Whether the lease surely still lives, by this process's own clock (no etcd
+        call): False once lost, or a TTL after the last renewal etcd granted. A
+        process stopped (SIGSTOP, a stalled VM) for longer wakes up believing it leads
+        while another coordinator does: this is what it must ask before acting."""
+        return not self.lost.is_set() and time.monotonic() - self.renewed_at < self.ttl
+
     def _keep_alive(self, lease: Any, term_over: threading.Event) -> None:
         renewed = time.monotonic()
         while not term_over.wait(self.ttl / 3):
             try:
+                asked = time.monotonic()
                 responses = lease.refresh()
                 if responses and responses[0].TTL > 0:
-                    renewed = time.monotonic()
+                    renewed = asked
+                    if not term_over.is_set():
+                        self.renewed_at = asked
                     continue
                 log.error("leader lease expired cluster=%s: no longer leading", self.keys.cluster)
             except Exception as exc:

@@ -61,9 +61,22 @@ def test_a_frozen_leader_is_fenced_when_it_wakes(cluster: Cluster, tmp_path: Pat
     wait_for(lambda: "round committed" in c2_log.read_text(), 60, "c2 to commit a round")
     c1_log = tmp_path / "c1.log"
     before_wake = len(c1_log.read_text().splitlines())
+    c2_round = cluster.wait_status("dg", lambda s: s["round"] > 2, 60, "c2's status")["round"]
     first.send_signal(signal.SIGCONT)
-    # It steps down and stands by in the same process, ready to lead again.
-    wait_for(lambda: "standing by cluster=fo" in "\n".join(c1_log.read_text().splitlines()[before_wake:]), 30, "c1 to stand by")
+    # It steps down and stands by in the same process, ready to lead again; all the
+    # while, the status file shows c2's progress, never c1's older round.
+    seen: list[int] = []
+
+    def stood_by() -> bool:
+        status = cluster.status("dg")
+        seen.append(status["round"] if status else c2_round)
+        return "standing by cluster=fo" in "\n".join(c1_log.read_text().splitlines()[before_wake:])
+
+    wait_for(stood_by, 30, "c1 to stand by", interval=0.01)
+    for _ in range(50):  # and for a while after
+        stood_by()
+        time.sleep(0.01)
+    assert min(seen) >= c2_round, f"a deposed leader overwrote the status: round {min(seen)} after c2's {c2_round}"
     done = cluster.wait_status("dg", lambda s: s["state"] == "finished", 240, "the job to finish under c2")
     assert [h["round"] for h in done["history"]] == list(range(1, 31))
     assert [h["version"] for h in done["history"]] == list(range(1, 31))  # strictly increasing, none lost
