@@ -108,10 +108,12 @@ class Run:
 
 
 def run_job(
-    job_toml: str, workers: int, timeout: float = 600.0, coordinator_args: tuple[str, ...] = (), worker_args: tuple[str, ...] = (), threads: int = 1, light: int = 0, light_delay: float = 0.0
+    job_toml: str, workers: int, timeout: float = 600.0, coordinator_args: tuple[str, ...] = (), worker_args: tuple[str, ...] = (), threads: int = 1, light: int = 0, light_delay: float = 0.0,
+    light_procs: int = 1,
 ) -> Run:
     """Run ``job_toml`` on a fresh coordinator, ``workers`` worker daemons and ``light``
-    light workers (``benchmarks/light_workers.py``, one process); return when it finished."""
+    light workers (``benchmarks/light_workers.py``, shared among ``light_procs``
+    processes); return when it finished."""
     with tempfile.TemporaryDirectory(prefix="elastic-bench-") as tmp:
         root = Path(tmp)
         (root / "job.toml").write_text(job_toml)
@@ -132,8 +134,9 @@ def run_job(
         for i in range(workers):
             spawn(f"w{i}", [*base, "worker", "--coordinator", address, "--id", f"w{i}", "--device", "cpu", "--threads", str(threads), "--insecure",
                             "--log-level", "warning", "--coordinator-timeout", "60", *worker_args])
-        if light:
-            spawn("light", [sys.executable, "-m", "benchmarks.light_workers", "--coordinator", address, "--count", str(light), "--delay", str(light_delay)])
+        for i in range(light_procs if light else 0):
+            count = light // light_procs + (i < light % light_procs)
+            spawn(f"light{i}", [sys.executable, "-m", "benchmarks.light_workers", "--coordinator", address, "--count", str(count), "--prefix", f"light{i}-", "--delay", str(light_delay)])
         samples: list[float] = []
         cpu: list[tuple[float, float]] = []
         stop = threading.Event()

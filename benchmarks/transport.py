@@ -18,9 +18,12 @@ the allocator settings it would have in real life):
                      ``TaskRunner`` loads the frames into its model, "trains" (on an
                      empty shard) and sends its weights back.
 
-The figure the issue sets a target for is ``elastic / zmq-1mb`` (target <= 1.2).
+The bare ``zmq-1mb`` path and ``elastic`` are measured again over ``ipc://`` (a Unix
+socket: what a worker on the coordinator's own host may use), as ``ipc-zmq-1mb`` and
+``ipc-elastic``. The figures the issue sets a target for are ``elastic / zmq-1mb``
+and ``ipc-elastic / ipc-zmq-1mb`` (target <= 1.2); ``copy`` is the ceiling.
 
-    python benchmarks/transport.py [--params 100_000_000] [--repeats 7]
+    python -m benchmarks.transport [--params 100_000_000] [--repeats 7]
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import torch
 import zmq
 from torch.utils.data import Dataset, TensorDataset
 
+from benchmarks.plotting import bar_chart
 from elastic.allocator import tune_allocator
 from elastic.api import Shard, Task
 from elastic.coordinator.job import Job
@@ -51,7 +55,7 @@ from elastic.wire.transport import dealer_socket, recv_frames, router_socket, se
 from elastic.worker.runner import TaskRunner
 
 TENSORS = 4  # the model is a few big tensors, like the layers of a real network
-MODES = ("zmq-big", "zmq-1mb", "zmq-1mb-warm", "zmq-1mb-floor", "elastic")
+MODES = ("zmq-big", "zmq-1mb", "zmq-1mb-warm", "zmq-1mb-floor", "elastic", "ipc-zmq-1mb", "ipc-elastic")
 
 
 class Blob(Task):
@@ -103,6 +107,7 @@ def copy_frames(frames: list[zmq.Frame], into: torch.Tensor) -> None:
 
 def worker_side(endpoint: str, mode: str, params: int, rounds: int) -> None:
     """Echo the bytes (bare paths) or run the worker daemon's TaskRunner."""
+    mode = mode.removeprefix("ipc-")  # the same path, over a Unix socket
     torch.set_num_threads(1)
     if mode != "zmq-1mb" and mode != "zmq-big":
         tune_allocator()  # what the daemons do at start
@@ -154,22 +159,25 @@ def send_round(sock: zmq.Socket, ident: bytes, engine: RoundEngine) -> None:
 
 def coordinator_side(mode: str, params: int, repeats: int, out: Any) -> None:
     """Time round trips; the first one warms connections and allocators and is dropped."""
+    name, mode = mode, mode.removeprefix("ipc-")
     torch.set_num_threads(1)
     if mode != "zmq-1mb" and mode != "zmq-big":
         tune_allocator()
     ctx = zmq.Context()
     with tempfile.TemporaryDirectory() as state_dir:
+        bind = f"ipc://{state_dir}/sock" if name.startswith("ipc-") else "tcp://127.0.0.1:0"
         if mode == "elastic":
-            sock, endpoint = router_socket(ctx, "tcp://127.0.0.1:0")
+            sock, endpoint = router_socket(ctx, bind)
             engine = elastic_engine(params, repeats, state_dir)
         else:
             sock = bare_socket(ctx, zmq.ROUTER)
-            endpoint = f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}"
+            sock.bind(bind.replace(":0", ":*"))
+            endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             model = torch.randn(params)
             raw = memoryview(model.numpy()).cast("B")
             step = len(raw) if mode == "zmq-big" else CHUNK_BYTES
             parts = [raw[i : i + step] for i in range(0, len(raw), step)]
-        peer = mp.get_context("spawn").Process(target=worker_side, args=(endpoint, mode, params, repeats + 1))
+        peer = mp.get_context("spawn").Process(target=worker_side, args=(endpoint, name, params, repeats + 1))
         peer.start()
         ident, _ = sock.recv_multipart()
         times = []
@@ -195,7 +203,7 @@ def coordinator_side(mode: str, params: int, repeats: int, out: Any) -> None:
         peer.join()
         sock.close()
         ctx.term()
-        out.put((mode, times))
+        out.put((name, times))
 
 
 def copy_baseline(params: int, repeats: int) -> list[float]:
@@ -227,13 +235,16 @@ def main() -> None:
         results[got] = times
     base = statistics.median(results["zmq-1mb"])
     print(f"{'path':<13} {'median ms':>10} {'min ms':>8} {'GB/s':>7} {'x zmq-1mb':>10}")
+    rates: dict[str, float] = {}
     for mode, times in results.items():
         med = statistics.median(times)
         moved = mb * (1 if mode == "copy" else 2) / 1e3
+        rates[mode] = moved / med
         print(f"{mode:<13} {med * 1e3:>10.1f} {min(times) * 1e3:>8.1f} {moved / med:>7.2f} {med / base:>10.2f}")
-    elastic = statistics.median(results["elastic"])
-    warm, floor = (statistics.median(results[m]) for m in ("zmq-1mb-warm", "zmq-1mb-floor"))
+    elastic, warm, floor, ipc, ipc_base = (statistics.median(results[m]) for m in ("elastic", "zmq-1mb-warm", "zmq-1mb-floor", "ipc-elastic", "ipc-zmq-1mb"))
     print(f"elastic / zmq-1mb = {elastic / base:.2f} (target <= 1.2); elastic / zmq-1mb-warm = {elastic / warm:.2f}; elastic / zmq-1mb-floor = {elastic / floor:.2f}")
+    print(f"ipc-elastic / ipc-zmq-1mb = {ipc / ipc_base:.2f} (target <= 1.2); ipc-elastic moves {rates['ipc-elastic'] / rates['copy']:.2f}x the in-process copy rate")
+    bar_chart("transport", f"model down + update up, {mb:.0f} MB each way: GB/s moved", rates, "GB/s")
 
 
 if __name__ == "__main__":

@@ -204,7 +204,12 @@ class Coordinator:
         try:
             while not self._stop.is_set():
                 ready = dict(poller.poll(timeout=50))
-                if self.leadership is not None and not self._still_leading():
+                leading = self._still_leading()
+                if leading is None:  # the lease may have run out: act on nothing yet
+                    self.notifier.watchdog()
+                    self._stop.wait(0.1)
+                    continue
+                if not leading:
                     if not self._stand_by():
                         break
                     continue
@@ -231,14 +236,18 @@ class Coordinator:
             if self.metrics is not None:
                 self.metrics.close()
 
-    def _still_leading(self) -> bool:
-        """False once leadership is lost. After a stall longer than the lease (this
-        process stopped, or starved) the lease may have run out unseen, and another
-        coordinator may lead: etcd is asked before anything queued is acted on."""
-        assert self.leadership is not None
-        if not self.leadership.lost.is_set() and not self.leadership.holds():
-            self.leadership.check()  # sets ``lost`` if another coordinator leads
-        return not self.leadership.lost.is_set()
+    def _still_leading(self) -> bool | None:
+        """True to serve (or no election), False once leadership is lost, None while
+        unsure. After a stall longer than the lease (this process stopped, or
+        starved) the lease may have run out unseen and another coordinator may lead:
+        nothing queued is acted on until etcd confirms (or the lease thread gives up)."""
+        if self.leadership is None:
+            return True
+        if self.leadership.lost.is_set():
+            return False
+        if self.leadership.holds():
+            return True
+        return self.leadership.check()  # False (and ``lost`` set) if another coordinator leads
 
     def stop(self, reason: str = "stopped") -> None:
         self._stop_reason = reason
