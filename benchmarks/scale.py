@@ -7,7 +7,7 @@ with a delta at once). Reports updates applied per second and the coordinator's 
 per update, between its first and last commit, and how they change from 50 to 500
 workers (targets: >= 2 000 updates/s at 500, roughly flat CPU per update).
 
-    python -m benchmarks.scale [--workers 50,100,200,500] [--versions 600]
+    python -m benchmarks.scale [--workers 50,100,200,500] [--versions 3000]
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ def job(versions: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", default="50,100,200,500")
-    parser.add_argument("--versions", type=int, default=600, help=f"model versions per run ({BUFFER} updates each)")
+    parser.add_argument("--versions", type=int, default=3000, help=f"model versions per run ({BUFFER} updates each)")
     args = parser.parse_args()
-    print(f"async rule, buffer {BUFFER}, 10 000-parameter model, light workers in one process; {args.versions} versions per run")
+    print(f"async rule, buffer {BUFFER}, 10 000-parameter model, light workers in one process (one poll loop); {args.versions} versions per run")
     print(f"{'workers':>7} {'updates/s':>10} {'CPU us/update':>14} {'coordinator CPU %':>18} {'one-core capacity/s':>20}")
     ks, rates, costs = [], [], []
     for k in (int(w) for w in args.workers.split(",")):

@@ -423,6 +423,10 @@ class Coordinator:
             self._send(routing, Message(MsgType.ACK, key=msg.key))  # the worker may now disconnect
         elif msg.type is MsgType.UPDATE:
             self._on_update(routing, peer, msg, now)
+            # Let go of this update's frames before the next upload is granted, or its
+            # bytes arrive while these are still held: two updates in memory at once.
+            frames.clear()
+            msg.tensors.clear()
             self._grant(self.uploads.done(peer, now))  # its bytes are folded or refused: the next may come
         elif msg.type is MsgType.OFFER:
             self._on_offer(routing, peer, msg, now)
