@@ -31,6 +31,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.plotting import bar_chart  # noqa: E402
 from tests.etcd_server import free_port  # noqa: E402
 from tests.throttle import Throttle  # noqa: E402
 
@@ -130,6 +131,7 @@ def main() -> None:
     sync, asyn = statistics.median(seconds["fedavg"]), statistics.median(seconds["async"])
     ratios = [f / a for f, a in zip(seconds["fedavg"], seconds["async"], strict=True)]
     print(f"median: fedavg {sync:.2f} s, async {asyn:.2f} s; fedavg / async = {sync / asyn:.2f} (per run: {', '.join(f'{r:.2f}' for r in ratios)}; target >= 2)")
+    bar_chart("async_vs_sync", f"seconds to accuracy {args.target} with one {args.slowdown:g}x straggler (median)", {"fedavg (sync)": sync, "async": asyn}, "s")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.plotting import bar_chart  # noqa: E402
 from elastic.jobspec import parse_job_spec  # noqa: E402
 from elastic.plugins import Plugins  # noqa: E402
 from elastic.simulation import simulate  # noqa: E402
@@ -74,10 +75,13 @@ def main() -> None:
     print("digits FedAvg, 4 workers, 30 rounds; bytes as a ratio to no compression")
     print(f"{'update chain':<28} {'model chain':<24} {'up':>7} {'down':>7} {'accuracy':>9}")
     base_up = base_down = 0
+    up_ratios: dict[str, float] = {}
     for update, model in CHAINS:
         up, down, accuracy = training(update, model)
         base_up, base_down = (up, down) if not update and not model else (base_up, base_down)
         print(f"{' '.join(update) or '-':<28} {' '.join(model) or '-':<24} {up / base_up:>7.3f} {down / base_down:>7.3f} {accuracy:>9.3f}", flush=True)
+        up_ratios[f"{' '.join(update) or 'none'} / {' '.join(model) or 'none'} (acc {accuracy:.2f})"] = (up + down) / (base_up + base_down)
+    bar_chart("codecs", "digits FedAvg: bytes up + down / uncompressed", up_ratios, "x")
 
     codecs = Plugins().codecs
     x = torch.randn(4096, args.numel // 4096)

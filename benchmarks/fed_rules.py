@@ -20,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.plotting import line_chart  # noqa: E402
 from elastic.jobspec import parse_job_spec  # noqa: E402
 from elastic.plugins import Plugins  # noqa: E402
 from elastic.simulation import simulate  # noqa: E402
@@ -59,13 +60,16 @@ def main() -> None:
     print(f"digits, 4 workers, Dirichlet alpha {args.alpha}, seed {args.seed}, {args.rounds} rounds; rounds to accuracy >= {args.target}")
     print(f"{'rule':<20} {'rounds':>7} {'x fedavg':>9} {'final acc':>10} {'best acc':>9} {'seconds':>8}")
     base = None
+    curves: dict[str, tuple[list[float], list[float]]] = {}
     for name, (rule, params, train) in RULES.items():
         accuracy, seconds = run(rule, params, train, args.rounds, args.alpha, args.seed)
+        curves[name] = ([float(i + 1) for i in range(len(accuracy))], accuracy)
         reached = next((i + 1 for i, a in enumerate(accuracy) if a >= args.target), None)
         if name == "fedavg":
             base = reached
         ratio = f"{reached / base:.2f}" if reached and base else "-"
         print(f"{name:<20} {reached if reached else 'never':>7} {ratio:>9} {accuracy[-1]:>10.3f} {max(accuracy):>9.3f} {seconds:>8.1f}", flush=True)
+    line_chart("fed_rules", f"digits, non-IID (Dirichlet {args.alpha}): accuracy by round", "round", "accuracy", curves)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.plotting import bar_chart  # noqa: E402
 from tests.etcd_server import EtcdServer, etcd_binary, free_port  # noqa: E402
 
 JOB = """
@@ -173,6 +174,8 @@ def main() -> None:
             print(f"{name:<26} {med:>9.0f} {f'{min(values):.0f}-{max(values):.0f}':>14} {'-':>7}   (torchrun: all of them, each time)")
             continue
         print(f"{name:<26} {med:>9.2f} {f'{min(values):.2f}-{max(values):.2f}':>14} {med / args.ttl:>7.2f}")
+    medians = {name: statistics.median(values) for name, values in results.items() if name != "workers restarted"}
+    bar_chart("membership", f"seconds to notice and recover (lease TTL {args.ttl:.0f} s)", medians, "s")
 
 
 if __name__ == "__main__":
