@@ -33,6 +33,10 @@ __all__ = ["Engine", "Outgoing", "Notify"]
 
 log = logging.getLogger("elastic.rounds")
 STATUS_EVERY = 0.05  # seconds between status writes while the job's state stays the same (at most 20 a second)
+# ... and at least this many times what the last write took: the history makes the
+# file grow with every version (16 MB at 100 000), and writing it must not become
+# what the coordinator does (at most 1/STATUS_SHARE of its time).
+STATUS_SHARE = 20
 Notify = Callable[..., None]
 
 
@@ -79,6 +83,7 @@ class Engine(ABC):
         self._status_at = float("-inf")  # when status.json was last written (monotonic)
         self._status_state = ""  # the job state it showed
         self._status_due = False  # something changed since
+        self._status_interval = STATUS_EVERY  # the least time between two writes, from the last one's cost
         self._waiting_reported: int | None = None
         self.on_status: Callable[[dict[str, Any]], None] | None = None  # also told every status
         self.generation = 0  # rendezvous generation (data-parallel rules only)
@@ -356,7 +361,7 @@ class Engine(ABC):
         asynchronous job commits thousands of versions a second; its status file must
         not be rewritten, nor etcd written, for each."""
         now = time.monotonic()
-        if str(self.job.state) == self._status_state and now - self._status_at < STATUS_EVERY:
+        if str(self.job.state) == self._status_state and now - self._status_at < self._status_interval:
             self._status_due = True
             return
         self._status_at, self._status_state, self._status_due = now, str(self.job.state), False
@@ -365,8 +370,9 @@ class Engine(ABC):
             self._status_due = True  # tried again by ``flush_status``
         if self.on_status is not None:
             self.on_status(status)
+        self._status_interval = max(STATUS_EVERY, STATUS_SHARE * (time.monotonic() - now))
 
     def flush_status(self) -> None:
         """Write the status held back by ``_write_status``, once its interval is over."""
-        if self._status_due and time.monotonic() - self._status_at >= STATUS_EVERY:
+        if self._status_due and time.monotonic() - self._status_at >= self._status_interval:
             self._write_status()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 
 from elastic.coordinator.asynchronous import AsyncEngine
+from elastic.coordinator.engine import STATUS_SHARE
 from elastic.coordinator.job import Job, JobState
 from elastic.jobspec import parse_job_spec
 from elastic.plugins import Plugins
@@ -126,3 +128,29 @@ def test_the_job_finishes_after_its_versions_and_resumes_from_a_checkpoint(tmp_p
     resumed, _, _ = make(tmp_path, rounds=6, min_workers=1)
     assert resumed.job.version == 4 and resumed.job.totals["staleness_histogram"] == {"0": 4}
     assert resumed.histogram[0] == 4
+
+
+def test_a_costly_status_is_written_less_often(tmp_path: Path) -> None:
+    """The status grows with the history; writing it must not take over the loop."""
+    engine, _, _ = make(tmp_path)
+    engine.tick(members("a", "b"))
+    written = []
+
+    def slow_write(status: dict, holds: object = None) -> bool:
+        time.sleep(0.02)  # a big history: each write costs this much
+        written.append(status["version"])
+        return True
+
+    engine.job.write_status = slow_write  # type: ignore[method-assign]
+    engine.job.state = JobState.PAUSED  # a state change is written at once...
+    engine._write_status()
+    assert len(written) == 1 and engine._status_interval >= STATUS_SHARE * 0.02
+    engine.job.state = JobState.RUNNING
+    engine._write_status()  # ...and so is the next one
+    assert len(written) == 2
+    engine._write_status()  # the same state, right after a costly write: held back
+    engine.flush_status()
+    assert len(written) == 2 and engine._status_due
+    engine._status_at -= engine._status_interval  # its interval is over
+    engine.flush_status()
+    assert len(written) == 3 and not engine._status_due
