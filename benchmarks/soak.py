@@ -29,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.plotting import line_chart  # noqa: E402
 from tests.etcd_server import free_port  # noqa: E402
 
 JOB = """
@@ -129,6 +130,7 @@ def main() -> None:
     print(f"rounds completed: {len(rounds)} ({len(rounds) / args.seconds * 60:.0f}/min); numbered 1..{rounds[-1]} without gap or repeat: {rounds == list(range(1, len(rounds) + 1))}")
     print(f"updates acknowledged in committed rounds: {acknowledged}; counted by those rounds: {counted}; lost: {acknowledged - counted}")
     print(f"coordinator RSS: first minute {first_mb:.0f} MB, last minute {last_mb:.0f} MB (x{last_mb / first_mb:.2f}), peak {max(m for _, m in samples):.0f} MB")
+    line_chart("soak", f"coordinator RSS under worker churn ({args.seconds:.0f} s)", "seconds", "RSS (MB)", {"coordinator": ([t for t, _ in samples], [m for _, m in samples])})
 
 
 if __name__ == "__main__":
