@@ -36,12 +36,13 @@ def main() -> None:
     print(f"model {model_mb:.0f} MiB ({args.params:,} float32); baselines: the same job with 1 000 parameters, with 4 and with K workers")
     print(f"{'workers':>7} {'peak MiB':>9} {'baseline K':>11} {'/ model':>8} {'baseline 4':>11} {'/ model':>8} {'s/round':>8}")
     ks, ratios, ratios4 = [], [], []
-    baseline4 = 0.0
-    for k in (int(w) for w in args.workers.split(",")):
-        # The baseline with K peers takes out what K connections cost whatever the
-        # model (ZeroMQ pipes, member records: ~0.04 MiB a peer); the 4-peer one keeps it.
-        baseline = run_job(job(1000, k, args.rounds), workers=0, light=k).peak_rss_mb
-        baseline4 = baseline4 or (baseline if k == 4 else run_job(job(1000, 4, args.rounds), workers=0, light=4).peak_rss_mb)
+    counts = [int(w) for w in args.workers.split(",")]
+    # The baseline with K peers takes out what K connections cost whatever the model
+    # (ZeroMQ pipes, member records: ~0.04 MiB a peer); the 4-peer one keeps it.
+    baselines = {k: run_job(job(1000, k, args.rounds), workers=0, light=k).peak_rss_mb for k in sorted({4, *counts})}
+    baseline4 = baselines[4]
+    for k in counts:
+        baseline = baselines[k]
         run = run_job(job(args.params, k, args.rounds), workers=0, light=k)
         per_round = sorted(r["seconds"] for r in run.rounds(1))[len(run.rounds(1)) // 2]
         ratio, ratio4 = (run.peak_rss_mb - baseline) / model_mb, (run.peak_rss_mb - baseline4) / model_mb

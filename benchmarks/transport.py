@@ -165,13 +165,13 @@ def coordinator_side(mode: str, params: int, repeats: int, out: Any) -> None:
         tune_allocator()
     ctx = zmq.Context()
     with tempfile.TemporaryDirectory() as state_dir:
-        bind = f"ipc://{state_dir}/sock" if name.startswith("ipc-") else "tcp://127.0.0.1:0"
+        bind = f"ipc://{state_dir}/sock" if name.startswith("ipc-") else "tcp://127.0.0.1:*"
         if mode == "elastic":
             sock, endpoint = router_socket(ctx, bind)
             engine = elastic_engine(params, repeats, state_dir)
         else:
             sock = bare_socket(ctx, zmq.ROUTER)
-            sock.bind(bind.replace(":0", ":*"))
+            sock.bind(bind)
             endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             model = torch.randn(params)
             raw = memoryview(model.numpy()).cast("B")

@@ -175,19 +175,17 @@ class Leadership:
         return not self.lost.is_set() and time.monotonic() - self.renewed_at < self.ttl
 
     def _keep_alive(self, lease: Any, term_over: threading.Event) -> None:
-        renewed = time.monotonic()
         while not term_over.wait(self.ttl / 3):
             try:
                 asked = time.monotonic()
                 responses = lease.refresh()
                 if responses and responses[0].TTL > 0:
-                    renewed = asked
-                    if not term_over.is_set():
+                    if not term_over.is_set():  # a later term keeps its own time
                         self.renewed_at = asked
                     continue
                 log.error("leader lease expired cluster=%s: no longer leading", self.keys.cluster)
             except Exception as exc:
-                if time.monotonic() - renewed < self.ttl:
+                if time.monotonic() - self.renewed_at < self.ttl:
                     log.warning("cannot renew the leader lease error=%s; retrying", type(exc).__name__)
                     continue
                 log.error("leader lease not renewed for %ds cluster=%s: no longer leading", self.ttl, self.keys.cluster)
