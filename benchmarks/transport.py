@@ -20,8 +20,12 @@ the allocator settings it would have in real life):
 
 The bare ``zmq-1mb`` path and ``elastic`` are measured again over ``ipc://`` (a Unix
 socket: what a worker on the coordinator's own host may use), as ``ipc-zmq-1mb`` and
-``ipc-elastic``. The figures the issue sets a target for are ``elastic / zmq-1mb``
-and ``ipc-elastic / ipc-zmq-1mb`` (target <= 1.2); ``copy`` is the ceiling.
+``ipc-elastic``. ``shm-elastic`` is the daemons' path for a worker on the
+coordinator's host: the same code, with the tensors through a segment in
+``/dev/shm`` each way (``elastic.wire.shm``) and only the headers on the socket.
+The figures the issue sets a target for are ``elastic / zmq-1mb`` and
+``ipc-elastic / ipc-zmq-1mb`` (target <= 1.2), and the rate of ``shm-elastic``
+against ``copy``, the ceiling (target >= 0.5).
 
     python -m benchmarks.transport [--params 100_000_000] [--repeats 7]
 """
@@ -51,11 +55,12 @@ from elastic.jobspec import CheckpointPolicy, JobSpec
 from elastic.membership.base import Member
 from elastic.plugins import Plugins
 from elastic.wire import CHUNK_BYTES, decode
+from elastic.wire.shm import SegmentReader, SegmentWriter
 from elastic.wire.transport import dealer_socket, recv_frames, router_socket, send_message
 from elastic.worker.runner import TaskRunner
 
 TENSORS = 4  # the model is a few big tensors, like the layers of a real network
-MODES = ("zmq-big", "zmq-1mb", "zmq-1mb-warm", "zmq-1mb-floor", "elastic", "ipc-zmq-1mb", "ipc-elastic")
+MODES = ("zmq-big", "zmq-1mb", "zmq-1mb-warm", "zmq-1mb-floor", "elastic", "ipc-zmq-1mb", "ipc-elastic", "shm-elastic")
 
 
 class Blob(Task):
@@ -107,7 +112,8 @@ def copy_frames(frames: list[zmq.Frame], into: torch.Tensor) -> None:
 
 def worker_side(endpoint: str, mode: str, params: int, rounds: int) -> None:
     """Echo the bytes (bare paths) or run the worker daemon's TaskRunner."""
-    mode = mode.removeprefix("ipc-")  # the same path, over a Unix socket
+    lane, placed = (SegmentWriter(), SegmentReader()) if mode.startswith("shm-") else (None, None)
+    mode = mode.removeprefix("ipc-").removeprefix("shm-")  # the same path, over a Unix socket or /dev/shm
     torch.set_num_threads(1)
     if mode != "zmq-1mb" and mode != "zmq-big":
         tune_allocator()  # what the daemons do at start
@@ -124,11 +130,12 @@ def worker_side(endpoint: str, mode: str, params: int, rounds: int) -> None:
         sock.poll()
         _, frames = recv_frames(sock, routed=False)
         if mode == "elastic":
-            work = decode(frames, check_finite=False)
+            work = decode(frames, check_finite=False, shm=placed)
             if work.tensors:  # a WORK message, else the ACK of the last update
                 result = runner.run(work)
+                del work, frames  # as the worker daemon does: the coordinator's segment is free again
                 assert result.buffers is not None, result.message.meta
-                result.buffers.release_after(send_message(sock, result.message, track=True))
+                result.buffers.release_after(send_message(sock, result.message, track=True, lane=lane))
                 sock.poll()
                 recv_frames(sock, routed=False)  # the ACK
             continue
@@ -138,6 +145,9 @@ def worker_side(endpoint: str, mode: str, params: int, rounds: int) -> None:
     sock.setsockopt(zmq.LINGER, 30_000)  # let the last reply leave before closing
     sock.close()
     ctx.term()
+    if lane is not None:
+        assert lane.sent == rounds and not lane.busy, (lane.sent, lane.busy)  # every update went through /dev/shm
+        lane.close()
 
 
 def elastic_engine(params: int, repeats: int, state_dir: str) -> RoundEngine:
@@ -148,10 +158,10 @@ def elastic_engine(params: int, repeats: int, state_dir: str) -> RoundEngine:
     return RoundEngine(Job(spec, plugins(), Path(state_dir)), lambda *a, **k: None)
 
 
-def send_round(sock: zmq.Socket, ident: bytes, engine: RoundEngine) -> None:
+def send_round(sock: zmq.Socket, ident: bytes, engine: RoundEngine, lane: SegmentWriter | None) -> None:
     """What ``Coordinator._send_all`` does with a round's WORK messages."""
     for out in engine.tick([Member(id="peer")]):
-        tracker = send_message(sock, out.message, ident, track=True)
+        tracker = send_message(sock, out.message, ident, track=True, lane=lane)
         if out.buffers is not None:
             out.buffers.attach(tracker)
             out.buffers.release()
@@ -159,7 +169,8 @@ def send_round(sock: zmq.Socket, ident: bytes, engine: RoundEngine) -> None:
 
 def coordinator_side(mode: str, params: int, repeats: int, out: Any) -> None:
     """Time round trips; the first one warms connections and allocators and is dropped."""
-    name, mode = mode, mode.removeprefix("ipc-")
+    name, mode = mode, mode.removeprefix("ipc-").removeprefix("shm-")
+    lane, placed = (SegmentWriter(), SegmentReader()) if name.startswith("shm-") else (None, None)
     torch.set_num_threads(1)
     if mode != "zmq-1mb" and mode != "zmq-big":
         tune_allocator()
@@ -184,10 +195,10 @@ def coordinator_side(mode: str, params: int, repeats: int, out: Any) -> None:
         for r in range(repeats + 1):
             start = time.perf_counter()
             if mode == "elastic":
-                send_round(sock, ident, engine)
+                send_round(sock, ident, engine, lane)
                 sock.poll()
                 _, frames = recv_frames(sock, routed=True)
-                reply = engine.on_update("peer", decode(frames))
+                reply = engine.on_update("peer", decode(frames, shm=placed))
                 assert engine.job.round == r + 1, reply.meta  # committed
                 del frames
             else:
@@ -203,6 +214,9 @@ def coordinator_side(mode: str, params: int, repeats: int, out: Any) -> None:
         peer.join()
         sock.close()
         ctx.term()
+        if lane is not None:
+            assert lane.sent == repeats + 1 and not lane.busy, (lane.sent, lane.busy)  # every WORK went through /dev/shm
+            lane.close()
         out.put((name, times))
 
 
@@ -244,6 +258,7 @@ def main() -> None:
     elastic, warm, floor, ipc, ipc_base = (statistics.median(results[m]) for m in ("elastic", "zmq-1mb-warm", "zmq-1mb-floor", "ipc-elastic", "ipc-zmq-1mb"))
     print(f"elastic / zmq-1mb = {elastic / base:.2f} (target <= 1.2); elastic / zmq-1mb-warm = {elastic / warm:.2f}; elastic / zmq-1mb-floor = {elastic / floor:.2f}")
     print(f"ipc-elastic / ipc-zmq-1mb = {ipc / ipc_base:.2f} (target <= 1.2); ipc-elastic moves {rates['ipc-elastic'] / rates['copy']:.2f}x the in-process copy rate")
+    print(f"shm-elastic moves {rates['shm-elastic'] / rates['copy']:.2f}x the in-process copy rate (target >= 0.5); {statistics.median(results['shm-elastic']) / base:.2f}x zmq-1mb's time")
     bar_chart("transport", f"model down + update up, {mb:.0f} MB each way: GB/s moved", rates, "GB/s")
 
 

@@ -8,9 +8,15 @@ this machine's loopback, in the same run:
 * ``elastic``: the real daemons (a coordinator and 2 workers, plaintext like gloo) run
   a ``syncavg`` job on the ``synthetic`` task. A step sends the model to each worker,
   each sends its gradient back, the coordinator averages and steps the model. Its
-  communication part is the round's time less the slowest worker's own compute
-  (``seconds - train_seconds_max`` in the round history).
+  communication part is the time from one commit to the next (everything: the
+  model's step, the WORK, the gradients' way back and their fold) less the slowest
+  worker's own compute (``train_seconds_max`` in the round history).
 * ``elastic fp16``: the same with the ``fp16`` codec on the gradient and the model.
+
+Both elastic paths run twice: as they are (the workers share the coordinator's host,
+so tensors go through ``/dev/shm``), and with ``--no-shared-memory`` (loopback TCP,
+the path of workers on other hosts). gloo has no shared-memory transport: it uses
+TCP on loopback too.
 
 Prints the medians and the ratios elastic / gloo (targets: <= 2 uncompressed, <= 1
 with fp16).
@@ -71,11 +77,13 @@ def elastic_job(params: int, steps: int, codec: str | None) -> str:
     return synthetic_job("vs-gloo", "syncavg", WARMUP + steps, params, workers=2, rule_table="lr = 0.01", extra=compression)
 
 
-def elastic_times(params: int, steps: int, codec: str | None) -> tuple[list[float], list[float]]:
+def elastic_times(params: int, steps: int, codec: str | None, shared_memory: bool) -> tuple[list[float], list[float]]:
     """(communication part, whole step) of each timed step."""
-    run = run_job(elastic_job(params, steps, codec), workers=2)
-    rounds = run.rounds(WARMUP)
-    return [r["seconds"] - r["train_seconds_max"] for r in rounds], [r["seconds"] for r in rounds]
+    off = () if shared_memory else ("--no-shared-memory",)
+    run = run_job(elastic_job(params, steps, codec), workers=2, coordinator_args=off, worker_args=off)
+    rounds = run.rounds(WARMUP - 1)  # the round before the first timed one: where its cycle starts
+    cycles = [(b["at"] - a["at"], b["train_seconds_max"]) for a, b in zip(rounds, rounds[1:], strict=False)]
+    return [cycle - train for cycle, train in cycles], [cycle for cycle, _ in cycles]
 
 
 def main() -> None:
@@ -85,14 +93,20 @@ def main() -> None:
     args = parser.parse_args()
     print(f"{args.params:,} float32 parameters ({args.params * 4 / 1e6:.0f} MB), 2 workers, median of {args.steps} steps after {WARMUP} warm-up")
     gloo = statistics.median(gloo_times(args.params, args.steps))
-    rows = [("gloo all_reduce", gloo, gloo)]
-    for label, codec in (("elastic syncavg", None), ("elastic syncavg fp16", "fp16")):
-        comm, whole = elastic_times(args.params, args.steps, codec)
+    rows = [("gloo all_reduce (tcp)", gloo, gloo)]
+    for label, codec, shm in (
+        ("elastic syncavg", None, True),
+        ("elastic syncavg fp16", "fp16", True),
+        ("elastic syncavg (tcp)", None, False),
+        ("elastic fp16 (tcp)", "fp16", False),
+    ):
+        comm, whole = elastic_times(args.params, args.steps, codec, shm)
         rows.append((label, statistics.median(comm), statistics.median(whole)))
     print(f"{'path':<22} {'comm ms':>9} {'step ms':>9} {'comm / gloo':>12}")
     for label, comm, whole in rows:
         print(f"{label:<22} {comm * 1e3:>9.1f} {whole * 1e3:>9.1f} {comm / gloo:>12.2f}")
     print(f"elastic / gloo = {rows[1][1] / gloo:.2f} (target <= 2); elastic fp16 / gloo = {rows[2][1] / gloo:.2f} (target <= 1)")
+    print(f"over loopback TCP: elastic / gloo = {rows[3][1] / gloo:.2f}; elastic fp16 / gloo = {rows[4][1] / gloo:.2f}")
     bar_chart("vs_gloo", "communication per step (ms), same run", {label: comm * 1e3 for label, comm, _ in rows}, "ms")
 
 

@@ -233,10 +233,21 @@ class Codec(ABC):
     Class attributes:
         name: the name a chain uses to pick this codec (``"topk"`` in ``"topk:0.01"``).
         lossless: True when ``decode(encode(x))`` is ``x`` exactly.
+        keeps_finite: True when ``decode`` of finite parts into float32 or float64
+            can only give finite values (a cast to a wider type, finite values
+            scattered into zeros). The coordinator already refuses parts with NaN
+            or Inf; for a chain of such stages it skips checking the decoded tensor
+            again. Leave it False when a product or a byte stage could overflow.
+        cast_from: set (to a floating dtype) when ``decode`` is exactly its one part
+            ``"x"``, of that dtype, cast to the tensor's wider dtype. Alone in a
+            chain, such a stage is then not decoded at all: the part is folded as
+            it came, widened element by element on the way (no decoded copy).
     """
 
     name: ClassVar[str]
     lossless: ClassVar[bool] = False
+    keeps_finite: ClassVar[bool] = False
+    cast_from: ClassVar[torch.dtype | None] = None
 
     def __init__(self, arg: str | None = None) -> None:
         """Parse the stage argument (``"topk:0.01"`` gives ``arg="0.01"``); raise

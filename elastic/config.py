@@ -37,6 +37,8 @@ class CoordinatorConfig:
     # Bytes of big updates granted and not yet received: what the coordinator may be
     # holding in receive buffers at once (one update always goes, however big).
     upload_window: int = 64 << 20
+    # Workers on this host get model and updates through /dev/shm (elastic.wire.shm).
+    shared_memory: bool = True
     exit_when_done: bool = False
     metrics_port: int = 0  # Prometheus /metrics, /healthz, /readyz; 0 = not served
     metrics_host: str = "127.0.0.1"
@@ -82,6 +84,7 @@ class WorkerConfig:
     membership: str = ""  # etcd://...: also register there, under a lease
     lease_ttl: float = 10.0
     max_message_bytes: int = 4 << 30
+    shared_memory: bool = True  # on the coordinator's host: tensors through /dev/shm
     curve_key: str = ""  # this worker's secret key file (NAME.key_secret)
     coordinator_key: str = ""  # the coordinator's public key file (NAME.key)
     insecure: bool = False  # plaintext, no authentication: only when asked for

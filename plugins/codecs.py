@@ -65,6 +65,7 @@ def _residual(state: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
 class _Cast(Codec):
     target: torch.dtype
     limit = math.inf
+    keeps_finite = True  # a finite half value is a finite float
     relative = 0.0
 
     def __init__(self, arg: str | None = None) -> None:
@@ -87,6 +88,7 @@ class _Cast(Codec):
     def decode(self, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         x = parts["x"]
         _check(x.numel() == math.prod(shape), f"{x.numel()} elements for shape {list(shape)}")
+        _check(x.dtype == self.target, f"the part is {x.dtype}, not {self.target}")  # keeps_finite relies on it
         return x.to(dtype).reshape(shape)
 
     def error_bound(self, tensor: torch.Tensor) -> float:
@@ -101,7 +103,7 @@ class Fp16(_Cast):
     """IEEE half precision (values beyond ±65504 are clamped, never made infinite)."""
 
     name = "fp16"
-    target = torch.float16
+    target = cast_from = torch.float16
     limit = FP16_MAX
     relative = 2.0**-11
 
@@ -110,7 +112,7 @@ class Bf16(_Cast):
     """bfloat16: float32's range, 8 bits of mantissa."""
 
     name = "bf16"
-    target = torch.bfloat16
+    target = cast_from = torch.bfloat16
     relative = 2.0**-8
 
 

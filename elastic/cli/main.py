@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-timeout", type=float, default=None, help="seconds of silence before a worker is removed (default 3)")
     p.add_argument("--max-message-bytes", type=int, default=None)
     p.add_argument("--upload-window", type=int, default=None, help="bytes of big updates let in at once (default 64 MiB; one always goes): bounds memory with many workers")
+    p.add_argument("--no-shared-memory", dest="shared_memory", action="store_const", const=False, default=None, help="send tensors to workers on this host over the socket too (default: through /dev/shm)")
     p.add_argument("--exit-when-done", action="store_const", const=True, default=None, help="exit once every job is finished")
     p.add_argument("--curve-key", default=None, help="this coordinator's secret key file (NAME.key_secret from `elastic keys generate`)")
     p.add_argument("--allow-workers", default=None, help="directory of the public keys (*.key) of the workers allowed to join")
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator-key", default=None, help="the coordinator's public key file (NAME.key)")
     p.add_argument("--insecure", action="store_const", const=True, default=None, help="plaintext and no authentication (a trusted network only)")
     p.add_argument("--max-message-bytes", type=int, default=None)
+    p.add_argument("--no-shared-memory", dest="shared_memory", action="store_const", const=False, default=None, help="on the coordinator's host, exchange tensors over the socket too (default: through /dev/shm)")
     _daemon_flags(p)
 
     p = sub.add_parser("job", parents=[debug], help="operate jobs on a running coordinator (submit, ls, status, pause, resume, cancel, export, logs)")

@@ -45,6 +45,7 @@ from elastic.sdnotify import Notifier
 from elastic.security import CONTROL, DATA, CurveServer
 from elastic.wire.frames import decode
 from elastic.wire.messages import Message, MsgType
+from elastic.wire.shm import LocalPeers
 from elastic.wire.transport import recv_frames, router_socket, send_message
 
 __all__ = ["Coordinator", "build_membership"]
@@ -113,6 +114,7 @@ class Coordinator:
         self._published: dict[str, int] = {}  # rendezvous generation last queued for etcd, by job
         self.bytes_in = 0
         self.bytes_out = 0
+        self.local = LocalPeers(config.shared_memory)  # workers on this host: tensors through /dev/shm
         self.uploads = UploadGate(config.upload_window, grant_timeout=max(30.0, 10 * config.heartbeat_timeout))
         if config.membership.startswith("etcd://"):
             # Jobs load their newest checkpoint only once this coordinator leads, so a
@@ -224,9 +226,11 @@ class Coordinator:
         finally:
             self.plugins.notify("elastic_coordinator_stopping", reason=self._stop_reason)
             rejected = ",".join(f"{k}:{v}" for k, v in sorted(self.rejected.items())) or "none"
-            log.info("coordinator stopping reason=%s bytes_in=%d bytes_out=%d rejected=%s", self._stop_reason, self.bytes_in, self.bytes_out, rejected)
+            shm_sent, shm_busy = self.local.counts()
+            log.info("coordinator stopping reason=%s bytes_in=%d bytes_out=%d shm_sent=%d shm_busy=%d rejected=%s", self._stop_reason, self.bytes_in, self.bytes_out, shm_sent, shm_busy, rejected)
             self.sock.close(linger=0)
             self.control_sock.close(linger=0)
+            self.local.close()
             if self.curve is not None:
                 self.curve.stop()
             self._end_term()
@@ -377,6 +381,7 @@ class Coordinator:
                 self.plugins.notify("elastic_worker_joined", worker_id=m.id, device=m.device, host=m.host, slot=m.slot)
             else:
                 log.info("worker left worker=%s reason=%s", m.id, event.reason)
+                self.local.drop(m.id)
                 self.plugins.notify("elastic_worker_left", worker_id=m.id, reason=event.reason)
                 for engine in self.engines.values():
                     engine.on_member_left(m.id)
@@ -400,7 +405,7 @@ class Coordinator:
         self.bytes_in += sum(len(f) for f in frames)
         peer = routing.decode("utf-8", "replace")
         try:
-            msg = decode(frames, max_message_bytes=self.config.max_message_bytes)
+            msg = decode(frames, max_message_bytes=self.config.max_message_bytes, shm=self.local.reader(peer))
             if msg.sender != peer:
                 raise ProtocolError("sender_mismatch", f"header sender {msg.sender!r} is not the connection's id {peer!r}")
         except ProtocolError as exc:
@@ -412,7 +417,8 @@ class Coordinator:
                 Member(id=peer, host=msg.meta["host"], device=msg.meta["device"], software=msg.meta["software"], pid=msg.meta["pid"]),
                 now,
             )
-            self._send(routing, Message(MsgType.WELCOME, meta={"heartbeat_interval": self.config.heartbeat_interval, "heartbeat_timeout": self.config.heartbeat_timeout, "slot": member.slot, "software": __version__}))
+            local = self.local.hello(peer, msg.meta.get("shm"))
+            self._send(routing, Message(MsgType.WELCOME, meta={"heartbeat_interval": self.config.heartbeat_interval, "heartbeat_timeout": self.config.heartbeat_timeout, "slot": member.slot, "software": __version__, "shm": local}))
         elif msg.type is MsgType.HEARTBEAT:
             if self.membership.heartbeat(peer, now, busy=msg.meta["busy"]):
                 self._send(routing, Message(MsgType.HEARTBEAT_ACK))
@@ -493,7 +499,7 @@ class Coordinator:
     def _send_tracked(self, routing: bytes, msg: Message, track: bool = False) -> tuple[bool, zmq.MessageTracker | None]:
         """Whether it was sent, and (with ``track``) the tracker of its frames."""
         try:
-            tracker = send_message(self.sock, msg, routing, track=track)
+            tracker = send_message(self.sock, msg, routing, track=track, lane=self.local.writer(routing.decode("utf-8", "replace")))
         except zmq.ZMQError as exc:
             log.warning("cannot send to peer=%r type=%s error=%s", routing, msg.type, exc.strerror)
             return False, None

@@ -60,7 +60,7 @@ class Downlink:
             self.reference = {k: t.clone() for k, t in self.reference.items()}
             self.sends = BufferSet({}, busy=False)
         for name, t in self.reference.items():
-            t.add_(decoded[name].to_tensor().view(t.shape).to(t.dtype))
+            decoded[name].add_to(t)  # widened on the way when the chain is a cast
         self._delta = (wire, encodings, self.version)
         self.version = version
 

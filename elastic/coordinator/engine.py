@@ -26,7 +26,7 @@ from elastic.errors import Fenced, ProtocolError
 from elastic.membership.base import Member
 from elastic.training import move_to_fresh_memory, update_kind, update_template
 from elastic.wire.buffers import BufferSet
-from elastic.wire.compression import expand
+from elastic.wire.compression import expand, keeps_finite
 from elastic.wire.messages import Message, MsgType, WireTensor
 
 __all__ = ["Engine", "Outgoing", "Notify"]
@@ -186,13 +186,16 @@ class Engine(ABC):
         if msg.meta["kind"] != self.kind:
             return "wrong_kind", f"rule {self.job.spec.rule} needs {self.kind} updates, got {msg.meta['kind']}"
         if msg.encodings:
+            # The parts were checked for NaN/Inf; what they decode to is too, unless
+            # every stage keeps finite values finite (a cast up: fp16, bf16).
+            recheck = [name for name, records in msg.encodings.items() if name in self._template and not keeps_finite(self.job.codecs, records, self._template[name][1])]
             try:
                 msg.tensors = expand(msg, self.job.codecs, self._template)
             except ProtocolError as exc:
                 return exc.reason, exc.detail
             msg.encodings = {}
-            for name, wt in msg.tensors.items():  # the parts were checked, not what they decode to
-                if not wt.is_finite():
+            for name in recheck:
+                if not msg.tensors[name].is_finite():
                     return "non_finite", f"tensor {name!r} decodes to NaN or Inf"
         if set(msg.tensors) != set(self._template):
             missing = sorted(set(self._template) - set(msg.tensors))[:3]

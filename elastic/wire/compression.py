@@ -26,7 +26,7 @@ from elastic.api import Codec
 from elastic.errors import JobSpecError, PluginError, ProtocolError
 from elastic.wire.messages import DTYPE_NAMES, DTYPES, Message, WireTensor
 
-__all__ = ["Compressor", "expand", "check_chain", "parse_stage", "SEP"]
+__all__ = ["Compressor", "expand", "keeps_finite", "check_chain", "parse_stage", "SEP"]
 
 SEP = "#"  # between a tensor's name and its part's name on the wire
 GROWTH = 4  # a part or intermediate may hold at most this many times its tensor's bytes (+ 4 KiB)
@@ -92,15 +92,26 @@ class Compressor:
         return out, encodings
 
 
+def keeps_finite(codecs: Any, records: Sequence[Mapping[str, Any]], dtype: torch.dtype) -> bool:
+    """True when every stage of ``records`` decodes finite parts to finite ``dtype``
+    values (``Codec.keeps_finite``): the parts' check then covers the tensor."""
+    if dtype not in (torch.float32, torch.float64):
+        return False
+    try:
+        return all(getattr(codecs.get(parse_stage(str(r["s"]))[0]), "keeps_finite", False) is True for r in records)
+    except (PluginError, JobSpecError, KeyError):
+        return False  # an unknown stage: expand refuses the message anyway
+
+
 def expand(msg: Message, codecs: Any, template: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, WireTensor]:
     """The message's tensors with every encoded one decoded, checked against
     ``template`` (the model's names, shapes and dtypes)."""
     plain = {name: wt for name, wt in msg.tensors.items() if SEP not in name}
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    grouped: dict[str, dict[str, WireTensor]] = {}
     for wire_name, wt in msg.tensors.items():
         if SEP in wire_name:
             name, _, part = wire_name.partition(SEP)
-            grouped.setdefault(name, {})[part] = wt.to_tensor()
+            grouped.setdefault(name, {})[part] = wt
     if set(grouped) != set(msg.encodings):
         raise ProtocolError("bad_encoding", f"encoded parts for {sorted(set(grouped) ^ set(msg.encodings))[:3]} without a record, or records without parts")
     stages: dict[str, Codec] = {}
@@ -112,18 +123,20 @@ def expand(msg: Message, codecs: Any, template: Mapping[str, tuple[tuple[int, ..
         top = records[0]
         if top["in"] != "" or tuple(top["shape"]) != shape or DTYPES[top["dtype"]] != dtype:
             raise ProtocolError("bad_encoding", f"tensor {name!r}: the first stage does not start from the model's {list(shape)} {dtype}")
-        parts = grouped[name]
-        if sum(p.numel() * p.element_size() for p in parts.values()) > limit:
+        received = grouped[name]
+        if sum(p.nbytes for p in received.values()) > limit:
             raise ProtocolError("too_large", f"tensor {name!r}: encoded parts larger than the tensor allows")
+        widened = _widened(name, records, received, shape, dtype, stages, codecs)
+        if widened is not None:
+            plain[name] = widened
+            continue
+        parts = {part: wt.to_tensor() for part, wt in received.items()}
         for record in reversed(records):
             spec, source = record["s"], record["in"]
             want_shape, want_dtype = tuple(record["shape"]), DTYPES[record["dtype"]]
             if math.prod(want_shape) * torch.empty((), dtype=want_dtype).element_size() > limit:
                 raise ProtocolError("too_large", f"tensor {name!r}: stage {spec} would decode to {list(want_shape)} {want_dtype}")
-            try:
-                stage = stages.get(spec) or stages.setdefault(spec, build_stage(codecs, spec))
-            except (PluginError, JobSpecError) as exc:
-                raise ProtocolError("unknown_codec", f"tensor {name!r}: {exc}") from None
+            stage = _stage(stages, codecs, spec, name)
             try:
                 inputs = {k: parts.pop(_join(source, k)) for k in record["out"]}
             except KeyError as exc:
@@ -139,3 +152,27 @@ def expand(msg: Message, codecs: Any, template: Mapping[str, tuple[tuple[int, ..
             raise ProtocolError("bad_encoding", f"tensor {name!r}: parts {sorted(parts)[:3]} belong to no stage")
         plain[name] = WireTensor.from_tensor(parts[""])
     return plain
+
+
+def _stage(stages: dict[str, Codec], codecs: Any, spec: str, name: str) -> Codec:
+    """The decoding instance of ``spec`` (one per message), or the NACK's reason."""
+    try:
+        return stages.get(spec) or stages.setdefault(spec, build_stage(codecs, spec))
+    except (PluginError, JobSpecError) as exc:
+        raise ProtocolError("unknown_codec", f"tensor {name!r}: {exc}") from None
+
+
+def _widened(
+    name: str, records: list[dict[str, Any]], parts: Mapping[str, WireTensor], shape: tuple[int, ...], dtype: torch.dtype, stages: dict[str, Codec], codecs: Any
+) -> WireTensor | None:
+    """A one-stage cast chain (``Codec.cast_from``) as its received part, to be widened
+    where it is used; None when the chain is anything else (decode it)."""
+    if len(records) != 1 or set(parts) != {"x"} or records[0]["out"] != ["x"]:
+        return None
+    part = parts["x"]
+    narrow = type(_stage(stages, codecs, records[0]["s"], name)).cast_from
+    if narrow is None or part.dtype != narrow or not dtype.is_floating_point or dtype.itemsize < narrow.itemsize:
+        return None
+    if part.numel != math.prod(shape):
+        raise ProtocolError("bad_encoding", f"tensor {name!r}: stage {records[0]['s']} cannot decode: {part.numel} elements for shape {list(shape)}")
+    return WireTensor(dtype=dtype, shape=shape, chunks=list(part.chunks))

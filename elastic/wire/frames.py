@@ -26,15 +26,22 @@ from elastic.wire.header import (
     MsgType,
     as_buffer,
     pack,
-    parse,
+    parse_placed,
 )
 from elastic.wire.messages import DTYPE_NAMES, DTYPES, WireTensor
+from elastic.wire.shm import SegmentReader
 
-__all__ = ["encode", "decode", "CHUNK_BYTES", "DEFAULT_MAX_MESSAGE_BYTES", "MAX_HEADER_BYTES"]
+__all__ = ["encode", "encode_parts", "decode", "CHUNK_BYTES", "DEFAULT_MAX_MESSAGE_BYTES", "MAX_HEADER_BYTES"]
 
 
 def encode(msg: Message, chunk_bytes: int = CHUNK_BYTES) -> list[bytes | memoryview]:
     """Turn a message into frames. Tensor frames alias the tensors' memory."""
+    specs, buffers = encode_parts(msg, chunk_bytes)
+    return [pack(msg, specs), *buffers]
+
+
+def encode_parts(msg: Message, chunk_bytes: int = CHUNK_BYTES) -> tuple[list[dict[str, Any]], list[memoryview]]:
+    """The tensor specs for the header, and the data frames (views of the tensors)."""
     if chunk_bytes <= 0 or chunk_bytes % 8:
         raise ValueError(f"chunk_bytes must be a positive multiple of 8, got {chunk_bytes}")
     specs: list[dict[str, Any]] = []
@@ -44,6 +51,8 @@ def encode(msg: Message, chunk_bytes: int = CHUNK_BYTES) -> list[bytes | memoryv
             raise ProtocolError("bad_dtype", f"tensor {name!r} has unsupported dtype {wt.dtype}")
         nframes = 0
         for chunk in wt.chunks:
+            if chunk.dtype != wt.dtype:  # received narrower (a cast codec's part): sent as declared
+                chunk = chunk.to(wt.dtype)
             raw = chunk.reshape(-1).view(torch.uint8).numpy().data  # a memoryview of the tensor
             for start in range(0, len(raw), chunk_bytes):
                 buffers.append(raw[start : start + chunk_bytes])
@@ -57,7 +66,7 @@ def encode(msg: Message, chunk_bytes: int = CHUNK_BYTES) -> list[bytes | memoryv
                 "frames": nframes,
             }
         )
-    return [pack(msg, specs), *buffers]
+    return specs, buffers
 
 
 def decode(
@@ -65,16 +74,25 @@ def decode(
     *,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     check_finite: bool = True,
+    shm: SegmentReader | None = None,
 ) -> Message:
     """Parse and validate frames (bytes, memoryviews or ``zmq.Frame``) into a message.
 
     Tensor chunks are zero-copy views over the frames. With ``check_finite`` an
-    ``UPDATE`` carrying NaN or Inf is rejected.
+    ``UPDATE`` carrying NaN or Inf is rejected. ``shm`` reads the frames of a message
+    placed in the sender's shared-memory segment (None: this peer may not do that).
     """
     if not frames:
         raise ProtocolError("empty", "message has no frames")
-    msg, specs = parse(frames[0])
-    buffers = [as_buffer(f) for f in frames[1:]]
+    msg, specs, placement = parse_placed(frames[0])
+    if placement is None:
+        buffers = [as_buffer(f) for f in frames[1:]]
+    elif shm is None:
+        raise ProtocolError("bad_shm", "frames in shared memory from a peer not known to share this host; send them on the socket")
+    elif len(frames) > 1:
+        raise ProtocolError("bad_shm", "frames both in shared memory and on the socket")
+    else:
+        buffers = shm.frames(placement)
     declared_frames = 0
     total = 0
     for spec in specs:

@@ -33,6 +33,7 @@ __all__ = [
     "MAX_HEADER_BYTES",
     "pack",
     "parse",
+    "parse_placed",
     "decode_plain",
     "as_buffer",
 ]
@@ -152,8 +153,9 @@ _HEADER_FIELDS: dict[str, type] = {
 }
 
 
-def pack(msg: Message, specs: list[dict[str, Any]]) -> bytes:
-    """The header of ``msg``, its tensors described by ``specs``."""
+def pack(msg: Message, specs: list[dict[str, Any]], placement: dict[str, Any] | None = None) -> bytes:
+    """The header of ``msg``, its tensors described by ``specs``; ``placement`` says
+    where its frames lie when they travel through shared memory (``elastic.wire.shm``)."""
     header = {
         "p": PROTOCOL_VERSION,
         "t": str(msg.type),
@@ -167,14 +169,23 @@ def pack(msg: Message, specs: list[dict[str, Any]]) -> bytes:
     }
     if msg.encodings:
         header["enc"] = msg.encodings
+    if placement is not None:
+        header["shm"] = placement
     return msgpack.packb(header, use_bin_type=True)
 
 
 def parse(frame: Any) -> tuple[Message, list[dict[str, Any]]]:
     """The message (without tensors) and its tensor specs, every field checked."""
+    msg, specs, _ = parse_placed(frame)
+    return msg, specs
+
+
+def parse_placed(frame: Any) -> tuple[Message, list[dict[str, Any]], Any]:
+    """``parse``, plus the shared-memory placement of the frames (None: they follow
+    on the socket); the placement is checked by the reader that resolves it."""
     header = _unpack_header(as_buffer(frame))
     msg = _validate_header(header)
-    return msg, header["tensors"]
+    return msg, header["tensors"], header.get("shm")
 
 
 def decode_plain(frames: list[Any]) -> Message:

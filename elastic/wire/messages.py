@@ -43,6 +43,10 @@ class WireTensor:
     On the receiving side each chunk is a ``torch.frombuffer`` view over one ZeroMQ
     frame, so nothing is copied until the tensor is folded somewhere. Folding chunk by
     chunk (``copy_to``, ``add_to``) keeps the receiver's memory at one model.
+
+    The chunks of a tensor that came through a cast codec (fp16, bf16) hold the
+    narrower dtype as received; every method here widens them to ``dtype`` on the
+    way, so no decoded copy is ever made unless ``to_tensor`` asks for one.
     """
 
     dtype: torch.dtype
@@ -78,6 +82,10 @@ class WireTensor:
         """The whole tensor. Zero-copy for one chunk; one concatenation otherwise."""
         if not self.chunks:
             return torch.empty(self.shape, dtype=self.dtype)
+        if self.chunks[0].dtype != self.dtype:  # widened into one new tensor, in one pass
+            out = torch.empty(self.shape, dtype=self.dtype)
+            self.copy_to(out)
+            return out
         flat = self.chunks[0] if len(self.chunks) == 1 else torch.cat(self.chunks)
         return flat.view(self.shape)
 
@@ -97,7 +105,11 @@ class WireTensor:
         """``target = alpha * self``, chunk by chunk (one pass: no zeroing first)."""
         flat = _flat_view(target, self.numel)
         for offset, chunk in self.iter_chunks():
-            torch.mul(chunk, alpha, out=flat[offset : offset + chunk.numel()])
+            part = flat[offset : offset + chunk.numel()]
+            if chunk.dtype.itemsize < part.dtype.itemsize:  # widen first: alpha * x in half precision could overflow
+                part.copy_(chunk).mul_(alpha)
+            else:
+                torch.mul(chunk, alpha, out=part)
 
     def is_finite(self) -> bool:
         """True when no element is NaN or ±Inf (always true for integer dtypes)."""
@@ -106,7 +118,8 @@ class WireTensor:
         for chunk in self.chunks:
             # One fast pass: a finite sum means every element is finite. Only when the
             # sum overflows (or there really is a NaN/Inf) do we look element-wise.
-            if not torch.isfinite(chunk.sum()) and not bool(torch.isfinite(chunk).all()):
+            total = chunk.sum(dtype=torch.float32) if chunk.dtype.itemsize < 4 else chunk.sum()  # a half sum overflows
+            if not torch.isfinite(total) and not bool(torch.isfinite(chunk).all()):
                 return False
         return True
 

@@ -13,12 +13,15 @@ from typing import Any
 import zmq
 
 from elastic.wire.header import CHUNK_BYTES, MAX_HEADER_BYTES, Message, pack
+from elastic.wire.shm import SegmentWriter
 
 __all__ = ["router_socket", "dealer_socket", "send_message", "recv_frames", "MAX_FRAME_BYTES"]
 
 # A frame is a header or a chunk; anything much larger is not ours. libzmq drops
 # the connection of a peer that sends one, before it costs us memory.
 MAX_FRAME_BYTES = max(MAX_HEADER_BYTES, CHUNK_BYTES) * 4
+# Through shared memory a tensor is one frame: one copy, and one view to fold.
+SHM_CHUNK_BYTES = 1 << 62
 
 
 def _common(sock: zmq.Socket) -> None:
@@ -61,17 +64,25 @@ def dealer_socket(ctx: zmq.Context, identity: str, connect: str, secure: Secure 
     return sock
 
 
-def send_message(sock: zmq.Socket, msg: Message, routing: bytes | None = None, track: bool = False) -> zmq.MessageTracker | None:
+def send_message(
+    sock: zmq.Socket, msg: Message, routing: bytes | None = None, track: bool = False, lane: SegmentWriter | None = None
+) -> zmq.MessageTracker | None:
     """Send without blocking the caller's loop.
 
     With ``track`` the returned tracker says when libzmq is done with the tensor
-    memory the frames alias; None means no frame aliases it. Raises
-    ``zmq.ZMQError`` (e.g. ``EHOSTUNREACH`` for a ROUTER peer that is gone).
+    memory the frames alias; None means no frame aliases it. With ``lane`` (a peer on
+    this host) big frames are copied into its shared-memory segment and only the
+    header goes on the socket. Raises ``zmq.ZMQError`` (e.g. ``EHOSTUNREACH`` for a
+    ROUTER peer that is gone).
     """
     if msg.tensors:
-        from elastic.wire.frames import encode  # noqa: PLC0415 - tensors need torch; requests do not
+        from elastic.wire.frames import encode_parts  # noqa: PLC0415 - tensors need torch; requests do not
 
-        frames: list[Any] = encode(msg)
+        specs, buffers = encode_parts(msg, SHM_CHUNK_BYTES if lane is not None else CHUNK_BYTES)
+        placement = lane.put(buffers) if lane is not None else None
+        if placement is None and lane is not None:  # on the socket after all: frames libzmq moves fastest
+            specs, buffers = encode_parts(msg)
+        frames: list[Any] = [pack(msg, specs, placement)] if placement is not None else [pack(msg, specs), *buffers]
     else:
         frames = [pack(msg, [])]
     if routing is not None:

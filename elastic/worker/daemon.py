@@ -37,6 +37,7 @@ from elastic.security import client_security
 from elastic.wire.frames import decode
 from elastic.wire.header import OFFER_MIN_BYTES
 from elastic.wire.messages import Message, MsgType
+from elastic.wire.shm import Probe, SegmentReader, SegmentWriter, shm_available
 from elastic.wire.transport import Secure, dealer_socket, recv_frames, send_message
 from elastic.worker.devices import describe_device, resolve_device
 from elastic.worker.runner import Result, TaskRunner
@@ -73,6 +74,10 @@ class Worker:
         self._pending: dict[str, Message] = {}  # newest WORK per job, waiting for the trainer
         self._held: dict[str, Result] = {}  # big updates offered, by key, waiting for a GRANT
         self.sock: zmq.Socket | None = None
+        # On the coordinator's host (it read our probe): tensors through /dev/shm.
+        self._probe: Probe | None = None
+        self._lane: SegmentWriter | None = None
+        self._placed: SegmentReader | None = None
         self.registration: WorkerRegistration | None = None
         self.address = ""  # the coordinator of the current session
         self.registered = False
@@ -198,6 +203,7 @@ class Worker:
         """One connection to the coordinator, until it goes silent or we stop."""
         self.address = address
         self.sock = dealer_socket(self.ctx, self.id, address, secure=self._secure)
+        self._probe = self._new_probe()
         self.registered = False
         joined = False
         poller = zmq.Poller()
@@ -230,11 +236,36 @@ class Worker:
                 self._drop_held(key, "the session ended")
             self.sock.close(linger=0)
             self.sock = None
+            self._shared_memory(False)
+            if self._probe is not None:
+                self._probe.close()
+                self._probe = None
+
+    def _new_probe(self) -> Probe | None:
+        if not self.config.shared_memory or not shm_available():
+            return None
+        try:
+            return Probe()
+        except OSError as exc:
+            log.warning("no shared-memory path (tensors go on the socket): cannot write a probe: %s", exc.strerror)
+            return None
+
+    def _shared_memory(self, on: bool) -> None:
+        """Turn the /dev/shm path to the coordinator on or off (its ends made afresh)."""
+        if self._lane is not None:
+            self._lane.close()
+        if self._placed is not None:
+            self._placed.forget()
+        self._lane = SegmentWriter() if on else None
+        self._placed = SegmentReader() if on else None
 
     # ------------------------------------------------------------- messages --
 
     def _hello(self) -> Message:
-        return Message(MsgType.HELLO, meta={"device": describe_device(self.device), "host": socket.gethostname(), "software": __version__, "pid": os.getpid()})
+        meta = {"device": describe_device(self.device), "host": socket.gethostname(), "software": __version__, "pid": os.getpid()}
+        if self._probe is not None:
+            meta["shm"] = self._probe.describe()
+        return Message(MsgType.HELLO, meta=meta)
 
     def _say_goodbye(self) -> None:
         """BYE, then wait (briefly) for the coordinator to acknowledge it: closing at
@@ -255,7 +286,7 @@ class Worker:
         assert self.sock is not None
         msg.sender = self.id
         try:
-            return send_message(self.sock, msg, track=track)
+            return send_message(self.sock, msg, track=track, lane=self._lane)
         except zmq.ZMQError as exc:
             log.warning("cannot send type=%s error=%s", msg.type, exc.strerror)
             return None
@@ -268,7 +299,7 @@ class Worker:
             except zmq.Again:
                 return
             try:
-                msg = decode(frames, max_message_bytes=self.config.max_message_bytes, check_finite=False)
+                msg = decode(frames, max_message_bytes=self.config.max_message_bytes, check_finite=False, shm=self._placed)
             except ProtocolError as exc:
                 log.warning("bad message from coordinator reason=%s detail=%s", exc.reason, exc.detail)
                 continue
@@ -281,6 +312,10 @@ class Worker:
                 self.notifier.status(f"joined {self.address}")
             self.registered = True
             self.heartbeat_interval = float(msg.meta["heartbeat_interval"])
+            local = msg.meta.get("shm") is True and self._probe is not None
+            if local != (self._lane is not None):
+                log.info("tensors to and from the coordinator go through %s", "shared memory" if local else "the socket")
+                self._shared_memory(local)
         elif msg.type is MsgType.NACK:
             reason, detail = msg.meta["reason"], msg.meta["detail"]
             if reason == "unknown_member":
@@ -290,6 +325,8 @@ class Worker:
                 self._send(self._hello())
             else:
                 log.warning("coordinator refused job=%s round=%d reason=%s detail=%s", msg.job, msg.round, reason, detail)
+                if reason == "bad_shm":  # it does not read our segment (any more): use the socket
+                    self._shared_memory(False)
                 if msg.key in self._held:
                     self._drop_held(msg.key, f"refused: {reason}")
         elif msg.type is MsgType.GRANT:
@@ -354,6 +391,7 @@ class Worker:
                 if work is None:
                     return
                 self._results.put(self.runner.run(work))
+                del work  # its tensors may view the coordinator's segment: let it reuse that now
                 wake.send(b"")
         finally:
             wake.close(linger=0)

@@ -114,7 +114,6 @@ class TaskRunner:
                     target.copy_(staged, non_blocking=True)
 
     def _run(self, work: Message) -> Result:
-        started = time.perf_counter()
         ctx = self._context(work)
         if ctx.sent is not None and not ctx.sent.free:  # ZeroMQ still reads the last update
             move_to_fresh_memory(ctx.model)
@@ -136,17 +135,21 @@ class TaskRunner:
             # sparsify or quantise is the change, never the weights themselves.
             relative = mode == "delta" or bool(chain)
             received = {k: reusable(ctx.received, k, v).copy_(v.detach()) for k, v in weights.items()} if relative else {}
+            computing = time.perf_counter()
             result = local_train(ctx.task, ctx.model, ctx.dataset, train, seed, self.device, self.cancel)
+            computed = time.perf_counter() - computing
             with torch.no_grad():
                 for name, start in received.items():  # trained minus received, in place
                     weights[name].sub_(start)
             update = {k: v.detach() for k, v in weights.items()}
         elif mode == "gradient":
+            computing = time.perf_counter()
             result = batch_gradient(ctx.task, ctx.model, ctx.dataset, train.batch_size, work.round - 1, int(work.meta["seed"]), self.device)
+            computed = time.perf_counter() - computing
             update = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in update_template(ctx.model, "gradient").items()}
         else:
             raise ElasticError(f"unknown work mode {mode!r}; this worker knows train, delta and gradient")
-        meta: dict[str, Any] = {"num_samples": result.num_samples, "loss": result.loss, "kind": update_kind(mode), "train_seconds": time.perf_counter() - started}
+        meta: dict[str, Any] = {"num_samples": result.num_samples, "loss": result.loss, "kind": update_kind(mode), "train_seconds": computed}
         encodings: dict[str, list[dict[str, Any]]] = {}
         buffers: BufferSet | None
         if chain:  # compressed on the device; the parts are new memory, sent as they are
@@ -187,7 +190,7 @@ class TaskRunner:
             delta = expand(work, self.plugins.codecs, floats)
             for name, ref in ctx.reference.items():
                 if name in delta:
-                    ref.add_(delta[name].to_tensor().view(ref.shape).to(ref.dtype))
+                    delta[name].add_to(ref)  # widened on the way when the chain is a cast
         ctx.reference_version = work.version
         return others | {k: WireTensor.from_tensor(v) for k, v in ctx.reference.items()}
 

@@ -166,3 +166,36 @@ def test_expand_refuses_a_decompression_bomb() -> None:
     with pytest.raises(ProtocolError) as err:
         expand(msg, CODECS, {"w": ((100,), torch.float32)})
     assert err.value.reason == "bad_encoding"
+
+
+@pytest.mark.parametrize("chain, narrow", [(["fp16"], torch.float16), (["bf16"], torch.bfloat16)])
+def test_a_cast_chain_is_folded_as_received_without_a_decoded_copy(chain: list[str], narrow: torch.dtype) -> None:
+    x = sample((300, 70), torch.float32) * 1000
+    x[0, 0] = 60000.0  # near fp16's top: alpha * x must not be taken in half precision
+    msg = chain_message(chain, {"w": x})
+    msg.tensors["w#x"].chunks = list(torch.cat(msg.tensors["w#x"].chunks).split(5000))  # as 1 MiB frames would
+    out = expand(msg, CODECS, {"w": ((300, 70), torch.float32)})["w"]
+    assert out.dtype == torch.float32 and out.shape == (300, 70)
+    assert all(c.dtype == narrow for c in out.chunks) and len(out.chunks) == 5  # the received frames themselves
+    cast = x.to(narrow).to(torch.float32)
+    assert torch.equal(out.to_tensor(), cast)
+    scaled, summed = torch.empty(300, 70), torch.ones(300, 70)
+    out.scale_to(scaled, alpha=8.0)
+    out.add_to(summed, alpha=0.5)
+    assert torch.equal(scaled, cast * 8.0) and torch.isfinite(scaled).all()
+    assert torch.equal(summed, 1 + cast * 0.5)
+    assert out.is_finite()
+    again = decode(encode(Message(MsgType.UPDATE, meta=msg.meta, tensors={"w": out})))  # sent on as what it claims to be
+    assert torch.equal(again.tensors["w"].to_tensor(), cast)
+
+
+def test_a_cast_part_of_another_dtype_is_decoded_and_refused() -> None:
+    msg = chain_message(["fp16"], {"w": sample((10, 10), torch.float32)})
+    msg.tensors["w#x"] = WireTensor.from_tensor(torch.full((100,), 1e300, dtype=torch.float64))  # would overflow float32
+    with pytest.raises(ProtocolError) as err:
+        expand(msg, CODECS, {"w": ((10, 10), torch.float32)})
+    assert err.value.reason == "bad_encoding" and "float64" in err.value.detail
+    msg.tensors["w#x"] = WireTensor.from_tensor(torch.ones(99, dtype=torch.float16))  # one element short
+    with pytest.raises(ProtocolError) as err:
+        expand(msg, CODECS, {"w": ((10, 10), torch.float32)})
+    assert err.value.reason == "bad_encoding"

@@ -1,0 +1,97 @@
+"""Workers on the coordinator's host exchange tensors through /dev/shm: same results as
+over the socket, the path really taken, nothing left behind, and a worker killed
+mid-job does not stop the others."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from elastic.wire import shm
+
+from .conftest import Cluster, write_job
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not shm.shm_available(), reason="no writable /dev/shm")]
+
+ROUNDS = 6
+
+
+def job(tmp_path: Path, rounds: int = ROUNDS, min_workers: int = 2) -> Path:
+    # 1M parameters: 4 MB a message, over the 1 MiB where the shared path starts.
+    return write_job(tmp_path / "big.toml", f"""
+[job]
+id = "big"
+task = "synthetic"
+rule = "syncavg"
+rounds = {rounds}
+min_workers = {min_workers}
+max_workers = 2
+eval_every = 0
+seed = 3
+[task]
+params = 1000000
+samples = 8
+[train]
+batch_size = 8
+[rule]
+lr = 0.01
+[checkpoint]
+every = 1000
+""")
+
+
+def run(cluster: Cluster, tmp_path: Path, *flags: str) -> dict[str, torch.Tensor]:
+    coordinator = cluster.coordinator(job(tmp_path), extra=("--exit-when-done", *flags))
+    workers = [cluster.worker(f"w{i}", *flags) for i in range(2)]
+    cluster.wait_status("big", lambda s: s["state"] == "finished", 120, "the job to finish")
+    assert coordinator.wait(30) == 0
+    for w in workers:
+        w.send_signal(signal.SIGTERM)
+        w.wait(20)
+    return safetensors.torch.load_file(cluster.state / "big" / "final.safetensors")
+
+
+def segments_of(pids: list[int]) -> list[str]:
+    return [n for n in os.listdir(shm.SHM_DIR) if any(n.startswith(f"elastic-{pid}-") for pid in pids)]
+
+
+def test_shared_memory_gives_the_socket_s_result_and_cleans_up(tmp_path: Path) -> None:
+    through = Cluster(tmp_path / "shm")
+    socket = Cluster(tmp_path / "tcp")
+    for c in (through, socket):
+        c.root.mkdir()
+    try:
+        got = run(through, through.root)
+        want = run(socket, socket.root, "--no-shared-memory")
+    finally:
+        through.stop_all()
+        socket.stop_all()
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name  # the same bytes, by either path
+    log = (through.root / "coordinator.log").read_text()
+    sent = int(re.search(r"shm_sent=(\d+)", log).group(1))  # type: ignore[union-attr]
+    assert sent >= 2 * ROUNDS, log[-2000:]  # every WORK went through /dev/shm
+    assert "go through shared memory" in (through.root / "w0.log").read_text()
+    assert "shm_sent=0 " in (socket.root / "coordinator.log").read_text()
+    assert "shared memory" not in (socket.root / "w0.log").read_text()
+    assert segments_of([p.pid for p in through.procs]) == []  # every segment and probe unlinked
+
+
+def test_a_worker_killed_mid_job_leaves_the_rest_running(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.coordinator(job(tmp_path, rounds=400, min_workers=1))
+    victim = cluster.worker("w0")
+    cluster.worker("w1")
+    cluster.wait_status("big", lambda s: s["round"] >= 3, 60, "rounds through shared memory")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    reached = cluster.status("big")["round"]  # type: ignore[index]
+    cluster.wait_status("big", lambda s: s["round"] >= reached + 5, 60, "rounds with the survivor")
+    cluster.worker("w2")  # a newcomer joins through a fresh segment
+    cluster.wait_status("big", lambda s: any(h["updates"] == 2 for h in s["history"][-3:]), 60, "two workers again")
+    assert "go through shared memory" in (tmp_path / "w2.log").read_text()
