@@ -14,7 +14,11 @@ One writer and one reader per segment; its first 64 bytes are the protocol:
 
 The writer puts a message in only when ``released == posted``: the reader holds
 nothing of the segment. Otherwise the frames go on the socket as usual. A slow reader
-never sees bytes overwritten under it, and never blocks the writer. The reader
+never sees bytes overwritten under it, and never blocks the writer. If the segment
+stays held for ``REPLACE_AFTER_BUSY`` big messages in a row, the writer unlinks it
+and starts a new one: the reader keeps its mapping of the old for as long as it
+views it, so this too is safe, and a message lost on the way costs three messages
+on the socket, not the rest of the session. The reader
 releases a message when the last view of its frames is gone (a finalizer on the
 array they all view), so a worker that keeps a model's tensors only delays the next
 message onto the socket, it never corrupts it.
@@ -62,6 +66,10 @@ ALIGN = 64  # frames start on cache lines
 _POSTED, _RELEASED, _TOKEN = 8, 16, 24
 _NAME = re.compile(r"elastic-(\d+)-[0-9a-f]{16}")
 _STALE_AFTER = 60.0  # a segment of a dead writer, unmapped this long, is garbage
+# After this many big messages in a row found the segment still held, the writer
+# starts a new one and leaves the old to its reader: a message the reader never got
+# (a connection dropped under it) must not keep this peer on the socket for good.
+REPLACE_AFTER_BUSY = 3
 
 
 def _new_name() -> str:
@@ -200,6 +208,7 @@ class SegmentWriter:
         self._mm: mmap.mmap | None = None
         self._posted = 0
         self._unlinked = True
+        self._held_run = 0  # big messages in a row that found the segment held
         self.sent = 0  # messages that went through the segment
         self.busy = 0  # big messages that went on the socket: the reader still held the last
         self.disabled = ""  # why this writer gave up (no room in /dev/shm), or ""
@@ -210,18 +219,24 @@ class SegmentWriter:
         sizes = [len(f) for f in frames]
         if self.disabled or sum(sizes) < self.min_bytes:
             return None
+        offsets, size = layout(sizes)
         if self._mm is not None:
             released = _read(self._mm, _RELEASED)
             if released != self._posted:
                 self.busy += 1
-                return None
-            if released and not self._unlinked:  # the reader has it mapped: the name can go
+                self._held_run += 1
+                if self._held_run < REPLACE_AFTER_BUSY:
+                    return None
+                log.info("shared-memory segment still held after %d messages; starting a new one", self._held_run)
+                size = max(size, len(self._mm))
+                self.close()  # the reader keeps its mapping while it views the old one
+            elif released and not self._unlinked:  # the reader has it mapped: the name can go
                 _unlink(self.name)
                 self._unlinked = True
-        offsets, size = layout(sizes)
         if self._mm is None or len(self._mm) < size:
             if not self._replace(size):
                 return None
+        self._held_run = 0
         assert self._mm is not None
         for at, frame in zip(offsets, frames, strict=True):
             np.frombuffer(self._mm, dtype=np.uint8, count=len(frame), offset=at)[:] = np.frombuffer(frame, dtype=np.uint8)

@@ -65,6 +65,21 @@ def test_the_writer_waits_for_the_reader_and_falls_back_to_the_socket() -> None:
     writer.close()
 
 
+def test_a_segment_held_too_long_is_left_to_its_reader_and_replaced() -> None:
+    writer, reader = SegmentWriter(), SegmentReader()
+    first = torch.randn(400_000)
+    held = decode(send(writer, update(w=first)), shm=reader)  # e.g. a message whose reader went quiet
+    old = writer.name
+    specs, buffers = encode_parts(update(w=torch.zeros(400_000)), 1 << 62)
+    assert [writer.put(buffers) for _ in range(shm.REPLACE_AFTER_BUSY - 1)] == [None] * (shm.REPLACE_AFTER_BUSY - 1)
+    second = torch.randn(400_000)
+    got = decode(send(writer, update(w=second)), shm=reader)  # the next one: a new segment
+    assert writer.name != old
+    assert torch.equal(got.tensors["w"].to_tensor(), second)
+    assert torch.equal(held.tensors["w"].to_tensor(), first)  # the old views are untouched
+    writer.close()
+
+
 def test_the_segment_is_unlinked_once_mapped_and_grows_by_replacement() -> None:
     writer, reader = SegmentWriter(), SegmentReader()
     decode(send(writer, update(w=torch.ones(300_000))), shm=reader)
