@@ -43,6 +43,7 @@ from elastic.metrics import Metrics
 from elastic.plugins import Plugins
 from elastic.sdnotify import Notifier
 from elastic.security import CONTROL, DATA, CurveServer
+from elastic.wire.buffers import Tracker
 from elastic.wire.frames import decode
 from elastic.wire.messages import Message, MsgType
 from elastic.wire.shm import LocalPeers
@@ -496,7 +497,7 @@ class Coordinator:
     def _send(self, routing: bytes, msg: Message) -> bool:
         return self._send_tracked(routing, msg)[0]
 
-    def _send_tracked(self, routing: bytes, msg: Message, track: bool = False) -> tuple[bool, zmq.MessageTracker | None]:
+    def _send_tracked(self, routing: bytes, msg: Message, track: bool = False) -> tuple[bool, Tracker | None]:
         """Whether it was sent, and (with ``track``) the tracker of its frames."""
         try:
             tracker = send_message(self.sock, msg, routing, track=track, lane=self.local.writer(routing.decode("utf-8", "replace")))

@@ -11,11 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
-import zmq
 
-__all__ = ["BufferSet", "BufferPool", "reusable"]
+__all__ = ["BufferSet", "BufferPool", "Tracker", "reusable"]
+
+
+class Tracker(Protocol):
+    """What says when a sent message's memory may change: ZeroMQ's ``MessageTracker``,
+    or a shared-memory ``Ticket`` (``elastic.wire.shm``)."""
+
+    @property
+    def done(self) -> bool: ...
 
 
 def reusable(
@@ -39,10 +47,10 @@ class BufferSet:
     """Named tensors plus the trackers of the messages that alias them."""
 
     tensors: dict[str, torch.Tensor]
-    trackers: list[zmq.MessageTracker] = field(default_factory=list)
+    trackers: list[Tracker] = field(default_factory=list)
     busy: bool = True  # acquired and not yet released by its user
 
-    def attach(self, tracker: zmq.MessageTracker | None) -> None:
+    def attach(self, tracker: Tracker | None) -> None:
         if tracker is not None:
             self.trackers.append(tracker)
 
@@ -50,7 +58,7 @@ class BufferSet:
         """The user is done; the set is free once its messages are sent."""
         self.busy = False
 
-    def release_after(self, tracker: zmq.MessageTracker | None) -> None:
+    def release_after(self, tracker: Tracker | None) -> None:
         """Sent as one message with this tracker (None: not sent): free once it is out."""
         self.attach(tracker)
         self.release()

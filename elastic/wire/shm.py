@@ -44,16 +44,20 @@ import re
 import secrets
 import stat
 import struct
+import threading
 import time
 import weakref
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from elastic.errors import ProtocolError
 
-__all__ = ["SHM_DIR", "SHM_MIN_BYTES", "Probe", "SegmentWriter", "SegmentReader", "is_local", "sweep"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["SHM_DIR", "SHM_MIN_BYTES", "Probe", "SegmentWriter", "SegmentReader", "Ticket", "is_local", "sweep"]
 
 log = logging.getLogger("elastic.wire")
 
@@ -199,23 +203,80 @@ def is_local(described: Any) -> bool:
         mm.close()
 
 
+class Ticket:
+    """Says when the reader is done with a message sent from memory in the segment
+    (``done``, like ZeroMQ's ``MessageTracker``): until then that memory must not change."""
+
+    def __init__(self, mm: mmap.mmap, seq: int) -> None:
+        self._mm, self._seq = mm, seq
+
+    @property
+    def done(self) -> bool:
+        return self._mm.closed or _read(self._mm, _RELEASED) >= self._seq
+
+
+def _address(buf: Any) -> int:
+    address: int = np.frombuffer(buf, dtype=np.uint8).ctypes.data
+    return address
+
+
 class SegmentWriter:
-    """The sending end of one direction of one connection."""
+    """The sending end of one direction of one connection. Thread-safe: a worker's
+    trainer places tensors (``place``) while its main thread sends (``put``)."""
 
     def __init__(self, min_bytes: int = SHM_MIN_BYTES) -> None:
         self.min_bytes = min_bytes
         self.name = ""
         self._mm: mmap.mmap | None = None
+        self._base = 0  # the mapping's address
         self._posted = 0
         self._unlinked = True
         self._held_run = 0  # big messages in a row that found the segment held
+        self._lock = threading.RLock()
         self.sent = 0  # messages that went through the segment
+        self.in_place = 0  # of those, sent from memory already in it (no copy)
         self.busy = 0  # big messages that went on the socket: the reader still held the last
         self.disabled = ""  # why this writer gave up (no room in /dev/shm), or ""
+        self.ticket: Ticket | None = None  # of the last message sent in place
+        self._owner = ""  # whose tensors live in the segment (``place``), or ""
+
+    def place(self, like: Mapping[str, torch.Tensor], owner: str) -> dict[str, torch.Tensor] | None:
+        """Tensors shaped like ``like`` (contiguous, on the CPU), in the segment where
+        ``put`` would copy them: a message of exactly these tensors, in this order, is
+        then sent with no copy. None when the segment is held or cannot be made.
+        Once sent, the tensors must not change until ``ticket`` is done.
+
+        The segment then belongs to ``owner``'s tensors: another owner, or a message
+        that must be copied in, gets a new segment, and the old mapping stays with
+        the tensors that live in it."""
+        import torch  # noqa: PLC0415 - only a worker placing its parameters needs it
+
+        sizes = [t.numel() * t.element_size() for t in like.values()]
+        offsets, size = layout(sizes)
+        with self._lock:
+            if self.disabled or sum(sizes) < self.min_bytes:
+                return None
+            if self._mm is not None and _read(self._mm, _RELEASED) != self._posted:
+                return None
+            if self._owner and self._owner != owner:
+                self.close()
+            if (self._mm is None or len(self._mm) < size) and not self._replace(size):
+                return None
+            assert self._mm is not None
+            self._owner = owner
+            return {
+                name: torch.frombuffer(self._mm, dtype=t.dtype, count=t.numel(), offset=at).view(t.shape)
+                for (name, t), at in zip(like.items(), offsets, strict=True)
+            }
 
     def put(self, frames: Sequence[memoryview]) -> dict[str, Any] | None:
-        """Copy ``frames`` into the segment and return their placement for the header;
-        None when they should go on the socket (small, or the reader is not done)."""
+        """Copy ``frames`` into the segment (unless they already lie where they go)
+        and return their placement for the header; None when they should go on the
+        socket (small, or the reader is not done)."""
+        with self._lock:
+            return self._put(frames)
+
+    def _put(self, frames: Sequence[memoryview]) -> dict[str, Any] | None:
         sizes = [len(f) for f in frames]
         if self.disabled or sum(sizes) < self.min_bytes:
             return None
@@ -233,16 +294,23 @@ class SegmentWriter:
             elif released and not self._unlinked:  # the reader has it mapped: the name can go
                 _unlink(self.name)
                 self._unlinked = True
+        in_place = self._mm is not None and all(_address(f) == self._base + at for at, f in zip(offsets, frames, strict=True))
+        if not in_place and self._owner:  # placed tensors live here: never copy over them
+            size = max(size, len(self._mm)) if self._mm is not None else size
+            self.close()
         if self._mm is None or len(self._mm) < size:
             if not self._replace(size):
                 return None
         self._held_run = 0
         assert self._mm is not None
-        for at, frame in zip(offsets, frames, strict=True):
-            np.frombuffer(self._mm, dtype=np.uint8, count=len(frame), offset=at)[:] = np.frombuffer(frame, dtype=np.uint8)
+        if not in_place:
+            for at, frame in zip(offsets, frames, strict=True):
+                np.frombuffer(self._mm, dtype=np.uint8, count=len(frame), offset=at)[:] = np.frombuffer(frame, dtype=np.uint8)
         self._posted += 1
         struct.pack_into("<Q", self._mm, _POSTED, self._posted)
         self.sent += 1
+        self.in_place += in_place
+        self.ticket = Ticket(self._mm, self._posted) if in_place else None
         return {"seg": self.name, "seq": self._posted, "sizes": sizes}
 
     def _replace(self, size: int) -> bool:
@@ -254,15 +322,18 @@ class SegmentWriter:
             self.disabled = f"cannot reserve {size} bytes in {SHM_DIR}: {exc.strerror}"
             log.warning("shared-memory path off for this peer, frames go on the socket: %s", self.disabled)
             return False
+        self._base = _address(self._mm)
         self._posted = 0
         self._unlinked = False
         return True
 
     def close(self) -> None:
-        if self._mm is not None and not self._unlinked:
-            _unlink(self.name)
-        self._unlinked = True
-        self._mm = None  # closed when the last view of it goes
+        with self._lock:
+            if self._mm is not None and not self._unlinked:
+                _unlink(self.name)
+            self._unlinked = True
+            self._mm = None  # closed when the last view (or placed tensor) of it goes
+            self._owner = ""
 
 
 class SegmentReader:

@@ -13,7 +13,7 @@ from typing import Any
 import zmq
 
 from elastic.wire.header import CHUNK_BYTES, MAX_HEADER_BYTES, Message, pack
-from elastic.wire.shm import SegmentWriter
+from elastic.wire.shm import SegmentWriter, Ticket
 
 __all__ = ["router_socket", "dealer_socket", "send_message", "recv_frames", "MAX_FRAME_BYTES"]
 
@@ -66,10 +66,11 @@ def dealer_socket(ctx: zmq.Context, identity: str, connect: str, secure: Secure 
 
 def send_message(
     sock: zmq.Socket, msg: Message, routing: bytes | None = None, track: bool = False, lane: SegmentWriter | None = None
-) -> zmq.MessageTracker | None:
+) -> zmq.MessageTracker | Ticket | None:
     """Send without blocking the caller's loop.
 
-    With ``track`` the returned tracker says when libzmq is done with the tensor
+    With ``track`` the returned tracker says when libzmq (or, for tensors sent from
+    their place in the shared-memory segment, the reader) is done with the tensor
     memory the frames alias; None means no frame aliases it. With ``lane`` (a peer on
     this host) big frames are copied into its shared-memory segment and only the
     header goes on the socket. Raises ``zmq.ZMQError`` (e.g. ``EHOSTUNREACH`` for a
@@ -80,9 +81,14 @@ def send_message(
 
         specs, buffers = encode_parts(msg, SHM_CHUNK_BYTES if lane is not None else CHUNK_BYTES)
         placement = lane.put(buffers) if lane is not None else None
-        if placement is None and lane is not None:  # on the socket after all: frames libzmq moves fastest
+        if placement is not None:  # only the header goes on the socket
+            assert lane is not None
+            sock.send_multipart([*([routing] if routing is not None else []), pack(msg, specs, placement)], flags=zmq.NOBLOCK)
+            # Sent from memory in the segment (placed there): free once the reader is done.
+            return lane.ticket if track else None
+        if lane is not None:  # on the socket after all: frames libzmq moves fastest
             specs, buffers = encode_parts(msg)
-        frames: list[Any] = [pack(msg, specs, placement)] if placement is not None else [pack(msg, specs), *buffers]
+        frames: list[Any] = [pack(msg, specs), *buffers]
     else:
         frames = [pack(msg, [])]
     if routing is not None:

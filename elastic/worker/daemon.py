@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import torch
 import zmq
 
 from elastic import __version__
@@ -34,6 +35,7 @@ from elastic.membership.etcd import WorkerRegistration
 from elastic.plugins import Plugins
 from elastic.sdnotify import Notifier
 from elastic.security import client_security
+from elastic.wire.buffers import Tracker
 from elastic.wire.frames import decode
 from elastic.wire.header import OFFER_MIN_BYTES
 from elastic.wire.messages import Message, MsgType
@@ -78,6 +80,7 @@ class Worker:
         self._probe: Probe | None = None
         self._lane: SegmentWriter | None = None
         self._placed: SegmentReader | None = None
+        self.shm_sent = self.shm_in_place = 0  # updates through /dev/shm; of those, sent with no copy
         self.registration: WorkerRegistration | None = None
         self.address = ""  # the coordinator of the current session
         self.registered = False
@@ -123,7 +126,7 @@ class Worker:
             self._wake.close(linger=0)
             if not trainer.is_alive():  # else its socket is open and term() would wait for it
                 self.ctx.term()
-            log.info("worker stopped worker=%s rounds=%d", self.id, self.rounds_done)
+            log.info("worker stopped worker=%s rounds=%d shm_sent=%d shm_in_place=%d", self.id, self.rounds_done, self.shm_sent, self.shm_in_place)
             self.notifier.close()
 
     def _register(self) -> WorkerRegistration:
@@ -254,10 +257,18 @@ class Worker:
         """Turn the /dev/shm path to the coordinator on or off (its ends made afresh)."""
         if self._lane is not None:
             self._lane.close()
+            self.shm_sent += self._lane.sent
+            self.shm_in_place += self._lane.in_place
         if self._placed is not None:
             self._placed.forget()
         self._lane = SegmentWriter() if on else None
         self._placed = SegmentReader() if on else None
+        self.runner.placer = self._place if on else None
+
+    def _place(self, like: dict[str, torch.Tensor], job: str) -> dict[str, torch.Tensor] | None:
+        """For the trainer: room for a job's update in the segment to the coordinator."""
+        lane = self._lane
+        return lane.place(like, job) if lane is not None else None
 
     # ------------------------------------------------------------- messages --
 
@@ -282,7 +293,7 @@ class Worker:
                 return
         log.warning("coordinator did not acknowledge the goodbye; it will notice by heartbeat")
 
-    def _send(self, msg: Message, track: bool = False) -> zmq.MessageTracker | None:
+    def _send(self, msg: Message, track: bool = False) -> Tracker | None:
         assert self.sock is not None
         msg.sender = self.id
         try:

@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,9 @@ class TaskRunner:
         self.staging = HostStaging(device)
         # Host copies of updates computed on a GPU (pinned), reused once sent.
         self.outbox = BufferPool(pin=device.type == "cuda")
+        # On the coordinator's host: gives tensors in the shared-memory segment the
+        # next update goes through (``SegmentWriter.place``), else None.
+        self.placer: Callable[[dict[str, torch.Tensor], str], dict[str, torch.Tensor] | None] | None = None
         self._jobs: dict[str, _JobContext] = {}
 
     def run(self, work: Message) -> Result:
@@ -118,6 +122,8 @@ class TaskRunner:
         if ctx.sent is not None and not ctx.sent.free:  # ZeroMQ still reads the last update
             move_to_fresh_memory(ctx.model)
         ctx.sent = None
+        if work.meta["mode"] != "gradient" and self.device.type == "cpu" and not work.meta.get("codecs"):
+            self._into_segment(ctx.model, work.meta["mode"], work.job)
         model_in = work.tensors
         if work.meta.get("downlink") is True:
             held = self._from_reference(ctx, work)
@@ -176,6 +182,24 @@ class TaskRunner:
             encodings=encodings,
         )
         return Result(msg, buffers)
+
+    def _into_segment(self, model: torch.nn.Module, mode: str, job: str) -> None:
+        """Rebind the weights the update will be sent from into the shared-memory
+        segment (once; they stay there while each update is released in time): the
+        model is then loaded into it and the update leaves with no copy."""
+        placer = self.placer
+        if placer is None:
+            return
+        weights = update_template(model, mode)
+        placed = placer({k: v.detach() for k, v in weights.items()}, job)
+        if placed is None:
+            return
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                target = placed[name]
+                if tensor.data_ptr() != target.data_ptr():
+                    target.copy_(tensor.detach())
+                    tensor.data = target
 
     def _from_reference(self, ctx: _JobContext, work: Message) -> dict[str, WireTensor] | None:
         """The model this WORK stands for, when it comes down as a delta against the

@@ -22,13 +22,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not shm.shm_available(), reas
 ROUNDS = 3
 
 
-def job(tmp_path: Path, rounds: int = ROUNDS, min_workers: int = 2) -> Path:
+def job(tmp_path: Path, rounds: int = ROUNDS, min_workers: int = 2, rule: str = "syncavg") -> Path:
     # 1M parameters: 4 MB a message, over the 1 MiB where the shared path starts.
     return write_job(tmp_path / "big.toml", f"""
 [job]
 id = "big"
 task = "synthetic"
-rule = "syncavg"
+rule = "{rule}"
 rounds = {rounds}
 min_workers = {min_workers}
 max_workers = 2
@@ -40,14 +40,16 @@ samples = 8
 [train]
 batch_size = 8
 [rule]
-lr = 0.01
+{"lr = 0.01" if rule == "syncavg" else ""}
 [checkpoint]
 every = 1000
 """)
 
 
 def run(cluster: Cluster, tmp_path: Path, *flags: str) -> dict[str, torch.Tensor]:
-    coordinator = cluster.coordinator(job(tmp_path), extra=("--exit-when-done", *flags))
+    # fedavg: workers train their weights and send them from where they live, which
+    # on this host is their segment (no copy on the way up)
+    coordinator = cluster.coordinator(job(tmp_path, rule="fedavg"), extra=("--exit-when-done", *flags))
     workers = [cluster.worker(f"w{i}", *flags) for i in range(2)]
     cluster.wait_status("big", lambda s: s["state"] == "finished", 120, "the job to finish")
     assert coordinator.wait(30) == 0
@@ -78,7 +80,10 @@ def test_shared_memory_gives_the_socket_s_result_and_cleans_up(tmp_path: Path) -
     log = (through.root / "coordinator.log").read_text()
     sent = int(re.search(r"shm_sent=(\d+)", log).group(1))  # type: ignore[union-attr]
     assert sent >= 2 * ROUNDS, log[-2000:]  # every WORK went through /dev/shm
-    assert "go through shared memory" in (through.root / "w0.log").read_text()
+    worker_log = (through.root / "w0.log").read_text()
+    assert "go through shared memory" in worker_log
+    in_place = int(re.search(r"shm_in_place=(\d+)", worker_log).group(1))  # type: ignore[union-attr]
+    assert in_place >= ROUNDS - 1, worker_log[-2000:]  # the weights left from their place in the segment
     assert "shm_sent=0 " in (socket.root / "coordinator.log").read_text()
     assert "shared memory" not in (socket.root / "w0.log").read_text()
     assert segments_of([p.pid for p in through.procs]) == []  # every segment and probe unlinked

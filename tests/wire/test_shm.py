@@ -207,3 +207,46 @@ def test_sweep_removes_a_dead_writers_old_segments_only() -> None:
         for path in (stale, fresh, mine):
             if os.path.exists(path):
                 os.unlink(path)
+
+
+def test_placed_tensors_leave_with_no_copy_and_a_ticket_says_when_they_may_change() -> None:
+    writer, reader = SegmentWriter(), SegmentReader()
+    like = {"w": torch.empty(300, 1000), "b": torch.empty(10)}
+    placed = writer.place(like, "job")
+    assert placed is not None
+    placed["w"].copy_(torch.randn(300, 1000))
+    placed["b"].fill_(2.0)
+    got = decode(send(writer, update(**placed)), shm=reader)
+    assert writer.in_place == 1 and writer.ticket is not None
+    assert torch.equal(got.tensors["w"].to_tensor(), placed["w"])
+    assert not writer.ticket.done  # the reader views them: they must not change
+    assert writer.place(like, "job") is None  # nor be handed out again
+    del got
+    gc.collect()
+    assert writer.ticket.done
+    again = writer.place(like, "job")
+    assert again is not None and again["w"].data_ptr() == placed["w"].data_ptr()  # the same place
+    writer.close()
+
+
+def test_nothing_is_ever_copied_over_placed_tensors() -> None:
+    writer, reader = SegmentWriter(), SegmentReader()
+    like = {"w": torch.empty(400_000)}
+    placed = writer.place(like, "job-a")
+    assert placed is not None
+    placed["w"].fill_(1.0)
+    first = writer.name
+    other = decode(send(writer, update(w=torch.full((400_000,), 7.0))), shm=reader)  # a message to copy in
+    assert writer.name != first and writer.in_place == 0
+    assert torch.equal(other.tensors["w"].to_tensor(), torch.full((400_000,), 7.0))
+    assert bool((placed["w"] == 1.0).all())  # job a's tensors untouched
+    del other
+    gc.collect()
+    b = writer.place(like, "job-b")
+    assert b is not None
+    b["w"].fill_(3.0)
+    c = writer.place(like, "job-c")  # another owner: a segment of its own
+    assert c is not None and c["w"].data_ptr() != b["w"].data_ptr()
+    c["w"].fill_(5.0)
+    assert bool((b["w"] == 3.0).all()) and bool((placed["w"] == 1.0).all())
+    writer.close()

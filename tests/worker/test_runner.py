@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 
 import pytest
@@ -14,6 +15,7 @@ from elastic.plugins import Plugins
 from elastic.training import update_kind, update_template
 from elastic.wire import Message, MsgType, WireTensor, decode, encode
 from elastic.wire.buffers import BufferPool
+from elastic.wire.shm import SegmentReader, SegmentWriter
 from elastic.wire.transport import send_message
 from elastic.worker.devices import resolve_device
 from elastic.worker.runner import TaskRunner
@@ -89,6 +91,38 @@ def test_update_is_sent_from_the_model_and_never_changes_while_queued(reader_kee
     if not reader_keeps_up:
         received = decode(rx.recv_multipart(copy=False)).tensors["weight"].to_tensor()
     assert torch.equal(received, sent)
+
+
+@pytest.mark.parametrize("reader_keeps_up", [True, False])
+def test_on_the_coordinator_s_host_the_update_leaves_from_the_segment(reader_keeps_up: bool, inproc_pair: tuple[zmq.Socket, zmq.Socket]) -> None:
+    """With a shared-memory lane the weights live in its segment and the update
+    leaves with no copy; if the coordinator still views it when the next WORK comes,
+    the model moves out first and the bytes it views never change."""
+    params = {"samples": 4, "features": 400_000}  # 1.6 MB: over the shared path's 1 MiB
+    model = LinReg(params).build_model(3)
+    runner = TaskRunner(Plugins(), torch.device("cpu"), None, "w")
+    lane, reader = SegmentWriter(), SegmentReader()
+    runner.placer = lane.place
+    tx, rx = inproc_pair
+    first = work("train", model)
+    first.meta["task_params"] = params
+    result = runner.run(first)
+    assert result.buffers is not None
+    result.buffers.release_after(send_message(tx, result.message, track=True, lane=lane))
+    assert lane.in_place == 1  # sent from where the weights live
+    sent = result.message.tensors["weight"].to_tensor().clone()
+    received = decode(rx.recv_multipart(), shm=reader).tensors["weight"]
+    where = runner._jobs["j"].model.weight.data_ptr()
+    if reader_keeps_up:
+        received = received.to_tensor().clone()  # and the views go
+        gc.collect()
+    second = work("train", model, round_=2)
+    second.meta["task_params"] = params
+    runner.run(second)
+    assert (runner._jobs["j"].model.weight.data_ptr() == where) is reader_keeps_up  # moved only when it had to
+    got = received if reader_keeps_up else received.to_tensor()
+    assert torch.equal(got, sent)
+    lane.close()
 
 
 def test_runner_reports_bad_work_as_a_nack() -> None:
