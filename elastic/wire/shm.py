@@ -281,23 +281,23 @@ class SegmentWriter:
         if self.disabled or sum(sizes) < self.min_bytes:
             return None
         offsets, size = layout(sizes)
-        if self._mm is not None:
-            released = _read(self._mm, _RELEASED)
-            if released != self._posted:
-                self.busy += 1
-                self._held_run += 1
-                if self._held_run < REPLACE_AFTER_BUSY:
-                    return None
-                log.info("shared-memory segment still held after %d messages; starting a new one", self._held_run)
-                size = max(size, len(self._mm))
-                self.close()  # the reader keeps its mapping while it views the old one
-            elif released and not self._unlinked:  # the reader has it mapped: the name can go
-                _unlink(self.name)
-                self._unlinked = True
-        in_place = self._mm is not None and all(_address(f) == self._base + at for at, f in zip(offsets, frames, strict=True))
-        if not in_place and self._owner:  # placed tensors live here: never copy over them
-            size = max(size, len(self._mm)) if self._mm is not None else size
+        released = _read(self._mm, _RELEASED) if self._mm is not None else 0
+        held = self._mm is not None and released != self._posted
+        if held:
+            self.busy += 1
+            self._held_run += 1
+            if self._held_run < REPLACE_AFTER_BUSY:
+                return None
+            log.info("shared-memory segment still held after %d messages; starting a new one", self._held_run)
+        in_place = not held and self._mm is not None and all(_address(f) == self._base + at for at, f in zip(offsets, frames, strict=True))
+        if self._mm is not None and (held or (self._owner and not in_place)):
+            # Held too long, or placed tensors live here and must never be copied
+            # over: a new segment; the old mapping stays with whoever views it.
+            size = max(size, len(self._mm))
             self.close()
+        elif released and not self._unlinked:  # the reader has it mapped: the name can go
+            _unlink(self.name)
+            self._unlinked = True
         if self._mm is None or len(self._mm) < size:
             if not self._replace(size):
                 return None
