@@ -369,10 +369,6 @@ class Coordinator:
             self.engines[job_id].set_desired(value.decode("utf-8", "replace"))
 
     def _housekeeping(self) -> None:
-        if self.leadership is not None and not self.leadership.holds():
-            # Stalled within this pass (stopped, starved) past the lease: start and
-            # send nothing until the loop's next check has asked etcd who leads.
-            return
         now = time.monotonic()
         if self.board is not None:
             for job_id, part, value in self.board.changes(now):
