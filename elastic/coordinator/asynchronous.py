@@ -100,7 +100,7 @@ class AsyncEngine(Engine):
                     self._answered.add(worker)
         if self._retry_commit_at is not None and now >= self._retry_commit_at:
             self._try_commit()
-        if self._finish_if_resumed_past_the_end() or self._pause_if_asked(idle=not self.assigned) or self._too_few(members):
+        if self._finish_if_resumed_past_the_end() or self._pause_if_asked(idle=not self.assigned) or self._too_few(members) or not self.holds():
             return []
         if job.state is not JobState.RUNNING:
             job.mark_running()

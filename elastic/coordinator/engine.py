@@ -72,8 +72,9 @@ class Engine(ABC):
         # known now (etcd silent), so nothing is committed now.
         self.fence = fence or (lambda: True)
         self.fenced = False
-        # Asked (no etcd call) before the status file is written: a coordinator that
-        # wakes from a stall must not overwrite the new leader's status with its own.
+        # Asked (no etcd call) before the status file is written and before new work
+        # is handed out: a coordinator that wakes from a stall must neither overwrite
+        # the new leader's status nor start work before the loop has asked etcd.
         self.holds = holds or (lambda: True)
         self.mode = job.aggregator.worker_mode
         self.kind = update_kind(self.mode)
@@ -304,7 +305,7 @@ class Engine(ABC):
         untouched, for the caller to drop or keep.
         """
         job, spec = self.job, self.job.spec
-        verdict = self.fence()
+        verdict = self._still_ours()
         if verdict is not True:
             self.fenced = verdict is False
             reason = "another coordinator leads" if self.fenced else "leadership not confirmed (etcd silent)"
@@ -328,7 +329,7 @@ class Engine(ABC):
         if last or number % spec.checkpoint.every == 0:
             try:
                 started = time.perf_counter()
-                path = job.checkpoint(self.fence)
+                path = job.checkpoint(self._still_ours)
                 self.notify("elastic_checkpoint_saved", job_id=spec.id, round=number, path=str(path), seconds=time.perf_counter() - started)
             except Fenced as exc:  # leadership unsure between the fence and the publish
                 log.error("checkpoint not published job=%s round=%d: %s", spec.id, number, exc)
@@ -344,6 +345,16 @@ class Engine(ABC):
         else:
             self._write_status()
         return True
+
+    def _still_ours(self) -> bool | None:
+        """The fence, then the lease by the local clock. A process stopped right after
+        etcd said yes (SIGSTOP, a stalled VM) may wake past its lease while a new
+        leader writes the same checkpoint: asked after the etcd call, the clock leaves
+        no gap but the rename itself. None (unsure) when only the clock says no."""
+        verdict = self.fence()
+        if verdict is True and not self.holds():
+            return None
+        return verdict
 
     def _finish(self) -> None:
         job = self.job

@@ -93,7 +93,7 @@ class RoundEngine(Engine):
                 log.warning("round deadline passed job=%s round=%d missing=%s", job.spec.id, self.current.number, ",".join(late))
                 self._close("deadline passed")
             return []
-        if self._finish_if_resumed_past_the_end() or self._too_few(members):
+        if self._finish_if_resumed_past_the_end() or self._too_few(members) or not self.holds():
             return []
         return self._start(members, now)
 

@@ -56,6 +56,14 @@ def test_every_idle_member_gets_work_and_fresh_work_after_each_update(tmp_path: 
     assert engine.job.totals["staleness_histogram"] == {"0": 1, "1": 1}
 
 
+def test_no_work_is_handed_out_while_the_lease_clock_has_run_out(tmp_path: Path) -> None:
+    engine, _, _ = make(tmp_path)
+    engine.holds = lambda: False  # woke from a stall within a loop pass: etcd not asked yet
+    assert engine.tick(members("a", "b")) == [] and not engine.assigned
+    engine.holds = lambda: True
+    assert sorted(by_worker(engine.tick(members("a", "b")))) == ["a", "b"]
+
+
 def test_too_stale_is_refused_and_the_worker_resyncs(tmp_path: Path) -> None:
     engine, _, _ = make(tmp_path)
     work = by_worker(engine.tick(members("fast", "slow")))

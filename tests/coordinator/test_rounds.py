@@ -266,6 +266,27 @@ def test_leadership_lost_between_commit_and_publish(tmp_path: Path) -> None:
     assert not list(engine.job.dir.glob(".*tmp*"))  # the unpublished file is gone too
 
 
+def test_a_stall_after_the_fence_publishes_no_checkpoint(tmp_path: Path) -> None:
+    """etcd says we lead, then the process stalls past its lease before the rename:
+    the lease clock, asked after the etcd call, keeps the file from replacing the
+    new leader's checkpoint of the same round."""
+    engine, events, _ = make(tmp_path, min_workers=1)
+    fence = Fence(True, True, False)  # the commit's check, the checkpoint's, then etcd again
+    engine.fence = fence
+    engine.holds = lambda: len(fence.verdicts) >= 2  # the stall: right after etcd's second yes
+    commit_one_round(engine)
+    assert engine.job.store.paths() == [] and not list(engine.job.dir.glob(".*tmp*"))
+    assert engine.fenced and "elastic_round_completed" not in events.names()
+
+
+def test_no_round_starts_while_the_lease_clock_has_run_out(tmp_path: Path) -> None:
+    engine, _, _ = make(tmp_path, min_workers=1)
+    engine.holds = lambda: False  # woke from a stall within a loop pass: etcd not asked yet
+    assert engine.tick(members("a")) == [] and engine.current is None
+    engine.holds = lambda: True
+    assert len(engine.tick(members("a"))) == 1
+
+
 def test_syncavg_shards_follow_the_members_by_generation(tmp_path: Path) -> None:
     spec = parse_job_spec({"job": {"id": "s", "task": "linreg", "rule": "syncavg", "rounds": 5, "min_workers": 2}, "task": {"samples": 60}})
     events = Events()
