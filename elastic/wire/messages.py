@@ -98,30 +98,53 @@ class WireTensor:
     def add_to(self, target: torch.Tensor, alpha: float = 1.0) -> None:
         """``target += alpha * self``, chunk by chunk (``target`` may be another dtype)."""
         flat = _flat_view(target, self.numel)
+        scratch: torch.Tensor | None = None
         for offset, chunk in self.iter_chunks():
-            flat[offset : offset + chunk.numel()].add_(chunk, alpha=alpha)
+            if chunk.dtype == flat.dtype:
+                flat[offset : offset + chunk.numel()].add_(chunk, alpha=alpha)
+                continue
+            # A mixed-dtype add_ takes torch's unvectorised casting loop (6x slower
+            # at 25M fp16 elements): widen a cache-sized block, then add it.
+            if scratch is None:
+                scratch = torch.empty(min(WIDEN_BLOCK, self.numel), dtype=flat.dtype)
+            for start, block in _blocks(chunk):
+                wide = scratch[: block.numel()].copy_(block)
+                flat[offset + start : offset + start + block.numel()].add_(wide, alpha=alpha)
 
     def scale_to(self, target: torch.Tensor, alpha: float = 1.0) -> None:
         """``target = alpha * self``, chunk by chunk (one pass: no zeroing first)."""
         flat = _flat_view(target, self.numel)
         for offset, chunk in self.iter_chunks():
-            part = flat[offset : offset + chunk.numel()]
-            if chunk.dtype.itemsize < part.dtype.itemsize:  # widen first: alpha * x in half precision could overflow
-                part.copy_(chunk).mul_(alpha)
-            else:
-                torch.mul(chunk, alpha, out=part)
+            if chunk.dtype == flat.dtype:
+                torch.mul(chunk, alpha, out=flat[offset : offset + chunk.numel()])
+                continue
+            # Widened first (alpha * x in half precision could overflow), a block at
+            # a time so that the multiply finds it in cache.
+            for start, block in _blocks(chunk):
+                flat[offset + start : offset + start + block.numel()].copy_(block).mul_(alpha)
 
     def is_finite(self) -> bool:
         """True when no element is NaN or ±Inf (always true for integer dtypes)."""
         if not self.dtype.is_floating_point:
             return True
         for chunk in self.chunks:
-            # One fast pass: a finite sum means every element is finite. Only when the
-            # sum overflows (or there really is a NaN/Inf) do we look element-wise.
-            total = chunk.sum(dtype=torch.float32) if chunk.dtype.itemsize < 4 else chunk.sum()  # a half sum overflows
-            if not torch.isfinite(total) and not bool(torch.isfinite(chunk).all()):
+            # One pass, no temporary, exact in any dtype (a sum may overflow, and
+            # torch sums half precision through a float copy): NaN makes both ends
+            # NaN, an infinity is one of them.
+            low, high = torch.aminmax(chunk)
+            if not (math.isfinite(low) and math.isfinite(high)):
                 return False
         return True
+
+
+# Elements widened at a time on the way into a wider tensor: a 4 MiB float32 block
+# stays in cache between the cast and the add (25M fp16 added to float32: 29 -> 4.4 ms).
+WIDEN_BLOCK = 1 << 20
+
+
+def _blocks(chunk: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    for start in range(0, chunk.numel(), WIDEN_BLOCK):
+        yield start, chunk[start : start + WIDEN_BLOCK]
 
 
 @functools.cache

@@ -111,6 +111,8 @@ class TaskRunner:
                 if tuple(target.shape) != wt.shape or target.dtype != wt.dtype:
                     raise ElasticError(f"tensor {name!r}: received {list(wt.shape)} {wt.dtype}, model has {list(target.shape)} {target.dtype}")
                 if self.device.type == "cpu":
+                    if len(wt.chunks) == 1 and wt.chunks[0].data_ptr() == target.data_ptr() and wt.chunks[0].numel() == target.numel():
+                        continue  # already there: the reference held in the parameter itself
                     wt.copy_to(target)  # frames straight into the parameters
                 else:
                     staged = self.staging.buffer(name, target)
@@ -207,7 +209,18 @@ class TaskRunner:
         floats = {k: (tuple(t.shape), t.dtype) for k, t in update_template(ctx.model, "train").items()}
         others = {k: wt for k, wt in work.tensors.items() if k not in floats and "#" not in k}
         if "delta_from" not in work.meta:  # the whole reference: keep a copy to apply deltas to
-            ctx.reference = {k: wt.to_tensor().clone() for k, wt in work.tensors.items() if k in floats}
+            # Taking a gradient leaves the parameters as they came, so they can hold
+            # the reference themselves: no model-sized copy into the model each round.
+            # Buffers (a task may update running statistics) keep a copy of their own.
+            shared = update_template(ctx.model, "gradient") if work.meta["mode"] == "gradient" and self.device.type == "cpu" else {}
+            ctx.reference = {}
+            for k, wt in work.tensors.items():
+                if k in shared and tuple(shared[k].shape) == wt.shape and shared[k].dtype == wt.dtype:
+                    with torch.no_grad():
+                        wt.copy_to(shared[k])
+                    ctx.reference[k] = shared[k].detach()
+                elif k in floats:
+                    ctx.reference[k] = wt.to_tensor().clone()
         elif ctx.reference is None or ctx.reference_version != work.meta["delta_from"]:
             return None
         else:

@@ -8,6 +8,7 @@ import torch
 from elastic.api import Codec
 from elastic.errors import JobSpecError, ProtocolError
 from elastic.plugins import Plugins
+from elastic.wire import messages
 from elastic.wire.compression import Compressor, expand
 from elastic.wire.frames import decode, encode
 from elastic.wire.messages import Message, MsgType, WireTensor
@@ -169,7 +170,9 @@ def test_expand_refuses_a_decompression_bomb() -> None:
 
 
 @pytest.mark.parametrize("chain, narrow", [(["fp16"], torch.float16), (["bf16"], torch.bfloat16)])
-def test_a_cast_chain_is_folded_as_received_without_a_decoded_copy(chain: list[str], narrow: torch.dtype) -> None:
+@pytest.mark.parametrize("block", [1 << 20, 1536])  # one block a frame; several, the last one short
+def test_a_cast_chain_is_folded_as_received_without_a_decoded_copy(chain: list[str], narrow: torch.dtype, block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(messages, "WIDEN_BLOCK", block)
     x = sample((300, 70), torch.float32) * 1000
     x[0, 0] = 60000.0  # near fp16's top: alpha * x must not be taken in half precision
     msg = chain_message(chain, {"w": x})
@@ -187,6 +190,16 @@ def test_a_cast_chain_is_folded_as_received_without_a_decoded_copy(chain: list[s
     assert out.is_finite()
     again = decode(encode(Message(MsgType.UPDATE, meta=msg.meta, tensors={"w": out})))  # sent on as what it claims to be
     assert torch.equal(again.tensors["w"].to_tensor(), cast)
+
+
+@pytest.mark.parametrize("narrow", [torch.float16, torch.bfloat16])
+def test_half_precision_parts_are_checked_exactly_for_nan_and_inf(narrow: torch.dtype) -> None:
+    big = WireTensor(torch.float32, (3000,), [torch.full((1000,), 60000.0, dtype=narrow) for _ in range(3)])
+    assert big.is_finite()  # its sum overflows half precision: no false alarm
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        chunks = [torch.zeros(1000, dtype=narrow) for _ in range(3)]
+        chunks[2][999] = bad
+        assert not WireTensor(torch.float32, (3000,), chunks).is_finite()
 
 
 def test_a_cast_part_of_another_dtype_is_decoded_and_refused() -> None:

@@ -203,14 +203,16 @@ def test_pool_never_hands_out_a_set_of_another_shape() -> None:
     assert big is not small and big.tensors["w"].shape == (8,)
 
 
-def test_model_comes_down_as_a_delta_against_the_reference() -> None:
+@pytest.mark.parametrize("mode", ["train", "gradient"])
+def test_model_comes_down_as_a_delta_against_the_reference(mode: str) -> None:
     """Whole first, then a delta against the version the worker holds; a delta
-    against a version it does not hold is refused with need_full_model."""
+    against a version it does not hold is refused with need_full_model. Taking a
+    gradient, the parameters hold the reference themselves (no copy a round)."""
     from elastic.wire.compression import Compressor
 
     model = LinReg({"samples": 40, "features": 3}).build_model(3)
     runner = TaskRunner(Plugins(), torch.device("cpu"), None, "w")
-    first = work("train", model)
+    first = work(mode, model)
     first.meta["downlink"] = True
     assert runner.run(first).message.type is MsgType.UPDATE
     assert runner._jobs["j"].reference_version == 0
@@ -219,11 +221,20 @@ def test_model_comes_down_as_a_delta_against_the_reference() -> None:
     delta = Message(MsgType.WORK, job="j", round=2, version=1, key="w/j/2", meta=dict(first.meta, delta_from=0),
                     tensors={k: WireTensor.from_tensor(v) for k, v in parts.items()}, encodings=encodings)
     delta = decode([bytes(f) for f in encode(delta)], check_finite=False)
-    assert runner.run(delta).message.type is MsgType.UPDATE
+    update = runner.run(delta).message
+    assert update.type is MsgType.UPDATE
     ctx = runner._jobs["j"]
     assert ctx.reference_version == 1
     for name, want in moved.items():
         torch.testing.assert_close(ctx.reference[name], want)
+    params = dict(ctx.model.named_parameters())
+    assert all((ctx.reference[n].data_ptr() == p.data_ptr()) is (mode == "gradient") for n, p in params.items())
+    if mode == "gradient":  # the same gradient as from the moved model sent whole
+        at_moved = LinReg({"samples": 40, "features": 3}).build_model(3)
+        at_moved.load_state_dict(moved, strict=False)
+        whole = TaskRunner(Plugins(), torch.device("cpu"), None, "w").run(work(mode, at_moved, round_=2)).message
+        for name in params:
+            torch.testing.assert_close(update.tensors[name].to_tensor(), whole.tensors[name].to_tensor())
     stale = decode([bytes(f) for f in encode(Message(MsgType.WORK, job="j", round=3, version=2, key="w/j/3", meta=dict(first.meta, delta_from=0)))], check_finite=False)
     nack = runner.run(stale).message
     assert nack.type is MsgType.NACK and nack.meta["reason"] == "need_full_model"
