@@ -23,8 +23,8 @@ import torch
 
 from elastic.training import update_template
 from elastic.wire.buffers import BufferSet
-from elastic.wire.compression import Compressor, expand
-from elastic.wire.messages import Message, MsgType, WireTensor
+from elastic.wire.compression import SEP, Compressor, build_stage, expand
+from elastic.wire.messages import DTYPE_NAMES, WIDEN_BLOCK, Message, MsgType, WireTensor
 
 __all__ = ["Downlink"]
 
@@ -35,6 +35,9 @@ class Downlink:
     def __init__(self, model: torch.nn.Module, chain: Sequence[str], codecs: Any) -> None:
         self.codecs = codecs
         self.compressor = Compressor(codecs, chain)
+        # A chain that is one cast (``Codec.cast_from``, element by element): the
+        # delta is then made a block at a time (``_cast_delta``).
+        self.cast = chain[0] if len(chain) == 1 and getattr(type(build_stage(codecs, chain[0])), "cast_from", None) is not None else None
         floats = update_template(model, "train")
         self.template = {k: (tuple(t.shape), t.dtype) for k, t in floats.items()}
         self.reference: dict[str, torch.Tensor] | None = None
@@ -52,17 +55,50 @@ class Downlink:
             return
         if version == self.version:
             return
-        diff = {k: floats[k] - self.reference[k] for k in floats}
-        parts, encodings = self.compressor.compress(diff)
-        wire = {k: WireTensor.from_tensor(v) for k, v in parts.items()}
-        decoded = expand(Message(MsgType.WORK, tensors=dict(wire), encodings=encodings), self.codecs, self.template)
         if not self.sends.free:  # a queued WORK still reads the reference: leave it that memory
             self.reference = {k: t.clone() for k, t in self.reference.items()}
             self.sends = BufferSet({}, busy=False)
-        for name, t in self.reference.items():
-            decoded[name].add_to(t)  # widened on the way when the chain is a cast
+        fused = self._cast_delta(floats) if self.cast is not None else None
+        if fused is not None:
+            wire, encodings = fused
+        else:
+            diff = {k: floats[k] - self.reference[k] for k in floats}
+            parts, encodings = self.compressor.compress(diff)
+            wire = {k: WireTensor.from_tensor(v) for k, v in parts.items()}
+            decoded = expand(Message(MsgType.WORK, tensors=dict(wire), encodings=encodings), self.codecs, self.template)
+            for name, t in self.reference.items():
+                decoded[name].add_to(t)  # widened on the way when the chain is a cast
         self._delta = (wire, encodings, self.version)
         self.version = version
+
+    def _cast_delta(self, floats: dict[str, torch.Tensor]) -> tuple[dict[str, WireTensor], dict[str, list[dict[str, Any]]]] | None:
+        """The delta through a one-cast chain, a block at a time: the difference, its
+        cast and the reference's step by the cast value stay in cache. One pass over
+        the model and the reference, where the chain's way takes seven (25M fp16:
+        ~35 -> ~10 ms a round). The worker widens and adds the same values, so both
+        references stay bit-identical. None (take the chain's way) for a tensor the
+        cast does not take."""
+        assert self.reference is not None and self.cast is not None
+        stage = build_stage(self.codecs, self.cast)
+        if not all(t.numel() and stage.accepts(t) for t in self.reference.values()):
+            return None
+        wire, encodings = {}, {}
+        for name, ref in self.reference.items():
+            new, flat = floats[name].reshape(-1), ref.view(-1)
+            scratch = torch.empty(min(WIDEN_BLOCK, flat.numel()), dtype=ref.dtype)
+            chunks = []
+            for start in range(0, flat.numel(), WIDEN_BLOCK):
+                stop = min(start + WIDEN_BLOCK, flat.numel())
+                diff = torch.sub(new[start:stop], flat[start:stop], out=scratch[: stop - start])
+                parts = stage.encode(diff)
+                if set(parts) != {"x"}:
+                    raise ValueError(f"codec {self.cast} declares cast_from but returned parts {sorted(parts)}, not x")
+                cast = parts["x"].reshape(-1)
+                flat[start:stop].add_(diff.copy_(cast))  # what the worker adds: the cast value, widened
+                chunks.append(cast)
+            wire[f"{name}{SEP}x"] = WireTensor(chunks[0].dtype, (flat.numel(),), chunks)
+            encodings[name] = [{"s": self.cast, "in": "", "shape": list(ref.shape), "dtype": DTYPE_NAMES[ref.dtype], "out": ["x"]}]
+        return wire, encodings
 
     def work(self, worker: str, state: dict[str, torch.Tensor]) -> tuple[dict[str, WireTensor], dict[str, list[dict[str, Any]]], dict[str, Any]]:
         """(tensors, encodings, extra meta) of the WORK for ``worker``; ``state`` is the

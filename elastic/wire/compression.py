@@ -26,7 +26,7 @@ from elastic.api import Codec
 from elastic.errors import JobSpecError, PluginError, ProtocolError
 from elastic.wire.messages import DTYPE_NAMES, DTYPES, Message, WireTensor
 
-__all__ = ["Compressor", "expand", "keeps_finite", "check_chain", "parse_stage", "SEP"]
+__all__ = ["Compressor", "expand", "keeps_finite", "check_chain", "parse_stage", "build_stage", "SEP"]
 
 SEP = "#"  # between a tensor's name and its part's name on the wire
 GROWTH = 4  # a part or intermediate may hold at most this many times its tensor's bytes (+ 4 KiB)
