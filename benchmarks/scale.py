@@ -36,7 +36,9 @@ def main() -> None:
         run = run_job(job(args.versions), workers=0, light=k, timeout=900)
         history = run.rounds()
         start, end = history[0]["at"], history[-1]["at"]
-        updates = sum(h["updates"] for h in history[1:])  # those applied after the first commit
+        # Those applied after the first commit (the history keeps the first and last
+        # versions, but thins a long job's middle: the totals count every update).
+        updates = run.status["totals"]["updates"] - history[0]["updates"]
         rate = updates / (end - start)
         cpu = run.cpu_between(start, end)
         # What one core of coordinator could apply at this cost per update: the light

@@ -16,7 +16,6 @@ stopped with SIGTERM and started again, or frozen with SIGSTOP for 2 s. Reports:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -108,14 +107,18 @@ def main() -> None:
                     proc.wait(30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-        status = json.loads((root / "state" / "soak" / "status.json").read_text())
         log = (root / "coordinator.log").read_text()
-    history = status["history"]
-    rounds = [h["round"] for h in history]
-    committed = {h["round"]: h["updates"] for h in history}
+    # Every commit from the log: the status keeps the newest rounds whole and thins
+    # older ones (elastic.coordinator.job.HISTORY_RECENT), and a soak runs thousands.
+    rounds: list[int] = []
+    committed: dict[int, int] = {}
     folded: dict[int, int] = {}
     for line in log.splitlines():
-        if "round started job=soak" in line:
+        if "round committed job=soak" in line:
+            n = int(re.search(r"round=(\d+)", line).group(1))  # type: ignore[union-attr]
+            rounds.append(n)
+            committed[n] = int(re.search(r"updates=(\d+)", line).group(1))  # type: ignore[union-attr]
+        elif "round started job=soak" in line:
             n = int(re.search(r"round=(\d+)", line).group(1))  # type: ignore[union-attr]
             folded[n] = 0  # a re-run starts counting again
         elif "update folded job=soak" in line:

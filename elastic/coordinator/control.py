@@ -140,9 +140,9 @@ class ControlAPI:
 
     def op_logs(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, WireTensor]]:
         job = self._engine(args).job
-        since = _arg(args, "since", int, 0)
-        entries = job.history[max(since, 0) :][:MAX_LOG_ENTRIES]
-        return {"job": job.spec.id, "state": str(job.state), "entries": entries, "next": max(since, 0) + len(entries)}, {}
+        since = _arg(args, "since", int, 0)  # the last round the caller has (rounds run 1, 2, ...)
+        entries = [h for h in job.history if h["round"] > since][:MAX_LOG_ENTRIES]
+        return {"job": job.spec.id, "state": str(job.state), "entries": entries, "next": entries[-1]["round"] if entries else max(since, 0)}, {}
 
     def op_report(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, WireTensor]]:
         """Everything ``elastic report`` plots: the status with the full history and events."""

@@ -322,7 +322,7 @@ class Engine(ABC):
         last = number >= spec.rounds
         if last or (spec.eval_every and number % spec.eval_every == 0):
             metrics.update(job.evaluate())
-        job.history.append(metrics)
+        job.record(metrics)
         if last:
             job.state = JobState.FINISHED
             job.final_metrics = {k: v for k, v in metrics.items() if k in ("loss", "eval_loss", "accuracy")} | {"rounds": job.round}

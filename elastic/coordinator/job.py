@@ -25,6 +25,12 @@ __all__ = ["Job", "JobState", "check_compression"]
 log = logging.getLogger("elastic.job")
 CHECKPOINT_FORMAT = 1
 MAX_EVENTS = 10_000  # the newest kept
+# Rounds kept whole in the history (memory, status.json, checkpoints). Older ones
+# are thinned, every other one dropped each time the history reaches twice this:
+# a job of a million versions keeps ~2 000 entries, the oldest the sparsest, and
+# its plots still span the whole job. Round 1 and the newest rounds always stay.
+# Observers (``elastic_round_completed``) and the log see every round.
+HISTORY_RECENT = 1_000
 
 
 class JobState(StrEnum):
@@ -144,6 +150,13 @@ class Job:
         tensors = dict(self.model.state_dict())
         atomic_write(path, lambda f: write_safetensors(f, tensors, {"job": self.spec.id, "round": str(self.round)}))
         return path
+
+    def record(self, metrics: dict[str, Any]) -> None:
+        """Add a committed round to the history (bounded: ``HISTORY_RECENT``)."""
+        self.history.append(metrics)
+        if len(self.history) >= 2 * HISTORY_RECENT:
+            older = self.history[:-HISTORY_RECENT]
+            self.history = older[::2] + self.history[-HISTORY_RECENT:]
 
     def note(self, event: str, **details: Any) -> None:
         """Record an event (``joined``, ``left``, ``paused``...) at this time and round."""

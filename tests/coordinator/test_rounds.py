@@ -400,3 +400,30 @@ def test_job_limits_refuse_or_clip_and_a_plugin_can_veto(tmp_path: Path) -> None
 def test_bad_limits_are_one_clear_error() -> None:
     with pytest.raises(JobSpecError, match="norm_action = 'cut' is invalid"):
         parse_job_spec({"job": {"task": "t", "rule": "r"}, "limits": {"norm_action": "cut"}})
+
+
+def test_a_long_jobs_history_stays_bounded_and_spans_the_whole_job(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from elastic.coordinator.control import ControlAPI
+    from elastic.coordinator.job import HISTORY_RECENT
+
+    engine, _, _ = make(tmp_path)
+    job = engine.job
+    total = 10 * HISTORY_RECENT + 37  # an asynchronous job commits a version per buffer of updates
+    for n in range(1, total + 1):
+        job.record({"round": n, "version": n, "updates": 1})
+        assert len(job.history) < 2 * HISTORY_RECENT
+    rounds = [h["round"] for h in job.history]
+    assert rounds[0] == 1 and rounds[-HISTORY_RECENT:] == list(range(total - HISTORY_RECENT + 1, total + 1))
+    assert all(a < b for a, b in zip(rounds, rounds[1:], strict=False))  # older ones thinned, never reordered
+    # `elastic job logs` pages by the last round it has, so thinning skips nothing it could still get
+    api = ControlAPI(SimpleNamespace(engines={"j": engine}))  # type: ignore[arg-type]
+    since, seen = 0, []
+    while True:
+        data, _ = api.op_logs({"job": "j", "since": since})
+        if not data["entries"]:
+            break
+        seen += [e["round"] for e in data["entries"]]
+        since = data["next"]
+    assert seen == rounds
