@@ -129,10 +129,14 @@ def main() -> None:
     minute = [m for t, m in samples if t <= 60]
     last = [m for t, m in samples if t >= samples[-1][0] - 60]
     first_mb, last_mb = sum(minute) / len(minute), sum(last) / len(last)
+    # The first minute's mean includes the start (Python, torch, the job being built):
+    # growth is told by the RSS once the first rounds ran, against the end.
+    settled = next((m for t, m in samples if t >= 30), samples[-1][1])
     print(f"soak: {args.seconds:.0f} s, 4 workers, churn actions {actions} (seed {args.seed})")
     print(f"rounds completed: {len(rounds)} ({len(rounds) / args.seconds * 60:.0f}/min); numbered 1..{rounds[-1]} without gap or repeat: {rounds == list(range(1, len(rounds) + 1))}")
     print(f"updates acknowledged in committed rounds: {acknowledged}; counted by those rounds: {counted}; lost: {acknowledged - counted}")
     print(f"coordinator RSS: first minute {first_mb:.0f} MB, last minute {last_mb:.0f} MB (x{last_mb / first_mb:.2f}), peak {max(m for _, m in samples):.0f} MB")
+    print(f"coordinator RSS at 30 s {settled:.0f} MB, at the end {samples[-1][1]:.0f} MB: {samples[-1][1] - settled:+.0f} MB over {len(rounds)} rounds")
     line_chart("soak", f"coordinator RSS under worker churn ({args.seconds:.0f} s)", "seconds", "RSS (MB)", {"coordinator": ([t for t, _ in samples], [m for _, m in samples])})
 
 
