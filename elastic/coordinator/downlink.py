@@ -23,8 +23,8 @@ import torch
 
 from elastic.training import update_template
 from elastic.wire.buffers import BufferSet
-from elastic.wire.compression import SEP, Compressor, build_stage, expand
-from elastic.wire.messages import DTYPE_NAMES, WIDEN_BLOCK, Message, MsgType, WireTensor
+from elastic.wire.compression import SEP, Compressor, build_stage, cast_record, cast_stage, expand
+from elastic.wire.messages import WIDEN_BLOCK, Message, MsgType, WireTensor
 
 __all__ = ["Downlink"]
 
@@ -37,7 +37,7 @@ class Downlink:
         self.compressor = Compressor(codecs, chain)
         # A chain that is one cast (``Codec.cast_from``, element by element): the
         # delta is then made a block at a time (``_cast_delta``).
-        self.cast = chain[0] if len(chain) == 1 and getattr(type(build_stage(codecs, chain[0])), "cast_from", None) is not None else None
+        self.cast = chain[0] if cast_stage(codecs, chain) is not None else None
         floats = update_template(model, "train")
         self.template = {k: (tuple(t.shape), t.dtype) for k, t in floats.items()}
         self.reference: dict[str, torch.Tensor] | None = None
@@ -97,7 +97,7 @@ class Downlink:
                 flat[start:stop].add_(diff.copy_(cast))  # what the worker adds: the cast value, widened
                 chunks.append(cast)
             wire[f"{name}{SEP}x"] = WireTensor(chunks[0].dtype, (flat.numel(),), chunks)
-            encodings[name] = [{"s": self.cast, "in": "", "shape": list(ref.shape), "dtype": DTYPE_NAMES[ref.dtype], "out": ["x"]}]
+            encodings[name] = cast_record(self.cast, ref)
         return wire, encodings
 
     def work(self, worker: str, state: dict[str, torch.Tensor]) -> tuple[dict[str, WireTensor], dict[str, list[dict[str, Any]]], dict[str, Any]]:

@@ -26,7 +26,7 @@ from elastic.api import Codec
 from elastic.errors import JobSpecError, PluginError, ProtocolError
 from elastic.wire.messages import DTYPE_NAMES, DTYPES, Message, WireTensor
 
-__all__ = ["Compressor", "expand", "keeps_finite", "check_chain", "parse_stage", "build_stage", "SEP"]
+__all__ = ["Compressor", "expand", "keeps_finite", "check_chain", "parse_stage", "build_stage", "cast_stage", "cast_record", "SEP"]
 
 SEP = "#"  # between a tensor's name and its part's name on the wire
 GROWTH = 4  # a part or intermediate may hold at most this many times its tensor's bytes (+ 4 KiB)
@@ -90,6 +90,21 @@ class Compressor:
             else:
                 out[name] = tensor
         return out, encodings
+
+
+def cast_stage(codecs: Any, chain: Sequence[str]) -> Codec | None:
+    """The chain's codec when it is one cast (``Codec.cast_from``): it works element
+    by element, so a tensor may go through it a block at a time. Else None."""
+    if len(chain) != 1:
+        return None
+    stage = build_stage(codecs, chain[0])
+    return stage if getattr(type(stage), "cast_from", None) is not None else None
+
+
+def cast_record(spec: str, tensor: torch.Tensor) -> list[dict[str, Any]]:
+    """The encoding record of ``tensor`` sent through the one-cast chain ``[spec]``
+    as the part ``x`` (what ``Compressor.compress`` writes for it)."""
+    return [{"s": spec, "in": "", "shape": list(tensor.shape), "dtype": DTYPE_NAMES[tensor.dtype], "out": ["x"]}]
 
 
 def keeps_finite(codecs: Any, records: Sequence[Mapping[str, Any]], dtype: torch.dtype) -> bool:

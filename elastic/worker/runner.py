@@ -26,8 +26,8 @@ from elastic.training import (
     update_template,
 )
 from elastic.wire.buffers import BufferPool, BufferSet, reusable
-from elastic.wire.compression import Compressor, expand
-from elastic.wire.messages import Message, MsgType, WireTensor
+from elastic.wire.compression import SEP, Compressor, cast_record, cast_stage, expand
+from elastic.wire.messages import WIDEN_BLOCK, Message, MsgType, WireTensor
 from elastic.worker.devices import HostStaging
 
 __all__ = ["TaskRunner", "Result"]
@@ -54,6 +54,8 @@ class _JobContext:
     compressor: Compressor | None = None  # the job's codec chain, with its error-feedback state
     reference: dict[str, torch.Tensor] | None = None  # compressed downlink: the model as we hold it
     reference_version: int | None = None
+    cast_out: dict[str, torch.Tensor] | None = None  # a one-cast chain's parts, kept across rounds
+    cast_sent: BufferSet | None = None  # the last update sent from them
 
 
 class TaskRunner:
@@ -160,12 +162,17 @@ class TaskRunner:
         meta: dict[str, Any] = {"num_samples": result.num_samples, "loss": result.loss, "kind": update_kind(mode), "train_seconds": computed}
         encodings: dict[str, list[dict[str, Any]]] = {}
         buffers: BufferSet | None
-        if chain:  # compressed on the device; the parts are new memory, sent as they are
-            if ctx.compressor is None or ctx.compressor.chain != chain:
-                ctx.compressor = Compressor(self.plugins.codecs, chain)
-            tensors, encodings = ctx.compressor.compress(update)
+        if chain:
+            cast = self._cast_in_blocks(ctx, update, chain, work.job)
+            if cast is not None:
+                tensors, encodings = cast
+                buffers = ctx.cast_sent = BufferSet(tensors)
+            else:  # compressed on the device; the parts are new memory, sent as they are
+                if ctx.compressor is None or ctx.compressor.chain != chain:
+                    ctx.compressor = Compressor(self.plugins.codecs, chain)
+                tensors, encodings = ctx.compressor.compress(update)
+                buffers = None
             meta["relative"] = mode == "train"
-            buffers = None
         elif mode != "gradient" and self.device.type == "cpu":  # sent straight from the parameters
             buffers = ctx.sent = BufferSet(update)
             tensors = buffers.tensors
@@ -184,6 +191,37 @@ class TaskRunner:
             encodings=encodings,
         )
         return Result(msg, buffers)
+
+    def _cast_in_blocks(
+        self, ctx: _JobContext, update: dict[str, torch.Tensor], chain: list[str], job: str
+    ) -> tuple[dict[str, torch.Tensor], dict[str, list[dict[str, Any]]]] | None:
+        """A one-cast chain (fp16, bf16) on the CPU: each tensor is cast a block at a
+        time (the codec's own ``encode``, so its clamping too) into parts kept for the
+        job, which lie in the shared-memory segment when there is one. The update then
+        leaves with no copy, and the cast is its only pass; the chain's way is a cast
+        and a clamp over the whole tensor, then a copy into the segment. None when the
+        chain is anything else."""
+        if self.device.type != "cpu":
+            return None
+        stage = cast_stage(self.plugins.codecs, chain)
+        if stage is None or not all(t.numel() and stage.accepts(t) for t in update.values()):
+            return None
+        narrow = type(stage).cast_from
+        like = {f"{k}{SEP}x": torch.empty(t.numel(), dtype=narrow, device="meta") for k, t in update.items()}
+        if ctx.cast_sent is not None and not ctx.cast_sent.free:
+            ctx.cast_out = None  # the last update still reads them: leave it that memory
+        out = self.placer(like, job) if self.placer is not None else None
+        if out is None:
+            out = ctx.cast_out if ctx.cast_out is not None and BufferSet(ctx.cast_out).fits(like) else {k: torch.empty(t.shape, dtype=narrow) for k, t in like.items()}
+        ctx.cast_out = out
+        for name, tensor in update.items():
+            flat, target = tensor.detach().reshape(-1), out[f"{name}{SEP}x"]
+            for start in range(0, flat.numel(), WIDEN_BLOCK):
+                parts = stage.encode(flat[start : start + WIDEN_BLOCK])
+                if set(parts) != {"x"}:
+                    raise ElasticError(f"codec {chain[0]} declares cast_from but returned parts {sorted(parts)}, not x")
+                target[start : start + WIDEN_BLOCK].copy_(parts["x"].reshape(-1))
+        return dict(out), {name: cast_record(chain[0], tensor) for name, tensor in update.items()}
 
     def _into_segment(self, model: torch.nn.Module, mode: str, job: str) -> None:
         """Rebind the weights the update will be sent from into the shared-memory

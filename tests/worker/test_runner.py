@@ -125,6 +125,58 @@ def test_on_the_coordinator_s_host_the_update_leaves_from_the_segment(reader_kee
     lane.close()
 
 
+@pytest.mark.parametrize("mode", ["gradient", "train"])
+@pytest.mark.parametrize("reader_keeps_up", [True, False])
+def test_a_cast_update_is_the_chains_own_and_leaves_from_the_segment(
+    mode: str, reader_keeps_up: bool, inproc_pair: tuple[zmq.Socket, zmq.Socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp16 is cast a block at a time into parts in the segment: what the coordinator
+    expands is what the chain's way gives, nothing is copied to send it, and parts it
+    still views are never written over."""
+    from elastic.wire.compression import expand
+
+    monkeypatch.setattr("elastic.worker.runner.WIDEN_BLOCK", 200_000)  # three blocks, the last one short
+    params = {"samples": 4, "features": 600_000}  # 1.2 MB in fp16: over the shared path's 1 MiB
+    model = LinReg(params).build_model(3)
+    template = {k: (tuple(t.shape), t.dtype) for k, t in update_template(model, mode if mode == "gradient" else "train").items()}
+
+    def job(round_: int) -> Message:
+        w = work(mode, model, round_=round_)
+        w.meta["task_params"] = params
+        w.meta["codecs"] = ["fp16"]
+        return w
+
+    plain = TaskRunner(Plugins(), torch.device("cpu"), None, "w")
+    plain.placer = None
+    runner = TaskRunner(Plugins(), torch.device("cpu"), None, "w")
+    lane, reader = SegmentWriter(), SegmentReader()
+    runner.placer = lane.place
+    tx, rx = inproc_pair
+    views: list[dict[str, WireTensor]] = []
+    copies: list[dict[str, torch.Tensor]] = []
+    for round_ in (1, 2):
+        with torch.no_grad():
+            model.weight.mul_(-2.0)  # another update each round
+        result = runner.run(job(round_))
+        assert result.buffers is not None
+        result.buffers.release_after(send_message(tx, result.message, track=True, lane=lane))
+        got = expand(decode(rx.recv_multipart(), shm=reader), Plugins().codecs, template)
+        want = expand(decode([bytes(f) for f in encode(plain.run(job(round_)).message)]), Plugins().codecs, template)
+        assert all(wt.chunks[0].dtype == torch.float16 for wt in got.values())  # folded as received
+        for name in want:
+            assert torch.equal(got[name].to_tensor(), want[name].to_tensor()), name
+        copies.append({k: wt.to_tensor().clone() for k, wt in got.items()})
+        if reader_keeps_up:
+            del got
+            gc.collect()
+        else:  # the coordinator still views round 1's parts when round 2 is cast
+            views.append(got)
+    assert lane.in_place == (2 if reader_keeps_up else 1)  # sent from where they were cast
+    for seen, copy in zip(views, copies, strict=False):
+        assert all(torch.equal(seen[k].to_tensor(), copy[k]) for k in copy)  # never written over
+    lane.close()
+
+
 def test_runner_reports_bad_work_as_a_nack() -> None:
     model = torch.nn.Linear(5, 1)  # not the task's model
     result = TaskRunner(Plugins(), torch.device("cpu"), None, "w").run(work("train", model))
