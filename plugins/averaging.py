@@ -43,7 +43,7 @@ class WeightedSum:
     """
 
     def __init__(self, like: Mapping[str, torch.Tensor]) -> None:
-        self.sums = {
+        self._sums = {
             name: torch.empty(t.shape, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
             for name, t in like.items()
         }
@@ -52,17 +52,38 @@ class WeightedSum:
     def reset(self) -> None:
         self.total_weight = 0.0
         self.count = 0
+        # A first update that lies in a worker's shared-memory segment is held, not
+        # folded: the second is folded with it in one pass (``_fold_two``).
+        self._held: tuple[Mapping[str, WireTensor], float] | None = None
+
+    @property
+    def sums(self) -> dict[str, torch.Tensor]:
+        """The running sums (a held first update folded in now)."""
+        if self._held is not None:
+            first, weight = self._held
+            self._held = None
+            for name, acc in self._sums.items():
+                first[name].scale_to(acc, alpha=weight)
+        return self._sums
 
     def add(self, tensors: Mapping[str, WireTensor | torch.Tensor], weight: float) -> None:
-        first = self.count == 0
-        for name, acc in self.sums.items():
-            t = tensors[name]
-            if isinstance(t, WireTensor):
-                (t.scale_to if first else t.add_to)(acc, alpha=weight)
-            elif first:
-                torch.mul(t.reshape(acc.shape), weight, out=acc)
-            else:
-                acc.add_(t.reshape(acc.shape), alpha=weight)
+        if self.count == 0 and all(isinstance(t, WireTensor) and t.shared for t in tensors.values()):
+            self._held = ({k: t for k, t in tensors.items() if isinstance(t, WireTensor)}, weight)
+        elif self._held is not None:
+            first, first_weight = self._held
+            self._held = None
+            for name, acc in self._sums.items():
+                _fold_two(acc, first[name], first_weight, tensors[name], weight)
+        else:
+            first_update = self.count == 0
+            for name, acc in self._sums.items():
+                t = tensors[name]
+                if isinstance(t, WireTensor):
+                    (t.scale_to if first_update else t.add_to)(acc, alpha=weight)
+                elif first_update:
+                    torch.mul(t.reshape(acc.shape), weight, out=acc)
+                else:
+                    acc.add_(t.reshape(acc.shape), alpha=weight)
         self.total_weight += weight
         self.count += 1
 
@@ -70,9 +91,29 @@ class WeightedSum:
         """The weighted mean, computed in place: the sum is consumed (``reset`` next)."""
         if self.total_weight <= 0:
             raise ValueError("no weight accumulated")
-        for acc in self.sums.values():
+        sums = self.sums
+        for acc in sums.values():
             acc.div_(self.total_weight)
-        return self.sums
+        return sums
+
+
+# Elements of the sum written at a time by ``_fold_two``: 4 MiB of float32, in cache
+# between the first update's write and the second's add.
+FOLD_BLOCK = 1 << 20
+
+
+def _fold_two(acc: torch.Tensor, first: WireTensor, a: float, second: WireTensor | torch.Tensor, b: float) -> None:
+    """``acc = a * first + b * second`` a block at a time: each block of the sum is
+    written, then added to while in cache. Per update folded from shared memory the
+    sum is written once, not written then read and written again (25M float32: 400
+    -> 200 MB through memory for two updates); the result is bit for bit that of
+    ``scale_to`` then ``add_to``."""
+    flat = acc.view(-1)
+    other = second if isinstance(second, WireTensor) else WireTensor.from_tensor(second.reshape(-1))
+    for start in range(0, flat.numel(), FOLD_BLOCK):
+        stop = min(start + FOLD_BLOCK, flat.numel())
+        first.scale_to(acc, alpha=a, start=start, stop=stop)
+        other.add_to(acc, alpha=b, start=start, stop=stop)
 
 
 class MeanDeltaRule(Aggregator):

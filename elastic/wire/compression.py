@@ -190,4 +190,4 @@ def _widened(
         return None
     if part.numel != math.prod(shape):
         raise ProtocolError("bad_encoding", f"tensor {name!r}: stage {records[0]['s']} cannot decode: {part.numel} elements for shape {list(shape)}")
-    return WireTensor(dtype=dtype, shape=shape, chunks=list(part.chunks))
+    return WireTensor(dtype=dtype, shape=shape, chunks=list(part.chunks), shared=part.shared)

@@ -111,7 +111,7 @@ def decode(
         name = spec["name"]
         if name in msg.tensors:
             raise ProtocolError("duplicate_tensor", f"tensor {name!r} appears twice")
-        wt = WireTensor(dtype=DTYPES[spec["dtype"]], shape=tuple(spec["shape"]))
+        wt = WireTensor(dtype=DTYPES[spec["dtype"]], shape=tuple(spec["shape"]), shared=placement is not None)
         itemsize = torch.empty((), dtype=wt.dtype).element_size()
         got = 0
         for buf in buffers[pos : pos + spec["frames"]]:

@@ -52,6 +52,9 @@ class WireTensor:
     dtype: torch.dtype
     shape: tuple[int, ...]
     chunks: list[torch.Tensor] = field(default_factory=list)
+    # The chunks lie in a peer's shared-memory segment (``elastic.wire.shm``): keeping
+    # them costs this process no memory of its own.
+    shared: bool = False
 
     @classmethod
     def from_tensor(cls, tensor: torch.Tensor) -> WireTensor:
@@ -71,12 +74,19 @@ class WireTensor:
     def nbytes(self) -> int:
         return self.numel * _itemsize(self.dtype)
 
-    def iter_chunks(self) -> Iterator[tuple[int, torch.Tensor]]:
-        """Yield ``(element_offset, chunk)`` pairs in order."""
+    def iter_chunks(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """Yield ``(element_offset, chunk)`` pairs in order; with ``start``/``stop``,
+        only the elements in that range (chunks cut to it)."""
+        stop = self.numel if stop is None else stop
         offset = 0
         for chunk in self.chunks:
-            yield offset, chunk
-            offset += chunk.numel()
+            end = offset + chunk.numel()
+            if end > start and offset < stop:
+                low, high = max(start, offset), min(stop, end)
+                yield low, chunk if (low, high) == (offset, end) else chunk[low - offset : high - offset]
+            if end >= stop:
+                return
+            offset = end
 
     def to_tensor(self) -> torch.Tensor:
         """The whole tensor. Zero-copy for one chunk; one concatenation otherwise."""
@@ -95,26 +105,28 @@ class WireTensor:
         for offset, chunk in self.iter_chunks():
             flat[offset : offset + chunk.numel()].copy_(chunk, non_blocking=True)
 
-    def add_to(self, target: torch.Tensor, alpha: float = 1.0) -> None:
-        """``target += alpha * self``, chunk by chunk (``target`` may be another dtype)."""
+    def add_to(self, target: torch.Tensor, alpha: float = 1.0, start: int = 0, stop: int | None = None) -> None:
+        """``target += alpha * self``, chunk by chunk (``target`` may be another dtype);
+        with ``start``/``stop``, over those elements only."""
         flat = _flat_view(target, self.numel)
         scratch: torch.Tensor | None = None
-        for offset, chunk in self.iter_chunks():
+        for offset, chunk in self.iter_chunks(start, stop):
             if chunk.dtype == flat.dtype:
                 flat[offset : offset + chunk.numel()].add_(chunk, alpha=alpha)
                 continue
             # A mixed-dtype add_ takes torch's unvectorised casting loop (6x slower
             # at 25M fp16 elements): widen a cache-sized block, then add it.
             if scratch is None:
-                scratch = torch.empty(min(WIDEN_BLOCK, self.numel), dtype=flat.dtype)
+                scratch = torch.empty(min(WIDEN_BLOCK, (self.numel if stop is None else stop) - start), dtype=flat.dtype)
             for start, block in _blocks(chunk):
                 wide = scratch[: block.numel()].copy_(block)
                 flat[offset + start : offset + start + block.numel()].add_(wide, alpha=alpha)
 
-    def scale_to(self, target: torch.Tensor, alpha: float = 1.0) -> None:
-        """``target = alpha * self``, chunk by chunk (one pass: no zeroing first)."""
+    def scale_to(self, target: torch.Tensor, alpha: float = 1.0, start: int = 0, stop: int | None = None) -> None:
+        """``target = alpha * self``, chunk by chunk (one pass: no zeroing first);
+        with ``start``/``stop``, over those elements only."""
         flat = _flat_view(target, self.numel)
-        for offset, chunk in self.iter_chunks():
+        for offset, chunk in self.iter_chunks(start, stop):
             if chunk.dtype == flat.dtype:
                 torch.mul(chunk, alpha, out=flat[offset : offset + chunk.numel()])
                 continue

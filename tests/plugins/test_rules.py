@@ -34,6 +34,33 @@ def test_weighted_mean_by_hand() -> None:
     assert torch.allclose(ws.mean()["x"], got)
 
 
+@pytest.mark.parametrize("count", [1, 2, 3])
+@pytest.mark.parametrize("narrow", [torch.float32, torch.float16])
+def test_a_first_update_in_shared_memory_is_folded_with_the_second_bit_for_bit(count: int, narrow: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Held, then folded with the next one a block at a time: the same sums as folding
+    each as it comes, whatever the chunks (one for shared memory, frames for TCP)."""
+    import elastic_plugins.averaging as averaging
+
+    monkeypatch.setattr(averaging, "FOLD_BLOCK", 700)  # blocks that cut across chunks
+    torch.manual_seed(1)
+    values = [torch.randn(3000).to(narrow) for _ in range(count)]
+    weights = [3.0, 0.7, 11.0][:count]
+
+    def wire(t: torch.Tensor, i: int, shared: bool) -> WireTensor:
+        chunks = [t] if i == 0 else list(t.split(512))  # the first from a segment, the rest as frames
+        return WireTensor(torch.float32, (3000,), chunks, shared=shared and i == 0)
+
+    sums = {}
+    for shared in (False, True):
+        ws = WeightedSum({"x": torch.zeros(3000)})
+        for i, (t, w) in enumerate(zip(values, weights, strict=True)):
+            ws.add({"x": wire(t, i, shared)}, w)
+            assert (ws._held is not None) is (shared and i == 0)
+        sums[shared] = ws.mean()["x"].clone()
+    assert torch.equal(sums[True], sums[False])
+    assert torch.allclose(sums[True], weighted_mean([t.float() for t in values], weights), atol=1e-5)
+
+
 @pytest.mark.parametrize("params", [{}, {"server_lr": 1.0, "server_momentum": 0.0}, {"weighting": "samples"}])
 def test_fedavg_is_sample_weighted_mean_of_weights(params: dict) -> None:
     m = model()
