@@ -239,9 +239,12 @@ class Codec(ABC):
             or Inf; for a chain of such stages it skips checking the decoded tensor
             again. Leave it False when a product or a byte stage could overflow.
         cast_from: set (to a floating dtype) when ``decode`` is exactly its one part
-            ``"x"``, of that dtype, cast to the tensor's wider dtype. Alone in a
-            chain, such a stage is then not decoded at all: the part is folded as
-            it came, widened element by element on the way (no decoded copy).
+            ``"x"``, of that dtype, cast to the tensor's wider dtype, and ``encode``
+            works element by element (each element of ``"x"`` depends on that
+            element of the input alone). Alone in a chain, such a stage is then not
+            decoded at all: the part is folded as it came, widened element by element
+            on the way (no decoded copy); and ``encode`` may be called on blocks of
+            a tensor, written straight where they are sent from.
     """
 
     name: ClassVar[str]
