@@ -67,7 +67,7 @@ class WeightedSum:
         return self._sums
 
     def add(self, tensors: Mapping[str, WireTensor | torch.Tensor], weight: float) -> None:
-        if self.count == 0 and all(isinstance(t, WireTensor) and t.shared for t in tensors.values()):
+        if self.count == 0 and tensors and all(isinstance(t, WireTensor) and t.shared for t in tensors.values()):
             self._held = ({k: t for k, t in tensors.items() if isinstance(t, WireTensor)}, weight)
         elif self._held is not None:
             first, first_weight = self._held

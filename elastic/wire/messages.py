@@ -116,11 +116,11 @@ class WireTensor:
                 continue
             # A mixed-dtype add_ takes torch's unvectorised casting loop (6x slower
             # at 25M fp16 elements): widen a cache-sized block, then add it.
-            if scratch is None:
+            if scratch is None:  # as big as the largest block this range can hold
                 scratch = torch.empty(min(WIDEN_BLOCK, (self.numel if stop is None else stop) - start), dtype=flat.dtype)
-            for start, block in _blocks(chunk):
+            for at, block in _blocks(chunk):
                 wide = scratch[: block.numel()].copy_(block)
-                flat[offset + start : offset + start + block.numel()].add_(wide, alpha=alpha)
+                flat[offset + at : offset + at + block.numel()].add_(wide, alpha=alpha)
 
     def scale_to(self, target: torch.Tensor, alpha: float = 1.0, start: int = 0, stop: int | None = None) -> None:
         """``target = alpha * self``, chunk by chunk (one pass: no zeroing first);
@@ -132,8 +132,8 @@ class WireTensor:
                 continue
             # Widened first (alpha * x in half precision could overflow), a block at
             # a time so that the multiply finds it in cache.
-            for start, block in _blocks(chunk):
-                flat[offset + start : offset + start + block.numel()].copy_(block).mul_(alpha)
+            for at, block in _blocks(chunk):
+                flat[offset + at : offset + at + block.numel()].copy_(block).mul_(alpha)
 
     def is_finite(self) -> bool:
         """True when no element is NaN or ±Inf (always true for integer dtypes)."""
