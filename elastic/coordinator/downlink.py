@@ -23,7 +23,15 @@ import torch
 
 from elastic.training import update_template
 from elastic.wire.buffers import BufferSet
-from elastic.wire.compression import SEP, Compressor, build_stage, cast_record, cast_stage, expand
+from elastic.wire.compression import (
+    SEP,
+    Compressor,
+    build_stage,
+    cast_block,
+    cast_record,
+    cast_stage,
+    expand,
+)
 from elastic.wire.messages import WIDEN_BLOCK, Message, MsgType, WireTensor
 
 __all__ = ["Downlink"]
@@ -90,10 +98,7 @@ class Downlink:
             for start in range(0, flat.numel(), WIDEN_BLOCK):
                 stop = min(start + WIDEN_BLOCK, flat.numel())
                 diff = torch.sub(new[start:stop], flat[start:stop], out=scratch[: stop - start])
-                parts = stage.encode(diff)
-                if set(parts) != {"x"}:
-                    raise ValueError(f"codec {self.cast} declares cast_from but returned parts {sorted(parts)}, not x")
-                cast = parts["x"].reshape(-1)
+                cast = cast_block(stage, diff)
                 flat[start:stop].add_(diff.copy_(cast))  # what the worker adds: the cast value, widened
                 chunks.append(cast)
             wire[f"{name}{SEP}x"] = WireTensor(chunks[0].dtype, (flat.numel(),), chunks)
