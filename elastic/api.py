@@ -273,6 +273,17 @@ class Codec(ABC):
         raise ``ValueError`` saying what is wrong; it becomes a NACK.
         """
 
+    def encode_into(self, tensor: torch.Tensor, out: torch.Tensor) -> None:
+        """For a ``cast_from`` codec: write ``encode(tensor)["x"]`` into ``out`` (flat,
+        of ``cast_from``'s dtype, as many elements as ``tensor``), on blocks of a
+        tensor as ``encode`` is. Override it to cast straight into ``out`` with no
+        part in between; the default encodes and copies. ``ValueError`` when the
+        codec gives parts other than ``x``."""
+        parts = self.encode(tensor)
+        if set(parts) != {"x"}:
+            raise ValueError(f"codec {self.name} declares cast_from but returned parts {sorted(parts)}, not x")
+        out.copy_(parts["x"].reshape(-1))
+
     def error_bound(self, tensor: torch.Tensor) -> float:
         """An upper bound on ``max |decode(encode(x)) - x|`` for one call on a fresh
         instance (no error feedback carried in), stated per codec and checked by the

@@ -34,6 +34,7 @@ __all__ = ["Fp16", "Bf16", "TopK", "QSGD", "SignSGD", "PowerSGD", "Zstd"]
 
 FP16_MAX = 65504.0
 QSGD_BUCKET = 512
+CLAMP_BLOCK = 1 << 18  # elements clamped at a time by a cast: 1 MiB of float32, in L2
 
 
 def _number(stage: str, arg: str | None, kind: type, default: Any, check: Any, hint: str) -> Any:
@@ -77,13 +78,34 @@ class _Cast(Codec):
         return tensor.dtype.is_floating_point and tensor.dtype != self.target
 
     def encode(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = tensor.detach().to(self.target).contiguous()
+        x = tensor.detach()
+        if x.device.type == "cpu" and math.isfinite(self.limit):
+            out = torch.empty(x.shape, dtype=self.target)
+            self.encode_into(x, out.view(-1))
+            return {"x": out}
+        x = x.to(self.target).contiguous()
         if math.isfinite(self.limit):
             # Clamped after the cast, in the small dtype: what overflowed became ±inf
             # and is brought back to ±limit; NaN stays NaN (the receiver refuses it).
-            # Clamping first would write a full-precision copy: 2.5x the cast's time.
             x.clamp_(-self.limit, self.limit)
         return {"x": x}
+
+    def encode_into(self, tensor: torch.Tensor, out: torch.Tensor) -> None:
+        flat = tensor.detach().reshape(-1)
+        if flat.device.type != "cpu" or not math.isfinite(self.limit):
+            out.copy_(flat)
+            if math.isfinite(self.limit):
+                out.clamp_(-self.limit, self.limit)
+            return
+        # On a CPU, half precision's clamp is unvectorised (25M elements: 3 of the
+        # cast's 6.6 ms): clamp in the wide dtype instead, a cache-sized block at a
+        # time into scratch, and cast that into ``out``. The values are the same:
+        # what lies past ±limit would round to ±limit or overflow to ±inf, which
+        # the clamp after the cast brings back to ±limit; NaN stays NaN.
+        scratch = torch.empty(min(CLAMP_BLOCK, flat.numel()), dtype=flat.dtype)
+        for start in range(0, flat.numel(), CLAMP_BLOCK):
+            block = flat[start : start + CLAMP_BLOCK]
+            out[start : start + block.numel()].copy_(torch.clamp(block, -self.limit, self.limit, out=scratch[: block.numel()]))
 
     def decode(self, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         x = parts["x"]

@@ -98,7 +98,7 @@ class Downlink:
             for start in range(0, flat.numel(), WIDEN_BLOCK):
                 stop = min(start + WIDEN_BLOCK, flat.numel())
                 diff = torch.sub(new[start:stop], flat[start:stop], out=scratch[: stop - start])
-                cast = cast_block(stage, diff)
+                cast = cast_block(stage, diff, torch.empty(stop - start, dtype=type(stage).cast_from))
                 flat[start:stop].add_(diff.copy_(cast))  # what the worker adds: the cast value, widened
                 chunks.append(cast)
             wire[f"{name}{SEP}x"] = WireTensor(chunks[0].dtype, (flat.numel(),), chunks)

@@ -101,13 +101,12 @@ def cast_stage(codecs: Any, chain: Sequence[str]) -> Codec | None:
     return stage if getattr(type(stage), "cast_from", None) is not None else None
 
 
-def cast_block(stage: Codec, block: torch.Tensor) -> torch.Tensor:
-    """``block`` through a ``cast_stage`` codec: its part ``x``, flat. ValueError when
+def cast_block(stage: Codec, block: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``block`` through a ``cast_stage`` codec, written into ``out`` (flat, of the
+    codec's ``cast_from`` dtype): its part ``x``. Returns ``out``. ValueError when
     the codec declares ``cast_from`` but gives other parts."""
-    parts = stage.encode(block)
-    if set(parts) != {"x"}:
-        raise ValueError(f"codec {stage.name} declares cast_from but returned parts {sorted(parts)}, not x")
-    return parts["x"].reshape(-1)
+    stage.encode_into(block, out)
+    return out
 
 
 def cast_record(spec: str, tensor: torch.Tensor) -> list[dict[str, Any]]:

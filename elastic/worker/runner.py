@@ -217,7 +217,7 @@ class TaskRunner:
         for name, tensor in update.items():
             flat, target = tensor.detach().reshape(-1), out[f"{name}{SEP}x"]
             for start in range(0, flat.numel(), WIDEN_BLOCK):
-                target[start : start + WIDEN_BLOCK].copy_(cast_block(stage, flat[start : start + WIDEN_BLOCK]))
+                cast_block(stage, flat[start : start + WIDEN_BLOCK], target[start : start + WIDEN_BLOCK])
         return dict(out), {name: cast_record(chain[0], tensor) for name, tensor in update.items()}
 
     def _into_segment(self, model: torch.nn.Module, mode: str, job: str) -> None:

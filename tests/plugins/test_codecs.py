@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from elastic_plugins import codecs as codecs_module
 
 from elastic.api import Codec
 from elastic.errors import JobSpecError, ProtocolError
@@ -212,3 +213,47 @@ def test_a_cast_part_of_another_dtype_is_decoded_and_refused() -> None:
     with pytest.raises(ProtocolError) as err:
         expand(msg, CODECS, {"w": ((10, 10), torch.float32)})
     assert err.value.reason == "bad_encoding"
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if getattr(CODECS.get(n), "cast_from", None) is not None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_cast_codec_encodes_into_a_given_block_what_encode_gives(name: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``encode_into`` (how the worker and the downlink cast a block straight into
+    where it is sent from) writes exactly ``encode``'s part, across its own blocks."""
+    monkeypatch.setattr(codecs_module, "CLAMP_BLOCK", 1000)
+    codec = make(name)
+    x = sample((3000, 7), dtype) * 30000  # past fp16's range here and there
+    x[0, :6] = torch.tensor([65519.0, 65520.0, -1e9, float("nan"), float("inf"), -0.0])
+    expected = codec.encode(x)["x"]
+    out = torch.empty(x.numel(), dtype=codec.cast_from)
+    codec.encode_into(x, out)
+    assert torch.equal(out.view(3000, 7).isnan(), expected.isnan())
+    assert torch.equal(out.view(3000, 7).nan_to_num(), expected.nan_to_num())
+    codec.encode_into(x.T, out)  # a non-contiguous input: element by element in its own order
+    assert torch.equal(out.nan_to_num(), codec.encode(x.T.contiguous())["x"].reshape(-1).nan_to_num())
+    if name == "fp16":  # the same values as casting first and clamping in half precision
+        reference = x.to(torch.float16).clamp_(-65504, 65504)
+        assert torch.equal(expected.nan_to_num(), reference.nan_to_num()) and torch.equal(expected.isnan(), reference.isnan())
+
+
+def test_the_default_encode_into_copies_encodes_part_and_refuses_other_parts() -> None:
+    class Halve(Codec):
+        name = "halve"
+        cast_from = torch.float16
+
+        def encode(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"x": (tensor / 2).half()}
+
+        def decode(self, parts, shape, dtype):  # type: ignore[no-untyped-def]
+            return parts["x"].to(dtype).reshape(shape) * 2
+
+    out = torch.empty(12, dtype=torch.float16)
+    Halve().encode_into(torch.arange(12.0).view(3, 4), out)
+    assert torch.equal(out, torch.arange(12.0).half() / 2)
+
+    class Two(Halve):
+        def encode(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"x": tensor.half(), "y": tensor.half()}
+
+    with pytest.raises(ValueError, match="parts"):
+        Two().encode_into(torch.ones(3), torch.empty(3, dtype=torch.float16))
