@@ -34,7 +34,7 @@ __all__ = ["Fp16", "Bf16", "TopK", "QSGD", "SignSGD", "PowerSGD", "Zstd"]
 
 FP16_MAX = 65504.0
 QSGD_BUCKET = 512
-CLAMP_BLOCK = 1 << 18  # elements clamped at a time by a cast: 1 MiB of float32, in L2
+CLAMP_BLOCK = 1 << 20  # elements clamped at a time by a cast: 4 MiB of float32, in cache
 
 
 def _number(stage: str, arg: str | None, kind: type, default: Any, check: Any, hint: str) -> Any:
@@ -73,6 +73,7 @@ class _Cast(Codec):
         if arg is not None:
             raise JobSpecError(f"codec {self.name} takes no argument, got {self.name}:{arg}")
         super().__init__(arg)
+        self._scratch: torch.Tensor | None = None  # encode_into's clamped block
 
     def accepts(self, tensor: torch.Tensor) -> bool:
         return tensor.dtype.is_floating_point and tensor.dtype != self.target
@@ -102,7 +103,11 @@ class _Cast(Codec):
         # time into scratch, and cast that into ``out``. The values are the same:
         # what lies past ±limit would round to ±limit or overflow to ±inf, which
         # the clamp after the cast brings back to ±limit; NaN stays NaN.
-        scratch = torch.empty(min(CLAMP_BLOCK, flat.numel()), dtype=flat.dtype)
+        scratch = self._scratch
+        if scratch is None or scratch.dtype != flat.dtype or scratch.numel() < min(CLAMP_BLOCK, flat.numel()):
+            # Kept for the next call (the worker and the downlink call this a block at
+            # a time): a fresh block would land on cold cache lines (25M: 7.5 -> 12 ms).
+            scratch = self._scratch = torch.empty(min(CLAMP_BLOCK, flat.numel()), dtype=flat.dtype)
         for start in range(0, flat.numel(), CLAMP_BLOCK):
             block = flat[start : start + CLAMP_BLOCK]
             out[start : start + block.numel()].copy_(torch.clamp(block, -self.limit, self.limit, out=scratch[: block.numel()]))
