@@ -186,7 +186,8 @@ class Coordinator:
         fence = self.leadership.check if self.leadership is not None else None
         holds = self.leadership.holds if self.leadership is not None else None
         kind = AsyncEngine if isinstance(job.aggregator, AsyncAggregator) else RoundEngine
-        engine = self.engines[spec.id] = kind(job, self.plugins.notify, fence=fence, holds=holds, ask=self.plugins.ask)
+        local = (lambda peer: self.local.writer(peer) is not None) if self.local.enabled else None
+        engine = self.engines[spec.id] = kind(job, self.plugins.notify, fence=fence, holds=holds, ask=self.plugins.ask, local=local)
         if self.board is not None:
             engine.on_status = functools.partial(self._report_status, spec.id)
         return job
@@ -232,6 +233,8 @@ class Coordinator:
             self.sock.close(linger=0)
             self.control_sock.close(linger=0)
             self.local.close()
+            for engine in self.engines.values():
+                engine.close()
             if self.curve is not None:
                 self.curve.stop()
             self._end_term()

@@ -9,14 +9,20 @@ the way down). A worker known to hold the previous reference gets the delta; any
 other (new, or back after missing rounds) gets the whole reference. Workers train
 from the reference, so relative updates are taken against it.
 
+Workers on the coordinator's host (with the shared-memory path on) are sent no
+tensors at all: the reference lies in a ``/dev/shm`` segment they read where it is
+(``SharedTensors``), which gives them bit for bit what the deltas would, with no
+copy per worker and no delta to widen. The others get deltas as above.
+
 Memory: one reference copy, plus the codecs' residuals, whatever the number of
 workers; per worker only the version it holds.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -33,6 +39,7 @@ from elastic.wire.compression import (
     expand,
 )
 from elastic.wire.messages import WIDEN_BLOCK, Message, MsgType, WireTensor
+from elastic.wire.shm import SHM_MIN_BYTES, SharedTensors
 
 __all__ = ["Downlink"]
 
@@ -40,7 +47,7 @@ log = logging.getLogger("elastic.rounds")
 
 
 class Downlink:
-    def __init__(self, model: torch.nn.Module, chain: Sequence[str], codecs: Any) -> None:
+    def __init__(self, model: torch.nn.Module, chain: Sequence[str], codecs: Any, share: bool = False) -> None:
         self.codecs = codecs
         self.compressor = Compressor(codecs, chain)
         # A chain that is one cast (``Codec.cast_from``, element by element): the
@@ -53,12 +60,17 @@ class Downlink:
         self.held: dict[str, int] = {}  # worker -> reference version it holds
         self._delta: tuple[dict[str, WireTensor], dict[str, list[dict[str, Any]]], int] | None = None
         self.sends = BufferSet({}, busy=False)  # sends that alias the reference's memory
+        # The reference in shared memory for workers on this host (``share``: the
+        # coordinator has the path on); None until made, or when there is no room.
+        self.share = share
+        self.shared: SharedTensors | None = None
+        self.wire_only: set[str] = set()  # workers on this host that could not read it
 
     def advance(self, model: torch.nn.Module, version: int) -> None:
         """Move the reference to the model at ``version`` (a no-op if it is there)."""
         floats = {k: t.detach() for k, t in update_template(model, "train").items()}
         if self.reference is None:
-            self.reference = {k: t.clone() for k, t in floats.items()}
+            self.reference = self._first_reference(floats, version)
             self.version = version
             return
         if version == self.version:
@@ -66,18 +78,43 @@ class Downlink:
         if not self.sends.free:  # a queued WORK still reads the reference: leave it that memory
             self.reference = {k: t.clone() for k, t in self.reference.items()}
             self.sends = BufferSet({}, busy=False)
-        fused = self._cast_delta(floats) if self.cast is not None else None
-        if fused is not None:
-            wire, encodings = fused
-        else:
-            diff = {k: floats[k] - self.reference[k] for k in floats}
-            parts, encodings = self.compressor.compress(diff)
-            wire = {k: WireTensor.from_tensor(v) for k, v in parts.items()}
-            decoded = expand(Message(MsgType.WORK, tensors=dict(wire), encodings=encodings), self.codecs, self.template)
-            for name, t in self.reference.items():
-                decoded[name].add_to(t)  # widened on the way when the chain is a cast
+        with self._changing(version):
+            fused = self._cast_delta(floats) if self.cast is not None else None
+            if fused is not None:
+                wire, encodings = fused
+            else:
+                diff = {k: floats[k] - self.reference[k] for k in floats}
+                parts, encodings = self.compressor.compress(diff)
+                wire = {k: WireTensor.from_tensor(v) for k, v in parts.items()}
+                decoded = expand(Message(MsgType.WORK, tensors=dict(wire), encodings=encodings), self.codecs, self.template)
+                for name, t in self.reference.items():
+                    decoded[name].add_to(t)  # widened on the way when the chain is a cast
         self._delta = (wire, encodings, self.version)
         self.version = version
+
+    def _first_reference(self, floats: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
+        """A copy of the model: in a shared segment when workers on this host may read it."""
+        if self.share and sum(t.numel() * t.element_size() for t in floats.values()) >= SHM_MIN_BYTES:
+            try:
+                self.shared = SharedTensors(floats)
+            except OSError as exc:
+                log.warning("the model reference stays private, workers on this host get deltas: cannot make a shared segment (%s)", exc.strerror)
+            else:
+                with self.shared.changing(version):
+                    for name, tensor in self.shared.tensors.items():
+                        tensor.copy_(floats[name])
+                log.info("model reference shared with workers on this host segment=%s", self.shared.name)
+                return dict(self.shared.tensors)
+        return {k: t.clone() for k, t in floats.items()}
+
+    @contextlib.contextmanager
+    def _changing(self, version: int) -> Iterator[None]:
+        """Around a change of the reference: readers of the shared one see it (seqlock)."""
+        if self.shared is not None and self.reference_is_shared:
+            with self.shared.changing(version):
+                yield
+        else:
+            yield
 
     def _cast_delta(self, floats: dict[str, torch.Tensor]) -> tuple[dict[str, WireTensor], dict[str, list[dict[str, Any]]]] | None:
         """The delta through a one-cast chain, a block at a time: the difference, its
@@ -105,21 +142,46 @@ class Downlink:
             encodings[name] = cast_record(self.cast, ref)
         return wire, encodings
 
-    def work(self, worker: str, state: dict[str, torch.Tensor]) -> tuple[dict[str, WireTensor], dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    def work(self, worker: str, state: dict[str, torch.Tensor], local: bool = False) -> tuple[dict[str, WireTensor], dict[str, list[dict[str, Any]]], dict[str, Any]]:
         """(tensors, encodings, extra meta) of the WORK for ``worker``; ``state`` is the
-        model's state dict (tensors that are not floating point always go whole)."""
+        model's state dict (tensors that are not floating point always go whole).
+        ``local``: the worker shares this host's memory (it may read the reference there)."""
         assert self.reference is not None
         tensors = {k: WireTensor.from_tensor(v) for k, v in state.items() if k not in self.reference}
         held = self.held.get(worker)
         self.held[worker] = self.version
         if held == self.version:  # e.g. a round run again: nothing new to send
             return tensors, {}, {"downlink": True, "delta_from": self.version}
+        if local and self.shared is not None and worker not in self.wire_only and self.reference_is_shared:
+            return tensors, {}, {"downlink": True, "shared": self.shared.describe()}
         if self._delta is not None and held == self._delta[2]:
             wire, encodings, base = self._delta
             return tensors | wire, encodings, {"downlink": True, "delta_from": base}
-        tensors.update({k: WireTensor.from_tensor(v) for k, v in self.reference.items()})
+        # The shared reference changes in place each round: what goes on a socket
+        # (zero-copy, read while queued) is a copy of it.
+        whole = {k: v.clone() for k, v in self.reference.items()} if self.reference_is_shared else self.reference
+        tensors.update({k: WireTensor.from_tensor(v) for k, v in whole.items()})
         return tensors, {}, {"downlink": True}
 
-    def forget(self, worker: str) -> None:
-        """The worker does not hold what we thought (it said so, or left): send it all next time."""
+    @property
+    def reference_is_shared(self) -> bool:
+        return self.shared is not None and self.reference is not None and all(
+            self.reference[k].data_ptr() == t.data_ptr() for k, t in self.shared.tensors.items()
+        )
+
+    def forget(self, worker: str, unreadable: bool = False) -> None:
+        """The worker does not hold what we thought (it said so, or left): send it all
+        next time. ``unreadable``: it cannot read the shared reference (deltas for it)."""
         self.held.pop(worker, None)
+        if unreadable:
+            self.wire_only.add(worker)
+
+    def left(self, worker: str) -> None:
+        """The worker left: whoever joins under its name starts afresh."""
+        self.held.pop(worker, None)
+        self.wire_only.discard(worker)
+
+    def close(self) -> None:
+        """Unlink the shared segment (the job's engine is going)."""
+        if self.shared is not None:
+            self.shared.close()

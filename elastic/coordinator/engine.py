@@ -61,6 +61,7 @@ class Engine(ABC):
         fence: Callable[[], bool | None] | None = None,
         holds: Callable[[], bool] | None = None,
         ask: Callable[..., list[tuple[str, Any]]] | None = None,
+        local: Callable[[str], bool] | None = None,
     ) -> None:
         self.job = job
         self.notify = notify
@@ -76,6 +77,9 @@ class Engine(ABC):
         # is handed out: a coordinator that wakes from a stall must neither overwrite
         # the new leader's status nor start work before the loop has asked etcd.
         self.holds = holds or (lambda: True)
+        # Whether a worker shares this host's memory (the shared-memory path is on
+        # for it); None when the coordinator has that path off.
+        self.local = local
         self.mode = job.aggregator.worker_mode
         self.kind = update_kind(self.mode)
         self._template = {k: (tuple(t.shape), t.dtype) for k, t in update_template(job.model, self.mode).items()}
@@ -118,6 +122,9 @@ class Engine(ABC):
     def _in_progress(self) -> dict[str, Any]:
         """Extra status fields about the work in progress."""
         return {}
+
+    def close(self) -> None:  # noqa: B027 - most engines hold nothing outside the process
+        """The coordinator stops: release what the engine holds outside the process."""
 
     # -------------------------------------------------------------- control --
 

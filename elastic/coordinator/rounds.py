@@ -71,7 +71,7 @@ class RoundEngine(Engine):
         self.benched: set[str] = set()
         self._generation_members: tuple[str, ...] = ()
         spec = self.job.spec
-        self.downlink = Downlink(self.job.model, spec.compression.model, self.job.codecs) if spec.compression.model else None
+        self.downlink = Downlink(self.job.model, spec.compression.model, self.job.codecs, share=self.local is not None) if spec.compression.model else None
 
     # -------------------------------------------------------------- driving --
 
@@ -120,9 +120,11 @@ class RoundEngine(Engine):
             msg = Message(MsgType.WORK, job=spec.id, round=number, version=job.version, key=f"{m.id}/{spec.id}/{number}", meta=meta, tensors=snapshot)
             sends = self.model_sends
             if self.downlink is not None:  # the reference, or a delta against what it holds
-                msg.tensors, msg.encodings, extra = self.downlink.work(m.id, state)
+                msg.tensors, msg.encodings, extra = self.downlink.work(m.id, state, local=self.local is not None and self.local(m.id))
                 meta.update(extra)
-                sends = self.downlink.sends
+                # A shared reference is never sent from its own memory (deltas are
+                # new memory, whole sends a copy): nothing to track.
+                sends = None if self.downlink.reference_is_shared else self.downlink.sends
             out.append(Outgoing(m.id, msg, sends))
             rnd.bytes_sent += msg.payload_bytes
         self.current = rnd
@@ -195,11 +197,12 @@ class RoundEngine(Engine):
     def on_worker_failed(self, worker: str, round_: int, detail: str) -> None:
         """A participant said it cannot do the work: stop waiting for it."""
         rnd = self.current
+        model_missing = detail.startswith(("need_full_model", "no_shared_reference"))  # that one gets it next time
         if self.downlink is not None:  # e.g. it did not hold the version the delta was against
-            self.downlink.forget(worker)
+            self.downlink.forget(worker, unreadable=detail.startswith("no_shared_reference"))
         if rnd is not None and rnd.number == round_ and worker in rnd.participants:
             log.warning("worker could not do its work job=%s worker=%s detail=%s", self.job.spec.id, worker, detail)
-            if self.rendezvous and not detail.startswith("need_full_model"):  # that one gets it next time
+            if self.rendezvous and not model_missing:
                 self.benched.add(worker)
                 log.warning("worker sits out the next generations job=%s worker=%s (it may leave and join again)", self.job.spec.id, worker)
             self._drop(worker)
@@ -208,9 +211,13 @@ class RoundEngine(Engine):
         """A member left: a round never waits on a worker that is gone."""
         self.benched.discard(worker)  # coming back gives it another chance
         if self.downlink is not None:
-            self.downlink.forget(worker)
+            self.downlink.left(worker)
         if self.current is not None and worker in self.current.participants:
             self._drop(worker)
+
+    def close(self) -> None:
+        if self.downlink is not None:
+            self.downlink.close()
 
     def _drop(self, worker: str) -> None:
         rnd = self.current

@@ -47,7 +47,7 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -57,7 +57,7 @@ from elastic.errors import ProtocolError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SHM_DIR", "SHM_MIN_BYTES", "Probe", "SegmentWriter", "SegmentReader", "Ticket", "is_local", "sweep"]
+__all__ = ["SHM_DIR", "SHM_MIN_BYTES", "Probe", "SegmentWriter", "SegmentReader", "SharedTensors", "SharedReader", "Ticket", "is_local", "sweep"]
 
 log = logging.getLogger("elastic.wire")
 
@@ -372,6 +372,93 @@ class SegmentReader:
         """Drop the mapping (the peer left); it closes when its last view goes."""
         self._mm = None
         self.name = ""
+
+
+class SharedTensors:
+    """Named tensors that every worker on this host reads where they lie (the
+    compressed downlink's reference): one writer, any number of readers, and no
+    message or release per reader, so nothing is copied per worker.
+
+    A seqlock guards them. The writer makes ``seq`` odd while it changes them
+    (``changing``), stamps the version they now stand for, and makes ``seq`` even
+    again. A reader copies them out and keeps the copy only if ``seq`` was even and
+    unchanged across the copy, and the version is the one its WORK names. The
+    coordinator changes them only between rounds, so a reader that finds them
+    changing was too late for its round anyway. (x86-64 and ARMv8 order plain
+    stores to one mapping as the seqlock needs from Python's side: each step is a
+    separate call that the interpreter finishes before the next.)
+
+    The file stays in ``/dev/shm`` while the writer lives (workers may join at any
+    time); ``close`` unlinks it, and ``sweep`` takes it after a crash.
+    """
+
+    def __init__(self, like: Mapping[str, torch.Tensor]) -> None:
+        """Room for tensors shaped like ``like`` (CPU); ``OSError`` when none."""
+        import torch  # noqa: PLC0415 - only the coordinator's downlink makes these
+
+        sizes = [t.numel() * t.element_size() for t in like.values()]
+        offsets, size = layout(sizes)
+        self.name, self._mm = _create(size)
+        self.tensors = {
+            name: torch.frombuffer(self._mm, dtype=t.dtype, count=t.numel(), offset=at).view(t.shape)
+            for (name, t), at in zip(like.items(), offsets, strict=True)
+        }
+        self._offsets = dict(zip(like, offsets, strict=True))
+
+    def describe(self) -> dict[str, Any]:
+        """What a WORK carries for a reader (``SharedReader.copy_into``)."""
+        return {"seg": self.name, "at": self._offsets}
+
+    @contextlib.contextmanager
+    def changing(self, version: int) -> Iterator[None]:
+        """Around every change of the tensors; they then stand for ``version``."""
+        seq = _read(self._mm, _POSTED)
+        struct.pack_into("<Q", self._mm, _POSTED, seq + 1)
+        try:
+            yield
+        finally:
+            struct.pack_into("<Q", self._mm, _RELEASED, version)
+            struct.pack_into("<Q", self._mm, _POSTED, seq + 2)
+
+    def close(self) -> None:
+        """Unlink the file; the mapping lives while the tensors are viewed."""
+        _unlink(self.name)
+
+
+class SharedReader:
+    """A worker's end of ``SharedTensors``: maps the segment once, copies out of it."""
+
+    def __init__(self) -> None:
+        self.name = ""
+        self._mm: mmap.mmap | None = None
+
+    def copy_into(self, described: Any, targets: Mapping[str, torch.Tensor], version: int) -> str | None:
+        """Copy the described tensors into ``targets`` (same names, dtypes and
+        shapes): None when done; why not when they were changing or stand for
+        another version (the targets then hold nothing usable). ``ProtocolError``
+        when the description or the segment is not one to read at all."""
+        import torch  # noqa: PLC0415
+
+        if not isinstance(described, dict) or not isinstance(described.get("seg"), str) or not isinstance(described.get("at"), dict):
+            raise ProtocolError("bad_shm", "the shared reference's description needs seg (str) and at (map)")
+        at = described["at"]
+        if set(at) != set(targets) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= HEADER_BYTES for v in at.values()):
+            raise ProtocolError("bad_shm", "the shared reference holds other tensors than this model's")
+        if described["seg"] != self.name or self._mm is None:
+            self._mm = _open(described["seg"])
+            self.name = described["seg"]
+        mm = self._mm
+        if any(at[name] + t.numel() * t.element_size() > len(mm) for name, t in targets.items()):
+            raise ProtocolError("bad_shm", "the shared reference's tensors lie past its segment's end")
+        seq = _read(mm, _POSTED)
+        if seq % 2 or _read(mm, _RELEASED) != version:
+            return f"the shared reference is being changed or stands for version {_read(mm, _RELEASED)}, not {version}"
+        for name, target in targets.items():
+            source = torch.frombuffer(mm, dtype=target.dtype, count=target.numel(), offset=at[name])
+            target.copy_(source.view(target.shape))
+        if _read(mm, _POSTED) != seq:
+            return "the shared reference changed while it was read (its round was over)"
+        return None
 
 
 class LocalPeers:

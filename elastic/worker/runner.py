@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from elastic.api import Shard, Task
-from elastic.errors import Cancelled, ElasticError
+from elastic.errors import Cancelled, ElasticError, ProtocolError
 from elastic.jobspec import TrainParams
 from elastic.plugins import Plugins
 from elastic.training import (
@@ -28,6 +28,7 @@ from elastic.training import (
 from elastic.wire.buffers import BufferPool, BufferSet, reusable
 from elastic.wire.compression import SEP, Compressor, cast_block, cast_record, cast_stage, expand
 from elastic.wire.messages import WIDEN_BLOCK, Message, MsgType, WireTensor
+from elastic.wire.shm import SharedReader
 from elastic.worker.devices import HostStaging
 
 __all__ = ["TaskRunner", "Result"]
@@ -56,6 +57,7 @@ class _JobContext:
     reference_version: int | None = None
     cast_out: dict[str, torch.Tensor] | None = None  # a one-cast chain's parts, kept across rounds
     cast_sent: BufferSet | None = None  # the last update sent from them
+    shared: SharedReader | None = None  # the coordinator's reference in /dev/shm, when on its host
 
 
 class TaskRunner:
@@ -131,8 +133,8 @@ class TaskRunner:
         model_in = work.tensors
         if work.meta.get("downlink") is True:
             held = self._from_reference(ctx, work)
-            if held is None:
-                return self._nack(work, "need_full_model", f"this worker holds version {ctx.reference_version}, not {work.meta.get('delta_from')}; send the whole model")
+            if isinstance(held, tuple):
+                return self._nack(work, *held)
             model_in = held
         self._load(ctx.model, model_in)
         mode = work.meta["mode"]
@@ -238,26 +240,39 @@ class TaskRunner:
                     target.copy_(tensor.detach())
                     tensor.data = target
 
-    def _from_reference(self, ctx: _JobContext, work: Message) -> dict[str, WireTensor] | None:
+    def _from_reference(self, ctx: _JobContext, work: Message) -> dict[str, WireTensor] | tuple[str, str]:
         """The model this WORK stands for, when it comes down as a delta against the
-        reference we hold (``delta_from``) or whole; None if we hold another version."""
+        reference we hold (``delta_from``), whole, or to be read from the coordinator's
+        shared memory (``shared``); else the NACK's reason and detail."""
         floats = {k: (tuple(t.shape), t.dtype) for k, t in update_template(ctx.model, "train").items()}
         others = {k: wt for k, wt in work.tensors.items() if k not in floats and "#" not in k}
-        if "delta_from" not in work.meta:  # the whole reference: keep a copy to apply deltas to
-            # Taking a gradient leaves the parameters as they came, so they can hold
-            # the reference themselves: no model-sized copy into the model each round.
-            # Buffers (a task may update running statistics) keep a copy of their own.
-            shared = update_template(ctx.model, "gradient") if work.meta["mode"] == "gradient" and self.device.type == "cpu" else {}
+        # Taking a gradient leaves the parameters as they came, so they can hold the
+        # reference themselves: no model-sized copy into the model each round.
+        # Buffers (a task may update running statistics) keep a copy of their own.
+        in_params = update_template(ctx.model, "gradient") if work.meta["mode"] == "gradient" and self.device.type == "cpu" else {}
+        if "shared" in work.meta:  # on the coordinator's host: copied from where it lies
+            if ctx.reference is None or {k: (tuple(t.shape), t.dtype) for k, t in ctx.reference.items()} != floats:
+                ctx.reference = {k: in_params[k].detach() if k in in_params else torch.empty(shape, dtype=dtype) for k, (shape, dtype) in floats.items()}
+            ctx.reference_version = None  # until the copy is known whole
+            ctx.shared = ctx.shared or SharedReader()
+            try:
+                with torch.no_grad():
+                    why = ctx.shared.copy_into(work.meta["shared"], ctx.reference, work.version)
+            except ProtocolError as exc:
+                return "no_shared_reference", f"cannot read the coordinator's shared reference: {exc.detail}; send the model over the socket"
+            if why is not None:
+                return "need_full_model", why
+        elif "delta_from" not in work.meta:  # the whole reference: keep a copy to apply deltas to
             ctx.reference = {}
             for k, wt in work.tensors.items():
-                if k in shared and tuple(shared[k].shape) == wt.shape and shared[k].dtype == wt.dtype:
+                if k in in_params and tuple(in_params[k].shape) == wt.shape and in_params[k].dtype == wt.dtype:
                     with torch.no_grad():
-                        wt.copy_to(shared[k])
-                    ctx.reference[k] = shared[k].detach()
+                        wt.copy_to(in_params[k])
+                    ctx.reference[k] = in_params[k].detach()
                 elif k in floats:
                     ctx.reference[k] = wt.to_tensor().clone()
         elif ctx.reference is None or ctx.reference_version != work.meta["delta_from"]:
-            return None
+            return "need_full_model", f"this worker holds version {ctx.reference_version}, not {work.meta.get('delta_from')}; send the whole model"
         else:
             delta = expand(work, self.plugins.codecs, floats)
             for name, ref in ctx.reference.items():

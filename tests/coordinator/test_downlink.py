@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from elastic.coordinator.downlink import Downlink
 from elastic.plugins import Plugins
+from elastic.wire import shm
 from elastic.wire.compression import expand
 from elastic.wire.frames import decode, encode
 from elastic.wire.messages import Message, MsgType
+from elastic.wire.shm import SharedReader
 
 CODECS = Plugins().codecs
 
@@ -61,3 +65,51 @@ def test_only_a_single_cast_is_made_a_block_at_a_time() -> None:
         model.weight.add_(1)
     half.advance(model, 1)
     assert half.reference is not None and torch.equal(half.reference["weight"], model.weight.detach())
+
+
+def test_workers_on_this_host_read_the_reference_where_it_lies_and_hold_what_deltas_give() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1100, 1000)
+    downlink = Downlink(model, ["fp16"], CODECS, share=True)
+    downlink.advance(model, 0)
+    assert downlink.shared is not None and downlink.reference_is_shared
+    whole, _, _ = downlink.work("remote", model.state_dict())
+    assert all(whole[k].chunks[0].data_ptr() != t.data_ptr() for k, t in downlink.shared.tensors.items())  # a copy goes on the socket
+    remote = {k: wt.to_tensor().clone() for k, wt in whole.items()}
+    reader, local = SharedReader(), {k: torch.empty_like(v) for k, v in remote.items()}
+    try:
+        for version in range(1, 4):
+            with torch.no_grad():
+                model.weight.add_(torch.randn_like(model.weight) * 0.01)
+            downlink.advance(model, version)
+            tensors, encodings, meta = downlink.work("local", model.state_dict(), local=True)
+            assert tensors == {} and encodings == {} and set(meta) == {"downlink", "shared"}  # nothing on the socket
+            assert reader.copy_into(meta["shared"], local, version) is None
+            tensors, encodings, meta = downlink.work("remote", model.state_dict())
+            assert meta["delta_from"] == version - 1
+            for name, wt in expand(Message(MsgType.WORK, tensors=tensors, encodings=encodings), CODECS, downlink.template).items():
+                wt.add_to(remote[name])
+            for name in remote:  # the same bits either way
+                assert torch.equal(local[name], remote[name]) and torch.equal(local[name], downlink.reference[name]), name  # type: ignore[index]
+        downlink.forget("local", unreadable=True)  # it could not open the segment: deltas from now on
+        assert "shared" not in downlink.work("local", model.state_dict(), local=True)[2]
+        downlink.left("local")
+        assert "local" not in downlink.wire_only
+    finally:
+        downlink.close()
+    assert not os.path.exists(os.path.join(shm.SHM_DIR, downlink.shared.name))
+
+
+def test_a_small_model_or_no_room_keeps_the_reference_private(monkeypatch: pytest.MonkeyPatch) -> None:
+    small = Downlink(torch.nn.Linear(30, 20), ["fp16"], CODECS, share=True)
+    small.advance(torch.nn.Linear(30, 20), 0)
+    assert small.shared is None  # under SHM_MIN_BYTES: deltas on the socket cost less
+
+    def no_room(size: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shm, "_create", no_room)
+    model = torch.nn.Linear(1100, 1000)
+    full = Downlink(model, ["fp16"], CODECS, share=True)
+    full.advance(model, 0)
+    assert full.shared is None and "shared" not in full.work("local", model.state_dict(), local=True)[2]

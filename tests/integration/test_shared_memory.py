@@ -4,6 +4,7 @@ mid-job does not stop the others."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -22,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not shm.shm_available(), reas
 ROUNDS = 3
 
 
-def job(tmp_path: Path, rounds: int = ROUNDS, min_workers: int = 2, rule: str = "syncavg") -> Path:
+def job(tmp_path: Path, rounds: int = ROUNDS, min_workers: int = 2, rule: str = "syncavg", extra: str = "") -> Path:
     # 1M parameters: 4 MB a message, over the 1 MiB where the shared path starts.
     return write_job(tmp_path / "big.toml", f"""
 [job]
@@ -43,13 +44,13 @@ batch_size = 8
 {"lr = 0.01" if rule == "syncavg" else ""}
 [checkpoint]
 every = 1000
-""")
+{extra}""")
 
 
-def run(cluster: Cluster, tmp_path: Path, *flags: str) -> dict[str, torch.Tensor]:
+def run(cluster: Cluster, tmp_path: Path, *flags: str, spec: Path | None = None) -> dict[str, torch.Tensor]:
     # fedavg: workers train their weights and send them from where they live, which
     # on this host is their segment (no copy on the way up)
-    coordinator = cluster.coordinator(job(tmp_path, rule="fedavg"), extra=("--exit-when-done", *flags))
+    coordinator = cluster.coordinator(spec or job(tmp_path, rule="fedavg"), extra=("--exit-when-done", *flags))
     workers = [cluster.worker(f"w{i}", *flags) for i in range(2)]
     cluster.wait_status("big", lambda s: s["state"] == "finished", 120, "the job to finish")
     assert coordinator.wait(30) == 0
@@ -87,6 +88,32 @@ def test_shared_memory_gives_the_socket_s_result_and_cleans_up(tmp_path: Path) -
     assert "shm_sent=0 " in (socket.root / "coordinator.log").read_text()
     assert "shared memory" not in (socket.root / "w0.log").read_text()
     assert segments_of([p.pid for p in through.procs]) == []  # every segment and probe unlinked
+
+
+def test_the_fp16_downlink_is_read_where_it_lies_with_the_deltas_result(tmp_path: Path) -> None:
+    """With the model sent down in fp16, workers on this host copy the coordinator's
+    reference from its segment (no tensors in their WORK); elsewhere they rebuild it
+    from deltas. Both hold the same bits, so the job ends with the same model."""
+    fp16 = '[compression]\nupdate = ["fp16"]\nmodel = ["fp16"]\n'
+    through = Cluster(tmp_path / "shm")
+    socket = Cluster(tmp_path / "tcp")
+    for c in (through, socket):
+        c.root.mkdir()
+    try:
+        got = run(through, through.root, spec=job(through.root, rounds=4, extra=fp16))
+        want = run(socket, socket.root, "--no-shared-memory", spec=job(socket.root, rounds=4, extra=fp16))
+    finally:
+        through.stop_all()
+        socket.stop_all()
+    for name, tensor in want.items():
+        assert torch.equal(got[name], tensor), name
+    assert "model reference shared with workers on this host" in (through.root / "coordinator.log").read_text()
+    assert "model reference shared" not in (socket.root / "coordinator.log").read_text()
+    status = json.loads((through.state / "big" / "status.json").read_text())
+    model_bytes = 1_000_001 * 4
+    assert status["history"][0]["bytes_sent"] < model_bytes / 100  # no model on the socket, not even the first
+    assert all(h["updates"] == 2 for h in status["history"])
+    assert segments_of([p.pid for p in through.procs]) == []  # the reference's segment unlinked too
 
 
 def test_a_worker_killed_mid_job_leaves_the_rest_running(cluster: Cluster, tmp_path: Path) -> None:

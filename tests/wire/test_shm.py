@@ -250,3 +250,77 @@ def test_nothing_is_ever_copied_over_placed_tensors() -> None:
     c["w"].fill_(5.0)
     assert bool((b["w"] == 3.0).all()) and bool((placed["w"] == 1.0).all())
     writer.close()
+
+
+def reference_like() -> dict[str, torch.Tensor]:
+    return {"w": torch.randn(300, 500), "b": torch.randn(7)}
+
+
+def test_shared_tensors_are_read_by_any_number_of_readers_at_the_version_stamped() -> None:
+    model = reference_like()
+    shared = shm.SharedTensors(model)
+    try:
+        with shared.changing(5):
+            for name, t in shared.tensors.items():
+                t.copy_(model[name])
+        for _ in range(3):  # readers need no release: each copies out
+            into = {k: torch.empty_like(v) for k, v in model.items()}
+            assert shm.SharedReader().copy_into(shared.describe(), into, 5) is None
+            assert all(torch.equal(into[k], model[k]) for k in model)
+        reader = shm.SharedReader()
+        assert "version 5, not 6" in (reader.copy_into(shared.describe(), dict(model), 6) or "")
+        with shared.changing(6):  # a reader that comes while it changes takes nothing
+            assert "being changed" in (reader.copy_into(shared.describe(), dict(model), 6) or "")
+        assert reader.copy_into(shared.describe(), {k: torch.empty_like(v) for k, v in model.items()}, 6) is None
+    finally:
+        shared.close()
+    assert not segment_exists(shared.name)
+
+
+class ChangesWhileRead(dict):  # type: ignore[type-arg]
+    """Targets whose copy is interleaved with the writer's next change."""
+
+    def __init__(self, shared: shm.SharedTensors, targets: dict[str, torch.Tensor]) -> None:
+        super().__init__(targets)
+        self.shared, self.calls = shared, 0
+
+    def items(self):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        for i, item in enumerate(super().items()):
+            if self.calls == 2 and i == 1:  # the copy loop, half way
+                with self.shared.changing(8):
+                    self.shared.tensors["b"].add_(1)
+            yield item
+
+
+def test_a_reader_overtaken_by_a_change_keeps_nothing() -> None:
+    model = reference_like()
+    shared = shm.SharedTensors(model)
+    try:
+        with shared.changing(7):
+            pass
+        targets = ChangesWhileRead(shared, {k: torch.empty_like(v) for k, v in model.items()})
+        assert "changed while it was read" in (shm.SharedReader().copy_into(shared.describe(), targets, 7) or "")
+    finally:
+        shared.close()
+
+
+def test_hostile_shared_descriptions_are_protocol_errors() -> None:
+    model = reference_like()
+    shared = shm.SharedTensors(model)
+    good = shared.describe()
+    try:
+        for described in (
+            None,
+            {"seg": good["seg"]},
+            {"seg": good["seg"], "at": {"w": good["at"]["w"]}},  # a tensor missing
+            {"seg": good["seg"], "at": {**good["at"], "b": 8}},  # inside the header
+            {"seg": good["seg"], "at": {**good["at"], "b": True}},
+            {"seg": good["seg"], "at": {**good["at"], "b": 1 << 40}},  # past the end
+            {"seg": "../../etc/passwd", "at": good["at"]},
+            {"seg": "elastic-1-0000000000000000", "at": good["at"]},  # no such segment
+        ):
+            with pytest.raises(ProtocolError):
+                shm.SharedReader().copy_into(described, dict(model), 0)
+    finally:
+        shared.close()

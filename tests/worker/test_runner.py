@@ -290,3 +290,35 @@ def test_model_comes_down_as_a_delta_against_the_reference(mode: str) -> None:
     stale = decode([bytes(f) for f in encode(Message(MsgType.WORK, job="j", round=3, version=2, key="w/j/3", meta=dict(first.meta, delta_from=0)))], check_finite=False)
     nack = runner.run(stale).message
     assert nack.type is MsgType.NACK and nack.meta["reason"] == "need_full_model"
+
+
+@pytest.mark.parametrize("mode", ["gradient", "train"])
+def test_a_work_naming_the_shared_reference_is_done_on_the_model_read_from_it(mode: str) -> None:
+    from elastic.wire.shm import SharedTensors
+
+    model = LinReg({"samples": 40, "features": 3}).build_model(3)
+    floats = {k: v.detach() for k, v in update_template(model, "train").items()}
+    shared = SharedTensors(floats)
+    try:
+        with shared.changing(4):
+            for name, t in shared.tensors.items():
+                t.copy_(floats[name])
+
+        def job(version: int, described: object) -> Message:
+            w = work(mode, LinReg({"samples": 40, "features": 3}).build_model(9), round_=version + 1)  # its tensors are not the model
+            w.tensors = {}  # the model's weights are not in the message at all
+            w.meta.update({"downlink": True, "shared": described})
+            return w
+
+        runner = TaskRunner(Plugins(), torch.device("cpu"), None, "w")
+        msg = runner.run(job(4, shared.describe())).message
+        assert msg.type is MsgType.UPDATE
+        want = expected(mode, model)
+        for name, wt in msg.tensors.items():
+            assert torch.allclose(wt.to_tensor(), want[name], atol=1e-6), name
+        stale = runner.run(job(5, shared.describe())).message  # the segment stands for version 4
+        assert stale.type is MsgType.NACK and stale.meta["reason"] == "need_full_model"
+        gone = runner.run(job(4, {"seg": "elastic-1-0000000000000000", "at": shared.describe()["at"]})).message
+        assert gone.type is MsgType.NACK and gone.meta["reason"] == "no_shared_reference"
+    finally:
+        shared.close()
