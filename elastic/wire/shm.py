@@ -106,8 +106,10 @@ def _create(size: int) -> tuple[str, mmap.mmap]:
     return name, mm
 
 
-def _open(name: str) -> mmap.mmap:
-    """Map an existing segment another process of ours made; ProtocolError if it is not one."""
+def _open(name: str, private: bool = False) -> mmap.mmap:
+    """Map an existing segment another process of ours made; ProtocolError if it is not
+    one. ``private``: copy-on-write (it still reads what the writer writes, while this
+    process's own writes stay here)."""
     if not _NAME.fullmatch(name):
         raise ProtocolError("bad_shm", f"shared-memory segment name {name[:80]!r} is not one of ours")
     try:
@@ -118,7 +120,7 @@ def _open(name: str) -> mmap.mmap:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_size < HEADER_BYTES:
             raise ProtocolError("bad_shm", f"shared-memory segment {name} is not a segment of this user")
-        mm = mmap.mmap(fd, st.st_size)
+        mm = mmap.mmap(fd, st.st_size, flags=mmap.MAP_PRIVATE) if private else mmap.mmap(fd, st.st_size)
     finally:
         os.close(fd)
     if mm[: len(MAGIC)] != MAGIC:
@@ -426,11 +428,43 @@ class SharedTensors:
 
 
 class SharedReader:
-    """A worker's end of ``SharedTensors``: maps the segment once, copies out of it."""
+    """A worker's end of ``SharedTensors``. It maps the segment once, copy-on-write:
+    it reads what the coordinator writes, and nothing it might write reaches the
+    coordinator's reference. Tensors are copied out (``copy_into``), or viewed where
+    they lie (``view``, for parameters that are only read: taking a gradient)."""
 
     def __init__(self) -> None:
         self.name = ""
         self._mm: mmap.mmap | None = None
+        self._seq = 0  # the seqlock's count when ``stable`` last found it still
+
+    def _where(self, described: Any, like: Mapping[str, torch.Tensor]) -> tuple[mmap.mmap, dict[str, int]]:
+        """The mapping and each tensor's offset; ProtocolError when not readable."""
+        if not isinstance(described, dict) or not isinstance(described.get("seg"), str) or not isinstance(described.get("at"), dict):
+            raise ProtocolError("bad_shm", "the shared reference's description needs seg (str) and at (map)")
+        at = described["at"]
+        if set(at) != set(like) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= HEADER_BYTES for v in at.values()):
+            raise ProtocolError("bad_shm", "the shared reference holds other tensors than this model's")
+        if described["seg"] != self.name or self._mm is None:
+            self._mm = _open(described["seg"], private=True)  # the old mapping goes with its last view
+            self.name = described["seg"]
+        if any(at[name] + t.numel() * t.element_size() > len(self._mm) for name, t in like.items()):
+            raise ProtocolError("bad_shm", "the shared reference's tensors lie past its segment's end")
+        return self._mm, at
+
+    def stable(self, version: int) -> str | None:
+        """None when the tensors stand still at ``version`` (remembered for
+        ``unchanged``); else why not."""
+        assert self._mm is not None
+        seq, stamped = _read(self._mm, _POSTED), _read(self._mm, _RELEASED)
+        if seq % 2 or stamped != version:
+            return f"the shared reference is being changed or stands for version {stamped}, not {version}"
+        self._seq = seq
+        return None
+
+    def unchanged(self) -> bool:
+        """True when no change began since ``stable`` said yes."""
+        return self._mm is not None and _read(self._mm, _POSTED) == self._seq
 
     def copy_into(self, described: Any, targets: Mapping[str, torch.Tensor], version: int) -> str | None:
         """Copy the described tensors into ``targets`` (same names, dtypes and
@@ -439,26 +473,27 @@ class SharedReader:
         when the description or the segment is not one to read at all."""
         import torch  # noqa: PLC0415
 
-        if not isinstance(described, dict) or not isinstance(described.get("seg"), str) or not isinstance(described.get("at"), dict):
-            raise ProtocolError("bad_shm", "the shared reference's description needs seg (str) and at (map)")
-        at = described["at"]
-        if set(at) != set(targets) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= HEADER_BYTES for v in at.values()):
-            raise ProtocolError("bad_shm", "the shared reference holds other tensors than this model's")
-        if described["seg"] != self.name or self._mm is None:
-            self._mm = _open(described["seg"])
-            self.name = described["seg"]
-        mm = self._mm
-        if any(at[name] + t.numel() * t.element_size() > len(mm) for name, t in targets.items()):
-            raise ProtocolError("bad_shm", "the shared reference's tensors lie past its segment's end")
-        seq = _read(mm, _POSTED)
-        if seq % 2 or _read(mm, _RELEASED) != version:
-            return f"the shared reference is being changed or stands for version {_read(mm, _RELEASED)}, not {version}"
+        mm, at = self._where(described, targets)
+        why = self.stable(version)
+        if why is not None:
+            return why
         for name, target in targets.items():
             source = torch.frombuffer(mm, dtype=target.dtype, count=target.numel(), offset=at[name])
             target.copy_(source.view(target.shape))
-        if _read(mm, _POSTED) != seq:
+        if not self.unchanged():
             return "the shared reference changed while it was read (its round was over)"
         return None
+
+    def view(self, described: Any, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors shaped like ``like`` where the described ones lie (no copy). They
+        change when the coordinator changes its reference: check ``stable`` before
+        use and ``unchanged`` after. A write to them stays in this process, and
+        from then on that page no longer follows the coordinator's (a new reader
+        maps afresh). ``ProtocolError`` as ``copy_into``."""
+        import torch  # noqa: PLC0415
+
+        mm, at = self._where(described, like)
+        return {name: torch.frombuffer(mm, dtype=t.dtype, count=t.numel(), offset=at[name]).view(t.shape) for name, t in like.items()}
 
 
 class LocalPeers:

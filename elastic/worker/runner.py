@@ -58,6 +58,7 @@ class _JobContext:
     cast_out: dict[str, torch.Tensor] | None = None  # a one-cast chain's parts, kept across rounds
     cast_sent: BufferSet | None = None  # the last update sent from them
     shared: SharedReader | None = None  # the coordinator's reference in /dev/shm, when on its host
+    viewing: bool = False  # the parameters lie in ``shared``'s mapping (taking gradients)
 
 
 class TaskRunner:
@@ -158,6 +159,8 @@ class TaskRunner:
             computing = time.perf_counter()
             result = batch_gradient(ctx.task, ctx.model, ctx.dataset, train.batch_size, work.round - 1, int(work.meta["seed"]), self.device)
             computed = time.perf_counter() - computing
+            if ctx.viewing and ctx.shared is not None and not ctx.shared.unchanged():
+                return self._nack(work, "need_full_model", "the shared reference changed while the gradient was taken (its round was over)")
             update = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in update_template(ctx.model, "gradient").items()}
         else:
             raise ElasticError(f"unknown work mode {mode!r}; this worker knows train, delta and gradient")
@@ -250,19 +253,17 @@ class TaskRunner:
         # reference themselves: no model-sized copy into the model each round.
         # Buffers (a task may update running statistics) keep a copy of their own.
         in_params = update_template(ctx.model, "gradient") if work.meta["mode"] == "gradient" and self.device.type == "cpu" else {}
-        if "shared" in work.meta:  # on the coordinator's host: copied from where it lies
-            if ctx.reference is None or {k: (tuple(t.shape), t.dtype) for k, t in ctx.reference.items()} != floats:
-                ctx.reference = {k: in_params[k].detach() if k in in_params else torch.empty(shape, dtype=dtype) for k, (shape, dtype) in floats.items()}
-            ctx.reference_version = None  # until the copy is known whole
+        if "shared" in work.meta:  # on the coordinator's host: read where it lies
+            ctx.reference_version = None  # until it is known whole
             ctx.shared = ctx.shared or SharedReader()
             try:
-                with torch.no_grad():
-                    why = ctx.shared.copy_into(work.meta["shared"], ctx.reference, work.version)
+                why = self._read_shared(ctx, work, floats, in_params)
             except ProtocolError as exc:
                 return "no_shared_reference", f"cannot read the coordinator's shared reference: {exc.detail}; send the model over the socket"
             if why is not None:
                 return "need_full_model", why
         elif "delta_from" not in work.meta:  # the whole reference: keep a copy to apply deltas to
+            self._leave_shared(ctx, in_params)
             ctx.reference = {}
             for k, wt in work.tensors.items():
                 if k in in_params and tuple(in_params[k].shape) == wt.shape and in_params[k].dtype == wt.dtype:
@@ -274,12 +275,49 @@ class TaskRunner:
         elif ctx.reference is None or ctx.reference_version != work.meta["delta_from"]:
             return "need_full_model", f"this worker holds version {ctx.reference_version}, not {work.meta.get('delta_from')}; send the whole model"
         else:
+            if ctx.viewing:  # deltas are added in place: to memory of our own
+                self._leave_shared(ctx, in_params)
+                ctx.reference = {k: in_params[k].detach() for k in ctx.reference}
             delta = expand(work, self.plugins.codecs, floats)
             for name, ref in ctx.reference.items():
                 if name in delta:
                     delta[name].add_to(ref)  # widened on the way when the chain is a cast
         ctx.reference_version = work.version
         return others | {k: WireTensor.from_tensor(v) for k, v in ctx.reference.items()}
+
+    def _read_shared(self, ctx: _JobContext, work: Message, floats: dict[str, tuple[tuple[int, ...], torch.dtype]], in_params: dict[str, torch.Tensor]) -> str | None:
+        """The coordinator's reference, from its segment: a gradient is taken on it
+        where it lies (the parameters are rebound to views of it, once; ``_run``
+        checks afterwards that it did not change meanwhile); anything else copies
+        it. None when done, else why not."""
+        assert ctx.shared is not None
+        if in_params and set(in_params) == set(floats):
+            views = ctx.shared.view(work.meta["shared"], in_params)
+            with torch.no_grad():
+                for name, param in in_params.items():
+                    if param.data_ptr() != views[name].data_ptr():
+                        param.data = views[name]
+            ctx.reference = {k: p.detach() for k, p in in_params.items()}
+            ctx.viewing = True
+            return ctx.shared.stable(work.version)
+        self._leave_shared(ctx, in_params)
+        if ctx.reference is None or {k: (tuple(t.shape), t.dtype) for k, t in ctx.reference.items()} != floats:
+            ctx.reference = {k: in_params[k].detach() if k in in_params else torch.empty(shape, dtype=dtype) for k, (shape, dtype) in floats.items()}
+        with torch.no_grad():
+            return ctx.shared.copy_into(work.meta["shared"], ctx.reference, work.version)
+
+    @staticmethod
+    def _leave_shared(ctx: _JobContext, in_params: dict[str, torch.Tensor]) -> None:
+        """Parameters that view the shared reference get memory of their own before
+        anything writes them, and the mapping is dropped: a page written here would
+        no longer follow the coordinator's, so a later view maps afresh."""
+        if not ctx.viewing:
+            return
+        with torch.no_grad():
+            for param in in_params.values():
+                param.data = param.data.clone()
+        ctx.viewing = False
+        ctx.shared = SharedReader() if ctx.shared is not None else None
 
     def _nack(self, work: Message, reason: str, detail: str) -> Result:
         log.warning("cannot do work job=%s round=%d reason=%s detail=%s", work.job, work.round, reason, detail)

@@ -322,3 +322,70 @@ def test_a_work_naming_the_shared_reference_is_done_on_the_model_read_from_it(mo
         assert gone.type is MsgType.NACK and gone.meta["reason"] == "no_shared_reference"
     finally:
         shared.close()
+
+
+def test_a_gradient_is_taken_on_the_shared_reference_where_it_lies_and_never_writes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Taking a gradient, the parameters view the coordinator's segment (copy on
+    write): they follow its changes with no copy, a reference that changes under the
+    gradient voids it, and a later delta added in place never reaches the segment."""
+    from elastic.wire.compression import SEP
+    from elastic.wire.shm import SharedTensors
+    from elastic.worker import runner as runner_module
+
+    model = LinReg({"samples": 40, "features": 3}).build_model(3)
+    floats = {k: v.detach().clone() for k, v in update_template(model, "train").items()}
+    shared = SharedTensors(floats)
+
+    def job(version: int, **meta: object) -> Message:
+        w = work("gradient", model, round_=version + 1)
+        w.tensors = {}
+        w.meta.update({"downlink": True, **meta})
+        return w
+
+    def publish(version: int, scale: float) -> None:
+        with shared.changing(version):
+            for name, t in shared.tensors.items():
+                t.copy_(floats[name] * scale)
+
+    try:
+        runner = TaskRunner(Plugins(), torch.device("cpu"), None, "w")
+        publish(1, 1.0)
+        assert runner.run(job(1, shared=shared.describe())).message.type is MsgType.UPDATE
+        params = dict(runner._jobs["j"].model.named_parameters())
+        publish(2, 2.0)  # the worker's parameters follow, with no WORK and no copy
+        assert all(torch.equal(params[k].detach(), floats[k] * 2.0) for k in floats)
+        msg = runner.run(job(2, shared=shared.describe())).message
+        for name, wt in msg.tensors.items():  # the gradient at the doubled weights
+            assert torch.allclose(wt.to_tensor(), expected("gradient", _scaled(model, 2.0))[name], atol=1e-5), name
+
+        original = runner_module.batch_gradient
+
+        def overtaken(*args, **kwargs):  # type: ignore[no-untyped-def]
+            result = original(*args, **kwargs)
+            publish(3, 3.0)  # the next round began meanwhile
+            return result
+
+        monkeypatch.setattr(runner_module, "batch_gradient", overtaken)
+        late = runner.run(job(2, shared=shared.describe())).message
+        assert late.type is MsgType.NACK and "changed while the gradient was taken" in late.meta["detail"]
+        monkeypatch.setattr(runner_module, "batch_gradient", original)
+
+        assert runner.run(job(3, shared=shared.describe())).message.type is MsgType.UPDATE
+        delta = {f"{k}{SEP}x": WireTensor.from_tensor(torch.ones_like(v).half()) for k, v in floats.items()}
+        w = job(4, delta_from=3)
+        w.tensors, w.encodings = delta, {k: [{"s": "fp16", "in": "", "shape": list(v.shape), "dtype": "float32", "out": ["x"]}] for k, v in floats.items()}
+        assert runner.run(w).message.type is MsgType.UPDATE
+        assert all(torch.equal(params[k].detach(), floats[k] * 3.0 + 1) for k in floats)  # the delta, added
+        assert all(torch.equal(shared.tensors[k], floats[k] * 3.0) for k in floats)  # in memory of its own
+        publish(5, 5.0)  # back on the shared path: a fresh view, no page left behind
+        assert runner.run(job(5, shared=shared.describe())).message.type is MsgType.UPDATE
+        params = dict(runner._jobs["j"].model.named_parameters())
+        assert all(torch.equal(params[k].detach(), floats[k] * 5.0) for k in floats)
+    finally:
+        shared.close()
+
+
+def _scaled(model: torch.nn.Module, factor: float) -> torch.nn.Module:
+    m = LinReg({"samples": 40, "features": 3}).build_model(3)
+    m.load_state_dict({k: v * factor for k, v in model.state_dict().items()})
+    return m
