@@ -66,8 +66,10 @@ class Downlink:
         self.shared: SharedTensors | None = None
         self.wire_only: set[str] = set()  # workers on this host that could not read it
 
-    def advance(self, model: torch.nn.Module, version: int) -> None:
-        """Move the reference to the model at ``version`` (a no-op if it is there)."""
+    def advance(self, model: torch.nn.Module, version: int, wire: bool = True) -> None:
+        """Move the reference to the model at ``version`` (a no-op if it is there).
+        ``wire=False``: every member reads the shared reference, so a one-cast delta
+        is not kept to be sent (one that joins later gets the whole reference)."""
         floats = {k: t.detach() for k, t in update_template(model, "train").items()}
         if self.reference is None:
             self.reference = self._first_reference(floats, version)
@@ -79,17 +81,19 @@ class Downlink:
             self.reference = {k: t.clone() for k, t in self.reference.items()}
             self.sends = BufferSet({}, busy=False)
         with self._changing(version):
-            fused = self._cast_delta(floats) if self.cast is not None else None
+            keep = wire or not self.reference_is_shared
+            fused = self._cast_delta(floats, keep) if self.cast is not None else None
             if fused is not None:
-                wire, encodings = fused
+                parts_sent, encodings = fused
             else:
+                keep = True
                 diff = {k: floats[k] - self.reference[k] for k in floats}
                 parts, encodings = self.compressor.compress(diff)
-                wire = {k: WireTensor.from_tensor(v) for k, v in parts.items()}
-                decoded = expand(Message(MsgType.WORK, tensors=dict(wire), encodings=encodings), self.codecs, self.template)
+                parts_sent = {k: WireTensor.from_tensor(v) for k, v in parts.items()}
+                decoded = expand(Message(MsgType.WORK, tensors=dict(parts_sent), encodings=encodings), self.codecs, self.template)
                 for name, t in self.reference.items():
                     decoded[name].add_to(t)  # widened on the way when the chain is a cast
-        self._delta = (wire, encodings, self.version)
+        self._delta = (parts_sent, encodings, self.version) if keep else None
         self.version = version
 
     def _first_reference(self, floats: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
@@ -116,13 +120,14 @@ class Downlink:
         else:
             yield
 
-    def _cast_delta(self, floats: dict[str, torch.Tensor]) -> tuple[dict[str, WireTensor], dict[str, list[dict[str, Any]]]] | None:
+    def _cast_delta(self, floats: dict[str, torch.Tensor], keep: bool = True) -> tuple[dict[str, WireTensor], dict[str, list[dict[str, Any]]]] | None:
         """The delta through a one-cast chain, a block at a time: the difference, its
         cast and the reference's step by the cast value stay in cache. One pass over
         the model and the reference, where the chain's way takes seven (25M fp16,
         one process: 42-47 -> 14-24 ms). The worker widens and adds the same values, so both
         references stay bit-identical. None (take the chain's way) for a tensor the
-        cast does not take."""
+        cast does not take. Without ``keep`` (no one will be sent this delta) only the
+        reference steps: each block is cast into the same scratch, which stays in cache."""
         assert self.reference is not None and self.cast is not None
         stage = build_stage(self.codecs, self.cast)
         if not all(t.numel() and stage.accepts(t) for t in self.reference.values()):
@@ -131,11 +136,12 @@ class Downlink:
         for name, ref in self.reference.items():
             new, flat = floats[name].reshape(-1), ref.view(-1)
             scratch = torch.empty(min(WIDEN_BLOCK, flat.numel()), dtype=ref.dtype)
+            narrow = torch.empty(0 if keep else scratch.numel(), dtype=type(stage).cast_from)
             chunks = []
             for start in range(0, flat.numel(), WIDEN_BLOCK):
                 stop = min(start + WIDEN_BLOCK, flat.numel())
                 diff = torch.sub(new[start:stop], flat[start:stop], out=scratch[: stop - start])
-                cast = cast_block(stage, diff, torch.empty(stop - start, dtype=type(stage).cast_from))
+                cast = cast_block(stage, diff, torch.empty(stop - start, dtype=narrow.dtype) if keep else narrow[: stop - start])
                 flat[start:stop].add_(diff.copy_(cast))  # what the worker adds: the cast value, widened
                 chunks.append(cast)
             wire[f"{name}{SEP}x"] = WireTensor(chunks[0].dtype, (flat.numel(),), chunks)

@@ -111,8 +111,10 @@ class RoundEngine(Engine):
             log.info("new generation job=%s generation=%d members=%s", spec.id, self.generation, ",".join(self._generation_members))
         state = job.model.state_dict()
         snapshot = {k: WireTensor.from_tensor(v) for k, v in state.items()}
-        if self.downlink is not None:
-            self.downlink.advance(job.model, job.version)
+        if self.downlink is not None:  # a delta is kept only if someone may be sent it
+            local = self.local
+            wire = local is None or any(not local(m.id) or m.id in self.downlink.wire_only for m in members)
+            self.downlink.advance(job.model, job.version, wire=wire)
         rnd = _Round(number, job.version, {m.id for m in chosen}, now, now + spec.round_timeout, asked=len(chosen))
         out = []
         for rank, m in enumerate(chosen):

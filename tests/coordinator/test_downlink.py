@@ -113,3 +113,23 @@ def test_a_small_model_or_no_room_keeps_the_reference_private(monkeypatch: pytes
     full = Downlink(model, ["fp16"], CODECS, share=True)
     full.advance(model, 0)
     assert full.shared is None and "shared" not in full.work("local", model.state_dict(), local=True)[2]
+
+
+def test_with_every_member_reading_the_shared_reference_no_delta_is_kept_and_the_reference_steps_the_same() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1100, 1000)
+    kept, bare = Downlink(model, ["fp16"], CODECS, share=True), Downlink(model, ["fp16"], CODECS, share=True)
+    try:
+        for version in range(3):
+            with torch.no_grad():
+                model.weight.add_(torch.randn_like(model.weight) * 0.01)
+            kept.advance(model, version)
+            bare.advance(model, version, wire=False)
+            assert kept.reference is not None and bare.reference is not None
+            assert all(torch.equal(kept.reference[k], bare.reference[k]) for k in kept.reference)
+            assert "shared" in bare.work("local", model.state_dict(), local=True)[2]
+        tensors, _, meta = bare.work("remote", model.state_dict())  # joins now: no delta was kept
+        assert "delta_from" not in meta and torch.equal(tensors["weight"].to_tensor(), bare.reference["weight"])
+    finally:
+        kept.close()
+        bare.close()
