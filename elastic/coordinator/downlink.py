@@ -14,6 +14,12 @@ tensors at all: the reference lies in a ``/dev/shm`` segment they read where it 
 (``SharedTensors``), which gives them bit for bit what the deltas would, with no
 copy per worker and no delta to widen. The others get deltas as above.
 
+With no chain (``exact``), a job whose workers take gradients keeps an exact copy
+of the model in such a segment for its workers on this host, made when one takes
+part: one copy a round for all of them, which they take gradients on where it lies,
+instead of a copy into each one's segment and another into its parameters. Workers
+elsewhere get the model as usual. It costs one model of ``/dev/shm``.
+
 Memory: one reference copy, plus the codecs' residuals, whatever the number of
 workers; per worker only the version it holds.
 """
@@ -49,6 +55,7 @@ log = logging.getLogger("elastic.rounds")
 class Downlink:
     def __init__(self, model: torch.nn.Module, chain: Sequence[str], codecs: Any, share: bool = False) -> None:
         self.codecs = codecs
+        self.exact = not chain  # no compression: only workers on this host are served
         self.compressor = Compressor(codecs, chain)
         # A chain that is one cast (``Codec.cast_from``, element by element): the
         # delta is then made a block at a time (``_cast_delta``).
@@ -71,6 +78,9 @@ class Downlink:
         ``wire=False``: every member reads the shared reference, so a one-cast delta
         is not kept to be sent (one that joins later gets the whole reference)."""
         floats = {k: t.detach() for k, t in update_template(model, "train").items()}
+        if self.exact:
+            self._advance_exact(floats, version)
+            return
         if self.reference is None:
             self.reference = self._first_reference(floats, version)
             self.version = version
@@ -94,6 +104,18 @@ class Downlink:
                 for name, t in self.reference.items():
                     decoded[name].add_to(t)  # widened on the way when the chain is a cast
         self._delta = (parts_sent, encodings, self.version) if keep else None
+        self.version = version
+
+    def _advance_exact(self, floats: dict[str, torch.Tensor], version: int) -> None:
+        """The shared copy of the model, made on first use and refreshed in one pass."""
+        if self.reference is None:
+            reference = self._first_reference(floats, version) if self.share else {}
+            self.share = self.shared is not None  # no room (or too small): not tried again
+            self.reference = reference if self.shared is not None else None
+        elif version != self.version and self.reference_is_shared:
+            with self._changing(version):
+                for name, tensor in self.reference.items():
+                    tensor.copy_(floats[name])
         self.version = version
 
     def _first_reference(self, floats: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
@@ -156,10 +178,10 @@ class Downlink:
         tensors = {k: WireTensor.from_tensor(v) for k, v in state.items() if k not in self.reference}
         held = self.held.get(worker)
         self.held[worker] = self.version
-        if held == self.version:  # e.g. a round run again: nothing new to send
-            return tensors, {}, {"downlink": True, "delta_from": self.version}
         if local and self.shared is not None and worker not in self.wire_only and self.reference_is_shared:
             return tensors, {}, {"downlink": True, "shared": self.shared.describe()}
+        if held == self.version:  # e.g. a round run again: nothing new to send
+            return tensors, {}, {"downlink": True, "delta_from": self.version}
         if self._delta is not None and held == self._delta[2]:
             wire, encodings, base = self._delta
             return tensors | wire, encodings, {"downlink": True, "delta_from": base}
@@ -168,6 +190,10 @@ class Downlink:
         whole = {k: v.clone() for k, v in self.reference.items()} if self.reference_is_shared else self.reference
         tensors.update({k: WireTensor.from_tensor(v) for k, v in whole.items()})
         return tensors, {}, {"downlink": True}
+
+    def serves(self, worker: str, local: bool) -> bool:
+        """Whether ``worker``'s WORK comes from here (``work``); else it gets the model."""
+        return not self.exact or (local and worker not in self.wire_only and self.reference_is_shared)
 
     @property
     def reference_is_shared(self) -> bool:

@@ -71,7 +71,11 @@ class RoundEngine(Engine):
         self.benched: set[str] = set()
         self._generation_members: tuple[str, ...] = ()
         spec = self.job.spec
-        self.downlink = Downlink(self.job.model, spec.compression.model, self.job.codecs, share=self.local is not None) if spec.compression.model else None
+        self.downlink: Downlink | None = None
+        if spec.compression.model:
+            self.downlink = Downlink(self.job.model, spec.compression.model, self.job.codecs, share=self.local is not None)
+        elif self.local is not None and self.mode == "gradient":  # workers on this host take gradients on a shared copy
+            self.downlink = Downlink(self.job.model, [], self.job.codecs, share=True)
 
     # -------------------------------------------------------------- driving --
 
@@ -111,22 +115,24 @@ class RoundEngine(Engine):
             log.info("new generation job=%s generation=%d members=%s", spec.id, self.generation, ",".join(self._generation_members))
         state = job.model.state_dict()
         snapshot = {k: WireTensor.from_tensor(v) for k, v in state.items()}
-        if self.downlink is not None:  # a delta is kept only if someone may be sent it
-            local = self.local
-            wire = local is None or any(not local(m.id) or m.id in self.downlink.wire_only for m in members)
-            self.downlink.advance(job.model, job.version, wire=wire)
+        local = self.local or (lambda _: False)
+        downlink = self.downlink
+        if downlink is not None and (not downlink.exact or any(local(m.id) for m in chosen)):
+            # (a delta is kept only if someone may be sent it)
+            wire = self.local is None or any(not local(m.id) or m.id in downlink.wire_only for m in members)
+            downlink.advance(job.model, job.version, wire=wire)
         rnd = _Round(number, job.version, {m.id for m in chosen}, now, now + spec.round_timeout, asked=len(chosen))
         out = []
         for rank, m in enumerate(chosen):
             meta = self._work_meta([rank, len(chosen)] if self.rendezvous else [m.slot % spec.shard_count, spec.shard_count])
             msg = Message(MsgType.WORK, job=spec.id, round=number, version=job.version, key=f"{m.id}/{spec.id}/{number}", meta=meta, tensors=snapshot)
             sends = self.model_sends
-            if self.downlink is not None:  # the reference, or a delta against what it holds
-                msg.tensors, msg.encodings, extra = self.downlink.work(m.id, state, local=self.local is not None and self.local(m.id))
+            if downlink is not None and downlink.serves(m.id, local(m.id)):  # the reference, or a delta against what it holds
+                msg.tensors, msg.encodings, extra = downlink.work(m.id, state, local=local(m.id))
                 meta.update(extra)
                 # A shared reference is never sent from its own memory (deltas are
                 # new memory, whole sends a copy): nothing to track.
-                sends = None if self.downlink.reference_is_shared else self.downlink.sends
+                sends = None if downlink.reference_is_shared else downlink.sends
             out.append(Outgoing(m.id, msg, sends))
             rnd.bytes_sent += msg.payload_bytes
         self.current = rnd
@@ -264,7 +270,7 @@ class RoundEngine(Engine):
             job.aggregator.begin_round()  # the round is run again (or never, if fenced)
 
     def _base_weights(self) -> dict[str, torch.Tensor]:
-        if self.downlink is not None and self.downlink.reference is not None:
+        if self.downlink is not None and not self.downlink.exact and self.downlink.reference is not None:
             return self.downlink.reference  # what the workers trained from
         return super()._base_weights()
 

@@ -132,6 +132,8 @@ class TaskRunner:
         if work.meta["mode"] != "gradient" and self.device.type == "cpu" and not work.meta.get("codecs"):
             self._into_segment(ctx.model, work.meta["mode"], work.job)
         model_in = work.tensors
+        if ctx.viewing and work.meta.get("downlink") is not True:  # the model comes whole: into memory of our own
+            self._leave_shared(ctx, update_template(ctx.model, "gradient"))
         if work.meta.get("downlink") is True:
             held = self._from_reference(ctx, work)
             if isinstance(held, tuple):

@@ -133,3 +133,33 @@ def test_with_every_member_reading_the_shared_reference_no_delta_is_kept_and_the
     finally:
         kept.close()
         bare.close()
+
+
+def test_with_no_chain_an_exact_shared_copy_serves_only_workers_on_this_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(1100, 1000)
+    exact = Downlink(model, [], CODECS, share=True)
+    assert exact.exact and not exact.serves("local", True)  # nothing made before a round needs it
+    try:
+        for version in range(3):
+            with torch.no_grad():
+                model.weight.add_(torch.randn_like(model.weight))
+            exact.advance(model, version)
+            assert exact.reference is not None and exact.reference_is_shared
+            assert all(torch.equal(exact.reference[k], v.detach()) for k, v in model.named_parameters())  # exact, not rounded
+            assert exact.serves("local", True) and not exact.serves("remote", False)
+            tensors, encodings, meta = exact.work("local", model.state_dict(), local=True)
+            assert tensors == {} and encodings == {} and "shared" in meta
+        exact.forget("local", unreadable=True)
+        assert not exact.serves("local", True)  # it gets the model like any other
+    finally:
+        exact.close()
+
+    def no_room(size: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shm, "_create", no_room)
+    full = Downlink(model, [], CODECS, share=True)
+    full.advance(model, 0)
+    full.advance(model, 1)
+    assert full.reference is None and not full.share and not full.serves("local", True)  # no private copy kept

@@ -90,18 +90,20 @@ def test_shared_memory_gives_the_socket_s_result_and_cleans_up(tmp_path: Path) -
     assert segments_of([p.pid for p in through.procs]) == []  # every segment and probe unlinked
 
 
-def test_the_fp16_downlink_is_read_where_it_lies_with_the_deltas_result(tmp_path: Path) -> None:
-    """With the model sent down in fp16, workers on this host copy the coordinator's
-    reference from its segment (no tensors in their WORK); elsewhere they rebuild it
-    from deltas. Both hold the same bits, so the job ends with the same model."""
-    fp16 = '[compression]\nupdate = ["fp16"]\nmodel = ["fp16"]\n'
+@pytest.mark.parametrize("compression", ["", '[compression]\nupdate = ["fp16"]\nmodel = ["fp16"]\n'], ids=["exact", "fp16"])
+def test_workers_on_this_host_take_gradients_on_the_shared_model_with_the_socket_s_result(tmp_path: Path, compression: str) -> None:
+    """Workers on this host take their gradients on the coordinator's copy of the
+    model in its segment (no tensors in their WORK); elsewhere they get the model
+    (or, with fp16 on the way down, rebuild it from deltas). Both hold the same
+    bits, so the job ends with the same model."""
+    fp16 = compression
     through = Cluster(tmp_path / "shm")
     socket = Cluster(tmp_path / "tcp")
     for c in (through, socket):
         c.root.mkdir()
     try:
         got = run(through, through.root, spec=job(through.root, rounds=4, extra=fp16))
-        want = run(socket, socket.root, "--no-shared-memory", spec=job(socket.root, rounds=4, extra=fp16))
+        want = run(socket, socket.root, "--no-shared-memory", spec=job(socket.root, rounds=4, extra=fp16))  # syncavg
     finally:
         through.stop_all()
         socket.stop_all()
