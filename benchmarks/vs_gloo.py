@@ -14,16 +14,17 @@ this machine's loopback, in the same run:
 * ``elastic fp16``: the same with the ``fp16`` codec on the gradient and the model.
 
 Both elastic paths run twice: as they are (the workers share the coordinator's host,
-so tensors go through ``/dev/shm``), and with ``--no-shared-memory`` (loopback TCP,
-the path of workers on other hosts). gloo has no shared-memory transport: it uses
-TCP on loopback too.
+so tensors go through ``/dev/shm``: each worker takes its gradient on the
+coordinator's shared copy of the model, and sends it from its own segment), and with
+``--no-shared-memory`` (loopback TCP, the path of workers on other hosts). gloo has
+no shared-memory transport: it uses TCP on loopback too.
 
 gloo is measured again just before each elastic path, and each ratio is taken against
 the gloo time of its own minute: on a shared machine the speed drifts by 20-30 % from
 one minute to the next, as much as the margins measured. Prints the medians and the
 ratios elastic / gloo (targets: <= 2 uncompressed, <= 1 with fp16).
 
-    python benchmarks/vs_gloo.py [--params 25_000_000] [--steps 7]
+    python benchmarks/vs_gloo.py [--params 25_000_000] [--steps 15]
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def elastic_times(params: int, steps: int, codec: str | None, shared_memory: boo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=int, default=25_000_000)
-    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=15)
     args = parser.parse_args()
     print(f"{args.params:,} float32 parameters ({args.params * 4 / 1e6:.0f} MB), 2 workers, median of {args.steps} steps after {WARMUP} warm-up")
     print("gloo runs again just before each elastic path: each ratio is against the gloo time of its own minute")
