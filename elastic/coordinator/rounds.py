@@ -31,6 +31,7 @@ from elastic.api import Update
 from elastic.coordinator.downlink import Downlink
 from elastic.coordinator.engine import Engine, Outgoing
 from elastic.membership.base import Member
+from elastic.wire.buffers import BufferSet
 from elastic.wire.messages import Message, MsgType, WireTensor
 
 __all__ = ["RoundEngine", "Outgoing"]
@@ -126,7 +127,7 @@ class RoundEngine(Engine):
         for rank, m in enumerate(chosen):
             meta = self._work_meta([rank, len(chosen)] if self.rendezvous else [m.slot % spec.shard_count, spec.shard_count])
             msg = Message(MsgType.WORK, job=spec.id, round=number, version=job.version, key=f"{m.id}/{spec.id}/{number}", meta=meta, tensors=snapshot)
-            sends = self.model_sends
+            sends: BufferSet | None = self.model_sends
             if downlink is not None and downlink.serves(m.id, local(m.id)):  # the reference, or a delta against what it holds
                 msg.tensors, msg.encodings, extra = downlink.work(m.id, state, local=local(m.id))
                 meta.update(extra)

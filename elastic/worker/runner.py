@@ -284,6 +284,7 @@ class TaskRunner:
             for name, ref in ctx.reference.items():
                 if name in delta:
                     delta[name].add_to(ref)  # widened on the way when the chain is a cast
+        assert ctx.reference is not None  # every branch above made or checked it
         ctx.reference_version = work.version
         return others | {k: WireTensor.from_tensor(v) for k, v in ctx.reference.items()}
 
