@@ -79,23 +79,17 @@ class _Cast(Codec):
         return tensor.dtype.is_floating_point and tensor.dtype != self.target
 
     def encode(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = tensor.detach()
-        if x.device.type == "cpu" and math.isfinite(self.limit):
-            out = torch.empty(x.shape, dtype=self.target)
-            self.encode_into(x, out.view(-1))
-            return {"x": out}
-        x = x.to(self.target).contiguous()
-        if math.isfinite(self.limit):
-            # Clamped after the cast, in the small dtype: what overflowed became ±inf
-            # and is brought back to ±limit; NaN stays NaN (the receiver refuses it).
-            x.clamp_(-self.limit, self.limit)
-        return {"x": x}
+        out = torch.empty(tensor.shape, dtype=self.target, device=tensor.device)
+        self.encode_into(tensor, out.view(-1))
+        return {"x": out}
 
     def encode_into(self, tensor: torch.Tensor, out: torch.Tensor) -> None:
         flat = tensor.detach().reshape(-1)
         if flat.device.type != "cpu" or not math.isfinite(self.limit):
             out.copy_(flat)
             if math.isfinite(self.limit):
+                # Clamped after the cast, in the small dtype: what overflowed became
+                # ±inf and is brought back to ±limit; NaN stays NaN (the receiver refuses it).
                 out.clamp_(-self.limit, self.limit)
             return
         # On a CPU, half precision's clamp is unvectorised (25M elements: 3 of the

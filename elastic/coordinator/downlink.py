@@ -39,7 +39,6 @@ from elastic.wire.compression import (
     SEP,
     Compressor,
     build_stage,
-    cast_block,
     cast_record,
     cast_stage,
     expand,
@@ -136,7 +135,8 @@ class Downlink:
     @contextlib.contextmanager
     def _changing(self, version: int) -> Iterator[None]:
         """Around a change of the reference: readers of the shared one see it (seqlock)."""
-        if self.shared is not None and self.reference_is_shared:
+        if self.reference_is_shared:
+            assert self.shared is not None
             with self.shared.changing(version):
                 yield
         else:
@@ -163,7 +163,8 @@ class Downlink:
             for start in range(0, flat.numel(), WIDEN_BLOCK):
                 stop = min(start + WIDEN_BLOCK, flat.numel())
                 diff = torch.sub(new[start:stop], flat[start:stop], out=scratch[: stop - start])
-                cast = cast_block(stage, diff, torch.empty(stop - start, dtype=narrow.dtype) if keep else narrow[: stop - start])
+                cast = torch.empty(stop - start, dtype=narrow.dtype) if keep else narrow[: stop - start]
+                stage.encode_into(diff, cast)
                 flat[start:stop].add_(diff.copy_(cast))  # what the worker adds: the cast value, widened
                 chunks.append(cast)
             wire[f"{name}{SEP}x"] = WireTensor(chunks[0].dtype, (flat.numel(),), chunks)
@@ -178,7 +179,8 @@ class Downlink:
         tensors = {k: WireTensor.from_tensor(v) for k, v in state.items() if k not in self.reference}
         held = self.held.get(worker)
         self.held[worker] = self.version
-        if local and self.shared is not None and worker not in self.wire_only and self.reference_is_shared:
+        if self._reads_shared(worker, local):
+            assert self.shared is not None
             return tensors, {}, {"downlink": True, "shared": self.shared.describe()}
         if held == self.version:  # e.g. a round run again: nothing new to send
             return tensors, {}, {"downlink": True, "delta_from": self.version}
@@ -193,7 +195,10 @@ class Downlink:
 
     def serves(self, worker: str, local: bool) -> bool:
         """Whether ``worker``'s WORK comes from here (``work``); else it gets the model."""
-        return not self.exact or (local and worker not in self.wire_only and self.reference_is_shared)
+        return not self.exact or self._reads_shared(worker, local)
+
+    def _reads_shared(self, worker: str, local: bool) -> bool:
+        return local and worker not in self.wire_only and self.reference_is_shared
 
     @property
     def reference_is_shared(self) -> bool:

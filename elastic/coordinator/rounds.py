@@ -120,7 +120,7 @@ class RoundEngine(Engine):
         downlink = self.downlink
         if downlink is not None and (not downlink.exact or any(local(m.id) for m in chosen)):
             # (a delta is kept only if someone may be sent it)
-            wire = self.local is None or any(not local(m.id) or m.id in downlink.wire_only for m in members)
+            wire = any(not local(m.id) or m.id in downlink.wire_only for m in members)
             downlink.advance(job.model, job.version, wire=wire)
         rnd = _Round(number, job.version, {m.id for m in chosen}, now, now + spec.round_timeout, asked=len(chosen))
         out = []
@@ -128,8 +128,9 @@ class RoundEngine(Engine):
             meta = self._work_meta([rank, len(chosen)] if self.rendezvous else [m.slot % spec.shard_count, spec.shard_count])
             msg = Message(MsgType.WORK, job=spec.id, round=number, version=job.version, key=f"{m.id}/{spec.id}/{number}", meta=meta, tensors=snapshot)
             sends: BufferSet | None = self.model_sends
-            if downlink is not None and downlink.serves(m.id, local(m.id)):  # the reference, or a delta against what it holds
-                msg.tensors, msg.encodings, extra = downlink.work(m.id, state, local=local(m.id))
+            here = local(m.id)
+            if downlink is not None and downlink.serves(m.id, here):  # the reference, or a delta against what it holds
+                msg.tensors, msg.encodings, extra = downlink.work(m.id, state, local=here)
                 meta.update(extra)
                 # A shared reference is never sent from its own memory (deltas are
                 # new memory, whole sends a copy): nothing to track.

@@ -26,7 +26,7 @@ from elastic.api import Codec
 from elastic.errors import JobSpecError, PluginError, ProtocolError
 from elastic.wire.messages import DTYPE_NAMES, DTYPES, Message, WireTensor
 
-__all__ = ["Compressor", "expand", "keeps_finite", "check_chain", "parse_stage", "build_stage", "cast_stage", "cast_block", "cast_record", "SEP"]
+__all__ = ["Compressor", "expand", "keeps_finite", "check_chain", "parse_stage", "build_stage", "cast_stage", "cast_record", "SEP"]
 
 SEP = "#"  # between a tensor's name and its part's name on the wire
 GROWTH = 4  # a part or intermediate may hold at most this many times its tensor's bytes (+ 4 KiB)
@@ -99,14 +99,6 @@ def cast_stage(codecs: Any, chain: Sequence[str]) -> Codec | None:
         return None
     stage = build_stage(codecs, chain[0])
     return stage if getattr(type(stage), "cast_from", None) is not None else None
-
-
-def cast_block(stage: Codec, block: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``block`` through a ``cast_stage`` codec, written into ``out`` (flat, of the
-    codec's ``cast_from`` dtype): its part ``x``. Returns ``out``. ValueError when
-    the codec declares ``cast_from`` but gives other parts."""
-    stage.encode_into(block, out)
-    return out
 
 
 def cast_record(spec: str, tensor: torch.Tensor) -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ from elastic.training import (
     update_template,
 )
 from elastic.wire.buffers import BufferPool, BufferSet, reusable
-from elastic.wire.compression import SEP, Compressor, cast_block, cast_record, cast_stage, expand
+from elastic.wire.compression import SEP, Compressor, cast_record, cast_stage, expand
 from elastic.wire.messages import WIDEN_BLOCK, Message, MsgType, WireTensor
 from elastic.wire.shm import SharedReader
 from elastic.worker.devices import HostStaging
@@ -224,7 +224,7 @@ class TaskRunner:
         for name, tensor in update.items():
             flat, target = tensor.detach().reshape(-1), out[f"{name}{SEP}x"]
             for start in range(0, flat.numel(), WIDEN_BLOCK):
-                cast_block(stage, flat[start : start + WIDEN_BLOCK], target[start : start + WIDEN_BLOCK])
+                stage.encode_into(flat[start : start + WIDEN_BLOCK], target[start : start + WIDEN_BLOCK])
         return dict(out), {name: cast_record(chain[0], tensor) for name, tensor in update.items()}
 
     def _into_segment(self, model: torch.nn.Module, mode: str, job: str) -> None:
