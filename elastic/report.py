@@ -70,7 +70,7 @@ def _figure(status: dict[str, Any]) -> bytes:
             members.axvline(x, color=color, alpha=0.6, linewidth=1.2, zorder=3)
         members.scatter(xs, [top - 0.3] * len(xs), color=color, marker=marker, zorder=4, label=f"{kind} ({len(xs)})")
     for e in events:
-        if e["event"] in ("paused", "resumed", "cancelled"):
+        if e["event"] in ("paused", "resumed", "finishing", "cancelled"):
             members.axvline(e["at"] - start, color="black", linestyle=":", linewidth=1)
             members.annotate(e["event"], (e["at"] - start, 0.1), rotation=90, fontsize=8, va="bottom", ha="right")
     members.set(title="members over time (joins and leaves marked)", xlabel="seconds since the job started", ylabel="members", ylim=(0, top))

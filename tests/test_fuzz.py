@@ -98,7 +98,7 @@ def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Coordinator:
     c.control_sock.close(linger=0)
 
 
-OPS = st.one_of(st.sampled_from(["ls", "status", "submit", "pause", "resume", "cancel", "export", "logs", "members", "report"]), st.text(max_size=8))
+OPS = st.one_of(st.sampled_from(["ls", "status", "submit", "pause", "resume", "finish", "cancel", "export", "logs", "members", "report"]), st.text(max_size=8))
 ARGS = st.dictionaries(
     st.sampled_from(["job", "since", "spec", "source", "default_id", "x"]),
     st.one_of(SCALARS, st.sampled_from(["lin", "nope"]), SPECS),

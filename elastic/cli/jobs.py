@@ -133,7 +133,7 @@ def _desire(args: argparse.Namespace) -> int:
     return 0
 
 
-_job_pause = _job_resume = _job_cancel = _desire
+_job_pause = _job_resume = _job_finish = _job_cancel = _desire
 
 
 def _job_export(args: argparse.Namespace) -> int:

@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-shared-memory", dest="shared_memory", action="store_const", const=False, default=None, help="on the coordinator's host, exchange tensors over the socket too (default: through /dev/shm)")
     _daemon_flags(p)
 
-    p = sub.add_parser("job", parents=[debug], help="operate jobs on a running coordinator (submit, ls, status, pause, resume, cancel, export, logs)")
+    p = sub.add_parser("job", parents=[debug], help="operate jobs on a running coordinator (submit, ls, status, pause, resume, finish, cancel, export, logs)")
     jobs = p.add_subparsers(dest="job_command", required=True)
     q = jobs.add_parser("submit", parents=[debug], help="hand a job spec to the coordinator")
     q.add_argument("spec", type=Path, help="job spec (TOML)")
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_control_flags(q)
     q = jobs.add_parser("ls", parents=[debug], help="the coordinator's jobs")
     add_control_flags(q)
-    for name, text in (("status", "one job in detail"), ("pause", "no new round starts; the one running still commits"), ("resume", "go on from the round reached"), ("cancel", "stop for good; the last checkpoint stays")):
+    for name, text in (("status", "one job in detail"), ("pause", "no new round starts; the one running still commits"), ("resume", "go on from the round reached"), ("finish", "end now, as if the rounds were done: the round running is the last, the final model is written"), ("cancel", "stop for good; the last checkpoint stays")):
         q = jobs.add_parser(name, parents=[debug], help=text)
         q.add_argument("id", help="job id")
         add_control_flags(q)

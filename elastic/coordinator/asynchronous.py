@@ -100,7 +100,11 @@ class AsyncEngine(Engine):
                     self._answered.add(worker)
         if self._retry_commit_at is not None and now >= self._retry_commit_at:
             self._try_commit()
-        if self._finish_if_resumed_past_the_end() or self._pause_if_asked(idle=not self.assigned) or self._too_few(members) or not self.holds():
+        if self.finishing and self.buffer.updates:  # what is folded makes the last version
+            if self._retry_commit_at is None:
+                self._try_commit()
+            return []
+        if self._finish_if_due() or self._pause_if_asked(idle=not self.assigned) or self._too_few(members) or not self.holds():
             return []
         if job.state is not JobState.RUNNING:
             job.mark_running()

@@ -8,7 +8,7 @@ model as tensor frames. A request that fails gets a reply saying why, with a cod
 ``no_such_job``, ``invalid_job``, ``bad_request``, ``conflict``, ``etcd_unavailable``,
 ``internal``; nothing a client sends can stop the coordinator.
 
-With etcd, pause/resume/cancel write the job's desired state in etcd (so the next
+With etcd, pause/resume/finish/cancel write the job's desired state in etcd (so the next
 leader keeps it) and take effect here at once.
 """
 
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["ControlAPI", "DESIRED"]
 
 log = logging.getLogger("elastic.control")
-DESIRED = {"pause": "paused", "resume": "running", "cancel": "cancelled"}
+DESIRED = {"pause": "paused", "resume": "running", "finish": "finished", "cancel": "cancelled"}
 MAX_LOG_ENTRIES = 1000
 
 
@@ -129,6 +129,9 @@ class ControlAPI:
 
     def op_resume(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, WireTensor]]:
         return self._desire(args, "resume")
+
+    def op_finish(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, WireTensor]]:
+        return self._desire(args, "finish")
 
     def op_cancel(self, args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, WireTensor]]:
         return self._desire(args, "cancel")

@@ -85,6 +85,7 @@ class Engine(ABC):
         self._template = {k: (tuple(t.shape), t.dtype) for k, t in update_template(job.model, self.mode).items()}
         self.members_now = 0
         self.paused = False
+        self.finishing = False  # the operator asked to finish: the work in progress is the last
         self._status_at = float("-inf")  # when status.json was last written (monotonic)
         self._status_state = ""  # the job state it showed
         self._status_due = False  # something changed since
@@ -130,19 +131,25 @@ class Engine(ABC):
 
     def set_desired(self, state: str) -> None:
         """The operator's wish: ``running``, ``paused`` (work in progress still
-        commits; no new work starts) or ``cancelled`` (work in progress is dropped;
-        the job stops for good and its last checkpoint stays)."""
+        commits; no new work starts), ``finished`` (work in progress commits as the
+        last round, or at once with none: the final model is written and the job
+        ends as if its rounds were done) or ``cancelled`` (work in progress is
+        dropped; the job stops for good and its last checkpoint stays)."""
         job = self.job
         if job.done:
             return
-        if state == "cancelled" or (state == "paused") != self.paused and state in ("paused", "running"):
-            job.note({"cancelled": "cancelled", "paused": "paused", "running": "resumed"}[state])
+        if state == "cancelled" or (state == "paused") != self.paused and state in ("paused", "running") or state == "finished" and not self.finishing:
+            job.note({"cancelled": "cancelled", "paused": "paused", "running": "resumed", "finished": "finishing"}[state])
         if state == "cancelled":
             self._abandon_work("job cancelled")
             job.state = JobState.CANCELLED
             log.info("job cancelled job=%s round=%d version=%d", job.spec.id, job.round, job.version)
             self.notify("elastic_job_finished", job_id=job.spec.id, state=str(job.state), metrics=dict(job.final_metrics))
             self._write_status()
+        elif state == "finished":
+            if not self.finishing:
+                log.info("job finishing job=%s round=%d version=%d: the work in progress is the last", job.spec.id, job.round, job.version)
+            self.finishing, self.paused = True, False
         elif state == "paused":
             self.paused = True
         elif state == "running" and self.paused:
@@ -151,7 +158,7 @@ class Engine(ABC):
             log.info("job resumed job=%s round=%d", job.spec.id, job.round)
             self._write_status()
         elif state not in ("running", "paused"):
-            log.warning("ignoring unknown desired state job=%s state=%r (running, paused or cancelled)", job.spec.id, state)
+            log.warning("ignoring unknown desired state job=%s state=%r (running, paused, finished or cancelled)", job.spec.id, state)
 
     def _pause_if_asked(self, idle: bool) -> bool:
         """True while paused; the job shows as paused once no work is in progress."""
@@ -177,12 +184,16 @@ class Engine(ABC):
             self._write_status()
         return True
 
-    def _finish_if_resumed_past_the_end(self) -> bool:
-        """True (and the job finishes) if a checkpoint already holds every round."""
+    def _finish_if_due(self) -> bool:
+        """True (and the job finishes) when nothing is in progress and no round is
+        left: a checkpoint already holds every round, or the operator asked to finish."""
         job = self.job
-        if job.round < job.spec.rounds:
+        if job.done:
+            return True
+        if job.round < job.spec.rounds and not self.finishing:
             return False
-        job.final_metrics = job.final_metrics or {"rounds": job.round}
+        last = job.history[-1] if job.history else {}
+        job.final_metrics = job.final_metrics or {k: v for k, v in last.items() if k in ("loss", "eval_loss", "accuracy")} | {"rounds": job.round}
         self._finish()
         return True
 
@@ -326,7 +337,7 @@ class Engine(ABC):
         job.aggregator.finalize()
         job.round, job.version = number, job.version + 1
         metrics = {"round": number, "version": job.version, **metrics, "members": self.members_now, "at": round(time.time(), 3)}
-        last = number >= spec.rounds
+        last = number >= spec.rounds or self.finishing
         if last or (spec.eval_every and number % spec.eval_every == 0):
             metrics.update(job.evaluate())
         job.record(metrics)

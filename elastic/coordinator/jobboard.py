@@ -1,7 +1,7 @@
 """Jobs kept in etcd, so that whichever coordinator leads serves them.
 
 Per job, under ``/elastic/<cluster>/jobs/<id>/``: ``spec`` (the validated spec as
-JSON, written once), ``state`` (what the operator wants: ``running``, ``paused`` or
+JSON, written once), ``state`` (what the operator wants: ``running``, ``paused``, ``finished`` or
 ``cancelled``) and ``status`` (what the leader reports: state, round, members, last
 metrics). A coordinator publishes the specs it was started with; the leader serves
 every spec it finds, follows ``state`` through a watch, and writes ``status`` back
@@ -21,7 +21,7 @@ from elastic.membership.etcd import RPC_TIMEOUT, PrefixWatch, retrying
 __all__ = ["JobBoard", "DESIRED_STATES"]
 
 log = logging.getLogger("elastic.jobboard")
-DESIRED_STATES = ("running", "paused", "cancelled")
+DESIRED_STATES = ("running", "paused", "finished", "cancelled")
 
 
 class JobBoard:

@@ -90,7 +90,7 @@ class RoundEngine(Engine):
         if self.benched:  # they sit out until they leave and come back
             members = [m for m in members if m.id not in self.benched]
         now = self.clock()
-        if self.current is None and self._pause_if_asked(idle=True):
+        if self.current is None and (self._finish_if_due() or self._pause_if_asked(idle=True)):
             return []
         if self.current is not None:
             if now >= self.current.deadline:
@@ -98,7 +98,7 @@ class RoundEngine(Engine):
                 log.warning("round deadline passed job=%s round=%d missing=%s", job.spec.id, self.current.number, ",".join(late))
                 self._close("deadline passed")
             return []
-        if self._finish_if_resumed_past_the_end() or self._too_few(members) or not self.holds():
+        if self._too_few(members) or not self.holds():
             return []
         return self._start(members, now)
 

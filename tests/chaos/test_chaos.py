@@ -9,10 +9,14 @@ seeded random order:
 * the leader partitioned from etcd for twice its lease TTL;
 * all along, one worker's link has 200 ms latency and 5 % packet loss each way.
 
+The job has no end of its own: each fault starts a fixed number of rounds after the
+previous one healed, so every one lands while the job runs however fast rounds go
+(a round takes 0.03-0.5 s here, depending on who takes part), and the operator
+ends the job (``elastic job finish``, through etcd) some rounds after the last.
+
 This kernel has no netem qdisc, so the latency comes from a transparent relay in the
 worker's namespace (``delay_relay.py``) and the loss from iptables ``statistic``;
-partitions are iptables DROP rules. Faults start at fixed round marks, so every one
-lands while the job runs. Afterwards the invariants in ``invariants.py`` must hold:
+partitions are iptables DROP rules. Afterwards the invariants in ``invariants.py`` must hold:
 versions strictly increase, every committed version is in a checkpoint, no update is
 applied twice, no NaN, and the job finished.
 
@@ -45,20 +49,22 @@ ROOT = Path(__file__).parents[2]
 TTL = 3
 JOB_ID = "chaos"
 RELAY_PORT, RELAY_MARK = 15000, 7
+ENDLESS = 1_000_000  # rounds: the job ends when the test finishes it
 
 
 class Scenario:
-    """A job and the round marks at which the faults start, spaced so that a fault
-    and its recovery end before the next mark (rounds take 0.1-0.5 s here)."""
+    """A job with no end of its own, and the rounds between faults: ``first`` before
+    the first, ``every`` from one fault healed to the next, ``tail`` after the last
+    before the job is told to finish."""
 
-    def __init__(self, rule: str, rounds: int, first: int, every: int, epochs: int, rule_table: str = "") -> None:
-        self.rule, self.rounds, self.first, self.every = rule, rounds, first, every
+    def __init__(self, rule: str, first: int, every: int, tail: int, epochs: int, rule_table: str = "") -> None:
+        self.rule, self.first, self.every, self.tail = rule, first, every, tail
         self.job = f"""
 [job]
 id = "{JOB_ID}"
 task = "digits"
 rule = "{rule}"
-rounds = {rounds}
+rounds = {ENDLESS}
 min_workers = 2
 partitions = 4
 round_timeout = 8
@@ -72,15 +78,12 @@ every = 1
 keep = 100000
 """
 
-    def mark(self, i: int) -> int:
-        return self.first + i * self.every
-
 
 # FedAvg rounds, and the asynchronous rule (a version per 4 buffered updates, stale
 # ones refused), where "applied twice" has more ways to happen.
 SCENARIOS = {
-    "fedavg": Scenario("fedavg", rounds=260, first=10, every=40, epochs=5),
-    "async": Scenario("async", rounds=450, first=15, every=70, epochs=25, rule_table="buffer = 4\nmax_staleness = 20\nmixing = 0.5"),
+    "fedavg": Scenario("fedavg", first=10, every=15, tail=10, epochs=5),
+    "async": Scenario("async", first=15, every=30, tail=20, epochs=25, rule_table="buffer = 4\nmax_staleness = 20\nmixing = 0.5"),
 }
 COORDINATORS = ("c1", "c2")
 WORKERS = ("w1", "w2", "w3", "w4")
@@ -170,6 +173,13 @@ class ChaosCluster:
     def round(self) -> int:
         s = self.status()
         return s["round"] if s else 0
+
+    def finish(self) -> bool:
+        """``elastic job finish`` from the etcd host, through whoever leads; True if taken."""
+        argv = ["ip", "netns", "exec", self.hosts.ns["etcd"], sys.executable, "-m", "elastic", "job", "finish", JOB_ID, "--membership", self.url, "--timeout", "5"]
+        done = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=60)
+        self.note(f"elastic job finish: rc {done.returncode} {(done.stdout + done.stderr).strip()}")
+        return done.returncode == 0
 
     def leader(self) -> str:
         """The coordinator whose newest election line says it leads."""
@@ -281,22 +291,30 @@ def test_the_job_survives_chaos_with_nothing_lost(chaos_hosts: Hosts, tmp_path: 
     cluster = ChaosCluster(chaos_hosts, tmp_path, random.Random(f"{rule}-{seed}"), SCENARIOS[rule])
     try:
         cluster.start_all()
-        for i, fault in enumerate(cluster.faults()):
-            mark = cluster.scenario.mark(i)
+        scenario, mark = cluster.scenario, cluster.scenario.first
+        for fault in cluster.faults():
             try:
                 wait_for(lambda mark=mark: cluster.round() >= mark, 120, f"round {mark}", interval=0.2)
             except AssertionError:
                 raise AssertionError(f"the job stalled before round {mark}\n{cluster.dump()}") from None
             fault()
+            mark = cluster.round() + scenario.every
         cluster.note("faults done")
+        mark = cluster.round() + scenario.tail
         try:
-            status = wait_for(lambda: (s := cluster.status()) is not None and s["state"] == "finished" and s, 240, "the job to finish", interval=0.5)
+            wait_for(lambda: cluster.round() >= mark, 120, f"round {mark}", interval=0.2)
+        except AssertionError:
+            raise AssertionError(f"the job stalled before round {mark}\n{cluster.dump()}") from None
+        try:
+            wait_for(cluster.finish, 60, "the finish to be taken", interval=1)
+            status = wait_for(lambda: (s := cluster.status()) is not None and s["state"] == "finished" and s, 60, "the job to finish", interval=0.5)
         except AssertionError:
             raise AssertionError(f"the job did not finish\n{cluster.dump()}") from None
         cluster.note("finished")
     finally:
         cluster.stop_all()
     assert not cluster.inflicted_after_finish, f"faults came after the job finished: {cluster.inflicted_after_finish}\n{cluster.dump()}"
+    assert status["round"] < ENDLESS, "the job ended when told to, not by running out of rounds"
     logs = [cluster.log(c) for c in COORDINATORS]
     problems = check_run(cluster.state, JOB_ID, status, logs)
     assert not problems, "\n".join(problems) + "\n" + cluster.dump()

@@ -138,6 +138,17 @@ def test_the_job_finishes_after_its_versions_and_resumes_from_a_checkpoint(tmp_p
     assert resumed.histogram[0] == 4
 
 
+def test_finish_makes_what_is_folded_the_last_version(tmp_path: Path) -> None:
+    engine, _, _ = make(tmp_path, rule={"buffer": 3}, min_workers=1)
+    work = by_worker(engine.tick(members("a", "b")))
+    assert answer(engine, work["a"]).type is MsgType.ACK and engine.buffer.updates == 1
+    engine.set_desired("finished")
+    assert engine.tick(members("a", "b")) == []  # the one folded update is the last version
+    assert engine.job.state is JobState.FINISHED and engine.job.version == 1 and engine.job.history[-1]["updates"] == 1
+    assert (engine.job.dir / "final.safetensors").exists()
+    assert answer(engine, work["b"]).meta["reason"] == "job_done"
+
+
 def test_a_costly_status_is_written_less_often(tmp_path: Path) -> None:
     """The status grows with the history; writing it must not take over the loop."""
     engine, _, _ = make(tmp_path)

@@ -316,6 +316,31 @@ def test_pause_resume_and_cancel(tmp_path: Path) -> None:
     assert events.names()[-1] == "elastic_job_finished"
 
 
+def test_finish_makes_the_round_running_the_last_and_writes_the_final_model(tmp_path: Path) -> None:
+    engine, events, _ = make(tmp_path, min_workers=1, rounds=100)
+    commit_one_round(engine)
+    out = engine.tick(members("a"))  # round 2 runs...
+    engine.set_desired("finished")  # ...and is the last
+    assert engine.job.state is JobState.RUNNING and engine.current is not None
+    engine.on_update("a", update_for(engine, out[0].message, "a"))
+    assert engine.job.state is JobState.FINISHED and (engine.job.round, engine.job.version) == (2, 2)
+    assert (engine.job.dir / "final.safetensors").exists() and events.names()[-1] == "elastic_job_finished"
+    assert engine.tick(members("a")) == [] and [r for r, _ in engine.job.store.paths()] == [1, 2]
+    assert "eval_loss" in engine.job.final_metrics and engine.job.final_metrics["rounds"] == 2
+
+
+def test_finish_with_nothing_running_finishes_at_once(tmp_path: Path) -> None:
+    engine, _, _ = make(tmp_path, min_workers=1, rounds=100)
+    commit_one_round(engine)
+    engine.set_desired("paused")
+    assert engine.tick(members("a")) == [] and engine.job.state is JobState.PAUSED
+    engine.set_desired("finished")
+    assert engine.tick(members("a")) == [] and engine.job.state is JobState.FINISHED and engine.job.round == 1
+    assert engine.job.final_metrics["rounds"] == 1 and (engine.job.dir / "final.safetensors").exists()
+    engine.set_desired("running")  # a finished job stays finished
+    assert engine.job.state is JobState.FINISHED and engine.tick(members("a")) == []
+
+
 def test_a_syncavg_worker_that_fails_its_work_sits_out(tmp_path: Path) -> None:
     spec = parse_job_spec({"job": {"id": "s", "task": "linreg", "rule": "syncavg", "rounds": 5, "min_workers": 2}, "task": {"samples": 60}})
     clock = Clock()

@@ -73,8 +73,16 @@ def test_every_command(cluster: Cluster, tmp_path: Path) -> None:
     followed = elastic("job", "logs", "short", "--follow", "--output", "json", *at)
     assert [json.loads(line)["round"] for line in followed.stdout.splitlines()] == list(range(1, 11))
 
+    elastic("job", "submit", str(lin_job(tmp_path, "long", 100000)), *at)
+    wait_for(lambda: as_json("job", "status", "long", *at)["round"] >= 3, 60, "three rounds")
+    assert as_json("job", "finish", "long", *at)["desired"] == "finished"
+    long = wait_for(lambda: (s := as_json("job", "status", "long", *at))["state"] == "finished" and s, 30, "the job to finish")
+    assert 3 <= long["round"] < 100000 and (cluster.state / "long" / "final.safetensors").exists()
+    logs = elastic("job", "logs", "long", "--output", "json", *at)
+    assert [json.loads(line)["round"] for line in logs.stdout.splitlines()] == list(range(1, long["round"] + 1))
+
     missing = elastic("job", "status", "nope", *at)
-    assert missing.returncode == 4 and missing.stderr.strip() == "elastic: error: no job 'nope' here (jobs: lin, short)"
+    assert missing.returncode == 4 and missing.stderr.strip() == "elastic: error: no job 'nope' here (jobs: lin, long, short)"
     bad = write_job(tmp_path / "bad.toml", '[job]\nid = "bad"\ntask = "linreg"\nrule = "fedavgg"\n')
     refused = elastic("job", "submit", str(bad), *at)
     assert refused.returncode == 2 and "unknown aggregator 'fedavgg'" in refused.stderr
@@ -96,5 +104,9 @@ def test_the_cli_finds_the_leader_in_etcd(cluster: Cluster, tmp_path: Path, etcd
     client = connect(url)
     try:
         assert client.get(Keys("cli").job("lin", "state"))[0] == b"paused"  # a next leader would keep it
+        assert as_json("job", "finish", "lin", "--membership", url)["desired"] == "finished"
+        assert client.get(Keys("cli").job("lin", "state"))[0] == b"finished"
     finally:
         client.close()
+    finished = wait_for(lambda: (s := as_json("job", "status", "lin", "--membership", url))["state"] == "finished" and s, 30, "the paused job to finish")
+    assert finished["round"] < finished["rounds"] and (cluster.state / "lin" / "final.safetensors").exists()
