@@ -2,7 +2,8 @@
 
 Each has its own DEALER socket and identity and speaks the worker's side of the
 protocol: HELLO, heartbeats, and for every WORK an UPDATE computed against the
-version it was given (big ones OFFERed first and sent when GRANTed). Its "training"
+version it was given (big ones OFFERed first and sent when GRANTed, in parts if the
+coordinator asks). Its "training"
 returns the received weights as they are, from the received frames (or a delta of
 zeros), so a few hundred of them fit on one machine and what is measured is the
 coordinator. Real workers (``elastic worker``) each hold a torch runtime and a
@@ -32,6 +33,7 @@ import zmq
 from elastic import __version__
 from elastic.wire import Message, MsgType, WireTensor, decode
 from elastic.wire.header import OFFER_MIN_BYTES
+from elastic.wire.parts import check_grant, part_message
 from elastic.wire.transport import dealer_socket, recv_frames, send_message
 
 
@@ -75,9 +77,23 @@ class LightWorker:
         )
         if update.payload_bytes >= OFFER_MIN_BYTES:
             self.held = {update.key: update}  # only the newest is worth sending
-            self.send(Message(MsgType.OFFER, job=work.job, round=work.round, version=work.version, key=update.key, meta={"bytes": update.payload_bytes}))
+            self.send(Message(MsgType.OFFER, job=work.job, round=work.round, version=work.version, key=update.key, meta={"bytes": update.payload_bytes, "parts": True}))
         else:
             self.send(update)
+
+    def granted(self, grant: Message) -> None:
+        """Send the granted update, or the part of it the GRANT names."""
+        update = self.held.get(grant.key)
+        part = check_grant(grant.meta)
+        if update is None:
+            return
+        if part is None:
+            self.send(self.held.pop(grant.key))
+            return
+        index, count, segments = part
+        self.send(part_message(update, index, count, segments))
+        if index == count - 1:
+            del self.held[grant.key]
 
 
 class Swarm:
@@ -136,8 +152,8 @@ class Swarm:
                     w.answer(msg, self.zeros)
             elif msg.type is MsgType.ACK:
                 w.updates += 1
-            elif msg.type is MsgType.GRANT and msg.key in w.held:
-                w.send(w.held.pop(msg.key))
+            elif msg.type is MsgType.GRANT:
+                w.granted(msg)
             elif msg.type is MsgType.WELCOME:
                 w.beat = float(msg.meta["heartbeat_interval"])
             elif msg.type is MsgType.NACK and msg.meta["reason"] == "unknown_member":

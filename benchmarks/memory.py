@@ -7,8 +7,10 @@ daemons would each hold a torch runtime and the model). The coordinator's RSS is
 sampled every 50 ms. Its baseline (Python, torch, ZeroMQ, the same job with 1 000
 parameters and as many workers) is measured in the same run; the figure is
 (peak - baseline) / model size, target <= 3 at K = 64: the model, the running sum,
-and the one update being received (the upload window, ``--upload-window``, lets one
-big update in at a time). It is also shown against the baseline with 4 workers,
+and the parts of updates being received (updates come in 4 MiB parts, ``--upload-part``,
+and the upload window, ``--upload-window``, lets 16 MiB of them in at a time). The
+largest K runs again with whole updates (as before parts: one at a time), for the
+ratio of what parts save and cost. It is also shown against the baseline with 4 workers,
 which counts what the connections cost too.
 
     python -m benchmarks.memory [--params 10_000_000] [--workers 4,16,64] [--rounds 5]
@@ -51,6 +53,12 @@ def main() -> None:
         ratios.append(ratio)
         ratios4.append(ratio4)
     print(f"(peak - baseline) / model at K = {int(ks[-1])}: {ratios[-1]:.2f} against the baseline with as many workers (target <= 3); {ratios4[-1]:.2f} against the 4-worker one")
+    # The same K with updates sent whole (as before parts, with the 64 MiB window of then): what parts buy, and cost.
+    k = counts[-1]
+    whole = run_job(job(args.params, k, args.rounds), workers=0, light=k, coordinator_args=("--upload-part", "0", "--upload-window", str(64 << 20)))
+    whole_round = sorted(r["seconds"] for r in whole.rounds(1))[len(whole.rounds(1)) // 2]
+    print(f"whole updates at K = {k}: peak {whole.peak_rss_mb:.0f} MiB, {(whole.peak_rss_mb - baselines[k]) / model_mb:.2f} models, {whole_round:.3f} s/round; "
+          f"in parts / whole: memory above baseline {(run.peak_rss_mb - baselines[k]) / (whole.peak_rss_mb - baselines[k]):.2f}x, s/round {per_round / whole_round:.2f}x")
     series = {"above the baseline with K workers": (ks, ratios), "above the baseline with 4 workers": (ks, ratios4)}
     line_chart("memory", "coordinator memory above its baseline, in model sizes", "workers (K)", "(peak RSS - baseline) / model", series, log_x=True)
 

@@ -10,7 +10,7 @@ refused when it is submitted, not halfway through a run.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -135,6 +135,25 @@ class Aggregator(ABC):
     @abstractmethod
     def finalize(self) -> None:
         """Write the new global weights into the model. Called only with >= 1 update."""
+
+    # Whether ``accumulate_part`` is implemented: big updates may then be sent in parts.
+    folds_parts: ClassVar[bool] = False
+
+    def accumulate_part(self, update: Update, segments: Sequence[tuple[str, int, int]]) -> None:
+        """Fold one part of an update; called only when ``folds_parts`` is True.
+
+        A big update may be sent in parts, so that the coordinator never holds it
+        whole (``elastic.wire.parts``). ``update.tensors`` then holds, for each
+        ``(name, start, stop)`` in ``segments``, elements ``start:stop`` of the
+        flattened tensor ``name``, as a 1-D tensor; the other fields are the whole
+        update's. An update's parts come in order, each once, and every update of a
+        round is cut at the same places. A worker may stop between parts (it left,
+        or a part was refused): ``finalize`` must still make a sound model from what
+        came. The built-in averaging rules weight each element by the updates that
+        reached it, so a round where every update came whole, in parts or not, gives
+        the same model.
+        """
+        raise NotImplementedError(f"{type(self).__name__} folds whole updates only")
 
     def state_dict(self) -> dict[str, Any]:
         """State to checkpoint (server optimizer, momentum...). Tensors, numbers, strings."""

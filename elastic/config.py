@@ -35,8 +35,11 @@ class CoordinatorConfig:
     heartbeat_timeout: float = 3.0
     max_message_bytes: int = 4 << 30
     # Bytes of big updates granted and not yet received: what the coordinator may be
-    # holding in receive buffers at once (one update always goes, however big).
-    upload_window: int = 64 << 20
+    # holding in receive buffers at once (one update or part always goes, however big).
+    upload_window: int = 16 << 20
+    # Big updates come in parts of about this many bytes (elastic.wire.parts) where the
+    # rule folds parts: the coordinator then holds a part, not a whole update. 0: whole.
+    upload_part: int = 4 << 20
     # Workers on this host get model and updates through /dev/shm (elastic.wire.shm).
     shared_memory: bool = True
     exit_when_done: bool = False
@@ -70,6 +73,8 @@ class CoordinatorConfig:
         _positive("max_message_bytes", self.max_message_bytes)
         if self.upload_window < 0:
             raise ConfigError(f"upload_window must be >= 0 bytes (0: one big update at a time), got {self.upload_window}")
+        if self.upload_part != 0 and self.upload_part < 4096:
+            raise ConfigError(f"upload_part must be 0 (updates come whole) or >= 4096 bytes, got {self.upload_part}")
         _log_settings(self.log_format, self.log_level)
         _check_security(self.insecure, {"curve_key": self.curve_key, "allow_workers": self.allow_workers, "allow_admins": self.allow_admins})
 
@@ -194,7 +199,7 @@ def _log_settings(fmt: str, level: str) -> None:
 
 # What a running daemon takes from a reloaded configuration (SIGHUP); the rest needs a restart.
 RELOADABLE = {
-    "CoordinatorConfig": {"heartbeat_interval", "heartbeat_timeout", "max_message_bytes", "upload_window", "exit_when_done", "log_format", "log_level"},
+    "CoordinatorConfig": {"heartbeat_interval", "heartbeat_timeout", "max_message_bytes", "upload_window", "upload_part", "exit_when_done", "log_format", "log_level"},
     "WorkerConfig": {"coordinator_timeout", "max_message_bytes", "log_format", "log_level"},
 }
 

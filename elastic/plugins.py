@@ -166,6 +166,10 @@ class Plugins:
                     seen[impl.plugin_name] = self._dist.get(impl.plugin_name, "(unknown)")
         return sorted(seen.items())
 
+    def implements(self, hook_name: str) -> bool:
+        """Whether any plugin implements ``hook_name``."""
+        return bool(getattr(self.pm.hook, hook_name).get_hookimpls())
+
     def ask(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
         """(plugin, answer) from every implementation of a question hook that gave
         one (not None); one that raises answers with its exception."""

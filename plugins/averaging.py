@@ -7,7 +7,7 @@ Tensors in, tensors out: easy to check against a hand computation.
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -50,11 +50,20 @@ class WeightedSum:
         self.reset()
 
     def reset(self) -> None:
-        self.total_weight = 0.0
+        self.total_weight = 0.0  # of the updates that came whole
         self.count = 0
         # A first update that lies in a worker's shared-memory segment is held, not
         # folded: the second is folded with it in one pass (``_fold_two``).
         self._held: tuple[Mapping[str, WireTensor], float] | None = None
+        # Updates that came in parts: per part, the weight folded into it and where
+        # it lies. The sums were zeroed before the first part (``_written``).
+        self._part_weight: dict[tuple[tuple[str, int, int], ...], float] = {}
+        self._written = False
+
+    @property
+    def any_weight(self) -> bool:
+        """Whether anything with a positive weight was folded."""
+        return self.total_weight > 0 or any(w > 0 for w in self._part_weight.values())
 
     @property
     def sums(self) -> dict[str, torch.Tensor]:
@@ -67,7 +76,8 @@ class WeightedSum:
         return self._sums
 
     def add(self, tensors: Mapping[str, WireTensor | torch.Tensor], weight: float) -> None:
-        if self.count == 0 and tensors and all(isinstance(t, WireTensor) and t.shared for t in tensors.values()):
+        first_update = self.count == 0 and not self._written
+        if first_update and tensors and all(isinstance(t, WireTensor) and t.shared for t in tensors.values()):
             self._held = ({k: t for k, t in tensors.items() if isinstance(t, WireTensor)}, weight)
         elif self._held is not None:
             first, first_weight = self._held
@@ -75,7 +85,6 @@ class WeightedSum:
             for name, acc in self._sums.items():
                 _fold_two(acc, first[name], first_weight, tensors[name], weight)
         else:
-            first_update = self.count == 0
             for name, acc in self._sums.items():
                 t = tensors[name]
                 if isinstance(t, WireTensor):
@@ -86,14 +95,58 @@ class WeightedSum:
                     acc.add_(t.reshape(acc.shape), alpha=weight)
         self.total_weight += weight
         self.count += 1
+        self._written = True
+
+    def add_part(self, segments: Sequence[tuple[str, int, int]], tensors: Mapping[str, WireTensor], weight: float) -> None:
+        """Fold one part of an update: ``tensors[name]`` holds elements ``start:stop``
+        of ``name`` for each segment (``elastic.wire.parts``)."""
+        sums = self.sums
+        if not self._written:  # a part covers some elements only: the others must read 0
+            for acc in sums.values():
+                acc.zero_()
+            self._written = True
+        for name, start, stop in segments:
+            tensors[name].add_to(sums[name].view(-1)[start:stop], alpha=weight)
+        part = tuple(segments)
+        self._part_weight[part] = self._part_weight.get(part, 0.0) + weight
+
+    def weights(self) -> dict[str, list[tuple[int, int, float]]]:
+        """Per tensor, ``(start, stop, weight)``: the weight folded into those elements.
+        One range per tensor unless updates came in parts; where an update stopped
+        halfway, the parts it sent weigh more than the ones it did not."""
+        out = {name: [(0, acc.numel(), self.total_weight)] for name, acc in self._sums.items()}
+        if not self._part_weight:
+            return out
+        cuts: dict[str, list[tuple[int, int, float]]] = {name: [] for name in out}
+        for part, weight in self._part_weight.items():
+            for name, start, stop in part:
+                cuts[name].append((start, stop, self.total_weight + weight))
+        for name, ranges in cuts.items():
+            ranges.sort()
+            filled, at = [], 0
+            for start, stop, weight in ranges:
+                if start > at:  # no part reached these: only the whole updates did
+                    filled.append((at, start, self.total_weight))
+                filled.append((start, stop, weight))
+                at = stop
+            if at < self._sums[name].numel():
+                filled.append((at, self._sums[name].numel(), self.total_weight))
+            out[name] = filled
+        return out
 
     def mean(self) -> dict[str, torch.Tensor]:
-        """The weighted mean, computed in place: the sum is consumed (``reset`` next)."""
-        if self.total_weight <= 0:
+        """The weighted mean, computed in place: the sum is consumed (``reset`` next).
+        Elements no update reached read 0."""
+        if not self.any_weight:
             raise ValueError("no weight accumulated")
         sums = self.sums
-        for acc in sums.values():
-            acc.div_(self.total_weight)
+        for name, ranges in self.weights().items():
+            flat = sums[name].view(-1)
+            for start, stop, weight in ranges:
+                if weight > 0:
+                    flat[start:stop].div_(weight)
+                else:
+                    flat[start:stop].zero_()
         return sums
 
 
@@ -152,20 +205,33 @@ class MeanDeltaRule(Aggregator):
     def begin_round(self) -> None:
         self._sum.reset()
 
+    folds_parts = True
+
+    def _weight(self, update: Update) -> float:
+        return 1.0 if self.weighting == "uniform" else float(update.num_samples)
+
     def accumulate(self, update: Update) -> None:
-        weight = 1.0 if self.weighting == "uniform" else float(update.num_samples)
-        self._sum.add(update.tensors, weight)
+        self._sum.add(update.tensors, self._weight(update))
+
+    def accumulate_part(self, update: Update, segments: Sequence[tuple[str, int, int]]) -> None:
+        self._sum.add_part(segments, update.tensors, self._weight(update))
 
     def finalize(self) -> None:
-        if self._sum.total_weight <= 0:
+        if not self._sum.any_weight:
             return  # every update came from an empty shard: nothing to learn from
-        total = self._sum.total_weight
+        weights = self._sum.weights()
         with torch.no_grad():
             for name, acc in self._sum.sums.items():
-                w = self._targets[name]
-                if self.plain:  # w = mean, one pass
-                    torch.div(acc, total, out=w.view(acc.shape))
-                    continue
-                step = acc.div_(total).sub_(w.view(acc.shape))  # mean weights - w = mean delta
-                self.apply_step(name, w, step)
+                w = self._targets[name].view(-1)
+                flat = acc.view(-1)
+                for start, stop, weight in weights[name]:
+                    if self.plain:  # w = mean, one pass; where no update came, w stays
+                        if weight > 0:
+                            torch.div(flat[start:stop], weight, out=w[start:stop])
+                    elif weight > 0:
+                        flat[start:stop].div_(weight).sub_(w[start:stop])  # mean weights - w = mean delta
+                    else:
+                        flat[start:stop].zero_()
+                if not self.plain:
+                    self.apply_step(name, self._targets[name], acc)
         self._sum.reset()

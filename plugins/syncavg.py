@@ -9,7 +9,7 @@ of the workers' data.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -70,11 +70,16 @@ class SyncAvg(Aggregator):
     def begin_round(self) -> None:
         self._sum.reset()
 
+    folds_parts = True
+
     def accumulate(self, update: Update) -> None:
         self._sum.add(update.tensors, float(update.num_samples))
 
+    def accumulate_part(self, update: Update, segments: Sequence[tuple[str, int, int]]) -> None:
+        self._sum.add_part(segments, update.tensors, float(update.num_samples))
+
     def finalize(self) -> None:
-        if self._sum.total_weight <= 0:
+        if not self._sum.any_weight:
             return
         for name, grad in self._sum.mean().items():
             p = self._params[name]

@@ -49,7 +49,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             CoordinatorConfig,
             "coordinator",
             args.config,
-            _flags(args, "bind", "control", "state_dir", "membership", "id", "lease_ttl", "heartbeat_interval", "heartbeat_timeout", "max_message_bytes", "upload_window", "shared_memory", "exit_when_done", "metrics_port", "metrics_host", "curve_key", "allow_workers", "allow_admins", "insecure", "log_format", "log_level"),
+            _flags(args, "bind", "control", "state_dir", "membership", "id", "lease_ttl", "heartbeat_interval", "heartbeat_timeout", "max_message_bytes", "upload_window", "upload_part", "shared_memory", "exit_when_done", "metrics_port", "metrics_host", "curve_key", "allow_workers", "allow_admins", "insecure", "log_format", "log_level"),
         )
         specs = [load_job_spec(p) for p in args.job]
         for spec in specs:

@@ -32,7 +32,7 @@ from elastic.coordinator.engine import Engine, Outgoing
 from elastic.coordinator.job import Job
 from elastic.coordinator.jobboard import JobBoard
 from elastic.coordinator.rounds import RoundEngine
-from elastic.coordinator.uploads import Offer, UploadGate
+from elastic.coordinator.uploads import Offer, UploadGate, UploadStream
 from elastic.errors import ConfigError, ElasticError, MembershipUnavailable, ProtocolError
 from elastic.jobspec import JobSpec
 from elastic.logs import setup_logging
@@ -117,6 +117,9 @@ class Coordinator:
         self.bytes_out = 0
         self.local = LocalPeers(config.shared_memory)  # workers on this host: tensors through /dev/shm
         self.uploads = UploadGate(config.upload_window, grant_timeout=max(30.0, 10 * config.heartbeat_timeout))
+        self.streams: dict[str, UploadStream] = {}  # peer -> its update coming in parts
+        # A validator plugin looks at whole updates: with one, updates come whole.
+        self._validators = self.plugins.implements("elastic_validate_update")
         if config.membership.startswith("etcd://"):
             # Jobs load their newest checkpoint only once this coordinator leads, so a
             # standby that takes over resumes where the old leader stopped.
@@ -389,6 +392,7 @@ class Coordinator:
                 self.plugins.notify("elastic_worker_left", worker_id=m.id, reason=event.reason)
                 for engine in self.engines.values():
                     engine.on_member_left(m.id)
+                self.streams.pop(m.id, None)
                 self._grant(self.uploads.done(m.id, now))
         self._grant(self.uploads.expire(now))
         members = self.membership.members()
@@ -432,12 +436,14 @@ class Coordinator:
             self.membership.leave(peer, "bye")
             self._send(routing, Message(MsgType.ACK, key=msg.key))  # the worker may now disconnect
         elif msg.type is MsgType.UPDATE:
-            self._on_update(routing, peer, msg, now)
+            more = self._on_update(routing, peer, msg, now)
             # Let go of this update's frames before the next upload is granted, or its
             # bytes arrive while these are still held: two updates in memory at once.
             frames.clear()
             msg.tensors.clear()
             self._grant(self.uploads.done(peer, now))  # its bytes are folded or refused: the next may come
+            if more is not None:  # the next part, in turn with the other offers
+                self._grant(self.uploads.offer(peer, msg.key, more, now))
         elif msg.type is MsgType.OFFER:
             self._on_offer(routing, peer, msg, now)
         elif msg.type is MsgType.NACK:
@@ -447,34 +453,63 @@ class Coordinator:
         else:
             self._reject(routing, peer, msg.job, "unexpected_type", f"a coordinator does not accept {msg.type}")
 
-    def _on_update(self, routing: bytes, peer: str, msg: Message, now: float) -> None:
+    def _on_update(self, routing: bytes, peer: str, msg: Message, now: float) -> int | None:
+        """Fold an update or a part of one; the bytes of the next part, if one is to come."""
         if not self.membership.heartbeat(peer, now, busy=False):
             self._reject(routing, peer, msg.job, "unknown_member", "this coordinator does not know you; send HELLO", msg)
-            return
+            return None
         engine = self.engines.get(msg.job)
         if engine is None:
             self._reject(routing, peer, msg.job, "unknown_job", f"no job {msg.job!r} here (jobs: {', '.join(self.engines) or 'none'})", msg)
-            return
-        reply = engine.on_update(peer, msg)
+            return None
+        stream = self.streams.get(peer)
+        if "part" not in msg.meta:
+            reply: Message | None = engine.on_update(peer, msg)
+        elif stream is None or stream.key != msg.key or msg.meta["part"] != [stream.index, len(stream.parts)]:
+            expected = f"part {stream.index} of {stream.key}" if stream is not None else "no part"
+            self._reject(routing, peer, msg.job, "bad_part", f"got part {msg.meta['part']!r} of {msg.key}, expected {expected}", msg)
+            if self.streams.pop(peer, None) is not None:
+                engine.abandon_parts(peer)
+            return None
+        else:
+            reply = engine.on_update_part(peer, msg, stream.parts[stream.index])
+        if reply is None:  # a part folded; more are to come
+            assert stream is not None
+            stream.index += 1
+            return stream.bytes(stream.index)
+        self.streams.pop(peer, None)
         if reply.type is MsgType.NACK:
             self.rejected[reply.meta["reason"]] += 1
         self._send(routing, reply)
+        return None
 
     def _on_offer(self, routing: bytes, peer: str, msg: Message, now: float) -> None:
-        """A worker has a big update ready: grant it when it fits the upload window."""
+        """A worker has a big update ready: grant it, or its first part, when it fits
+        the upload window."""
+        engine = self.engines.get(msg.job)
         if not self.membership.heartbeat(peer, now, busy=False):
             self._reject(routing, peer, msg.job, "unknown_member", "this coordinator does not know you; send HELLO", msg)
-        elif msg.job not in self.engines:
+        elif engine is None:
             self._reject(routing, peer, msg.job, "unknown_job", f"no job {msg.job!r} here (jobs: {', '.join(self.engines) or 'none'})", msg)
         elif not 0 < msg.meta["bytes"] <= self.config.max_message_bytes:
             self._reject(routing, peer, msg.job, "too_big", f"an update of {msg.meta['bytes']} bytes; this coordinator takes 1 to {self.config.max_message_bytes} (--max-message-bytes)", msg)
         else:
-            self._grant(self.uploads.offer(peer, msg.key, msg.meta["bytes"], now))
+            parts = engine.upload_parts(self.config.upload_part) if msg.meta.get("parts") is True and not self._validators else None
+            self.streams.pop(peer, None)
+            if parts is not None and len(parts) > 1:
+                stream = self.streams[peer] = UploadStream(msg.key, parts, engine.itemsizes)
+                self._grant(self.uploads.offer(peer, msg.key, stream.bytes(0) or 1, now))
+            else:
+                self._grant(self.uploads.offer(peer, msg.key, msg.meta["bytes"], now))
 
     def _grant(self, offers: list[Offer]) -> None:
         for offer in offers:
             log.debug("upload granted worker=%s key=%s bytes=%d in_flight=%d", offer.peer, offer.key, offer.nbytes, self.uploads.in_flight)
-            self._send(offer.peer.encode(), Message(MsgType.GRANT, key=offer.key))
+            stream = self.streams.get(offer.peer)
+            meta: dict[str, Any] = {}
+            if stream is not None and stream.key == offer.key:
+                meta = {"part": [stream.index, len(stream.parts)], "segments": [list(seg) for seg in stream.parts[stream.index]]}
+            self._send(offer.peer.encode(), Message(MsgType.GRANT, key=offer.key, meta=meta))
 
     def _reject(self, routing: bytes, peer: str, job: str, reason: str, detail: str, msg: Message | None = None) -> None:
         self.rejected[reason] += 1

@@ -28,6 +28,7 @@ from elastic.training import move_to_fresh_memory, update_kind, update_template
 from elastic.wire.buffers import BufferSet
 from elastic.wire.compression import expand, keeps_finite
 from elastic.wire.messages import Message, MsgType, WireTensor
+from elastic.wire.parts import Segment, grid
 
 __all__ = ["Engine", "Outgoing", "Notify"]
 
@@ -52,6 +53,8 @@ class Outgoing:
 
 class Engine(ABC):
     """One job's driver. ``notify(hook_name, **kwargs)`` reports events."""
+
+    folds_parts = False  # takes big updates in parts (``on_update_part``)
 
     def __init__(
         self,
@@ -83,6 +86,9 @@ class Engine(ABC):
         self.mode = job.aggregator.worker_mode
         self.kind = update_kind(self.mode)
         self._template = {k: (tuple(t.shape), t.dtype) for k, t in update_template(job.model, self.mode).items()}
+        self._grid: tuple[int, list[list[Segment]]] | None = None  # (part_bytes, the parts) of ``upload_parts``
+        self._grid_bytes = 0  # an update's bytes, all its parts together
+        self.itemsizes = {name: dtype.itemsize for name, (_, dtype) in self._template.items()}
         self.members_now = 0
         self.paused = False
         self.finishing = False  # the operator asked to finish: the work in progress is the last
@@ -107,6 +113,14 @@ class Engine(ABC):
     @abstractmethod
     def on_update(self, worker: str, msg: Message) -> Message:
         """Validate and fold an update; the answer is an ACK or a NACK with the reason."""
+
+    def on_update_part(self, worker: str, msg: Message, segments: list[Segment]) -> Message | None:
+        """Validate and fold one part of an update: None while more parts are to
+        come, else the ACK or NACK of the update."""
+        return self._nack(msg, "bad_part", f"job {self.job.spec.id} takes whole updates only")
+
+    def abandon_parts(self, worker: str) -> None:  # noqa: B027 - only engines that take parts hold any
+        """``worker``'s update in parts will not go on (the coordinator refused a part)."""
 
     @abstractmethod
     def on_worker_failed(self, worker: str, round_: int, detail: str) -> None:
@@ -228,6 +242,31 @@ class Engine(ABC):
             self._add_base_model(msg)
         return None
 
+    def upload_parts(self, part_bytes: int) -> list[list[Segment]] | None:
+        """The parts a big update of this job is sent in (``elastic.wire.parts``), or
+        None: it comes whole, because the engine or the rule folds whole updates
+        only, or a norm bound looks at the whole update."""
+        if not (self.folds_parts and self.job.aggregator.folds_parts) or part_bytes <= 0 or self.job.spec.limits.max_norm:
+            return None
+        if self._grid is None or self._grid[0] != part_bytes:
+            self._grid = (part_bytes, grid(((name, math.prod(shape), dtype.itemsize) for name, (shape, dtype) in self._template.items()), part_bytes))
+            self._grid_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in self._template.values())
+        return self._grid[1]
+
+    def _check_part(self, msg: Message, segments: list[Segment]) -> tuple[str, str] | None:
+        """A part's kind, and its tensors against the segments it was granted for."""
+        if msg.meta["kind"] != self.kind:
+            return "wrong_kind", f"rule {self.job.spec.rule} needs {self.kind} updates, got {msg.meta['kind']}"
+        if msg.encodings:
+            return "bad_part", "a part of an update is sent uncompressed"
+        if list(msg.tensors) != [name for name, _, _ in segments]:
+            return "bad_part", f"part has tensors {list(msg.tensors)[:3]}, granted {[name for name, _, _ in segments][:3]}"
+        for name, start, stop in segments:
+            t = msg.tensors[name]
+            if t.shape != (stop - start,) or not t.dtype.is_floating_point:
+                return "bad_part", f"part of {name!r} is {list(t.shape)} {t.dtype}, granted [{stop - start}] floating point"
+        return None
+
     def _base_weights(self) -> dict[str, torch.Tensor]:
         """The weights workers trained from: the model, which does not change while a round runs."""
         return update_template(self.job.model, self.mode)
@@ -244,6 +283,22 @@ class Engine(ABC):
         """The job's limits and the plugins' veto, on an update that is well formed.
         With ``norm_action = "clip"`` an update over the norm bound is scaled down to
         it (its tensors replaced) instead of refused."""
+        limits = self.job.spec.limits
+        reason = self._limit(worker, wire_bytes)
+        if reason is not None:
+            return reason
+        if limits.max_norm:
+            reason = self._bound_norm(msg, limits.max_norm, limits.norm_action == "clip")
+            if reason is not None:
+                return reason
+        update = Update(worker, msg.version, int(msg.meta["num_samples"]), float(msg.meta["loss"]), msg.meta["kind"], msg.tensors)
+        for plugin, answer in self.ask("elastic_validate_update", job_id=self.job.spec.id, worker_id=worker, update=update):
+            why = f"validator {plugin} failed: {answer}" if isinstance(answer, Exception) else f"{plugin}: {answer}"
+            return "vetoed", why
+        return None
+
+    def _limit(self, worker: str, wire_bytes: int) -> tuple[str, str] | None:
+        """The job's rate and size limits on an update of ``wire_bytes``."""
         limits, now = self.job.spec.limits, self.clock()
         if limits.max_updates_per_minute:
             recent = self._recent.setdefault(worker, deque())
@@ -254,14 +309,6 @@ class Engine(ABC):
             recent.append(now)
         if limits.max_update_bytes and wire_bytes > limits.max_update_bytes:
             return "too_large", f"update of {wire_bytes} bytes, the job allows {limits.max_update_bytes}"
-        if limits.max_norm:
-            reason = self._bound_norm(msg, limits.max_norm, limits.norm_action == "clip")
-            if reason is not None:
-                return reason
-        update = Update(worker, msg.version, int(msg.meta["num_samples"]), float(msg.meta["loss"]), msg.meta["kind"], msg.tensors)
-        for plugin, answer in self.ask("elastic_validate_update", job_id=self.job.spec.id, worker_id=worker, update=update):
-            why = f"validator {plugin} failed: {answer}" if isinstance(answer, Exception) else f"{plugin}: {answer}"
-            return "vetoed", why
         return None
 
     def _bound_norm(self, msg: Message, bound: float, clip: bool) -> tuple[str, str] | None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,7 @@ from elastic.coordinator.engine import Engine, Outgoing
 from elastic.membership.base import Member
 from elastic.wire.buffers import BufferSet
 from elastic.wire.messages import Message, MsgType, WireTensor
+from elastic.wire.parts import Segment
 
 __all__ = ["RoundEngine", "Outgoing"]
 
@@ -63,9 +65,12 @@ class _Round:
 class RoundEngine(Engine):
     """Drives one job's synchronous rounds."""
 
+    folds_parts = True
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.current: _Round | None = None
+        self._streams: dict[str, tuple[str, int]] = {}  # worker -> (key, next part) of an update coming in parts
         self.rendezvous = self.mode == "gradient"
         # Workers whose work failed in a generation: each failure re-runs the step, so
         # they sit out (until they leave and join again) instead of stalling the job.
@@ -152,39 +157,94 @@ class RoundEngine(Engine):
 
     def on_update(self, worker: str, msg: Message) -> Message:
         """Validate and fold an update; the answer is an ACK or a NACK with the reason."""
-        job, rnd = self.job, self.current
         wire_bytes = msg.payload_bytes  # as sent: compressed updates expand while checked
-        reason = self._refuse(worker, msg) or self._screen(worker, msg, wire_bytes)
+        reason = self._refuse(worker, msg) or self._check_tensors(msg) or self._screen(worker, msg, wire_bytes)
         if reason is not None:
             return self._nack(msg, *reason)
+        update = self._update(worker, msg)
+        error = self._fold(msg, lambda: self.job.aggregator.accumulate(update))
+        if error is not None:
+            return self._nack(msg, "aggregator_error", f"the rule failed on this update: {error}")
+        return self._folded(worker, msg, update.num_samples, wire_bytes)
+
+    def on_update_part(self, worker: str, msg: Message, segments: list[Segment]) -> Message | None:
+        """Validate and fold one part of an update (``elastic.wire.parts``): None
+        while more are to come, else the ACK or NACK of the whole. A worker that
+        stops halfway leaves the parts it sent folded, each weighed by the updates
+        that reached it, and the round does not wait for it."""
+        index, count = msg.meta["part"]
+        rnd = self.current
+        stream = self._streams.get(worker)
+        if index == 0:
+            reason = self._refuse(worker, msg) or (("duplicate", f"{msg.key} is being sent already") if stream is not None else None)
+            if reason is None:
+                reason = self._limit(worker, self._grid_bytes)
+        else:
+            reason = self._refuse(worker, msg)
+            if reason is None and stream != (msg.key, index):
+                reason = "bad_part", f"part {index} of {msg.key} was not expected (expected {stream})"
+        reason = reason or self._check_part(msg, segments)
+        if reason is not None:
+            if stream is not None:
+                self._give_up_stream(worker)
+            return self._nack(msg, *reason)
+        update = self._update(worker, msg)
+        error = self._fold(msg, lambda: self.job.aggregator.accumulate_part(update, segments))
+        if error is not None:
+            return self._nack(msg, "aggregator_error", f"the rule failed on a part of this update: {error}")
         assert rnd is not None
-        update = Update(
-            worker=worker,
-            base_version=msg.version,
-            num_samples=int(msg.meta["num_samples"]),
-            loss=float(msg.meta["loss"]),
-            kind=msg.meta["kind"],
-            tensors=msg.tensors,
-        )
+        rnd.bytes_received += msg.payload_bytes
+        if index < count - 1:
+            self._streams[worker] = (msg.key, index + 1)
+            return None
+        self._streams.pop(worker, None)
+        rnd.bytes_received -= msg.payload_bytes  # counted with the whole below
+        return self._folded(worker, msg, update.num_samples, msg.payload_bytes)
+
+    def _update(self, worker: str, msg: Message) -> Update:
+        return Update(worker=worker, base_version=msg.version, num_samples=int(msg.meta["num_samples"]), loss=float(msg.meta["loss"]), kind=msg.meta["kind"], tensors=msg.tensors)
+
+    def _fold(self, msg: Message, fold: Callable[[], None]) -> str | None:
+        """Run the rule's fold; the error, if it failed: a half-folded update would
+        taint the round, so it runs again."""
         try:
-            job.aggregator.accumulate(update)
-        except Exception as exc:  # a half-folded update would taint the round: re-run it
-            log.exception("aggregator failed job=%s worker=%s", job.spec.id, worker)
+            fold()
+        except Exception as exc:
+            log.exception("aggregator failed job=%s worker=%s", self.job.spec.id, msg.sender)
             self._close(f"aggregator error: {exc}", force_abandon=True)
-            return self._nack(msg, "aggregator_error", f"the rule failed on this update: {exc}")
-        log.debug("update folded job=%s worker=%s round=%d key=%s samples=%d bytes=%d", job.spec.id, worker, rnd.number, msg.key, update.num_samples, wire_bytes)
+            return str(exc)
+        return None
+
+    def _folded(self, worker: str, msg: Message, samples: int, wire_bytes: int) -> Message:
+        """The bookkeeping of an update folded whole (or its last part)."""
+        job, rnd = self.job, self.current
+        assert rnd is not None
+        log.debug("update folded job=%s worker=%s round=%d key=%s samples=%d bytes=%d", job.spec.id, worker, rnd.number, msg.key, samples, wire_bytes)
         self._count_update(wire_bytes, msg)
         rnd.answered.add(worker)
         rnd.updates += 1
-        rnd.samples += update.num_samples
-        if math.isfinite(update.loss):
-            rnd.loss_sum += update.loss * update.num_samples
+        rnd.samples += samples
+        loss = float(msg.meta["loss"])
+        if math.isfinite(loss):
+            rnd.loss_sum += loss * samples
         rnd.bytes_received += wire_bytes
         rnd.train_seconds_max = max(rnd.train_seconds_max, float(msg.meta.get("train_seconds", 0.0)))
         job.totals["updates"] += 1
         if rnd.complete:
             self._close("all participants answered")
         return Message(MsgType.ACK, job=job.spec.id, round=msg.round, version=msg.version, key=msg.key)
+
+    def abandon_parts(self, worker: str) -> None:
+        if worker in self._streams:
+            self._give_up_stream(worker)
+
+    def _give_up_stream(self, worker: str) -> None:
+        """A worker's update in parts stops halfway: what came stays folded; the
+        round no longer waits for it."""
+        self._streams.pop(worker, None)
+        if self.current is not None and worker in self.current.participants:
+            log.warning("update in parts given up job=%s worker=%s round=%d: the parts that came stay folded", self.job.spec.id, worker, self.current.number)
+            self._drop(worker)
 
     def _refuse(self, worker: str, msg: Message) -> tuple[str, str] | None:
         job, rnd = self.job, self.current
@@ -202,7 +262,7 @@ class RoundEngine(Engine):
             return "bad_key", f"idempotency key {msg.key!r} does not match sender, job and round"
         if worker in rnd.answered:
             return "duplicate", f"an update for {msg.key} was already applied or refused"
-        return self._check_tensors(msg)
+        return None
 
     def on_worker_failed(self, worker: str, round_: int, detail: str) -> None:
         """A participant said it cannot do the work: stop waiting for it."""
@@ -220,6 +280,7 @@ class RoundEngine(Engine):
     def on_member_left(self, worker: str) -> None:
         """A member left: a round never waits on a worker that is gone."""
         self.benched.discard(worker)  # coming back gives it another chance
+        self._streams.pop(worker, None)
         if self.downlink is not None:
             self.downlink.left(worker)
         if self.current is not None and worker in self.current.participants:
@@ -246,6 +307,7 @@ class RoundEngine(Engine):
         job, rnd = self.job, self.current
         assert rnd is not None
         self.current = None
+        self._streams.clear()  # parts still to come are late now
         if self.rendezvous and not force_abandon and rnd.updates < rnd.asked:
             force_abandon, why = True, f"{why}: {rnd.asked - rnd.updates} shard(s) of generation {self.generation} missing"
         if force_abandon or rnd.updates < job.spec.min_workers:

@@ -17,7 +17,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-__all__ = ["Offer", "UploadGate"]
+from elastic.wire.parts import Segment, nbytes
+
+__all__ = ["Offer", "UploadGate", "UploadStream"]
 
 
 @dataclass(frozen=True)
@@ -77,3 +79,18 @@ class UploadGate:
             admitted.append(offer)
         self.peak_bytes = max(self.peak_bytes, self.in_flight)
         return admitted
+
+
+@dataclass
+class UploadStream:
+    """An update coming in parts (``elastic.wire.parts``): each part is offered to
+    the gate in turn, so parts of many workers share the window."""
+
+    key: str
+    parts: list[list[Segment]]
+    itemsizes: dict[str, int]
+    index: int = 0  # the part expected next
+
+    def bytes(self, index: int) -> int | None:
+        """Part ``index``'s bytes; None past the last part."""
+        return nbytes(self.parts[index], self.itemsizes) if index < len(self.parts) else None

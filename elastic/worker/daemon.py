@@ -39,6 +39,7 @@ from elastic.wire.buffers import Tracker
 from elastic.wire.frames import decode
 from elastic.wire.header import OFFER_MIN_BYTES
 from elastic.wire.messages import Message, MsgType
+from elastic.wire.parts import check_grant, part_message
 from elastic.wire.shm import Probe, SegmentReader, SegmentWriter, shm_available
 from elastic.wire.transport import Secure, dealer_socket, recv_frames, send_message
 from elastic.worker.devices import describe_device, resolve_device
@@ -75,6 +76,7 @@ class Worker:
         self._busy = False
         self._pending: dict[str, Message] = {}  # newest WORK per job, waiting for the trainer
         self._held: dict[str, Result] = {}  # big updates offered, by key, waiting for a GRANT
+        self._sent_part: dict[str, Tracker | None] = {}  # of an update sent in parts: the newest part's send
         self.sock: zmq.Socket | None = None
         # On the coordinator's host (it read our probe): tensors through /dev/shm.
         self._probe: Probe | None = None
@@ -341,7 +343,7 @@ class Worker:
                 if msg.key in self._held:
                     self._drop_held(msg.key, f"refused: {reason}")
         elif msg.type is MsgType.GRANT:
-            self._send_result(msg.key)
+            self._on_grant(msg)
         elif msg.type is MsgType.WORK:
             for key in [k for k, r in self._held.items() if r.message.job == msg.job]:
                 self._drop_held(key, "superseded by new work")  # the round it was for has closed
@@ -371,10 +373,38 @@ class Worker:
             self._held[msg.key] = result
             if self.sock is not None and msg.type is MsgType.UPDATE and msg.payload_bytes >= OFFER_MIN_BYTES:
                 # Big: offer it, and send it when the coordinator has room for it.
-                self._send(Message(MsgType.OFFER, job=msg.job, round=msg.round, version=msg.version, key=msg.key, meta={"bytes": msg.payload_bytes}))
+                # In parts, if the coordinator wants: not through shared memory (the
+                # segment costs it nothing), nor compressed (decoded whole).
+                parts = self._lane is None and not msg.encodings
+                self._send(Message(MsgType.OFFER, job=msg.job, round=msg.round, version=msg.version, key=msg.key, meta={"bytes": msg.payload_bytes, "parts": parts}))
             else:
                 self._send_result(msg.key)
         self._feed()
+
+    def _on_grant(self, grant: Message) -> None:
+        """Send the granted update, or the one part of it the GRANT names."""
+        try:
+            part = check_grant(grant.meta)
+            if part is None:
+                self._send_result(grant.key)
+                return
+            result = self._held.get(grant.key)
+            if result is None:
+                log.debug("grant for an update no longer held key=%s", grant.key)
+                return
+            index, count, segments = part
+            message = part_message(result.message, index, count, segments)
+        except ProtocolError as exc:
+            log.warning("bad GRANT key=%s: %s", grant.key, exc.detail)
+            if grant.key in self._held:
+                self._drop_held(grant.key, f"bad grant: {exc.reason}")
+            return
+        # Parts go out in order on one connection: the memory is free once the
+        # newest part sent is (an update dropped halfway waits for that one too).
+        tracker = self._send(message, track=result.buffers is not None)
+        self._sent_part[grant.key] = tracker
+        if index == count - 1:
+            self._release_held(grant.key)
 
     def _send_result(self, key: str) -> None:
         result = self._held.pop(key, None)
@@ -388,10 +418,14 @@ class Worker:
             result.buffers.release_after(tracker)
 
     def _drop_held(self, key: str, why: str) -> None:
-        result = self._held.pop(key)
         log.info("offered update dropped key=%s reason=%s", key, why)
+        self._release_held(key)
+
+    def _release_held(self, key: str) -> None:
+        result = self._held.pop(key)
+        tracker = self._sent_part.pop(key, None)
         if result.buffers is not None:
-            result.buffers.release_after(None)
+            result.buffers.release_after(tracker)
 
     def _train_loop(self) -> None:
         wake = self.ctx.socket(zmq.PAIR)

@@ -452,3 +452,62 @@ def test_a_long_jobs_history_stays_bounded_and_spans_the_whole_job(tmp_path: Pat
         seen += [e["round"] for e in data["entries"]]
         since = data["next"]
     assert seen == rounds
+
+
+def parts_for(engine: RoundEngine, work: Message, worker: str, value: float, part_bytes: int = 8) -> list[tuple[Message, list]]:
+    """The update ``update_for`` makes, cut as the engine's grid says: (part, its segments)."""
+    from elastic.wire.parts import part_message
+
+    parts = engine.upload_parts(part_bytes)
+    assert parts is not None and len(parts) > 1
+    whole = update_for(engine, work, worker, value)
+    return [(part_message(whole, i, len(parts), segments), segments) for i, segments in enumerate(parts)]
+
+
+def test_updates_in_parts_commit_the_model_whole_updates_commit(tmp_path: Path) -> None:
+    models = []
+    for in_parts in (False, True):
+        engine, _, _ = make(tmp_path / str(in_parts), min_workers=2)
+        out = engine.tick(members("a", "b"))
+        for o, value in zip(out, (1.0, 3.0), strict=True):
+            if not in_parts:
+                assert engine.on_update(o.worker, update_for(engine, o.message, o.worker, value)).type is MsgType.ACK
+                continue
+            replies = [engine.on_update_part(o.worker, part, segments) for part, segments in parts_for(engine, o.message, o.worker, value)]
+            assert replies[:-1] == [None] * (len(replies) - 1) and replies[-1] is not None and replies[-1].type is MsgType.ACK
+        assert engine.job.round == 1 and engine.job.history[-1]["updates"] == 2
+        models.append({k: v.clone() for k, v in engine.job.model.state_dict().items()})
+    for name, whole in models[0].items():
+        assert torch.equal(models[1][name], whole), name
+
+
+def test_an_update_broken_off_halfway_keeps_its_parts_and_the_round_goes_on(tmp_path: Path) -> None:
+    engine, _, _ = make(tmp_path, min_workers=1)
+    before = {k: v.detach().clone().reshape(-1) for k, v in update_template(engine.job.model, "train").items()}
+    out = {o.worker: o.message for o in engine.tick(members("a", "b"))}
+    b_parts = parts_for(engine, out["b"], "b", 3.0)
+    assert engine.on_update_part("b", *b_parts[0]) is None
+    nack = engine.on_update_part("b", *b_parts[2])  # part 1 never came
+    assert nack is not None and nack.meta["reason"] == "bad_part"
+    assert engine.current is not None and "b" not in engine.current.participants  # not waited for
+    for part, segments in parts_for(engine, out["a"], "a", 1.0):
+        reply = engine.on_update_part("a", part, segments)
+    assert reply is not None and reply.type is MsgType.ACK and engine.job.round == 1
+    assert b_parts[0][1] == [("weight", 0, 2)]
+    after = {k: v.detach().reshape(-1) for k, v in update_template(engine.job.model, "train").items()}
+    # a (10 samples, +1) and b's first part (10 samples, +3); a alone beyond it
+    assert torch.allclose(after["weight"][:2], before["weight"][:2] + 2.0)
+    assert torch.allclose(after["weight"][2:], before["weight"][2:] + 1.0)
+    assert torch.allclose(after["bias"], before["bias"] + 1.0)
+
+
+def test_a_part_that_is_not_the_granted_one_is_refused(tmp_path: Path) -> None:
+    engine, _, _ = make(tmp_path, min_workers=1)
+    [o] = engine.tick(members("a"))
+    (part, segments), _ = parts_for(engine, o.message, "a", 1.0)[:2]
+    wrong = [(name, start, stop + 1) for name, start, stop in segments]
+    nack = engine.on_update_part("a", part, wrong)
+    assert nack is not None and nack.meta["reason"] == "bad_part" and engine.job.round == 0
+    late = parts_for(engine, o.message, "a", 1.0)
+    assert engine.on_update_part("a", *late[1]) is not None  # no part 0 first: refused
+    assert engine.upload_parts(0) is None

@@ -173,3 +173,71 @@ class TestAggregatorConformance:
         other = cls({})
         other.setup(model())
         other.load_state_dict(agg.state_dict())
+
+
+def parts_of(t: torch.Tensor, cuts: list[int]) -> list[tuple[list[tuple[str, int, int]], dict[str, WireTensor]]]:
+    """``t`` (tensor "x") cut at ``cuts``: each part's segments and tensors, as sent."""
+    bounds = [0, *cuts, t.numel()]
+    return [([("x", a, b)], {"x": WireTensor.from_tensor(t[a:b])}) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def test_updates_folded_in_parts_sum_bit_for_bit_as_whole_ones() -> None:
+    torch.manual_seed(2)
+    values, weights = [torch.randn(1000) for _ in range(3)], [3.0, 0.7, 11.0]
+    whole, parted = WeightedSum({"x": torch.zeros(1000)}), WeightedSum({"x": torch.zeros(1000)})
+    for t, w in zip(values, weights, strict=True):
+        whole.add({"x": WireTensor.from_tensor(t)}, w)
+        for segments, tensors in parts_of(t, [300, 600]):
+            parted.add_part(segments, tensors, w)
+    assert parted.weights() == {"x": [(0, 300, 14.7), (300, 600, 14.7), (600, 1000, 14.7)]}
+    assert torch.equal(parted.mean()["x"], whole.mean()["x"])
+
+
+def test_an_update_that_stopped_halfway_weighs_only_where_it_came() -> None:
+    """Worker b sent its first part only: there the mean is of a and b, beyond it of a."""
+    a, b = torch.full((10,), 1.0), torch.full((10,), 4.0)
+    ws = WeightedSum({"x": torch.zeros(10)})
+    for segments, tensors in parts_of(a, [4]):
+        ws.add_part(segments, tensors, 1.0)
+    segments, tensors = parts_of(b, [4])[0]
+    ws.add_part(segments, tensors, 3.0)
+    ws.add({"x": WireTensor.from_tensor(torch.full((10,), 2.0))}, 1.0)  # a whole one too: everywhere
+    assert ws.weights() == {"x": [(0, 4, 5.0), (4, 10, 2.0)]}
+    assert torch.equal(ws.mean()["x"], torch.tensor([15 / 5] * 4 + [3 / 2] * 6))
+
+
+def test_fedavg_keeps_the_weights_no_update_reached() -> None:
+    m = nn.Linear(4, 1, bias=False)
+    before = m.weight.detach().clone()
+    agg = FedAvg({})
+    agg.setup(m)
+    agg.begin_round()
+    trained = before.reshape(-1) + 2.0
+    segments, tensors = parts_of(trained, [2])[0]  # a worker that sent half, then left
+    agg.accumulate_part(Update("w", 0, 10, 0.1, "weights", {"weight": tensors["x"]}), [("weight", *segments[0][1:])])
+    agg.finalize()
+    assert torch.equal(m.weight.detach().reshape(-1), torch.cat([trained[:2], before.reshape(-1)[2:]]))
+
+
+def test_fedavg_with_momentum_steps_only_where_updates_came() -> None:
+    m = nn.Linear(4, 1, bias=False)
+    before = m.weight.detach().clone().reshape(-1)
+    agg = FedAvg({"server_momentum": 0.5, "server_lr": 1.0})
+    agg.setup(m)
+    agg.begin_round()
+    agg.accumulate_part(Update("w", 0, 10, 0.1, "weights", {"weight": WireTensor.from_tensor(before[2:] + 1.0)}), [("weight", 2, 4)])
+    agg.finalize()
+    assert torch.allclose(m.weight.detach().reshape(-1), torch.cat([before[:2], before[2:] + 1.0]))
+
+
+def test_syncavg_averages_gradients_that_came_in_parts() -> None:
+    m = nn.Linear(4, 1, bias=False)
+    before = m.weight.detach().clone().reshape(-1)
+    agg = SyncAvg({"lr": 1.0})
+    agg.setup(m)
+    agg.begin_round()
+    for grad, n in ((torch.ones(4), 1), (torch.full((4,), 3.0), 3)):
+        for segments, tensors in parts_of(grad, [1]):
+            agg.accumulate_part(Update("w", 0, n, 0.1, "gradient", {"weight": tensors["x"]}), [("weight", *segments[0][1:])])
+    agg.finalize()
+    assert torch.allclose(m.weight.detach().reshape(-1), before - 2.5)
