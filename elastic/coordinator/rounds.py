@@ -280,7 +280,7 @@ class RoundEngine(Engine):
     def on_member_left(self, worker: str) -> None:
         """A member left: a round never waits on a worker that is gone."""
         self.benched.discard(worker)  # coming back gives it another chance
-        self._streams.pop(worker, None)
+        self.abandon_parts(worker)
         if self.downlink is not None:
             self.downlink.left(worker)
         if self.current is not None and worker in self.current.participants:

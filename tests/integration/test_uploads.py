@@ -11,7 +11,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from .conftest import Cluster, write_job
+from .conftest import Cluster, wait_for, write_job
 
 pytestmark = pytest.mark.slow
 PARAMS = 1_000_000  # 4 MB updates: above OFFER_MIN_BYTES, so every one is offered first
@@ -43,14 +43,14 @@ lr = 0.001
     assert all(b >= PARAMS * 4 and f == b for _, b, f in grants), grants  # never more than one in flight
 
 
-def big_job(path: Path, rule: str, rounds: int) -> Path:
+def big_job(path: Path, rule: str, rounds: int, min_workers: int = 2) -> Path:
     return write_job(path, f"""
 [job]
 id = "big"
 task = "synthetic"
 rule = "{rule}"
 rounds = {rounds}
-min_workers = 2
+min_workers = {min_workers}
 max_workers = 2
 eval_every = 0
 seed = 3
@@ -141,3 +141,21 @@ def test_parts_out_of_turn_get_nacks_and_the_job_finishes(cluster: Cluster, tmp_
     assert [h["updates"] for h in done["history"]] == [2] * 4
     for w in workers:
         w.terminate()
+
+
+def test_a_worker_killed_while_sending_parts_leaves_them_folded_and_the_job_goes_on(cluster: Cluster, tmp_path: Path) -> None:
+    import signal
+
+    # 4 KiB parts: a 4 MB update is ~1 000 of them, sent over a good fraction of a second.
+    cluster.coordinator(big_job(tmp_path / "big.toml", "fedavg", 6, min_workers=1), extra=("--upload-part", "4096", "--log-level", "debug"))
+    workers = {w: cluster.worker(w, "--no-shared-memory") for w in ("w0", "w1")}
+    log = tmp_path / "coordinator.log"
+    wait_for(lambda: log.read_text().count("upload granted worker=w1 ") >= 20, 120, "w1 to be sending its first update in parts")
+    workers["w1"].send_signal(signal.SIGKILL)
+    done = cluster.wait_status("big", lambda s: s["state"] == "finished", 120, "the job to finish without w1")
+    assert [h["round"] for h in done["history"]] == list(range(1, 7))
+    text = log.read_text()
+    assert "update in parts given up job=big worker=w1 " in text, text[-3000:]
+    model = safetensors.torch.load_file(cluster.state / "big" / "final.safetensors")
+    assert all(torch.isfinite(t).all() for t in model.values())
+    workers["w0"].terminate()
