@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-ALL = ["transport", "aggregation", "memory", "vs_gloo", "vs_flower", "membership", "async_vs_sync", "fed_rules", "codecs", "curve"]
+ALL = ["transport", "aggregation", "memory", "vs_gloo", "vs_flower", "scale", "membership", "async_vs_sync", "fed_rules", "codecs", "curve"]
 
 
 def main() -> int:
