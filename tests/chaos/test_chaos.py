@@ -82,8 +82,8 @@ keep = 100000
 # FedAvg rounds, and the asynchronous rule (a version per 4 buffered updates, stale
 # ones refused), where "applied twice" has more ways to happen.
 SCENARIOS = {
-    "fedavg": Scenario("fedavg", first=10, every=15, tail=10, epochs=5),
-    "async": Scenario("async", first=15, every=30, tail=20, epochs=25, rule_table="buffer = 4\nmax_staleness = 20\nmixing = 0.5"),
+    "fedavg": Scenario("fedavg", first=10, every=8, tail=6, epochs=5),
+    "async": Scenario("async", first=15, every=20, tail=12, epochs=25, rule_table="buffer = 4\nmax_staleness = 20\nmixing = 0.5"),
 }
 COORDINATORS = ("c1", "c2")
 WORKERS = ("w1", "w2", "w3", "w4")

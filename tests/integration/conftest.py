@@ -116,3 +116,28 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 def write_job(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def big_job(tmp_path: Path, rounds: int = 3, min_workers: int = 2, rule: str = "syncavg", extra: str = "") -> Path:
+    """A job on 1M parameters: 4 MB a message, over the 1 MiB where offers and the
+    shared-memory path start. Written to ``tmp_path/big.toml``."""
+    return write_job(tmp_path / "big.toml", f"""
+[job]
+id = "big"
+task = "synthetic"
+rule = "{rule}"
+rounds = {rounds}
+min_workers = {min_workers}
+max_workers = 2
+eval_every = 0
+seed = 3
+[task]
+params = 1000000
+samples = 8
+[train]
+batch_size = 8
+[rule]
+{"lr = 0.01" if rule == "syncavg" else ""}
+[checkpoint]
+every = 1000
+{extra}""")

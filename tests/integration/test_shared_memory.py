@@ -16,41 +16,17 @@ import torch
 
 from elastic.wire import shm
 
-from .conftest import Cluster, wait_for, write_job
+from .conftest import Cluster, big_job, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not shm.shm_available(), reason="no writable /dev/shm")]
 
 ROUNDS = 3
 
 
-def job(tmp_path: Path, rounds: int = ROUNDS, min_workers: int = 2, rule: str = "syncavg", extra: str = "") -> Path:
-    # 1M parameters: 4 MB a message, over the 1 MiB where the shared path starts.
-    return write_job(tmp_path / "big.toml", f"""
-[job]
-id = "big"
-task = "synthetic"
-rule = "{rule}"
-rounds = {rounds}
-min_workers = {min_workers}
-max_workers = 2
-eval_every = 0
-seed = 3
-[task]
-params = 1000000
-samples = 8
-[train]
-batch_size = 8
-[rule]
-{"lr = 0.01" if rule == "syncavg" else ""}
-[checkpoint]
-every = 1000
-{extra}""")
-
-
 def run(cluster: Cluster, tmp_path: Path, *flags: str, spec: Path | None = None) -> dict[str, torch.Tensor]:
     # fedavg: workers train their weights and send them from where they live, which
     # on this host is their segment (no copy on the way up)
-    coordinator = cluster.coordinator(spec or job(tmp_path, rule="fedavg"), extra=("--exit-when-done", *flags))
+    coordinator = cluster.coordinator(spec or big_job(tmp_path, rule="fedavg"), extra=("--exit-when-done", *flags))
     workers = [cluster.worker(f"w{i}", *flags) for i in range(2)]
     cluster.wait_status("big", lambda s: s["state"] == "finished", 120, "the job to finish")
     assert coordinator.wait(30) == 0
@@ -102,8 +78,8 @@ def test_workers_on_this_host_take_gradients_on_the_shared_model_with_the_socket
     for c in (through, socket):
         c.root.mkdir()
     try:
-        got = run(through, through.root, spec=job(through.root, rounds=4, extra=fp16))
-        want = run(socket, socket.root, "--no-shared-memory", spec=job(socket.root, rounds=4, extra=fp16))  # syncavg
+        got = run(through, through.root, spec=big_job(through.root, rounds=4, extra=fp16))
+        want = run(socket, socket.root, "--no-shared-memory", spec=big_job(socket.root, rounds=4, extra=fp16))  # syncavg
     finally:
         through.stop_all()
         socket.stop_all()
@@ -119,7 +95,7 @@ def test_workers_on_this_host_take_gradients_on_the_shared_model_with_the_socket
 
 
 def test_a_worker_killed_mid_job_leaves_the_rest_running(cluster: Cluster, tmp_path: Path) -> None:
-    cluster.coordinator(job(tmp_path, rounds=100_000, min_workers=1))  # runs until the test ends
+    cluster.coordinator(big_job(tmp_path, rounds=100_000, min_workers=1))  # runs until the test ends
     victim = cluster.worker("w0")
     cluster.worker("w1")
     cluster.wait_status("big", lambda s: s["round"] >= 3, 60, "rounds through shared memory")
