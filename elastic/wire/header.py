@@ -51,8 +51,8 @@ class MsgType(StrEnum):
     BYE = "BYE"  # worker -> coordinator: graceful leave
     WORK = "WORK"  # coordinator -> worker: the model at `version` and what to do with it
     UPDATE = "UPDATE"  # worker -> coordinator: the result, computed against `version`
-    OFFER = "OFFER"  # worker -> coordinator: a big UPDATE (`key`, meta.bytes) is ready; send it when granted
-    GRANT = "GRANT"  # coordinator -> worker: send the offered UPDATE `key` now
+    OFFER = "OFFER"  # worker -> coordinator: a big UPDATE (`key`, meta.bytes; meta.parts: can send it in parts) is ready
+    GRANT = "GRANT"  # coordinator -> worker: send the offered UPDATE `key` now (with meta.part: that part of it)
     ACK = "ACK"  # coordinator -> worker: update folded in
     NACK = "NACK"  # either way: rejected, with a reason
     REQUEST = "REQUEST"  # operator -> coordinator's control socket: op and args
