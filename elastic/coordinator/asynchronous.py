@@ -166,7 +166,7 @@ class AsyncEngine(Engine):
             self._abandon_buffer(f"aggregator error: {exc}")
             return self._nack(msg, "aggregator_error", f"the rule failed on this update: {exc}")
         log.debug("update folded job=%s worker=%s base_version=%d key=%s staleness=%d bytes=%d", job.spec.id, worker, msg.version, msg.key, staleness, wire_bytes)
-        self._count_update(wire_bytes, msg)
+        self._count_update(wire_bytes, msg.payload_bytes)
         buf = self.buffer
         buf.updates += 1
         buf.samples += update.num_samples

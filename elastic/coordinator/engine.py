@@ -258,7 +258,7 @@ class Engine(ABC):
         if msg.meta["kind"] != self.kind:
             return "wrong_kind", f"rule {self.job.spec.rule} needs {self.kind} updates, got {msg.meta['kind']}"
         if msg.encodings:
-            return "bad_part", "a part of an update is sent uncompressed"
+            return "bad_part", "a part of an update must come uncompressed"
         if list(msg.tensors) != [name for name, _, _ in segments]:
             return "bad_part", f"part has tensors {list(msg.tensors)[:3]}, granted {[name for name, _, _ in segments][:3]}"
         for name, start, stop in segments:
@@ -345,11 +345,11 @@ class Engine(ABC):
             meta["codecs"] = list(spec.compression.update)
         return meta
 
-    def _count_update(self, wire_bytes: int, msg: Message) -> None:
+    def _count_update(self, wire_bytes: int, raw_bytes: int) -> None:
         """An update was folded: its bytes as sent and as decoded (the compression ratio)."""
         totals = self.job.totals
         totals["update_bytes_wire"] = totals.get("update_bytes_wire", 0) + wire_bytes
-        totals["update_bytes_raw"] = totals.get("update_bytes_raw", 0) + msg.payload_bytes
+        totals["update_bytes_raw"] = totals.get("update_bytes_raw", 0) + raw_bytes
 
     def _nack(self, msg: Message, reason: str, detail: str) -> Message:
         self.job.totals["rejected"] += 1

@@ -70,7 +70,7 @@ class RoundEngine(Engine):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.current: _Round | None = None
-        self._streams: dict[str, tuple[str, int]] = {}  # worker -> (key, next part) of an update coming in parts
+        self._streams: dict[str, tuple[str, int, int]] = {}  # worker -> (key, next part, bytes so far) of an update coming in parts
         self.rendezvous = self.mode == "gradient"
         # Workers whose work failed in a generation: each failure re-runs the step, so
         # they sit out (until they leave and join again) instead of stalling the job.
@@ -165,7 +165,9 @@ class RoundEngine(Engine):
         error = self._fold(msg, lambda: self.job.aggregator.accumulate(update))
         if error is not None:
             return self._nack(msg, "aggregator_error", f"the rule failed on this update: {error}")
-        return self._folded(worker, msg, update.num_samples, wire_bytes)
+        assert self.current is not None
+        self.current.bytes_received += wire_bytes
+        return self._folded(worker, msg, update.num_samples, wire_bytes, msg.payload_bytes)
 
     def on_update_part(self, worker: str, msg: Message, segments: list[Segment]) -> Message | None:
         """Validate and fold one part of an update (``elastic.wire.parts``): None
@@ -181,8 +183,9 @@ class RoundEngine(Engine):
                 reason = self._limit(worker, self._grid_bytes)
         else:
             reason = self._refuse(worker, msg)
-            if reason is None and stream != (msg.key, index):
-                reason = "bad_part", f"part {index} of {msg.key} was not expected (expected {stream})"
+            if reason is None and (stream is None or stream[:2] != (msg.key, index)):
+                expected = f"part {stream[1]} of {stream[0]}" if stream is not None else "none"
+                reason = "bad_part", f"part {index} of {msg.key} was not expected (expected {expected})"
         reason = reason or self._check_part(msg, segments)
         if reason is not None:
             if stream is not None:
@@ -193,13 +196,13 @@ class RoundEngine(Engine):
         if error is not None:
             return self._nack(msg, "aggregator_error", f"the rule failed on a part of this update: {error}")
         assert rnd is not None
-        rnd.bytes_received += msg.payload_bytes
+        rnd.bytes_received += msg.payload_bytes  # a part folded is received, whether or not the rest comes
+        sent = (stream[2] if stream is not None else 0) + msg.payload_bytes
         if index < count - 1:
-            self._streams[worker] = (msg.key, index + 1)
+            self._streams[worker] = (msg.key, index + 1, sent)
             return None
         self._streams.pop(worker, None)
-        rnd.bytes_received -= msg.payload_bytes  # counted with the whole below
-        return self._folded(worker, msg, update.num_samples, msg.payload_bytes)
+        return self._folded(worker, msg, update.num_samples, sent, sent)
 
     def _update(self, worker: str, msg: Message) -> Update:
         return Update(worker=worker, base_version=msg.version, num_samples=int(msg.meta["num_samples"]), loss=float(msg.meta["loss"]), kind=msg.meta["kind"], tensors=msg.tensors)
@@ -215,19 +218,19 @@ class RoundEngine(Engine):
             return str(exc)
         return None
 
-    def _folded(self, worker: str, msg: Message, samples: int, wire_bytes: int) -> Message:
-        """The bookkeeping of an update folded whole (or its last part)."""
+    def _folded(self, worker: str, msg: Message, samples: int, wire_bytes: int, raw_bytes: int) -> Message:
+        """The bookkeeping of an update folded whole (or its last part): ``wire_bytes``
+        as sent, ``raw_bytes`` as decoded, the whole update's."""
         job, rnd = self.job, self.current
         assert rnd is not None
         log.debug("update folded job=%s worker=%s round=%d key=%s samples=%d bytes=%d", job.spec.id, worker, rnd.number, msg.key, samples, wire_bytes)
-        self._count_update(wire_bytes, msg)
+        self._count_update(wire_bytes, raw_bytes)
         rnd.answered.add(worker)
         rnd.updates += 1
         rnd.samples += samples
         loss = float(msg.meta["loss"])
         if math.isfinite(loss):
             rnd.loss_sum += loss * samples
-        rnd.bytes_received += wire_bytes
         rnd.train_seconds_max = max(rnd.train_seconds_max, float(msg.meta.get("train_seconds", 0.0)))
         job.totals["updates"] += 1
         if rnd.complete:

@@ -465,7 +465,7 @@ def parts_for(engine: RoundEngine, work: Message, worker: str, value: float, par
 
 
 def test_updates_in_parts_commit_the_model_whole_updates_commit(tmp_path: Path) -> None:
-    models = []
+    models, counted = [], []
     for in_parts in (False, True):
         engine, _, _ = make(tmp_path / str(in_parts), min_workers=2)
         out = engine.tick(members("a", "b"))
@@ -476,9 +476,11 @@ def test_updates_in_parts_commit_the_model_whole_updates_commit(tmp_path: Path) 
             replies = [engine.on_update_part(o.worker, part, segments) for part, segments in parts_for(engine, o.message, o.worker, value)]
             assert replies[:-1] == [None] * (len(replies) - 1) and replies[-1] is not None and replies[-1].type is MsgType.ACK
         assert engine.job.round == 1 and engine.job.history[-1]["updates"] == 2
+        counted.append((engine.job.totals["update_bytes_wire"], engine.job.totals["update_bytes_raw"], engine.job.history[-1]["bytes_received"]))
         models.append({k: v.clone() for k, v in engine.job.model.state_dict().items()})
     for name, whole in models[0].items():
         assert torch.equal(models[1][name], whole), name
+    assert counted[0] == counted[1] == (88, 88, 88)  # two updates of 11 float32, however they came
 
 
 def test_an_update_broken_off_halfway_keeps_its_parts_and_the_round_goes_on(tmp_path: Path) -> None:
