@@ -12,7 +12,7 @@ match the specs below, registered under the entry-point group ``elastic``::
 
     @hookimpl
     def elastic_aggregators():
-        return {"my_rule": MyRule}
+        return [MyRule]  # its ``name`` class attribute is what a job spec says
 
 An implementation may accept any subset of a spec's arguments. Component hooks
 (``elastic_aggregators``…) are read once when plugins load; classes are checked
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from elastic.api import Update
+    from elastic.rules import Update
 
 __all__ = ["hookspec", "hookimpl", "PROJECT"]
 
@@ -42,42 +42,43 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def elastic_aggregators() -> dict[str, type]:
+def elastic_aggregators() -> list[type]:
     """Contribute aggregation rules.
 
     Returns:
-        A mapping from the name a job spec uses (``rule = "NAME"``) to a subclass of
-        ``elastic.api.Aggregator``. A name given by two distributions is an error.
+        Subclasses of ``elastic.api.Aggregator``. Each one's ``name`` class
+        attribute is the name a job spec uses (``rule = "NAME"``); a name given by
+        two distributions is an error.
     """
 
 
 @hookspec
-def elastic_tasks() -> dict[str, type]:
+def elastic_tasks() -> list[type]:
     """Contribute training tasks.
 
     Returns:
-        A mapping from the name a job spec uses (``task = "NAME"``) to a subclass of
-        ``elastic.api.Task``.
+        Subclasses of ``elastic.api.Task``. Each one's ``name`` class attribute is
+        the name a job spec uses (``task = "NAME"``).
     """
 
 
 @hookspec
-def elastic_codecs() -> dict[str, type]:
+def elastic_codecs() -> list[type]:
     """Contribute compression codecs.
 
     Returns:
-        A mapping from the stage name a job spec uses in its codec chain to a
-        subclass of ``elastic.api.Codec``.
+        Subclasses of ``elastic.api.Codec``. Each one's ``name`` class attribute is
+        the stage name a job spec uses in its codec chain (``"NAME:ARG"``).
     """
 
 
 @hookspec
-def elastic_membership_backends() -> dict[str, type]:
+def elastic_membership_backends() -> list[type]:
     """Contribute membership backends.
 
     Returns:
-        A mapping from a URL scheme (``--membership SCHEME://…``) to a subclass of
-        ``elastic.membership.MembershipBackend``.
+        Subclasses of ``elastic.api.MembershipBackend``. Each one's ``name`` class
+        attribute is the URL scheme that picks it (``--membership NAME://…``).
     """
 
 
@@ -195,13 +196,15 @@ def elastic_job_finished(job_id: str, state: str, metrics: dict[str, Any]) -> No
 # ------------------------------------------------------------------- updates -----
 
 
-@hookspec
+@hookspec(firstresult=True)
 def elastic_validate_update(job_id: str, worker_id: str, update: Update) -> str | None:
     """Veto an update before it is folded in: return the reason, or None to let it pass.
 
     Called on the coordinator's event loop for every update that passed the built-in
-    checks (shapes, finiteness, staleness, the job's limits); any plugin's reason
-    refuses it with a NACK (``vetoed: <reason>``) and a metric. Return quickly.
+    checks (shapes, finiteness, staleness, the job's limits); the first plugin that
+    gives a reason refuses it with a NACK (``vetoed: <reason>``) and a metric, and
+    the validators after it are not asked. A validator that raises refuses the
+    update too (``vetoed: validator NAME failed: ...``). Return quickly.
 
     Args:
         job_id: the job.

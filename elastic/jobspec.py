@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from elastic.errors import JobSpecError
+from elastic.typecheck import coerce, type_names
 
 __all__ = ["JobSpec", "TrainParams", "CheckpointPolicy", "CompressionPolicy", "UpdateLimits", "load_job_spec", "parse_job_spec"]
 
@@ -213,12 +214,12 @@ def _check_table(source: str, table: str, values: dict[str, Any], keys: dict) ->
         if key not in keys:
             raise JobSpecError(f"{source}: [{table}] unknown key {key!r}{_suggest(key, keys)}")
         typ, check, hint = keys[key]
-        if typ is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, typ) or (isinstance(value, bool) and typ is not bool):
+        try:
+            value = coerce(value, typ)
+        except TypeError:
             raise JobSpecError(
-                f"{source}: [{table}] {key} must be {typ.__name__}, got {value!r}; use {hint}"
-            )
+                f"{source}: [{table}] {key} must be {type_names(typ)}, got {value!r}; use {hint}"
+            ) from None
         if not check(value):
             raise JobSpecError(f"{source}: [{table}] {key} = {value!r} is invalid; use {hint}")
         out[key] = value

@@ -18,9 +18,11 @@ from typing import Any, Generic, TypeVar
 import pluggy
 
 from elastic import hookspecs
-from elastic.api import Aggregator, Codec, Task
+from elastic.compression.codec import Codec
 from elastic.errors import PluginError
 from elastic.membership.base import MembershipBackend
+from elastic.rules import Aggregator
+from elastic.tasks import Task
 
 __all__ = ["Plugins", "Registry", "Provided"]
 
@@ -141,14 +143,14 @@ class Plugins:
                     raise PluginError(
                         f"plugin {impl.plugin_name!r} from {dist} failed in {hook_name}: {exc}"
                     ) from exc
-                if not isinstance(contributed, dict):
+                if not isinstance(contributed, list | tuple):
                     raise PluginError(
-                        f"plugin {impl.plugin_name!r} from {dist}: {hook_name} must return a "
-                        f"dict of name -> class, not {type(contributed).__name__}"
+                        f"plugin {impl.plugin_name!r} from {dist}: {hook_name} must return a list "
+                        f"of classes (each one's `name` is its key), not {type(contributed).__name__}"
                     )
-                for name, cls in contributed.items():
-                    _check_class(kind, base, name, cls, impl.plugin_name, dist)
-                    registries[hook_name].add(Provided(kind, name, cls, impl.plugin_name, dist))
+                for cls in contributed:
+                    _check_class(kind, base, cls, impl.plugin_name, dist)
+                    registries[hook_name].add(Provided(kind, cls.name, cls, impl.plugin_name, dist))
 
     def provided(self) -> list[Provided]:
         """Everything contributed, for ``elastic plugins``."""
@@ -170,19 +172,22 @@ class Plugins:
         """Whether any plugin implements ``hook_name``."""
         return bool(getattr(self.pm.hook, hook_name).get_hookimpls())
 
-    def ask(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
-        """(plugin, answer) from every implementation of a question hook that gave
-        one (not None); one that raises answers with its exception."""
-        answers = []
-        for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+    def first_answer(self, hook_name: str, **kwargs: Any) -> tuple[str, Any] | None:
+        """(plugin, answer) of the first implementation of a ``firstresult`` hook that
+        gives one (not None), in pluggy's calling order; one that raises answers with
+        its exception (a failing validator must not let everything through)."""
+        hook = getattr(self.pm.hook, hook_name)
+        if not hook.spec.opts.get("firstresult"):
+            raise PluginError(f"{hook_name} is not a firstresult hook; notify() calls every implementation")
+        for impl in reversed(hook.get_hookimpls()):  # pluggy calls the last registered first
             try:
                 answer = impl.function(**{a: kwargs[a] for a in impl.argnames})
             except Exception as exc:
                 log.exception("plugin failed plugin=%s hook=%s", impl.plugin_name, hook_name)
                 answer = exc
             if answer is not None:
-                answers.append((impl.plugin_name, answer))
-        return answers
+                return impl.plugin_name, answer
+        return None
 
     def notify(self, hook_name: str, **kwargs: Any) -> None:
         """Call every implementation of an event hook, each isolated from the others."""
@@ -196,12 +201,13 @@ class Plugins:
                 )
 
 
-def _check_class(kind: str, base: type, name: Any, cls: Any, plugin: str, dist: str) -> None:
+def _check_class(kind: str, base: type, cls: Any, plugin: str, dist: str) -> None:
     where = f"plugin {plugin!r} from {dist}"
-    if not isinstance(name, str) or not name:
-        raise PluginError(f"{where}: {kind} names must be non-empty strings, got {name!r}")
     if not (inspect.isclass(cls) and issubclass(cls, base)):
-        raise PluginError(f"{where}: {kind} {name!r} must be a subclass of {base.__qualname__}, got {cls!r}")
+        raise PluginError(f"{where}: {kind} {cls!r} must be a subclass of {base.__qualname__}")
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        raise PluginError(f"{where}: {kind} {cls.__qualname__} has no `name` (a non-empty string class attribute, its key), got {name!r}")
     if inspect.isabstract(cls):
         missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
         raise PluginError(f"{where}: {kind} {name!r} ({cls.__qualname__}) leaves abstract: {missing}")

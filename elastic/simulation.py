@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from elastic.api import AsyncAggregator
 from elastic.coordinator.asynchronous import AsyncEngine
 from elastic.coordinator.engine import Engine
 from elastic.coordinator.job import Job
@@ -24,8 +23,10 @@ from elastic.errors import ConfigError, ElasticError, ProtocolError
 from elastic.jobspec import JobSpec
 from elastic.membership.base import Member
 from elastic.plugins import Plugins
+from elastic.rules import AsyncAggregator
 from elastic.wire.frames import decode, encode
-from elastic.wire.messages import Message, MsgType, WireTensor
+from elastic.wire.header import Message, MsgType
+from elastic.wire.tensors import WireTensor
 from elastic.worker.runner import TaskRunner
 
 __all__ = ["simulate"]
@@ -45,7 +46,7 @@ def simulate(
     attacks = {f"sim-{i}": parse_attack(a) for i, a in (attackers or {}).items()}
     job = Job(spec, plugins, state_dir)
     kind = AsyncEngine if isinstance(job.aggregator, AsyncAggregator) else RoundEngine
-    engine: Engine = kind(job, plugins.notify, ask=plugins.ask)
+    engine: Engine = kind(job, plugins.notify, ask=plugins.first_answer)
     members = [Member(id=f"sim-{i}", slot=i) for i in range(workers)]
     runners = {m.id: TaskRunner(plugins, torch.device("cpu"), data_dir, m.id) for m in members}
     while not job.done:

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from elastic.api import Task
 from elastic.errors import Cancelled
 from elastic.jobspec import TrainParams
+from elastic.tasks import Task
 
 __all__ = ["TrainResult", "local_train", "batch_gradient", "evaluate", "dataset_tensors", "update_template", "update_kind", "move_to_fresh_memory"]
 

@@ -23,10 +23,14 @@ import torch
 from elastic_plugins.averaging import WeightedSum
 from elastic_plugins.staleness import staleness_function
 
-from elastic.api import AsyncAggregator, Update, check_params
-from elastic.errors import JobSpecError
-from elastic.hookspecs import hookimpl
-from elastic.training import update_template
+from elastic.api import (
+    AsyncAggregator,
+    JobSpecError,
+    Update,
+    check_params,
+    hookimpl,
+    update_template,
+)
 
 __all__ = ["AsyncBuffered"]
 
@@ -93,5 +97,5 @@ class AsyncBuffered(AsyncAggregator):
 
 
 @hookimpl
-def elastic_aggregators() -> dict[str, type]:
-    return {"async": AsyncBuffered}
+def elastic_aggregators() -> list[type]:
+    return [AsyncBuffered]

@@ -12,10 +12,7 @@ from typing import Any
 
 import torch
 
-from elastic.api import Aggregator, Update, check_params
-from elastic.errors import JobSpecError
-from elastic.training import update_template
-from elastic.wire.messages import WireTensor
+from elastic.api import Aggregator, JobSpecError, Update, WireTensor, check_params, update_template
 
 __all__ = ["WeightedSum", "weighted_mean", "MeanDeltaRule"]
 

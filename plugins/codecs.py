@@ -26,9 +26,7 @@ from typing import Any
 
 import torch
 
-from elastic.api import Codec
-from elastic.errors import JobSpecError
-from elastic.hookspecs import hookimpl
+from elastic.api import Codec, JobSpecError, hookimpl
 
 __all__ = ["Fp16", "Bf16", "TopK", "QSGD", "SignSGD", "PowerSGD", "Zstd"]
 
@@ -346,5 +344,5 @@ class Zstd(Codec):
 
 
 @hookimpl
-def elastic_codecs() -> dict[str, type]:
-    return {c.name: c for c in (Fp16, Bf16, TopK, QSGD, SignSGD, PowerSGD, Zstd)}
+def elastic_codecs() -> list[type]:
+    return [Fp16, Bf16, TopK, QSGD, SignSGD, PowerSGD, Zstd]

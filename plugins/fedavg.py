@@ -15,8 +15,7 @@ from typing import Any
 import torch
 from elastic_plugins.averaging import MeanDeltaRule
 
-from elastic.errors import JobSpecError
-from elastic.hookspecs import hookimpl
+from elastic.api import JobSpecError, hookimpl
 
 __all__ = ["FedAvg"]
 
@@ -64,5 +63,5 @@ class FedAvg(MeanDeltaRule):
 
 
 @hookimpl
-def elastic_aggregators() -> dict[str, type]:
-    return {"fedavg": FedAvg}
+def elastic_aggregators() -> list[type]:
+    return [FedAvg]

@@ -22,8 +22,7 @@ from typing import Any
 import torch
 from elastic_plugins.averaging import MeanDeltaRule
 
-from elastic.errors import JobSpecError
-from elastic.hookspecs import hookimpl
+from elastic.api import JobSpecError, hookimpl
 
 __all__ = ["FedAdam", "FedYogi", "FedAdagrad"]
 
@@ -105,5 +104,5 @@ class FedAdagrad(FedOpt):
 
 
 @hookimpl
-def elastic_aggregators() -> dict[str, type]:
-    return {"fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad}
+def elastic_aggregators() -> list[type]:
+    return [FedAdam, FedYogi, FedAdagrad]

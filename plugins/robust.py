@@ -25,10 +25,7 @@ from typing import Any
 
 import torch
 
-from elastic.api import Aggregator, Update, check_params
-from elastic.errors import JobSpecError
-from elastic.hookspecs import hookimpl
-from elastic.training import update_template
+from elastic.api import Aggregator, JobSpecError, Update, check_params, hookimpl, update_template
 
 __all__ = ["Median", "TrimmedMean", "Krum", "MultiKrum"]
 
@@ -146,5 +143,5 @@ class Krum(MultiKrum):
 
 
 @hookimpl
-def elastic_aggregators() -> dict[str, type]:
-    return {"median": Median, "trimmed_mean": TrimmedMean, "krum": Krum, "multikrum": MultiKrum}
+def elastic_aggregators() -> list[type]:
+    return [Median, TrimmedMean, Krum, MultiKrum]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from elastic.errors import JobSpecError
+from elastic.api import JobSpecError
 
 __all__ = ["staleness_function", "KINDS"]
 

@@ -15,10 +15,7 @@ from typing import Any
 import torch
 from elastic_plugins.averaging import WeightedSum
 
-from elastic.api import Aggregator, Update, check_params
-from elastic.errors import JobSpecError
-from elastic.hookspecs import hookimpl
-from elastic.training import update_template
+from elastic.api import Aggregator, JobSpecError, Update, check_params, hookimpl, update_template
 
 __all__ = ["SyncAvg"]
 
@@ -97,5 +94,5 @@ class SyncAvg(Aggregator):
 
 
 @hookimpl
-def elastic_aggregators() -> dict[str, type]:
-    return {"syncavg": SyncAvg}
+def elastic_aggregators() -> list[type]:
+    return [SyncAvg]

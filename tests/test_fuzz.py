@@ -13,14 +13,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from elastic.compression.chain import CodecChain, expand
 from elastic.config import CoordinatorConfig
 from elastic.coordinator.daemon import Coordinator
 from elastic.errors import JobSpecError, ProtocolError
 from elastic.jobspec import parse_job_spec
 from elastic.plugins import Plugins
-from elastic.wire.compression import Compressor, expand
 from elastic.wire.frames import decode, encode
-from elastic.wire.messages import Message, MsgType, WireTensor
+from elastic.wire.header import Message, MsgType
+from elastic.wire.tensors import WireTensor
 from tests.wire.test_frames import VALID, as_bytes, mutate
 
 pytestmark = pytest.mark.slow
@@ -31,7 +32,7 @@ CODECS = Plugins().codecs
 
 
 def compressed() -> list[bytes]:
-    parts, encodings = Compressor(CODECS, ["topk:0.5", "fp16", "zstd"]).compress({"w": torch.randn(6, 5), "b": torch.randn(5)})
+    parts, encodings = CodecChain(CODECS, ["topk:0.5", "fp16", "zstd"]).compressor().compress({"w": torch.randn(6, 5), "b": torch.randn(5)})
     msg = Message(MsgType.UPDATE, job="j", round=1, sender="w", key="w/j/1", meta={"num_samples": 3, "loss": 0.1, "kind": "gradient", "train_seconds": 0.1},
                   tensors={k: WireTensor.from_tensor(v) for k, v in parts.items()}, encodings=encodings)
     return as_bytes(encode(msg))

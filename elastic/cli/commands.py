@@ -19,7 +19,7 @@ from rich.table import Table
 
 from elastic.config import CoordinatorConfig, WorkerConfig, resolve
 from elastic.coordinator.checkpoints import atomic_write
-from elastic.coordinator.job import check_compression
+from elastic.coordinator.job import codec_chains
 from elastic.errors import ConfigError, ElasticError
 from elastic.jobspec import JobSpec, load_job_spec
 from elastic.logs import setup_logging
@@ -31,7 +31,7 @@ __all__ = ["cmd_run", "cmd_coordinator", "cmd_worker", "cmd_plugins", "cmd_valid
 def check_spec(spec: JobSpec, plugins: Plugins) -> None:
     """Refuse a spec whose task or rule is unknown or has bad parameters."""
     plugins.tasks.get(spec.task)(spec.task_params)
-    check_compression(spec, plugins.aggregators.get(spec.rule)(spec.rule_params), plugins.codecs)
+    codec_chains(spec, plugins.aggregators.get(spec.rule)(spec.rule_params), plugins.codecs)
 
 
 def _flags(args: argparse.Namespace, *names: str) -> dict[str, Any]:

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from elastic.errors import ConfigError, ControlError, MembershipUnavailable, Unreachable
-from elastic.wire.header import Message, MsgType, decode_plain
-from elastic.wire.transport import dealer_socket, recv_frames, send_message
+from elastic.wire.header import Message, MsgType
+from elastic.wire.transport import dealer_socket, decode_plain, recv_frames, send_message
 
 if TYPE_CHECKING:
-    from elastic.wire.messages import WireTensor
+    from elastic.wire.tensors import WireTensor
 
 __all__ = ["ControlClient", "control_endpoint", "DEFAULT_CONTROL"]
 

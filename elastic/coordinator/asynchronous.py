@@ -20,11 +20,12 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from elastic.api import AsyncAggregator, Update
 from elastic.coordinator.engine import Engine, Outgoing
 from elastic.coordinator.job import JobState
 from elastic.membership.base import Member
-from elastic.wire.messages import Message, MsgType, WireTensor
+from elastic.rules import AsyncAggregator, Update
+from elastic.wire.header import Message, MsgType
+from elastic.wire.tensors import WireTensor
 
 __all__ = ["AsyncEngine"]
 

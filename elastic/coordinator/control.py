@@ -27,7 +27,9 @@ from elastic.errors import (
     PluginError,
 )
 from elastic.jobspec import parse_job_spec
-from elastic.wire.messages import Message, MsgType, WireTensor
+from elastic.typecheck import coerce
+from elastic.wire.header import Message, MsgType
+from elastic.wire.tensors import WireTensor
 
 if TYPE_CHECKING:
     from elastic.coordinator.daemon import Coordinator
@@ -41,9 +43,10 @@ MAX_LOG_ENTRIES = 1000
 
 def _arg(args: dict[str, Any], name: str, kind: type, default: Any = None) -> Any:
     value = args.get(name, default)
-    if value is None or not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ControlError("bad_request", f"argument {name!r} must be {kind.__name__}, got {value!r}")
-    return value
+    try:
+        return coerce(value, kind)
+    except TypeError:
+        raise ControlError("bad_request", f"argument {name!r} must be {kind.__name__}, got {value!r}") from None
 
 
 class ControlAPI:

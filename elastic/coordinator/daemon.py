@@ -24,7 +24,6 @@ import zmq
 
 from elastic import __version__
 from elastic.allocator import tune_allocator
-from elastic.api import AsyncAggregator
 from elastic.config import CoordinatorConfig, apply_reload, default_control
 from elastic.coordinator.asynchronous import AsyncEngine
 from elastic.coordinator.control import ControlAPI
@@ -41,11 +40,12 @@ from elastic.membership.election import Leadership
 from elastic.membership.etcd import redacted
 from elastic.metrics import Metrics
 from elastic.plugins import Plugins
+from elastic.rules import AsyncAggregator
 from elastic.sdnotify import Notifier
 from elastic.security import CONTROL, DATA, CurveServer
 from elastic.wire.buffers import Tracker
 from elastic.wire.frames import decode
-from elastic.wire.messages import Message, MsgType
+from elastic.wire.header import Message, MsgType
 from elastic.wire.shm import LocalPeers
 from elastic.wire.transport import recv_frames, router_socket, send_message
 
@@ -190,7 +190,7 @@ class Coordinator:
         holds = self.leadership.holds if self.leadership is not None else None
         kind = AsyncEngine if isinstance(job.aggregator, AsyncAggregator) else RoundEngine
         local = (lambda peer: self.local.writer(peer) is not None) if self.local.enabled else None
-        engine = self.engines[spec.id] = kind(job, self.plugins.notify, fence=fence, holds=holds, ask=self.plugins.ask, local=local)
+        engine = self.engines[spec.id] = kind(job, self.plugins.notify, fence=fence, holds=holds, ask=self.plugins.first_answer, local=local)
         if self.board is not None:
             engine.on_status = functools.partial(self._report_status, spec.id)
         return job
@@ -441,7 +441,7 @@ class Coordinator:
             # bytes arrive while these are still held: two updates in memory at once.
             frames.clear()
             msg.tensors.clear()
-            self._grant(self.uploads.done(peer, now))  # its bytes are folded or refused: the next may come
+            self._grant(self.uploads.done(peer, now, msg.key))  # its bytes are folded or refused: the next may come
             if more is not None:  # the next part, in turn with the other offers
                 self._grant(self.uploads.offer(peer, msg.key, more, now))
         elif msg.type is MsgType.OFFER:
@@ -477,7 +477,8 @@ class Coordinator:
             assert stream is not None
             stream.index += 1
             return stream.bytes(stream.index)
-        self.streams.pop(peer, None)
+        if stream is not None and stream.key == msg.key:  # (a whole update of another job leaves it be)
+            del self.streams[peer]
         if reply.type is MsgType.NACK:
             self.rejected[reply.meta["reason"]] += 1
         self._send(routing, reply)

@@ -28,23 +28,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
+from elastic.compression.chain import SEP, CodecChain, expand
 from elastic.training import update_template
 from elastic.wire.buffers import BufferSet
-from elastic.wire.compression import (
-    SEP,
-    Compressor,
-    build_stage,
-    cast_record,
-    cast_stage,
-    expand,
-)
-from elastic.wire.messages import WIDEN_BLOCK, Message, MsgType, WireTensor
+from elastic.wire.header import Message, MsgType
 from elastic.wire.shm import SHM_MIN_BYTES, SharedTensors
+from elastic.wire.tensors import WIDEN_BLOCK, WireTensor
 
 __all__ = ["Downlink"]
 
@@ -52,13 +46,13 @@ log = logging.getLogger("elastic.rounds")
 
 
 class Downlink:
-    def __init__(self, model: torch.nn.Module, chain: Sequence[str], codecs: Any, share: bool = False) -> None:
-        self.codecs = codecs
+    def __init__(self, model: torch.nn.Module, chain: CodecChain, share: bool = False) -> None:
+        self.chain = chain
         self.exact = not chain  # no compression: only workers on this host are served
-        self.compressor = Compressor(codecs, chain)
+        self.compressor = chain.compressor()
         # A chain that is one cast (``Codec.cast_from``, element by element): the
         # delta is then made a block at a time (``_cast_delta``).
-        self.cast = chain[0] if cast_stage(codecs, chain) is not None else None
+        self.cast = chain.cast is not None
         floats = update_template(model, "train")
         self.template = {k: (tuple(t.shape), t.dtype) for k, t in floats.items()}
         self.reference: dict[str, torch.Tensor] | None = None
@@ -91,7 +85,7 @@ class Downlink:
             self.sends = BufferSet({}, busy=False)
         with self._changing(version):
             keep = wire or not self.reference_is_shared
-            fused = self._cast_delta(floats, keep) if self.cast is not None else None
+            fused = self._cast_delta(floats, keep) if self.cast else None
             if fused is not None:
                 parts_sent, encodings = fused
             else:
@@ -99,7 +93,7 @@ class Downlink:
                 diff = {k: floats[k] - self.reference[k] for k in floats}
                 parts, encodings = self.compressor.compress(diff)
                 parts_sent = {k: WireTensor.from_tensor(v) for k, v in parts.items()}
-                decoded = expand(Message(MsgType.WORK, tensors=dict(parts_sent), encodings=encodings), self.codecs, self.template)
+                decoded = expand(Message(MsgType.WORK, tensors=dict(parts_sent), encodings=encodings), self.chain.codecs, self.template)
                 for name, t in self.reference.items():
                     decoded[name].add_to(t)  # widened on the way when the chain is a cast
         self._delta = (parts_sent, encodings, self.version) if keep else None
@@ -150,8 +144,8 @@ class Downlink:
         references stay bit-identical. None (take the chain's way) for a tensor the
         cast does not take. Without ``keep`` (no one will be sent this delta) only the
         reference steps: each block is cast into the same scratch, which stays in cache."""
-        assert self.reference is not None and self.cast is not None
-        stage = build_stage(self.codecs, self.cast)
+        stage = self.chain.cast
+        assert self.reference is not None and stage is not None
         if not all(t.numel() and stage.accepts(t) for t in self.reference.values()):
             return None
         wire, encodings = {}, {}
@@ -168,7 +162,7 @@ class Downlink:
                 flat[start:stop].add_(diff.copy_(cast))  # what the worker adds: the cast value, widened
                 chunks.append(cast)
             wire[f"{name}{SEP}x"] = WireTensor(chunks[0].dtype, (flat.numel(),), chunks)
-            encodings[name] = cast_record(self.cast, ref)
+            encodings[name] = self.chain.cast_record(ref)
         return wire, encodings
 
     def work(self, worker: str, state: dict[str, torch.Tensor], local: bool = False) -> tuple[dict[str, WireTensor], dict[str, list[dict[str, Any]]], dict[str, Any]]:

@@ -20,15 +20,15 @@ from typing import Any
 
 import torch
 
-from elastic.api import Update
 from elastic.coordinator.job import Job, JobState
 from elastic.errors import Fenced, ProtocolError
 from elastic.membership.base import Member
+from elastic.rules import Update
 from elastic.training import move_to_fresh_memory, update_kind, update_template
 from elastic.wire.buffers import BufferSet
-from elastic.wire.compression import expand, keeps_finite
-from elastic.wire.messages import Message, MsgType, WireTensor
+from elastic.wire.header import Message, MsgType
 from elastic.wire.parts import Segment, grid
+from elastic.wire.tensors import WireTensor
 
 __all__ = ["Engine", "Outgoing", "Notify"]
 
@@ -63,12 +63,12 @@ class Engine(ABC):
         clock: Callable[[], float] = time.monotonic,
         fence: Callable[[], bool | None] | None = None,
         holds: Callable[[], bool] | None = None,
-        ask: Callable[..., list[tuple[str, Any]]] | None = None,
+        ask: Callable[..., tuple[str, Any] | None] | None = None,
         local: Callable[[str], bool] | None = None,
     ) -> None:
         self.job = job
         self.notify = notify
-        self.ask = ask or (lambda *_, **__: [])  # question hooks (elastic_validate_update)
+        self.ask = ask or (lambda *_, **__: None)  # firstresult hooks (elastic_validate_update)
         self._recent: dict[str, deque[float]] = {}  # per worker: when its last updates came
         self.clock = clock
         # Asked before every commit (model version, checkpoint): True to go ahead;
@@ -218,12 +218,13 @@ class Engine(ABC):
         tensors are expanded first: their records are checked the same way)."""
         if msg.meta["kind"] != self.kind:
             return "wrong_kind", f"rule {self.job.spec.rule} needs {self.kind} updates, got {msg.meta['kind']}"
-        if msg.encodings:
+        chain = self.job.update_chain
+        if msg.encodings or chain:
             # The parts were checked for NaN/Inf; what they decode to is too, unless
             # every stage keeps finite values finite (a cast up: fp16, bf16).
-            recheck = [name for name, records in msg.encodings.items() if name in self._template and not keeps_finite(self.job.codecs, records, self._template[name][1])]
+            recheck = [name for name, records in msg.encodings.items() if name in self._template and not chain.keeps_finite(records, self._template[name][1])]
             try:
-                msg.tensors = expand(msg, self.job.codecs, self._template)
+                msg.tensors = chain.expand(msg, self._template)
             except ProtocolError as exc:
                 return exc.reason, exc.detail
             msg.encodings = {}
@@ -238,15 +239,15 @@ class Engine(ABC):
             t = msg.tensors[name]
             if t.shape != shape or not t.dtype.is_floating_point:
                 return "shape_mismatch", f"tensor {name!r} is {list(t.shape)} {t.dtype}, the model has {list(shape)} {dtype}"
-        if msg.meta.get("relative") is True and self.kind == "weights":
+        if chain and self.kind == "weights":  # through a chain, trained weights travel as their change
             self._add_base_model(msg)
         return None
 
     def upload_parts(self, part_bytes: int) -> list[list[Segment]] | None:
         """The parts a big update of this job is sent in (``elastic.wire.parts``), or
         None: it comes whole, because the engine or the rule folds whole updates
-        only, or a norm bound looks at the whole update."""
-        if not (self.folds_parts and self.job.aggregator.folds_parts) or part_bytes <= 0 or self.job.spec.limits.max_norm:
+        only, a norm bound looks at the whole update, or it comes compressed."""
+        if not (self.folds_parts and self.job.aggregator.folds_parts) or part_bytes <= 0 or self.job.spec.limits.max_norm or self.job.update_chain:
             return None
         if self._grid is None or self._grid[0] != part_bytes:
             self._grid = (part_bytes, grid(((name, math.prod(shape), dtype.itemsize) for name, (shape, dtype) in self._template.items()), part_bytes))
@@ -292,10 +293,11 @@ class Engine(ABC):
             if reason is not None:
                 return reason
         update = Update(worker, msg.version, int(msg.meta["num_samples"]), float(msg.meta["loss"]), msg.meta["kind"], msg.tensors)
-        for plugin, answer in self.ask("elastic_validate_update", job_id=self.job.spec.id, worker_id=worker, update=update):
-            why = f"validator {plugin} failed: {answer}" if isinstance(answer, Exception) else f"{plugin}: {answer}"
-            return "vetoed", why
-        return None
+        veto = self.ask("elastic_validate_update", job_id=self.job.spec.id, worker_id=worker, update=update)
+        if veto is None:
+            return None
+        plugin, answer = veto
+        return "vetoed", f"validator {plugin} failed: {answer}" if isinstance(answer, Exception) else f"{plugin}: {answer}"
 
     def _limit(self, worker: str, wire_bytes: int) -> tuple[str, str] | None:
         """The job's rate and size limits on an update of ``wire_bytes``."""
@@ -341,8 +343,8 @@ class Engine(ABC):
         send it back."""
         spec = self.job.spec
         meta = {"mode": self.mode, "task": spec.task, "task_params": spec.task_params, "train": asdict(spec.train), "shard": shard, "seed": spec.seed}
-        if spec.compression.update:
-            meta["codecs"] = list(spec.compression.update)
+        if self.job.update_chain:
+            meta["codecs"] = list(self.job.update_chain.stages)
         return meta
 
     def _count_update(self, wire_bytes: int, raw_bytes: int) -> None:

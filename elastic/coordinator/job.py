@@ -12,15 +12,16 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from elastic.api import Aggregator, AsyncAggregator, Task
+from elastic.compression.chain import CodecChain, CodecLookup
 from elastic.coordinator.checkpoints import CheckpointStore, atomic_write, write_safetensors
 from elastic.errors import CheckpointError, Fenced, JobSpecError
 from elastic.jobspec import JobSpec
 from elastic.plugins import Plugins
+from elastic.rules import Aggregator, AsyncAggregator
+from elastic.tasks import Task
 from elastic.training import evaluate
-from elastic.wire.compression import check_chain
 
-__all__ = ["Job", "JobState", "check_compression"]
+__all__ = ["Job", "JobState", "codec_chains"]
 
 log = logging.getLogger("elastic.job")
 CHECKPOINT_FORMAT = 1
@@ -42,15 +43,16 @@ class JobState(StrEnum):
     CANCELLED = "cancelled"  # by the operator: stopped for good, last checkpoint kept
 
 
-def check_compression(spec: JobSpec, aggregator: Aggregator, codecs: Any) -> None:
-    """Every codec chain of the spec can be built, and fits the rule."""
-    check_chain(codecs, spec.compression.update)
-    check_chain(codecs, spec.compression.model)
-    if spec.compression.model and isinstance(aggregator, AsyncAggregator):
+def codec_chains(spec: JobSpec, aggregator: Aggregator, codecs: CodecLookup) -> tuple[CodecChain, CodecChain]:
+    """The spec's update and model codec chains, parsed (every stage built), and
+    checked against the rule."""
+    update, model = CodecChain(codecs, spec.compression.update), CodecChain(codecs, spec.compression.model)
+    if model and isinstance(aggregator, AsyncAggregator):
         raise JobSpecError(
             f"job {spec.id}: [compression] model needs a synchronous rule (every worker at one version), "
             f"and rule {spec.rule} is asynchronous; drop it, or compress updates only"
         )
+    return update, model
 
 
 class Job:
@@ -64,8 +66,8 @@ class Job:
         self.spec = spec
         self.task: Task = plugins.tasks.get(spec.task)(spec.task_params)
         self.aggregator: Aggregator = plugins.aggregators.get(spec.rule)(spec.rule_params)
-        self.codecs = plugins.codecs  # to expand compressed updates
-        check_compression(spec, self.aggregator, self.codecs)
+        # What every update must come through, and what the model goes down through.
+        self.update_chain, self.model_chain = codec_chains(spec, self.aggregator, plugins.codecs)
         self.model = self.task.build_model(spec.seed)
         self.aggregator.setup(self.model)
         self.store = CheckpointStore(state_dir, spec.id, keep=spec.checkpoint.keep)

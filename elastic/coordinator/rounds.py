@@ -28,13 +28,14 @@ from typing import Any
 
 import torch
 
-from elastic.api import Update
 from elastic.coordinator.downlink import Downlink
 from elastic.coordinator.engine import Engine, Outgoing
 from elastic.membership.base import Member
+from elastic.rules import Update
 from elastic.wire.buffers import BufferSet
-from elastic.wire.messages import Message, MsgType, WireTensor
+from elastic.wire.header import Message, MsgType
 from elastic.wire.parts import Segment
+from elastic.wire.tensors import WireTensor
 
 __all__ = ["RoundEngine", "Outgoing"]
 
@@ -76,12 +77,11 @@ class RoundEngine(Engine):
         # they sit out (until they leave and join again) instead of stalling the job.
         self.benched: set[str] = set()
         self._generation_members: tuple[str, ...] = ()
-        spec = self.job.spec
         self.downlink: Downlink | None = None
-        if spec.compression.model:
-            self.downlink = Downlink(self.job.model, spec.compression.model, self.job.codecs, share=self.local is not None)
+        if self.job.model_chain:
+            self.downlink = Downlink(self.job.model, self.job.model_chain, share=self.local is not None)
         elif self.local is not None and self.mode == "gradient":  # workers on this host take gradients on a shared copy
-            self.downlink = Downlink(self.job.model, [], self.job.codecs, share=True)
+            self.downlink = Downlink(self.job.model, self.job.model_chain, share=True)
 
     # -------------------------------------------------------------- driving --
 

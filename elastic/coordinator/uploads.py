@@ -56,10 +56,15 @@ class UploadGate:
         self.waiting[peer] = Offer(peer, key, nbytes)
         return self._admit(now)
 
-    def done(self, peer: str, now: float) -> list[Offer]:
-        """``peer``'s update arrived, was refused, or ``peer`` left: its bytes are free."""
-        self.waiting.pop(peer, None)
-        self.granted.pop(peer, None)
+    def done(self, peer: str, now: float, key: str | None = None) -> list[Offer]:
+        """``peer``'s update ``key`` arrived or was refused, or (no ``key``) ``peer``
+        left: its bytes are free. An update that was not the one offered (a small
+        one of another job) frees nothing."""
+        for offers in (self.waiting, self.granted):
+            held = offers.get(peer)
+            offer = held[0] if isinstance(held, tuple) else held
+            if offer is not None and (key is None or offer.key == key):
+                del offers[peer]
         return self._admit(now)
 
     def expire(self, now: float) -> list[Offer]:

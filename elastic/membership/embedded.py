@@ -7,8 +7,6 @@ seconds is removed and the event reaches the round engine on the next poll.
 
 from __future__ import annotations
 
-from typing import Any
-
 from elastic.hookspecs import hookimpl
 from elastic.membership.base import Member, MembershipBackend, MembershipEvent, assign_slot
 
@@ -73,5 +71,5 @@ class EmbeddedMembership(MembershipBackend):
 
 
 @hookimpl
-def elastic_membership_backends() -> dict[str, Any]:
-    return {"embedded": EmbeddedMembership}
+def elastic_membership_backends() -> list[type]:
+    return [EmbeddedMembership]

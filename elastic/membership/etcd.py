@@ -514,5 +514,5 @@ class WorkerRegistration:
 
 
 @hookimpl
-def elastic_membership_backends() -> dict[str, Any]:
-    return {"etcd": EtcdMembership}
+def elastic_membership_backends() -> list[type]:
+    return [EtcdMembership]

@@ -28,8 +28,8 @@ from elastic.wire.header import (
     pack,
     parse_placed,
 )
-from elastic.wire.messages import DTYPE_NAMES, DTYPES, WireTensor
 from elastic.wire.shm import SegmentReader
+from elastic.wire.tensors import DTYPE_NAMES, DTYPES, WireTensor
 
 __all__ = ["encode", "encode_parts", "decode", "CHUNK_BYTES", "DEFAULT_MAX_MESSAGE_BYTES", "MAX_HEADER_BYTES"]
 
@@ -112,7 +112,7 @@ def decode(
         if name in msg.tensors:
             raise ProtocolError("duplicate_tensor", f"tensor {name!r} appears twice")
         wt = WireTensor(dtype=DTYPES[spec["dtype"]], shape=tuple(spec["shape"]), shared=placement is not None)
-        itemsize = torch.empty((), dtype=wt.dtype).element_size()
+        itemsize = wt.dtype.itemsize
         got = 0
         for buf in buffers[pos : pos + spec["frames"]]:
             if len(buf) == 0 or len(buf) % itemsize:

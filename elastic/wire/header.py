@@ -18,14 +18,17 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from elastic.errors import ProtocolError
+from elastic.typecheck import Expected, coerce, type_names
 
 if TYPE_CHECKING:
-    from elastic.wire.messages import WireTensor
+    from elastic.wire.tensors import WireTensor
 
 __all__ = [
     "PROTOCOL_VERSION",
     "MsgType",
     "Message",
+    "META_REQUIRED",
+    "META_OPTIONAL",
     "META_SCHEMA",
     "DTYPE_SIZES",
     "CHUNK_BYTES",
@@ -34,7 +37,6 @@ __all__ = [
     "pack",
     "parse",
     "parse_placed",
-    "decode_plain",
     "as_buffer",
 ]
 
@@ -78,9 +80,11 @@ DTYPE_SIZES: dict[str, int] = {
     "bool": 1,
 }
 
-# Required `meta` fields per type, with the Python types their values must have.
-# (bool is checked apart from int: msgpack keeps them distinct, and so do we.)
-META_SCHEMA: dict[MsgType, dict[str, type | tuple[type, ...]]] = {
+# Every `meta` field of every type, with the Python types its value must have:
+# REQUIRED ones must be there, OPTIONAL ones may be. A field in neither is refused
+# (``unknown_field``), so nothing a peer sends is read unchecked. Values that are
+# lists or maps are checked further by the code that reads them (``parts``, ``shm``).
+META_REQUIRED: dict[MsgType, dict[str, Expected]] = {
     MsgType.HELLO: {"device": str, "host": str, "software": str, "pid": int},
     MsgType.WELCOME: {"heartbeat_interval": float, "heartbeat_timeout": float},
     MsgType.HEARTBEAT: {"busy": bool},
@@ -102,6 +106,20 @@ META_SCHEMA: dict[MsgType, dict[str, type | tuple[type, ...]]] = {
     MsgType.REQUEST: {"op": str, "args": dict},
     MsgType.REPLY: {"ok": bool, "data": dict, "code": str, "error": str},
 }
+META_OPTIONAL: dict[MsgType, dict[str, Expected]] = {
+    MsgType.HELLO: {"shm": dict},  # this host's shared-memory probe (``shm.LocalProbe``)
+    MsgType.WELCOME: {"slot": int, "software": str, "shm": bool},
+    MsgType.WORK: {
+        "codecs": list,  # the job's update codec chain: compress the update through it
+        "downlink": bool,  # the model comes against a reference the worker holds
+        "delta_from": int,  # ... as a delta from that version
+        "shared": dict,  # ... or to be read from the coordinator's segment here
+    },
+    MsgType.UPDATE: {"part": list},  # [index, count]: one part of an update sent in parts
+    MsgType.OFFER: {"parts": bool},  # the update may be sent in parts
+    MsgType.GRANT: {"part": list, "segments": list},  # send that part: [[name, start, stop], ...]
+}
+META_SCHEMA: dict[MsgType, dict[str, Expected]] = {t: META_REQUIRED[t] | META_OPTIONAL.get(t, {}) for t in MsgType}
 
 
 @dataclass
@@ -188,17 +206,6 @@ def parse_placed(frame: Any) -> tuple[Message, list[dict[str, Any]], Any]:
     return msg, header["tensors"], header.get("shm")
 
 
-def decode_plain(frames: list[Any]) -> Message:
-    """Decode a message, without importing torch when it carries no tensors."""
-    if len(frames) == 1:
-        msg, specs = parse(frames[0])
-        if not specs:
-            return msg
-    from elastic.wire.frames import decode  # noqa: PLC0415 - tensors need torch
-
-    return decode(frames, check_finite=False)
-
-
 def as_buffer(frame: Any) -> memoryview:
     """A frame (bytes, memoryview or ``zmq.Frame``) as a flat byte view."""
     buf = getattr(frame, "buffer", frame)  # zmq.Frame exposes .buffer
@@ -221,18 +228,12 @@ def _unpack_header(buf: memoryview) -> dict[str, Any]:
     return header
 
 
-def _check_type(where: str, value: Any, expected: type | tuple[type, ...]) -> None:
-    # bool is a subclass of int in Python; on the wire they are different types.
-    wanted: tuple[type, ...] = expected if isinstance(expected, tuple) else (expected,)
-    if isinstance(value, bool) and bool not in wanted:
-        ok = False
-    elif float in wanted and isinstance(value, int) and not isinstance(value, bool):
-        ok = True  # an integral float may arrive as an int
-    else:
-        ok = isinstance(value, wanted)
-    if not ok:
-        names = "/".join(t.__name__ for t in wanted)
-        raise ProtocolError("bad_field", f"{where} must be {names}, got {type(value).__name__}")
+def _checked(where: str, value: Any, expected: Expected) -> Any:
+    """``value`` as ``expected`` (``elastic.typecheck``), or the NACK's reason."""
+    try:
+        return coerce(value, expected)
+    except TypeError:
+        raise ProtocolError("bad_field", f"{where} must be {type_names(expected)}, got {type(value).__name__}") from None
 
 
 def _validate_header(header: dict[str, Any]) -> Message:
@@ -246,7 +247,7 @@ def _validate_header(header: dict[str, Any]) -> Message:
     for key, typ in _HEADER_FIELDS.items():
         if key not in header:
             raise ProtocolError("missing_field", f"header field {key!r} is missing")
-        _check_type(f"header field {key!r}", header[key], typ)
+        _checked(f"header field {key!r}", header[key], typ)
     try:
         mtype = MsgType(header["t"])
     except ValueError:
@@ -257,14 +258,18 @@ def _validate_header(header: dict[str, Any]) -> Message:
     for key in ("job", "sender", "key"):
         if len(header[key]) > MAX_NAME:
             raise ProtocolError("bad_field", f"{key} longer than {MAX_NAME} characters")
-    meta = header["meta"]
-    for key, want in META_SCHEMA[mtype].items():
+    meta = dict(header["meta"])
+    schema = META_SCHEMA[mtype]
+    for key in META_REQUIRED[mtype]:
         if key not in meta:
             raise ProtocolError("missing_field", f"{mtype} meta field {key!r} is missing")
-        _check_type(f"{mtype} meta field {key!r}", meta[key], want)
-        if isinstance(meta[key], float) and not math.isfinite(meta[key]):
-            if key != "loss":  # a diverged loss is reported, not hidden
-                raise ProtocolError("bad_field", f"{mtype} meta field {key!r} is not finite")
+    for key, value in meta.items():
+        if key not in schema:
+            known = ", ".join(schema) or "none"
+            raise ProtocolError("unknown_field", f"{mtype} meta field {str(key)[:64]!r} is not in protocol {PROTOCOL_VERSION} (known: {known})")
+        meta[key] = _checked(f"{mtype} meta field {key!r}", value, schema[key])
+        if isinstance(meta[key], float) and not math.isfinite(meta[key]) and key != "loss":
+            raise ProtocolError("bad_field", f"{mtype} meta field {key!r} is not finite")  # a diverged loss is reported, not hidden
     if mtype is MsgType.UPDATE and meta["num_samples"] < 0:
         raise ProtocolError("bad_field", "num_samples must be >= 0")
     specs = header["tensors"]
@@ -272,7 +277,6 @@ def _validate_header(header: dict[str, Any]) -> Message:
         raise ProtocolError("bad_field", f"{len(specs)} tensors > {MAX_TENSORS}")
     for i, spec in enumerate(specs):
         _validate_spec(i, spec)
-    meta_clean = {k: (float(v) if META_SCHEMA[mtype].get(k) is float else v) for k, v in meta.items()}
     return Message(
         type=mtype,
         job=header["job"],
@@ -280,7 +284,7 @@ def _validate_header(header: dict[str, Any]) -> Message:
         version=header["version"],
         sender=header["sender"],
         key=header["key"],
-        meta=meta_clean,
+        meta=meta,
         encodings=_validate_encodings(header.get("enc", {})),
     )
 
@@ -290,19 +294,19 @@ _STAGE_FIELDS: dict[str, type] = {"s": str, "in": str, "shape": list, "dtype": s
 
 def _validate_encodings(enc: Any) -> dict[str, list[dict[str, Any]]]:
     """The shape of the codec records; what they mean is checked when decoding them."""
-    _check_type("header field 'enc'", enc, dict)
+    _checked("header field 'enc'", enc, dict)
     if len(enc) > MAX_TENSORS:
         raise ProtocolError("bad_encoding", f"{len(enc)} encoded tensors > {MAX_TENSORS}")
     for name, stages in enc.items():
-        _check_type(f"encoding of {name!r}", stages, list)
+        _checked(f"encoding of {name!r}", stages, list)
         if len(name) > MAX_NAME or not 0 < len(stages) <= MAX_STAGES:
             raise ProtocolError("bad_encoding", f"encoding of {name[:MAX_NAME]!r}: {len(stages)} stages")
         for stage in stages:
-            _check_type(f"encoding of {name!r}: a stage", stage, dict)
+            _checked(f"encoding of {name!r}: a stage", stage, dict)
             for key, typ in _STAGE_FIELDS.items():
                 if key not in stage:
                     raise ProtocolError("bad_encoding", f"encoding of {name!r}: a stage has no {key!r}")
-                _check_type(f"encoding of {name!r}: stage field {key!r}", stage[key], typ)
+                _checked(f"encoding of {name!r}: stage field {key!r}", stage[key], typ)
             if stage["dtype"] not in DTYPE_SIZES:
                 raise ProtocolError("bad_dtype", f"encoding of {name!r}: unknown dtype {stage['dtype']!r}")
             shape, out = stage["shape"], stage["out"]
@@ -319,7 +323,7 @@ def _validate_spec(i: int, spec: Any) -> None:
     for key, typ in (("name", str), ("dtype", str), ("shape", list), ("nbytes", int), ("frames", int)):
         if key not in spec:
             raise ProtocolError("missing_field", f"tensor entry {i} has no {key!r}")
-        _check_type(f"tensor entry {i} field {key!r}", spec[key], typ)
+        _checked(f"tensor entry {i} field {key!r}", spec[key], typ)
     name = spec["name"]
     if not name or len(name) > MAX_NAME:
         raise ProtocolError("bad_tensor", f"tensor entry {i} has an empty or overlong name")

@@ -20,7 +20,7 @@ from typing import Any
 
 from elastic.errors import ProtocolError
 from elastic.wire.header import Message, MsgType
-from elastic.wire.messages import WireTensor
+from elastic.wire.tensors import WireTensor
 
 __all__ = ["Segment", "grid", "nbytes", "part_message", "check_grant"]
 

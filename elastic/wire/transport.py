@@ -12,10 +12,10 @@ from typing import Any
 
 import zmq
 
-from elastic.wire.header import CHUNK_BYTES, MAX_HEADER_BYTES, Message, pack
+from elastic.wire.header import CHUNK_BYTES, MAX_HEADER_BYTES, Message, pack, parse
 from elastic.wire.shm import SegmentWriter, Ticket
 
-__all__ = ["router_socket", "dealer_socket", "send_message", "recv_frames", "MAX_FRAME_BYTES"]
+__all__ = ["router_socket", "dealer_socket", "send_message", "recv_frames", "decode_plain", "MAX_FRAME_BYTES"]
 
 # A frame is a header or a chunk; anything much larger is not ours. libzmq drops
 # the connection of a peer that sends one, before it costs us memory.
@@ -115,3 +115,15 @@ def recv_frames(sock: zmq.Socket, routed: bool) -> tuple[bytes | None, list[zmq.
     if routed:
         return frames[0].bytes, frames[1:]
     return None, frames
+
+
+def decode_plain(frames: list[Any]) -> Message:
+    """Decode a message, without importing torch when it carries no tensors (the
+    control client: ``elastic job ...`` starts in a tenth of a second)."""
+    if len(frames) == 1:
+        msg, specs = parse(frames[0])
+        if not specs:
+            return msg
+    from elastic.wire.frames import decode  # noqa: PLC0415 - tensors need torch
+
+    return decode(frames, check_finite=False)

@@ -37,8 +37,7 @@ from elastic.sdnotify import Notifier
 from elastic.security import client_security
 from elastic.wire.buffers import Tracker
 from elastic.wire.frames import decode
-from elastic.wire.header import OFFER_MIN_BYTES
-from elastic.wire.messages import Message, MsgType
+from elastic.wire.header import OFFER_MIN_BYTES, Message, MsgType
 from elastic.wire.parts import check_grant, part_message
 from elastic.wire.shm import Probe, SegmentReader, SegmentWriter, shm_available
 from elastic.wire.transport import Secure, dealer_socket, recv_frames, send_message

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from elastic.api import Shard, Task
+from elastic.compression.chain import SEP, CodecChain, Compressor, expand
 from elastic.errors import Cancelled, ElasticError, ProtocolError
 from elastic.jobspec import TrainParams
 from elastic.plugins import Plugins
+from elastic.tasks import Shard, Task
 from elastic.training import (
     batch_gradient,
     local_train,
@@ -26,9 +27,9 @@ from elastic.training import (
     update_template,
 )
 from elastic.wire.buffers import BufferPool, BufferSet, reusable
-from elastic.wire.compression import SEP, Compressor, cast_record, cast_stage, expand
-from elastic.wire.messages import WIDEN_BLOCK, Message, MsgType, WireTensor
+from elastic.wire.header import Message, MsgType
 from elastic.wire.shm import SharedReader
+from elastic.wire.tensors import WIDEN_BLOCK, WireTensor
 from elastic.worker.devices import HostStaging
 
 __all__ = ["TaskRunner", "Result"]
@@ -52,7 +53,8 @@ class _JobContext:
     dataset: Dataset
     sent: BufferSet | None = None  # the last update, when its frames alias the model
     received: dict[str, torch.Tensor] = field(default_factory=dict)  # deltas: the weights trained from
-    compressor: Compressor | None = None  # the job's codec chain, with its error-feedback state
+    chain: CodecChain | None = None  # the job's update codec chain, as the last WORK gave it
+    compressor: Compressor | None = None  # ... with its codecs' error-feedback state
     reference: dict[str, torch.Tensor] | None = None  # compressed downlink: the model as we hold it
     reference_version: int | None = None
     cast_out: dict[str, torch.Tensor] | None = None  # a one-cast chain's parts, kept across rounds
@@ -142,7 +144,7 @@ class TaskRunner:
         self._load(ctx.model, model_in)
         mode = work.meta["mode"]
         train = TrainParams(**work.meta["train"])
-        chain = [str(c) for c in work.meta.get("codecs", [])]
+        chain = self._chain(ctx, work)
         seed = (int(work.meta["seed"]) * 1_000_003 + work.round) * 1009 + int(work.meta["shard"][0])
         if mode in ("train", "delta"):
             weights = update_template(ctx.model, mode)
@@ -176,10 +178,9 @@ class TaskRunner:
                 buffers = ctx.cast_sent = BufferSet(tensors)
             else:  # compressed on the device; the parts are new memory, sent as they are
                 if ctx.compressor is None or ctx.compressor.chain != chain:
-                    ctx.compressor = Compressor(self.plugins.codecs, chain)
+                    ctx.compressor = chain.compressor()
                 tensors, encodings = ctx.compressor.compress(update)
                 buffers = None
-            meta["relative"] = mode == "train"
         elif mode != "gradient" and self.device.type == "cpu":  # sent straight from the parameters
             buffers = ctx.sent = BufferSet(update)
             tensors = buffers.tensors
@@ -200,7 +201,7 @@ class TaskRunner:
         return Result(msg, buffers)
 
     def _cast_in_blocks(
-        self, ctx: _JobContext, update: dict[str, torch.Tensor], chain: list[str], job: str
+        self, ctx: _JobContext, update: dict[str, torch.Tensor], chain: CodecChain, job: str
     ) -> tuple[dict[str, torch.Tensor], dict[str, list[dict[str, Any]]]] | None:
         """A one-cast chain (fp16, bf16) on the CPU: each tensor is cast a block at a
         time (the codec's own ``encode``, so its clamping too) into parts kept for the
@@ -210,7 +211,7 @@ class TaskRunner:
         chain is anything else."""
         if self.device.type != "cpu":
             return None
-        stage = cast_stage(self.plugins.codecs, chain)
+        stage = chain.cast
         if stage is None or not all(t.numel() and stage.accepts(t) for t in update.values()):
             return None
         narrow = type(stage).cast_from
@@ -225,7 +226,14 @@ class TaskRunner:
             flat, target = tensor.detach().reshape(-1), out[f"{name}{SEP}x"]
             for start in range(0, flat.numel(), WIDEN_BLOCK):
                 stage.encode_into(flat[start : start + WIDEN_BLOCK], target[start : start + WIDEN_BLOCK])
-        return dict(out), {name: cast_record(chain[0], tensor) for name, tensor in update.items()}
+        return dict(out), {name: chain.cast_record(tensor) for name, tensor in update.items()}
+
+    def _chain(self, ctx: _JobContext, work: Message) -> CodecChain:
+        """The job's update codec chain, parsed once (again only when it changes)."""
+        stages = tuple(str(c) for c in work.meta.get("codecs", ()))
+        if ctx.chain is None or ctx.chain.stages != stages:
+            ctx.chain, ctx.compressor = CodecChain(self.plugins.codecs, stages), None
+        return ctx.chain
 
     def _into_segment(self, model: torch.nn.Module, mode: str, job: str) -> None:
         """Rebind the weights the update will be sent from into the shared-memory

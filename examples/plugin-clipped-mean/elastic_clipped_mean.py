@@ -17,10 +17,7 @@ from typing import Any
 
 import torch
 
-from elastic.api import Aggregator, Update, check_params
-from elastic.errors import JobSpecError
-from elastic.hookspecs import hookimpl
-from elastic.training import update_template
+from elastic.api import Aggregator, JobSpecError, Update, check_params, hookimpl, update_template
 
 
 class ClippedMean(Aggregator):
@@ -73,8 +70,8 @@ class ClippedMean(Aggregator):
 
 
 @hookimpl
-def elastic_aggregators() -> dict[str, type]:
-    return {"clipped_mean": ClippedMean}
+def elastic_aggregators() -> list[type]:
+    return [ClippedMean]
 
 
 @hookimpl

@@ -20,9 +20,7 @@ from elastic_plugins.tasks import seeded
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from elastic.api import Shard, Task, check_params
-from elastic.errors import JobSpecError
-from elastic.hookspecs import hookimpl
+from elastic.api import JobSpecError, Shard, Task, check_params, hookimpl
 
 __all__ = ["Digits", "dirichlet_split"]
 
@@ -117,5 +115,5 @@ class Digits(Task):
 
 
 @hookimpl
-def elastic_tasks() -> dict[str, type]:
-    return {"digits": Digits}
+def elastic_tasks() -> list[type]:
+    return [Digits]

@@ -17,9 +17,7 @@ from elastic_plugins.tasks import seeded
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from elastic.api import Shard, Task, check_params
-from elastic.errors import JobSpecError
-from elastic.hookspecs import hookimpl
+from elastic.api import JobSpecError, Shard, Task, check_params, hookimpl
 
 __all__ = ["LinReg"]
 
@@ -84,5 +82,5 @@ class LinReg(Task):
 
 
 @hookimpl
-def elastic_tasks() -> dict[str, type]:
-    return {"linreg": LinReg}
+def elastic_tasks() -> list[type]:
+    return [LinReg]

@@ -24,9 +24,7 @@ from elastic_plugins.tasks import seeded
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from elastic.api import Shard, Task, check_params
-from elastic.errors import JobSpecError
-from elastic.hookspecs import hookimpl
+from elastic.api import JobSpecError, Shard, Task, check_params, hookimpl
 
 __all__ = ["Synthetic"]
 
@@ -88,5 +86,5 @@ class Synthetic(Task):
 
 
 @hookimpl
-def elastic_tasks() -> dict[str, type]:
-    return {"synthetic": Synthetic}
+def elastic_tasks() -> list[type]:
+    return [Synthetic]

@@ -13,7 +13,8 @@ from elastic.coordinator.job import Job, JobState
 from elastic.jobspec import parse_job_spec
 from elastic.plugins import Plugins
 from elastic.training import update_template
-from elastic.wire.messages import Message, MsgType, WireTensor
+from elastic.wire.header import Message, MsgType
+from elastic.wire.tensors import WireTensor
 from tests.coordinator.test_rounds import Clock, Events, Fence, members
 
 

@@ -7,12 +7,12 @@ import os
 import pytest
 import torch
 
+from elastic.compression.chain import CodecChain, expand
 from elastic.coordinator.downlink import Downlink
 from elastic.plugins import Plugins
 from elastic.wire import shm
-from elastic.wire.compression import expand
 from elastic.wire.frames import decode, encode
-from elastic.wire.messages import Message, MsgType
+from elastic.wire.header import Message, MsgType
 from elastic.wire.shm import SharedReader
 
 CODECS = Plugins().codecs
@@ -22,9 +22,9 @@ def follow(chain: list[str], fused: bool, rounds: int = 4) -> tuple[dict[str, to
     """(coordinator's reference, a worker's) after ``rounds`` model steps sent down as deltas."""
     torch.manual_seed(0)
     model = torch.nn.Linear(1100, 1000)  # 1.1M weights: one whole block and a short one
-    downlink = Downlink(model, chain, CODECS)
+    downlink = Downlink(model, CodecChain(CODECS, chain))
     if not fused:
-        downlink.cast = None  # the chain's way: diff, compress, expand, add
+        downlink.cast = False  # the chain's way: diff, compress, expand, add
     downlink.advance(model, 0)
     whole, _, _ = downlink.work("w", model.state_dict())
     held = {k: wt.to_tensor().clone() for k, wt in whole.items()}
@@ -56,10 +56,10 @@ def test_a_cast_delta_made_a_block_at_a_time_is_the_chains_own(chain: list[str])
 
 def test_only_a_single_cast_is_made_a_block_at_a_time() -> None:
     model = torch.nn.Linear(3, 2)
-    assert Downlink(model, ["fp16"], CODECS).cast == "fp16"
-    assert Downlink(model, ["fp16", "zstd"], CODECS).cast is None
-    assert Downlink(model, ["qsgd:4"], CODECS).cast is None
-    half = Downlink(model.half(), ["fp16"], CODECS)  # nothing to cast: the chain's way sends it as it is
+    assert Downlink(model, CodecChain(CODECS, ["fp16"])).cast
+    assert not Downlink(model, CodecChain(CODECS, ["fp16", "zstd"])).cast
+    assert not Downlink(model, CodecChain(CODECS, ["qsgd:4"])).cast
+    half = Downlink(model.half(), CodecChain(CODECS, ["fp16"]))  # nothing to cast: the chain's way sends it as it is
     half.advance(model, 0)
     with torch.no_grad():
         model.weight.add_(1)
@@ -70,7 +70,7 @@ def test_only_a_single_cast_is_made_a_block_at_a_time() -> None:
 def test_workers_on_this_host_read_the_reference_where_it_lies_and_hold_what_deltas_give() -> None:
     torch.manual_seed(0)
     model = torch.nn.Linear(1100, 1000)
-    downlink = Downlink(model, ["fp16"], CODECS, share=True)
+    downlink = Downlink(model, CodecChain(CODECS, ["fp16"]), share=True)
     downlink.advance(model, 0)
     assert downlink.shared is not None and downlink.reference_is_shared
     whole, _, _ = downlink.work("remote", model.state_dict())
@@ -101,7 +101,7 @@ def test_workers_on_this_host_read_the_reference_where_it_lies_and_hold_what_del
 
 
 def test_a_small_model_or_no_room_keeps_the_reference_private(monkeypatch: pytest.MonkeyPatch) -> None:
-    small = Downlink(torch.nn.Linear(30, 20), ["fp16"], CODECS, share=True)
+    small = Downlink(torch.nn.Linear(30, 20), CodecChain(CODECS, ["fp16"]), share=True)
     small.advance(torch.nn.Linear(30, 20), 0)
     assert small.shared is None  # under SHM_MIN_BYTES: deltas on the socket cost less
 
@@ -110,7 +110,7 @@ def test_a_small_model_or_no_room_keeps_the_reference_private(monkeypatch: pytes
 
     monkeypatch.setattr(shm, "_create", no_room)
     model = torch.nn.Linear(1100, 1000)
-    full = Downlink(model, ["fp16"], CODECS, share=True)
+    full = Downlink(model, CodecChain(CODECS, ["fp16"]), share=True)
     full.advance(model, 0)
     assert full.shared is None and "shared" not in full.work("local", model.state_dict(), local=True)[2]
 
@@ -118,7 +118,7 @@ def test_a_small_model_or_no_room_keeps_the_reference_private(monkeypatch: pytes
 def test_with_every_member_reading_the_shared_reference_no_delta_is_kept_and_the_reference_steps_the_same() -> None:
     torch.manual_seed(0)
     model = torch.nn.Linear(1100, 1000)
-    kept, bare = Downlink(model, ["fp16"], CODECS, share=True), Downlink(model, ["fp16"], CODECS, share=True)
+    kept, bare = Downlink(model, CodecChain(CODECS, ["fp16"]), share=True), Downlink(model, CodecChain(CODECS, ["fp16"]), share=True)
     try:
         for version in range(3):
             with torch.no_grad():
@@ -138,7 +138,7 @@ def test_with_every_member_reading_the_shared_reference_no_delta_is_kept_and_the
 def test_with_no_chain_an_exact_shared_copy_serves_only_workers_on_this_host(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     model = torch.nn.Linear(1100, 1000)
-    exact = Downlink(model, [], CODECS, share=True)
+    exact = Downlink(model, CodecChain(CODECS, []), share=True)
     assert exact.exact and not exact.serves("local", True)  # nothing made before a round needs it
     try:
         for version in range(3):
@@ -159,7 +159,7 @@ def test_with_no_chain_an_exact_shared_copy_serves_only_workers_on_this_host(mon
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(shm, "_create", no_room)
-    full = Downlink(model, [], CODECS, share=True)
+    full = Downlink(model, CodecChain(CODECS, []), share=True)
     full.advance(model, 0)
     full.advance(model, 1)
     assert full.reference is None and not full.share and not full.serves("local", True)  # no private copy kept

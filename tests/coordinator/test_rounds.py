@@ -16,7 +16,8 @@ from elastic.membership.base import Member
 from elastic.plugins import Plugins
 from elastic.training import update_template
 from elastic.wire.frames import decode, encode
-from elastic.wire.messages import Message, MsgType, WireTensor
+from elastic.wire.header import Message, MsgType
+from elastic.wire.tensors import WireTensor
 from elastic.wire.transport import send_message
 from tests.conftest import wait_until_free
 
@@ -354,8 +355,8 @@ def test_a_syncavg_worker_that_fails_its_work_sits_out(tmp_path: Path) -> None:
     assert [o.worker for o in engine.tick(members("a", "b", "c"))] == ["a", "b", "c"]
 
 
-def test_a_compressed_update_is_expanded_and_an_unknown_codec_is_a_nack(tmp_path: Path) -> None:
-    from elastic.wire.compression import Compressor
+def test_a_compressed_update_is_expanded_and_other_codecs_are_a_codec_mismatch(tmp_path: Path) -> None:
+    from elastic.compression.chain import CodecChain
 
     engine, _, _ = make(tmp_path, compression={"update": ["topk:0.5", "zstd"]}, min_workers=1)
     out = engine.tick(members("a", "b"))
@@ -364,16 +365,17 @@ def test_a_compressed_update_is_expanded_and_an_unknown_codec_is_a_nack(tmp_path
 
     def compressed(worker: str, work: Message, codec: str | None = None) -> Message:
         deltas = {k: torch.full_like(v.detach(), 0.5) for k, v in template.items()}
-        parts, encodings = Compressor(Plugins().codecs, ["topk:0.5", "zstd"]).compress(deltas)
+        parts, encodings = CodecChain(Plugins().codecs, ["topk:0.5", "zstd"]).compressor().compress(deltas)
         if codec:
             encodings["weight"][0]["s"] = codec
         msg = Message(MsgType.UPDATE, job=work.job, round=work.round, version=work.version, sender=worker, key=f"{worker}/{work.job}/{work.round}",
-                      meta={"num_samples": 10, "loss": 0.5, "kind": "weights", "train_seconds": 0.01, "relative": True},
+                      meta={"num_samples": 10, "loss": 0.5, "kind": "weights", "train_seconds": 0.01},
                       tensors={k: WireTensor.from_tensor(v) for k, v in parts.items()}, encodings=encodings)
         return decode([bytes(f) for f in encode(msg)])
 
-    nack = engine.on_update("a", compressed("a", out[0].message, codec="lz4:9"))
-    assert nack.type is MsgType.NACK and nack.meta["reason"] == "unknown_codec" and "lz4" in nack.meta["detail"]
+    for codec in ("lz4:9", "qsgd:4", "topk:0.9"):  # not installed; installed, not the job's; another argument
+        nack = engine.on_update("a", compressed("a", out[0].message, codec=codec))
+        assert nack.type is MsgType.NACK and nack.meta["reason"] == "codec_mismatch" and codec in nack.meta["detail"]
     w0 = engine.job.model.weight.detach().clone()
     engine.on_update("b", compressed("b", out[1].message))
     assert engine.job.round == 0  # a's refused update is no answer: the round waits for it
@@ -412,9 +414,9 @@ def test_job_limits_refuse_or_clip_and_a_plugin_can_veto(tmp_path: Path) -> None
 
     seen = []
 
-    def veto(hook: str, **kwargs) -> list:  # type: ignore[no-untyped-def]
+    def veto(hook: str, **kwargs) -> tuple[str, str] | None:  # type: ignore[no-untyped-def]
         seen.append((hook, kwargs["worker_id"], kwargs["update"].kind))
-        return [("no-mallory", "mallory is not trusted")] if kwargs["worker_id"] == "a" else []
+        return ("no-mallory", "mallory is not trusted") if kwargs["worker_id"] == "a" else None
 
     engine, out = engine_with({}, ask=veto)
     nack = engine.on_update("a", update_for(engine, out[0].message, "a"))

@@ -52,3 +52,13 @@ def test_a_new_offer_replaces_the_old_one_of_the_same_worker() -> None:
     assert len(gate.waiting) == 1
     assert peers(gate.offer("a", "a/j/2", MB, now=0)) == ["b"]  # a's grant is void; b was first in line
     assert gate.granted["b"][0].key == "b/j/2"
+
+
+def test_a_small_update_of_another_job_frees_nothing() -> None:
+    """A worker serving two jobs sends one job's small update (never offered) while
+    the other's big one is granted: the grant stays until its own update comes."""
+    gate = UploadGate(window_bytes=0)
+    assert peers(gate.offer("a", "a/big/3", 4 * MB, now=0)) == ["a"]
+    assert gate.offer("b", "b/big/3", 4 * MB, now=0) == []
+    assert gate.done("a", now=1, key="a/cz/7") == [] and gate.in_flight == 4 * MB
+    assert peers(gate.done("a", now=2, key="a/big/3")) == ["b"]

@@ -49,12 +49,13 @@ class Cluster:
         self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.state = root / "state"
+        self.env: dict[str, str] = {}  # for every process spawned
 
     def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         log = self.root / f"{name}.log"
         # Plaintext unless a test brings keys (the CURVE tests do): the daemons
         # refuse to start without one or the other.
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "ELASTIC_INSECURE": "1", **(env or {})}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "ELASTIC_INSECURE": "1", **self.env, **(env or {})}
         if args and args[0] == "coordinator" and "--control" not in args and any(a.startswith("--bind") for a in args):
             # The default control port is the bind port + 1: with a random bind port,
             # that one may be taken. Tests give it a free port of its own.

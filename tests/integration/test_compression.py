@@ -4,14 +4,21 @@ the header alone, and the job still learns."""
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
+import torch
+import zmq
 
+from elastic.compression.chain import CodecChain
+from elastic.plugins import Plugins
+from elastic.wire import Message, MsgType, WireTensor, decode, encode
 from tests.etcd_server import free_port
 
 from .conftest import Cluster, wait_for, write_job
 from .test_job_cli import elastic
+from .test_metrics import scrape
 
 pytestmark = pytest.mark.slow
 
@@ -84,3 +91,73 @@ model = ["fp16", "zstd"]
     assert all(h["bytes_sent"] < whole for h in history[-3:])  # later: three deltas < one model
     assert done["final"]["accuracy"] >= 0.88, done["final"]
     assert "need_full_model" not in (tmp_path / "coordinator.log").read_text()
+
+
+def test_an_update_through_other_codecs_is_refused_and_counted(cluster: Cluster, tmp_path: Path) -> None:
+    """A member that compresses with codecs other than the job's chain (installed
+    ones, or none at all) gets ``codec_mismatch``, counted in the metrics; the job
+    goes on with the honest worker."""
+    job = write_job(tmp_path / "lin.toml", """
+[job]
+id = "lin"
+task = "linreg"
+rule = "fedavg"
+rounds = 200
+min_workers = 1
+round_timeout = 20
+[task]
+features = 4
+[compression]
+update = ["fp16"]
+""")
+    port = free_port()
+    cluster.coordinator(job, extra=("--metrics-port", str(port)))
+    cluster.worker("w0")
+    cluster.wait_status("lin", lambda s: s["round"] >= 2, 60, "two rounds with the honest worker")
+
+    ctx = zmq.Context.instance()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.ROUTING_ID, b"rogue")
+    rogue.setsockopt(zmq.LINGER, 0)
+    rogue.connect(cluster.address)
+
+    def send(msg: Message) -> None:
+        msg.sender = "rogue"
+        rogue.send_multipart(encode(msg))
+
+    def receive(kind: MsgType, timeout: float = 30.0) -> Message:
+        deadline = time.monotonic() + timeout
+        while rogue.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+            msg = decode(rogue.recv_multipart(), check_finite=False)
+            if msg.type is kind:
+                return msg
+            if time.monotonic() > deadline:
+                break
+        raise AssertionError(f"no {kind} for the rogue worker")
+
+    send(Message(MsgType.HELLO, meta={"device": "cpu", "host": "rogue", "software": "0", "pid": 1}))
+    receive(MsgType.WELCOME)
+    chains = {"an installed codec, not the job's": ["zstd"], "no compression": []}
+    for chain in chains.values():
+        work = receive(MsgType.WORK)
+        assert work.meta["codecs"] == ["fp16"]
+        change = {k: torch.full(wt.shape, 0.01) for k, wt in work.tensors.items()}
+        parts, encodings = CodecChain(Plugins().codecs, chain).compressor().compress(change)
+        send(Message(MsgType.UPDATE, job="lin", round=work.round, version=work.version, key=work.key,
+                     meta={"num_samples": 10, "loss": 0.1, "kind": "weights", "train_seconds": 0.1},
+                     tensors={k: WireTensor.from_tensor(v) for k, v in parts.items()}, encodings=encodings))
+        nack = receive(MsgType.NACK)
+        assert nack.meta["reason"] == "codec_mismatch", nack.meta
+        send(Message(MsgType.BYE, key="bye"))  # leave, so the round need not wait for us
+        receive(MsgType.ACK)
+        send(Message(MsgType.HELLO, meta={"device": "cpu", "host": "rogue", "software": "0", "pid": 1}))
+        receive(MsgType.WELCOME)
+    send(Message(MsgType.BYE, key="bye"))
+    rogue.close()
+
+    counted = wait_for(lambda: scrape(port).get(("elastic_updates_rejected_total", (("reason", "codec_mismatch"),)), 0) >= 2, 30, "two codec_mismatch in the metrics")
+    assert counted
+    before = cluster.status("lin")["round"]
+    cluster.wait_status("lin", lambda s: s["round"] >= before + 3, 60, "the job to go on without the rogue")
+    log = (tmp_path / "coordinator.log").read_text()
+    assert "reason=codec_mismatch detail=tensor" in log and "job takes the chain ['fp16']" in log and "tensor 'weight' skipped stage 'fp16'" in log

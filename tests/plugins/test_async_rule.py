@@ -10,7 +10,7 @@ from torch import nn
 
 from elastic.api import Update
 from elastic.errors import JobSpecError
-from elastic.wire.messages import WireTensor
+from elastic.wire.tensors import WireTensor
 
 
 def delta(value: float, n: int, staleness: int = 0) -> Update:

@@ -7,12 +7,13 @@ import torch
 from elastic_plugins import codecs as codecs_module
 
 from elastic.api import Codec
+from elastic.compression.chain import CodecChain, expand
 from elastic.errors import JobSpecError, ProtocolError
 from elastic.plugins import Plugins
-from elastic.wire import messages
-from elastic.wire.compression import Compressor, expand
+from elastic.wire import tensors as wire_tensors
 from elastic.wire.frames import decode, encode
-from elastic.wire.messages import Message, MsgType, WireTensor
+from elastic.wire.header import Message, MsgType
+from elastic.wire.tensors import WireTensor
 
 ARGS = {"topk": "0.1", "qsgd": "4", "powersgd": "2", "zstd": "3"}  # a typical argument each
 CODECS = Plugins().codecs
@@ -121,7 +122,7 @@ def test_bad_arguments_name_the_stage() -> None:
 
 
 def chain_message(chain: list[str], tensors: dict[str, torch.Tensor]) -> Message:
-    parts, encodings = Compressor(CODECS, chain).compress(tensors)
+    parts, encodings = CodecChain(CODECS, chain).compressor().compress(tensors)
     msg = Message(MsgType.UPDATE, meta={"num_samples": 1, "loss": 0.0, "kind": "gradient", "train_seconds": 0.0},
                   tensors={k: WireTensor.from_tensor(v) for k, v in parts.items()}, encodings=encodings)
     return decode(encode(msg))  # through the wire format
@@ -173,7 +174,7 @@ def test_expand_refuses_a_decompression_bomb() -> None:
 @pytest.mark.parametrize("chain, narrow", [(["fp16"], torch.float16), (["bf16"], torch.bfloat16)])
 @pytest.mark.parametrize("block", [1 << 20, 1536])  # one block a frame; several, the last one short
 def test_a_cast_chain_is_folded_as_received_without_a_decoded_copy(chain: list[str], narrow: torch.dtype, block: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(messages, "WIDEN_BLOCK", block)
+    monkeypatch.setattr(wire_tensors, "WIDEN_BLOCK", block)
     x = sample((300, 70), torch.float32) * 1000
     x[0, 0] = 60000.0  # near fp16's top: alpha * x must not be taken in half precision
     msg = chain_message(chain, {"w": x})

@@ -13,7 +13,7 @@ from elastic.api import Shard, Update
 from elastic.errors import JobSpecError
 from elastic.jobspec import TrainParams
 from elastic.training import local_train
-from elastic.wire.messages import WireTensor
+from elastic.wire.tensors import WireTensor
 
 
 def trained(m: nn.Module, shift: float, n: int) -> Update:

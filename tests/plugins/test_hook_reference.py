@@ -33,6 +33,14 @@ def test_every_hook_is_typed() -> None:
             assert p.annotation is not inspect.Parameter.empty, (name, p.name)
 
 
+def test_the_reference_is_the_hookspecs_in_full() -> None:
+    """Signatures and docstrings, bodies too: made by ``python -m elastic.hookreference``."""
+    from elastic.hookreference import HEADING, reference
+
+    text = DOC.read_text()
+    assert text[text.index(HEADING):] == reference(), "docs/plugins.md is stale: run python -m elastic.hookreference docs/plugins.md"
+
+
 def test_every_hook_is_in_the_reference_with_its_exact_signature() -> None:
     text = DOC.read_text()
     for name, func in SPECS.items():

@@ -55,7 +55,7 @@ def test_third_party_plugin_is_discovered(site: Path) -> None:
 
         @hookimpl
         def elastic_aggregators():
-            return {"tp_median": Median}
+            return [Median]
     """)
     p = Plugins()
     assert p.aggregators.get("tp_median").__name__ == "Median"
@@ -76,7 +76,7 @@ def test_duplicate_name_names_both_distributions(site: Path) -> None:
 
         @hookimpl
         def elastic_aggregators():
-            return {"fedavg": FedAvg}
+            return [FedAvg]
     """)
     with pytest.raises(PluginError) as err:
         Plugins()
@@ -90,9 +90,35 @@ def test_wrong_class_is_refused_at_load(site: Path) -> None:
 
         @hookimpl
         def elastic_tasks():
-            return {"tp_wrong": dict}
+            return [dict]
     """)
-    with pytest.raises(PluginError, match="task 'tp_wrong' must be a subclass of Task"):
+    with pytest.raises(PluginError, match="tp-wrong 1.0: task <class 'dict'> must be a subclass of Task"):
+        Plugins()
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        ("return {'fedavg2': FedAvg2}", "elastic_aggregators must return a list of classes \\(each one's `name` is its key\\), not dict"),
+        ("return [Nameless]", "aggregator Nameless has no `name`"),
+    ],
+)
+def test_a_class_is_contributed_once_under_its_own_name(site: Path, body: str, why: str) -> None:
+    fake_distribution(site, "tp-named", "tp_named", f"""
+        from elastic.api import hookimpl
+        from elastic_plugins.fedavg import FedAvg
+
+        class FedAvg2(FedAvg):
+            name = "fedavg2"
+
+        class Nameless(FedAvg):
+            name = ""
+
+        @hookimpl
+        def elastic_aggregators():
+            {body}
+    """)
+    with pytest.raises(PluginError, match=f"tp-named 1.0: {why}"):
         Plugins()
 
 
@@ -117,3 +143,34 @@ def test_a_failing_observer_does_not_stop_the_others(caplog: pytest.LogCaptureFi
     p.notify("elastic_worker_left", worker_id="w", reason="bye")
     assert seen == [("w", "bye")]
     assert "observer plugin failed" in caplog.text
+
+
+def test_the_first_validator_to_answer_decides_and_the_rest_are_not_asked() -> None:
+    """``elastic_validate_update`` is a ``firstresult`` hook: pluggy's order (the last
+    registered first), the first reason wins; one that raises refuses too."""
+    from elastic.api import hookimpl
+
+    asked: list[str] = []
+
+    class Validator:
+        def __init__(self, name: str, answer: object) -> None:
+            self.name, self.answer = name, answer
+
+        @hookimpl
+        def elastic_validate_update(self, worker_id: str) -> object:
+            asked.append(self.name)
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return self.answer
+
+    p = Plugins(entrypoints=False)
+    p.register(Validator("lenient", None), name="lenient")
+    p.register(Validator("strict", "too big"), name="strict")
+    p.register(Validator("quiet", None), name="quiet")
+    assert p.first_answer("elastic_validate_update", job_id="j", worker_id="w", update=None) == ("strict", "too big")
+    assert asked == ["quiet", "strict"]  # lenient was never asked
+    p.register(Validator("broken", RuntimeError("bug")), name="broken")
+    plugin, answer = p.first_answer("elastic_validate_update", job_id="j", worker_id="w", update=None)
+    assert plugin == "broken" and isinstance(answer, RuntimeError)
+    with pytest.raises(PluginError, match="not a firstresult hook"):
+        p.first_answer("elastic_worker_left", worker_id="w", reason="bye")

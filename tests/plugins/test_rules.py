@@ -13,7 +13,7 @@ from elastic.api import Update
 from elastic.errors import JobSpecError
 from elastic.plugins import Plugins
 from elastic.training import move_to_fresh_memory, update_kind, update_template
-from elastic.wire.messages import WireTensor
+from elastic.wire.tensors import WireTensor
 
 
 def model() -> nn.Module:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from elastic.api import Update
-from elastic.wire.messages import WireTensor
+from elastic.wire.tensors import WireTensor
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plugin-clipped-mean"
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from elastic.errors import ProtocolError
 from elastic.wire import CHUNK_BYTES, Message, MsgType, WireTensor, decode, encode
-from elastic.wire.messages import DTYPES
+from elastic.wire.tensors import DTYPES
 
 
 def update(**tensors: torch.Tensor) -> Message:
@@ -110,6 +110,20 @@ def test_rejects_wrong_version_unknown_type_missing_field() -> None:
     assert reason(with_header(msg, round=True)) == "bad_field"
     assert reason(with_header(msg, meta={"loss": 0.1})) == "missing_field"
     assert reason(with_header(msg, meta={**msg.meta, "num_samples": "ten"})) == "bad_field"
+
+
+def test_every_meta_key_is_declared_and_checked() -> None:
+    msg = update(w=torch.ones(4))
+    with pytest.raises(ProtocolError, match="'relative' is not in protocol 1 \\(known: num_samples, loss, kind, train_seconds, part\\)") as err:
+        decode(with_header(msg, meta={**msg.meta, "relative": True}))
+    assert err.value.reason == "unknown_field"
+    assert reason(with_header(msg, meta={**msg.meta, "part": "0/4"})) == "bad_field"  # optional, and typed
+    assert decode(with_header(msg, meta={**msg.meta, "part": [0, 4]})).meta["part"] == [0, 4]
+    welcome = Message(MsgType.WELCOME, meta={"heartbeat_interval": 1, "heartbeat_timeout": 3.0, "slot": 2})
+    got = decode(encode(welcome)).meta
+    assert got["heartbeat_interval"] == 1.0 and type(got["heartbeat_interval"]) is float  # an int where a float is declared
+    assert reason(encode(Message(MsgType.WELCOME, meta={**welcome.meta, "slot": True}))) == "bad_field"  # a bool is no int
+    assert reason(encode(Message(MsgType.OFFER, meta={"bytes": 5, "parts": 1}))) == "bad_field"  # nor an int a bool
 
 
 def test_rejects_dtype_shape_and_length_mismatches() -> None:

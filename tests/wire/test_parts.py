@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from elastic.errors import ProtocolError
 from elastic.wire.header import Message, MsgType
-from elastic.wire.messages import WireTensor
 from elastic.wire.parts import check_grant, grid, nbytes, part_message
+from elastic.wire.tensors import WireTensor
 
 SIZES = st.lists(st.tuples(st.integers(0, 5000), st.sampled_from([1, 2, 4, 8])), min_size=1, max_size=12)
 

@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from elastic.errors import ProtocolError
 from elastic.wire import shm
 from elastic.wire.frames import decode, encode_parts
-from elastic.wire.header import pack
-from elastic.wire.messages import Message, MsgType, WireTensor
+from elastic.wire.header import Message, MsgType, pack
 from elastic.wire.shm import Probe, SegmentReader, SegmentWriter, is_local, sweep
+from elastic.wire.tensors import WireTensor
 
 pytestmark = pytest.mark.skipif(not shm.shm_available(), reason="no writable /dev/shm")
 

@@ -133,7 +133,7 @@ def test_a_cast_update_is_the_chains_own_and_leaves_from_the_segment(
     """fp16 is cast a block at a time into parts in the segment: what the coordinator
     expands is what the chain's way gives, nothing is copied to send it, and parts it
     still views are never written over."""
-    from elastic.wire.compression import expand
+    from elastic.compression.chain import expand
 
     monkeypatch.setattr("elastic.worker.runner.WIDEN_BLOCK", 200_000)  # three blocks, the last one short
     params = {"samples": 4, "features": 600_000}  # 1.2 MB in fp16: over the shared path's 1 MiB
@@ -260,7 +260,7 @@ def test_model_comes_down_as_a_delta_against_the_reference(mode: str) -> None:
     """Whole first, then a delta against the version the worker holds; a delta
     against a version it does not hold is refused with need_full_model. Taking a
     gradient, the parameters hold the reference themselves (no copy a round)."""
-    from elastic.wire.compression import Compressor
+    from elastic.compression.chain import CodecChain
 
     model = LinReg({"samples": 40, "features": 3}).build_model(3)
     runner = TaskRunner(Plugins(), torch.device("cpu"), None, "w")
@@ -269,7 +269,7 @@ def test_model_comes_down_as_a_delta_against_the_reference(mode: str) -> None:
     assert runner.run(first).message.type is MsgType.UPDATE
     assert runner._jobs["j"].reference_version == 0
     moved = {k: v.detach() + 0.25 for k, v in update_template(model, "train").items()}
-    parts, encodings = Compressor(Plugins().codecs, ["zstd"]).compress({k: moved[k] - v.detach() for k, v in update_template(model, "train").items()})
+    parts, encodings = CodecChain(Plugins().codecs, ["zstd"]).compressor().compress({k: moved[k] - v.detach() for k, v in update_template(model, "train").items()})
     delta = Message(MsgType.WORK, job="j", round=2, version=1, key="w/j/2", meta=dict(first.meta, delta_from=0),
                     tensors={k: WireTensor.from_tensor(v) for k, v in parts.items()}, encodings=encodings)
     delta = decode([bytes(f) for f in encode(delta)], check_finite=False)
@@ -328,7 +328,7 @@ def test_a_gradient_is_taken_on_the_shared_reference_where_it_lies_and_never_wri
     """Taking a gradient, the parameters view the coordinator's segment (copy on
     write): they follow its changes with no copy, a reference that changes under the
     gradient voids it, and a later delta added in place never reaches the segment."""
-    from elastic.wire.compression import SEP
+    from elastic.compression.chain import SEP
     from elastic.wire.shm import SharedTensors
     from elastic.worker import runner as runner_module
 

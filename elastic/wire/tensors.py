@@ -1,40 +1,22 @@
-"""Message types, the header schema, and tensors as they travel (``WireTensor``)."""
+"""Tensors as they travel (``WireTensor``), and the wire's dtypes as torch dtypes."""
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from elastic.wire.header import META_SCHEMA, PROTOCOL_VERSION, Message, MsgType
+from elastic.wire.header import DTYPE_SIZES
 
-__all__ = [
-    "PROTOCOL_VERSION",
-    "MsgType",
-    "Message",
-    "WireTensor",
-    "DTYPES",
-    "DTYPE_NAMES",
-    "META_SCHEMA",
-]
+__all__ = ["WireTensor", "DTYPES", "DTYPE_NAMES", "WIDEN_BLOCK"]
 
-# Tensor dtypes allowed on the wire, by their wire name.
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
+# The wire's dtypes (``header.DTYPE_SIZES``, the one table) by their wire name: each
+# name is torch's own.
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_SIZES}
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+
 
 @dataclass
 class WireTensor:
@@ -72,7 +54,7 @@ class WireTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * _itemsize(self.dtype)
+        return self.numel * self.dtype.itemsize
 
     def iter_chunks(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(element_offset, chunk)`` pairs in order; with ``start``/``stop``,
@@ -157,11 +139,6 @@ WIDEN_BLOCK = 1 << 20
 def _blocks(chunk: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
     for start in range(0, chunk.numel(), WIDEN_BLOCK):
         yield start, chunk[start : start + WIDEN_BLOCK]
-
-
-@functools.cache
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 def _flat_view(target: torch.Tensor, numel: int) -> torch.Tensor:

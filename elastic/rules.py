@@ -1,0 +1,148 @@
+"""The aggregation rule a plugin implements (``Aggregator``, ``AsyncAggregator``),
+and the ``Update`` it folds.
+
+Plugins import these from ``elastic.api``. The maths belongs in pure functions
+(``elastic_plugins.averaging`` has the built-in ones); a rule class stays thin.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from elastic.wire.tensors import WireTensor
+
+__all__ = ["Aggregator", "AsyncAggregator", "Update", "WorkerMode"]
+
+WorkerMode = Literal["train", "gradient", "delta"]
+
+
+@dataclass
+class Update:
+    """One worker's contribution to a round, as the aggregator receives it.
+
+    Attributes:
+        worker: the sending worker's id.
+        base_version: the model version the update was computed against.
+        num_samples: how many samples it was computed on (its weight in averages).
+        loss: the worker's mean training loss.
+        kind: ``"weights"`` (the worker's trained weights; its delta is these minus
+            the global model, which is still at ``base_version`` while the round
+            runs), ``"gradient"``, or ``"delta"`` (trained weights minus the
+            weights of ``base_version``: asynchronous rules).
+        tensors: by state-dict name; zero-copy views over the received frames. Use
+            ``WireTensor.add_to`` to fold one into an accumulator without a copy, or
+            ``to_tensor()`` for the whole tensor.
+        staleness: how many versions the model advanced since ``base_version``
+            (always 0 for synchronous rules).
+    """
+
+    worker: str
+    base_version: int
+    num_samples: int
+    loss: float
+    kind: str
+    tensors: Mapping[str, WireTensor] = field(default_factory=dict)
+    staleness: int = 0
+
+
+class Aggregator(ABC):
+    """A rule that folds worker updates into the next model version.
+
+    The round engine calls, per round: ``begin_round()``, then ``accumulate(update)``
+    once per accepted update *as it arrives*, then ``finalize()`` once, which must
+    leave the new global weights in the model passed to ``setup``. Updates are not
+    kept: a rule holds O(model) state, never O(workers x model).
+
+    Class attributes:
+        name: the name a job spec uses to pick this rule.
+        worker_mode: what workers compute for it: ``"train"`` (local training; the
+            update carries the trained weights), ``"gradient"`` (the gradient of
+            the loss on one batch, with the model unchanged) or ``"delta"`` (local
+            training; the update carries trained minus received weights).
+    """
+
+    name: ClassVar[str]
+    worker_mode: ClassVar[WorkerMode] = "train"
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        """Validate ``params`` (the job spec's ``[rule]`` table); raise ``JobSpecError``."""
+        self.params = dict(params)
+
+    @abstractmethod
+    def setup(self, model: torch.nn.Module) -> None:
+        """Take the job's global model (on CPU). Called once, before any round.
+
+        Keep the model, or its ``Parameter`` and buffer objects
+        (``elastic.training.update_template``), never ``state_dict()`` views: the
+        engine sends the model from its own memory and, when a send is still
+        queued as a round closes, moves the model's tensors to new memory (through
+        ``.data``) before ``finalize``. Views would then point at the old memory.
+        """
+
+    @abstractmethod
+    def begin_round(self) -> None:
+        """Reset the running aggregate for a new round."""
+
+    @abstractmethod
+    def accumulate(self, update: Update) -> None:
+        """Fold one update into the running aggregate."""
+
+    @abstractmethod
+    def finalize(self) -> None:
+        """Write the new global weights into the model. Called only with >= 1 update."""
+
+    # Whether ``accumulate_part`` is implemented: big updates may then be sent in parts.
+    folds_parts: ClassVar[bool] = False
+
+    def accumulate_part(self, update: Update, segments: Sequence[tuple[str, int, int]]) -> None:
+        """Fold one part of an update; called only when ``folds_parts`` is True.
+
+        A big update may be sent in parts, so that the coordinator never holds it
+        whole (``elastic.wire.parts``). ``update.tensors`` then holds, for each
+        ``(name, start, stop)`` in ``segments``, elements ``start:stop`` of the
+        flattened tensor ``name``, as a 1-D tensor; the other fields are the whole
+        update's. An update's parts come in order, each once, and every update of a
+        round is cut at the same places. A worker may stop between parts (it left,
+        or a part was refused): ``finalize`` must still make a sound model from what
+        came. The built-in averaging rules weight each element by the updates that
+        reached it, so a round where every update came whole, in parts or not, gives
+        the same model.
+        """
+        raise NotImplementedError(f"{type(self).__name__} folds whole updates only")
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to checkpoint (server optimizer, momentum...). Tensors, numbers, strings."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: B027 - optional hook
+        """Restore what ``state_dict`` returned, after ``setup``."""
+
+
+class AsyncAggregator(Aggregator):
+    """A rule that folds updates in as they arrive, whatever version they started from.
+
+    There are no rounds: the engine gives work (the current model) to every idle
+    member, and each update comes back computed against the version its worker
+    received. The engine refuses an update whose staleness (current version minus
+    ``base_version``) exceeds ``max_staleness`` with a NACK, and sends that worker
+    the current model; it never offers the same update twice. Otherwise it calls
+    ``accumulate(update)`` with ``update.staleness`` set, then asks ``ready()``:
+    when True it calls ``finalize()``, which writes the new model (one new version),
+    and ``begin_round()`` to start the next buffer. Workers send ``"delta"`` updates
+    (trained minus received weights), which stay meaningful after the model moved.
+
+    Attributes:
+        max_staleness: the bound on staleness; set it from the rule's parameters.
+    """
+
+    worker_mode: ClassVar[WorkerMode] = "delta"
+    max_staleness: int = 10
+
+    @abstractmethod
+    def ready(self) -> bool:
+        """Whether enough has been accumulated to make a new version now."""
