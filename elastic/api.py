@@ -14,8 +14,9 @@ implementations with ``hookimpl``); a job spec then picks them by that name::
         return {Median.name: Median}
 
 What to subclass: ``Aggregator`` or ``AsyncAggregator`` (a rule), ``Task`` (a model,
-its data and loss), ``Codec`` (a compression stage), ``MembershipBackend`` (where the
-member table lives). What they receive: ``Update`` (with ``WireTensor`` views),
+its data and loss), ``Codec`` (a compression stage), ``ClusterBackend`` (where members,
+the leader and jobs are kept; with its ``MemberTable``, ``Election``, ``JobStore`` and
+``Registration``). What they receive: ``Update`` (with ``WireTensor`` views),
 ``Shard``, ``Member``. Constructors validate their parameters with ``check_params``
 and raise ``JobSpecError`` naming the key and the fix, so a bad job is refused when
 it is submitted, not halfway through a run. ``update_template`` gives the tensors a
@@ -31,7 +32,14 @@ from __future__ import annotations
 from elastic.compression.codec import Codec
 from elastic.errors import JobSpecError, PluginError
 from elastic.hookspecs import hookimpl
-from elastic.membership.base import Member, MembershipBackend, MembershipEvent
+from elastic.membership.base import Member, MembershipEvent, MemberTable
+from elastic.membership.cluster import (
+    ClusterBackend,
+    Election,
+    JobStore,
+    LeaderRecord,
+    Registration,
+)
 from elastic.rules import Aggregator, AsyncAggregator, Update, WorkerMode
 from elastic.tasks import Shard, Task
 from elastic.training import update_template
@@ -43,9 +51,14 @@ __all__ = [
     "AsyncAggregator",
     "Codec",
     "JobSpecError",
+    "ClusterBackend",
+    "Election",
+    "JobStore",
+    "LeaderRecord",
     "Member",
-    "MembershipBackend",
+    "MemberTable",
     "MembershipEvent",
+    "Registration",
     "PluginError",
     "Shard",
     "Task",

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from elastic.errors import ConfigError
-from elastic.membership.etcd import parse_etcd_url
+from elastic.membership.cluster import open_backend
 
 __all__ = ["CoordinatorConfig", "WorkerConfig", "resolve", "apply_reload"]
 
@@ -30,7 +30,7 @@ class CoordinatorConfig:
     state_dir: Path = Path("elastic-state")
     membership: str = "embedded://"
     id: str = ""  # this coordinator's name in elections (default HOSTNAME-PID)
-    lease_ttl: float = 10.0  # etcd: a dead leader is replaced within about this long
+    lease_ttl: float = 10.0  # etcd, zk: a dead leader is replaced within about this long
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 3.0
     max_message_bytes: int = 4 << 30
@@ -60,8 +60,7 @@ class CoordinatorConfig:
             raise ConfigError(f"metrics_port must be a TCP port (1-65535), or 0 for none; got {self.metrics_port}")
         if not self.id:
             self.id = f"{socket.gethostname()}-{os.getpid()}"
-        if self.membership.startswith("etcd://"):
-            parse_etcd_url(self.membership)
+        open_backend(self.membership)  # its URL checked now: one clear error at start
         if self.lease_ttl < 2:
             raise ConfigError(f"lease_ttl must be at least 2 seconds, got {self.lease_ttl}")
         _positive("heartbeat_interval", self.heartbeat_interval)
@@ -81,12 +80,12 @@ class CoordinatorConfig:
 
 @dataclass
 class WorkerConfig:
-    coordinator: str = ""  # default: the leader found in etcd, else tcp://127.0.0.1:5555
+    coordinator: str = ""  # default: the leader the cluster names (--membership), else tcp://127.0.0.1:5555
     id: str = ""
     device: str = "auto"
     data: Path | None = None
     coordinator_timeout: float = 10.0
-    membership: str = ""  # etcd://...: also register there, under a lease
+    membership: str = ""  # etcd://..., zk://...: also register there, under a lease
     lease_ttl: float = 10.0
     max_message_bytes: int = 4 << 30
     shared_memory: bool = True  # on the coordinator's host: tensors through /dev/shm
@@ -97,9 +96,8 @@ class WorkerConfig:
     log_level: str = "info"
 
     def validate(self) -> None:
-        if self.membership and self.membership != "embedded://":
-            parse_etcd_url(self.membership)
-        elif not self.coordinator:
+        shared = open_backend(self.membership).shared if self.membership else False
+        if not shared and not self.coordinator:
             self.coordinator = "tcp://127.0.0.1:5555"
         if self.coordinator:
             _check_endpoint("coordinator", self.coordinator)

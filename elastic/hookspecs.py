@@ -73,12 +73,13 @@ def elastic_codecs() -> list[type]:
 
 
 @hookspec
-def elastic_membership_backends() -> list[type]:
-    """Contribute membership backends.
+def elastic_cluster_backends() -> list[type]:
+    """Contribute cluster backends: where members, the leader and jobs are kept.
 
     Returns:
-        Subclasses of ``elastic.api.MembershipBackend``. Each one's ``name`` class
-        attribute is the URL scheme that picks it (``--membership NAME://…``).
+        Subclasses of ``elastic.api.ClusterBackend``. Each one's ``name`` class
+        attribute is the URL scheme that picks it (``--membership NAME://…``). The
+        suite in ``tests/membership/conformance.py`` says what one must do.
     """
 
 

@@ -20,7 +20,7 @@ import pluggy
 from elastic import hookspecs
 from elastic.compression.codec import Codec
 from elastic.errors import PluginError
-from elastic.membership.base import MembershipBackend
+from elastic.membership.cluster import ClusterBackend
 from elastic.rules import Aggregator
 from elastic.tasks import Task
 
@@ -34,7 +34,7 @@ COMPONENT_HOOKS: dict[str, tuple[str, type]] = {
     "elastic_aggregators": ("aggregator", Aggregator),
     "elastic_tasks": ("task", Task),
     "elastic_codecs": ("codec", Codec),
-    "elastic_membership_backends": ("membership backend", MembershipBackend),
+    "elastic_cluster_backends": ("cluster backend", ClusterBackend),
 }
 
 
@@ -103,7 +103,7 @@ class Plugins:
         self.aggregators: Registry[Aggregator] = Registry("aggregator")
         self.tasks: Registry[Task] = Registry("task")
         self.codecs: Registry[Codec] = Registry("codec")
-        self.membership: Registry[MembershipBackend] = Registry("membership backend")
+        self.backends: Registry[ClusterBackend] = Registry("cluster backend")
         self._build_registries()
 
     def register(self, plugin: object, name: str, distribution: str = "(registered in code)") -> None:
@@ -132,7 +132,7 @@ class Plugins:
             "elastic_aggregators": self.aggregators,
             "elastic_tasks": self.tasks,
             "elastic_codecs": self.codecs,
-            "elastic_membership_backends": self.membership,
+            "elastic_cluster_backends": self.backends,
         }
         for hook_name, (kind, base) in COMPONENT_HOOKS.items():
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
@@ -155,7 +155,7 @@ class Plugins:
     def provided(self) -> list[Provided]:
         """Everything contributed, for ``elastic plugins``."""
         out: list[Provided] = []
-        for reg in (self.aggregators, self.tasks, self.codecs, self.membership):
+        for reg in (self.aggregators, self.tasks, self.codecs, self.backends):
             out.extend(reg.items())
         return out
 

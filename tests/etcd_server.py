@@ -85,6 +85,12 @@ class EtcdServer:
             self.proc.kill()
             self.proc.wait(10)
 
+    def restart(self) -> None:
+        """Kill it and start it again on the same ports and data."""
+        self.stop()
+        self.proc = None
+        self.start()
+
 
 def etcd_cluster(root: Path, binary: str, size: int = 3) -> list[EtcdServer]:
     """``size`` members on loopback, started together (each waits for a quorum)."""

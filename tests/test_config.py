@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from elastic.config import CoordinatorConfig, WorkerConfig, resolve
-from elastic.errors import ConfigError
+from elastic.errors import ConfigError, PluginError
 
 
 def test_file_then_env_then_flags(tmp_path: Path) -> None:
@@ -52,3 +52,24 @@ def test_keys_or_insecure_and_never_both(tmp_path: Path) -> None:
         resolve(CoordinatorConfig, "coordinator", None, {"insecure": True, "allow_workers": str(tmp_path)}, {})
     c = resolve(CoordinatorConfig, "coordinator", None, {"curve_key": "c.key_secret", "allow_workers": "w", "allow_admins": "a"}, {})
     assert not c.insecure  # the files themselves are read (and checked) when the daemon starts
+
+
+@pytest.mark.parametrize(
+    ("url", "error", "match"),
+    [
+        ("etcd.example:2379", ConfigError, "is not a URL; use embedded://, etcd://HOST:2379/CLUSTER or zk://HOST:2181/CLUSTER"),
+        ("redis://h:6379/c", PluginError, "unknown cluster backend 'redis' \\(known: embedded, etcd, zk\\)"),
+        ("zk://h:2181", ConfigError, "names no cluster"),
+        ("zk://h:99999/c", ConfigError, "bad server 'h:99999'"),
+        ("etcd://h:2379/c?color=red", ConfigError, "unknown option\\(s\\) color"),
+    ],
+)
+def test_a_membership_url_is_checked_by_its_backend_at_start(url: str, error: type, match: str) -> None:
+    for config, section in ((CoordinatorConfig, "coordinator"), (WorkerConfig, "worker")):
+        with pytest.raises(error, match=match):
+            resolve(config, section, None, {"membership": url}, {"ELASTIC_INSECURE": "1"})
+
+
+def test_a_worker_on_a_shared_cluster_finds_its_coordinator_there() -> None:
+    assert resolve(WorkerConfig, "worker", None, {"membership": "zk://h:2181/c"}, {"ELASTIC_INSECURE": "1"}).coordinator == ""
+    assert resolve(WorkerConfig, "worker", None, {}, {"ELASTIC_INSECURE": "1"}).coordinator == "tcp://127.0.0.1:5555"

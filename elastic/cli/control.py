@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from elastic.errors import ConfigError, ControlError, MembershipUnavailable, Unreachable
+from elastic.membership.cluster import open_backend
 from elastic.wire.header import Message, MsgType
 from elastic.wire.transport import dealer_socket, decode_plain, recv_frames, send_message
 
@@ -21,21 +22,16 @@ DEFAULT_CONTROL = "tcp://127.0.0.1:5556"
 
 
 def control_endpoint(coordinator: str | None, membership: str | None) -> str:
-    """``--coordinator``, else the leader's control endpoint in etcd, else
-    ``$ELASTIC_CONTROL``, else the default beside a local coordinator."""
+    """``--coordinator``, else the leader's control endpoint as the cluster names it,
+    else ``$ELASTIC_CONTROL``, else the default beside a local coordinator."""
     if coordinator:
         return coordinator
     if membership:
-        from elastic.membership.etcd import Keys, connect, parse_etcd_url, read_leader  # noqa: PLC0415
-
-        client = connect(membership)
-        try:
-            leader = read_leader(client, Keys(parse_etcd_url(membership)[1]))
-        finally:
-            client.close()
-        if not leader or not leader.get("control"):
-            raise Unreachable(f"no coordinator leads the cluster in {membership}; start one, or wait for the election")
-        return str(leader["control"])
+        backend = open_backend(membership)
+        leader = backend.leader()
+        if leader is None or not leader.control:
+            raise Unreachable(f"no coordinator leads the cluster in {backend}; start one, or wait for the election")
+        return leader.control
     return os.environ.get("ELASTIC_CONTROL", DEFAULT_CONTROL)
 
 

@@ -5,7 +5,7 @@ be secured apart. Requests and replies are protocol messages like any other
 (``REQUEST``: ``op`` and ``args``; ``REPLY``: ``ok``, ``data`` or ``code`` and
 ``error``) and are decoded with the same validation. An export's reply carries the
 model as tensor frames. A request that fails gets a reply saying why, with a code:
-``no_such_job``, ``invalid_job``, ``bad_request``, ``conflict``, ``etcd_unavailable``,
+``no_such_job``, ``invalid_job``, ``bad_request``, ``conflict``, ``cluster_unavailable``,
 ``internal``; nothing a client sends can stop the coordinator.
 
 With etcd, pause/resume/finish/cancel write the job's desired state in etcd (so the next
@@ -70,7 +70,7 @@ class ControlAPI:
         except (ConfigError, PluginError) as exc:  # a job spec that does not validate
             return self._error(msg, "invalid_job", str(exc))
         except MembershipUnavailable as exc:
-            return self._error(msg, "etcd_unavailable", str(exc))
+            return self._error(msg, "cluster_unavailable", str(exc))
         except ElasticError as exc:
             return self._error(msg, "failed", str(exc))
         except Exception as exc:  # a bug here must not take the coordinator down
@@ -110,8 +110,8 @@ class ControlAPI:
         coordinator = self.coordinator
         if spec.id in coordinator.engines:
             raise ControlError("conflict", f"job {spec.id!r} exists already; give the new one another id ([job] id = ...)")
-        if coordinator.board is not None and not coordinator.board.publish(spec):
-            raise ControlError("conflict", f"job {spec.id!r} exists already in etcd; give the new one another id")
+        if not coordinator.board.publish(spec.id, spec.to_dict()):
+            raise ControlError("conflict", f"job {spec.id!r} exists already in the job store; give the new one another id")
         coordinator.add_job(spec)
         log.info("job submitted job=%s task=%s rule=%s rounds=%d", spec.id, spec.task, spec.rule, spec.rounds)
         return {"job": spec.id}, {}
@@ -122,8 +122,7 @@ class ControlAPI:
         if job.done:
             raise ControlError("failed", f"job {job.spec.id} is {job.state}: nothing to {op}")
         state = DESIRED[op]
-        if self.coordinator.board is not None:  # the next leader keeps it
-            self.coordinator.board.set_state(job.spec.id, state)
+        self.coordinator.board.set_state(job.spec.id, state)  # the next leader keeps it
         engine.set_desired(state)
         return {"job": job.spec.id, "state": str(job.state), "round": job.round, "desired": state}, {}
 

@@ -29,15 +29,13 @@ from elastic.coordinator.asynchronous import AsyncEngine
 from elastic.coordinator.control import ControlAPI
 from elastic.coordinator.engine import Engine, Outgoing
 from elastic.coordinator.job import Job
-from elastic.coordinator.jobboard import JobBoard
 from elastic.coordinator.rounds import RoundEngine
 from elastic.coordinator.uploads import Offer, UploadGate, UploadStream
 from elastic.errors import ConfigError, ElasticError, MembershipUnavailable, ProtocolError
 from elastic.jobspec import JobSpec
 from elastic.logs import setup_logging
-from elastic.membership.base import Member, MembershipBackend
-from elastic.membership.election import Leadership
-from elastic.membership.etcd import redacted
+from elastic.membership.base import Member, MemberTable
+from elastic.membership.cluster import Election, JobStore, LeaderRecord, open_backend
 from elastic.metrics import Metrics
 from elastic.plugins import Plugins
 from elastic.rules import AsyncAggregator
@@ -49,7 +47,7 @@ from elastic.wire.header import Message, MsgType
 from elastic.wire.shm import LocalPeers
 from elastic.wire.transport import recv_frames, router_socket, send_message
 
-__all__ = ["Coordinator", "build_membership"]
+__all__ = ["Coordinator"]
 
 log = logging.getLogger("elastic.coordinator")
 Reloader = Callable[[], tuple[CoordinatorConfig, list[JobSpec]]]
@@ -64,14 +62,6 @@ def advertised(endpoint: str) -> str:
     if host in ("0.0.0.0", "*", "[::]", "::"):
         host = socket.getfqdn()
     return f"{scheme}://{host}:{port}"
-
-
-def build_membership(plugins: Plugins, url: str, heartbeat_timeout: float) -> MembershipBackend:
-    scheme = url.split("://", 1)[0] if "://" in url else ""
-    if not scheme:
-        raise ConfigError(f"membership {url!r} is not a URL; use embedded:// or etcd://host:2379/CLUSTER")
-    cls = plugins.membership.get(scheme)
-    return cls(url, heartbeat_timeout)
 
 
 class Coordinator:
@@ -106,13 +96,12 @@ class Coordinator:
         self.sock, self.endpoint = router_socket(self.ctx, config.bind, secure=(lambda s: curve.apply(s, DATA)) if curve else None)
         self.control_sock, self.control_endpoint = router_socket(self.ctx, config.control or default_control(config.bind), secure=(lambda s: curve.apply(s, CONTROL)) if curve else None)
         self.control = ControlAPI(self)
-        self.leadership: Leadership | None = None
         self.engines: dict[str, Engine] = {}
-        self.membership: MembershipBackend
-        self.board: JobBoard | None = None
+        self.membership: MemberTable
+        self.board: JobStore
         self._serving = False  # a term is on: members and jobs are loaded
         self.rejected: Counter[str] = Counter()
-        self._published: dict[str, int] = {}  # rendezvous generation last queued for etcd, by job
+        self._published: dict[str, int] = {}  # rendezvous generation last queued for the cluster, by job
         self.bytes_in = 0
         self.bytes_out = 0
         self.local = LocalPeers(config.shared_memory)  # workers on this host: tensors through /dev/shm
@@ -120,79 +109,74 @@ class Coordinator:
         self.streams: dict[str, UploadStream] = {}  # peer -> its update coming in parts
         # A validator plugin looks at whole updates: with one, updates come whole.
         self._validators = self.plugins.implements("elastic_validate_update")
-        if config.membership.startswith("etcd://"):
-            # Jobs load their newest checkpoint only once this coordinator leads, so a
-            # standby that takes over resumes where the old leader stopped.
-            self.leadership = Leadership(config.membership, config.id, config.lease_ttl)
+        self.backend = open_backend(config.membership, plugins.backends)
+        # Jobs load their newest checkpoint only once this coordinator leads, so a
+        # standby that takes over resumes where the old leader stopped.
+        self.election: Election = self.backend.election(config.id, config.lease_ttl)
+        if self.backend.shared:
             self.notifier.ready("standing by for leadership")  # a standby is a service that started fine
-            self.leadership.campaign(advertised(self.endpoint), tick=self.notifier.watchdog, control=advertised(self.control_endpoint))
+        self.election.campaign(self._leader_record(), tick=self.notifier.watchdog)
         try:
             self._begin_term(specs)
         except BaseException:  # e.g. a checkpoint of another job: hand leadership on at once
             self.sock.close(linger=0)
             self.control_sock.close(linger=0)
-            if self.leadership is not None:
-                self.leadership.resign()
+            self.election.resign()
             raise
 
+    def _leader_record(self) -> LeaderRecord:
+        return LeaderRecord(self.config.id, advertised(self.endpoint), advertised(self.control_endpoint), time.time())
+
     def _begin_term(self, specs: list[JobSpec]) -> None:
-        """Start serving: the member table, and every job (given, or found in etcd)."""
-        self.membership = build_membership(self.plugins, self.config.membership, self.config.heartbeat_timeout)
+        """Start serving: the member table, and every job (given, or found stored)."""
+        self.membership = self.backend.member_table(self.config.heartbeat_timeout)
         self._serving = True
         try:
-            self.board = JobBoard(self.leadership) if self.leadership is not None else None
+            self.board = self.backend.job_store(self.election)
             for spec in specs:
-                if self.board is not None:
-                    self.board.publish(spec)  # a no-op if the job is already in etcd
+                self.board.publish(spec.id, spec.to_dict())  # a no-op if the job is stored already
                 self.add_job(spec)
-            if self.board is not None:  # every job in etcd, wherever it was submitted
-                for job_id, parts in self.board.jobs().items():
-                    self._board_change(job_id, "spec", parts.get("spec", b""))
-                    self._board_change(job_id, "state", parts.get("state", b"running"))
+            for job_id, parts in self.board.jobs().items():  # every stored job, wherever it was submitted
+                self._board_change(job_id, "spec", parts.get("spec", b""))
+                self._board_change(job_id, "state", parts.get("state", b"running"))
         except BaseException:
             self._end_term()
             raise
 
     def _end_term(self) -> None:
         """Stop serving: forget members and jobs (the next term reloads them from
-        etcd and the checkpoints, as any other coordinator would)."""
+        the job store and the checkpoints, as any other coordinator would)."""
         if not self._serving:
             return
         self._serving = False
         self.membership.close()
-        if self.board is not None:
-            self.board.close()
-            self.board = None
+        self.board.close()
         self.engines.clear()
         self._published.clear()
 
     def _stand_by(self) -> bool:
         """After losing leadership: campaign again, then serve anew. False if stopped."""
-        assert self.leadership is not None
         self._end_term()
-        self.leadership.step_down()
+        self.election.step_down()
         log.warning("lost leadership: standing by; serving again if elected")
         self.notifier.status("standing by for leadership")
-        while self.leadership.campaign(advertised(self.endpoint), stop=self._stop, tick=self.notifier.watchdog, control=advertised(self.control_endpoint)):
+        while self.election.campaign(self._leader_record(), stop=self._stop, tick=self.notifier.watchdog):
             try:
                 self._begin_term([])
                 return True
-            except MembershipUnavailable as exc:  # etcd failed again: stand by again
+            except MembershipUnavailable as exc:  # the backend failed again: stand by again
                 log.error("cannot serve after winning the election: %s", exc)
-                self.leadership.step_down()
+                self.election.step_down()
         return False
 
     def add_job(self, spec: JobSpec) -> Job:
         if spec.id in self.engines:
             raise ConfigError(f"job id {spec.id!r} is given twice; give each job its own id")
         job = Job(spec, self.plugins, self.config.state_dir)
-        fence = self.leadership.check if self.leadership is not None else None
-        holds = self.leadership.holds if self.leadership is not None else None
         kind = AsyncEngine if isinstance(job.aggregator, AsyncAggregator) else RoundEngine
         local = (lambda peer: self.local.writer(peer) is not None) if self.local.enabled else None
-        engine = self.engines[spec.id] = kind(job, self.plugins.notify, fence=fence, holds=holds, ask=self.plugins.first_answer, local=local)
-        if self.board is not None:
-            engine.on_status = functools.partial(self._report_status, spec.id)
+        engine = self.engines[spec.id] = kind(job, self.plugins.notify, fence=self.election.check, holds=self.election.holds, ask=self.plugins.first_answer, local=local)
+        engine.on_status = functools.partial(self.board.write_status, spec.id)
         return job
 
     # ---------------------------------------------------------------- loop --
@@ -202,7 +186,7 @@ class Coordinator:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda signum, _frame: self.stop(f"signal {signal.Signals(signum).name}"))
             signal.signal(signal.SIGHUP, lambda *_: self._reload_asked.set())
-        log.info("coordinator serving address=%s control=%s jobs=%s membership=%s", self.endpoint, self.control_endpoint, ",".join(self.engines) or "-", redacted(self.config.membership))
+        log.info("coordinator serving address=%s control=%s jobs=%s membership=%s", self.endpoint, self.control_endpoint, ",".join(self.engines) or "-", self.backend)
         self.plugins.notify("elastic_coordinator_started", address=self.endpoint, jobs=list(self.engines))
         self.notifier.ready(self._status_line())
         poller = zmq.Poller()
@@ -241,24 +225,21 @@ class Coordinator:
             if self.curve is not None:
                 self.curve.stop()
             self._end_term()
-            if self.leadership is not None:
-                self.leadership.resign()
+            self.election.resign()
             self.notifier.close()
             if self.metrics is not None:
                 self.metrics.close()
 
     def _still_leading(self) -> bool | None:
-        """True to serve (or no election), False once leadership is lost, None while
-        unsure. After a stall longer than the lease (this process stopped, or
-        starved) the lease may have run out unseen and another coordinator may lead:
-        nothing queued is acted on until etcd confirms (or the lease thread gives up)."""
-        if self.leadership is None:
-            return True
-        if self.leadership.lost.is_set():
+        """True to serve, False once leadership is lost, None while unsure. After a
+        stall longer than the lease (this process stopped, or starved) the lease may
+        have run out unseen and another coordinator may lead: nothing queued is
+        acted on until the backend confirms (or the lease thread gives up)."""
+        if self.election.lost.is_set():
             return False
-        if self.leadership.holds():
+        if self.election.holds():
             return True
-        return self.leadership.check()  # False (and ``lost`` set) if another coordinator leads
+        return self.election.check()  # False (and ``lost`` set) if another coordinator leads
 
     def stop(self, reason: str = "stopped") -> None:
         self._stop_reason = reason
@@ -287,13 +268,13 @@ class Coordinator:
             for job_id, e in self.engines.items()
         }
         members = Counter(m.device.split()[0].split(":")[0] if m.device else "unknown" for m in self.membership.members())
-        serving = self._serving and (self.leadership is None or not self.leadership.lost.is_set())
+        serving = self._serving and not self.election.lost.is_set()
         rejected = dict(self.rejected) | (self.curve.refused() if self.curve is not None else {})
         return {"jobs": jobs, "members": dict(members), "rejected": rejected, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out, "serving": serving}
 
     def _status_line(self) -> str:
         jobs = "; ".join(f"{job_id} {e.job.state} round {e.job.round}/{e.job.spec.rounds}" for job_id, e in self.engines.items())
-        role = "leading, " if self.leadership is not None else ""
+        role = "leading, " if self.backend.shared else ""
         return f"{role}{len(self.membership.members())} workers; {jobs or 'no jobs'}"
 
     def _reload(self) -> None:
@@ -321,8 +302,7 @@ class Coordinator:
             if spec.id in self.engines:
                 continue
             try:
-                if self.board is not None:
-                    self.board.publish(spec)
+                self.board.publish(spec.id, spec.to_dict())
                 self.add_job(spec)
                 added.append(spec.id)
             except ElasticError as exc:  # the jobs already running go on
@@ -356,29 +336,24 @@ class Coordinator:
         except zmq.ZMQError as exc:
             log.warning("cannot answer a control request error=%s", exc.strerror)
 
-    def _report_status(self, job_id: str, status: dict[str, Any]) -> None:
-        if self.board is not None:
-            self.board.write_status(job_id, status)
-
     def _board_change(self, job_id: str, part: str, value: bytes) -> None:
-        """A job's spec or desired state as found in etcd."""
+        """A job's spec or desired state as found in the job store."""
         if part == "spec" and value and job_id not in self.engines:
             try:
                 spec = JobSpec.from_dict(json.loads(value))
                 if spec.id != job_id:
                     raise ValueError(f"spec id {spec.id!r} under key of job {job_id!r}")
                 self.add_job(spec)
-                log.info("serving job from etcd job=%s task=%s rule=%s", spec.id, spec.task, spec.rule)
-            except Exception as exc:  # a bad spec in etcd must not stop the jobs that are fine
-                log.error("cannot serve job %s from etcd: %s: %s; fix or delete its spec", job_id, type(exc).__name__, exc)
+                log.info("serving stored job job=%s task=%s rule=%s", spec.id, spec.task, spec.rule)
+            except Exception as exc:  # a bad stored spec must not stop the jobs that are fine
+                log.error("cannot serve stored job %s: %s: %s; fix or delete its spec", job_id, type(exc).__name__, exc)
         elif part == "state" and job_id in self.engines:
             self.engines[job_id].set_desired(value.decode("utf-8", "replace"))
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
-        if self.board is not None:
-            for job_id, part, value in self.board.changes(now):
-                self._board_change(job_id, part, value)
+        for job_id, part, value in self.board.changes(now):
+            self._board_change(job_id, part, value)
         for event in self.membership.poll(now):
             m = event.member
             for engine in self.engines.values():
@@ -401,10 +376,10 @@ class Coordinator:
             self._publish_generation(engine)
 
     def _publish_generation(self, engine: Engine) -> None:
-        """Keep ``rendezvous/<job>/generation`` in etcd current."""
+        """Keep ``rendezvous/<job>/generation`` in the cluster current."""
         job_id = engine.job.spec.id
-        if self.leadership is not None and engine.generation != self._published.get(job_id):
-            self.leadership.publish_later(self.leadership.keys.generation(job_id), str(engine.generation))
+        if engine.generation != self._published.get(job_id):
+            self.election.publish_later(f"rendezvous/{job_id}/generation", str(engine.generation))
             self._published[job_id] = engine.generation
 
     # ------------------------------------------------------------ messages --

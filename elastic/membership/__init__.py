@@ -1,5 +1,13 @@
-"""Membership: who the workers are, and when they come and go."""
+"""Membership: who the workers are, who leads, which jobs exist; kept by a cluster
+backend (``cluster.ClusterBackend``) chosen by the URL's scheme."""
 
-from elastic.membership.base import Member, MembershipBackend, MembershipEvent
+from elastic.membership.base import Member, MembershipEvent, MemberTable
+from elastic.membership.cluster import (
+    ClusterBackend,
+    Election,
+    JobStore,
+    LeaderRecord,
+    Registration,
+)
 
-__all__ = ["Member", "MembershipBackend", "MembershipEvent"]
+__all__ = ["ClusterBackend", "Election", "JobStore", "LeaderRecord", "Member", "MemberTable", "MembershipEvent", "Registration"]

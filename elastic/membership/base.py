@@ -1,12 +1,12 @@
-"""The membership interface the coordinator sees, whatever keeps the member table."""
+"""The member table the coordinator sees, whatever backend keeps it."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Literal
 
-__all__ = ["Member", "MembershipEvent", "MembershipBackend"]
+__all__ = ["Member", "MembershipEvent", "MemberTable", "assign_slot"]
 
 
 @dataclass
@@ -47,21 +47,16 @@ def assign_slot(member: Member, taken: set[int], previous: dict[str, int]) -> No
     previous[member.id] = member.slot
 
 
-class MembershipBackend(ABC):
-    """Keeps the member table and says when members join and leave.
+class MemberTable(ABC):
+    """Keeps the member table and says when members join and leave (a cluster
+    backend's ``member_table``).
 
     The coordinator's single event loop calls every method; ``poll`` hands over the
     events that happened since the last call (including members found dead), so a
-    backend that watches something in another thread only has to queue them.
-
-    Class attributes:
-        name: the URL scheme that picks this backend (``embedded://``, ``etcd://``).
+    table that watches something in another thread only has to queue them.
     """
 
-    name: ClassVar[str]
-
-    def __init__(self, url: str, heartbeat_timeout: float) -> None:
-        self.url = url
+    def __init__(self, heartbeat_timeout: float) -> None:
         self.heartbeat_timeout = heartbeat_timeout
 
     @abstractmethod

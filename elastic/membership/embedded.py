@@ -1,25 +1,31 @@
-"""The embedded backend: the coordinator keeps the member table in memory.
+"""The embedded backend: one coordinator keeps everything in its own memory.
 
-For one machine or a small cluster without etcd. Workers prove they are alive with
-heartbeats over the data connection; one that is silent for ``heartbeat_timeout``
-seconds is removed and the event reaches the round engine on the next poll.
+For one machine or a small cluster without etcd or ZooKeeper. Workers prove they are
+alive with heartbeats over the data connection; one that is silent for
+``heartbeat_timeout`` seconds is removed and the event reaches the round engine on
+the next poll. There is one coordinator, so it leads from the start and nothing can
+depose it; its jobs live as long as it does (its checkpoints outlive it).
 """
 
 from __future__ import annotations
 
+import json
+import threading
+from collections.abc import Callable
+from typing import Any
+
 from elastic.hookspecs import hookimpl
-from elastic.membership.base import Member, MembershipBackend, MembershipEvent, assign_slot
+from elastic.membership.base import Member, MembershipEvent, MemberTable, assign_slot
+from elastic.membership.cluster import ClusterBackend, Election, JobStore, LeaderRecord
 
-__all__ = ["EmbeddedMembership"]
+__all__ = ["EmbeddedBackend", "EmbeddedMemberTable", "SoleElection", "MemoryJobStore"]
 
 
-class EmbeddedMembership(MembershipBackend):
+class EmbeddedMemberTable(MemberTable):
     """In-memory member table with heartbeat expiry."""
 
-    name = "embedded"
-
-    def __init__(self, url: str = "embedded://", heartbeat_timeout: float = 3.0) -> None:
-        super().__init__(url, heartbeat_timeout)
+    def __init__(self, heartbeat_timeout: float = 3.0) -> None:
+        super().__init__(heartbeat_timeout)
         self._members: dict[str, Member] = {}
         self._events: list[MembershipEvent] = []
         self._last_slot: dict[str, int] = {}  # a worker that comes back gets its shard back
@@ -53,6 +59,8 @@ class EmbeddedMembership(MembershipBackend):
         if member is not None:
             self._sorted = None
             self._events.append(MembershipEvent("left", member, reason))
+        if reason == "bye":  # it left on purpose: its slot is free for good
+            self._last_slot.pop(member_id, None)
 
     def members(self) -> list[Member]:
         if self._sorted is None:
@@ -70,6 +78,82 @@ class EmbeddedMembership(MembershipBackend):
         return events
 
 
+class SoleElection(Election):
+    """The one coordinator leads at once, for good: its token is 1, every check passes."""
+
+    def __init__(self) -> None:
+        self.lost = threading.Event()
+        self.token = 0
+
+    def campaign(self, record: LeaderRecord, stop: threading.Event | None = None, tick: Callable[[], None] | None = None) -> bool:
+        self.token = 1
+        self.lost.clear()
+        return True
+
+    def check(self) -> bool | None:
+        return not self.lost.is_set()
+
+    def holds(self) -> bool:
+        return not self.lost.is_set()
+
+    def publish_later(self, path: str, value: str) -> None:
+        """Nobody else reads it."""
+
+    def step_down(self) -> None:
+        self.token = 0
+        self.lost.set()
+
+    def resign(self) -> None:
+        self.step_down()
+
+
+class MemoryJobStore(JobStore):
+    """The jobs of this coordinator, in its memory: nobody else writes them."""
+
+    def __init__(self, election: Election) -> None:
+        super().__init__(election)
+        self._jobs: dict[str, dict[str, bytes]] = {}
+
+    def publish(self, job_id: str, spec: dict[str, Any]) -> bool:
+        if job_id in self._jobs:
+            return False
+        self._jobs[job_id] = {"spec": json.dumps(spec).encode(), "state": b"running"}
+        return True
+
+    def jobs(self) -> dict[str, dict[str, bytes]]:
+        return {job_id: dict(parts) for job_id, parts in self._jobs.items()}
+
+    def set_state(self, job_id: str, state: str) -> None:
+        self.check_state(state)
+        self._jobs.setdefault(job_id, {})["state"] = state.encode()
+
+    def changes(self, now: float) -> list[tuple[str, str, bytes]]:
+        return []
+
+    def write_status(self, job_id: str, status: dict[str, Any]) -> None:
+        """The status file is where it is read (no copy to serialise)."""
+
+
+class EmbeddedBackend(ClusterBackend):
+    name = "embedded"
+    shared = False
+
+    def member_table(self, heartbeat_timeout: float) -> EmbeddedMemberTable:
+        return EmbeddedMemberTable(heartbeat_timeout)
+
+    def election(self, coordinator_id: str, ttl: float) -> SoleElection:
+        return SoleElection()
+
+    def job_store(self, election: Election) -> MemoryJobStore:
+        return MemoryJobStore(election)
+
+    def registration(self, worker_id: str, record: dict[str, Any], ttl: float) -> None:
+        return None  # workers are told where the coordinator is (--coordinator)
+
+    def leader(self) -> LeaderRecord | None:
+        return None  # known to this process only
+
+
 @hookimpl
-def elastic_membership_backends() -> list[type]:
-    return [EmbeddedMembership]
+def elastic_cluster_backends() -> list[type]:
+    return [EmbeddedBackend]

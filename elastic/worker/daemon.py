@@ -31,7 +31,7 @@ from elastic.allocator import tune_allocator
 from elastic.config import WorkerConfig, apply_reload
 from elastic.errors import ElasticError, ProtocolError
 from elastic.logs import setup_logging
-from elastic.membership.etcd import WorkerRegistration
+from elastic.membership.cluster import ClusterBackend, Registration, open_backend
 from elastic.plugins import Plugins
 from elastic.sdnotify import Notifier
 from elastic.security import client_security
@@ -54,6 +54,7 @@ class Worker:
     def __init__(self, config: WorkerConfig, plugins: Plugins, reloader: Callable[[], WorkerConfig] | None = None) -> None:
         tune_allocator()
         self.config = config
+        self.plugins = plugins
         self.reloader = reloader  # SIGHUP: the configuration read again
         if config.curve_key:
             self._secure: Secure | None = client_security(config.curve_key, config.coordinator_key)
@@ -82,7 +83,7 @@ class Worker:
         self._lane: SegmentWriter | None = None
         self._placed: SegmentReader | None = None
         self.shm_sent = self.shm_in_place = 0  # updates through /dev/shm; of those, sent with no copy
-        self.registration: WorkerRegistration | None = None
+        self.registration: Registration | None = None
         self.address = ""  # the coordinator of the current session
         self.registered = False
         self.heartbeat_interval = 1.0
@@ -95,12 +96,12 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stop())
             signal.signal(signal.SIGHUP, lambda *_: self._reload_asked.set())
-        # Registered in etcd (when asked) before anything else: unreachable etcd is one
+        # Registered (when asked) before anything else: an unreachable backend is one
         # clear error at start, and the record exists before the first HELLO.
-        self.registration = self._register() if self.config.membership.startswith("etcd://") else None
+        self.registration = self._register() if self.config.membership else None
         trainer = threading.Thread(target=self._train_loop, name="trainer", daemon=True)
         trainer.start()
-        log.info("worker starting worker=%s device=%s coordinator=%s", self.id, describe_device(self.device), self.config.coordinator or "(the leader in etcd)")
+        log.info("worker starting worker=%s device=%s coordinator=%s", self.id, describe_device(self.device), self.config.coordinator or "(whoever leads)")
         self.notifier.ready(f"starting on {describe_device(self.device)}")
         backoff = BACKOFF_START
         try:
@@ -130,9 +131,9 @@ class Worker:
             log.info("worker stopped worker=%s rounds=%d shm_sent=%d shm_in_place=%d", self.id, self.rounds_done, self.shm_sent, self.shm_in_place)
             self.notifier.close()
 
-    def _register(self) -> WorkerRegistration:
+    def _register(self) -> Registration | None:
         record = {"id": self.id, "host": socket.gethostname(), "pid": os.getpid(), "device": describe_device(self.device), "software": __version__, "data": str(self.config.data or "")}
-        return WorkerRegistration(self.config.membership, self.id, record, self.config.lease_ttl)
+        return open_backend(self.config.membership, self.plugins.backends).registration(self.id, record, self.config.lease_ttl)
 
     def stop(self) -> None:
         self._stop.set()
@@ -167,21 +168,21 @@ class Worker:
         self.notifier.ready()
 
     def _coordinator_address(self) -> str | None:
-        """``--coordinator``, else the leader published in etcd (waited for); None if stopped."""
+        """``--coordinator``, else the leader the cluster names (waited for); None if stopped."""
         if self.config.coordinator or self.registration is None:
             return self.config.coordinator
         waiting = False
         while not self._stop.is_set():
             self.registration.leader_changed.clear()
             try:
-                address = self.registration.leader_address()
-            except Exception as exc:  # etcd away: keep waiting
-                log.warning("cannot read the leader from etcd error=%s; retrying", type(exc).__name__)
-                address = None
-            if address is not None:
-                return address
+                leader = self.registration.leader()
+            except Exception as exc:  # the backend away: keep waiting
+                log.warning("cannot read the leader error=%s; retrying", type(exc).__name__)
+                leader = None
+            if leader is not None:
+                return leader.address
             if not waiting:
-                log.info("waiting for a coordinator to lead cluster=%s", self.registration.keys.cluster)
+                log.info("waiting for a coordinator to lead membership=%s", ClusterBackend.describe_url(self.config.membership))
                 self.notifier.status("waiting for a coordinator to lead")
                 waiting = True
             self._supervision()
@@ -189,15 +190,16 @@ class Worker:
         return None
 
     def _leader_moved(self, address: str) -> bool:
-        """True when etcd names another leader than the one this session talks to."""
+        """True when the cluster names another leader than the one this session talks to."""
         reg = self.registration
         if self.config.coordinator or reg is None or not reg.leader_changed.is_set():
             return False
         reg.leader_changed.clear()
         try:
-            leader = reg.leader_address()
-        except Exception:  # etcd silent: that says nothing about our coordinator
+            record = reg.leader()
+        except Exception:  # the backend silent: that says nothing about our coordinator
             return False
+        leader = record.address if record is not None else None
         if leader == address:
             return False
         log.warning("the leading coordinator changed old=%s new=%s", address, leader or "(none yet)")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from elastic.membership.etcd import Keys, connect
+from elastic.membership.etcd.client import Keys, connect
 from tests.etcd_server import EtcdServer, etcd_binary, etcd_cluster
 
 from .conftest import Cluster, wait_for

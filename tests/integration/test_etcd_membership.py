@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from elastic.membership.etcd import Keys, connect
+from elastic.membership.etcd.client import Keys, connect
 from tests.etcd_server import EtcdServer
 
 from .conftest import Cluster, wait_for
@@ -43,7 +43,7 @@ def test_workers_join_and_leave_through_etcd(cluster: Cluster, tmp_path: Path, e
     done = cluster.wait_status("dg", lambda s: s["state"] == "finished", 120, "the job to finish")
     assert [h["round"] for h in done["history"]] == list(range(1, 61))
     client = connect(url)  # the leader keeps the rendezvous generation in etcd
-    value, _ = client.get(Keys("it").generation("dg"))
+    value, _ = client.get(Keys("it").path("rendezvous/dg/generation"))
     assert value == b"0"  # FedAvg keeps fixed shards: never a new generation
     client.close()
 

@@ -1,4 +1,5 @@
-"""Two coordinators elect a leader in a real etcd; the standby takes over when it dies."""
+"""Two coordinators elect a leader in a real etcd, or a real ZooKeeper; the standby
+takes over when the leader dies, and a leader that froze is fenced when it wakes."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.etcd_server import EtcdServer, free_port
+from tests.etcd_server import free_port
 
 from .conftest import Cluster, wait_for, write_job
 
@@ -18,9 +19,16 @@ pytestmark = pytest.mark.slow
 TTL = 3.0
 
 
-def start_pair(cluster: Cluster, tmp_path: Path, etcd: EtcdServer, epochs: int = 2) -> subprocess.Popen:
+@pytest.fixture(params=["etcd", "zk"])
+def servers(request: pytest.FixtureRequest) -> str:
+    """The membership URL of a real etcd, or a real ZooKeeper, of this test's own."""
+    if request.param == "etcd":
+        return f"etcd://{request.getfixturevalue('etcd').url}/fo"
+    return f"zk://{request.getfixturevalue('zookeeper').hosts}/fo"
+
+
+def start_pair(cluster: Cluster, tmp_path: Path, url: str, epochs: int = 2) -> subprocess.Popen:
     """Two coordinators (c1 leads, c2 stands by) and three workers on the example job."""
-    url = f"etcd://{etcd.url}/fo"
     # The README's example job (30 rounds, non-IID shards), with 3 workers.
     example = (Path(__file__).parents[2] / "examples" / "digits-fedavg.toml").read_text()
     example = example.replace("min_workers = 4", 'id = "dg"\nmin_workers = 2\npartitions = 3').replace("local_epochs = 2", f"local_epochs = {epochs}")
@@ -28,16 +36,16 @@ def start_pair(cluster: Cluster, tmp_path: Path, etcd: EtcdServer, epochs: int =
     flags = ("--membership", url, "--lease-ttl", str(TTL))
     first = cluster.spawn("c1", "coordinator", "--bind", f"tcp://127.0.0.1:{free_port()}", "--state-dir", str(cluster.state), "--job", str(job), "--id", "c1", *flags)
     wait_for(lambda: "leading cluster=fo" in (tmp_path / "c1.log").read_text(), 30, "c1 to lead")
-    # c2 is given no job: it serves what is in etcd (c1 published the spec there).
+    # c2 is given no job: it serves what is stored (c1 published the spec there).
     cluster.spawn("c2", "coordinator", "--bind", f"tcp://127.0.0.1:{free_port()}", "--state-dir", str(cluster.state), "--id", "c2", *flags)
     wait_for(lambda: "standing by cluster=fo" in (tmp_path / "c2.log").read_text(), 30, "c2 to stand by")
-    for w in ("w0", "w1", "w2"):  # no --coordinator: they find the leader in etcd
+    for w in ("w0", "w1", "w2"):  # no --coordinator: they find the leader in the cluster
         cluster.spawn(w, "worker", "--membership", url, "--lease-ttl", str(TTL), "--id", w, "--device", "cpu", "--threads", "1", "--coordinator-timeout", "5")
     return first
 
 
-def test_standby_takes_over_and_the_job_finishes(cluster: Cluster, tmp_path: Path, etcd: EtcdServer) -> None:
-    first = start_pair(cluster, tmp_path, etcd)
+def test_standby_takes_over_and_the_job_finishes(cluster: Cluster, tmp_path: Path, servers: str) -> None:
+    first = start_pair(cluster, tmp_path, servers)
     cluster.wait_status("dg", lambda s: s["round"] >= 4, 120, "a few rounds under c1")
     first.send_signal(signal.SIGKILL)
     killed = time.monotonic()
@@ -52,8 +60,8 @@ def test_standby_takes_over_and_the_job_finishes(cluster: Cluster, tmp_path: Pat
     print(f"standby led {took_over:.1f}s after the leader was killed")
 
 
-def test_a_frozen_leader_is_fenced_when_it_wakes(cluster: Cluster, tmp_path: Path, etcd: EtcdServer) -> None:
-    first = start_pair(cluster, tmp_path, etcd, epochs=4)
+def test_a_frozen_leader_is_fenced_when_it_wakes(cluster: Cluster, tmp_path: Path, servers: str) -> None:
+    first = start_pair(cluster, tmp_path, servers, epochs=4)
     cluster.wait_status("dg", lambda s: s["round"] >= 2 and s.get("in_progress"), 120, "a round in progress under c1")
     first.send_signal(signal.SIGSTOP)  # frozen mid-round: its lease runs out, c2 takes over
     c2_log = tmp_path / "c2.log"

@@ -99,7 +99,7 @@ def test_the_cli_finds_the_leader_in_etcd(cluster: Cluster, tmp_path: Path, etcd
     wait_for(lambda: elastic("job", "ls", "--membership", url).returncode == 0, 30, "the leader to answer")
     wait_for(lambda: as_json("job", "status", "lin", "--membership", url)["round"] >= 2, 60, "two rounds")
     assert as_json("job", "pause", "lin", "--membership", url)["desired"] == "paused"
-    from elastic.membership.etcd import Keys, connect
+    from elastic.membership.etcd.client import Keys, connect
 
     client = connect(url)
     try:

@@ -11,7 +11,7 @@ import torch
 from elastic_plugins.tasks.linreg import LinReg
 
 from elastic.api import Shard
-from elastic.membership.etcd import Keys, connect
+from elastic.membership.etcd.client import Keys, connect
 from tests.etcd_server import EtcdServer
 
 from .conftest import Cluster, wait_for, write_job
@@ -134,6 +134,6 @@ def test_a_worker_joining_through_etcd_gets_a_shard_in_the_next_generation(clust
         assert torch.allclose(got[name], tensor, atol=1e-5, rtol=0), (name, (got[name] - tensor).abs().max())
     client = connect(url)  # the generation is published in etcd for anyone to see
     try:
-        assert wait_for(lambda: client.get(Keys("rdv").generation("lin"))[0] == str(history[-1]["generation"]).encode(), 5, "the generation in etcd")
+        assert wait_for(lambda: client.get(Keys("rdv").path("rendezvous/lin/generation"))[0] == str(history[-1]["generation"]).encode(), 5, "the generation in etcd")
     finally:
         client.close()

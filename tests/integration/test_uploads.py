@@ -110,10 +110,13 @@ def test_parts_out_of_turn_get_nacks_and_the_job_goes_on(cluster: Cluster, tmp_p
         tensors = {name: WireTensor.from_tensor(torch.zeros(stop - start)) for name, start, stop in grant.meta["segments"]}
         assert sum(t.nbytes for t in tensors.values()) == 1 << 20
         meta = {"num_samples": 5, "loss": 0.1, "kind": "weights", "train_seconds": 0.1}
-        for part in ([2, 4], [0, 4], "zero"):  # out of turn; then no stream any more; then garbage
+        for part in ([2, 4], [0, 4], [0, "zero"]):  # out of turn; then no stream any more; then garbage
             update = Message(MsgType.UPDATE, job="big", round=10**9, key=key, meta={**meta, "part": part}, tensors=tensors)
             nack = ask(update)
             assert nack.type is MsgType.NACK and nack.meta["reason"] == "bad_part" and "expected" in nack.meta["detail"], nack.meta
+        # Not even a list: the header's schema refuses it before any stream is looked at.
+        nack = ask(Message(MsgType.UPDATE, job="big", round=10**9, key=key, meta={**meta, "part": "zero"}, tensors=tensors))
+        assert (nack.meta["reason"], nack.meta["detail"]) == ("bad_field", "UPDATE meta field 'part' must be list, got str"), nack.meta
         assert ask(Message(MsgType.OFFER, job="big", round=10**9, key=key, meta={"bytes": PARAMS * 4, "parts": True})).type is MsgType.GRANT
         part0 = Message(MsgType.UPDATE, job="big", round=10**9, key=key, meta={**meta, "part": [0, 4]}, tensors=tensors)
         assert ask(part0).meta["reason"] == "unknown_round"  # in turn, but for no round that runs

@@ -1,9 +1,9 @@
 from elastic.membership.base import Member
-from elastic.membership.embedded import EmbeddedMembership
+from elastic.membership.embedded import EmbeddedMemberTable
 
 
 def test_join_heartbeat_expiry_and_events() -> None:
-    m = EmbeddedMembership(heartbeat_timeout=3.0)
+    m = EmbeddedMemberTable(heartbeat_timeout=3.0)
     assert m.join(Member(id="a"), now=0).slot == 0
     assert m.join(Member(id="b"), now=0).slot == 1
     assert [(e.kind, e.member.id) for e in m.poll(0)] == [("joined", "a"), ("joined", "b")]
@@ -15,7 +15,7 @@ def test_join_heartbeat_expiry_and_events() -> None:
 
 
 def test_graceful_leave_and_rejoin_keeps_the_slot() -> None:
-    m = EmbeddedMembership()
+    m = EmbeddedMemberTable()
     for wid in "abc":
         m.join(Member(id=wid), now=0)
     m.leave("b", "bye")
@@ -30,7 +30,7 @@ def test_graceful_leave_and_rejoin_keeps_the_slot() -> None:
 
 
 def test_join_twice_is_a_refresh_not_a_new_member() -> None:
-    m = EmbeddedMembership()
+    m = EmbeddedMemberTable()
     m.join(Member(id="a"), now=0)
     m.poll(0)
     assert m.join(Member(id="a"), now=1).slot == 0

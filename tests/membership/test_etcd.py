@@ -9,13 +9,8 @@ import pytest
 
 from elastic.errors import ConfigError, MembershipUnavailable
 from elastic.membership.base import Member, MembershipEvent
-from elastic.membership.etcd import (
-    EtcdMembership,
-    Keys,
-    WorkerRegistration,
-    connect,
-    parse_etcd_url,
-)
+from elastic.membership.etcd.client import Keys, connect, parse_etcd_url
+from elastic.membership.etcd.members import EtcdMemberTable, EtcdRegistration
 from tests.etcd_server import EtcdServer, free_port
 
 RECORD = {"id": "w1", "host": "h", "pid": 1, "device": "cpu", "software": "test", "data": ""}
@@ -37,7 +32,7 @@ def test_unreachable_etcd_is_one_clear_error() -> None:
     assert time.monotonic() - started < 5
 
 
-def poll_until(backend: EtcdMembership, want: Callable[[MembershipEvent], bool], timeout: float) -> tuple[MembershipEvent, float]:
+def poll_until(backend: EtcdMemberTable, want: Callable[[MembershipEvent], bool], timeout: float) -> tuple[MembershipEvent, float]:
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         for event in backend.poll(time.monotonic()):
@@ -49,15 +44,15 @@ def poll_until(backend: EtcdMembership, want: Callable[[MembershipEvent], bool],
 
 @pytest.fixture
 def backend(etcd: EtcdServer):
-    b = EtcdMembership(f"etcd://{etcd.url}/t")
+    b = EtcdMemberTable(f"etcd://{etcd.url}/t")
     yield b
     b.close()
 
 
-def test_member_needs_a_record_and_a_hello(etcd: EtcdServer, backend: EtcdMembership) -> None:
+def test_member_needs_a_record_and_a_hello(etcd: EtcdServer, backend: EtcdMemberTable) -> None:
     backend.join(Member(id="w1"), time.monotonic())  # HELLO first: not a member yet
     assert backend.members() == [] and backend.poll(time.monotonic()) == []
-    reg = WorkerRegistration(f"etcd://{etcd.url}/t", "w1", RECORD, ttl=2)
+    reg = EtcdRegistration(f"etcd://{etcd.url}/t", "w1", RECORD, ttl=2)
     try:
         event, _ = poll_until(backend, lambda e: e.kind == "joined", 5)
         assert event.member.id == "w1" and [m.id for m in backend.members()] == ["w1"]
@@ -65,10 +60,10 @@ def test_member_needs_a_record_and_a_hello(etcd: EtcdServer, backend: EtcdMember
         reg.close()
 
 
-def test_graceful_stop_revokes_at_once_and_a_crash_ends_with_the_lease(etcd: EtcdServer, backend: EtcdMembership) -> None:
+def test_graceful_stop_revokes_at_once_and_a_crash_ends_with_the_lease(etcd: EtcdServer, backend: EtcdMemberTable) -> None:
     url = f"etcd://{etcd.url}/t"
-    graceful = WorkerRegistration(url, "w1", RECORD, ttl=10)
-    crashing = WorkerRegistration(url, "w2", RECORD | {"id": "w2"}, ttl=2)
+    graceful = EtcdRegistration(url, "w1", RECORD, ttl=10)
+    crashing = EtcdRegistration(url, "w2", RECORD | {"id": "w2"}, ttl=2)
     for worker in ("w1", "w2"):
         backend.join(Member(id=worker), time.monotonic())
     poll_until(backend, lambda e: e.kind == "joined" and e.member.id == "w2", 5)
@@ -85,8 +80,8 @@ def test_graceful_stop_revokes_at_once_and_a_crash_ends_with_the_lease(etcd: Etc
 
 
 def test_members_present_before_the_coordinator_starts_are_seen(etcd: EtcdServer) -> None:
-    reg = WorkerRegistration(f"etcd://{etcd.url}/t", "w1", RECORD, ttl=5)
-    backend = EtcdMembership(f"etcd://{etcd.url}/t")
+    reg = EtcdRegistration(f"etcd://{etcd.url}/t", "w1", RECORD, ttl=5)
+    backend = EtcdMemberTable(f"etcd://{etcd.url}/t")
     try:
         backend.join(Member(id="w1"), time.monotonic())
         assert [e.kind for e in backend.poll(time.monotonic())] == ["joined"]
@@ -95,7 +90,7 @@ def test_members_present_before_the_coordinator_starts_are_seen(etcd: EtcdServer
         reg.close()
 
 
-def test_a_malformed_record_is_ignored(etcd: EtcdServer, backend: EtcdMembership, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_malformed_record_is_ignored(etcd: EtcdServer, backend: EtcdMemberTable, caplog: pytest.LogCaptureFixture) -> None:
     client = connect(f"etcd://{etcd.url}/t")
     client.put(Keys("t").member("junk"), b"\xff not json")
     backend.join(Member(id="junk"), time.monotonic())
@@ -108,7 +103,7 @@ def test_a_malformed_record_is_ignored(etcd: EtcdServer, backend: EtcdMembership
 
 
 def test_retrying_rides_out_failures_then_names_the_problem() -> None:
-    from elastic.membership.etcd import retrying
+    from elastic.membership.etcd.client import retrying
 
     calls = []
 
@@ -127,7 +122,7 @@ def test_retrying_rides_out_failures_then_names_the_problem() -> None:
         retrying(object(), "registering", down, timeout=0.3)
 
 
-def test_a_goodbye_frees_the_slot_and_a_crash_keeps_it(etcd: EtcdServer, backend: EtcdMembership) -> None:
+def test_a_goodbye_frees_the_slot_and_a_crash_keeps_it(etcd: EtcdServer, backend: EtcdMemberTable) -> None:
     client, keys = connect(f"etcd://{etcd.url}/t"), Keys("t")
     try:
         for worker in ("w1", "w2"):
@@ -143,7 +138,7 @@ def test_a_goodbye_frees_the_slot_and_a_crash_keeps_it(etcd: EtcdServer, backend
 
 
 def test_etcd_access_options(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    from elastic.membership.etcd import etcd_access, redacted
+    from elastic.membership.etcd.client import etcd_access, redacted
 
     ca = tmp_path / "ca.pem"
     ca.write_text("x")

@@ -9,7 +9,7 @@ from elastic import hookspecs
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "plugins.md"
 SPECS = {n: f for n, f in vars(hookspecs).items() if n.startswith("elastic_") and inspect.isfunction(f)}
-COMPONENT_HOOKS = {"elastic_aggregators", "elastic_tasks", "elastic_codecs", "elastic_membership_backends"}
+COMPONENT_HOOKS = {"elastic_aggregators", "elastic_tasks", "elastic_codecs", "elastic_cluster_backends"}
 
 
 def test_every_hook_has_a_full_docstring() -> None:

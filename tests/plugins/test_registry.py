@@ -33,7 +33,7 @@ def test_builtins_come_through_entry_points() -> None:
     p = Plugins()
     assert {"fedavg", "syncavg"} <= set(p.aggregators.names())
     assert {"digits", "linreg"} <= set(p.tasks.names())
-    assert "embedded" in p.membership.names()
+    assert {"embedded", "etcd", "zk"} <= set(p.backends.names())
     assert all(item.distribution.startswith("elastic ") for item in p.provided())
 
 

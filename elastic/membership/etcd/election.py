@@ -1,4 +1,5 @@
-"""Coordinator election over etcd: whoever creates the ``leader`` key leads.
+"""Coordinator election over etcd (``EtcdElection``): whoever creates the ``leader``
+key leads; the key's create revision is the fencing token.
 
 Any number of coordinators may run against one cluster. Each campaigns by creating
 ``/elastic/<cluster>/leader`` in a transaction that succeeds only if the key does
@@ -17,7 +18,6 @@ silent etcd never blocks the coordinator's event loop on them.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -25,7 +25,8 @@ from collections.abc import Callable
 from typing import Any
 
 from elastic.errors import ConfigError
-from elastic.membership.etcd import (
+from elastic.membership.cluster import Election, LeaderRecord
+from elastic.membership.etcd.client import (
     RPC_TIMEOUT,
     Keys,
     connect,
@@ -36,12 +37,12 @@ from elastic.membership.etcd import (
     revoke,
 )
 
-__all__ = ["Leadership"]
+__all__ = ["EtcdElection"]
 
 log = logging.getLogger("elastic.election")
 
 
-class Leadership:
+class EtcdElection(Election):
     """One coordinator's candidacy. ``campaign`` blocks until it leads."""
 
     def __init__(self, url: str, coordinator_id: str, ttl: float = 10.0) -> None:
@@ -52,7 +53,7 @@ class Leadership:
         self.ttl = int(round(ttl))
         self.client = connect(url)
         self.lease: Any = None
-        self.revision = 0  # the leader key's create revision while we lead
+        self.token = 0  # the leader key's create revision while we lead
         # When the last renewal that etcd granted was sent (monotonic): the lease
         # lives at least a TTL from then, whatever happened to this process since.
         self.renewed_at = float("-inf")
@@ -64,20 +65,16 @@ class Leadership:
         self._writer: threading.Thread | None = None
         self._watch = retrying(self.client, "watching the leader", lambda: self.client.add_watch_callback(self.keys.leader, lambda _response: self._changed.set()))
 
-    def campaign(self, address: str, stop: threading.Event | None = None, tick: Callable[[], None] | None = None, control: str = "") -> bool:
-        """Lead (True), or return False once ``stop`` is set while standing by.
-        ``tick`` is called about once a second while standing by (a watchdog).
-        The leader's record holds ``address`` (for workers) and ``control`` (for the CLI)."""
-        record = json.dumps({"id": self.id, "address": address, "control": control, "since": time.time()})
+    def campaign(self, record: LeaderRecord, stop: threading.Event | None = None, tick: Callable[[], None] | None = None) -> bool:
         announced = False
         while not (stop is not None and stop.is_set()):
             self._changed.clear()
             try:
-                if self._try_to_lead(record, address):
+                if self._try_to_lead(record):
                     return True
                 if not announced:
                     leader = read_leader(self.client, self.keys)
-                    log.info("standing by cluster=%s leader=%s", self.keys.cluster, leader["address"] if leader else "?")
+                    log.info("standing by cluster=%s leader=%s", self.keys.cluster, leader.address if leader else "?")
                     announced = True
             except Exception as exc:  # etcd away: keep standing by, try again
                 failed_over(self.client, exc)
@@ -87,22 +84,22 @@ class Leadership:
             self._changed.wait(1.0)  # the watch wakes us when the key changes
         return False
 
-    def _try_to_lead(self, record: str, address: str) -> bool:
+    def _try_to_lead(self, record: LeaderRecord) -> bool:
         """One attempt: create the leader key under a new lease if nobody holds it."""
         asked = time.monotonic()
         lease = self.client.lease(self.ttl)
         tx = self.client.transactions
         won, responses = self.client.transaction(
             compare=[tx.create(self.keys.leader) == 0],
-            success=[tx.put(self.keys.leader, record, lease)],
+            success=[tx.put(self.keys.leader, record.to_json(), lease)],
             failure=[],
         )
         if not won:
             lease.revoke()
             return False
         self.lease = lease
-        self.revision = responses[0].response_put.header.revision  # our fencing token
-        log.info("leading cluster=%s address=%s lease=%x ttl=%ds", self.keys.cluster, address, lease.id, self.ttl)
+        self.token = responses[0].response_put.header.revision  # our fencing token
+        log.info("leading cluster=%s address=%s lease=%x ttl=%ds", self.keys.cluster, record.address, lease.id, self.ttl)
         self.renewed_at = asked
         self.lost.clear()
         self._term_over = threading.Event()
@@ -112,17 +109,13 @@ class Leadership:
         return True
 
     def check(self) -> bool | None:
-        """Whether we still lead, asked of etcd now (a fence before every commit).
-
-        True: the leader key is still the one we created. False: it is gone or
-        another coordinator's (``lost`` is set). None: etcd did not answer; commit
-        nothing now, and the lease decides soon enough.
-        """
+        """True while the leader key is still the one we created (its create
+        revision is our token)."""
         if self.lost.is_set():
             return False
         try:
             tx = self.client.transactions
-            ok, _ = self.client.transaction(compare=[tx.create(self.keys.leader) == self.revision], success=[], failure=[])
+            ok, _ = self.client.transaction(compare=[tx.create(self.keys.leader) == self.token], success=[], failure=[])
         except Exception as exc:
             log.warning("cannot confirm leadership error=%s; not committing now", type(exc).__name__)
             return None
@@ -131,23 +124,23 @@ class Leadership:
             self.lost.set()
         return bool(ok)
 
-    def publish(self, key: str, value: str) -> bool | None:
-        """Write ``key`` if we still lead (one transaction). True: written; False:
+    def publish(self, path: str, value: str) -> bool | None:
+        """Write ``path`` if we still lead (one transaction). True: written; False:
         another coordinator leads (not written, never will be); None: etcd failed."""
+        key = self.keys.path(path)
         try:
             tx = self.client.transactions
-            ok, _ = self.client.transaction(compare=[tx.create(self.keys.leader) == self.revision], success=[tx.put(key, value)], failure=[])
+            ok, _ = self.client.transaction(compare=[tx.create(self.keys.leader) == self.token], success=[tx.put(key, value)], failure=[])
         except Exception as exc:
             log.warning("cannot write %s to etcd error=%s; retrying", key, type(exc).__name__)
             return None
         return bool(ok)
 
-    def publish_later(self, key: str, value: str) -> None:
-        """Queue a fenced write of ``key``; a newer value for the same key replaces a
-        queued one. Written in order of keys by this term's writer thread, retried
-        each second while etcd fails, dropped once another coordinator leads."""
+    def publish_later(self, path: str, value: str) -> None:
+        """Written in order of paths by this term's writer thread, retried each
+        second while etcd fails, dropped once another coordinator leads."""
         with self._outbox_ready:
-            self._outbox[key] = value
+            self._outbox[path] = value
             self._outbox_ready.notify()
 
     def _write_outbox(self, term_over: threading.Event) -> None:
@@ -168,10 +161,9 @@ class Leadership:
                         del self._outbox[key]
 
     def holds(self) -> bool:
-        """Whether the lease surely still lives, by this process's own clock (no etcd
-        call): False once lost, or a TTL after the last renewal etcd granted. A
-        process stopped (SIGSTOP, a stalled VM) for longer wakes up believing it leads
-        while another coordinator does: this is what it must ask before acting."""
+        """A process stopped (SIGSTOP, a stalled VM) for longer than the lease wakes
+        up believing it leads while another coordinator does: this is what it must
+        ask before acting."""
         return not self.lost.is_set() and time.monotonic() - self.renewed_at < self.ttl
 
     def _keep_alive(self, lease: Any, term_over: threading.Event) -> None:
@@ -213,7 +205,7 @@ class Leadership:
                     self.client.revoke_lease(self.lease.id)
             else:
                 revoke(self.client, self.lease, "leader", self.ttl)
-        self.lease, self.revision = None, 0
+        self.lease, self.token = None, 0
         self.lost.set()
 
     def resign(self) -> None:
