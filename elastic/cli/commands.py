@@ -139,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = CoordinatorConfig(bind="tcp://127.0.0.1:0", state_dir=state_dir, exit_when_done=True, curve_key=str(keys["coordinator"]), allow_workers=str(keys["workers"]), allow_admins=str(keys["admins"]))
     config.validate()
     coordinator = Coordinator(config, plugins, [spec])
-    job = coordinator.engines[spec.id].job
+    job = coordinator.core.engines[spec.id].job
     workers = _start_local_workers(coordinator.endpoint, args.local_workers, args.device, state_dir, ["--curve-key", str(keys["worker"]), "--coordinator-key", str(keys["coordinator_public"])])
     thread = threading.Thread(target=coordinator.run, kwargs={"install_signals": False}, name="coordinator", daemon=True)
     failure = ""

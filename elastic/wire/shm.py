@@ -519,6 +519,10 @@ class LocalPeers:
     def writer(self, peer: str) -> SegmentWriter | None:
         return self._writers.get(peer)
 
+    def is_local(self, peer: str) -> bool:
+        """Whether ``peer`` shares this host (tensors to it go through memory)."""
+        return peer in self._writers
+
     def reader(self, peer: str) -> SegmentReader | None:
         return self._readers.get(peer)
 

@@ -75,7 +75,7 @@ def test_daemon_flag_errors(tmp_path: Path) -> None:
     r = elastic("worker", "--device", "cuda:7", "--coordinator", "tcp://127.0.0.1:1", "--insecure")
     assert r.returncode == 2 and ("CUDA is not available" in r.stderr or "CUDA device(s)" in r.stderr)
     r = elastic("coordinator", "--membership", "zookeeper://x", "--bind", "tcp://127.0.0.1:0", "--insecure")
-    assert r.returncode == 2 and "unknown membership backend 'zookeeper'" in r.stderr
+    assert r.returncode == 2 and "unknown cluster backend 'zookeeper' (known: embedded, etcd, zk)" in r.stderr
     r = elastic("run", str(ROOT / "examples" / "digits-fedavg.toml"), "--local-workers", "2")
     assert r.returncode == 2 and "min_workers = 4" in r.stderr
     r = elastic("coordinator", "--bind", "tcp://127.0.0.1:0")  # neither keys nor --insecure
