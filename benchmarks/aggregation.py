@@ -70,7 +70,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as state:
         spec = JobSpec(id="agg", task="synthetic", rule="fedavg", rounds=args.rounds + 10, min_workers=k, eval_every=0, round_timeout=600.0,
                        task_params={"params": args.params}, checkpoint=CheckpointPolicy(every=10**6))
-        engine = RoundEngine(Job(spec, Plugins(), Path(state)), lambda *a, **kw: None)
+        engine = RoundEngine(Job(spec, Plugins(), Path(state)))
         members = [Member(id=f"w{i}") for i in range(k)]
         like = {n: p.detach() for n, p in engine.job.model.named_parameters()}
         updates = [{n: torch.randn_like(t) for n, t in like.items()} for _ in range(k)]

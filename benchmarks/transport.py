@@ -158,7 +158,7 @@ def elastic_engine(params: int, repeats: int, state_dir: str) -> RoundEngine:
         id="bench", task="blob", rule="fedavg", rounds=repeats + 10, eval_every=0,
         round_timeout=600.0, task_params={"params": params}, checkpoint=CheckpointPolicy(every=10**6),
     )
-    return RoundEngine(Job(spec, plugins(), Path(state_dir)), lambda *a, **k: None)
+    return RoundEngine(Job(spec, plugins(), Path(state_dir)))
 
 
 def send_round(sock: zmq.Socket, ident: bytes, engine: RoundEngine, lane: SegmentWriter | None) -> None:

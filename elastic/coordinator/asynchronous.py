@@ -22,8 +22,9 @@ from typing import Any
 
 from elastic.coordinator.engine import Engine, Outgoing
 from elastic.coordinator.job import JobState
+from elastic.coordinator.validation import Refusal
 from elastic.membership.base import Member
-from elastic.rules import AsyncAggregator, Update
+from elastic.rules import AsyncAggregator
 from elastic.wire.header import Message, MsgType
 from elastic.wire.tensors import WireTensor
 
@@ -86,7 +87,7 @@ class AsyncEngine(Engine):
 
     def tick(self, members: list[Member]) -> list[Outgoing]:
         """Give work to every idle member; expire assignments past the deadline."""
-        self.flush_status()
+        self.publisher.flush()
         job, spec = self.job, self.job.spec
         self.members_now = len(members)
         if job.done or self.fenced:
@@ -105,11 +106,11 @@ class AsyncEngine(Engine):
             if self._retry_commit_at is None:
                 self._try_commit()
             return []
-        if self._finish_if_due() or self._pause_if_asked(idle=not self.assigned) or self._too_few(members) or not self.holds():
+        if self._finish_if_due() or self._pause_if_asked(idle=not self.assigned) or self._too_few(members) or not self.ctx.holds():
             return []
         if job.state is not JobState.RUNNING:
             job.mark_running()
-            self._write_status()
+            self.publisher.write()
         if self._rescan or len(members) != len(self._member_by_id):
             # Who is here changed: look at everyone. Else only at the workers that
             # answered since the last turn: with hundreds of members, a scan on every
@@ -133,41 +134,37 @@ class AsyncEngine(Engine):
         meta = self._work_meta([member.slot % spec.shard_count, spec.shard_count])
         msg = Message(MsgType.WORK, job=spec.id, round=number, version=job.version, key=f"{member.id}/{spec.id}/{number}", meta=meta, tensors=tensors)
         self.buffer.bytes_sent += sum(t.nbytes for t in tensors.values())
-        return Outgoing(member.id, msg, self.model_sends)
+        return Outgoing(member.id, msg, self.committer.model_sends)
 
     # -------------------------------------------------------------- updates --
 
     def on_update(self, worker: str, msg: Message) -> Message:
         job = self.job
         if job.done:
-            return self._nack(msg, "job_done", f"job {job.spec.id} is {job.state}")
+            return self._nack(msg, Refusal("job_done", f"job {job.spec.id} is {job.state}"))
         task = self.assigned.get(worker)
         if task is None or msg.round != task.number:
-            return self._nack(msg, "not_assigned", f"no open assignment {msg.round} for {worker}: answered already, expired, or never given")
+            return self._nack(msg, Refusal("not_assigned", f"no open assignment {msg.round} for {worker}: answered already, expired, or never given"))
         if msg.key != f"{worker}/{job.spec.id}/{task.number}" or msg.version != task.version:
-            return self._nack(msg, "bad_key", f"key {msg.key!r} at version {msg.version} does not match assignment {task.number} at version {task.version}")
+            return self._nack(msg, Refusal("bad_key", f"key {msg.key!r} at version {msg.version} does not match assignment {task.number} at version {task.version}"))
         del self.assigned[worker]  # answered: whatever the verdict, it gets fresh work next
         self._answered.add(worker)
-        wire_bytes = msg.payload_bytes  # as sent: compressed updates expand while checked
-        reason = self._check_tensors(msg)
-        if reason is not None:
-            return self._nack(msg, *reason)
         staleness = job.version - msg.version
         if staleness > self.rule.max_staleness:
             job.totals["rejected_stale"] += 1
-            return self._nack(msg, "too_stale", f"computed against version {msg.version}, the model is at {job.version}: staleness {staleness} > max_staleness {self.rule.max_staleness}; training again on the current model")
-        screened = self._screen(worker, msg, wire_bytes)
-        if screened is not None:
-            return self._nack(msg, *screened)
-        update = Update(worker, msg.version, int(msg.meta["num_samples"]), float(msg.meta["loss"]), msg.meta["kind"], msg.tensors, staleness)
+            return self._nack(msg, Refusal("too_stale", f"computed against version {msg.version}, the model is at {job.version}: staleness {staleness} > max_staleness {self.rule.max_staleness}; training again on the current model"))
+        wire_bytes = msg.payload_bytes  # as sent: compressed updates expand while checked
+        update = self.validator.check(worker, msg, wire_bytes, staleness)
+        if isinstance(update, Refusal):
+            return self._nack(msg, update)
         try:
             self.rule.accumulate(update)
         except Exception as exc:  # a half-folded update would taint the buffer: drop it
             log.exception("aggregator failed job=%s worker=%s", job.spec.id, worker)
             self._abandon_buffer(f"aggregator error: {exc}")
-            return self._nack(msg, "aggregator_error", f"the rule failed on this update: {exc}")
+            return self._nack(msg, Refusal("aggregator_error", f"the rule failed on this update: {exc}"))
         log.debug("update folded job=%s worker=%s base_version=%d key=%s staleness=%d bytes=%d", job.spec.id, worker, msg.version, msg.key, staleness, wire_bytes)
-        self._count_update(wire_bytes, msg.payload_bytes)
+        self._count_update(wire_bytes, sum(t.nbytes for t in update.tensors.values()))
         buf = self.buffer
         buf.updates += 1
         buf.samples += update.num_samples

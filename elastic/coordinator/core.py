@@ -23,6 +23,7 @@ from typing import Any, Protocol
 from elastic import __version__
 from elastic.config import CoordinatorConfig
 from elastic.coordinator.asynchronous import AsyncEngine
+from elastic.coordinator.context import EngineContext
 from elastic.coordinator.engine import Engine, Outgoing
 from elastic.coordinator.job import Job
 from elastic.coordinator.rounds import RoundEngine
@@ -133,9 +134,11 @@ class CoordinatorCore:
             raise ConfigError(f"job id {spec.id!r} is given twice; give each job its own id")
         job = Job(spec, self.plugins, self.config.state_dir)
         kind = AsyncEngine if isinstance(job.aggregator, AsyncAggregator) else RoundEngine
-        local = self.peers.is_local if self.peers.enabled else None
-        engine = self.engines[spec.id] = kind(job, self.plugins.notify, clock=self.clock, fence=self.election.check, holds=self.election.holds, ask=self.plugins.first_answer, local=local)
-        engine.on_status = lambda status: self.board.write_status(spec.id, status)
+        ctx = EngineContext(
+            notify=self.plugins.notify, clock=self.clock, fence=self.election.check, holds=self.election.holds, ask=self.plugins.first_answer,
+            local=self.peers.is_local if self.peers.enabled else None, on_status=lambda status: self.board.write_status(spec.id, status),
+        )
+        self.engines[spec.id] = kind(job, ctx)
         return job
 
     def submit(self, spec: JobSpec) -> bool:
@@ -209,9 +212,9 @@ class CoordinatorCore:
                 log.info("worker left worker=%s reason=%s", m.id, event.reason)
                 self.peers.drop(m.id)
                 self.plugins.notify("elastic_worker_left", worker_id=m.id, reason=event.reason)
+                self._end_stream(m.id)
                 for engine in self.engines.values():
                     engine.on_member_left(m.id)
-                self.streams.pop(m.id, None)
                 self._grant(self.uploads.done(m.id, now))
         self._grant(self.uploads.expire(now))
         members = self.membership.members()
@@ -288,18 +291,16 @@ class CoordinatorCore:
         stream = self.streams.get(peer)
         if "part" not in msg.meta:
             reply: Message | None = engine.on_update(peer, msg)
-        elif stream is None or stream.key != msg.key or msg.meta["part"] != [stream.index, len(stream.parts)]:
+        elif stream is None or not stream.expects(msg.key, msg.meta["part"]):
             expected = f"part {stream.index} of {stream.key}" if stream is not None else "no part"
             self.reject(peer, msg.job, "bad_part", f"got part {msg.meta['part']!r} of {msg.key}, expected {expected}", msg)
-            if self.streams.pop(peer, None) is not None:
-                engine.abandon_parts(peer)
+            self._end_stream(peer)
             return None
         else:
-            reply = engine.on_update_part(peer, msg, stream.parts[stream.index])
+            reply = engine.on_update_part(peer, msg, stream.current())
         if reply is None:  # a part folded; more are to come
             assert stream is not None
-            stream.index += 1
-            return stream.bytes(stream.index)
+            return stream.advance(msg.payload_bytes)
         if stream is not None and stream.key == msg.key:  # (a whole update of another job leaves it be)
             del self.streams[peer]
         if reply.type is MsgType.NACK:
@@ -317,12 +318,21 @@ class CoordinatorCore:
             self.reject(peer, msg.job, "too_big", f"an update of {msg.meta['bytes']} bytes; this coordinator takes 1 to {self.config.max_message_bytes} (--max-message-bytes)", msg)
             return
         parts = engine.upload_parts(self.config.upload_part) if msg.meta.get("parts") is True and not self._validators else None
-        self.streams.pop(peer, None)
+        self._end_stream(peer)  # a worker offers its newest result: any other is over
         if parts is not None and len(parts) > 1:
-            stream = self.streams[peer] = UploadStream(msg.key, parts, engine.itemsizes)
+            stream = self.streams[peer] = UploadStream(msg.job, msg.key, parts, engine.itemsizes)
             self._grant(self.uploads.offer(peer, msg.key, stream.bytes(0) or 1, now))
         else:
             self._grant(self.uploads.offer(peer, msg.key, msg.meta["bytes"], now))
+
+    def _end_stream(self, peer: str) -> None:
+        """``peer``'s update in parts goes no further: the engine is told when some of
+        it was folded (the round then waits for it no more)."""
+        stream = self.streams.pop(peer, None)
+        if stream is not None and stream.index > 0:
+            engine = self.engines.get(stream.job)
+            if engine is not None:
+                engine.abandon_parts(peer, stream.key)
 
     def _grant(self, offers: list[Offer]) -> None:
         for offer in offers:

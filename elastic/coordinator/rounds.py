@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,11 +30,11 @@ import torch
 
 from elastic.coordinator.downlink import Downlink
 from elastic.coordinator.engine import Engine, Outgoing
+from elastic.coordinator.uploads import Part
+from elastic.coordinator.validation import Refusal
 from elastic.membership.base import Member
-from elastic.rules import Update
 from elastic.wire.buffers import BufferSet
 from elastic.wire.header import Message, MsgType
-from elastic.wire.parts import Segment
 from elastic.wire.tensors import WireTensor
 
 __all__ = ["RoundEngine", "Outgoing"]
@@ -71,7 +71,6 @@ class RoundEngine(Engine):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.current: _Round | None = None
-        self._streams: dict[str, tuple[str, int, int]] = {}  # worker -> (key, next part, bytes so far) of an update coming in parts
         self.rendezvous = self.mode == "gradient"
         # Workers whose work failed in a generation: each failure re-runs the step, so
         # they sit out (until they leave and join again) instead of stalling the job.
@@ -79,15 +78,15 @@ class RoundEngine(Engine):
         self._generation_members: tuple[str, ...] = ()
         self.downlink: Downlink | None = None
         if self.job.model_chain:
-            self.downlink = Downlink(self.job.model, self.job.model_chain, share=self.local is not None)
-        elif self.local is not None and self.mode == "gradient":  # workers on this host take gradients on a shared copy
+            self.downlink = Downlink(self.job.model, self.job.model_chain, share=self.ctx.local is not None)
+        elif self.ctx.local is not None and self.mode == "gradient":  # workers on this host take gradients on a shared copy
             self.downlink = Downlink(self.job.model, self.job.model_chain, share=True)
 
     # -------------------------------------------------------------- driving --
 
     def tick(self, members: list[Member]) -> list[Outgoing]:
         """Start a round when none runs and enough members exist; enforce deadlines."""
-        self.flush_status()
+        self.publisher.flush()
         job = self.job
         self.members_now = len(members)
         if job.done or self.fenced:
@@ -103,7 +102,7 @@ class RoundEngine(Engine):
                 log.warning("round deadline passed job=%s round=%d missing=%s", job.spec.id, self.current.number, ",".join(late))
                 self._close("deadline passed")
             return []
-        if self._too_few(members) or not self.holds():
+        if self._too_few(members) or not self.ctx.holds():
             return []
         return self._start(members, now)
 
@@ -121,7 +120,7 @@ class RoundEngine(Engine):
             log.info("new generation job=%s generation=%d members=%s", spec.id, self.generation, ",".join(self._generation_members))
         state = job.model.state_dict()
         snapshot = {k: WireTensor.from_tensor(v) for k, v in state.items()}
-        local = self.local or (lambda _: False)
+        local = self.ctx.local or (lambda _: False)
         downlink = self.downlink
         if downlink is not None and (not downlink.exact or any(local(m.id) for m in chosen)):
             # (a delta is kept only if someone may be sent it)
@@ -132,7 +131,7 @@ class RoundEngine(Engine):
         for rank, m in enumerate(chosen):
             meta = self._work_meta([rank, len(chosen)] if self.rendezvous else [m.slot % spec.shard_count, spec.shard_count])
             msg = Message(MsgType.WORK, job=spec.id, round=number, version=job.version, key=f"{m.id}/{spec.id}/{number}", meta=meta, tensors=snapshot)
-            sends: BufferSet | None = self.model_sends
+            sends: BufferSet | None = self.committer.model_sends
             here = local(m.id)
             if downlink is not None and downlink.serves(m.id, here):  # the reference, or a delta against what it holds
                 msg.tensors, msg.encodings, extra = downlink.work(m.id, state, local=here)
@@ -145,8 +144,8 @@ class RoundEngine(Engine):
         self.current = rnd
         job.aggregator.begin_round()
         log.info("round started job=%s round=%d version=%d participants=%d", spec.id, number, job.version, len(chosen))
-        self.notify("elastic_round_started", job_id=spec.id, round=number, version=job.version, participants=sorted(rnd.participants))
-        self._write_status()
+        self.ctx.notify("elastic_round_started", job_id=spec.id, round=number, version=job.version, participants=sorted(rnd.participants))
+        self.publisher.write()
         return out
 
     def _abandon_work(self, why: str) -> None:
@@ -158,54 +157,39 @@ class RoundEngine(Engine):
     def on_update(self, worker: str, msg: Message) -> Message:
         """Validate and fold an update; the answer is an ACK or a NACK with the reason."""
         wire_bytes = msg.payload_bytes  # as sent: compressed updates expand while checked
-        reason = self._refuse(worker, msg) or self._check_tensors(msg) or self._screen(worker, msg, wire_bytes)
-        if reason is not None:
-            return self._nack(msg, *reason)
-        update = self._update(worker, msg)
+        refusal = self._refuse(worker, msg)
+        update = refusal or self.validator.check(worker, msg, wire_bytes)
+        if isinstance(update, Refusal):
+            return self._nack(msg, update)
         error = self._fold(msg, lambda: self.job.aggregator.accumulate(update))
         if error is not None:
-            return self._nack(msg, "aggregator_error", f"the rule failed on this update: {error}")
+            return self._nack(msg, Refusal("aggregator_error", f"the rule failed on this update: {error}"))
         assert self.current is not None
         self.current.bytes_received += wire_bytes
-        return self._folded(worker, msg, update.num_samples, wire_bytes, msg.payload_bytes)
+        return self._folded(worker, msg, update.num_samples, wire_bytes, sum(t.nbytes for t in update.tensors.values()))
 
-    def on_update_part(self, worker: str, msg: Message, segments: list[Segment]) -> Message | None:
-        """Validate and fold one part of an update (``elastic.wire.parts``): None
-        while more are to come, else the ACK or NACK of the whole. A worker that
-        stops halfway leaves the parts it sent folded, each weighed by the updates
-        that reached it, and the round does not wait for it."""
-        index, count = msg.meta["part"]
+    def on_update_part(self, worker: str, msg: Message, part: Part) -> Message | None:
+        """Validate and fold one part of an update (``elastic.wire.parts``; the core
+        has checked it is the part due): None while more are to come, else the ACK or
+        NACK of the whole. A worker that stops halfway leaves the parts it sent
+        folded, each weighed by the updates that reached it, and the round does not
+        wait for it."""
         rnd = self.current
-        stream = self._streams.get(worker)
-        if index == 0:
-            reason = self._refuse(worker, msg) or (("duplicate", f"{msg.key} is being sent already") if stream is not None else None)
-            if reason is None:
-                reason = self._limit(worker, self._grid_bytes)
-        else:
-            reason = self._refuse(worker, msg)
-            if reason is None and (stream is None or stream[:2] != (msg.key, index)):
-                expected = f"part {stream[1]} of {stream[0]}" if stream is not None else "none"
-                reason = "bad_part", f"part {index} of {msg.key} was not expected (expected {expected})"
-        reason = reason or self._check_part(msg, segments)
-        if reason is not None:
-            if stream is not None:
-                self._give_up_stream(worker)
-            return self._nack(msg, *reason)
-        update = self._update(worker, msg)
-        error = self._fold(msg, lambda: self.job.aggregator.accumulate_part(update, segments))
+        refusal = self._refuse(worker, msg)
+        update = refusal or self.validator.check_part(worker, msg, part.segments, part.first)
+        if isinstance(update, Refusal):
+            if not part.first:
+                self.abandon_parts(worker, msg.key)
+            return self._nack(msg, update)
+        error = self._fold(msg, lambda: self.job.aggregator.accumulate_part(update, part.segments))
         if error is not None:
-            return self._nack(msg, "aggregator_error", f"the rule failed on a part of this update: {error}")
+            return self._nack(msg, Refusal("aggregator_error", f"the rule failed on a part of this update: {error}"))
         assert rnd is not None
         rnd.bytes_received += msg.payload_bytes  # a part folded is received, whether or not the rest comes
-        sent = (stream[2] if stream is not None else 0) + msg.payload_bytes
-        if index < count - 1:
-            self._streams[worker] = (msg.key, index + 1, sent)
+        if not part.last:
             return None
-        self._streams.pop(worker, None)
+        sent = part.before + msg.payload_bytes
         return self._folded(worker, msg, update.num_samples, sent, sent)
-
-    def _update(self, worker: str, msg: Message) -> Update:
-        return Update(worker=worker, base_version=msg.version, num_samples=int(msg.meta["num_samples"]), loss=float(msg.meta["loss"]), kind=msg.meta["kind"], tensors=msg.tensors)
 
     def _fold(self, msg: Message, fold: Callable[[], None]) -> str | None:
         """Run the rule's fold; the error, if it failed: a half-folded update would
@@ -237,34 +221,30 @@ class RoundEngine(Engine):
             self._close("all participants answered")
         return Message(MsgType.ACK, job=job.spec.id, round=msg.round, version=msg.version, key=msg.key)
 
-    def abandon_parts(self, worker: str) -> None:
-        if worker in self._streams:
-            self._give_up_stream(worker)
-
-    def _give_up_stream(self, worker: str) -> None:
-        """A worker's update in parts stops halfway: what came stays folded; the
-        round no longer waits for it."""
-        self._streams.pop(worker, None)
-        if self.current is not None and worker in self.current.participants:
+    def abandon_parts(self, worker: str, key: str) -> None:
+        """What came of the update stays folded; the round no longer waits for it (a
+        late part of an earlier round changes nothing)."""
+        if self.current is not None and key == f"{worker}/{self.job.spec.id}/{self.current.number}" and worker in self.current.participants:
             log.warning("update in parts given up job=%s worker=%s round=%d: the parts that came stay folded", self.job.spec.id, worker, self.current.number)
             self._drop(worker)
 
-    def _refuse(self, worker: str, msg: Message) -> tuple[str, str] | None:
+    def _refuse(self, worker: str, msg: Message) -> Refusal | None:
+        """What only the engine knows: whether this round asked this worker for it."""
         job, rnd = self.job, self.current
         if job.done:
-            return "job_done", f"job {job.spec.id} is {job.state}"
+            return Refusal("job_done", f"job {job.spec.id} is {job.state}")
         if rnd is None or msg.round != rnd.number:
             if msg.round <= job.round:
-                return "late", f"round {msg.round} is closed; the model is at version {job.version}"
-            return "unknown_round", f"no round {msg.round} is running"
+                return Refusal("late", f"round {msg.round} is closed; the model is at version {job.version}")
+            return Refusal("unknown_round", f"no round {msg.round} is running")
         if worker not in rnd.participants:
-            return "not_participant", f"{worker} was not asked to contribute to round {rnd.number}"
+            return Refusal("not_participant", f"{worker} was not asked to contribute to round {rnd.number}")
         if msg.version != rnd.version:
-            return "stale_version", f"computed against version {msg.version}, round {rnd.number} uses {rnd.version}"
+            return Refusal("stale_version", f"computed against version {msg.version}, round {rnd.number} uses {rnd.version}")
         if msg.key != f"{worker}/{job.spec.id}/{rnd.number}":
-            return "bad_key", f"idempotency key {msg.key!r} does not match sender, job and round"
+            return Refusal("bad_key", f"idempotency key {msg.key!r} does not match sender, job and round")
         if worker in rnd.answered:
-            return "duplicate", f"an update for {msg.key} was already applied or refused"
+            return Refusal("duplicate", f"an update for {msg.key} was already applied or refused")
         return None
 
     def on_worker_failed(self, worker: str, round_: int, detail: str) -> None:
@@ -283,7 +263,6 @@ class RoundEngine(Engine):
     def on_member_left(self, worker: str) -> None:
         """A member left: a round never waits on a worker that is gone."""
         self.benched.discard(worker)  # coming back gives it another chance
-        self.abandon_parts(worker)
         if self.downlink is not None:
             self.downlink.left(worker)
         if self.current is not None and worker in self.current.participants:
@@ -310,14 +289,13 @@ class RoundEngine(Engine):
         job, rnd = self.job, self.current
         assert rnd is not None
         self.current = None
-        self._streams.clear()  # parts still to come are late now
         if self.rendezvous and not force_abandon and rnd.updates < rnd.asked:
             force_abandon, why = True, f"{why}: {rnd.asked - rnd.updates} shard(s) of generation {self.generation} missing"
         if force_abandon or rnd.updates < job.spec.min_workers:
             reason = why if force_abandon else f"{why} with {rnd.updates} update(s), fewer than min_workers={job.spec.min_workers}"
             log.warning("round abandoned job=%s round=%d reason=%s", job.spec.id, rnd.number, reason)
             job.aggregator.begin_round()  # drop the partial aggregate
-            self.notify("elastic_round_abandoned", job_id=job.spec.id, round=rnd.number, reason=reason)
+            self.ctx.notify("elastic_round_abandoned", job_id=job.spec.id, round=rnd.number, reason=reason)
             return
         self.job.totals["bytes_sent"] += rnd.bytes_sent
         self.job.totals["bytes_received"] += rnd.bytes_received
@@ -336,7 +314,7 @@ class RoundEngine(Engine):
         if committed is not True:
             job.aggregator.begin_round()  # the round is run again (or never, if fenced)
 
-    def _base_weights(self) -> dict[str, torch.Tensor]:
+    def _base_weights(self) -> Mapping[str, torch.Tensor]:
         if self.downlink is not None and not self.downlink.exact and self.downlink.reference is not None:
             return self.downlink.reference  # what the workers trained from
         return super()._base_weights()

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from elastic.wire.parts import Segment, nbytes
 
-__all__ = ["Offer", "UploadGate", "UploadStream"]
+__all__ = ["Offer", "Part", "UploadGate", "UploadStream"]
 
 
 @dataclass(frozen=True)
@@ -86,16 +86,51 @@ class UploadGate:
         return admitted
 
 
+@dataclass(frozen=True)
+class Part:
+    """What an engine is told of a part it is given: which of how many, the
+    segments it holds, and the bytes of the parts before it."""
+
+    index: int
+    count: int
+    segments: list[Segment]
+    before: int
+
+    @property
+    def first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def last(self) -> bool:
+        return self.index == self.count - 1
+
+
 @dataclass
 class UploadStream:
-    """An update coming in parts (``elastic.wire.parts``): each part is offered to
-    the gate in turn, so parts of many workers share the window."""
+    """An update coming in parts (``elastic.wire.parts``), the one record of it: each
+    part is offered to the gate in turn, so parts of many workers share the window;
+    the engine is given each part as a ``Part``."""
 
+    job: str
     key: str
     parts: list[list[Segment]]
     itemsizes: dict[str, int]
     index: int = 0  # the part expected next
+    received: int = 0  # the bytes of the parts before it
 
     def bytes(self, index: int) -> int | None:
         """Part ``index``'s bytes; None past the last part."""
         return nbytes(self.parts[index], self.itemsizes) if index < len(self.parts) else None
+
+    def expects(self, key: str, part: object) -> bool:
+        """Whether ``part`` (a message's ``[index, count]``) of ``key`` is the one due."""
+        return key == self.key and part == [self.index, len(self.parts)]
+
+    def current(self) -> Part:
+        return Part(self.index, len(self.parts), self.parts[self.index], self.received)
+
+    def advance(self, received: int) -> int | None:
+        """The part due came (``received`` bytes): the bytes of the next, None if none."""
+        self.received += received
+        self.index += 1
+        return self.bytes(self.index)

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from elastic.coordinator.asynchronous import AsyncEngine
-from elastic.coordinator.engine import STATUS_SHARE
+from elastic.coordinator.context import EngineContext
 from elastic.coordinator.job import Job, JobState
+from elastic.coordinator.status import STATUS_SHARE
 from elastic.jobspec import parse_job_spec
 from elastic.plugins import Plugins
 from elastic.training import update_template
@@ -25,7 +26,7 @@ def make(tmp_path: Path, rule: dict | None = None, **job) -> tuple[AsyncEngine, 
         "rule": {"max_staleness": 2, **(rule or {})},
     })
     events, clock = Events(), Clock()
-    return AsyncEngine(Job(spec, Plugins(), tmp_path), events, clock), events, clock
+    return AsyncEngine(Job(spec, Plugins(), tmp_path), EngineContext(notify=events, clock=clock)), events, clock
 
 
 def answer(engine: AsyncEngine, work: Message, value: float = 0.5, **overrides) -> Message:
@@ -59,9 +60,9 @@ def test_every_idle_member_gets_work_and_fresh_work_after_each_update(tmp_path: 
 
 def test_no_work_is_handed_out_while_the_lease_clock_has_run_out(tmp_path: Path) -> None:
     engine, _, _ = make(tmp_path)
-    engine.holds = lambda: False  # woke from a stall within a loop pass: etcd not asked yet
+    engine.ctx.holds = lambda: False  # woke from a stall within a loop pass: etcd not asked yet
     assert engine.tick(members("a", "b")) == [] and not engine.assigned
-    engine.holds = lambda: True
+    engine.ctx.holds = lambda: True
     assert sorted(by_worker(engine.tick(members("a", "b")))) == ["a", "b"]
 
 
@@ -95,14 +96,14 @@ def test_an_update_is_applied_at_most_once(tmp_path: Path) -> None:
 
 def test_commits_wait_out_an_unconfirmed_leadership_without_losing_updates(tmp_path: Path) -> None:
     engine, events, clock = make(tmp_path)
-    engine.fence = Fence(None, True)
+    engine.ctx.fence = Fence(None, True)
     work = by_worker(engine.tick(members("a", "b")))
     assert answer(engine, work["a"]).type is MsgType.ACK
     assert engine.job.version == 0 and engine.buffer.updates == 1  # kept, not dropped
     clock.now += 2
     work = by_worker(engine.tick(members("a", "b")))
     assert engine.job.version == 1 and engine.job.history[-1]["updates"] == 1
-    engine.fence = Fence(False)
+    engine.ctx.fence = Fence(False)
     answer(engine, work["a"])
     assert engine.fenced and engine.job.version == 1 and engine.tick(members("a", "b")) == []
 
@@ -163,14 +164,14 @@ def test_a_costly_status_is_written_less_often(tmp_path: Path) -> None:
 
     engine.job.write_status = slow_write  # type: ignore[method-assign]
     engine.job.state = JobState.PAUSED  # a state change is written at once...
-    engine._write_status()
-    assert len(written) == 1 and engine._status_interval >= STATUS_SHARE * 0.02
+    engine.publisher.write()
+    assert len(written) == 1 and engine.publisher.interval >= STATUS_SHARE * 0.02
     engine.job.state = JobState.RUNNING
-    engine._write_status()  # ...and so is the next one
+    engine.publisher.write()  # ...and so is the next one
     assert len(written) == 2
-    engine._write_status()  # the same state, right after a costly write: held back
-    engine.flush_status()
-    assert len(written) == 2 and engine._status_due
-    engine._status_at -= engine._status_interval  # its interval is over
-    engine.flush_status()
-    assert len(written) == 3 and not engine._status_due
+    engine.publisher.write()  # the same state, right after a costly write: held back
+    engine.publisher.flush()
+    assert len(written) == 2 and engine.publisher.due
+    engine.publisher.at -= engine.publisher.interval  # its interval is over
+    engine.publisher.flush()
+    assert len(written) == 3 and not engine.publisher.due

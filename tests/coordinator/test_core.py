@@ -113,3 +113,43 @@ def test_the_control_api_asks_the_core(tmp_path: Path) -> None:
     assert paused.meta["data"]["desired"] == "paused" and core.board.jobs()["lin2"]["state"] == b"paused"
     unknown = api.handle(Message(MsgType.REQUEST, meta={"op": "reboot", "args": {}}))
     assert unknown.meta["code"] == "bad_request" and "known: cancel, export, finish, logs, ls, members" in unknown.meta["error"]
+
+
+def test_an_update_in_parts_is_tracked_once_by_the_core(tmp_path: Path) -> None:
+    """The core keeps the one record of each update coming in parts: it grants them
+    in turn, refuses one out of turn, and tells the engine when a stream that folded
+    something stops (the round then waits for it no more)."""
+    from elastic.wire.parts import part_message
+
+    core, _ = make_core(tmp_path)
+    core.config.upload_part = 8  # linreg's 4 floats: two parts
+    for worker in ("w0", "w1"):
+        core.receive(worker, hello(worker))
+    core.tick()
+    work = {out.worker: out.message for out in core.take() if out.message.type is MsgType.WORK}
+    whole = update_for(work["w0"], "w0", 1.0)
+
+    def offer() -> dict:
+        core.receive("w0", Message(MsgType.OFFER, job="lin", round=1, sender="w0", key=whole.key, meta={"bytes": whole.payload_bytes, "parts": True}))
+        [(worker, kind, meta)] = sent(core)
+        assert (worker, kind) == ("w0", MsgType.GRANT)
+        return meta
+
+    def part(index: int, segments: list) -> list[tuple[str, MsgType, dict]]:
+        core.receive("w0", part_message(whole, index, 2, [tuple(s) for s in segments]))
+        return sent(core)
+
+    grant = offer()
+    assert grant["part"] == [0, 2]
+    [(_, kind, meta)] = part(1, grant["segments"])  # out of turn
+    assert kind is MsgType.NACK and meta["reason"] == "bad_part" and "expected part 0 of w0/lin/1" in meta["detail"]
+    assert "w0" in core.engines["lin"].status()["in_progress"]["participants"]  # nothing was folded: still asked
+
+    grant = offer()
+    [(_, kind, meta)] = part(0, grant["segments"])  # folded; the next part is granted
+    assert kind is MsgType.GRANT and meta["part"] == [1, 2]
+    [(_, kind, meta)] = part(0, grant["segments"])  # part 0 again: the stream ends
+    assert kind is MsgType.NACK and meta["reason"] == "bad_part"
+    assert core.engines["lin"].status()["in_progress"]["participants"] == ["w1"]  # half folded: not waited for
+    core.receive("w1", update_for(work["w1"], "w1", 3.0))
+    assert sent(core) == [("w1", MsgType.ACK, {})] and core.engines["lin"].job.round == 1

@@ -8,8 +8,10 @@ import pytest
 import torch
 import zmq
 
+from elastic.coordinator.context import EngineContext
 from elastic.coordinator.job import Job, JobState
 from elastic.coordinator.rounds import RoundEngine
+from elastic.coordinator.uploads import Part, UploadStream
 from elastic.errors import CheckpointError, JobSpecError
 from elastic.jobspec import parse_job_spec
 from elastic.membership.base import Member
@@ -41,7 +43,7 @@ class Events(list):
 def make(tmp_path: Path, task: dict | None = None, compression: dict | None = None, **job) -> tuple[RoundEngine, Events, Clock]:
     spec = parse_job_spec({"job": {"id": "j", "task": "linreg", "rule": "fedavg", "rounds": 3, "min_workers": 2, "round_timeout": 10, **job}, "task": {"samples": 60, **(task or {})}, "compression": compression or {}})
     events, clock = Events(), Clock()
-    return RoundEngine(Job(spec, Plugins(), tmp_path), events, clock), events, clock
+    return RoundEngine(Job(spec, Plugins(), tmp_path), EngineContext(notify=events, clock=clock)), events, clock
 
 
 def members(*ids: str) -> list[Member]:
@@ -250,7 +252,7 @@ def commit_one_round(engine: RoundEngine) -> None:
 @pytest.mark.parametrize("verdict, fenced", [(False, True), (None, False)])
 def test_a_fenced_engine_commits_nothing(tmp_path: Path, verdict: bool | None, fenced: bool) -> None:
     engine, events, _ = make(tmp_path, min_workers=1)
-    engine.fence = Fence(verdict)
+    engine.ctx.fence = Fence(verdict)
     before = engine.job.model.weight.detach().clone()
     commit_one_round(engine)
     assert (engine.job.round, engine.job.version, engine.job.store.paths()) == (0, 0, [])
@@ -261,7 +263,7 @@ def test_a_fenced_engine_commits_nothing(tmp_path: Path, verdict: bool | None, f
 
 def test_leadership_lost_between_commit_and_publish(tmp_path: Path) -> None:
     engine, _, _ = make(tmp_path, min_workers=1)
-    engine.fence = Fence(True, False)  # the round may commit; the checkpoint may not publish
+    engine.ctx.fence = Fence(True, False)  # the round may commit; the checkpoint may not publish
     commit_one_round(engine)
     assert engine.fenced and engine.job.store.paths() == []
     assert not list(engine.job.dir.glob(".*tmp*"))  # the unpublished file is gone too
@@ -273,8 +275,8 @@ def test_a_stall_after_the_fence_publishes_no_checkpoint(tmp_path: Path) -> None
     new leader's checkpoint of the same round."""
     engine, events, _ = make(tmp_path, min_workers=1)
     fence = Fence(True, True, False)  # the commit's check, the checkpoint's, then etcd again
-    engine.fence = fence
-    engine.holds = lambda: len(fence.verdicts) >= 2  # the stall: right after etcd's second yes
+    engine.ctx.fence = fence
+    engine.ctx.holds = lambda: len(fence.verdicts) >= 2  # the stall: right after etcd's second yes
     commit_one_round(engine)
     assert engine.job.store.paths() == [] and not list(engine.job.dir.glob(".*tmp*"))
     assert engine.fenced and "elastic_round_completed" not in events.names()
@@ -282,16 +284,16 @@ def test_a_stall_after_the_fence_publishes_no_checkpoint(tmp_path: Path) -> None
 
 def test_no_round_starts_while_the_lease_clock_has_run_out(tmp_path: Path) -> None:
     engine, _, _ = make(tmp_path, min_workers=1)
-    engine.holds = lambda: False  # woke from a stall within a loop pass: etcd not asked yet
+    engine.ctx.holds = lambda: False  # woke from a stall within a loop pass: etcd not asked yet
     assert engine.tick(members("a")) == [] and engine.current is None
-    engine.holds = lambda: True
+    engine.ctx.holds = lambda: True
     assert len(engine.tick(members("a"))) == 1
 
 
 def test_syncavg_shards_follow_the_members_by_generation(tmp_path: Path) -> None:
     spec = parse_job_spec({"job": {"id": "s", "task": "linreg", "rule": "syncavg", "rounds": 5, "min_workers": 2}, "task": {"samples": 60}})
     events = Events()
-    engine = RoundEngine(Job(spec, Plugins(), tmp_path), events, Clock())
+    engine = RoundEngine(Job(spec, Plugins(), tmp_path), EngineContext(notify=events, clock=Clock()))
     out = engine.tick(members("a", "b", "c"))
     assert [(o.worker, o.message.meta["shard"]) for o in out] == [("a", [0, 3]), ("b", [1, 3]), ("c", [2, 3])]
     engine.on_member_left("b")  # its third of the data would be missing: re-run
@@ -345,7 +347,7 @@ def test_finish_with_nothing_running_finishes_at_once(tmp_path: Path) -> None:
 def test_a_syncavg_worker_that_fails_its_work_sits_out(tmp_path: Path) -> None:
     spec = parse_job_spec({"job": {"id": "s", "task": "linreg", "rule": "syncavg", "rounds": 5, "min_workers": 2}, "task": {"samples": 60}})
     clock = Clock()
-    engine = RoundEngine(Job(spec, Plugins(), tmp_path), Events(), clock)
+    engine = RoundEngine(Job(spec, Plugins(), tmp_path), EngineContext(notify=Events(), clock=clock))
     out = engine.tick(members("a", "b", "c"))
     engine.on_worker_failed("b", out[0].message.round, "work_failed: bad data")  # the step is re-run...
     assert [o.worker for o in engine.tick(members("a", "b", "c"))] == ["a", "c"]  # ...without it
@@ -389,7 +391,7 @@ def test_a_compressed_update_is_expanded_and_other_codecs_are_a_codec_mismatch(t
 def test_job_limits_refuse_or_clip_and_a_plugin_can_veto(tmp_path: Path) -> None:
     def engine_with(limits: dict, ask=None) -> tuple[RoundEngine, list]:  # type: ignore[no-untyped-def]
         spec = parse_job_spec({"job": {"id": "j", "task": "linreg", "rule": "fedavg", "rounds": 50, "min_workers": 1, "round_timeout": 10}, "task": {"samples": 60}, "limits": limits})
-        engine = RoundEngine(Job(spec, Plugins(), tmp_path / str(len(limits)) / str(ask is not None)), Events(), Clock(), ask=ask)
+        engine = RoundEngine(Job(spec, Plugins(), tmp_path / str(len(limits)) / str(ask is not None)), EngineContext(notify=Events(), clock=Clock(), ask=ask or (lambda *_a, **_k: None)))
         return engine, engine.tick(members("a"))
 
     engine, out = engine_with({"max_norm": 1.0})
@@ -456,14 +458,22 @@ def test_a_long_jobs_history_stays_bounded_and_spans_the_whole_job(tmp_path: Pat
     assert seen == rounds
 
 
-def parts_for(engine: RoundEngine, work: Message, worker: str, value: float, part_bytes: int = 8) -> list[tuple[Message, list]]:
-    """The update ``update_for`` makes, cut as the engine's grid says: (part, its segments)."""
+def parts_for(engine: RoundEngine, work: Message, worker: str, value: float, part_bytes: int = 8) -> list[tuple[Message, Part]]:
+    """The update ``update_for`` makes, cut as the engine's grid says: each part, and
+    what the core's record of the stream (``UploadStream``) tells the engine of it."""
     from elastic.wire.parts import part_message
 
     parts = engine.upload_parts(part_bytes)
     assert parts is not None and len(parts) > 1
     whole = update_for(engine, work, worker, value)
-    return [(part_message(whole, i, len(parts), segments), segments) for i, segments in enumerate(parts)]
+    stream = UploadStream(work.job, whole.key, parts, engine.itemsizes)
+    out = []
+    for i, segments in enumerate(parts):
+        msg = part_message(whole, i, len(parts), segments)
+        assert stream.expects(msg.key, msg.meta["part"])
+        out.append((msg, stream.current()))
+        stream.advance(msg.payload_bytes)
+    return out
 
 
 def test_updates_in_parts_commit_the_model_whole_updates_commit(tmp_path: Path) -> None:
@@ -475,7 +485,7 @@ def test_updates_in_parts_commit_the_model_whole_updates_commit(tmp_path: Path) 
             if not in_parts:
                 assert engine.on_update(o.worker, update_for(engine, o.message, o.worker, value)).type is MsgType.ACK
                 continue
-            replies = [engine.on_update_part(o.worker, part, segments) for part, segments in parts_for(engine, o.message, o.worker, value)]
+            replies = [engine.on_update_part(o.worker, msg, part) for msg, part in parts_for(engine, o.message, o.worker, value)]
             assert replies[:-1] == [None] * (len(replies) - 1) and replies[-1] is not None and replies[-1].type is MsgType.ACK
         assert engine.job.round == 1 and engine.job.history[-1]["updates"] == 2
         counted.append((engine.job.totals["update_bytes_wire"], engine.job.totals["update_bytes_raw"], engine.job.history[-1]["bytes_received"]))
@@ -491,13 +501,14 @@ def test_an_update_broken_off_halfway_keeps_its_parts_and_the_round_goes_on(tmp_
     out = {o.worker: o.message for o in engine.tick(members("a", "b"))}
     b_parts = parts_for(engine, out["b"], "b", 3.0)
     assert engine.on_update_part("b", *b_parts[0]) is None
-    nack = engine.on_update_part("b", *b_parts[2])  # part 1 never came
-    assert nack is not None and nack.meta["reason"] == "bad_part"
+    engine.abandon_parts("b", "b/j/999")  # another round's update: nothing to do with this one
+    assert engine.current is not None and "b" in engine.current.participants
+    engine.abandon_parts("b", b_parts[0][0].key)  # what the core says when b's part 1 never comes
     assert engine.current is not None and "b" not in engine.current.participants  # not waited for
-    for part, segments in parts_for(engine, out["a"], "a", 1.0):
-        reply = engine.on_update_part("a", part, segments)
+    for msg, part in parts_for(engine, out["a"], "a", 1.0):
+        reply = engine.on_update_part("a", msg, part)
     assert reply is not None and reply.type is MsgType.ACK and engine.job.round == 1
-    assert b_parts[0][1] == [("weight", 0, 2)]
+    assert b_parts[0][1].segments == [("weight", 0, 2)]
     after = {k: v.detach().reshape(-1) for k, v in update_template(engine.job.model, "train").items()}
     # a (10 samples, +1) and b's first part (10 samples, +3); a alone beyond it
     assert torch.allclose(after["weight"][:2], before["weight"][:2] + 2.0)
@@ -508,10 +519,15 @@ def test_an_update_broken_off_halfway_keeps_its_parts_and_the_round_goes_on(tmp_
 def test_a_part_that_is_not_the_granted_one_is_refused(tmp_path: Path) -> None:
     engine, _, _ = make(tmp_path, min_workers=1)
     [o] = engine.tick(members("a"))
-    (part, segments), _ = parts_for(engine, o.message, "a", 1.0)[:2]
-    wrong = [(name, start, stop + 1) for name, start, stop in segments]
-    nack = engine.on_update_part("a", part, wrong)
+    (msg, part), (second, later) = parts_for(engine, o.message, "a", 1.0)[:2]
+    wrong = Part(part.index, part.count, [(name, start, stop + 1) for name, start, stop in part.segments], 0)
+    nack = engine.on_update_part("a", msg, wrong)
     assert nack is not None and nack.meta["reason"] == "bad_part" and engine.job.round == 0
-    late = parts_for(engine, o.message, "a", 1.0)
-    assert engine.on_update_part("a", *late[1]) is not None  # no part 0 first: refused
+    assert engine.on_update_part("a", msg, part) is None  # the granted one is folded
+    kind = second.meta["kind"]
+    second.meta["kind"] = "gradient"
+    nack = engine.on_update_part("a", second, later)
+    assert nack is not None and nack.meta["reason"] == "wrong_kind"
+    assert engine.current is None and engine.job.round == 0  # half folded: given up; with nobody else, run again
+    second.meta["kind"] = kind
     assert engine.upload_parts(0) is None
