@@ -75,7 +75,7 @@ def test_update_is_sent_from_the_model_and_never_changes_while_queued(reader_kee
     first = work("train", model)
     first.meta["task_params"] = params
     result = runner.run(first)
-    trained = runner._jobs["j"].model.weight
+    trained = runner.jobs["j"].model.weight
     where = trained.data_ptr()
     assert result.message.tensors["weight"].chunks[0].data_ptr() == where  # no copy
     assert result.buffers is not None
@@ -112,14 +112,14 @@ def test_on_the_coordinator_s_host_the_update_leaves_from_the_segment(reader_kee
     assert lane.in_place == 1  # sent from where the weights live
     sent = result.message.tensors["weight"].to_tensor().clone()
     received = decode(rx.recv_multipart(), shm=reader).tensors["weight"]
-    where = runner._jobs["j"].model.weight.data_ptr()
+    where = runner.jobs["j"].model.weight.data_ptr()
     if reader_keeps_up:
         received = received.to_tensor().clone()  # and the views go
         gc.collect()
     second = work("train", model, round_=2)
     second.meta["task_params"] = params
     runner.run(second)
-    assert (runner._jobs["j"].model.weight.data_ptr() == where) is reader_keeps_up  # moved only when it had to
+    assert (runner.jobs["j"].model.weight.data_ptr() == where) is reader_keeps_up  # moved only when it had to
     got = received if reader_keeps_up else received.to_tensor()
     assert torch.equal(got, sent)
     lane.close()
@@ -135,7 +135,7 @@ def test_a_cast_update_is_the_chains_own_and_leaves_from_the_segment(
     still views are never written over."""
     from elastic.compression.chain import expand
 
-    monkeypatch.setattr("elastic.worker.runner.WIDEN_BLOCK", 200_000)  # three blocks, the last one short
+    monkeypatch.setattr("elastic.worker.packing.WIDEN_BLOCK", 200_000)  # three blocks, the last one short
     params = {"samples": 4, "features": 600_000}  # 1.2 MB in fp16: over the shared path's 1 MiB
     model = LinReg(params).build_model(3)
     template = {k: (tuple(t.shape), t.dtype) for k, t in update_template(model, mode if mode == "gradient" else "train").items()}
@@ -267,7 +267,7 @@ def test_model_comes_down_as_a_delta_against_the_reference(mode: str) -> None:
     first = work(mode, model)
     first.meta["downlink"] = True
     assert runner.run(first).message.type is MsgType.UPDATE
-    assert runner._jobs["j"].reference_version == 0
+    assert runner.jobs["j"].reference_version == 0
     moved = {k: v.detach() + 0.25 for k, v in update_template(model, "train").items()}
     parts, encodings = CodecChain(Plugins().codecs, ["zstd"]).compressor().compress({k: moved[k] - v.detach() for k, v in update_template(model, "train").items()})
     delta = Message(MsgType.WORK, job="j", round=2, version=1, key="w/j/2", meta=dict(first.meta, delta_from=0),
@@ -275,7 +275,7 @@ def test_model_comes_down_as_a_delta_against_the_reference(mode: str) -> None:
     delta = decode([bytes(f) for f in encode(delta)], check_finite=False)
     update = runner.run(delta).message
     assert update.type is MsgType.UPDATE
-    ctx = runner._jobs["j"]
+    ctx = runner.jobs["j"]
     assert ctx.reference_version == 1
     for name, want in moved.items():
         torch.testing.assert_close(ctx.reference[name], want)
@@ -330,7 +330,7 @@ def test_a_gradient_is_taken_on_the_shared_reference_where_it_lies_and_never_wri
     gradient voids it, and a later delta added in place never reaches the segment."""
     from elastic.compression.chain import SEP
     from elastic.wire.shm import SharedTensors
-    from elastic.worker import runner as runner_module
+    from elastic.worker import executors as runner_module
 
     model = LinReg({"samples": 40, "features": 3}).build_model(3)
     floats = {k: v.detach().clone() for k, v in update_template(model, "train").items()}
@@ -351,7 +351,7 @@ def test_a_gradient_is_taken_on_the_shared_reference_where_it_lies_and_never_wri
         runner = TaskRunner(Plugins(), torch.device("cpu"), None, "w")
         publish(1, 1.0)
         assert runner.run(job(1, shared=shared.describe())).message.type is MsgType.UPDATE
-        params = dict(runner._jobs["j"].model.named_parameters())
+        params = dict(runner.jobs["j"].model.named_parameters())
         publish(2, 2.0)  # the worker's parameters follow, with no WORK and no copy
         assert all(torch.equal(params[k].detach(), floats[k] * 2.0) for k in floats)
         msg = runner.run(job(2, shared=shared.describe())).message
@@ -379,7 +379,7 @@ def test_a_gradient_is_taken_on_the_shared_reference_where_it_lies_and_never_wri
         assert all(torch.equal(shared.tensors[k], floats[k] * 3.0) for k in floats)  # in memory of its own
         publish(5, 5.0)  # back on the shared path: a fresh view, no page left behind
         assert runner.run(job(5, shared=shared.describe())).message.type is MsgType.UPDATE
-        params = dict(runner._jobs["j"].model.named_parameters())
+        params = dict(runner.jobs["j"].model.named_parameters())
         assert all(torch.equal(params[k].detach(), floats[k] * 5.0) for k in floats)
     finally:
         shared.close()

@@ -1,0 +1,105 @@
+"""What a worker computes for a WORK, chosen by the job's rule (the WORK's ``mode``).
+
+An executor is the compute step between the intake (``intake.py``: the job's model
+and data, the received model loaded) and the packing (``packing.py``: the codec
+chain, parts, shared memory). ``LocalTraining`` trains on the worker's data for the
+job's epochs (FedAvg, FedOpt, the asynchronous rules); ``GradientStep`` takes the
+gradient of one batch (``syncavg``). A new kind of work (a collective step, a
+user's own training loop, a whole sub-coordinator) is a new executor here and a
+mode a rule asks for.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from elastic.jobspec import TrainParams
+from elastic.training import batch_gradient, local_train, update_template
+from elastic.wire.buffers import reusable
+from elastic.wire.header import Message
+from elastic.worker.intake import JobContext
+
+__all__ = ["WorkExecutor", "LocalTraining", "GradientStep", "Computed", "EXECUTORS"]
+
+
+@dataclass
+class Computed:
+    """An executor's result: the update's tensors (by state-dict name), and its
+    figures. ``from_parameters``: the tensors are the model's own parameters."""
+
+    update: dict[str, torch.Tensor]
+    num_samples: int
+    loss: float
+    seconds: float
+    from_parameters: bool
+
+
+class WorkExecutor(ABC):
+    """Computes a WORK's update on the model the intake loaded.
+
+    Class attributes:
+        modes: the WORK modes (a rule's ``worker_mode``) this executor serves.
+    """
+
+    modes: ClassVar[tuple[str, ...]]
+
+    def __init__(self, device: torch.device, cancel: threading.Event | None = None) -> None:
+        self.device = device
+        self.cancel = cancel  # set: the work stops at its next batch (``Cancelled``)
+
+    @abstractmethod
+    def compute(self, ctx: JobContext, work: Message, relative: bool) -> Computed | tuple[str, str]:
+        """The update, or the NACK's reason and detail. ``relative``: the update goes
+        through a codec chain, so trained weights are sent as their change."""
+
+    @staticmethod
+    def seed(work: Message) -> int:
+        """This worker's seed for this round: the job's, the round's and its shard's."""
+        return (int(work.meta["seed"]) * 1_000_003 + work.round) * 1009 + int(work.meta["shard"][0])
+
+
+class LocalTraining(WorkExecutor):
+    """Local epochs on the worker's data; the update is the trained weights (``train``)
+    or trained minus received weights (``delta``, and any compressed update: codecs
+    sparsify or quantise the change, never the weights themselves)."""
+
+    modes = ("train", "delta")
+
+    def compute(self, ctx: JobContext, work: Message, relative: bool) -> Computed:
+        mode = work.meta["mode"]
+        weights = update_template(ctx.model, mode)
+        relative = relative or mode == "delta"
+        received = {k: reusable(ctx.received, k, v).copy_(v.detach()) for k, v in weights.items()} if relative else {}
+        started = time.perf_counter()
+        result = local_train(ctx.task, ctx.model, ctx.dataset, TrainParams(**work.meta["train"]), self.seed(work), self.device, self.cancel)
+        seconds = time.perf_counter() - started
+        with torch.no_grad():
+            for name, start in received.items():  # trained minus received, in place
+                weights[name].sub_(start)
+        return Computed({k: v.detach() for k, v in weights.items()}, result.num_samples, result.loss, seconds, from_parameters=True)
+
+
+class GradientStep(WorkExecutor):
+    """The gradient of the loss on one batch of the worker's shard, the model left as
+    it came (data-parallel SGD: ``syncavg``)."""
+
+    modes = ("gradient",)
+
+    def compute(self, ctx: JobContext, work: Message, relative: bool) -> Computed | tuple[str, str]:
+        train = TrainParams(**work.meta["train"])
+        started = time.perf_counter()
+        result = batch_gradient(ctx.task, ctx.model, ctx.dataset, train.batch_size, work.round - 1, int(work.meta["seed"]), self.device)
+        seconds = time.perf_counter() - started
+        if ctx.viewing and ctx.shared is not None and not ctx.shared.unchanged():
+            return "need_full_model", "the shared reference changed while the gradient was taken (its round was over)"
+        grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in update_template(ctx.model, "gradient").items()}
+        return Computed(grads, result.num_samples, result.loss, seconds, from_parameters=False)
+
+
+EXECUTORS: tuple[type[WorkExecutor], ...] = (LocalTraining, GradientStep)
