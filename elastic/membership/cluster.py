@@ -20,6 +20,7 @@ and no code outside a backend knows which backend it talks to:
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -30,8 +31,9 @@ from urllib.parse import urlsplit
 from elastic.errors import ConfigError, PluginError
 from elastic.membership.base import MemberTable
 
-__all__ = ["ClusterBackend", "Election", "JobStore", "Registration", "LeaderRecord", "DESIRED_STATES"]
+__all__ = ["ClusterBackend", "Election", "JobStore", "Registration", "LeaderRecord", "FencedOutbox", "DESIRED_STATES", "backend_class", "open_backend"]
 
+log = logging.getLogger("elastic.election")
 DESIRED_STATES = ("running", "paused", "finished", "cancelled")
 
 
@@ -78,12 +80,42 @@ class Election(ABC):
 
     lost: threading.Event
     token: int = 0
+    cluster: str = ""  # the cluster's name, for the logs
+    # Set when the leader may have changed (a watch): a standby tries again at once.
+    changed: threading.Event
 
-    @abstractmethod
     def campaign(self, record: LeaderRecord, stop: threading.Event | None = None, tick: Callable[[], None] | None = None) -> bool:
         """Lead (True), or return False once ``stop`` is set while standing by.
         ``tick`` is called about once a second while standing by (a watchdog).
         ``record`` is published for workers and operators to find the leader."""
+        announced = False
+        while not (stop is not None and stop.is_set()):
+            self.changed.clear()
+            try:
+                if self._try_to_lead(record):
+                    return True
+                if not announced:
+                    leader = self._leader()
+                    log.info("standing by cluster=%s leader=%s", self.cluster, leader.address if leader else "?")
+                    announced = True
+            except Exception as exc:  # the backend away: keep standing by, try again
+                self._failed(exc)
+                log.warning("cannot campaign error=%s; retrying", type(exc).__name__)
+            if tick is not None:
+                tick()
+            self.changed.wait(1.0)  # a watch on the leader wakes us sooner
+        return False
+
+    @abstractmethod
+    def _try_to_lead(self, record: LeaderRecord) -> bool:
+        """One attempt: True when this candidate now leads (its ``token`` set)."""
+
+    @abstractmethod
+    def _leader(self) -> LeaderRecord | None:
+        """The leader's record now (for the log of a standby)."""
+
+    def _failed(self, exc: BaseException) -> None:  # noqa: B027 - most backends fail over by themselves
+        """A call to the backend failed (e.g. move to its next endpoint)."""
 
     @abstractmethod
     def check(self) -> bool | None:
@@ -253,3 +285,60 @@ def backend_class(url: str, backends: Any = None) -> type[ClusterBackend]:
 def open_backend(url: str, backends: Any = None) -> ClusterBackend:
     """The backend for ``url`` (its URL checked; nothing connected yet)."""
     return backend_class(url, backends)(url)
+
+
+class FencedOutbox:
+    """An election's background writer of fenced values (``Election.publish_later``),
+    one writer thread per term, whatever the backend: the newest value per path, in
+    order of paths, retried each second while the backend fails, dropped once
+    another coordinator leads. ``publish(path, value)`` is the backend's fenced
+    write: True (written), False (another leads: never), None (the backend failed)."""
+
+    def __init__(self, publish: Callable[[str, str], bool | None], join_timeout: float) -> None:
+        self.publish = publish
+        self.join_timeout = join_timeout
+        self._pending: dict[str, str] = {}
+        self._ready = threading.Condition()
+        self._over = threading.Event()
+        self._writer: threading.Thread | None = None
+
+    def put(self, path: str, value: str) -> None:
+        with self._ready:
+            self._pending[path] = value
+            self._ready.notify()
+
+    def start(self, name: str) -> None:
+        """A new term: a writer of its own (an older one ends with its term)."""
+        self._over = threading.Event()
+        self._writer = threading.Thread(target=self._write, args=(self._over,), name=name, daemon=True)
+        self._writer.start()
+
+    def stop(self, flush: bool) -> None:
+        """End the term's writer; with ``flush`` (still leading), write what is
+        queued, one try each. No older value may land after ours."""
+        self._over.set()
+        with self._ready:
+            self._ready.notify()
+        if self._writer is not None:
+            self._writer.join(timeout=self.join_timeout)
+        with self._ready:
+            pending, self._pending = self._pending, {}
+        if flush:
+            for path, value in pending.items():
+                self.publish(path, value)
+
+    def _write(self, over: threading.Event) -> None:
+        retry = False
+        while not over.is_set():
+            with self._ready:
+                if not self._pending or retry:
+                    self._ready.wait(1.0)
+                pending = dict(self._pending)
+            retry = False
+            for path, value in pending.items():
+                if self.publish(path, value) is None:
+                    retry = True
+                    break
+                with self._ready:
+                    if self._pending.get(path) == value:
+                        del self._pending[path]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable
 from typing import Any
 
 from elastic.hookspecs import hookimpl
@@ -83,12 +82,16 @@ class SoleElection(Election):
 
     def __init__(self) -> None:
         self.lost = threading.Event()
+        self.changed = threading.Event()
         self.token = 0
 
-    def campaign(self, record: LeaderRecord, stop: threading.Event | None = None, tick: Callable[[], None] | None = None) -> bool:
+    def _try_to_lead(self, record: LeaderRecord) -> bool:
         self.token = 1
         self.lost.clear()
         return True
+
+    def _leader(self) -> LeaderRecord | None:
+        return None
 
     def check(self) -> bool | None:
         return not self.lost.is_set()

@@ -21,11 +21,10 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from elastic.errors import ConfigError
-from elastic.membership.cluster import Election, LeaderRecord
+from elastic.membership.cluster import Election, FencedOutbox, LeaderRecord
 from elastic.membership.etcd.client import (
     RPC_TIMEOUT,
     Keys,
@@ -58,31 +57,17 @@ class EtcdElection(Election):
         # lives at least a TTL from then, whatever happened to this process since.
         self.renewed_at = float("-inf")
         self.lost = threading.Event()
-        self._changed = threading.Event()
-        self._term_over = threading.Event()  # ends this term's threads
-        self._outbox: dict[str, str] = {}  # key -> newest value to write, fenced
-        self._outbox_ready = threading.Condition()
-        self._writer: threading.Thread | None = None
-        self._watch = retrying(self.client, "watching the leader", lambda: self.client.add_watch_callback(self.keys.leader, lambda _response: self._changed.set()))
+        self.changed = threading.Event()
+        self.cluster = self.keys.cluster
+        self._term_over = threading.Event()  # ends this term's keep-alive
+        self._outbox = FencedOutbox(self.publish, 2 * RPC_TIMEOUT)
+        self._watch = retrying(self.client, "watching the leader", lambda: self.client.add_watch_callback(self.keys.leader, lambda _response: self.changed.set()))
 
-    def campaign(self, record: LeaderRecord, stop: threading.Event | None = None, tick: Callable[[], None] | None = None) -> bool:
-        announced = False
-        while not (stop is not None and stop.is_set()):
-            self._changed.clear()
-            try:
-                if self._try_to_lead(record):
-                    return True
-                if not announced:
-                    leader = read_leader(self.client, self.keys)
-                    log.info("standing by cluster=%s leader=%s", self.keys.cluster, leader.address if leader else "?")
-                    announced = True
-            except Exception as exc:  # etcd away: keep standing by, try again
-                failed_over(self.client, exc)
-                log.warning("cannot campaign error=%s; retrying", type(exc).__name__)
-            if tick is not None:
-                tick()
-            self._changed.wait(1.0)  # the watch wakes us when the key changes
-        return False
+    def _leader(self) -> LeaderRecord | None:
+        return read_leader(self.client, self.keys)
+
+    def _failed(self, exc: BaseException) -> None:
+        failed_over(self.client, exc)
 
     def _try_to_lead(self, record: LeaderRecord) -> bool:
         """One attempt: create the leader key under a new lease if nobody holds it."""
@@ -104,8 +89,7 @@ class EtcdElection(Election):
         self.lost.clear()
         self._term_over = threading.Event()
         threading.Thread(target=self._keep_alive, args=(lease, self._term_over), name="etcd-leader", daemon=True).start()
-        self._writer = threading.Thread(target=self._write_outbox, args=(self._term_over,), name="etcd-publish", daemon=True)
-        self._writer.start()
+        self._outbox.start("etcd-publish")
         return True
 
     def check(self) -> bool | None:
@@ -137,28 +121,7 @@ class EtcdElection(Election):
         return bool(ok)
 
     def publish_later(self, path: str, value: str) -> None:
-        """Written in order of paths by this term's writer thread, retried each
-        second while etcd fails, dropped once another coordinator leads."""
-        with self._outbox_ready:
-            self._outbox[path] = value
-            self._outbox_ready.notify()
-
-    def _write_outbox(self, term_over: threading.Event) -> None:
-        retry = False
-        while not term_over.is_set():
-            with self._outbox_ready:
-                if not self._outbox or retry:
-                    self._outbox_ready.wait(1.0)
-                pending = dict(self._outbox)
-            retry = False
-            for key, value in pending.items():
-                written = self.publish(key, value)
-                if written is None:
-                    retry = True
-                    break
-                with self._outbox_ready:
-                    if self._outbox.get(key) == value:
-                        del self._outbox[key]
+        self._outbox.put(path, value)
 
     def holds(self) -> bool:
         """A process stopped (SIGSTOP, a stalled VM) for longer than the lease wakes
@@ -190,15 +153,7 @@ class EtcdElection(Election):
         while we lead), and give the lease back (at once if etcd answers, else it runs
         out). Campaign again to lead."""
         self._term_over.set()
-        with self._outbox_ready:
-            self._outbox_ready.notify()
-        if self._writer is not None:
-            self._writer.join(timeout=2 * RPC_TIMEOUT)  # no older value may land after ours
-        with self._outbox_ready:
-            pending, self._outbox = self._outbox, {}
-        if not self.lost.is_set():
-            for key, value in pending.items():
-                self.publish(key, value)
+        self._outbox.stop(flush=not self.lost.is_set())
         if self.lease is not None:
             if self.lost.is_set():  # most likely gone already: make sure, quietly
                 with contextlib.suppress(Exception):

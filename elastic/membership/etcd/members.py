@@ -16,7 +16,6 @@ import threading
 from typing import Any
 
 from elastic.errors import ConfigError
-from elastic.membership.base import Member, MembershipEvent, MemberTable, assign_slot
 from elastic.membership.cluster import LeaderRecord, Registration
 from elastic.membership.etcd.client import (
     Keys,
@@ -28,87 +27,31 @@ from elastic.membership.etcd.client import (
     retrying,
     revoke,
 )
+from elastic.membership.registered import RegisteredMemberTable
 
 __all__ = ["EtcdMemberTable", "EtcdRegistration"]
 
 log = logging.getLogger("elastic.etcd")
 
 
-class EtcdMemberTable(MemberTable):
-    """The coordinator's view: members are workers with a live record and a HELLO."""
+class EtcdMemberTable(RegisteredMemberTable):
+    """Records under ``members/``, watched; slots under ``slots/``."""
 
     def __init__(self, url: str, heartbeat_timeout: float = 3.0) -> None:
-        super().__init__(heartbeat_timeout)
         self.keys = Keys(parse_etcd_url(url)[1])
         self.client = connect(url)
-        self._records: dict[str, dict[str, Any]] = {}  # worker id -> record, from etcd
-        self._connected: dict[str, Member] = {}  # worker id -> member, from HELLO
-        self._active: set[str] = set()  # both: reported as joined
-        self._events: list[MembershipEvent] = []
-        self._last_slot: dict[str, int] = {}
-        # Slots survive a failover: a worker keeps its data shard under the next leader.
+        slots = {}
         for value, meta in retrying(self.client, "reading slots", lambda: list(self.client.get_prefix(self.keys.slots))):
             if value.isdigit():
-                self._last_slot[meta.key.decode("utf-8", "replace")[len(self.keys.slots) :]] = int(value)
-        self._watch = PrefixWatch(self.client, self.keys.members)
+                slots[meta.key.decode("utf-8", "replace")[len(self.keys.slots) :]] = int(value)
+        super().__init__(heartbeat_timeout, slots)
+        self._changes = PrefixWatch(self.client, self.keys.members)
 
-    # ------------------------------------------------------------ interface --
-
-    def join(self, member: Member, now: float) -> Member:
-        self._apply_changes(now)
-        known = self._connected.get(member.id)
-        if known is not None:
-            known.last_seen = now
-            return known
-        before = self._last_slot.get(member.id)
-        assign_slot(member, {m.slot for m in self._connected.values()}, self._last_slot)
-        if member.slot != before:
-            try:
-                self.client.put(self.keys.slots + member.id, str(member.slot))
-            except Exception as exc:  # only the next leader's shard choice depends on it
-                log.warning("cannot record the slot in etcd worker=%s error=%s", member.id, type(exc).__name__)
-        member.joined_at = member.last_seen = now
-        self._connected[member.id] = member
-        self._update(member.id, "hello")
-        return member
-
-    def heartbeat(self, member_id: str, now: float, busy: bool = False) -> bool:
-        member = self._connected.get(member_id)
-        if member is None:
-            return False
-        member.last_seen, member.busy = now, busy
-        return True
-
-    def leave(self, member_id: str, reason: str) -> None:
-        if self._connected.pop(member_id, None) is not None:
-            self._update(member_id, reason)
-        if reason == "bye" and self._last_slot.pop(member_id, None) is not None:
-            # It left on purpose: its slot is free for good (a crashed worker keeps its
-            # slot, so it gets its shard back when it returns).
-            try:
-                self.client.delete(self.keys.slots + member_id)
-            except Exception as exc:  # a stale slot only makes a returning worker's shard sticky
-                log.warning("cannot delete the slot in etcd worker=%s error=%s", member_id, type(exc).__name__)
-
-    def members(self) -> list[Member]:
-        return sorted((self._connected[i] for i in self._active), key=lambda m: m.slot)
-
-    def poll(self, now: float) -> list[MembershipEvent]:
-        self._apply_changes(now)
-        events, self._events = self._events, []
-        return events
-
-    def close(self) -> None:
-        self._watch.close()
-        self.client.close()
-
-    # -------------------------------------------------------------- helpers --
-
-    def _apply_changes(self, now: float) -> None:
-        for worker, value in self._watch.changes(now):
+    def _watch(self, now: float) -> list[tuple[str, dict[str, Any] | None]]:
+        out: list[tuple[str, dict[str, Any] | None]] = []
+        for worker, value in self._changes.changes(now):
             if value is None:
-                if self._records.pop(worker, None) is not None:
-                    self._update(worker, "lease ended (stopped, or silent for its TTL)")
+                out.append((worker, None))
                 continue
             try:
                 record = json.loads(value)
@@ -117,25 +60,21 @@ class EtcdMemberTable(MemberTable):
             except ValueError as exc:
                 log.warning("ignoring a malformed member record worker=%s error=%s", worker, exc)
                 continue
-            self._records[worker] = record
-            self._update(worker, "registered")
+            out.append((worker, record))
+        return out
 
-    def _update(self, worker: str, reason: str) -> None:
-        """Report a join or leave when the member's two halves change together."""
-        member = self._connected.get(worker)
-        live = member is not None and worker in self._records
-        if live and worker not in self._active:
-            assert member is not None
-            record = self._records[worker]
-            member.device = str(record.get("device", member.device))
-            self._active.add(worker)
-            self._events.append(MembershipEvent("joined", member, reason))
-        elif not live and worker in self._active:
-            self._active.discard(worker)
-            gone = member or Member(id=worker)
-            self._events.append(MembershipEvent("left", gone, reason))
-            if member is not None and worker not in self._records:
-                self._connected.pop(worker, None)  # its lease is gone: it must HELLO again
+    def _store_slot(self, worker: str, slot: int | None) -> None:
+        try:
+            if slot is None:
+                self.client.delete(self.keys.slots + worker)
+            else:
+                self.client.put(self.keys.slots + worker, str(slot))
+        except Exception as exc:  # only the next leader's shard choice depends on it
+            log.warning("cannot record the slot in etcd worker=%s error=%s", worker, type(exc).__name__)
+
+    def close(self) -> None:
+        self._changes.close()
+        self.client.close()
 
 
 class EtcdRegistration(Registration):

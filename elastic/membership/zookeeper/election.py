@@ -14,10 +14,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
 
 from elastic.errors import ConfigError
-from elastic.membership.cluster import Election, LeaderRecord
+from elastic.membership.cluster import Election, FencedOutbox, LeaderRecord
 from elastic.membership.zookeeper.client import RPC_TIMEOUT, Paths, bounded, connect, parse_zk_url
 
 __all__ = ["ZkElection", "read_leader"]
@@ -56,11 +55,10 @@ class ZkElection(Election):
         self.token = 0
         self.renewed_at = float("-inf")
         self.lost = threading.Event()
-        self._changed = threading.Event()
-        self._term_over = threading.Event()
-        self._outbox: dict[str, str] = {}
-        self._outbox_ready = threading.Condition()
-        self._writer: threading.Thread | None = None
+        self.changed = threading.Event()
+        self.cluster = self.paths.cluster
+        self._term_over = threading.Event()  # ends this term's keep-alive
+        self._outbox = FencedOutbox(self.publish, 2 * ttl)
         self.client.add_listener(self._on_state)
 
     def _on_state(self, state: str) -> None:  # kazoo's connection thread: no calls here
@@ -69,25 +67,10 @@ class ZkElection(Election):
                 log.error("ZooKeeper session expired cluster=%s: no longer leading", self.paths.cluster)
                 self.lost.set()
             self.node = ""
-        self._changed.set()
+        self.changed.set()
 
-    def campaign(self, record: LeaderRecord, stop: threading.Event | None = None, tick: Callable[[], None] | None = None) -> bool:
-        announced = False
-        while not (stop is not None and stop.is_set()):
-            self._changed.clear()
-            try:
-                if self._try_to_lead(record):
-                    return True
-                if not announced:
-                    leader = read_leader(self.client, self.paths)
-                    log.info("standing by cluster=%s leader=%s", self.paths.cluster, leader.address if leader else "?")
-                    announced = True
-            except Exception as exc:  # ZooKeeper away: keep standing by, try again
-                log.warning("cannot campaign error=%s; retrying", type(exc).__name__)
-            if tick is not None:
-                tick()
-            self._changed.wait(1.0)  # the watch on the candidates wakes us
-        return False
+    def _leader(self) -> LeaderRecord | None:
+        return read_leader(self.client, self.paths)
 
     def _try_to_lead(self, record: LeaderRecord) -> bool:
         """Stand (once) and lead if our candidate node is the lowest."""
@@ -95,7 +78,7 @@ class ZkElection(Election):
         if not self.node or not bounded(self.client.exists_async(self.node)):
             path = bounded(self.client.create_async(f"{self.paths.election}/n_", record.to_json().encode(), ephemeral=True, sequence=True))
             self.node = str(path)
-        candidates = sorted(bounded(self.client.get_children_async(self.paths.election, watch=lambda _event: self._changed.set())))
+        candidates = sorted(bounded(self.client.get_children_async(self.paths.election, watch=lambda _event: self.changed.set())))
         if not candidates or f"{self.paths.election}/{candidates[0]}" != self.node:
             return False
         stat = bounded(self.client.set_async(self.paths.term, self.node.encode()))
@@ -105,8 +88,7 @@ class ZkElection(Election):
         self.lost.clear()
         self._term_over = threading.Event()
         threading.Thread(target=self._keep_alive, args=(self._term_over,), name="zk-leader", daemon=True).start()
-        self._writer = threading.Thread(target=self._write_outbox, args=(self._term_over,), name="zk-publish", daemon=True)
-        self._writer.start()
+        self._outbox.start("zk-publish")
         return True
 
     def _fenced(self) -> object:
@@ -178,26 +160,7 @@ class ZkElection(Election):
             return None
 
     def publish_later(self, path: str, value: str) -> None:
-        with self._outbox_ready:
-            self._outbox[path] = value
-            self._outbox_ready.notify()
-
-    def _write_outbox(self, term_over: threading.Event) -> None:
-        retry = False
-        while not term_over.is_set():
-            with self._outbox_ready:
-                if not self._outbox or retry:
-                    self._outbox_ready.wait(1.0)
-                pending = dict(self._outbox)
-            retry = False
-            for path, value in pending.items():
-                written = self.publish(path, value)
-                if written is None:
-                    retry = True
-                    break
-                with self._outbox_ready:
-                    if self._outbox.get(path) == value:
-                        del self._outbox[path]
+        self._outbox.put(path, value)
 
     def _keep_alive(self, term_over: threading.Event) -> None:
         """Ping every third of the TTL: each answer proves the session (the lease)
@@ -223,15 +186,7 @@ class ZkElection(Election):
 
     def step_down(self) -> None:
         self._term_over.set()
-        with self._outbox_ready:
-            self._outbox_ready.notify()
-        if self._writer is not None:
-            self._writer.join(timeout=2 * self.ttl)
-        with self._outbox_ready:
-            pending, self._outbox = self._outbox, {}
-        if not self.lost.is_set() and self.token:
-            for path, value in pending.items():
-                self.publish(path, value)
+        self._outbox.stop(flush=not self.lost.is_set() and bool(self.token))
         if self.node:
             try:  # a standby need not wait out the session
                 bounded(self.client.delete_async(self.node))

@@ -18,8 +18,8 @@ import threading
 from typing import Any
 
 from elastic.errors import ConfigError
-from elastic.membership.base import Member, MembershipEvent, MemberTable, assign_slot
 from elastic.membership.cluster import LeaderRecord, Registration
+from elastic.membership.registered import RegisteredMemberTable
 from elastic.membership.zookeeper.client import Paths, bounded, connect, parse_zk_url
 from elastic.membership.zookeeper.election import read_leader
 
@@ -34,28 +34,24 @@ def worker_of(node: str) -> str:
     return node[:-SEQUENCE] if len(node) > SEQUENCE and node[-SEQUENCE] == "." else node
 
 
-class ZkMemberTable(MemberTable):
-    """The coordinator's view: members are workers with a live record and a HELLO."""
+class ZkMemberTable(RegisteredMemberTable):
+    """Records as ephemeral sequential znodes under ``members/``, watched; slots under ``slots/``."""
 
     def __init__(self, url: str, heartbeat_timeout: float = 3.0) -> None:
-        super().__init__(heartbeat_timeout)
         self.paths = Paths(parse_zk_url(url)[1])
         self.client = connect(url)
         for path in (self.paths.members, self.paths.slots):
             self.client.ensure_path(path)
-        self._queue: queue.Queue[dict[str, dict[str, Any]]] = queue.Queue()  # the records present, per watch event
-        self._records: dict[str, dict[str, Any]] = {}  # worker id -> record
-        self._connected: dict[str, Member] = {}  # worker id -> member, from HELLO
-        self._active: set[str] = set()  # both: reported as joined
-        self._events: list[MembershipEvent] = []
-        self._closed = False
-        self._read: dict[str, dict[str, Any]] = {}  # znode name -> record (the watcher thread's)
-        # Slots survive a failover: a worker keeps its data shard under the next leader.
-        self._last_slot: dict[str, int] = {}
+        slots = {}
         for worker in self.client.get_children(self.paths.slots):
             value, _ = self.client.get(f"{self.paths.slots}/{worker}")
             if value.isdigit():
-                self._last_slot[worker] = int(value)
+                slots[worker] = int(value)
+        super().__init__(heartbeat_timeout, slots)
+        self._queue: queue.Queue[dict[str, dict[str, Any]]] = queue.Queue()  # the records present, per watch event
+        self._read: dict[str, dict[str, Any]] = {}  # znode name -> record (the watcher thread's)
+        self._present: dict[str, dict[str, Any]] = {}  # worker -> record, as last handed over
+        self._closed = False
         self.client.ChildrenWatch(self.paths.members, self._on_members)
 
     def _on_members(self, children: list[str]) -> bool | None:  # kazoo's watcher thread
@@ -81,64 +77,7 @@ class ZkMemberTable(MemberTable):
         self._queue.put({worker_of(node): record for node, record in sorted(read.items())})
         return None
 
-    # ------------------------------------------------------------ interface --
-
-    def join(self, member: Member, now: float) -> Member:
-        self._apply_changes()
-        known = self._connected.get(member.id)
-        if known is not None:
-            known.last_seen = now
-            return known
-        before = self._last_slot.get(member.id)
-        assign_slot(member, {m.slot for m in self._connected.values()}, self._last_slot)
-        if member.slot != before:
-            self._write_slot(member.id, str(member.slot))
-        member.joined_at = member.last_seen = now
-        self._connected[member.id] = member
-        self._update(member.id, "hello")
-        return member
-
-    def heartbeat(self, member_id: str, now: float, busy: bool = False) -> bool:
-        member = self._connected.get(member_id)
-        if member is None:
-            return False
-        member.last_seen, member.busy = now, busy
-        return True
-
-    def leave(self, member_id: str, reason: str) -> None:
-        if self._connected.pop(member_id, None) is not None:
-            self._update(member_id, reason)
-        if reason == "bye" and self._last_slot.pop(member_id, None) is not None:
-            self._write_slot(member_id, None)  # it left on purpose: its slot is free for good
-
-    def members(self) -> list[Member]:
-        return sorted((self._connected[i] for i in self._active), key=lambda m: m.slot)
-
-    def poll(self, now: float) -> list[MembershipEvent]:
-        self._apply_changes()
-        events, self._events = self._events, []
-        return events
-
-    def close(self) -> None:
-        self._closed = True
-        self.client.stop()
-        self.client.close()
-
-    # -------------------------------------------------------------- helpers --
-
-    def _write_slot(self, worker: str, slot: str | None) -> None:
-        path = f"{self.paths.slots}/{worker}"
-        try:
-            if slot is None:
-                bounded(self.client.delete_async(path))
-            elif bounded(self.client.exists_async(path)) is None:
-                bounded(self.client.create_async(path, slot.encode()))
-            else:
-                bounded(self.client.set_async(path, slot.encode()))
-        except Exception as exc:  # only the next leader's shard choice depends on it
-            log.warning("cannot record the slot in ZooKeeper worker=%s error=%s", worker, type(exc).__name__)
-
-    def _apply_changes(self) -> None:
+    def _watch(self, now: float) -> list[tuple[str, dict[str, Any] | None]]:
         latest = None
         while True:
             try:
@@ -146,29 +85,27 @@ class ZkMemberTable(MemberTable):
             except queue.Empty:
                 break
         if latest is None:
-            return
-        for worker in set(self._records) - set(latest):
-            del self._records[worker]
-            self._update(worker, "session ended (stopped, or silent for its TTL)")
-        for worker, record in latest.items():
-            if worker not in self._records:
-                self._records[worker] = record
-                self._update(worker, "registered")
+            return []
+        gone: list[tuple[str, dict[str, Any] | None]] = [(worker, None) for worker in self._present if worker not in latest]
+        self._present = latest
+        return gone + list(latest.items())
 
-    def _update(self, worker: str, reason: str) -> None:
-        """Report a join or leave when the member's two halves change together."""
-        member = self._connected.get(worker)
-        live = member is not None and worker in self._records
-        if live and worker not in self._active:
-            assert member is not None
-            member.device = str(self._records[worker].get("device", member.device))
-            self._active.add(worker)
-            self._events.append(MembershipEvent("joined", member, reason))
-        elif not live and worker in self._active:
-            self._active.discard(worker)
-            self._events.append(MembershipEvent("left", member or Member(id=worker), reason))
-            if member is not None and worker not in self._records:
-                self._connected.pop(worker, None)  # its session is gone: it must HELLO again
+    def _store_slot(self, worker: str, slot: int | None) -> None:
+        path = f"{self.paths.slots}/{worker}"
+        try:
+            if slot is None:
+                bounded(self.client.delete_async(path))
+            elif bounded(self.client.exists_async(path)) is None:
+                bounded(self.client.create_async(path, str(slot).encode()))
+            else:
+                bounded(self.client.set_async(path, str(slot).encode()))
+        except Exception as exc:  # only the next leader's shard choice depends on it
+            log.warning("cannot record the slot in ZooKeeper worker=%s error=%s", worker, type(exc).__name__)
+
+    def close(self) -> None:
+        self._closed = True
+        self.client.stop()
+        self.client.close()
 
 
 class ZkRegistration(Registration):
