@@ -13,14 +13,29 @@ import subprocess
 import sys
 import time
 
-ALL = ["transport", "aggregation", "memory", "vs_gloo", "vs_flower", "scale", "membership", "async_vs_sync", "fed_rules", "codecs", "curve"]
+ALL = [
+    "transport",
+    "aggregation",
+    "memory",
+    "vs_gloo",
+    "vs_flower",
+    "scale",
+    "membership",
+    "async_vs_sync",
+    "fed_rules",
+    "codecs",
+    "curve",
+]
 
 
 def main() -> int:
     names = sys.argv[1:] or ALL
     unknown = [n for n in names if n not in ALL]
     if unknown:
-        print(f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(ALL)}", file=sys.stderr)
+        print(
+            f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(ALL)}",
+            file=sys.stderr,
+        )
         return 2
     failed = []
     for name in names:

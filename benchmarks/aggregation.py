@@ -52,14 +52,23 @@ def _timed(fn) -> float:  # type: ignore[no-untyped-def]
 
 def received_frames(work: Message, worker: str, tensors: dict[str, torch.Tensor]) -> list[bytes]:
     """An update's frames as a socket hands them over: buffers of their own."""
-    msg = Message(MsgType.UPDATE, job=work.job, round=work.round, version=work.version, sender=worker, key=f"{worker}/{work.job}/{work.round}",
-                  meta={"num_samples": 8, "loss": 1.0, "kind": "weights", "train_seconds": 0.0},
-                  tensors={k: WireTensor.from_tensor(v) for k, v in tensors.items()})
+    msg = Message(
+        MsgType.UPDATE,
+        job=work.job,
+        round=work.round,
+        version=work.version,
+        sender=worker,
+        key=f"{worker}/{work.job}/{work.round}",
+        meta={"num_samples": 8, "loss": 1.0, "kind": "weights", "train_seconds": 0.0},
+        tensors={k: WireTensor.from_tensor(v) for k, v in tensors.items()},
+    )
     return [bytes(f) for f in encode(msg)]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--params", type=int, default=25_000_000)
     parser.add_argument("--updates", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=5)
@@ -68,8 +77,17 @@ def main() -> None:
     size = args.params * 4
     k = args.updates
     with tempfile.TemporaryDirectory() as state:
-        spec = JobSpec(id="agg", task="synthetic", rule="fedavg", rounds=args.rounds + 10, min_workers=k, eval_every=0, round_timeout=600.0,
-                       task_params={"params": args.params}, checkpoint=CheckpointPolicy(every=10**6))
+        spec = JobSpec(
+            id="agg",
+            task="synthetic",
+            rule="fedavg",
+            rounds=args.rounds + 10,
+            min_workers=k,
+            eval_every=0,
+            round_timeout=600.0,
+            task_params={"params": args.params},
+            checkpoint=CheckpointPolicy(every=10**6),
+        )
         engine = RoundEngine(Job(spec, Plugins(), Path(state)))
         members = [Member(id=f"w{i}") for i in range(k)]
         like = {n: p.detach() for n, p in engine.job.model.named_parameters()}
@@ -77,7 +95,9 @@ def main() -> None:
         per_round, per_update = [], []
         for r in range(args.rounds + 1):
             work = {out.worker: out.message for out in engine.tick(members)}
-            arriving = [received_frames(work[m.id], m.id, updates[i]) for i, m in enumerate(members)]
+            arriving = [
+                received_frames(work[m.id], m.id, updates[i]) for i, m in enumerate(members)
+            ]
             start = time.perf_counter()
             for m, frames in zip(members, arriving, strict=True):
                 t0 = time.perf_counter()
@@ -90,14 +110,30 @@ def main() -> None:
             assert engine.job.round == r + 1
             del arriving
     rate = copy_rate(size)
-    touched = k * size + 2 * (k - 1) * size + size + 2 * size  # updates; accumulator RMW; first write; mean read + model write
+    touched = (
+        k * size + 2 * (k - 1) * size + size + 2 * size
+    )  # updates; accumulator RMW; first write; mean read + model write
     limit = touched / rate
     measured = statistics.median(per_round)
-    print(f"{k} updates of {args.params:,} float32 ({size / 1e6:.0f} MB each), median of {args.rounds} rounds after 1 warm-up")
-    print(f"copy rate (read + write): {rate / 1e9:.2f} GB/s; bytes a streaming fold touches: {touched / 1e9:.2f} GB -> limit {limit * 1e3:.1f} ms")
-    print(f"fold of {k} updates + commit: {measured * 1e3:.1f} ms ({statistics.median(per_update) * 1e3:.1f} ms per update as it arrives)")
+    print(
+        f"{k} updates of {args.params:,} float32 ({size / 1e6:.0f} MB each), median of "
+        f"{args.rounds} rounds after 1 warm-up"
+    )
+    print(
+        f"copy rate (read + write): {rate / 1e9:.2f} GB/s; bytes a streaming fold touches: "
+        f"{touched / 1e9:.2f} GB -> limit {limit * 1e3:.1f} ms"
+    )
+    print(
+        f"fold of {k} updates + commit: {measured * 1e3:.1f} ms "
+        f"({statistics.median(per_update) * 1e3:.1f} ms per update as it arrives)"
+    )
     print(f"efficiency = limit / measured = {limit / measured:.2f} (target >= 0.5)")
-    bar_chart("aggregation", f"FedAvg over {k} x {size / 1e6:.0f} MB updates", {"memory-bandwidth limit": limit * 1e3, "elastic fold + commit": measured * 1e3}, "ms")
+    bar_chart(
+        "aggregation",
+        f"FedAvg over {k} x {size / 1e6:.0f} MB updates",
+        {"memory-bandwidth limit": limit * 1e3, "elastic fold + commit": measured * 1e3},
+        "ms",
+    )
 
 
 if __name__ == "__main__":

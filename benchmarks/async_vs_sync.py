@@ -60,7 +60,11 @@ every = 1000
 """
 MODES = {
     "fedavg": {"rounds": 60, "eval_every": 1, "rule_params": ""},
-    "async": {"rounds": 600, "eval_every": 2, "rule_params": 'buffer = 1\nmixing = 0.3\nmax_staleness = 3\nstaleness = "polynomial"'},
+    "async": {
+        "rounds": 600,
+        "eval_every": 2,
+        "rule_params": 'buffer = 1\nmixing = 0.3\nmax_staleness = 3\nstaleness = "polynomial"',
+    },
 }
 
 
@@ -71,7 +75,9 @@ def read_status(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def time_to_accuracy(mode: str, target: float, slowdown: float, seed: int, timeout: float) -> dict[str, float]:
+def time_to_accuracy(
+    mode: str, target: float, slowdown: float, seed: int, timeout: float
+) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         job = root / "job.toml"
@@ -82,13 +88,43 @@ def time_to_accuracy(mode: str, target: float, slowdown: float, seed: int, timeo
 
         def spawn(name: str, *args: str) -> subprocess.Popen:
             with open(root / f"{name}.log", "ab") as out:
-                p = subprocess.Popen([sys.executable, "-m", "elastic", *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+                p = subprocess.Popen(
+                    [sys.executable, "-m", "elastic", *args],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
             procs.append(p)
             return p
 
         try:
-            spawn("coordinator", "coordinator", "--bind", address, "--control", f"tcp://127.0.0.1:{free_port()}", "--state-dir", str(root / "state"), "--job", str(job))
-            workers = [spawn(w, "worker", "--coordinator", address, "--id", w, "--device", "cpu", "--threads", "1") for w in ("slow", "w1", "w2", "w3")]
+            spawn(
+                "coordinator",
+                "coordinator",
+                "--bind",
+                address,
+                "--control",
+                f"tcp://127.0.0.1:{free_port()}",
+                "--state-dir",
+                str(root / "state"),
+                "--job",
+                str(job),
+            )
+            workers = [
+                spawn(
+                    w,
+                    "worker",
+                    "--coordinator",
+                    address,
+                    "--id",
+                    w,
+                    "--device",
+                    "cpu",
+                    "--threads",
+                    "1",
+                )
+                for w in ("slow", "w1", "w2", "w3")
+            ]
             status_file = root / "state" / "bench" / "status.json"
             deadline = time.monotonic() + timeout
             while (s := read_status(status_file)) is None or s.get("started_at") is None:
@@ -98,14 +134,25 @@ def time_to_accuracy(mode: str, target: float, slowdown: float, seed: int, timeo
             with Throttle(workers[0].pid, slowdown):
                 while True:
                     s = read_status(status_file) or {}
-                    hit = next((h for h in s.get("history", []) if h.get("accuracy", 0.0) >= target), None)
+                    hit = next(
+                        (h for h in s.get("history", []) if h.get("accuracy", 0.0) >= target), None
+                    )
                     if hit is not None:
                         break
                     if s.get("state") == "finished" or time.monotonic() > deadline:
-                        best = max((h.get("accuracy", 0.0) for h in s.get("history", [])), default=0.0)
-                        raise SystemExit(f"{mode}: never reached accuracy {target} (best {best:.3f})")
+                        best = max(
+                            (h.get("accuracy", 0.0) for h in s.get("history", [])), default=0.0
+                        )
+                        raise SystemExit(
+                            f"{mode}: never reached accuracy {target} (best {best:.3f})"
+                        )
                     time.sleep(0.05)
-            return {"seconds": hit["at"] - s["started_at"], "versions": hit["version"], "accuracy": hit["accuracy"], "rejected_stale": s["totals"].get("rejected_stale", 0)}
+            return {
+                "seconds": hit["at"] - s["started_at"],
+                "versions": hit["version"],
+                "accuracy": hit["accuracy"],
+                "rejected_stale": s["totals"].get("rejected_stale", 0),
+            }
         finally:
             for p in procs:
                 p.kill()
@@ -113,25 +160,45 @@ def time_to_accuracy(mode: str, target: float, slowdown: float, seed: int, timeo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--target", type=float, default=0.90)
     parser.add_argument("--slowdown", type=float, default=5.0)
     parser.add_argument("--timeout", type=float, default=300.0)
     args = parser.parse_args()
-    print(f"digits, 4 workers, one {args.slowdown:g}x slower; time from first work to accuracy >= {args.target}")
-    print(f"{'run':>3} {'mode':<7} {'seconds':>8} {'versions':>9} {'accuracy':>9} {'refused stale':>14}")
+    print(
+        f"digits, 4 workers, one {args.slowdown:g}x slower; time from first work to accuracy >= "
+        f"{args.target}"
+    )
+    print(
+        f"{'run':>3} {'mode':<7} {'seconds':>8} {'versions':>9} {'accuracy':>9} "
+        f"{'refused stale':>14}"
+    )
     seconds: dict[str, list[float]] = {m: [] for m in MODES}
     for run in range(args.repeats):
         order = list(MODES) if run % 2 == 0 else list(reversed(MODES))  # neither always goes first
         for mode in order:
             r = time_to_accuracy(mode, args.target, args.slowdown, seed=run, timeout=args.timeout)
             seconds[mode].append(r["seconds"])
-            print(f"{run + 1:>3} {mode:<7} {r['seconds']:>8.2f} {r['versions']:>9.0f} {r['accuracy']:>9.3f} {r['rejected_stale']:>14.0f}", flush=True)
+            print(
+                f"{run + 1:>3} {mode:<7} {r['seconds']:>8.2f} {r['versions']:>9.0f} "
+                f"{r['accuracy']:>9.3f} {r['rejected_stale']:>14.0f}",
+                flush=True,
+            )
     sync, asyn = statistics.median(seconds["fedavg"]), statistics.median(seconds["async"])
     ratios = [f / a for f, a in zip(seconds["fedavg"], seconds["async"], strict=True)]
-    print(f"median: fedavg {sync:.2f} s, async {asyn:.2f} s; fedavg / async = {sync / asyn:.2f} (per run: {', '.join(f'{r:.2f}' for r in ratios)}; target >= 2)")
-    bar_chart("async_vs_sync", f"seconds to accuracy {args.target} with one {args.slowdown:g}x straggler (median)", {"fedavg (sync)": sync, "async": asyn}, "s")
+    print(
+        f"median: fedavg {sync:.2f} s, async {asyn:.2f} s; fedavg / async = {sync / asyn:.2f} "
+        f"(per run: {', '.join(f'{r:.2f}' for r in ratios)}; target >= 2)"
+    )
+    bar_chart(
+        "async_vs_sync",
+        f"seconds to accuracy {args.target} with one {args.slowdown:g}x straggler (median)",
+        {"fedavg (sync)": sync, "async": asyn},
+        "s",
+    )
 
 
 if __name__ == "__main__":

@@ -46,7 +46,15 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def synthetic_job(job_id: str, rule: str, rounds: int, params: int, workers: int | None = None, rule_table: str = "", extra: str = "") -> str:
+def synthetic_job(
+    job_id: str,
+    rule: str,
+    rounds: int,
+    params: int,
+    workers: int | None = None,
+    rule_table: str = "",
+    extra: str = "",
+) -> str:
     """A job spec on the ``synthetic`` task: no evaluation but the last, no checkpoint
     but the last, ``workers`` exactly (else at least one), one small SGD step a round."""
     count = f"min_workers = {workers}\nmax_workers = {workers}" if workers else "min_workers = 1"
@@ -91,7 +99,9 @@ class Run:
     status: dict[str, Any]
     rss_samples: list[float] = field(default_factory=list)
     wall: float = 0.0
-    cpu_samples: list[tuple[float, float]] = field(default_factory=list)  # (time.time(), coordinator CPU seconds)
+    cpu_samples: list[tuple[float, float]] = field(
+        default_factory=list
+    )  # (time.time(), coordinator CPU seconds)
 
     def cpu_between(self, start: float, end: float) -> float:
         """The coordinator's CPU seconds between two wall-clock times (sampled every 50 ms)."""
@@ -108,7 +118,14 @@ class Run:
 
 
 def run_job(
-    job_toml: str, workers: int, timeout: float = 600.0, coordinator_args: tuple[str, ...] = (), worker_args: tuple[str, ...] = (), threads: int = 1, light: int = 0, light_delay: float = 0.0,
+    job_toml: str,
+    workers: int,
+    timeout: float = 600.0,
+    coordinator_args: tuple[str, ...] = (),
+    worker_args: tuple[str, ...] = (),
+    threads: int = 1,
+    light: int = 0,
+    light_delay: float = 0.0,
     light_procs: int = 1,
 ) -> Run:
     """Run ``job_toml`` on a fresh coordinator, ``workers`` worker daemons and ``light``
@@ -119,24 +136,80 @@ def run_job(
         (root / "job.toml").write_text(job_toml)
         port = free_port()
         address = f"tcp://127.0.0.1:{port}"
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        env = dict(
+            os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(Path(__file__).resolve().parents[1])
+        )
         base = [sys.executable, "-m", "elastic"]
         procs: list[subprocess.Popen] = []
 
         def spawn(name: str, argv: list[str]) -> subprocess.Popen:
             with open(root / f"{name}.log", "ab") as out:
-                p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+                p = subprocess.Popen(
+                    argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+                )
             procs.append(p)
             return p
 
-        coordinator = spawn("coordinator", [*base, "coordinator", "--bind", address, "--control", f"tcp://127.0.0.1:{free_port()}", "--state-dir", str(root / "state"),
-                                            "--job", str(root / "job.toml"), "--exit-when-done", "--insecure", "--log-level", "warning", *coordinator_args])
+        coordinator = spawn(
+            "coordinator",
+            [
+                *base,
+                "coordinator",
+                "--bind",
+                address,
+                "--control",
+                f"tcp://127.0.0.1:{free_port()}",
+                "--state-dir",
+                str(root / "state"),
+                "--job",
+                str(root / "job.toml"),
+                "--exit-when-done",
+                "--insecure",
+                "--log-level",
+                "warning",
+                *coordinator_args,
+            ],
+        )
         for i in range(workers):
-            spawn(f"w{i}", [*base, "worker", "--coordinator", address, "--id", f"w{i}", "--device", "cpu", "--threads", str(threads), "--insecure",
-                            "--log-level", "warning", "--coordinator-timeout", "60", *worker_args])
+            spawn(
+                f"w{i}",
+                [
+                    *base,
+                    "worker",
+                    "--coordinator",
+                    address,
+                    "--id",
+                    f"w{i}",
+                    "--device",
+                    "cpu",
+                    "--threads",
+                    str(threads),
+                    "--insecure",
+                    "--log-level",
+                    "warning",
+                    "--coordinator-timeout",
+                    "60",
+                    *worker_args,
+                ],
+            )
         for i in range(light_procs if light else 0):
             count = light // light_procs + (i < light % light_procs)
-            spawn(f"light{i}", [sys.executable, "-m", "benchmarks.light_workers", "--coordinator", address, "--count", str(count), "--prefix", f"light{i}-", "--delay", str(light_delay)])
+            spawn(
+                f"light{i}",
+                [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.light_workers",
+                    "--coordinator",
+                    address,
+                    "--count",
+                    str(count),
+                    "--prefix",
+                    f"light{i}-",
+                    "--delay",
+                    str(light_delay),
+                ],
+            )
         samples: list[float] = []
         cpu: list[tuple[float, float]] = []
         stop = threading.Event()
@@ -153,7 +226,10 @@ def run_job(
         try:
             coordinator.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise RuntimeError(f"the job did not finish in {timeout:.0f}s:\n{(root / 'coordinator.log').read_text()[-3000:]}") from None
+            raise RuntimeError(
+                "the job did not finish in "
+                f"{timeout:.0f}s:\n{(root / 'coordinator.log').read_text()[-3000:]}"
+            ) from None
         finally:
             wall = time.monotonic() - started
             stop.set()
@@ -161,5 +237,8 @@ def run_job(
             stop_processes(procs)
         status_file = next((root / "state").glob("*/status.json"), None)
         if coordinator.returncode != 0 or status_file is None:
-            raise RuntimeError(f"the coordinator exited with {coordinator.returncode}:\n{(root / 'coordinator.log').read_text()[-3000:]}")
+            raise RuntimeError(
+                "the coordinator exited with "
+                f"{coordinator.returncode}:\n{(root / 'coordinator.log').read_text()[-3000:]}"
+            )
         return Run(json.loads(status_file.read_text()), samples, wall, cpu)

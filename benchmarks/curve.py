@@ -55,7 +55,9 @@ def measure(keys: str | None, mb: int, repeats: int) -> list[float]:
         server.apply(sock, DATA)
     port = sock.bind_to_random_port("tcp://127.0.0.1")
     ready = mp.get_context("spawn").Event()
-    peer = mp.get_context("spawn").Process(target=echo, args=(f"tcp://127.0.0.1:{port}", keys, ready))
+    peer = mp.get_context("spawn").Process(
+        target=echo, args=(f"tcp://127.0.0.1:{port}", keys, ready)
+    )
     peer.start()
     ready.wait(30)
     payload = [memoryview(bytearray(FRAME)) for _ in range(mb)]
@@ -78,14 +80,18 @@ def measure(keys: str | None, mb: int, repeats: int) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mb", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp), "server")
         generate(Path(tmp) / "allowed", "client")
-        (Path(tmp) / "client.key_secret").write_bytes((Path(tmp) / "allowed" / "client.key_secret").read_bytes())
+        (Path(tmp) / "client.key_secret").write_bytes(
+            (Path(tmp) / "allowed" / "client.key_secret").read_bytes()
+        )
         (Path(tmp) / "allowed" / "client.key_secret").unlink()
         plain = measure(None, args.mb, args.repeats)
         curve = measure(tmp, args.mb, args.repeats)
@@ -96,7 +102,12 @@ def main() -> None:
     print(f"{'plaintext':<10} {p * 1e3:>14.1f} {moved / p:>6.2f}")
     print(f"{'curve':<10} {c * 1e3:>14.1f} {moved / c:>6.2f}")
     print(f"curve / plaintext = {c / p:.2f} (the cost of encryption and authentication)")
-    bar_chart("curve", f"{args.mb} MiB each way, loopback TCP: GB/s moved", {"plaintext": moved / p, "curve": moved / c}, "GB/s")
+    bar_chart(
+        "curve",
+        f"{args.mb} MiB each way, loopback TCP: GB/s moved",
+        {"plaintext": moved / p, "curve": moved / c},
+        "GB/s",
+    )
 
 
 if __name__ == "__main__":

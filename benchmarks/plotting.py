@@ -16,7 +16,9 @@ def _figure():  # type: ignore[no-untyped-def]
     return plt
 
 
-def bar_chart(name: str, title: str, values: dict[str, float], unit: str, log_x: bool = False) -> Path:
+def bar_chart(
+    name: str, title: str, values: dict[str, float], unit: str, log_x: bool = False
+) -> Path:
     """Horizontal bars, one per measured path, labelled with their values."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(values) + 1.4))
@@ -32,7 +34,14 @@ def bar_chart(name: str, title: str, values: dict[str, float], unit: str, log_x:
     return _save(fig, name)
 
 
-def line_chart(name: str, title: str, x_label: str, y_label: str, series: dict[str, tuple[list[float], list[float]]], log_x: bool = False) -> Path:
+def line_chart(
+    name: str,
+    title: str,
+    x_label: str,
+    y_label: str,
+    series: dict[str, tuple[list[float], list[float]]],
+    log_x: bool = False,
+) -> Path:
     """One line per series of (x, y) points."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -57,7 +57,9 @@ def rss_mb(pid: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=600.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -70,12 +72,45 @@ def main() -> None:
 
         def spawn(name: str, *cmd: str) -> subprocess.Popen:
             with open(root / f"{name}.log", "ab") as out:
-                return subprocess.Popen([sys.executable, "-m", "elastic", *cmd], stdout=out, stderr=subprocess.STDOUT, env=env)
+                return subprocess.Popen(
+                    [sys.executable, "-m", "elastic", *cmd],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
 
         def worker(name: str) -> subprocess.Popen:
-            return spawn(name, "worker", "--coordinator", address, "--id", name, "--device", "cpu", "--threads", "1", "--coordinator-timeout", "5")
+            return spawn(
+                name,
+                "worker",
+                "--coordinator",
+                address,
+                "--id",
+                name,
+                "--device",
+                "cpu",
+                "--threads",
+                "1",
+                "--coordinator-timeout",
+                "5",
+            )
 
-        coordinator = spawn("coordinator", "coordinator", "--bind", address, "--control", f"tcp://127.0.0.1:{free_port()}", "--state-dir", str(root / "state"), "--job", str(root / "job.toml"), "--log-level", "debug", "--heartbeat-timeout", "3")
+        coordinator = spawn(
+            "coordinator",
+            "coordinator",
+            "--bind",
+            address,
+            "--control",
+            f"tcp://127.0.0.1:{free_port()}",
+            "--state-dir",
+            str(root / "state"),
+            "--job",
+            str(root / "job.toml"),
+            "--log-level",
+            "debug",
+            "--heartbeat-timeout",
+            "3",
+        )
         workers = {f"w{i}": worker(f"w{i}") for i in range(4)}
         samples: list[tuple[float, float]] = []
         actions = {"kill": 0, "term": 0, "stop": 0}
@@ -133,11 +168,29 @@ def main() -> None:
     # growth is told by the RSS once the first rounds ran, against the end.
     settled = next((m for t, m in samples if t >= 30), samples[-1][1])
     print(f"soak: {args.seconds:.0f} s, 4 workers, churn actions {actions} (seed {args.seed})")
-    print(f"rounds completed: {len(rounds)} ({len(rounds) / args.seconds * 60:.0f}/min); numbered 1..{rounds[-1]} without gap or repeat: {rounds == list(range(1, len(rounds) + 1))}")
-    print(f"updates acknowledged in committed rounds: {acknowledged}; counted by those rounds: {counted}; lost: {acknowledged - counted}")
-    print(f"coordinator RSS: first minute {first_mb:.0f} MB, last minute {last_mb:.0f} MB (x{last_mb / first_mb:.2f}), peak {max(m for _, m in samples):.0f} MB")
-    print(f"coordinator RSS at 30 s {settled:.0f} MB, at the end {samples[-1][1]:.0f} MB: {samples[-1][1] - settled:+.0f} MB over {len(rounds)} rounds")
-    line_chart("soak", f"coordinator RSS under worker churn ({args.seconds:.0f} s)", "seconds", "RSS (MB)", {"coordinator": ([t for t, _ in samples], [m for _, m in samples])})
+    print(
+        f"rounds completed: {len(rounds)} ({len(rounds) / args.seconds * 60:.0f}/min); numbered "
+        f"1..{rounds[-1]} without gap or repeat: {rounds == list(range(1, len(rounds) + 1))}"
+    )
+    print(
+        f"updates acknowledged in committed rounds: {acknowledged}; counted by those rounds: "
+        f"{counted}; lost: {acknowledged - counted}"
+    )
+    print(
+        f"coordinator RSS: first minute {first_mb:.0f} MB, last minute {last_mb:.0f} MB "
+        f"(x{last_mb / first_mb:.2f}), peak {max(m for _, m in samples):.0f} MB"
+    )
+    print(
+        f"coordinator RSS at 30 s {settled:.0f} MB, at the end {samples[-1][1]:.0f} MB: "
+        f"{samples[-1][1] - settled:+.0f} MB over {len(rounds)} rounds"
+    )
+    line_chart(
+        "soak",
+        f"coordinator RSS under worker churn ({args.seconds:.0f} s)",
+        "seconds",
+        "RSS (MB)",
+        {"coordinator": ([t for t, _ in samples], [m for _, m in samples])},
+    )
 
 
 if __name__ == "__main__":

@@ -61,7 +61,16 @@ from elastic.wire.transport import dealer_socket, recv_frames, router_socket, se
 from elastic.worker.runner import TaskRunner
 
 TENSORS = 4  # the model is a few big tensors, like the layers of a real network
-MODES = ("zmq-big", "zmq-1mb", "zmq-1mb-warm", "zmq-1mb-floor", "elastic", "ipc-zmq-1mb", "ipc-elastic", "shm-elastic")
+MODES = (
+    "zmq-big",
+    "zmq-1mb",
+    "zmq-1mb-warm",
+    "zmq-1mb-floor",
+    "elastic",
+    "ipc-zmq-1mb",
+    "ipc-elastic",
+    "shm-elastic",
+)
 
 
 class Blob(Task):
@@ -72,7 +81,9 @@ class Blob(Task):
     def build_model(self, seed: int) -> torch.nn.Module:
         model = torch.nn.Module()
         for i in range(TENSORS):
-            model.register_parameter(f"layer{i}", torch.nn.Parameter(torch.zeros(self.params["params"] // TENSORS)))
+            model.register_parameter(
+                f"layer{i}", torch.nn.Parameter(torch.zeros(self.params["params"] // TENSORS))
+            )
         return model
 
     def train_dataset(self, shard: Shard, data_dir: Path | None) -> Dataset:
@@ -81,7 +92,9 @@ class Blob(Task):
     def test_dataset(self, data_dir: Path | None) -> Dataset:
         return self.train_dataset(Shard(0, 1), data_dir)
 
-    def loss(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
         return sum(p.sum() for p in model.parameters()) * 0.0
 
 
@@ -114,7 +127,9 @@ def copy_frames(frames: list[zmq.Frame], into: torch.Tensor) -> None:
 def worker_side(endpoint: str, mode: str, params: int, rounds: int) -> None:
     """Echo the bytes (bare paths) or run the worker daemon's TaskRunner."""
     lane, placed = (SegmentWriter(), SegmentReader()) if mode.startswith("shm-") else (None, None)
-    mode = mode.removeprefix("ipc-").removeprefix("shm-")  # the same path, over a Unix socket or /dev/shm
+    mode = mode.removeprefix("ipc-").removeprefix(
+        "shm-"
+    )  # the same path, over a Unix socket or /dev/shm
     torch.set_num_threads(1)
     if mode != "zmq-1mb" and mode != "zmq-big":
         tune_allocator()  # what the daemons do at start
@@ -122,7 +137,9 @@ def worker_side(endpoint: str, mode: str, params: int, rounds: int) -> None:
     if mode == "elastic":
         sock = dealer_socket(ctx, "peer", endpoint)
         runner = TaskRunner(plugins(), torch.device("cpu"), None, "peer")
-        runner.placer = lane.place if lane is not None else None  # as the worker daemon does (by job)
+        runner.placer = (
+            lane.place if lane is not None else None
+        )  # as the worker daemon does (by job)
     else:
         sock = bare_socket(ctx, zmq.DEALER)
         sock.connect(endpoint)
@@ -135,9 +152,14 @@ def worker_side(endpoint: str, mode: str, params: int, rounds: int) -> None:
             work = decode(frames, check_finite=False, shm=placed)
             if work.tensors:  # a WORK message, else the ACK of the last update
                 result = runner.run(work)
-                del work, frames  # as the worker daemon does: the coordinator's segment is free again
+                del (
+                    work,
+                    frames,
+                )  # as the worker daemon does: the coordinator's segment is free again
                 assert result.buffers is not None, result.message.meta
-                result.buffers.release_after(send_message(sock, result.message, track=True, lane=lane))
+                result.buffers.release_after(
+                    send_message(sock, result.message, track=True, lane=lane)
+                )
                 sock.poll()
                 recv_frames(sock, routed=False)  # the ACK
             continue
@@ -149,19 +171,31 @@ def worker_side(endpoint: str, mode: str, params: int, rounds: int) -> None:
     ctx.term()
     if lane is not None:
         # every update went through /dev/shm, all but the first from where the weights live
-        assert lane.sent == rounds and lane.in_place >= rounds - 1 and not lane.busy, (lane.sent, lane.in_place, lane.busy)
+        assert lane.sent == rounds and lane.in_place >= rounds - 1 and not lane.busy, (
+            lane.sent,
+            lane.in_place,
+            lane.busy,
+        )
         lane.close()
 
 
 def elastic_engine(params: int, repeats: int, state_dir: str) -> RoundEngine:
     spec = JobSpec(
-        id="bench", task="blob", rule="fedavg", rounds=repeats + 10, eval_every=0,
-        round_timeout=600.0, task_params={"params": params}, checkpoint=CheckpointPolicy(every=10**6),
+        id="bench",
+        task="blob",
+        rule="fedavg",
+        rounds=repeats + 10,
+        eval_every=0,
+        round_timeout=600.0,
+        task_params={"params": params},
+        checkpoint=CheckpointPolicy(every=10**6),
     )
     return RoundEngine(Job(spec, plugins(), Path(state_dir)))
 
 
-def send_round(sock: zmq.Socket, ident: bytes, engine: RoundEngine, lane: SegmentWriter | None) -> None:
+def send_round(
+    sock: zmq.Socket, ident: bytes, engine: RoundEngine, lane: SegmentWriter | None
+) -> None:
     """What ``Coordinator._send_all`` does with a round's WORK messages."""
     for out in engine.tick([Member(id="peer")]):
         tracker = send_message(sock, out.message, ident, track=True, lane=lane)
@@ -191,7 +225,9 @@ def coordinator_side(mode: str, params: int, repeats: int, out: Any) -> None:
             raw = memoryview(model.numpy()).cast("B")
             step = len(raw) if mode == "zmq-big" else CHUNK_BYTES
             parts = [raw[i : i + step] for i in range(0, len(raw), step)]
-        peer = mp.get_context("spawn").Process(target=worker_side, args=(endpoint, name, params, repeats + 1))
+        peer = mp.get_context("spawn").Process(
+            target=worker_side, args=(endpoint, name, params, repeats + 1)
+        )
         peer.start()
         ident, _ = sock.recv_multipart()
         times = []
@@ -218,7 +254,10 @@ def coordinator_side(mode: str, params: int, repeats: int, out: Any) -> None:
         sock.close()
         ctx.term()
         if lane is not None:
-            assert lane.sent == repeats + 1 and not lane.busy, (lane.sent, lane.busy)  # every WORK went through /dev/shm
+            assert lane.sent == repeats + 1 and not lane.busy, (
+                lane.sent,
+                lane.busy,
+            )  # every WORK went through /dev/shm
             lane.close()
         out.put((name, times))
 
@@ -234,13 +273,18 @@ def copy_baseline(params: int, repeats: int) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--params", type=int, default=100_000_000)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     torch.set_num_threads(1)
     mb = args.params * 4 / 1e6
-    print(f"payload: {args.params:,} float32 parameters = {mb:.0f} MB each way; median of {args.repeats} round trips")
+    print(
+        f"payload: {args.params:,} float32 parameters = {mb:.0f} MB each way; median of "
+        f"{args.repeats} round trips"
+    )
     results = {"copy": copy_baseline(args.params, args.repeats)}
     spawn = mp.get_context("spawn")
     queue = spawn.Queue()
@@ -257,12 +301,29 @@ def main() -> None:
         med = statistics.median(times)
         moved = mb * (1 if mode == "copy" else 2) / 1e3
         rates[mode] = moved / med
-        print(f"{mode:<13} {med * 1e3:>10.1f} {min(times) * 1e3:>8.1f} {moved / med:>7.2f} {med / base:>10.2f}")
-    elastic, warm, floor, ipc, ipc_base = (statistics.median(results[m]) for m in ("elastic", "zmq-1mb-warm", "zmq-1mb-floor", "ipc-elastic", "ipc-zmq-1mb"))
-    print(f"elastic / zmq-1mb = {elastic / base:.2f} (target <= 1.2); elastic / zmq-1mb-warm = {elastic / warm:.2f}; elastic / zmq-1mb-floor = {elastic / floor:.2f}")
-    print(f"ipc-elastic / ipc-zmq-1mb = {ipc / ipc_base:.2f} (target <= 1.2); ipc-elastic moves {rates['ipc-elastic'] / rates['copy']:.2f}x the in-process copy rate")
-    print(f"shm-elastic moves {rates['shm-elastic'] / rates['copy']:.2f}x the in-process copy rate (target >= 0.5); {statistics.median(results['shm-elastic']) / base:.2f}x zmq-1mb's time")
-    bar_chart("transport", f"model down + update up, {mb:.0f} MB each way: GB/s moved", rates, "GB/s")
+        print(
+            f"{mode:<13} {med * 1e3:>10.1f} {min(times) * 1e3:>8.1f} {moved / med:>7.2f} "
+            f"{med / base:>10.2f}"
+        )
+    elastic, warm, floor, ipc, ipc_base = (
+        statistics.median(results[m])
+        for m in ("elastic", "zmq-1mb-warm", "zmq-1mb-floor", "ipc-elastic", "ipc-zmq-1mb")
+    )
+    print(
+        f"elastic / zmq-1mb = {elastic / base:.2f} (target <= 1.2); elastic / zmq-1mb-warm = "
+        f"{elastic / warm:.2f}; elastic / zmq-1mb-floor = {elastic / floor:.2f}"
+    )
+    print(
+        f"ipc-elastic / ipc-zmq-1mb = {ipc / ipc_base:.2f} (target <= 1.2); ipc-elastic moves "
+        f"{rates['ipc-elastic'] / rates['copy']:.2f}x the in-process copy rate"
+    )
+    print(
+        f"shm-elastic moves {rates['shm-elastic'] / rates['copy']:.2f}x the in-process copy rate "
+        f"(target >= 0.5); {statistics.median(results['shm-elastic']) / base:.2f}x zmq-1mb's time"
+    )
+    bar_chart(
+        "transport", f"model down + update up, {mb:.0f} MB each way: GB/s moved", rates, "GB/s"
+    )
 
 
 if __name__ == "__main__":

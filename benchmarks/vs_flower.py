@@ -49,7 +49,17 @@ def flower_env() -> Path:
     if not (VENV / "bin" / "flower-superlink").exists():
         print(f"installing {FLWR} into {VENV} ...", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-        subprocess.run([str(VENV / "bin" / "pip"), "install", "--quiet", "--disable-pip-version-check", FLWR, "numpy"], check=True)
+        subprocess.run(
+            [
+                str(VENV / "bin" / "pip"),
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                FLWR,
+                "numpy",
+            ],
+            check=True,
+        )
     return VENV / "bin"
 
 
@@ -71,60 +81,137 @@ def flower_round_times(params: int, nodes: int, rounds: int) -> list[float]:
         link = free_port()  # since flwr 1.41 one HTTP port serves the Fleet and Control APIs
         home = root / "flwr-home"
         home.mkdir()
-        (home / "config.toml").write_text(f'[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
-        env = dict(os.environ, FLWR_HOME=str(home), PYTHONUNBUFFERED="1", PATH=f"{bin_dir}:{os.environ.get('PATH', '')}")  # Flower starts its own helpers by name
+        (home / "config.toml").write_text(
+            '[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = '
+            f'"127.0.0.1:{link}"\ninsecure = true\n'
+        )
+        env = dict(
+            os.environ,
+            FLWR_HOME=str(home),
+            PYTHONUNBUFFERED="1",
+            PATH=f"{bin_dir}:{os.environ.get('PATH', '')}",
+        )  # Flower starts its own helpers by name
         procs: list[subprocess.Popen] = []
 
         def spawn(name: str, argv: list[str]) -> subprocess.Popen:
             with open(root / f"{name}.log", "ab") as out:
-                p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=root)
+                p = subprocess.Popen(
+                    argv,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    cwd=root,
+                )
             procs.append(p)
             return p
 
         out_file = root / "rounds.json"
         try:
-            spawn("superlink", [str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link),
-                                "--disable-runtime-dependency-installation"])
+            spawn(
+                "superlink",
+                [
+                    str(bin_dir / "flower-superlink"),
+                    "--insecure",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(link),
+                    "--disable-runtime-dependency-installation",
+                ],
+            )
             wait_listening(link)
             for i in range(nodes):
-                spawn(f"supernode{i}", [str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}",
-                                        "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", f"partition-id={i}"])
+                spawn(
+                    f"supernode{i}",
+                    [
+                        str(bin_dir / "flower-supernode"),
+                        "--insecure",
+                        "--superlink",
+                        f"127.0.0.1:{link}",
+                        "--host",
+                        "127.0.0.1",
+                        "--port",
+                        str(free_port()),
+                        "--node-config",
+                        f"partition-id={i}",
+                    ],
+                )
             config = f'params={params} nodes={nodes} rounds={rounds} out-file="{out_file}"'
-            run = spawn("flwr-run", [str(bin_dir / "flwr"), "run", str(APP), "bench", "--run-config", config, "--stream"])
+            run = spawn(
+                "flwr-run",
+                [
+                    str(bin_dir / "flwr"),
+                    "run",
+                    str(APP),
+                    "bench",
+                    "--run-config",
+                    config,
+                    "--stream",
+                ],
+            )
             deadline = time.monotonic() + 120 + rounds * (30 + params / 1e6)
             while not out_file.exists():
-                if time.monotonic() > deadline or (run.poll() is not None and not out_file.exists() and run.returncode != 0):
-                    logs = "\n".join(f"----- {p.name}\n{p.read_text(errors='replace')[-2000:]}" for p in sorted(root.glob("*.log")))
+                if time.monotonic() > deadline or (
+                    run.poll() is not None and not out_file.exists() and run.returncode != 0
+                ):
+                    logs = "\n".join(
+                        f"----- {p.name}\n{p.read_text(errors='replace')[-2000:]}"
+                        for p in sorted(root.glob("*.log"))
+                    )
                     raise RuntimeError(f"the Flower run did not finish\n{logs}")
                 time.sleep(0.2)
             time.sleep(0.2)
             marks = json.loads(out_file.read_text())
         finally:
             stop_processes(procs, grace=15)
-    return [b - a for a, b in zip(marks, marks[1:], strict=False)][1:]  # marks: before round 1, after each; round 1 warms up
+    return [b - a for a, b in zip(marks, marks[1:], strict=False)][
+        1:
+    ]  # marks: before round 1, after each; round 1 warms up
 
 
 def elastic_round_times(params: int, workers: int, rounds: int) -> list[float]:
     tcp = ("--no-shared-memory",)
-    return [r["seconds"] for r in run_job(synthetic_job("vs-flower", "fedavg", rounds, params, workers), workers, coordinator_args=tcp, worker_args=tcp).rounds(1)]
+    return [
+        r["seconds"]
+        for r in run_job(
+            synthetic_job("vs-flower", "fedavg", rounds, params, workers),
+            workers,
+            coordinator_args=tcp,
+            worker_args=tcp,
+        ).rounds(1)
+    ]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default="25000000,1000", help="parameter counts, comma-separated")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--sizes", default="25000000,1000", help="parameter counts, comma-separated"
+    )
     parser.add_argument("--workers", default="2,4", help="worker counts, comma-separated")
     parser.add_argument("--rounds", type=int, default=4, help="rounds per run, the first a warm-up")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     counts = [int(w) for w in args.workers.split(",")]
-    print(f"FedAvg, median round of {args.rounds - 1} after a warm-up; Flower {FLWR.split('==')[1]} deployment (SuperLink + SuperNodes) vs elastic daemons, loopback")
-    print(f"{'params':>11} {'workers':>7} {'Flower s':>9} {'elastic s':>10} {'Flower / elastic':>17}")
+    print(
+        f"FedAvg, median round of {args.rounds - 1} after a warm-up; Flower {FLWR.split('==')[1]} "
+        "deployment (SuperLink + SuperNodes) vs elastic daemons, loopback"
+    )
+    print(
+        f"{'params':>11} {'workers':>7} {'Flower s':>9} {'elastic s':>10} {'Flower / elastic':>17}"
+    )
     bars = {}
     for params in sizes:
         for workers in counts:
             flower = statistics.median(flower_round_times(params, workers, args.rounds))
             elastic = statistics.median(elastic_round_times(params, workers, args.rounds))
-            print(f"{params:>11,} {workers:>7} {flower:>9.3f} {elastic:>10.4f} {flower / elastic:>17.1f}", flush=True)
+            print(
+                f"{params:>11,} {workers:>7} {flower:>9.3f} {elastic:>10.4f} "
+                f"{flower / elastic:>17.1f}",
+                flush=True,
+            )
             bars[f"{params:,} params, {workers} workers"] = flower / elastic
     bar_chart("vs_flower", "FedAvg round time, Flower / elastic (same run)", bars, "x", log_x=True)
 

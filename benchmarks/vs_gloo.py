@@ -77,25 +77,48 @@ def gloo_times(params: int, steps: int) -> list[float]:
 
 def elastic_job(params: int, steps: int, codec: str | None) -> str:
     compression = f'[compression]\nupdate = ["{codec}"]\nmodel = ["{codec}"]\n' if codec else ""
-    return synthetic_job("vs-gloo", "syncavg", WARMUP + steps, params, workers=2, rule_table="lr = 0.01", extra=compression)
+    return synthetic_job(
+        "vs-gloo",
+        "syncavg",
+        WARMUP + steps,
+        params,
+        workers=2,
+        rule_table="lr = 0.01",
+        extra=compression,
+    )
 
 
-def elastic_times(params: int, steps: int, codec: str | None, shared_memory: bool) -> tuple[list[float], list[float]]:
+def elastic_times(
+    params: int, steps: int, codec: str | None, shared_memory: bool
+) -> tuple[list[float], list[float]]:
     """(communication part, whole step) of each timed step."""
     off = () if shared_memory else ("--no-shared-memory",)
-    run = run_job(elastic_job(params, steps, codec), workers=2, coordinator_args=off, worker_args=off)
+    run = run_job(
+        elastic_job(params, steps, codec), workers=2, coordinator_args=off, worker_args=off
+    )
     rounds = run.rounds(WARMUP - 1)  # the round before the first timed one: where its cycle starts
-    cycles = [(b["at"] - a["at"], b["train_seconds_max"]) for a, b in zip(rounds, rounds[1:], strict=False)]
+    cycles = [
+        (b["at"] - a["at"], b["train_seconds_max"])
+        for a, b in zip(rounds, rounds[1:], strict=False)
+    ]
     return [cycle - train for cycle, train in cycles], [cycle for cycle, _ in cycles]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--params", type=int, default=25_000_000)
     parser.add_argument("--steps", type=int, default=15)
     args = parser.parse_args()
-    print(f"{args.params:,} float32 parameters ({args.params * 4 / 1e6:.0f} MB), 2 workers, median of {args.steps} steps after {WARMUP} warm-up")
-    print("gloo runs again just before each elastic path: each ratio is against the gloo time of its own minute")
+    print(
+        f"{args.params:,} float32 parameters ({args.params * 4 / 1e6:.0f} MB), 2 workers, median "
+        f"of {args.steps} steps after {WARMUP} warm-up"
+    )
+    print(
+        "gloo runs again just before each elastic path: each ratio is against the gloo time of "
+        "its own minute"
+    )
     rows = []
     for label, codec, shm in (
         ("elastic syncavg", None, True),
@@ -108,13 +131,26 @@ def main() -> None:
         rows.append((label, gloo, statistics.median(comm), statistics.median(whole)))
     print(f"{'path':<22} {'gloo ms':>8} {'comm ms':>9} {'step ms':>9} {'comm / gloo':>12}")
     for label, gloo, comm, whole in rows:
-        print(f"{label:<22} {gloo * 1e3:>8.1f} {comm * 1e3:>9.1f} {whole * 1e3:>9.1f} {comm / gloo:>12.2f}")
+        print(
+            f"{label:<22} {gloo * 1e3:>8.1f} {comm * 1e3:>9.1f} {whole * 1e3:>9.1f} "
+            f"{comm / gloo:>12.2f}"
+        )
     ratio = {label: comm / gloo for label, gloo, comm, _ in rows}
-    print(f"elastic / gloo = {ratio['elastic syncavg']:.2f} (target <= 2); elastic fp16 / gloo = {ratio['elastic syncavg fp16']:.2f} (target <= 1)")
-    print(f"over loopback TCP: elastic / gloo = {ratio['elastic syncavg (tcp)']:.2f}; elastic fp16 / gloo = {ratio['elastic fp16 (tcp)']:.2f}")
+    print(
+        f"elastic / gloo = {ratio['elastic syncavg']:.2f} (target <= 2); elastic fp16 / gloo = "
+        f"{ratio['elastic syncavg fp16']:.2f} (target <= 1)"
+    )
+    print(
+        f"over loopback TCP: elastic / gloo = {ratio['elastic syncavg (tcp)']:.2f}; elastic fp16 "
+        f"/ gloo = {ratio['elastic fp16 (tcp)']:.2f}"
+    )
     gloo_mean = statistics.mean(gloo for _, gloo, _, _ in rows)
-    bars = {"gloo all_reduce (tcp)": gloo_mean * 1e3} | {label: comm * 1e3 for label, _, comm, _ in rows}
-    bar_chart("vs_gloo", "communication per step (ms), same run (gloo: mean of its runs)", bars, "ms")
+    bars = {"gloo all_reduce (tcp)": gloo_mean * 1e3} | {
+        label: comm * 1e3 for label, _, comm, _ in rows
+    }
+    bar_chart(
+        "vs_gloo", "communication per step (ms), same run (gloo: mean of its runs)", bars, "ms"
+    )
 
 
 if __name__ == "__main__":

@@ -57,7 +57,9 @@ class CoordinatorConfig:
         self.control = self.control or default_control(self.bind)
         _check_endpoint("control", self.control)
         if not 0 <= self.metrics_port < 65536:
-            raise ConfigError(f"metrics_port must be a TCP port (1-65535), or 0 for none; got {self.metrics_port}")
+            raise ConfigError(
+                f"metrics_port must be a TCP port (1-65535), or 0 for none; got {self.metrics_port}"
+            )
         if not self.id:
             self.id = f"{socket.gethostname()}-{os.getpid()}"
         open_backend(self.membership)  # its URL checked now: one clear error at start
@@ -71,16 +73,31 @@ class CoordinatorConfig:
             )
         _positive("max_message_bytes", self.max_message_bytes)
         if self.upload_window < 0:
-            raise ConfigError(f"upload_window must be >= 0 bytes (0: one big update at a time), got {self.upload_window}")
+            raise ConfigError(
+                "upload_window must be >= 0 bytes (0: one big update at a time), got "
+                f"{self.upload_window}"
+            )
         if self.upload_part != 0 and self.upload_part < 4096:
-            raise ConfigError(f"upload_part must be 0 (updates come whole) or >= 4096 bytes, got {self.upload_part}")
+            raise ConfigError(
+                "upload_part must be 0 (updates come whole) or >= 4096 bytes, got "
+                f"{self.upload_part}"
+            )
         _log_settings(self.log_format, self.log_level)
-        _check_security(self.insecure, {"curve_key": self.curve_key, "allow_workers": self.allow_workers, "allow_admins": self.allow_admins})
+        _check_security(
+            self.insecure,
+            {
+                "curve_key": self.curve_key,
+                "allow_workers": self.allow_workers,
+                "allow_admins": self.allow_admins,
+            },
+        )
 
 
 @dataclass
 class WorkerConfig:
-    coordinator: str = ""  # default: the leader the cluster names (--membership), else tcp://127.0.0.1:5555
+    coordinator: str = (
+        ""  # default: the leader the cluster names (--membership), else tcp://127.0.0.1:5555
+    )
     id: str = ""
     device: str = "auto"
     data: Path | None = None
@@ -106,15 +123,25 @@ class WorkerConfig:
         if not self.id:
             self.id = f"{socket.gethostname()}-{os.getpid()}"
         if len(self.id) > 128 or not self.id.isprintable() or "/" in self.id:
-            raise ConfigError(f"worker id {self.id!r} must be printable, without '/', at most 128 characters")
+            raise ConfigError(
+                f"worker id {self.id!r} must be printable, without '/', at most 128 characters"
+            )
         _positive("coordinator_timeout", self.coordinator_timeout)
         if self.data is not None and not self.data.is_dir():
             raise ConfigError(f"data directory {self.data} does not exist; create it or fix --data")
         _log_settings(self.log_format, self.log_level)
-        _check_security(self.insecure, {"curve_key": self.curve_key, "coordinator_key": self.coordinator_key})
+        _check_security(
+            self.insecure, {"curve_key": self.curve_key, "coordinator_key": self.coordinator_key}
+        )
 
 
-def resolve(cls: type[C], section: str, config_file: Path | None, flags: dict[str, Any], env: dict[str, str] | None = None) -> C:
+def resolve(
+    cls: type[C],
+    section: str,
+    config_file: Path | None,
+    flags: dict[str, Any],
+    env: dict[str, str] | None = None,
+) -> C:
     """Build ``cls`` from the file's ``[section]``, then ``ELASTIC_*`` env, then ``flags``
     (a flag whose value is None was not given)."""
     env = dict(os.environ) if env is None else env
@@ -127,7 +154,10 @@ def resolve(cls: type[C], section: str, config_file: Path | None, flags: dict[st
             raise ConfigError(f"config file {config_file}: {exc}; fix or remove --config") from exc
         for key, value in table.items():
             if key not in known:
-                raise ConfigError(f"config file {config_file}: [{section}] unknown key {key!r} (known: {', '.join(known)})")
+                raise ConfigError(
+                    f"config file {config_file}: [{section}] unknown key {key!r} (known: "
+                    f"{', '.join(known)})"
+                )
             values[key] = _convert(f"{config_file} [{section}] {key}", known[key].type, value)
     for name, f in known.items():
         var = f"ELASTIC_{name.upper()}"
@@ -161,7 +191,9 @@ def _convert(where: str, typ: Any, value: Any) -> Any:
             return int(value)
         return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"{where}: {value!r} is not a valid {typ.replace('pathlib.', '')}") from None
+        raise ConfigError(
+            f"{where}: {value!r} is not a valid {typ.replace('pathlib.', '')}"
+        ) from None
 
 
 def _positive(name: str, value: float) -> None:
@@ -171,7 +203,9 @@ def _positive(name: str, value: float) -> None:
 
 def _check_endpoint(name: str, value: str) -> None:
     if not value.startswith(("tcp://", "ipc://", "inproc://")) or "://" == value[-3:]:
-        raise ConfigError(f"{name} {value!r} is not a ZeroMQ endpoint; use e.g. tcp://127.0.0.1:5555")
+        raise ConfigError(
+            f"{name} {value!r} is not a ZeroMQ endpoint; use e.g. tcp://127.0.0.1:5555"
+        )
 
 
 def _check_security(insecure: bool, keys: dict[str, str]) -> None:
@@ -179,11 +213,14 @@ def _check_security(insecure: bool, keys: dict[str, str]) -> None:
     flags = ", ".join(f"--{k.replace('_', '-')}" for k in keys)
     given = [k for k, v in keys.items() if v]
     if insecure and given:
-        raise ConfigError(f"--insecure with {', '.join(given)}: choose CURVE keys or plaintext, not both")
+        raise ConfigError(
+            f"--insecure with {', '.join(given)}: choose CURVE keys or plaintext, not both"
+        )
     if not insecure and len(given) != len(keys):
         missing = ", ".join(f"--{k.replace('_', '-')}" for k, v in keys.items() if not v)
         raise ConfigError(
-            f"no CURVE keys ({missing} missing): give {flags} (make keys with `elastic keys generate`), "
+            f"no CURVE keys ({missing} missing): give {flags} (make keys with `elastic keys "
+            "generate`), "
             "or --insecure for plaintext on a network you trust"
         )
 
@@ -197,7 +234,16 @@ def _log_settings(fmt: str, level: str) -> None:
 
 # What a running daemon takes from a reloaded configuration (SIGHUP); the rest needs a restart.
 RELOADABLE = {
-    "CoordinatorConfig": {"heartbeat_interval", "heartbeat_timeout", "max_message_bytes", "upload_window", "upload_part", "exit_when_done", "log_format", "log_level"},
+    "CoordinatorConfig": {
+        "heartbeat_interval",
+        "heartbeat_timeout",
+        "max_message_bytes",
+        "upload_window",
+        "upload_part",
+        "exit_when_done",
+        "log_format",
+        "log_level",
+    },
     "WorkerConfig": {"coordinator_timeout", "max_message_bytes", "log_format", "log_level"},
 }
 

@@ -32,7 +32,10 @@ def reference() -> str:
             continue
         text = f"### `{name}{inspect.signature(func)}`\n\n{inspect.getdoc(func)}\n"
         if getattr(func, "elastic_spec", {}).get("firstresult"):
-            text += "\n*firstresult*: the first implementation that answers decides; the rest are not called.\n"
+            text += (
+                "\n*firstresult*: the first implementation that answers decides; the rest "
+                "are not called.\n"
+            )
         sections.append(text)
     return "\n".join(sections)
 

@@ -28,7 +28,15 @@ from typing import Any
 from elastic.errors import JobSpecError
 from elastic.typecheck import coerce, type_names
 
-__all__ = ["JobSpec", "TrainParams", "CheckpointPolicy", "CompressionPolicy", "UpdateLimits", "load_job_spec", "parse_job_spec"]
+__all__ = [
+    "JobSpec",
+    "TrainParams",
+    "CheckpointPolicy",
+    "CompressionPolicy",
+    "UpdateLimits",
+    "load_job_spec",
+    "parse_job_spec",
+]
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -69,7 +77,9 @@ class UpdateLimits:
     """What an update may be (``[limits]``); 0 turns a limit off."""
 
     max_update_bytes: int = 0  # as received (compressed), per update
-    max_norm: float = 0.0  # L2 norm of the update's change (trained minus sent weights, or the gradient)
+    max_norm: float = (
+        0.0  # L2 norm of the update's change (trained minus sent weights, or the gradient)
+    )
     norm_action: str = "reject"  # reject | clip (scaled down to max_norm)
     max_updates_per_minute: int = 0  # per worker
 
@@ -110,7 +120,9 @@ class JobSpec:
         data["train"] = TrainParams(**data["train"])
         data["checkpoint"] = CheckpointPolicy(**data["checkpoint"])
         compression = data.get("compression", {})
-        data["compression"] = CompressionPolicy(update=tuple(compression.get("update", ())), model=tuple(compression.get("model", ())))
+        data["compression"] = CompressionPolicy(
+            update=tuple(compression.get("update", ())), model=tuple(compression.get("model", ()))
+        )
         data["limits"] = UpdateLimits(**data.get("limits", {}))
         return cls(**data)
 
@@ -143,14 +155,28 @@ _CHECKPOINT_KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
     "keep": (int, lambda v: v >= 1, "a positive integer (checkpoints kept)"),
 }
 _STAGE = re.compile(r"^[A-Za-z0-9_.-]+(:[^\s:]+)?$")
-_CHAIN = (list, lambda v: all(isinstance(x, str) and _STAGE.match(x) for x in v) and len(v) <= 16,
-          'a list of codec stages, e.g. ["topk:0.01", "fp16", "zstd"]')
-_COMPRESSION_KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {"update": _CHAIN, "model": _CHAIN}
+_CHAIN = (
+    list,
+    lambda v: all(isinstance(x, str) and _STAGE.match(x) for x in v) and len(v) <= 16,
+    'a list of codec stages, e.g. ["topk:0.01", "fp16", "zstd"]',
+)
+_COMPRESSION_KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
+    "update": _CHAIN,
+    "model": _CHAIN,
+}
 _LIMIT_KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
     "max_update_bytes": (int, lambda v: v >= 0, "bytes per update, 0 for no limit"),
-    "max_norm": (float, lambda v: v >= 0, "the largest L2 norm of an update's change, 0 for no limit"),
+    "max_norm": (
+        float,
+        lambda v: v >= 0,
+        "the largest L2 norm of an update's change, 0 for no limit",
+    ),
     "norm_action": (str, lambda v: v in ("reject", "clip"), '"reject" or "clip"'),
-    "max_updates_per_minute": (int, lambda v: v >= 0, "updates a worker may send per minute, 0 for no limit"),
+    "max_updates_per_minute": (
+        int,
+        lambda v: v >= 0,
+        "updates a worker may send per minute, 0 for no limit",
+    ),
 }
 _TABLES = {"job", "task", "rule", "train", "checkpoint", "compression", "limits"}
 
@@ -161,7 +187,9 @@ def load_job_spec(path: str | Path) -> JobSpec:
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise JobSpecError(f"job spec {p} does not exist; give the path of a .toml job file") from None
+        raise JobSpecError(
+            f"job spec {p} does not exist; give the path of a .toml job file"
+        ) from None
     except OSError as exc:
         raise JobSpecError(f"job spec {p} cannot be read: {exc.strerror}") from exc
     try:
@@ -171,7 +199,9 @@ def load_job_spec(path: str | Path) -> JobSpec:
     return parse_job_spec(data, source=str(p), default_id=p.stem)
 
 
-def parse_job_spec(data: dict[str, Any], source: str = "job spec", default_id: str = "job") -> JobSpec:
+def parse_job_spec(
+    data: dict[str, Any], source: str = "job spec", default_id: str = "job"
+) -> JobSpec:
     """Validate a job spec given as parsed TOML."""
     for table in data:
         if table not in _TABLES:
@@ -189,7 +219,9 @@ def parse_job_spec(data: dict[str, Any], source: str = "job spec", default_id: s
     job_values = _check_table(source, "job", job, _JOB_KEYS)
     train = _check_table(source, "train", data.get("train", {}), _TRAIN_KEYS)
     ckpt = _check_table(source, "checkpoint", data.get("checkpoint", {}), _CHECKPOINT_KEYS)
-    compression = _check_table(source, "compression", data.get("compression", {}), _COMPRESSION_KEYS)
+    compression = _check_table(
+        source, "compression", data.get("compression", {}), _COMPRESSION_KEYS
+    )
     limits = _check_table(source, "limits", data.get("limits", {}), _LIMIT_KEYS)
     spec = JobSpec(
         **job_values,
@@ -197,7 +229,9 @@ def parse_job_spec(data: dict[str, Any], source: str = "job spec", default_id: s
         rule_params=dict(data.get("rule", {})),
         train=TrainParams(**train),
         checkpoint=CheckpointPolicy(**ckpt),
-        compression=CompressionPolicy(update=tuple(compression.get("update", ())), model=tuple(compression.get("model", ()))),
+        compression=CompressionPolicy(
+            update=tuple(compression.get("update", ())), model=tuple(compression.get("model", ()))
+        ),
         limits=UpdateLimits(**limits),
     )
     if spec.max_workers and spec.max_workers < spec.min_workers:

@@ -13,7 +13,10 @@ __all__ = ["setup_logging"]
 class _KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
-        line = f"{ts}.{int(record.msecs):03d} level={record.levelname.lower()} logger={record.name} msg={record.getMessage()!r}"
+        line = (
+            f"{ts}.{int(record.msecs):03d} level={record.levelname.lower()} "
+            f"logger={record.name} msg={record.getMessage()!r}"
+        )
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -21,7 +24,12 @@ class _KeyValueFormatter(logging.Formatter):
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": record.created, "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        out = {
+            "ts": record.created,
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out)

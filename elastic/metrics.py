@@ -52,17 +52,39 @@ class _Snapshot(Collector):
         snap = self.owner.snapshot
         jobs: dict[str, dict[str, Any]] = snap.get("jobs", {})
         gauges = {
-            "round": GaugeMetricFamily("elastic_job_round", "Last committed round (model versions for asynchronous rules)", labels=["job"]),
+            "round": GaugeMetricFamily(
+                "elastic_job_round",
+                "Last committed round (model versions for asynchronous rules)",
+                labels=["job"],
+            ),
             "version": GaugeMetricFamily("elastic_model_version", "Model version", labels=["job"]),
-            "rounds": GaugeMetricFamily("elastic_job_rounds", "Rounds the job runs in all", labels=["job"]),
+            "rounds": GaugeMetricFamily(
+                "elastic_job_rounds", "Rounds the job runs in all", labels=["job"]
+            ),
         }
-        state = GaugeMetricFamily("elastic_job_state", "1 for the job's current state", labels=["job", "state"])
-        updates = CounterMetricFamily("elastic_updates_accepted", "Updates folded into a model", labels=["job"])
-        wire = CounterMetricFamily("elastic_update_bytes_wire", "Update bytes as they arrived (compressed)", labels=["job"])
-        raw = CounterMetricFamily("elastic_update_bytes_raw", "Update bytes once decoded", labels=["job"])
-        ratio = GaugeMetricFamily("elastic_update_compression_ratio", "Decoded over received update bytes", labels=["job"])
-        sent = CounterMetricFamily("elastic_model_bytes_sent", "Model bytes sent to workers", labels=["job"])
-        staleness = HistogramMetricFamily("elastic_update_staleness", "Versions an applied update was behind (asynchronous rules)", labels=["job"])
+        state = GaugeMetricFamily(
+            "elastic_job_state", "1 for the job's current state", labels=["job", "state"]
+        )
+        updates = CounterMetricFamily(
+            "elastic_updates_accepted", "Updates folded into a model", labels=["job"]
+        )
+        wire = CounterMetricFamily(
+            "elastic_update_bytes_wire", "Update bytes as they arrived (compressed)", labels=["job"]
+        )
+        raw = CounterMetricFamily(
+            "elastic_update_bytes_raw", "Update bytes once decoded", labels=["job"]
+        )
+        ratio = GaugeMetricFamily(
+            "elastic_update_compression_ratio", "Decoded over received update bytes", labels=["job"]
+        )
+        sent = CounterMetricFamily(
+            "elastic_model_bytes_sent", "Model bytes sent to workers", labels=["job"]
+        )
+        staleness = HistogramMetricFamily(
+            "elastic_update_staleness",
+            "Versions an applied update was behind (asynchronous rules)",
+            labels=["job"],
+        )
         for job_id, job in jobs.items():
             totals = job["totals"]
             for key, family in gauges.items():
@@ -72,7 +94,10 @@ class _Snapshot(Collector):
             updates.add_metric([job_id], totals.get("updates", 0))
             wire.add_metric([job_id], totals.get("update_bytes_wire", 0))
             raw.add_metric([job_id], totals.get("update_bytes_raw", 0))
-            ratio.add_metric([job_id], totals.get("update_bytes_raw", 0) / max(totals.get("update_bytes_wire", 0), 1))
+            ratio.add_metric(
+                [job_id],
+                totals.get("update_bytes_raw", 0) / max(totals.get("update_bytes_wire", 0), 1),
+            )
             sent.add_metric([job_id], totals.get("bytes_sent", 0))
             histogram = {int(k): v for k, v in totals.get("staleness_histogram", {}).items()}
             if histogram:
@@ -81,19 +106,32 @@ class _Snapshot(Collector):
                     running += histogram.get(bound, 0)
                     buckets.append((str(float(bound)), running))
                 buckets.append(("+Inf", running))
-                staleness.add_metric([job_id], buckets, sum_value=float(sum(k * v for k, v in histogram.items())))
+                staleness.add_metric(
+                    [job_id], buckets, sum_value=float(sum(k * v for k, v in histogram.items()))
+                )
         yield from (*gauges.values(), state, updates, wire, raw, ratio, sent, staleness)
-        rejected = CounterMetricFamily("elastic_updates_rejected", "Messages and updates refused, by reason", labels=["reason"])
+        rejected = CounterMetricFamily(
+            "elastic_updates_rejected", "Messages and updates refused, by reason", labels=["reason"]
+        )
         for reason, count in snap.get("rejected", {}).items():
             rejected.add_metric([reason], count)
         yield rejected
-        members = GaugeMetricFamily("elastic_members", "Workers taking part, by device kind", labels=["device"])
+        members = GaugeMetricFamily(
+            "elastic_members", "Workers taking part, by device kind", labels=["device"]
+        )
         for device, count in snap.get("members", {}).items():
             members.add_metric([device], count)
         yield members
-        for name, help_text in (("bytes_in", "Bytes received by the coordinator socket"), ("bytes_out", "Bytes sent by the coordinator socket")):
+        for name, help_text in (
+            ("bytes_in", "Bytes received by the coordinator socket"),
+            ("bytes_out", "Bytes sent by the coordinator socket"),
+        ):
             yield CounterMetricFamily(f"elastic_socket_{name}", help_text, value=snap.get(name, 0))
-        yield GaugeMetricFamily("elastic_leader", "1 while this coordinator serves (leads)", value=1.0 if snap.get("serving") else 0.0)
+        yield GaugeMetricFamily(
+            "elastic_leader",
+            "1 while this coordinator serves (leads)",
+            value=1.0 if snap.get("serving") else 0.0,
+        )
 
 
 class Metrics:
@@ -101,10 +139,32 @@ class Metrics:
 
     def __init__(self, stall_after: float = 30.0) -> None:
         self.registry = CollectorRegistry()
-        self.round_seconds = Histogram("elastic_round_duration_seconds", "Time from a round's start to its commit", ["job"], buckets=ROUND_BUCKETS, registry=self.registry)
-        self.checkpoint_seconds = Histogram("elastic_checkpoint_duration_seconds", "Time to write a checkpoint", ["job"], buckets=CHECKPOINT_BUCKETS, registry=self.registry)
-        self.abandoned = Counter("elastic_rounds_abandoned", "Rounds ended without a commit (run again)", ["job"], registry=self.registry)
-        self.rounds = Counter("elastic_rounds_committed", "Rounds (or asynchronous versions) committed", ["job"], registry=self.registry)
+        self.round_seconds = Histogram(
+            "elastic_round_duration_seconds",
+            "Time from a round's start to its commit",
+            ["job"],
+            buckets=ROUND_BUCKETS,
+            registry=self.registry,
+        )
+        self.checkpoint_seconds = Histogram(
+            "elastic_checkpoint_duration_seconds",
+            "Time to write a checkpoint",
+            ["job"],
+            buckets=CHECKPOINT_BUCKETS,
+            registry=self.registry,
+        )
+        self.abandoned = Counter(
+            "elastic_rounds_abandoned",
+            "Rounds ended without a commit (run again)",
+            ["job"],
+            registry=self.registry,
+        )
+        self.rounds = Counter(
+            "elastic_rounds_committed",
+            "Rounds (or asynchronous versions) committed",
+            ["job"],
+            registry=self.registry,
+        )
         self.registry.register(_Snapshot(self))
         self.snapshot: dict[str, Any] = {}  # replaced whole, never changed in place
         self.stall_after = stall_after
@@ -114,7 +174,9 @@ class Metrics:
     # ------------------------------------------------------------- events --
 
     @hookimpl
-    def elastic_round_completed(self, job_id: str, round: int, version: int, metrics: dict[str, Any]) -> None:  # noqa: A002
+    def elastic_round_completed(
+        self, job_id: str, round: int, version: int, metrics: dict[str, Any]
+    ) -> None:  # noqa: A002
         self.rounds.labels(job_id).inc()
         if "seconds" in metrics:
             self.round_seconds.labels(job_id).observe(float(metrics["seconds"]))
@@ -152,7 +214,10 @@ class Metrics:
                 else:
                     ok = bool(self.snapshot.get("serving"))
                     text = "serving" if ok else "not serving (standing by, or starting)"
-                start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")])
+                start_response(
+                    "200 OK" if ok else "503 Service Unavailable",
+                    [("Content-Type", "text/plain; charset=utf-8")],
+                )
                 return [f"{'ok' if ok else 'unavailable'}: {text}\n".encode()]
             return metrics_app(environ, start_response)
 

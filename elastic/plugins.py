@@ -99,14 +99,18 @@ class Plugins:
         if entrypoints:
             self._load_entrypoints()
         for i, plugin in enumerate(extra):
-            self.register(plugin, name=f"extra-{i}-{getattr(plugin, '__name__', type(plugin).__name__)}")
+            self.register(
+                plugin, name=f"extra-{i}-{getattr(plugin, '__name__', type(plugin).__name__)}"
+            )
         self.aggregators: Registry[Aggregator] = Registry("aggregator")
         self.tasks: Registry[Task] = Registry("task")
         self.codecs: Registry[Codec] = Registry("codec")
         self.backends: Registry[ClusterBackend] = Registry("cluster backend")
         self._build_registries()
 
-    def register(self, plugin: object, name: str, distribution: str = "(registered in code)") -> None:
+    def register(
+        self, plugin: object, name: str, distribution: str = "(registered in code)"
+    ) -> None:
         try:
             self.pm.register(plugin, name=name)
         except (ValueError, pluggy.PluginValidationError) as exc:
@@ -146,7 +150,8 @@ class Plugins:
                 if not isinstance(contributed, list | tuple):
                     raise PluginError(
                         f"plugin {impl.plugin_name!r} from {dist}: {hook_name} must return a list "
-                        f"of classes (each one's `name` is its key), not {type(contributed).__name__}"
+                        "of classes (each one's `name` is its key), not "
+                        f"{type(contributed).__name__}"
                     )
                 for cls in contributed:
                     _check_class(kind, base, cls, impl.plugin_name, dist)
@@ -178,7 +183,9 @@ class Plugins:
         its exception (a failing validator must not let everything through)."""
         hook = getattr(self.pm.hook, hook_name)
         if not hook.spec.opts.get("firstresult"):
-            raise PluginError(f"{hook_name} is not a firstresult hook; notify() calls every implementation")
+            raise PluginError(
+                f"{hook_name} is not a firstresult hook; notify() calls every implementation"
+            )
         for impl in reversed(hook.get_hookimpls()):  # pluggy calls the last registered first
             try:
                 answer = impl.function(**{a: kwargs[a] for a in impl.argnames})
@@ -207,7 +214,12 @@ def _check_class(kind: str, base: type, cls: Any, plugin: str, dist: str) -> Non
         raise PluginError(f"{where}: {kind} {cls!r} must be a subclass of {base.__qualname__}")
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not name:
-        raise PluginError(f"{where}: {kind} {cls.__qualname__} has no `name` (a non-empty string class attribute, its key), got {name!r}")
+        raise PluginError(
+            f"{where}: {kind} {cls.__qualname__} has no `name` (a non-empty string class "
+            f"attribute, its key), got {name!r}"
+        )
     if inspect.isabstract(cls):
         missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
-        raise PluginError(f"{where}: {kind} {name!r} ({cls.__qualname__}) leaves abstract: {missing}")
+        raise PluginError(
+            f"{where}: {kind} {name!r} ({cls.__qualname__}) leaves abstract: {missing}"
+        )

@@ -25,7 +25,16 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from elastic.errors import ConfigError
 
-__all__ = ["generate", "load_secret", "load_public", "AllowList", "CurveServer", "client_security", "DATA", "CONTROL"]
+__all__ = [
+    "generate",
+    "load_secret",
+    "load_public",
+    "AllowList",
+    "CurveServer",
+    "client_security",
+    "DATA",
+    "CONTROL",
+]
 
 log = logging.getLogger("elastic.security")
 DATA, CONTROL = "data", "control"  # ZAP domains of the coordinator's two sockets
@@ -48,7 +57,10 @@ def load_secret(path: Path | str, what: str) -> tuple[bytes, bytes]:
     """(public, secret) from a secret certificate file, or one clear error."""
     public, secret = _load(path, what)
     if secret is None:
-        raise ConfigError(f"{what} {path} holds no secret key; give the NAME.key_secret file from `elastic keys generate`")
+        raise ConfigError(
+            f"{what} {path} holds no secret key; give the NAME.key_secret file from `elastic keys "
+            "generate`"
+        )
     return public, secret
 
 
@@ -60,7 +72,10 @@ def _load(path: Path | str, what: str) -> tuple[bytes, bytes | None]:
     try:
         public, secret = zmq.auth.load_certificate(str(path))
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{what} {path} cannot be read as a ZeroMQ certificate ({exc}); make one with `elastic keys generate`") from None
+        raise ConfigError(
+            f"{what} {path} cannot be read as a ZeroMQ certificate ({exc}); make one with "
+            "`elastic keys generate`"
+        ) from None
     return public, secret
 
 
@@ -76,11 +91,18 @@ class AllowList:
 
     def reload(self) -> int:
         if not self.directory.is_dir():
-            raise ConfigError(f"allow-list {self.directory} is not a directory of public keys (*.key files)")
+            raise ConfigError(
+                f"allow-list {self.directory} is not a directory of public keys (*.key files)"
+            )
         keys = {load_public(p, "allowed key") for p in sorted(self.directory.glob("*.key"))}
         with self._lock:
             self._keys = keys
-        log.info("allow-list loaded domain=%s keys=%d directory=%s", self.domain, len(keys), self.directory)
+        log.info(
+            "allow-list loaded domain=%s keys=%d directory=%s",
+            self.domain,
+            len(keys),
+            self.directory,
+        )
         return len(keys)
 
     def callback(self, domain: str, key: bytes) -> bool:
@@ -89,14 +111,20 @@ class AllowList:
             ok = key in self._keys
         if not ok:
             self.refused["unknown_key"] += 1
-            log.warning("connection refused domain=%s reason=unknown_key key=%s", domain, key.decode("ascii", "replace"))
+            log.warning(
+                "connection refused domain=%s reason=unknown_key key=%s",
+                domain,
+                key.decode("ascii", "replace"),
+            )
         return ok
 
 
 class CurveServer:
     """The coordinator's side: its key pair, a ZAP handler, an allow-list per domain."""
 
-    def __init__(self, ctx: zmq.Context, secret_key_file: Path | str, allow: dict[str, Path | str]) -> None:
+    def __init__(
+        self, ctx: zmq.Context, secret_key_file: Path | str, allow: dict[str, Path | str]
+    ) -> None:
         self.public, self.secret = load_secret(secret_key_file, "coordinator key")
         self.allow = {domain: AllowList(directory, domain) for domain, directory in allow.items()}
         self.auth = ThreadAuthenticator(ctx, log=logging.getLogger("elastic.zap"))
@@ -105,14 +133,19 @@ class CurveServer:
             self.auth.configure_curve_callback(domain, credentials_provider=allow_list)
 
     def apply(self, sock: zmq.Socket, domain: str) -> None:
-        """Make ``sock`` (before it binds) a CURVE server checked against ``domain``'s allow-list."""
+        """Make ``sock`` (before it binds) a CURVE server checked against
+        ``domain``'s allow-list."""
         sock.setsockopt(zmq.ZAP_DOMAIN, domain.encode())
         sock.curve_secretkey = self.secret
         sock.curve_publickey = self.public
         sock.curve_server = True
 
     def refused(self) -> dict[str, int]:
-        return {f"{domain}_{reason}": n for domain, a in self.allow.items() for reason, n in a.refused.items()}
+        return {
+            f"{domain}_{reason}": n
+            for domain, a in self.allow.items()
+            for reason, n in a.refused.items()
+        }
 
     def reload(self) -> None:
         for allow_list in self.allow.values():
@@ -122,7 +155,9 @@ class CurveServer:
         self.auth.stop()
 
 
-def client_security(secret_key_file: Path | str, server_key_file: Path | str) -> Callable[[zmq.Socket], None]:
+def client_security(
+    secret_key_file: Path | str, server_key_file: Path | str
+) -> Callable[[zmq.Socket], None]:
     """What makes a socket (before it connects) a CURVE client of that server; the
     files are read once, here, so a bad path fails at start."""
     public, secret = load_secret(secret_key_file, "key")

@@ -48,7 +48,12 @@ class SimulatedClock:
 
 
 def simulate(
-    spec: JobSpec, workers: int, plugins: Plugins, state_dir: Path, data_dir: Path | None = None, attackers: Mapping[int, str] | None = None
+    spec: JobSpec,
+    workers: int,
+    plugins: Plugins,
+    state_dir: Path,
+    data_dir: Path | None = None,
+    attackers: Mapping[int, str] | None = None,
 ) -> Job:
     """Run ``spec`` to its end with ``workers`` simulated workers; the finished job.
 
@@ -57,26 +62,50 @@ def simulate(
     of Gaussian noise with standard deviation S instead of the real one).
     """
     if workers < max(spec.min_workers, 1):
-        raise ConfigError(f"job {spec.id} needs min_workers = {spec.min_workers}; simulate at least that many workers")
+        raise ConfigError(
+            f"job {spec.id} needs min_workers = {spec.min_workers}; simulate at least that many "
+            "workers"
+        )
     attacks = {f"sim-{i}": parse_attack(a) for i, a in (attackers or {}).items()}
     clock = SimulatedClock()
     backend = EmbeddedBackend("embedded://")
-    core = CoordinatorCore(CoordinatorConfig(state_dir=state_dir, shared_memory=False), plugins, backend, backend.election("simulate", 10.0), LocalPeers(False), clock=clock)
+    core = CoordinatorCore(
+        CoordinatorConfig(state_dir=state_dir, shared_memory=False),
+        plugins,
+        backend,
+        backend.election("simulate", 10.0),
+        LocalPeers(False),
+        clock=clock,
+    )
     core.election.campaign(LeaderRecord("simulate", "inproc://simulate"))
     try:
         core.begin_term([spec])
         job = core.engines[spec.id].job
-        runners = {f"sim-{i}": TaskRunner(plugins, torch.device("cpu"), data_dir, f"sim-{i}") for i in range(workers)}
+        runners = {
+            f"sim-{i}": TaskRunner(plugins, torch.device("cpu"), data_dir, f"sim-{i}")
+            for i in range(workers)
+        }
         for worker in runners:
-            core.receive(worker, Message(MsgType.HELLO, sender=worker, meta={"device": "cpu", "host": "simulation", "software": "", "pid": 0}))
+            core.receive(
+                worker,
+                Message(
+                    MsgType.HELLO,
+                    sender=worker,
+                    meta={"device": "cpu", "host": "simulation", "software": "", "pid": 0},
+                ),
+            )
         while not job.done:
             clock.now += STEP
             for worker in runners:
-                core.receive(worker, Message(MsgType.HEARTBEAT, sender=worker, meta={"busy": False}))
+                core.receive(
+                    worker, Message(MsgType.HEARTBEAT, sender=worker, meta={"busy": False})
+                )
             core.tick()
             work_out = [out for out in core.take() if out.message.type is MsgType.WORK]
             if not work_out and not job.done:
-                raise ElasticError(f"job {spec.id} stopped making progress at round {job.round} ({job.state})")
+                raise ElasticError(
+                    f"job {spec.id} stopped making progress at round {job.round} ({job.state})"
+                )
             for out in work_out:
                 work = decode(encode(out.message), check_finite=False)
                 if out.buffers is not None:  # what the daemon does once the WORK is sent
@@ -88,13 +117,26 @@ def simulate(
     return job
 
 
-def _answer(core: CoordinatorCore, worker: str, work: Message, runner: TaskRunner, attacked: tuple[str, float] | None) -> None:
+def _answer(
+    core: CoordinatorCore,
+    worker: str,
+    work: Message,
+    runner: TaskRunner,
+    attacked: tuple[str, float] | None,
+) -> None:
     """The worker's reply to its WORK, through the wire's encoding, to the core."""
     result = runner.run(work)
     try:
         reply = decode(encode(result.message), max_message_bytes=1 << 62)
     except ProtocolError as exc:  # e.g. NaN in the update: the worker's work failed, as on the wire
-        reply = Message(MsgType.NACK, job=work.job, round=work.round, version=work.version, key=work.key, meta={"reason": exc.reason, "detail": exc.detail})
+        reply = Message(
+            MsgType.NACK,
+            job=work.job,
+            round=work.round,
+            version=work.version,
+            key=work.key,
+            meta={"reason": exc.reason, "detail": exc.detail},
+        )
     reply.sender = worker
     if reply.type is MsgType.UPDATE and attacked is not None:
         attack(reply, work, *attacked)
@@ -119,7 +161,11 @@ def attack(update: Message, work: Message, kind: str, value: float) -> None:
     relative = update.meta["kind"] == "weights"  # the change is weights minus what was sent
     for name, wt in list(update.tensors.items()):
         sent = wt.to_tensor()
-        base = work.tensors[name].to_tensor().reshape(sent.shape).to(sent.dtype) if relative else torch.zeros_like(sent)
+        base = (
+            work.tensors[name].to_tensor().reshape(sent.shape).to(sent.dtype)
+            if relative
+            else torch.zeros_like(sent)
+        )
         change = sent - base
         change = -value * change if kind == "signflip" else torch.randn_like(change) * value
         update.tensors[name] = WireTensor.from_tensor(base + change)

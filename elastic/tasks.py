@@ -61,10 +61,14 @@ class Task(ABC):
         """The held-out evaluation data (used by the coordinator)."""
 
     @abstractmethod
-    def loss(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(
+        self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
         """The mean loss of ``model`` on one batch (a scalar with a graph)."""
 
-    def metrics(self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    def metrics(
+        self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> dict[str, float]:
         """Extra evaluation figures on one batch, as sums over its samples.
 
         The runtime adds them up over the test set and divides by its size. The

@@ -17,7 +17,16 @@ from elastic.errors import Cancelled
 from elastic.jobspec import TrainParams
 from elastic.tasks import Task
 
-__all__ = ["TrainResult", "local_train", "batch_gradient", "evaluate", "dataset_tensors", "update_template", "update_kind", "move_to_fresh_memory"]
+__all__ = [
+    "TrainResult",
+    "local_train",
+    "batch_gradient",
+    "evaluate",
+    "dataset_tensors",
+    "update_template",
+    "update_kind",
+    "move_to_fresh_memory",
+]
 
 
 @dataclass
@@ -26,7 +35,9 @@ class TrainResult:
     loss: float
 
 
-def dataset_tensors(dataset: Dataset, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+def dataset_tensors(
+    dataset: Dataset, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The (inputs, targets) of an in-memory dataset moved to ``device``, else None."""
     if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
         x, y = dataset.tensors
@@ -48,7 +59,9 @@ def _batches(
             idx = order[start : start + size]
             yield x[idx], y[idx]
         return
-    loader = DataLoader(dataset, batch_size=size, shuffle=generator is not None, generator=generator)
+    loader = DataLoader(
+        dataset, batch_size=size, shuffle=generator is not None, generator=generator
+    )
     for inputs, targets in loader:
         yield inputs.to(device), targets.to(device)
 
@@ -105,7 +118,13 @@ def local_train(
 
 
 def batch_gradient(
-    task: Task, model: torch.nn.Module, dataset: Dataset, batch_size: int, step: int, seed: int, device: torch.device
+    task: Task,
+    model: torch.nn.Module,
+    dataset: Dataset,
+    batch_size: int,
+    step: int,
+    seed: int,
+    device: torch.device,
 ) -> TrainResult:
     """Leave in ``.grad`` the gradient of the mean loss on this step's batch.
 
@@ -131,7 +150,9 @@ def batch_gradient(
 
 
 @torch.no_grad()
-def evaluate(task: Task, model: torch.nn.Module, dataset: Dataset, device: torch.device | str = "cpu") -> dict[str, float]:
+def evaluate(
+    task: Task, model: torch.nn.Module, dataset: Dataset, device: torch.device | str = "cpu"
+) -> dict[str, float]:
     """Mean loss (``eval_loss``) and the task's metrics over ``dataset``."""
     device = torch.device(device)
     model.eval()
@@ -160,7 +181,9 @@ def update_template(model: torch.nn.Module, mode: str) -> dict[str, torch.Tensor
     """
     if mode == "gradient":
         return {n: p for n, p in model.named_parameters() if p.requires_grad}
-    named = dict(model.named_parameters(remove_duplicate=False)) | dict(model.named_buffers(remove_duplicate=False))
+    named = dict(model.named_parameters(remove_duplicate=False)) | dict(
+        model.named_buffers(remove_duplicate=False)
+    )
     return {n: named[n] for n, t in model.state_dict().items() if t.is_floating_point()}
 
 

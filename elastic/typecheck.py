@@ -40,7 +40,9 @@ def coerce(value: Any, expected: Expected) -> Any:
     return value
 
 
-def check_params(owner: str, params: Mapping[str, Any], allowed: Mapping[str, Expected]) -> dict[str, Any]:
+def check_params(
+    owner: str, params: Mapping[str, Any], allowed: Mapping[str, Expected]
+) -> dict[str, Any]:
     """Check a plugin's parameters: no unknown keys, the right types. Returns a copy.
 
     Raises ``JobSpecError`` naming the key, what was expected and what is known.
@@ -54,5 +56,7 @@ def check_params(owner: str, params: Mapping[str, Any], allowed: Mapping[str, Ex
             out[key] = coerce(value, allowed[key])
         except TypeError:
             names = type_names(allowed[key])
-            raise JobSpecError(f"{owner}: parameter {key!r} must be {names}, got {value!r}") from None
+            raise JobSpecError(
+                f"{owner}: parameter {key!r} must be {names}, got {value!r}"
+            ) from None
     return out

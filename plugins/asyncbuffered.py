@@ -52,10 +52,18 @@ class AsyncBuffered(AsyncAggregator):
 
     def __init__(self, params: Mapping[str, Any]) -> None:
         owner = "rule async"
-        p = check_params(owner, params, {
-            "buffer": int, "mixing": float, "max_staleness": int,
-            "staleness": str, "staleness_a": float, "staleness_b": int,
-        })
+        p = check_params(
+            owner,
+            params,
+            {
+                "buffer": int,
+                "mixing": float,
+                "max_staleness": int,
+                "staleness": str,
+                "staleness_a": float,
+                "staleness_b": int,
+            },
+        )
         self.buffer = p.get("buffer", 1)
         self.mixing = p.get("mixing", 1.0)
         self.max_staleness = p.get("max_staleness", 10)
@@ -65,7 +73,9 @@ class AsyncBuffered(AsyncAggregator):
             raise JobSpecError(f"{owner}: mixing must be in (0, 1], got {self.mixing}")
         if self.max_staleness < 0:
             raise JobSpecError(f"{owner}: max_staleness must be >= 0, got {self.max_staleness}")
-        self.weight_of = staleness_function(p.get("staleness", "polynomial"), p.get("staleness_a"), p.get("staleness_b"), owner)
+        self.weight_of = staleness_function(
+            p.get("staleness", "polynomial"), p.get("staleness_a"), p.get("staleness_b"), owner
+        )
         super().__init__(p)
 
     def setup(self, model: torch.nn.Module) -> None:

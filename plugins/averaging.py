@@ -41,7 +41,9 @@ class WeightedSum:
 
     def __init__(self, like: Mapping[str, torch.Tensor]) -> None:
         self._sums = {
-            name: torch.empty(t.shape, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32)
+            name: torch.empty(
+                t.shape, dtype=torch.float64 if t.dtype == torch.float64 else torch.float32
+            )
             for name, t in like.items()
         }
         self.reset()
@@ -74,7 +76,11 @@ class WeightedSum:
 
     def add(self, tensors: Mapping[str, WireTensor | torch.Tensor], weight: float) -> None:
         first_update = self.count == 0 and not self._written
-        if first_update and tensors and all(isinstance(t, WireTensor) and t.shared for t in tensors.values()):
+        if (
+            first_update
+            and tensors
+            and all(isinstance(t, WireTensor) and t.shared for t in tensors.values())
+        ):
             self._held = ({k: t for k, t in tensors.items() if isinstance(t, WireTensor)}, weight)
         elif self._held is not None:
             first, first_weight = self._held
@@ -94,7 +100,12 @@ class WeightedSum:
         self.count += 1
         self._written = True
 
-    def add_part(self, segments: Sequence[tuple[str, int, int]], tensors: Mapping[str, WireTensor], weight: float) -> None:
+    def add_part(
+        self,
+        segments: Sequence[tuple[str, int, int]],
+        tensors: Mapping[str, WireTensor],
+        weight: float,
+    ) -> None:
         """Fold one part of an update: ``tensors[name]`` holds elements ``start:stop``
         of ``name`` for each segment (``elastic.wire.parts``)."""
         sums = self.sums
@@ -152,7 +163,9 @@ class WeightedSum:
 FOLD_BLOCK = 1 << 20
 
 
-def _fold_two(acc: torch.Tensor, first: WireTensor, a: float, second: WireTensor | torch.Tensor, b: float) -> None:
+def _fold_two(
+    acc: torch.Tensor, first: WireTensor, a: float, second: WireTensor | torch.Tensor, b: float
+) -> None:
     """``acc = a * first + b * second`` a block at a time: each block of the sum is
     written, then added to while in cache. Per update folded from shared memory the
     sum is written once, not written then read and written again (25M float32: 400
@@ -177,12 +190,16 @@ class MeanDeltaRule(Aggregator):
 
     worker_mode = "train"
 
-    def check(self, owner: str, params: Mapping[str, Any], allowed: Mapping[str, type | tuple]) -> dict[str, Any]:
+    def check(
+        self, owner: str, params: Mapping[str, Any], allowed: Mapping[str, type | tuple]
+    ) -> dict[str, Any]:
         """Validate ``params`` against ``allowed`` plus ``weighting``; sets ``self.params``."""
         p = check_params(owner, params, {**allowed, "weighting": str})
         self.weighting = p.get("weighting", "samples")
         if self.weighting not in ("samples", "uniform"):
-            raise JobSpecError(f'{owner}: weighting must be "samples" or "uniform", got {self.weighting!r}')
+            raise JobSpecError(
+                f'{owner}: weighting must be "samples" or "uniform", got {self.weighting!r}'
+            )
         self.params = p
         return p
 
@@ -226,7 +243,9 @@ class MeanDeltaRule(Aggregator):
                         if weight > 0:
                             torch.div(flat[start:stop], weight, out=w[start:stop])
                     elif weight > 0:
-                        flat[start:stop].div_(weight).sub_(w[start:stop])  # mean weights - w = mean delta
+                        flat[start:stop].div_(weight).sub_(
+                            w[start:stop]
+                        )  # mean weights - w = mean delta
                     else:
                         flat[start:stop].zero_()
                 if not self.plain:

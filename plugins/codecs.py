@@ -43,7 +43,9 @@ def _number(stage: str, arg: str | None, kind: type, default: Any, check: Any, h
     try:
         value = kind(arg)
     except ValueError:
-        raise JobSpecError(f"codec {stage}:{arg}: {arg!r} is not a {kind.__name__}; {hint}") from None
+        raise JobSpecError(
+            f"codec {stage}:{arg}: {arg!r} is not a {kind.__name__}; {hint}"
+        ) from None
     if not check(value):
         raise JobSpecError(f"codec {stage}:{arg} is out of range; {hint}")
     return value
@@ -96,18 +98,28 @@ class _Cast(Codec):
         # what lies past ±limit would round to ±limit or overflow to ±inf, which
         # the clamp after the cast brings back to ±limit; NaN stays NaN.
         scratch = self._scratch
-        if scratch is None or scratch.dtype != flat.dtype or scratch.numel() < min(CLAMP_BLOCK, flat.numel()):
+        if (
+            scratch is None
+            or scratch.dtype != flat.dtype
+            or scratch.numel() < min(CLAMP_BLOCK, flat.numel())
+        ):
             # Kept for the next call (the worker and the downlink call this a block at
             # a time): a fresh block would land on cold cache lines (25M: 7.5 -> 12 ms).
             scratch = self._scratch = torch.empty(min(CLAMP_BLOCK, flat.numel()), dtype=flat.dtype)
         for start in range(0, flat.numel(), CLAMP_BLOCK):
             block = flat[start : start + CLAMP_BLOCK]
-            out[start : start + block.numel()].copy_(torch.clamp(block, -self.limit, self.limit, out=scratch[: block.numel()]))
+            out[start : start + block.numel()].copy_(
+                torch.clamp(block, -self.limit, self.limit, out=scratch[: block.numel()])
+            )
 
-    def decode(self, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode(
+        self, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
         x = parts["x"]
         _check(x.numel() == math.prod(shape), f"{x.numel()} elements for shape {list(shape)}")
-        _check(x.dtype == self.target, f"the part is {x.dtype}, not {self.target}")  # keeps_finite relies on it
+        _check(
+            x.dtype == self.target, f"the part is {x.dtype}, not {self.target}"
+        )  # keeps_finite relies on it
         return x.to(dtype).reshape(shape)
 
     def error_bound(self, tensor: torch.Tensor) -> float:
@@ -141,7 +153,14 @@ class TopK(Codec):
     name = "topk"
 
     def __init__(self, arg: str | None = None) -> None:
-        self.ratio = _number("topk", arg, float, None, lambda v: 0 < v <= 1, "give the share kept in (0, 1], e.g. topk:0.01")
+        self.ratio = _number(
+            "topk",
+            arg,
+            float,
+            None,
+            lambda v: 0 < v <= 1,
+            "give the share kept in (0, 1], e.g. topk:0.01",
+        )
         super().__init__(arg)
         self.residual: torch.Tensor | None = None
 
@@ -150,20 +169,33 @@ class TopK(Codec):
 
     def encode(self, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         flat = tensor.detach().reshape(-1)
-        flat = flat.to(torch.promote_types(flat.dtype, torch.float32))  # the residual keeps precision
+        flat = flat.to(
+            torch.promote_types(flat.dtype, torch.float32)
+        )  # the residual keeps precision
         acc = flat + _residual(self.residual, flat)
         index = acc.abs().topk(self._k(acc.numel()), sorted=False).indices
         values = acc[index]
         acc[index] = 0  # what was not sent waits for the next round
         self.residual = acc
         wide = acc.numel() >= 2**31
-        return {"indices": index.to(torch.int64 if wide else torch.int32), "values": values.to(tensor.dtype)}
+        return {
+            "indices": index.to(torch.int64 if wide else torch.int32),
+            "values": values.to(tensor.dtype),
+        }
 
-    def decode(self, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode(
+        self, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
         index, values = parts["indices"].long(), parts["values"]
         n = math.prod(shape)
-        _check(index.numel() == values.numel() <= n, f"{index.numel()} indices for {values.numel()} values of {n} elements")
-        _check(index.numel() == 0 or (0 <= int(index.min()) and int(index.max()) < n), "an index is out of range")
+        _check(
+            index.numel() == values.numel() <= n,
+            f"{index.numel()} indices for {values.numel()} values of {n} elements",
+        )
+        _check(
+            index.numel() == 0 or (0 <= int(index.min()) and int(index.max()) < n),
+            "an index is out of range",
+        )
         out = torch.zeros(n, dtype=dtype, device=values.device)
         out[index] = values.to(dtype)
         return out.reshape(shape)
@@ -183,7 +215,14 @@ class QSGD(Codec):
     name = "qsgd"
 
     def __init__(self, arg: str | None = None) -> None:
-        self.bits = _number("qsgd", arg, int, None, lambda v: 1 <= v <= 15, "give the bits per level in 1..15, e.g. qsgd:4")
+        self.bits = _number(
+            "qsgd",
+            arg,
+            int,
+            None,
+            lambda v: 1 <= v <= 15,
+            "give the bits per level in 1..15, e.g. qsgd:4",
+        )
         self.levels = 2**self.bits - 1
         super().__init__(arg)
 
@@ -192,25 +231,43 @@ class QSGD(Codec):
         n = flat.numel()
         buckets = torch.nn.functional.pad(flat, (0, -n % QSGD_BUCKET)).view(-1, QSGD_BUCKET)
         norms = buckets.norm(dim=1)
-        scaled = buckets.abs() / norms.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1) * self.levels
+        scaled = (
+            buckets.abs()
+            / norms.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
+            * self.levels
+        )
         lower = scaled.floor()
         level = lower + (torch.rand_like(scaled) < scaled - lower)  # stochastic rounding: unbiased
         signed = (level * buckets.sign()).reshape(-1)[:n]
         return {"levels": signed.to(torch.int8 if self.bits <= 7 else torch.int16), "norms": norms}
 
-    def decode(self, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode(
+        self, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
         levels, norms = parts["levels"], parts["norms"].float()
         n = math.prod(shape)
-        _check(levels.numel() == n and norms.numel() == -(-n // QSGD_BUCKET), f"{levels.numel()} levels and {norms.numel()} norms for {n} elements")
-        _check(levels.numel() == 0 or int(levels.abs().max()) <= self.levels, f"a level beyond {self.levels}")
-        padded = torch.nn.functional.pad(levels.float(), (0, -n % QSGD_BUCKET)).view(-1, QSGD_BUCKET)
-        return (padded * (norms / self.levels).unsqueeze(1)).reshape(-1)[:n].to(dtype).reshape(shape)
+        _check(
+            levels.numel() == n and norms.numel() == -(-n // QSGD_BUCKET),
+            f"{levels.numel()} levels and {norms.numel()} norms for {n} elements",
+        )
+        _check(
+            levels.numel() == 0 or int(levels.abs().max()) <= self.levels,
+            f"a level beyond {self.levels}",
+        )
+        padded = torch.nn.functional.pad(levels.float(), (0, -n % QSGD_BUCKET)).view(
+            -1, QSGD_BUCKET
+        )
+        return (
+            (padded * (norms / self.levels).unsqueeze(1)).reshape(-1)[:n].to(dtype).reshape(shape)
+        )
 
     def error_bound(self, tensor: torch.Tensor) -> float:
         if tensor.numel() == 0:
             return 0.0
         flat = tensor.detach().reshape(-1).float()
-        buckets = torch.nn.functional.pad(flat, (0, -flat.numel() % QSGD_BUCKET)).view(-1, QSGD_BUCKET)
+        buckets = torch.nn.functional.pad(flat, (0, -flat.numel() % QSGD_BUCKET)).view(
+            -1, QSGD_BUCKET
+        )
         return float(buckets.norm(dim=1).max()) / self.levels * (1 + 1e-5) + 1e-7
 
 
@@ -240,10 +297,15 @@ class SignSGD(Codec):
         packed = (bits << self._shifts(acc.device)).sum(dim=1, dtype=torch.uint8)
         return {"signs": packed, "scale": scale.reshape(1)}
 
-    def decode(self, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode(
+        self, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
         packed, scale = parts["signs"], parts["scale"].float()
         n = math.prod(shape)
-        _check(packed.dtype == torch.uint8 and packed.numel() == -(-n // 8) and scale.numel() == 1, f"{packed.numel()} sign bytes and {scale.numel()} scales for {n} elements")
+        _check(
+            packed.dtype == torch.uint8 and packed.numel() == -(-n // 8) and scale.numel() == 1,
+            f"{packed.numel()} sign bytes and {scale.numel()} scales for {n} elements",
+        )
         bits = (packed.unsqueeze(1) >> self._shifts(packed.device)) & 1
         s = scale.reshape(())
         return torch.where(bits.reshape(-1)[:n].bool(), s, -s).to(dtype).reshape(shape)
@@ -264,7 +326,9 @@ class PowerSGD(Codec):
     name = "powersgd"
 
     def __init__(self, arg: str | None = None) -> None:
-        self.rank = _number("powersgd", arg, int, None, lambda v: v >= 1, "give the rank >= 1, e.g. powersgd:4")
+        self.rank = _number(
+            "powersgd", arg, int, None, lambda v: v >= 1, "give the rank >= 1, e.g. powersgd:4"
+        )
         super().__init__(arg)
         self.residual: torch.Tensor | None = None
         self.q: torch.Tensor | None = None
@@ -289,11 +353,19 @@ class PowerSGD(Codec):
         self.q = q
         return {"p": p.contiguous(), "q": q.contiguous()}
 
-    def decode(self, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode(
+        self, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
         p, q = parts["p"].float(), parts["q"].float()
         _check(len(shape) >= 2, f"shape {list(shape)} is not a matrix")
         rows, cols = shape[0], math.prod(shape[1:])
-        _check(p.dim() == q.dim() == 2 and p.shape[0] == rows and q.shape[0] == cols and p.shape[1] == q.shape[1], f"factors {list(p.shape)} and {list(q.shape)} do not make a {rows}x{cols} matrix")
+        _check(
+            p.dim() == q.dim() == 2
+            and p.shape[0] == rows
+            and q.shape[0] == cols
+            and p.shape[1] == q.shape[1],
+            f"factors {list(p.shape)} and {list(q.shape)} do not make a {rows}x{cols} matrix",
+        )
         return (p @ q.T).to(dtype).reshape(shape)
 
     def error_bound(self, tensor: torch.Tensor) -> float:
@@ -310,7 +382,9 @@ class Zstd(Codec):
     lossless = True
 
     def __init__(self, arg: str | None = None) -> None:
-        self.level = _number("zstd", arg, int, 3, lambda v: 1 <= v <= 22, "give a level in 1..22, e.g. zstd:3")
+        self.level = _number(
+            "zstd", arg, int, 3, lambda v: 1 <= v <= 22, "give a level in 1..22, e.g. zstd:3"
+        )
         super().__init__(arg)
 
     def accepts(self, tensor: torch.Tensor) -> bool:
@@ -323,7 +397,9 @@ class Zstd(Codec):
         packed = zstandard.ZstdCompressor(level=self.level).compress(raw.tobytes())
         return {"z": torch.frombuffer(bytearray(packed), dtype=torch.uint8)}
 
-    def decode(self, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode(
+        self, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
         import zstandard  # noqa: PLC0415
 
         size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
@@ -333,10 +409,14 @@ class Zstd(Codec):
             # much: check it against the tensor's before anything is allocated.
             declared = zstandard.frame_content_size(packed)
             if declared not in (-1, size):
-                raise ValueError(f"the zstd frame declares {declared} bytes, the tensor needs {size}")
+                raise ValueError(
+                    f"the zstd frame declares {declared} bytes, the tensor needs {size}"
+                )
             raw = zstandard.ZstdDecompressor().decompress(packed, max_output_size=size)
         except (zstandard.ZstdError, MemoryError) as exc:
-            raise ValueError(f"not a zstd frame of {size} bytes ({type(exc).__name__}: {exc})") from None
+            raise ValueError(
+                f"not a zstd frame of {size} bytes ({type(exc).__name__}: {exc})"
+            ) from None
         _check(len(raw) == size, f"{len(raw)} bytes decompressed, the tensor needs {size}")
         if size == 0:
             return torch.empty(shape, dtype=dtype)

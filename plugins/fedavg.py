@@ -38,7 +38,9 @@ class FedAvg(MeanDeltaRule):
         if self.server_lr <= 0:
             raise JobSpecError(f"rule fedavg: server_lr must be > 0, got {self.server_lr}")
         if not 0 <= self.momentum < 1:
-            raise JobSpecError(f"rule fedavg: server_momentum must be in [0, 1), got {self.momentum}")
+            raise JobSpecError(
+                f"rule fedavg: server_momentum must be in [0, 1), got {self.momentum}"
+            )
         self._velocity: dict[str, torch.Tensor] = {}
 
     @property

@@ -40,7 +40,9 @@ class FedOpt(MeanDeltaRule):
 
     def __init__(self, params: Mapping[str, Any]) -> None:
         owner = f"rule {self.name}"
-        p = self.check(owner, params, {"server_lr": float, "beta1": float, "beta2": float, "tau": float})
+        p = self.check(
+            owner, params, {"server_lr": float, "beta1": float, "beta2": float, "tau": float}
+        )
         self.server_lr = p.get("server_lr", 0.1)
         self.beta1 = p.get("beta1", 0.9)
         self.beta2 = p.get("beta2", 0.99)

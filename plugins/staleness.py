@@ -18,7 +18,9 @@ DEFAULT_A = {"polynomial": 0.5, "hinge": 10.0}
 DEFAULT_B = 4
 
 
-def staleness_function(kind: str, a: float | None = None, b: int | None = None, owner: str = "rule") -> Callable[[int], float]:
+def staleness_function(
+    kind: str, a: float | None = None, b: int | None = None, owner: str = "rule"
+) -> Callable[[int], float]:
     """s(τ) for ``kind``, with its parameters ``a`` and ``b`` (defaults when None)."""
     if kind not in KINDS:
         raise JobSpecError(f"{owner}: staleness must be one of {', '.join(KINDS)}, got {kind!r}")
@@ -33,4 +35,3 @@ def staleness_function(kind: str, a: float | None = None, b: int | None = None, 
     if kind == "polynomial":
         return lambda tau: float((1.0 + tau) ** -a)
     return lambda tau: 1.0 if tau <= b else 1.0 / (a * (tau - b) + 1.0)
-

@@ -44,7 +44,9 @@ class SyncAvg(Aggregator):
         self.momentum = p.get("momentum", 0.0)
         self.weight_decay = p.get("weight_decay", 0.0)
         if self.optimizer_name not in ("sgd", "adam"):
-            raise JobSpecError(f'rule syncavg: optimizer must be "sgd" or "adam", got {self.optimizer_name!r}')
+            raise JobSpecError(
+                f'rule syncavg: optimizer must be "sgd" or "adam", got {self.optimizer_name!r}'
+            )
         if self.lr <= 0:
             raise JobSpecError(f"rule syncavg: lr must be > 0, got {self.lr}")
         if not 0 <= self.momentum < 1:

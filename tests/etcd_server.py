@@ -32,7 +32,13 @@ class EtcdServer:
     """One etcd member; alone by default, or one of a cluster (``cluster``: name -> peer URL)."""
 
     def __init__(
-        self, data_dir: Path, binary: str, name: str = "t", peer_port: int = 0, cluster: dict[str, str] | None = None, tls: dict[str, Path] | None = None
+        self,
+        data_dir: Path,
+        binary: str,
+        name: str = "t",
+        peer_port: int = 0,
+        cluster: dict[str, str] | None = None,
+        tls: dict[str, Path] | None = None,
     ) -> None:
         self.tls = tls  # ca, cert, key: clients over TLS, and they must show a certificate from ca
         self.data_dir = data_dir
@@ -50,17 +56,47 @@ class EtcdServer:
 
     def launch(self) -> EtcdServer:
         scheme = "https" if self.tls else "http"
-        client, peer = f"{scheme}://127.0.0.1:{self.client_port}", f"http://127.0.0.1:{self.peer_port}"
+        client, peer = (
+            f"{scheme}://127.0.0.1:{self.client_port}",
+            f"http://127.0.0.1:{self.peer_port}",
+        )
         initial = ",".join(f"{n}={u}" for n, u in self.cluster.items())
         tls = []
         if self.tls:
-            tls = ["--cert-file", str(self.tls["cert"]), "--key-file", str(self.tls["key"]), "--trusted-ca-file", str(self.tls["ca"]), "--client-cert-auth"]
+            tls = [
+                "--cert-file",
+                str(self.tls["cert"]),
+                "--key-file",
+                str(self.tls["key"]),
+                "--trusted-ca-file",
+                str(self.tls["ca"]),
+                "--client-cert-auth",
+            ]
         self.proc = subprocess.Popen(
-            [self.binary, "--name", self.name, "--data-dir", str(self.data_dir),
-             "--listen-client-urls", client, "--advertise-client-urls", client,
-             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", initial, "--initial-cluster-token", "elastic-test", "--log-level", "warn", *tls],
-            stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+            [
+                self.binary,
+                "--name",
+                self.name,
+                "--data-dir",
+                str(self.data_dir),
+                "--listen-client-urls",
+                client,
+                "--advertise-client-urls",
+                client,
+                "--listen-peer-urls",
+                peer,
+                "--initial-advertise-peer-urls",
+                peer,
+                "--initial-cluster",
+                initial,
+                "--initial-cluster-token",
+                "elastic-test",
+                "--log-level",
+                "warn",
+                *tls,
+            ],
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
         )
         return self
 
@@ -72,7 +108,9 @@ class EtcdServer:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"etcd exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"etcd exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.client_port), timeout=0.2):
                     return self

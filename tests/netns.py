@@ -57,9 +57,23 @@ class Hosts:
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
         """Run ``argv`` on host ``name``: its namespace, and its own host name (UTS)."""
-        wrapped = ["ip", "netns", "exec", self.ns[name], "unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', name, *argv]
+        wrapped = [
+            "ip",
+            "netns",
+            "exec",
+            self.ns[name],
+            "unshare",
+            "--uts",
+            "sh",
+            "-c",
+            'hostname "$0" && exec "$@"',
+            name,
+            *argv,
+        ]
         with open(log, "ab") as out:
-            return subprocess.Popen(wrapped, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            return subprocess.Popen(
+                wrapped, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
 
     def down(self) -> None:
         for ns in self.created:
@@ -74,7 +88,10 @@ def hosts_up(names: list[str], *tools: str) -> Iterator[Hosts]:
     ``tools``, e.g. iptables) are not to be had: it needs root."""
     missing = [t for t in ("ip", "unshare", *tools) if shutil.which(t) is None]
     if os.geteuid() != 0 or missing:
-        pytest.skip(f"needs root and {', '.join(('ip', 'unshare', *tools))} (missing: {', '.join(missing) or 'root'})")
+        pytest.skip(
+            f"needs root and {', '.join(('ip', 'unshare', *tools))} (missing: "
+            f"{', '.join(missing) or 'root'})"
+        )
     h = Hosts(names)
     try:
         h.up()

@@ -26,15 +26,29 @@ from tests.wire.test_frames import VALID, as_bytes, mutate
 
 pytestmark = pytest.mark.slow
 CASES = 10_000
-FUZZ = settings(max_examples=CASES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+FUZZ = settings(
+    max_examples=CASES, deadline=None, suppress_health_check=list(HealthCheck), database=None
+)
 CORPUS = Path(__file__).parent / "corpus"
 CODECS = Plugins().codecs
 
 
 def compressed() -> list[bytes]:
-    parts, encodings = CodecChain(CODECS, ["topk:0.5", "fp16", "zstd"]).compressor().compress({"w": torch.randn(6, 5), "b": torch.randn(5)})
-    msg = Message(MsgType.UPDATE, job="j", round=1, sender="w", key="w/j/1", meta={"num_samples": 3, "loss": 0.1, "kind": "gradient", "train_seconds": 0.1},
-                  tensors={k: WireTensor.from_tensor(v) for k, v in parts.items()}, encodings=encodings)
+    parts, encodings = (
+        CodecChain(CODECS, ["topk:0.5", "fp16", "zstd"])
+        .compressor()
+        .compress({"w": torch.randn(6, 5), "b": torch.randn(5)})
+    )
+    msg = Message(
+        MsgType.UPDATE,
+        job="j",
+        round=1,
+        sender="w",
+        key="w/j/1",
+        meta={"num_samples": 3, "loss": 0.1, "kind": "gradient", "train_seconds": 0.1},
+        tensors={k: WireTensor.from_tensor(v) for k, v in parts.items()},
+        encodings=encodings,
+    )
     return as_bytes(encode(msg))
 
 
@@ -66,10 +80,46 @@ def test_decode_and_expand(data: st.DataObject) -> None:
     decode_and_expand(mutate(data.draw(st.sampled_from(SEEDS)), data))
 
 
-SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-(2**40), 2**40), st.floats(allow_nan=True), st.text(max_size=12))
-TABLE_KEYS = ["id", "task", "rule", "rounds", "min_workers", "max_workers", "fraction", "round_timeout", "eval_every", "seed", "partitions",
-              "local_epochs", "batch_size", "lr", "optimizer", "momentum", "prox_mu", "every", "keep", "update", "model", "max_norm", "norm_action", "x"]
-VALUES = st.one_of(SCALARS, st.lists(st.one_of(st.text(max_size=10), st.sampled_from(["fp16", "topk:0.1", "zstd", "qsgd:4"])), max_size=4))
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**40), 2**40),
+    st.floats(allow_nan=True),
+    st.text(max_size=12),
+)
+TABLE_KEYS = [
+    "id",
+    "task",
+    "rule",
+    "rounds",
+    "min_workers",
+    "max_workers",
+    "fraction",
+    "round_timeout",
+    "eval_every",
+    "seed",
+    "partitions",
+    "local_epochs",
+    "batch_size",
+    "lr",
+    "optimizer",
+    "momentum",
+    "prox_mu",
+    "every",
+    "keep",
+    "update",
+    "model",
+    "max_norm",
+    "norm_action",
+    "x",
+]
+VALUES = st.one_of(
+    SCALARS,
+    st.lists(
+        st.one_of(st.text(max_size=10), st.sampled_from(["fp16", "topk:0.1", "zstd", "qsgd:4"])),
+        max_size=4,
+    ),
+)
 SPECS = st.dictionaries(
     st.sampled_from(["job", "task", "rule", "train", "checkpoint", "compression", "limits", "jbo"]),
     st.one_of(st.dictionaries(st.sampled_from(TABLE_KEYS), VALUES, max_size=6), SCALARS),
@@ -90,8 +140,15 @@ def test_job_spec_parser(raw: dict) -> None:
 
 @pytest.fixture(scope="module")
 def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Coordinator:
-    spec = parse_job_spec({"job": {"id": "lin", "task": "linreg", "rule": "fedavg", "rounds": 5}, "task": {"samples": 40}})
-    config = CoordinatorConfig(bind="tcp://127.0.0.1:0", state_dir=tmp_path_factory.mktemp("state"), insecure=True)
+    spec = parse_job_spec(
+        {
+            "job": {"id": "lin", "task": "linreg", "rule": "fedavg", "rounds": 5},
+            "task": {"samples": 40},
+        }
+    )
+    config = CoordinatorConfig(
+        bind="tcp://127.0.0.1:0", state_dir=tmp_path_factory.mktemp("state"), insecure=True
+    )
     config.validate()
     c = Coordinator(config, Plugins(), [spec])
     yield c
@@ -99,7 +156,24 @@ def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Coordinator:
     c.control_sock.close(linger=0)
 
 
-OPS = st.one_of(st.sampled_from(["ls", "status", "submit", "pause", "resume", "finish", "cancel", "export", "logs", "members", "report"]), st.text(max_size=8))
+OPS = st.one_of(
+    st.sampled_from(
+        [
+            "ls",
+            "status",
+            "submit",
+            "pause",
+            "resume",
+            "finish",
+            "cancel",
+            "export",
+            "logs",
+            "members",
+            "report",
+        ]
+    ),
+    st.text(max_size=8),
+)
 ARGS = st.dictionaries(
     st.sampled_from(["job", "since", "spec", "source", "default_id", "x"]),
     st.one_of(SCALARS, st.sampled_from(["lin", "nope"]), SPECS),
@@ -109,7 +183,9 @@ ARGS = st.dictionaries(
 
 @FUZZ
 @given(op=OPS, args=ARGS, garbage=st.booleans(), data=st.data())
-def test_control_api(coordinator: Coordinator, op: str, args: dict, garbage: bool, data: st.DataObject) -> None:
+def test_control_api(
+    coordinator: Coordinator, op: str, args: dict, garbage: bool, data: st.DataObject
+) -> None:
     request = Message(MsgType.REQUEST, key="k", meta={"op": op, "args": args})
     frames = as_bytes(encode(request))
     if garbage:

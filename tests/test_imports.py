@@ -30,7 +30,9 @@ def module_name(path: Path) -> str:
 
 def _type_checking(node: ast.If) -> bool:
     test = node.test
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def imports_of(path: Path, modules: set[str]) -> set[str]:
@@ -114,7 +116,9 @@ def test_the_graph_is_read_in_full() -> None:
     graph = import_graph()
     assert len(graph) > 50
     assert "elastic.wire.tensors" in graph["elastic.wire.frames"]
-    assert "elastic.wire.frames" in graph["elastic.wire.transport"]  # a lazy import, inside a function
+    assert (
+        "elastic.wire.frames" in graph["elastic.wire.transport"]
+    )  # a lazy import, inside a function
     assert "elastic.wire.tensors" not in graph["elastic.wire.header"]  # under TYPE_CHECKING only
 
 
@@ -134,18 +138,26 @@ def test_no_import_cycle_anywhere_in_elastic() -> None:
 def test_the_wire_package_imports_one_way() -> None:
     graph = import_graph()
     wire = {m for m in graph if m.startswith("elastic.wire.")}
-    assert wire == {f"elastic.wire.{layer}" for layer in WIRE_LAYERS}, "a new wire module needs its place in WIRE_LAYERS"
+    assert wire == {f"elastic.wire.{layer}" for layer in WIRE_LAYERS}, (
+        "a new wire module needs its place in WIRE_LAYERS"
+    )
     for i, layer in enumerate(WIRE_LAYERS):
         allowed = WIRE_MAY_IMPORT | {f"elastic.wire.{below}" for below in WIRE_LAYERS[:i]}
         wrong = graph[f"elastic.wire.{layer}"] - allowed
-        assert not wrong, f"elastic.wire.{layer} imports {sorted(wrong)}; it may import only {sorted(allowed)}"
+        assert not wrong, (
+            f"elastic.wire.{layer} imports {sorted(wrong)}; it may import only {sorted(allowed)}"
+        )
 
 
 def test_plugin_authors_need_only_elastic_api() -> None:
     """The first-party plugins import what they need from ``elastic.api``, as a third
     party's would (and their own package)."""
     for path in (ROOT / "plugins").rglob("*.py"):
-        found = {m for m in imports_of(path, set(import_graph()) | {"elastic.api"}) if m.startswith("elastic")}
+        found = {
+            m
+            for m in imports_of(path, set(import_graph()) | {"elastic.api"})
+            if m.startswith("elastic")
+        }
         assert found <= {"elastic.api"}, f"{path.relative_to(ROOT)} imports {sorted(found)}"
 
 
@@ -159,5 +171,8 @@ def test_the_dtype_table_is_torchs() -> None:
 
 def test_headers_and_the_control_client_load_without_torch() -> None:
     """``elastic job ...`` reads only headers: it must start without importing torch."""
-    code = "import sys, elastic.wire.header, elastic.wire.transport, elastic.cli.control; sys.exit('torch' in sys.modules)"
+    code = (
+        "import sys, elastic.wire.header, elastic.wire.transport, elastic.cli.control; "
+        "sys.exit('torch' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=60).returncode == 0

@@ -19,20 +19,40 @@ def test_defaults_and_conversion() -> None:
     assert spec.round_timeout == 5.0 and isinstance(spec.round_timeout, float)
     assert spec.rounds == 10 and spec.train.batch_size == 32 and spec.checkpoint.every == 1
     assert spec.shard_count == 1
-    assert parse_job_spec({"job": {"task": "t", "rule": "r", "min_workers": 2, "max_workers": 5}}).shard_count == 5
+    assert (
+        parse_job_spec(
+            {"job": {"task": "t", "rule": "r", "min_workers": 2, "max_workers": 5}}
+        ).shard_count
+        == 5
+    )
 
 
 @pytest.mark.parametrize(
     "data, words",
     [
         ({"job": {"rule": "r"}}, ["[job] task is missing", 'task = "digits"']),
-        ({"job": {"task": "t", "rule": "r", "roundz": 3}}, ["unknown key 'roundz'", "did you mean 'rounds'"]),
-        ({"job": {"task": "t", "rule": "r", "rounds": 0}}, ["rounds = 0 is invalid", "positive integer"]),
+        (
+            {"job": {"task": "t", "rule": "r", "roundz": 3}},
+            ["unknown key 'roundz'", "did you mean 'rounds'"],
+        ),
+        (
+            {"job": {"task": "t", "rule": "r", "rounds": 0}},
+            ["rounds = 0 is invalid", "positive integer"],
+        ),
         ({"job": {"task": "t", "rule": "r", "rounds": "ten"}}, ["rounds must be int", "'ten'"]),
         ({"job": {"task": "t", "rule": "r", "fraction": 1.5}}, ["fraction = 1.5", "(0, 1]"]),
-        ({"job": {"task": "t", "rule": "r", "min_workers": 3, "max_workers": 2}}, ["max_workers = 2 is below min_workers = 3"]),
-        ({"job": {"task": "t", "rule": "r"}, "trian": {}}, ["unknown table [trian]", "did you mean 'train'"]),
-        ({"job": {"task": "t", "rule": "r"}, "train": {"optimizer": "rmsprop"}}, ["optimizer = 'rmsprop'", '"sgd"']),
+        (
+            {"job": {"task": "t", "rule": "r", "min_workers": 3, "max_workers": 2}},
+            ["max_workers = 2 is below min_workers = 3"],
+        ),
+        (
+            {"job": {"task": "t", "rule": "r"}, "trian": {}},
+            ["unknown table [trian]", "did you mean 'train'"],
+        ),
+        (
+            {"job": {"task": "t", "rule": "r"}, "train": {"optimizer": "rmsprop"}},
+            ["optimizer = 'rmsprop'", '"sgd"'],
+        ),
         ({"job": {"task": "t", "rule": "r", "id": "bad id!"}}, ["id = 'bad id!' is invalid"]),
     ],
 )

@@ -30,6 +30,9 @@ def test_health_and_readiness() -> None:
         assert (status(port, "/healthz"), status(port, "/readyz")) == (200, 503)
         metrics.elastic_checkpoint_saved("j", 1, "/x", 0.02)
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        assert 'elastic_checkpoint_duration_seconds_count{job="j"} 1.0' in text and "elastic_leader 0.0" in text
+        assert (
+            'elastic_checkpoint_duration_seconds_count{job="j"} 1.0' in text
+            and "elastic_leader 0.0" in text
+        )
     finally:
         metrics.close()

@@ -21,7 +21,14 @@ pytestmark = pytest.mark.slow
 
 def non_iid(rule: str, rule_params: dict | None = None, **train) -> dict:
     return {
-        "job": {"id": "ni", "task": "digits", "rule": rule, "rounds": 30, "min_workers": 4, "eval_every": 1},
+        "job": {
+            "id": "ni",
+            "task": "digits",
+            "rule": rule,
+            "rounds": 30,
+            "min_workers": 4,
+            "eval_every": 1,
+        },
         "task": {"alpha": 0.1},  # Dirichlet 0.1: most workers see a few classes
         "train": {"local_epochs": 2, "batch_size": 32, "lr": 0.05, "momentum": 0.9, **train},
         "rule": rule_params or {},
@@ -29,12 +36,17 @@ def non_iid(rule: str, rule_params: dict | None = None, **train) -> dict:
     }
 
 
-@pytest.mark.parametrize("rule, params, train", [
-    ("fedavg", {}, {}),
-    ("fedadam", {}, {}),
-    ("fedavg", {}, {"prox_mu": 0.01}),  # FedProx
-])
-def test_rules_reach_090_on_non_iid_digits_within_30_rounds(tmp_path: Path, rule: str, params: dict, train: dict) -> None:
+@pytest.mark.parametrize(
+    "rule, params, train",
+    [
+        ("fedavg", {}, {}),
+        ("fedadam", {}, {}),
+        ("fedavg", {}, {"prox_mu": 0.01}),  # FedProx
+    ],
+)
+def test_rules_reach_090_on_non_iid_digits_within_30_rounds(
+    tmp_path: Path, rule: str, params: dict, train: dict
+) -> None:
     job = simulate(parse_job_spec(non_iid(rule, params, **train)), 4, Plugins(), tmp_path)
     accuracy = [h["accuracy"] for h in job.history]
     assert len(accuracy) == 30 and max(accuracy) >= 0.90, accuracy
@@ -42,7 +54,19 @@ def test_rules_reach_090_on_non_iid_digits_within_30_rounds(tmp_path: Path, rule
 
 
 def test_async_rules_run_in_simulation_too(tmp_path: Path) -> None:
-    spec = parse_job_spec(non_iid("async", {"mixing": 0.5, "max_staleness": 2}) | {"job": {"id": "as", "task": "digits", "rule": "async", "rounds": 40, "min_workers": 4, "eval_every": 10}})
+    spec = parse_job_spec(
+        non_iid("async", {"mixing": 0.5, "max_staleness": 2})
+        | {
+            "job": {
+                "id": "as",
+                "task": "digits",
+                "rule": "async",
+                "rounds": 40,
+                "min_workers": 4,
+                "eval_every": 10,
+            }
+        }
+    )
     job = simulate(spec, 4, Plugins(), tmp_path)
     assert [h["version"] for h in job.history] == list(range(1, 41))
     assert max(int(t) for t in job.totals["staleness_histogram"]) <= 2
@@ -55,10 +79,27 @@ def test_too_few_workers_is_one_clear_error(tmp_path: Path) -> None:
 
 def test_simulate_command(tmp_path: Path) -> None:
     spec = tmp_path / "job.toml"
-    spec.write_text('[job]\nid = "lin"\ntask = "linreg"\nrule = "fedavg"\nrounds = 5\nmin_workers = 2\n')
+    spec.write_text(
+        '[job]\nid = "lin"\ntask = "linreg"\nrule = "fedavg"\nrounds = 5\nmin_workers = 2\n'
+    )
     done = subprocess.run(
-        [sys.executable, "-m", "elastic", "simulate", str(spec), "--workers", "3", "--quiet", "--state-dir", str(tmp_path / "s"), "--summary", str(tmp_path / "out.json")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "elastic",
+            "simulate",
+            str(spec),
+            "--workers",
+            "3",
+            "--quiet",
+            "--state-dir",
+            str(tmp_path / "s"),
+            "--summary",
+            str(tmp_path / "out.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     figures = json.loads((tmp_path / "out.json").read_text())
@@ -84,7 +125,9 @@ def test_a_lossless_model_downlink_changes_nothing_but_the_bytes(tmp_path: Path)
 
 
 def test_lossy_both_ways_still_learns(tmp_path: Path) -> None:
-    job = simulate(parse_job_spec(compressed(["fp16", "zstd"], ["qsgd:4", "zstd"])), 4, Plugins(), tmp_path)
+    job = simulate(
+        parse_job_spec(compressed(["fp16", "zstd"], ["qsgd:4", "zstd"])), 4, Plugins(), tmp_path
+    )
     assert job.history[-1]["accuracy"] >= 0.9, job.history[-1]
     full = job.history[0]["bytes_sent"]
     assert all(h["bytes_sent"] < full / 2 for h in job.history[1:])

@@ -24,7 +24,14 @@ def zookeeper_command() -> list[str] | None:
     java = shutil.which("java")
     if java is None or not all(jar.exists() for jar in JARS):
         return None
-    return [java, "-Xmx256m", "-XX:+UseSerialGC", "-cp", ":".join(map(str, JARS)), "org.apache.zookeeper.server.ZooKeeperServerMain"]
+    return [
+        java,
+        "-Xmx256m",
+        "-XX:+UseSerialGC",
+        "-cp",
+        ":".join(map(str, JARS)),
+        "org.apache.zookeeper.server.ZooKeeperServerMain",
+    ]
 
 
 def require_zookeeper() -> list[str]:
@@ -51,8 +58,9 @@ class ZkServer:
         (root / "data").mkdir(exist_ok=True)
         self.config = root / "zoo.cfg"
         self.config.write_text(
-            f"tickTime=500\ndataDir={root / 'data'}\nclientPort={self.port}\nclientPortAddress=127.0.0.1\n"
-            "admin.enableServer=false\nmaxClientCnxns=0\n4lw.commands.whitelist=ruok\n"
+            f"tickTime=500\ndataDir={root / 'data'}\nclientPort={self.port}\n"
+            "clientPortAddress=127.0.0.1\nadmin.enableServer=false\nmaxClientCnxns=0\n"
+            "4lw.commands.whitelist=ruok\n"
         )
         self.log = root / "zookeeper.log"
 
@@ -62,11 +70,18 @@ class ZkServer:
 
     def start(self) -> ZkServer:
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen([*self.command, str(self.config)], stdout=out, stderr=subprocess.STDOUT, cwd=self.root)
+            self.proc = subprocess.Popen(
+                [*self.command, str(self.config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.root,
+            )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"ZooKeeper exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"ZooKeeper exited with {self.proc.returncode}: {self.log.read_text()[-2000:]}"
+                )
             if self._ok():
                 return self
             time.sleep(0.1)

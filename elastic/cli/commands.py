@@ -49,7 +49,30 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             CoordinatorConfig,
             "coordinator",
             args.config,
-            _flags(args, "bind", "control", "state_dir", "membership", "id", "lease_ttl", "heartbeat_interval", "heartbeat_timeout", "max_message_bytes", "upload_window", "upload_part", "shared_memory", "exit_when_done", "metrics_port", "metrics_host", "curve_key", "allow_workers", "allow_admins", "insecure", "log_format", "log_level"),
+            _flags(
+                args,
+                "bind",
+                "control",
+                "state_dir",
+                "membership",
+                "id",
+                "lease_ttl",
+                "heartbeat_interval",
+                "heartbeat_timeout",
+                "max_message_bytes",
+                "upload_window",
+                "upload_part",
+                "shared_memory",
+                "exit_when_done",
+                "metrics_port",
+                "metrics_host",
+                "curve_key",
+                "allow_workers",
+                "allow_admins",
+                "insecure",
+                "log_format",
+                "log_level",
+            ),
         )
         specs = [load_job_spec(p) for p in args.job]
         for spec in specs:
@@ -72,7 +95,23 @@ def cmd_worker(args: argparse.Namespace) -> int:
             WorkerConfig,
             "worker",
             args.config,
-            _flags(args, "coordinator", "id", "device", "data", "coordinator_timeout", "membership", "lease_ttl", "max_message_bytes", "shared_memory", "curve_key", "coordinator_key", "insecure", "log_format", "log_level"),
+            _flags(
+                args,
+                "coordinator",
+                "id",
+                "device",
+                "data",
+                "coordinator_timeout",
+                "membership",
+                "lease_ttl",
+                "max_message_bytes",
+                "shared_memory",
+                "curve_key",
+                "coordinator_key",
+                "insecure",
+                "log_format",
+                "log_level",
+            ),
         )
 
     config = read()
@@ -90,10 +129,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_plugins(args: argparse.Namespace) -> int:
     plugins = Plugins()
-    rows = [(i.kind, i.name, f"{i.cls.__module__}.{i.cls.__qualname__}", i.distribution) for i in plugins.provided()]
+    rows = [
+        (i.kind, i.name, f"{i.cls.__module__}.{i.cls.__qualname__}", i.distribution)
+        for i in plugins.provided()
+    ]
     rows += [("observer", plugin, "-", dist) for plugin, dist in plugins.observers()]
     if args.output == "json":
-        print(json.dumps([dict(zip(("kind", "name", "class", "distribution"), r, strict=True)) for r in rows], indent=2))
+        print(
+            json.dumps(
+                [
+                    dict(zip(("kind", "name", "class", "distribution"), r, strict=True))
+                    for r in rows
+                ],
+                indent=2,
+            )
+        )
         return 0
     table = Table(title="elastic plugins")
     for col in ("kind", "name", "class", "distribution"):
@@ -110,7 +160,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     spec = load_job_spec(args.job)
     check_spec(spec, Plugins())
-    print(f"{args.job}: ok (job {spec.id}: task {spec.task}, rule {spec.rule}, {spec.rounds} rounds, min_workers {spec.min_workers})")
+    print(
+        f"{args.job}: ok (job {spec.id}: task {spec.task}, rule {spec.rule}, {spec.rounds} "
+        f"rounds, min_workers {spec.min_workers})"
+    )
     return 0
 
 
@@ -127,21 +180,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = load_job_spec(args.job)
     if args.local_workers < spec.min_workers:
         raise ConfigError(
-            f"job {spec.id} needs min_workers = {spec.min_workers} but --local-workers is {args.local_workers}; "
+            f"job {spec.id} needs min_workers = {spec.min_workers} but --local-workers is "
+            f"{args.local_workers}; "
             f"start at least {spec.min_workers} workers"
         )
-    state_dir = args.resume or args.state_dir or Path("runs") / f"{spec.id}-{time.strftime('%Y%m%d-%H%M%S')}"
+    state_dir = (
+        args.resume
+        or args.state_dir
+        or Path("runs") / f"{spec.id}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     console = Console(stderr=True)
     observer = ProgressObserver(spec.id, spec.rounds, console, enabled=not args.quiet)
     plugins = Plugins(extra=[observer])
     check_spec(spec, plugins)
     keys = _local_keys(state_dir / "keys")
-    config = CoordinatorConfig(bind="tcp://127.0.0.1:0", state_dir=state_dir, exit_when_done=True, curve_key=str(keys["coordinator"]), allow_workers=str(keys["workers"]), allow_admins=str(keys["admins"]))
+    config = CoordinatorConfig(
+        bind="tcp://127.0.0.1:0",
+        state_dir=state_dir,
+        exit_when_done=True,
+        curve_key=str(keys["coordinator"]),
+        allow_workers=str(keys["workers"]),
+        allow_admins=str(keys["admins"]),
+    )
     config.validate()
     coordinator = Coordinator(config, plugins, [spec])
     job = coordinator.core.engines[spec.id].job
-    workers = _start_local_workers(coordinator.endpoint, args.local_workers, args.device, state_dir, ["--curve-key", str(keys["worker"]), "--coordinator-key", str(keys["coordinator_public"])])
-    thread = threading.Thread(target=coordinator.run, kwargs={"install_signals": False}, name="coordinator", daemon=True)
+    workers = _start_local_workers(
+        coordinator.endpoint,
+        args.local_workers,
+        args.device,
+        state_dir,
+        ["--curve-key", str(keys["worker"]), "--coordinator-key", str(keys["coordinator_public"])],
+    )
+    thread = threading.Thread(
+        target=coordinator.run, kwargs={"install_signals": False}, name="coordinator", daemon=True
+    )
     failure = ""
     with observer:
         thread.start()
@@ -158,10 +231,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             thread.join(10)
     _stop_workers(workers)
     if failure == "interrupted":
-        console.print(f"interrupted at round {job.round}; continue with: elastic run {args.job} --resume {state_dir}", soft_wrap=True)
+        console.print(
+            f"interrupted at round {job.round}; continue with: elastic run {args.job} --resume "
+            f"{state_dir}",
+            soft_wrap=True,
+        )
         return 130
     if not job.done:
-        raise ElasticError(f"job {spec.id} did not finish: {failure or 'coordinator stopped'}; resume it with --resume {state_dir}")
+        raise ElasticError(
+            f"job {spec.id} did not finish: {failure or 'coordinator stopped'}; resume it with "
+            f"--resume {state_dir}"
+        )
     figures = _figures(job, state_dir)
     if args.out:
         _export(job.model.state_dict(), args.out)
@@ -185,7 +265,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     for item in args.attack:
         index, _, attack = item.partition("=")
         if not index.isdigit() or int(index) >= args.workers:
-            raise ConfigError(f"--attack {item!r}: give a worker index below --workers and an attack, e.g. --attack 0=signflip:10")
+            raise ConfigError(
+                f"--attack {item!r}: give a worker index below --workers and an attack, e.g. "
+                "--attack 0=signflip:10"
+            )
         attackers[int(index)] = attack
     with observer:
         job = simulate(spec, args.workers, plugins, state_dir, args.data, attackers)
@@ -229,21 +312,45 @@ def _local_keys(directory: Path) -> dict[str, Path]:
         "worker": directory / "workers" / "local.key_secret",
         "admins": directory / "admins",
     }
-    for where, name in ((directory, "coordinator"), (directory / "workers", "local"), (directory / "admins", "admin")):
+    for where, name in (
+        (directory, "coordinator"),
+        (directory / "workers", "local"),
+        (directory / "admins", "admin"),
+    ):
         if not (where / f"{name}.key_secret").exists():
             generate(where, name)
     return paths
 
 
-def _start_local_workers(endpoint: str, n: int, device: str, state_dir: Path, extra: list[str]) -> list[subprocess.Popen]:
+def _start_local_workers(
+    endpoint: str, n: int, device: str, state_dir: Path, extra: list[str]
+) -> list[subprocess.Popen]:
     logs = state_dir / "workers"
     logs.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // n)
     procs = []
     for i in range(n):
         log = open(logs / f"local-{i}.log", "ab")  # noqa: SIM115 - owned by the child
-        cmd = [sys.executable, "-m", "elastic", "worker", "--coordinator", endpoint, "--id", f"local-{i}", "--device", device, "--threads", str(threads), "--log-level", "info", *extra]
-        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+        cmd = [
+            sys.executable,
+            "-m",
+            "elastic",
+            "worker",
+            "--coordinator",
+            endpoint,
+            "--id",
+            f"local-{i}",
+            "--device",
+            device,
+            "--threads",
+            str(threads),
+            "--log-level",
+            "info",
+            *extra,
+        ]
+        procs.append(
+            subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        )
         log.close()
     return procs
 
@@ -274,7 +381,16 @@ def _export(state: dict[str, torch.Tensor], path: Path) -> None:
 
 def _print_result(console: Console, figures: dict[str, Any]) -> None:
     table = Table(title=f"job {figures['job']}: {figures['state']}", show_header=False)
-    for key in ("rounds", "accuracy", "loss", "train_loss", "wall_seconds", "bytes_sent", "bytes_received", "model"):
+    for key in (
+        "rounds",
+        "accuracy",
+        "loss",
+        "train_loss",
+        "wall_seconds",
+        "bytes_sent",
+        "bytes_received",
+        "model",
+    ):
         value = figures.get(key)
         if value is None:
             continue
@@ -286,5 +402,8 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from elastic.security import generate
 
     public, secret = generate(args.out, args.name)
-    print(f"wrote {public} (public: give it to whoever must trust this key) and {secret} (secret: keep it here)")
+    print(
+        f"wrote {public} (public: give it to whoever must trust this key) and {secret} (secret: "
+        "keep it here)"
+    )
     return 0

@@ -30,18 +30,30 @@ def control_endpoint(coordinator: str | None, membership: str | None) -> str:
         backend = open_backend(membership)
         leader = backend.leader()
         if leader is None or not leader.control:
-            raise Unreachable(f"no coordinator leads the cluster in {backend}; start one, or wait for the election")
+            raise Unreachable(
+                f"no coordinator leads the cluster in {backend}; start one, or wait for the "
+                "election"
+            )
         return leader.control
     return os.environ.get("ELASTIC_CONTROL", DEFAULT_CONTROL)
 
 
 class ControlClient:
-    def __init__(self, endpoint: str, timeout: float = 10.0, curve_key: str | None = None, coordinator_key: str | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        timeout: float = 10.0,
+        curve_key: str | None = None,
+        coordinator_key: str | None = None,
+    ) -> None:
         self.endpoint, self.timeout = endpoint, timeout
         self.secure = None
         if curve_key or coordinator_key:
             if not (curve_key and coordinator_key):
-                raise ConfigError("CURVE needs both --curve-key (your secret key) and --coordinator-key (the coordinator's public key)")
+                raise ConfigError(
+                    "CURVE needs both --curve-key (your secret key) and --coordinator-key (the "
+                    "coordinator's public key)"
+                )
             from elastic.security import client_security  # noqa: PLC0415
 
             self.secure = client_security(curve_key, coordinator_key)
@@ -60,8 +72,13 @@ class ControlClient:
                     if not reply.meta["ok"]:
                         raise ControlError(reply.meta["code"], reply.meta["error"])
                     return reply.meta["data"], reply.tensors
-            hint = "" if self.secure else "; if it uses CURVE, give --curve-key and --coordinator-key"
-            raise Unreachable(f"no coordinator reachable at {self.endpoint} (no answer in {self.timeout:.0f}s); start one there, or give --coordinator or --membership{hint}")
+            hint = (
+                "" if self.secure else "; if it uses CURVE, give --curve-key and --coordinator-key"
+            )
+            raise Unreachable(
+                f"no coordinator reachable at {self.endpoint} (no answer in {self.timeout:.0f}s); "
+                f"start one there, or give --coordinator or --membership{hint}"
+            )
         except MembershipUnavailable as exc:
             raise Unreachable(str(exc)) from None
         finally:

@@ -27,7 +27,12 @@ DONE = ("finished", "failed", "cancelled")
 
 
 def _client(args: argparse.Namespace) -> ControlClient:
-    return ControlClient(control_endpoint(args.coordinator, args.membership), args.timeout, args.curve_key, args.coordinator_key)
+    return ControlClient(
+        control_endpoint(args.coordinator, args.membership),
+        args.timeout,
+        args.curve_key,
+        args.coordinator_key,
+    )
 
 
 def _print(args: argparse.Namespace, data: Any, table: Table | str | None = None) -> None:
@@ -61,8 +66,23 @@ def cmd_job(args: argparse.Namespace) -> int:
 
 def _job_ls(args: argparse.Namespace) -> int:
     data, _ = _client(args).call("ls")
-    rows = [[j["job"], j["task"], j["rule"], j["state"], f"{j['round']}/{j['rounds']}", j["version"], j["members"]] for j in data["jobs"]]
-    _print(args, data["jobs"], _table("jobs", ["job", "task", "rule", "state", "round", "version", "members"], rows))
+    rows = [
+        [
+            j["job"],
+            j["task"],
+            j["rule"],
+            j["state"],
+            f"{j['round']}/{j['rounds']}",
+            j["version"],
+            j["members"],
+        ]
+        for j in data["jobs"]
+    ]
+    _print(
+        args,
+        data["jobs"],
+        _table("jobs", ["job", "task", "rule", "state", "round", "version", "members"], rows),
+    )
     return 0
 
 
@@ -70,11 +90,19 @@ def _job_status(args: argparse.Namespace) -> int:
     status, _ = _client(args).call("status", job=args.id)
     last = status.get("last") or {}
     fields = [
-        ("state", status["state"]), ("round", f"{status['round']}/{status['rounds']}"), ("version", status["version"]),
-        ("members", status["members"]), ("rule", status["rule"]), ("task", status["task"]),
-        ("loss", last.get("loss")), ("accuracy", last.get("accuracy")), ("wall seconds", status["wall_seconds"]),
-        ("bytes sent", status["totals"]["bytes_sent"]), ("bytes received", status["totals"]["bytes_received"]),
-        ("updates", status["totals"]["updates"]), ("rejected", status["totals"]["rejected"]),
+        ("state", status["state"]),
+        ("round", f"{status['round']}/{status['rounds']}"),
+        ("version", status["version"]),
+        ("members", status["members"]),
+        ("rule", status["rule"]),
+        ("task", status["task"]),
+        ("loss", last.get("loss")),
+        ("accuracy", last.get("accuracy")),
+        ("wall seconds", status["wall_seconds"]),
+        ("bytes sent", status["totals"]["bytes_sent"]),
+        ("bytes received", status["totals"]["bytes_received"]),
+        ("updates", status["totals"]["updates"]),
+        ("rejected", status["totals"]["rejected"]),
     ]
     table = Table(title=f"job {status['job']}", show_header=False)
     for key, value in fields:
@@ -104,14 +132,23 @@ def _follow(args: argparse.Namespace, client: ControlClient, job_id: str) -> int
     """A live progress bar until the job ends; exit 0 if it finished."""
     console = Console(stderr=True)
     status, _ = client.call("status", job=job_id)
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[line]}"), TimeElapsedColumn()]
+    columns = [
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[line]}"),
+        TimeElapsedColumn(),
+    ]
     with Progress(*columns, console=console, disable=args.output == "json") as progress:
         bar = progress.add_task(job_id, total=status["rounds"], line="")
         while True:
             last = status.get("last") or {}
             figures = [f"members {status['members']}", status["state"]]
-            figures += [f"{k} {last[k]:.4f}" for k in ("loss", "accuracy") if isinstance(last.get(k), float)]
-            figures.append(f"{(status['totals']['bytes_sent'] + status['totals']['bytes_received']) / 1e6:.1f} MB")
+            figures += [
+                f"{k} {last[k]:.4f}" for k in ("loss", "accuracy") if isinstance(last.get(k), float)
+            ]
+            moved = status["totals"]["bytes_sent"] + status["totals"]["bytes_received"]
+            figures.append(f"{moved / 1e6:.1f} MB")
             progress.update(bar, completed=status["round"], line="  ".join(figures))
             if status["state"] in DONE:
                 break
@@ -120,7 +157,9 @@ def _follow(args: argparse.Namespace, client: ControlClient, job_id: str) -> int
     if args.output == "json":
         _print(args, status)
     else:
-        console.print(f"job {job_id}: {status['state']} at round {status['round']}/{status['rounds']}")
+        console.print(
+            f"job {job_id}: {status['state']} at round {status['round']}/{status['rounds']}"
+        )
     return 0 if status["state"] == "finished" else 1
 
 
@@ -129,7 +168,9 @@ def _desire(args: argparse.Namespace) -> int:
     if args.output == "json":
         _print(args, data)
     else:
-        print(f"job {data['job']}: {data['desired']} (state {data['state']}, round {data['round']})")
+        print(
+            f"job {data['job']}: {data['desired']} (state {data['state']}, round {data['round']})"
+        )
     return 0
 
 
@@ -146,7 +187,10 @@ def _job_export(args: argparse.Namespace) -> int:
     if args.output == "json":
         _print(args, data | {"out": str(args.out)})
     else:
-        print(f"wrote the model of job {data['job']} (round {data['round']}, version {data['version']}) to {args.out}")
+        print(
+            f"wrote the model of job {data['job']} (round {data['round']}, version "
+            f"{data['version']}) to {args.out}"
+        )
     return 0
 
 
@@ -155,7 +199,12 @@ def _job_logs(args: argparse.Namespace) -> int:
     while True:
         data, _ = client.call("logs", job=args.id, since=since)
         for entry in data["entries"]:
-            print(json.dumps(entry) if args.output == "json" else " ".join(f"{k}={_cell(v)}" for k, v in entry.items()), flush=True)
+            print(
+                json.dumps(entry)
+                if args.output == "json"
+                else " ".join(f"{k}={_cell(v)}" for k, v in entry.items()),
+                flush=True,
+            )
         since = data["next"]
         if not args.follow or (data["state"] in DONE and not data["entries"]):
             return 0
@@ -165,10 +214,28 @@ def _job_logs(args: argparse.Namespace) -> int:
 
 def cmd_members(args: argparse.Namespace) -> int:
     data, _ = _client(args).call("members")
-    rows = [[m["id"], m["host"], m["device"], m["slot"], "yes" if m["busy"] else "no", m["joined_seconds_ago"], m["seen_seconds_ago"]] for m in data["members"]]
-    _print(args, data["members"], _table("members", ["worker", "host", "device", "slot", "busy", "joined s ago", "seen s ago"], rows))
+    rows = [
+        [
+            m["id"],
+            m["host"],
+            m["device"],
+            m["slot"],
+            "yes" if m["busy"] else "no",
+            m["joined_seconds_ago"],
+            m["seen_seconds_ago"],
+        ]
+        for m in data["members"]
+    ]
+    _print(
+        args,
+        data["members"],
+        _table(
+            "members",
+            ["worker", "host", "device", "slot", "busy", "joined s ago", "seen s ago"],
+            rows,
+        ),
+    )
     return 0
-
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -179,7 +246,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         try:
             status = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ControlError("no_such_job", f"no status of job {args.id} in {args.state_dir} ({path} does not exist)") from None
+            raise ControlError(
+                "no_such_job",
+                f"no status of job {args.id} in {args.state_dir} ({path} does not exist)",
+            ) from None
     else:
         status, _ = _client(args).call("report", job=args.id)
     fmt = args.format or ("html" if args.out.suffix in (".html", ".htm") else "png")

@@ -15,7 +15,9 @@ __all__ = ["ProgressObserver"]
 class ProgressObserver:
     """Shows round, members, loss and accuracy as the job runs."""
 
-    def __init__(self, job_id: str, rounds: int, console: Console | None = None, enabled: bool = True) -> None:
+    def __init__(
+        self, job_id: str, rounds: int, console: Console | None = None, enabled: bool = True
+    ) -> None:
         self.console = console or Console(stderr=True)
         self.enabled = enabled
         self.members = 0

@@ -100,7 +100,15 @@ class CodecChain:
     def cast_record(self, tensor: torch.Tensor) -> Records:
         """The encoding record of ``tensor`` sent through this one-cast chain as the
         part ``x`` (what ``Compressor.compress`` writes for it)."""
-        return [{"s": self.stages[0], "in": "", "shape": list(tensor.shape), "dtype": DTYPE_NAMES[tensor.dtype], "out": ["x"]}]
+        return [
+            {
+                "s": self.stages[0],
+                "in": "",
+                "shape": list(tensor.shape),
+                "dtype": DTYPE_NAMES[tensor.dtype],
+                "out": ["x"],
+            }
+        ]
 
     def check(self, msg: Message, template: Template) -> None:
         """``ProtocolError("codec_mismatch")`` unless ``msg``'s tensors went through
@@ -116,10 +124,20 @@ class CodecChain:
                     at = self.stages.index(spec, at)
                 except ValueError:
                     expected = f"the chain {list(self.stages)}" if self.stages else "no compression"
-                    raise ProtocolError("codec_mismatch", f"tensor {name!r} went through {spec!r}; job takes {expected}: compress with the chain in the WORK") from None
+                    raise ProtocolError(
+                        "codec_mismatch",
+                        f"tensor {name!r} went through {spec!r}; job takes {expected}: compress "
+                        "with the chain in the WORK",
+                    ) from None
                 if part not in born:
                     return  # not a part at this point: expand refuses it
-                self._passed(name, part, born.pop(part), at, (tuple(record["shape"]), DTYPES[record["dtype"]]))
+                self._passed(
+                    name,
+                    part,
+                    born.pop(part),
+                    at,
+                    (tuple(record["shape"]), DTYPES[record["dtype"]]),
+                )
                 born.update({_join(part, out): at for out in record["out"]})
             for part, stage in born.items():
                 wt = msg.tensors.get(f"{name}{SEP}{part}")
@@ -127,15 +145,28 @@ class CodecChain:
                     self._passed(name, part, stage, len(self.stages), (wt.shape, wt.dtype))
         for name, wt in msg.tensors.items():
             if SEP not in name and name not in msg.encodings:
-                self._passed(name, "", -1, len(self.stages), template.get(name, (wt.shape, wt.dtype)))
+                self._passed(
+                    name, "", -1, len(self.stages), template.get(name, (wt.shape, wt.dtype))
+                )
 
-    def _passed(self, name: str, part: str, after: int, before: int, spec: tuple[tuple[int, ...], torch.dtype]) -> None:
+    def _passed(
+        self,
+        name: str,
+        part: str,
+        after: int,
+        before: int,
+        spec: tuple[tuple[int, ...], torch.dtype],
+    ) -> None:
         """Refuse a part of that shape and dtype that went past stages ``after + 1``
         to ``before - 1`` untouched when one of them takes it."""
         for i in range(after + 1, before):
             if _takes(self._probes[i], spec):
                 what = f"part {part!r} of tensor {name!r}" if part else f"tensor {name!r}"
-                raise ProtocolError("codec_mismatch", f"{what} skipped stage {self.stages[i]!r}, which takes it; job takes the chain {list(self.stages)}")
+                raise ProtocolError(
+                    "codec_mismatch",
+                    f"{what} skipped stage {self.stages[i]!r}, which takes it; job takes the "
+                    f"chain {list(self.stages)}",
+                )
 
     @cached_property
     def _probes(self) -> list[Codec]:
@@ -154,7 +185,9 @@ class CodecChain:
         if dtype not in (torch.float32, torch.float64):
             return False
         try:
-            return all(self.codecs.get(_parse_stage(str(r["s"]))[0]).keeps_finite is True for r in records)
+            return all(
+                self.codecs.get(_parse_stage(str(r["s"]))[0]).keeps_finite is True for r in records
+            )
         except (PluginError, JobSpecError, KeyError):
             return False  # an unknown stage: expand refuses the message anyway
 
@@ -181,7 +214,9 @@ class Compressor:
         self.chain = chain
         self._stages: dict[tuple[str, int, str], Codec] = {}
 
-    def compress(self, tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, list[dict[str, Any]]]]:
+    def compress(
+        self, tensors: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, list[dict[str, Any]]]]:
         """(wire tensors, encodings): parts as ``<name>#<part>``, or a tensor as it is
         when no stage accepted it."""
         out: dict[str, torch.Tensor] = {}
@@ -201,7 +236,15 @@ class Compressor:
                     encoded = stage.encode(value)
                     if not encoded or any(not k or "." in k or SEP in k for k in encoded):
                         raise ValueError(f"codec {spec} returned bad part names {sorted(encoded)}")
-                    applied.append({"s": spec, "in": part, "shape": list(value.shape), "dtype": DTYPE_NAMES[value.dtype], "out": list(encoded)})
+                    applied.append(
+                        {
+                            "s": spec,
+                            "in": part,
+                            "shape": list(value.shape),
+                            "dtype": DTYPE_NAMES[value.dtype],
+                            "out": list(encoded),
+                        }
+                    )
                     after.update({_join(part, k): v for k, v in encoded.items()})
                 parts = after
             if applied:
@@ -223,19 +266,32 @@ def expand(msg: Message, codecs: CodecLookup, template: Template) -> dict[str, W
             name, _, part = wire_name.partition(SEP)
             grouped.setdefault(name, {})[part] = wt
     if set(grouped) != set(msg.encodings):
-        raise ProtocolError("bad_encoding", f"encoded parts for {sorted(set(grouped) ^ set(msg.encodings))[:3]} without a record, or records without parts")
+        raise ProtocolError(
+            "bad_encoding",
+            f"encoded parts for {sorted(set(grouped) ^ set(msg.encodings))[:3]} without a record, "
+            "or records without parts",
+        )
     stages: dict[str, Codec] = {}
     for name, records in msg.encodings.items():
         if name in plain or name not in template:
-            raise ProtocolError("bad_encoding", f"encoded tensor {name!r} is not one of the model's, or is also sent whole")
+            raise ProtocolError(
+                "bad_encoding",
+                f"encoded tensor {name!r} is not one of the model's, or is also sent whole",
+            )
         shape, dtype = template[name]
         limit = math.prod(shape) * dtype.itemsize * GROWTH + 4096
         top = records[0]
         if top["in"] != "" or tuple(top["shape"]) != shape or DTYPES[top["dtype"]] != dtype:
-            raise ProtocolError("bad_encoding", f"tensor {name!r}: the first stage does not start from the model's {list(shape)} {dtype}")
+            raise ProtocolError(
+                "bad_encoding",
+                f"tensor {name!r}: the first stage does not start from the model's {list(shape)} "
+                f"{dtype}",
+            )
         received = grouped[name]
         if sum(p.nbytes for p in received.values()) > limit:
-            raise ProtocolError("too_large", f"tensor {name!r}: encoded parts larger than the tensor allows")
+            raise ProtocolError(
+                "too_large", f"tensor {name!r}: encoded parts larger than the tensor allows"
+            )
         widened = _widened(name, records, received, shape, dtype, stages, codecs)
         if widened is not None:
             plain[name] = widened
@@ -245,21 +301,34 @@ def expand(msg: Message, codecs: CodecLookup, template: Template) -> dict[str, W
             spec, source = record["s"], record["in"]
             want_shape, want_dtype = tuple(record["shape"]), DTYPES[record["dtype"]]
             if math.prod(want_shape) * want_dtype.itemsize > limit:
-                raise ProtocolError("too_large", f"tensor {name!r}: stage {spec} would decode to {list(want_shape)} {want_dtype}")
+                raise ProtocolError(
+                    "too_large",
+                    f"tensor {name!r}: stage {spec} would decode to {list(want_shape)} "
+                    f"{want_dtype}",
+                )
             stage = _stage(stages, codecs, spec, name)
             try:
                 inputs = {k: parts.pop(_join(source, k)) for k in record["out"]}
             except KeyError as exc:
-                raise ProtocolError("bad_encoding", f"tensor {name!r}: stage {spec} misses part {exc.args[0]!r}") from None
+                raise ProtocolError(
+                    "bad_encoding", f"tensor {name!r}: stage {spec} misses part {exc.args[0]!r}"
+                ) from None
             try:
                 value = stage.decode(inputs, want_shape, want_dtype)
             except (ValueError, RuntimeError, IndexError, KeyError) as exc:
-                raise ProtocolError("bad_encoding", f"tensor {name!r}: stage {spec} cannot decode: {exc}") from None
+                raise ProtocolError(
+                    "bad_encoding", f"tensor {name!r}: stage {spec} cannot decode: {exc}"
+                ) from None
             if tuple(value.shape) != want_shape or value.dtype != want_dtype:
-                raise ProtocolError("bad_encoding", f"tensor {name!r}: stage {spec} decoded {list(value.shape)} {value.dtype}")
+                raise ProtocolError(
+                    "bad_encoding",
+                    f"tensor {name!r}: stage {spec} decoded {list(value.shape)} {value.dtype}",
+                )
             parts[source] = value
         if set(parts) != {""}:
-            raise ProtocolError("bad_encoding", f"tensor {name!r}: parts {sorted(parts)[:3]} belong to no stage")
+            raise ProtocolError(
+                "bad_encoding", f"tensor {name!r}: parts {sorted(parts)[:3]} belong to no stage"
+            )
         plain[name] = WireTensor.from_tensor(parts[""])
     return plain
 
@@ -273,7 +342,13 @@ def _stage(stages: dict[str, Codec], codecs: CodecLookup, spec: str, name: str) 
 
 
 def _widened(
-    name: str, records: Records, parts: Mapping[str, WireTensor], shape: tuple[int, ...], dtype: torch.dtype, stages: dict[str, Codec], codecs: CodecLookup
+    name: str,
+    records: Records,
+    parts: Mapping[str, WireTensor],
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    stages: dict[str, Codec],
+    codecs: CodecLookup,
 ) -> WireTensor | None:
     """A one-stage cast chain (``Codec.cast_from``) as its received part, to be widened
     where it is used; None when the chain is anything else (decode it)."""
@@ -281,8 +356,17 @@ def _widened(
         return None
     part = parts["x"]
     narrow = type(_stage(stages, codecs, records[0]["s"], name)).cast_from
-    if narrow is None or part.dtype != narrow or not dtype.is_floating_point or dtype.itemsize < narrow.itemsize:
+    if (
+        narrow is None
+        or part.dtype != narrow
+        or not dtype.is_floating_point
+        or dtype.itemsize < narrow.itemsize
+    ):
         return None
     if part.numel != math.prod(shape):
-        raise ProtocolError("bad_encoding", f"tensor {name!r}: stage {records[0]['s']} cannot decode: {part.numel} elements for shape {list(shape)}")
+        raise ProtocolError(
+            "bad_encoding",
+            f"tensor {name!r}: stage {records[0]['s']} cannot decode: {part.numel} elements for "
+            f"shape {list(shape)}",
+        )
     return WireTensor(dtype=dtype, shape=shape, chunks=list(part.chunks), shared=part.shared)

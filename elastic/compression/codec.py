@@ -68,7 +68,9 @@ class Codec(ABC):
         """Encode one tensor into named parts (each sent as a tensor of its own)."""
 
     @abstractmethod
-    def decode(self, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def decode(
+        self, parts: Mapping[str, torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype
+    ) -> torch.Tensor:
         """Rebuild a tensor of ``shape`` and ``dtype`` from ``encode``'s parts.
 
         Parts come from the network: check what you rely on (names, sizes) and
@@ -83,7 +85,9 @@ class Codec(ABC):
         codec gives parts other than ``x``."""
         parts = self.encode(tensor)
         if set(parts) != {"x"}:
-            raise ValueError(f"codec {self.name} declares cast_from but returned parts {sorted(parts)}, not x")
+            raise ValueError(
+                f"codec {self.name} declares cast_from but returned parts {sorted(parts)}, not x"
+            )
         out.copy_(parts["x"].reshape(-1))
 
     def error_bound(self, tensor: torch.Tensor) -> float:

@@ -68,7 +68,9 @@ class AsyncEngine(Engine):
         self._answered: set[str] = set()  # workers whose assignment ended since the last tick
         self._member_by_id: dict[str, Member] = {}  # the members at the last full look
         self._rescan = True
-        self._work_tensors: tuple[int, dict[str, WireTensor]] | None = None  # (version, the model as sent)
+        self._work_tensors: tuple[int, dict[str, WireTensor]] | None = (
+            None  # (version, the model as sent)
+        )
         # Workers whose work failed: they sit out until they leave and join again,
         # rather than being sent the model over and over.
         self.benched: set[str] = set()
@@ -81,7 +83,9 @@ class AsyncEngine(Engine):
         self._versions_here = 0
         totals = self.job.totals
         totals.setdefault("rejected_stale", 0)
-        self.histogram: Counter[int] = Counter({int(k): v for k, v in totals.get("staleness_histogram", {}).items()})
+        self.histogram: Counter[int] = Counter(
+            {int(k): v for k, v in totals.get("staleness_histogram", {}).items()}
+        )
 
     # -------------------------------------------------------------- driving --
 
@@ -97,7 +101,12 @@ class AsyncEngine(Engine):
             self._next_expiry = now + min(1.0, spec.round_timeout / 10)
             for worker, task in list(self.assigned.items()):
                 if now >= task.deadline:
-                    log.warning("assignment deadline passed job=%s worker=%s assignment=%d", spec.id, worker, task.number)
+                    log.warning(
+                        "assignment deadline passed job=%s worker=%s assignment=%d",
+                        spec.id,
+                        worker,
+                        task.number,
+                    )
                     del self.assigned[worker]  # it gets the current model again below
                     self._answered.add(worker)
         if self._retry_commit_at is not None and now >= self._retry_commit_at:
@@ -106,7 +115,12 @@ class AsyncEngine(Engine):
             if self._retry_commit_at is None:
                 self._try_commit()
             return []
-        if self._finish_if_due() or self._pause_if_asked(idle=not self.assigned) or self._too_few(members) or not self.ctx.holds():
+        if (
+            self._finish_if_due()
+            or self._pause_if_asked(idle=not self.assigned)
+            or self._too_few(members)
+            or not self.ctx.holds()
+        ):
             return []
         if job.state is not JobState.RUNNING:
             job.mark_running()
@@ -128,11 +142,24 @@ class AsyncEngine(Engine):
         job, spec = self.job, self.job.spec
         number, self._next = self._next, self._next + 1
         self.assigned[member.id] = _Assignment(number, job.version, now + spec.round_timeout)
-        if self._work_tensors is None or self._work_tensors[0] != job.version:  # one view of the model per version
-            self._work_tensors = (job.version, {k: WireTensor.from_tensor(v) for k, v in job.model.state_dict().items()})
+        if (
+            self._work_tensors is None or self._work_tensors[0] != job.version
+        ):  # one view of the model per version
+            self._work_tensors = (
+                job.version,
+                {k: WireTensor.from_tensor(v) for k, v in job.model.state_dict().items()},
+            )
         tensors = self._work_tensors[1]
         meta = self._work_meta([member.slot % spec.shard_count, spec.shard_count])
-        msg = Message(MsgType.WORK, job=spec.id, round=number, version=job.version, key=f"{member.id}/{spec.id}/{number}", meta=meta, tensors=tensors)
+        msg = Message(
+            MsgType.WORK,
+            job=spec.id,
+            round=number,
+            version=job.version,
+            key=f"{member.id}/{spec.id}/{number}",
+            meta=meta,
+            tensors=tensors,
+        )
         self.buffer.bytes_sent += sum(t.nbytes for t in tensors.values())
         return Outgoing(member.id, msg, self.committer.model_sends)
 
@@ -144,15 +171,37 @@ class AsyncEngine(Engine):
             return self._nack(msg, Refusal("job_done", f"job {job.spec.id} is {job.state}"))
         task = self.assigned.get(worker)
         if task is None or msg.round != task.number:
-            return self._nack(msg, Refusal("not_assigned", f"no open assignment {msg.round} for {worker}: answered already, expired, or never given"))
+            return self._nack(
+                msg,
+                Refusal(
+                    "not_assigned",
+                    f"no open assignment {msg.round} for {worker}: answered already, expired, or "
+                    "never given",
+                ),
+            )
         if msg.key != f"{worker}/{job.spec.id}/{task.number}" or msg.version != task.version:
-            return self._nack(msg, Refusal("bad_key", f"key {msg.key!r} at version {msg.version} does not match assignment {task.number} at version {task.version}"))
+            return self._nack(
+                msg,
+                Refusal(
+                    "bad_key",
+                    f"key {msg.key!r} at version {msg.version} does not match assignment "
+                    f"{task.number} at version {task.version}",
+                ),
+            )
         del self.assigned[worker]  # answered: whatever the verdict, it gets fresh work next
         self._answered.add(worker)
         staleness = job.version - msg.version
         if staleness > self.rule.max_staleness:
             job.totals["rejected_stale"] += 1
-            return self._nack(msg, Refusal("too_stale", f"computed against version {msg.version}, the model is at {job.version}: staleness {staleness} > max_staleness {self.rule.max_staleness}; training again on the current model"))
+            return self._nack(
+                msg,
+                Refusal(
+                    "too_stale",
+                    f"computed against version {msg.version}, the model is at {job.version}: "
+                    f"staleness {staleness} > max_staleness {self.rule.max_staleness}; training "
+                    "again on the current model",
+                ),
+            )
         wire_bytes = msg.payload_bytes  # as sent: compressed updates expand while checked
         update = self.validator.check(worker, msg, wire_bytes, staleness)
         if isinstance(update, Refusal):
@@ -162,8 +211,18 @@ class AsyncEngine(Engine):
         except Exception as exc:  # a half-folded update would taint the buffer: drop it
             log.exception("aggregator failed job=%s worker=%s", job.spec.id, worker)
             self._abandon_buffer(f"aggregator error: {exc}")
-            return self._nack(msg, Refusal("aggregator_error", f"the rule failed on this update: {exc}"))
-        log.debug("update folded job=%s worker=%s base_version=%d key=%s staleness=%d bytes=%d", job.spec.id, worker, msg.version, msg.key, staleness, wire_bytes)
+            return self._nack(
+                msg, Refusal("aggregator_error", f"the rule failed on this update: {exc}")
+            )
+        log.debug(
+            "update folded job=%s worker=%s base_version=%d key=%s staleness=%d bytes=%d",
+            job.spec.id,
+            worker,
+            msg.version,
+            msg.key,
+            staleness,
+            wire_bytes,
+        )
         self._count_update(wire_bytes, sum(t.nbytes for t in update.tensors.values()))
         buf = self.buffer
         buf.updates += 1
@@ -178,14 +237,22 @@ class AsyncEngine(Engine):
         job.totals["staleness_histogram"] = {str(k): v for k, v in sorted(self.histogram.items())}
         if self._retry_commit_at is None and self.rule.ready():
             self._try_commit()
-        return Message(MsgType.ACK, job=job.spec.id, round=msg.round, version=msg.version, key=msg.key)
+        return Message(
+            MsgType.ACK, job=job.spec.id, round=msg.round, version=msg.version, key=msg.key
+        )
 
     def on_worker_failed(self, worker: str, round_: int, detail: str) -> None:
         task = self.assigned.get(worker)
         if task is not None and task.number == round_:
             del self.assigned[worker]
             self.benched.add(worker)
-            log.warning("worker could not do its work job=%s worker=%s detail=%s; it sits out until it joins again", self.job.spec.id, worker, detail)
+            log.warning(
+                "worker could not do its work job=%s worker=%s detail=%s; it sits out until it "
+                "joins again",
+                self.job.spec.id,
+                worker,
+                detail,
+            )
 
     def on_member_left(self, worker: str) -> None:
         self._rescan = True
@@ -201,14 +268,17 @@ class AsyncEngine(Engine):
         self.job.totals["bytes_received"] += buf.bytes_received
         buf.bytes_sent = buf.bytes_received = 0
         self.buffer = _Buffer(now)  # the status written on commit shows an empty buffer
-        verdict = self._commit(self.job.round + 1, {
-            "loss": buf.loss_sum / buf.samples if buf.samples else float("nan"),
-            "updates": buf.updates,
-            "samples": buf.samples,
-            "staleness_mean": round(buf.staleness_sum / max(buf.updates, 1), 3),
-            "staleness_max": buf.staleness_max,
-            "seconds": round(now - buf.started, 4),
-        })
+        verdict = self._commit(
+            self.job.round + 1,
+            {
+                "loss": buf.loss_sum / buf.samples if buf.samples else float("nan"),
+                "updates": buf.updates,
+                "samples": buf.samples,
+                "staleness_mean": round(buf.staleness_sum / max(buf.updates, 1), 3),
+                "staleness_max": buf.staleness_max,
+                "seconds": round(now - buf.started, 4),
+            },
+        )
         if verdict is None:  # etcd silent: keep what was folded, try again soon
             self.buffer = buf
             self._retry_commit_at = now + RETRY_COMMIT
@@ -219,7 +289,12 @@ class AsyncEngine(Engine):
         self.rule.begin_round()
 
     def _abandon_buffer(self, why: str) -> None:
-        log.warning("updates dropped job=%s updates=%d reason=%s", self.job.spec.id, self.buffer.updates, why)
+        log.warning(
+            "updates dropped job=%s updates=%d reason=%s",
+            self.job.spec.id,
+            self.buffer.updates,
+            why,
+        )
         self.rule.begin_round()
         self.buffer = _Buffer(self.clock())
         self._retry_commit_at = None
@@ -231,10 +306,14 @@ class AsyncEngine(Engine):
 
     def _in_progress(self) -> dict[str, Any]:
         elapsed = self.clock() - self._started
-        return {"async": {
-            "assigned": sorted(self.assigned),
-            "buffered": self.buffer.updates,
-            "rejected_stale": self.job.totals["rejected_stale"],
-            "staleness_histogram": {str(k): v for k, v in sorted(self.histogram.items())},
-            "versions_per_second": round(self._versions_here / elapsed, 3) if elapsed > 0 else 0.0,
-        }}
+        return {
+            "async": {
+                "assigned": sorted(self.assigned),
+                "buffered": self.buffer.updates,
+                "rejected_stale": self.job.totals["rejected_stale"],
+                "staleness_histogram": {str(k): v for k, v in sorted(self.histogram.items())},
+                "versions_per_second": round(self._versions_here / elapsed, 3)
+                if elapsed > 0
+                else 0.0,
+            }
+        }

@@ -42,7 +42,9 @@ def atomic_write(path: Path, write: Any, fence: Callable[[], bool | None] | None
             os.fsync(f.fileno())
         if fence is not None and fence() is not True:
             tmp.unlink(missing_ok=True)
-            raise Fenced(f"not publishing {path}: this coordinator could not confirm it still leads")
+            raise Fenced(
+                f"not publishing {path}: this coordinator could not confirm it still leads"
+            )
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -51,12 +53,22 @@ def atomic_write(path: Path, write: Any, fence: Callable[[], bool | None] | None
             os.close(dir_fd)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write {path}: {exc.strerror}; check the disk and permissions") from exc
+        raise CheckpointError(
+            f"cannot write {path}: {exc.strerror}; check the disk and permissions"
+        ) from exc
 
 
 _SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
 }
 
 
@@ -77,7 +89,11 @@ def write_safetensors(f: Any, tensors: dict[str, torch.Tensor], metadata: dict[s
         if t.dtype not in _SAFETENSORS_DTYPES:
             raise CheckpointError(f"cannot write tensor {name!r} of dtype {t.dtype} as safetensors")
         size = t.numel() * t.element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
         ordered.append(t)
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -107,7 +123,9 @@ class CheckpointStore:
                 found.append((int(m.group(1)), p))
         return sorted(found)
 
-    def save(self, round_: int, state: dict[str, Any], fence: Callable[[], bool | None] | None = None) -> Path:
+    def save(
+        self, round_: int, state: dict[str, Any], fence: Callable[[], bool | None] | None = None
+    ) -> Path:
         path = self.dir / f"ckpt-{round_:08d}.pt"
         atomic_write(path, lambda f: torch.save(state, f), fence)
         for _, old in self.paths()[: -self.keep]:
@@ -120,5 +138,7 @@ class CheckpointStore:
             try:
                 return torch.load(path, map_location="cpu", weights_only=True)
             except Exception as exc:  # a damaged file must not stop a resume
-                log.warning("skipping unreadable checkpoint path=%s round=%d error=%s", path, round_, exc)
+                log.warning(
+                    "skipping unreadable checkpoint path=%s round=%d error=%s", path, round_, exc
+                )
         return None

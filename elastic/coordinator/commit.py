@@ -35,7 +35,9 @@ class Committer:
         self.model_sends = BufferSet({}, busy=False)
         self.fenced = False
 
-    def commit(self, number: int, metrics: dict[str, Any], members: int, last: bool = False) -> bool | None:
+    def commit(
+        self, number: int, metrics: dict[str, Any], members: int, last: bool = False
+    ) -> bool | None:
         """Write the rule's aggregate into the model as version + 1.
 
         ``number`` is the round (or, for asynchronous rules, the version) committed;
@@ -50,29 +52,51 @@ class Committer:
         verdict = self.still_ours()
         if verdict is not True:
             self.fenced = verdict is False
-            reason = "another coordinator leads" if self.fenced else "leadership not confirmed (the cluster is silent)"
+            reason = (
+                "another coordinator leads"
+                if self.fenced
+                else "leadership not confirmed (the cluster is silent)"
+            )
             log.warning("round not committed job=%s round=%d reason=%s", spec.id, number, reason)
             self.ctx.notify("elastic_round_abandoned", job_id=spec.id, round=number, reason=reason)
             return verdict
         if not self.model_sends.free:  # e.g. a frozen straggler has not read its WORK
-            log.debug("model memory still being sent job=%s round=%d: moving the model to a copy", spec.id, number)
+            log.debug(
+                "model memory still being sent job=%s round=%d: moving the model to a copy",
+                spec.id,
+                number,
+            )
             move_to_fresh_memory(job.model)
             self.model_sends = BufferSet({}, busy=False)
         job.aggregator.finalize()
         job.round, job.version = number, job.version + 1
-        metrics = {"round": number, "version": job.version, **metrics, "members": members, "at": round(time.time(), 3)}
+        metrics = {
+            "round": number,
+            "version": job.version,
+            **metrics,
+            "members": members,
+            "at": round(time.time(), 3),
+        }
         last = last or number >= spec.rounds
         if last or (spec.eval_every and number % spec.eval_every == 0):
             metrics.update(job.evaluate())
         job.record(metrics)
         if last:
             job.state = JobState.FINISHED
-            job.final_metrics = {k: v for k, v in metrics.items() if k in ("loss", "eval_loss", "accuracy")} | {"rounds": job.round}
+            job.final_metrics = {
+                k: v for k, v in metrics.items() if k in ("loss", "eval_loss", "accuracy")
+            } | {"rounds": job.round}
         if last or number % spec.checkpoint.every == 0:
             try:
                 started = time.perf_counter()
                 path = job.checkpoint(self.still_ours)
-                self.ctx.notify("elastic_checkpoint_saved", job_id=spec.id, round=number, path=str(path), seconds=time.perf_counter() - started)
+                self.ctx.notify(
+                    "elastic_checkpoint_saved",
+                    job_id=spec.id,
+                    round=number,
+                    path=str(path),
+                    seconds=time.perf_counter() - started,
+                )
             except Fenced as exc:  # leadership unsure between the fence and the publish
                 log.error("checkpoint not published job=%s round=%d: %s", spec.id, number, exc)
                 if self.ctx.fence() is False:  # another leader: stop here, publish nothing more
@@ -80,8 +104,22 @@ class Committer:
                     return True
                 # else the cluster is only silent: the next checkpoint will carry this version
         loss = metrics.get("loss", float("nan"))
-        log.info("round committed job=%s round=%d version=%d updates=%d loss=%.4f%s", spec.id, number, job.version, metrics.get("updates", 0), loss, "".join(f" {k}={metrics[k]:.4f}" for k in ("eval_loss", "accuracy") if k in metrics))
-        self.ctx.notify("elastic_round_completed", job_id=spec.id, round=number, version=job.version, metrics=metrics)
+        log.info(
+            "round committed job=%s round=%d version=%d updates=%d loss=%.4f%s",
+            spec.id,
+            number,
+            job.version,
+            metrics.get("updates", 0),
+            loss,
+            "".join(f" {k}={metrics[k]:.4f}" for k in ("eval_loss", "accuracy") if k in metrics),
+        )
+        self.ctx.notify(
+            "elastic_round_completed",
+            job_id=spec.id,
+            round=number,
+            version=job.version,
+            metrics=metrics,
+        )
         if last:
             self.finish()
         else:
@@ -104,7 +142,17 @@ class Committer:
         job = self.job
         job.state = JobState.FINISHED
         path = job.save_final_model()
-        final = job.final_metrics | {"model": str(path), "wall_seconds": round(job.wall_seconds(), 3)}
-        log.info("job finished job=%s rounds=%d %s", job.spec.id, job.round, " ".join(f"{k}={v}" for k, v in final.items()))
-        self.ctx.notify("elastic_job_finished", job_id=job.spec.id, state=str(job.state), metrics=final)
+        final = job.final_metrics | {
+            "model": str(path),
+            "wall_seconds": round(job.wall_seconds(), 3),
+        }
+        log.info(
+            "job finished job=%s rounds=%d %s",
+            job.spec.id,
+            job.round,
+            " ".join(f"{k}={v}" for k, v in final.items()),
+        )
+        self.ctx.notify(
+            "elastic_job_finished", job_id=job.spec.id, state=str(job.state), metrics=final
+        )
         self.status.write()

@@ -47,7 +47,9 @@ def _arg(args: dict[str, Any], name: str, kind: type, default: Any = None) -> An
     try:
         return coerce(value, kind)
     except TypeError:
-        raise ControlError("bad_request", f"argument {name!r} must be {kind.__name__}, got {value!r}") from None
+        raise ControlError(
+            "bad_request", f"argument {name!r} must be {kind.__name__}, got {value!r}"
+        ) from None
 
 
 class Jobs(Protocol):
@@ -69,22 +71,40 @@ class ControlAPI:
         self.jobs = jobs
         # Each operation by its name on the wire: what `elastic job` sends.
         self.operations: dict[str, Callable[[dict[str, Any]], Reply]] = {
-            "ls": self.op_ls, "status": self.op_status, "submit": self.op_submit,
-            "pause": self.op_pause, "resume": self.op_resume, "finish": self.op_finish, "cancel": self.op_cancel,
-            "export": self.op_export, "logs": self.op_logs, "report": self.op_report, "members": self.op_members,
+            "ls": self.op_ls,
+            "status": self.op_status,
+            "submit": self.op_submit,
+            "pause": self.op_pause,
+            "resume": self.op_resume,
+            "finish": self.op_finish,
+            "cancel": self.op_cancel,
+            "export": self.op_export,
+            "logs": self.op_logs,
+            "report": self.op_report,
+            "members": self.op_members,
         }
 
     def handle(self, msg: Message) -> Message:
         """The REPLY to one request (an error reply, never an exception)."""
         try:
             if msg.type is not MsgType.REQUEST:
-                raise ControlError("bad_request", f"the control socket takes REQUEST messages, not {msg.type}")
+                raise ControlError(
+                    "bad_request", f"the control socket takes REQUEST messages, not {msg.type}"
+                )
             op = msg.meta["op"]
             handler = self.operations.get(op)
             if handler is None:
-                raise ControlError("bad_request", f"unknown operation {op!r} (known: {', '.join(sorted(self.operations))})")
+                raise ControlError(
+                    "bad_request",
+                    f"unknown operation {op!r} (known: {', '.join(sorted(self.operations))})",
+                )
             data, tensors = handler(msg.meta["args"])
-            return Message(MsgType.REPLY, key=msg.key, meta={"ok": True, "data": data, "code": "", "error": ""}, tensors=tensors)
+            return Message(
+                MsgType.REPLY,
+                key=msg.key,
+                meta={"ok": True, "data": data, "code": "", "error": ""},
+                tensors=tensors,
+            )
         except ControlError as exc:
             return self._error(msg, exc.code, str(exc))
         except (ConfigError, PluginError) as exc:  # a job spec that does not validate
@@ -98,8 +118,12 @@ class ControlAPI:
             return self._error(msg, "internal", f"{type(exc).__name__}: {exc}")
 
     def _error(self, msg: Message, code: str, error: str) -> Message:
-        log.info("control request refused op=%s code=%s error=%s", msg.meta.get("op", "?"), code, error)
-        return Message(MsgType.REPLY, key=msg.key, meta={"ok": False, "data": {}, "code": code, "error": error})
+        log.info(
+            "control request refused op=%s code=%s error=%s", msg.meta.get("op", "?"), code, error
+        )
+        return Message(
+            MsgType.REPLY, key=msg.key, meta={"ok": False, "data": {}, "code": code, "error": error}
+        )
 
     def _engine(self, args: dict[str, Any]) -> Engine:
         job_id = _arg(args, "job", str)
@@ -113,7 +137,16 @@ class ControlAPI:
 
     def op_ls(self, args: dict[str, Any]) -> Reply:
         jobs = [
-            {"job": e.job.spec.id, "task": e.job.spec.task, "rule": e.job.spec.rule, "state": str(e.job.state), "round": e.job.round, "rounds": e.job.spec.rounds, "version": e.job.version, "members": e.members_now}
+            {
+                "job": e.job.spec.id,
+                "task": e.job.spec.task,
+                "rule": e.job.spec.rule,
+                "state": str(e.job.state),
+                "round": e.job.round,
+                "rounds": e.job.spec.rounds,
+                "version": e.job.version,
+                "members": e.members_now,
+            }
             for e in self.jobs.engines.values()
         ]
         return {"jobs": jobs}, {}
@@ -126,10 +159,23 @@ class ControlAPI:
 
     def op_submit(self, args: dict[str, Any]) -> Reply:
         raw = _arg(args, "spec", dict)
-        spec = parse_job_spec(raw, source=_arg(args, "source", str, "submitted spec"), default_id=_arg(args, "default_id", str, "job"))
+        spec = parse_job_spec(
+            raw,
+            source=_arg(args, "source", str, "submitted spec"),
+            default_id=_arg(args, "default_id", str, "job"),
+        )
         if not self.jobs.submit(spec):
-            raise ControlError("conflict", f"job {spec.id!r} exists already; give the new one another id ([job] id = ...)")
-        log.info("job submitted job=%s task=%s rule=%s rounds=%d", spec.id, spec.task, spec.rule, spec.rounds)
+            raise ControlError(
+                "conflict",
+                f"job {spec.id!r} exists already; give the new one another id ([job] id = ...)",
+            )
+        log.info(
+            "job submitted job=%s task=%s rule=%s rounds=%d",
+            spec.id,
+            spec.task,
+            spec.rule,
+            spec.rounds,
+        )
         return {"job": spec.id}, {}
 
     def _desire(self, args: dict[str, Any], op: str) -> Reply:
@@ -139,7 +185,12 @@ class ControlAPI:
             raise ControlError("failed", f"job {job.spec.id} is {job.state}: nothing to {op}")
         state = DESIRED[op]
         self.jobs.desire(engine, state)
-        return {"job": job.spec.id, "state": str(job.state), "round": job.round, "desired": state}, {}
+        return {
+            "job": job.spec.id,
+            "state": str(job.state),
+            "round": job.round,
+            "desired": state,
+        }, {}
 
     def op_pause(self, args: dict[str, Any]) -> Reply:
         return self._desire(args, "pause")
@@ -155,14 +206,26 @@ class ControlAPI:
 
     def op_export(self, args: dict[str, Any]) -> Reply:
         job = self._engine(args).job
-        tensors = {k: WireTensor.from_tensor(v.detach().clone()) for k, v in job.model.state_dict().items()}
-        return {"job": job.spec.id, "round": job.round, "version": job.version, "state": str(job.state)}, tensors
+        tensors = {
+            k: WireTensor.from_tensor(v.detach().clone()) for k, v in job.model.state_dict().items()
+        }
+        return {
+            "job": job.spec.id,
+            "round": job.round,
+            "version": job.version,
+            "state": str(job.state),
+        }, tensors
 
     def op_logs(self, args: dict[str, Any]) -> Reply:
         job = self._engine(args).job
         since = _arg(args, "since", int, 0)  # the last round the caller has (rounds run 1, 2, ...)
         entries = [h for h in job.history if h["round"] > since][:MAX_LOG_ENTRIES]
-        return {"job": job.spec.id, "state": str(job.state), "entries": entries, "next": entries[-1]["round"] if entries else max(since, 0)}, {}
+        return {
+            "job": job.spec.id,
+            "state": str(job.state),
+            "entries": entries,
+            "next": entries[-1]["round"] if entries else max(since, 0),
+        }, {}
 
     def op_report(self, args: dict[str, Any]) -> Reply:
         """Everything ``elastic report`` plots: the status with the full history and events."""
@@ -171,7 +234,15 @@ class ControlAPI:
     def op_members(self, args: dict[str, Any]) -> Reply:
         now = time.monotonic()
         members = [
-            {"id": m.id, "host": m.host, "device": m.device, "slot": m.slot, "busy": m.busy, "joined_seconds_ago": round(now - m.joined_at, 1), "seen_seconds_ago": round(now - m.last_seen, 1)}
+            {
+                "id": m.id,
+                "host": m.host,
+                "device": m.device,
+                "slot": m.slot,
+                "busy": m.busy,
+                "joined_seconds_ago": round(now - m.joined_at, 1),
+                "seen_seconds_ago": round(now - m.last_seen, 1),
+            }
             for m in self.jobs.members()
         ]
         return {"members": members}, {}

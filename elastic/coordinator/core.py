@@ -65,7 +65,15 @@ class CoordinatorCore:
         clock: monotonic seconds; a simulation gives its own.
     """
 
-    def __init__(self, config: CoordinatorConfig, plugins: Plugins, backend: ClusterBackend, election: Election, peers: HostPeers, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        plugins: Plugins,
+        backend: ClusterBackend,
+        election: Election,
+        peers: HostPeers,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self.plugins = plugins
         self.backend = backend
@@ -78,8 +86,12 @@ class CoordinatorCore:
         self.board: JobStore
         self.serving = False  # a term is on: members and jobs are loaded
         self.rejected: Counter[str] = Counter()
-        self._published: dict[str, int] = {}  # rendezvous generation last queued for the cluster, by job
-        self.uploads = UploadGate(config.upload_window, grant_timeout=max(30.0, 10 * config.heartbeat_timeout))
+        self._published: dict[
+            str, int
+        ] = {}  # rendezvous generation last queued for the cluster, by job
+        self.uploads = UploadGate(
+            config.upload_window, grant_timeout=max(30.0, 10 * config.heartbeat_timeout)
+        )
         self.streams: dict[str, UploadStream] = {}  # peer -> its update coming in parts
         # A validator plugin looks at whole updates: with one, updates come whole.
         self._validators = plugins.implements("elastic_validate_update")
@@ -96,7 +108,10 @@ class CoordinatorCore:
             for spec in specs:
                 self.board.publish(spec.id, spec.to_dict())  # a no-op if the job is stored already
                 self.add_job(spec)
-            for job_id, parts in self.board.jobs().items():  # every stored job, wherever it was submitted
+            for (
+                job_id,
+                parts,
+            ) in self.board.jobs().items():  # every stored job, wherever it was submitted
                 self._board_change(job_id, "spec", parts.get("spec", b""))
                 self._board_change(job_id, "state", parts.get("state", b"running"))
         except BaseException:
@@ -135,8 +150,13 @@ class CoordinatorCore:
         job = Job(spec, self.plugins, self.config.state_dir)
         kind = AsyncEngine if isinstance(job.aggregator, AsyncAggregator) else RoundEngine
         ctx = EngineContext(
-            notify=self.plugins.notify, clock=self.clock, fence=self.election.check, holds=self.election.holds, ask=self.plugins.first_answer,
-            local=self.peers.is_local if self.peers.enabled else None, on_status=lambda status: self.board.write_status(spec.id, status),
+            notify=self.plugins.notify,
+            clock=self.clock,
+            fence=self.election.check,
+            holds=self.election.holds,
+            ask=self.plugins.first_answer,
+            local=self.peers.is_local if self.peers.enabled else None,
+            on_status=lambda status: self.board.write_status(spec.id, status),
         )
         self.engines[spec.id] = kind(job, ctx)
         return job
@@ -181,7 +201,12 @@ class CoordinatorCore:
                 self.add_job(spec)
                 log.info("serving stored job job=%s task=%s rule=%s", spec.id, spec.task, spec.rule)
             except Exception as exc:  # a bad stored spec must not stop the jobs that are fine
-                log.error("cannot serve stored job %s: %s: %s; fix or delete its spec", job_id, type(exc).__name__, exc)
+                log.error(
+                    "cannot serve stored job %s: %s: %s; fix or delete its spec",
+                    job_id,
+                    type(exc).__name__,
+                    exc,
+                )
         elif part == "state" and job_id in self.engines:
             self.engines[job_id].set_desired(value.decode("utf-8", "replace"))
 
@@ -206,8 +231,20 @@ class CoordinatorCore:
             for engine in self.engines.values():
                 engine.job.note(event.kind, worker=m.id, device=m.device, reason=event.reason)
             if event.kind == "joined":
-                log.info("worker joined worker=%s device=%s host=%s slot=%d", m.id, m.device, m.host, m.slot)
-                self.plugins.notify("elastic_worker_joined", worker_id=m.id, device=m.device, host=m.host, slot=m.slot)
+                log.info(
+                    "worker joined worker=%s device=%s host=%s slot=%d",
+                    m.id,
+                    m.device,
+                    m.host,
+                    m.slot,
+                )
+                self.plugins.notify(
+                    "elastic_worker_joined",
+                    worker_id=m.id,
+                    device=m.device,
+                    host=m.host,
+                    slot=m.slot,
+                )
             else:
                 log.info("worker left worker=%s reason=%s", m.id, event.reason)
                 self.peers.drop(m.id)
@@ -244,14 +281,37 @@ class CoordinatorCore:
         """A message from ``peer`` (decoded and checked; its sender is ``peer``)."""
         now = self.clock()
         if msg.type is MsgType.HELLO:
-            member = self.membership.join(Member(id=peer, host=msg.meta["host"], device=msg.meta["device"], software=msg.meta["software"], pid=msg.meta["pid"]), now)
+            member = self.membership.join(
+                Member(
+                    id=peer,
+                    host=msg.meta["host"],
+                    device=msg.meta["device"],
+                    software=msg.meta["software"],
+                    pid=msg.meta["pid"],
+                ),
+                now,
+            )
             local = self.peers.hello(peer, msg.meta.get("shm"))
-            self._send(peer, Message(MsgType.WELCOME, meta={"heartbeat_interval": self.config.heartbeat_interval, "heartbeat_timeout": self.config.heartbeat_timeout, "slot": member.slot, "software": __version__, "shm": local}))
+            self._send(
+                peer,
+                Message(
+                    MsgType.WELCOME,
+                    meta={
+                        "heartbeat_interval": self.config.heartbeat_interval,
+                        "heartbeat_timeout": self.config.heartbeat_timeout,
+                        "slot": member.slot,
+                        "software": __version__,
+                        "shm": local,
+                    },
+                ),
+            )
         elif msg.type is MsgType.HEARTBEAT:
             if self.membership.heartbeat(peer, now, busy=msg.meta["busy"]):
                 self._send(peer, Message(MsgType.HEARTBEAT_ACK))
             else:
-                self.reject(peer, "", "unknown_member", "this coordinator does not know you; send HELLO")
+                self.reject(
+                    peer, "", "unknown_member", "this coordinator does not know you; send HELLO"
+                )
         elif msg.type is MsgType.BYE:
             self.membership.leave(peer, "bye")
             self._send(peer, Message(MsgType.ACK, key=msg.key))  # the worker may now disconnect
@@ -260,7 +320,9 @@ class CoordinatorCore:
             # Let go of this update's frames before the next upload is granted, or its
             # bytes arrive while these are still held: two updates in memory at once.
             msg.tensors.clear()
-            self._grant(self.uploads.done(peer, now, msg.key))  # its bytes are folded or refused: the next may come
+            self._grant(
+                self.uploads.done(peer, now, msg.key)
+            )  # its bytes are folded or refused: the next may come
             if more is not None:  # the next part, in turn with the other offers
                 self._grant(self.uploads.offer(peer, msg.key, more, now))
         elif msg.type is MsgType.OFFER:
@@ -268,19 +330,35 @@ class CoordinatorCore:
         elif msg.type is MsgType.NACK:
             engine = self.engines.get(msg.job)
             if engine is not None:
-                engine.on_worker_failed(peer, msg.round, f"{msg.meta['reason']}: {msg.meta['detail']}")
+                engine.on_worker_failed(
+                    peer, msg.round, f"{msg.meta['reason']}: {msg.meta['detail']}"
+                )
         else:
-            self.reject(peer, msg.job, "unexpected_type", f"a coordinator does not accept {msg.type}")
+            self.reject(
+                peer, msg.job, "unexpected_type", f"a coordinator does not accept {msg.type}"
+            )
 
     def _member_engine(self, peer: str, msg: Message, now: float) -> Engine | None:
         """The engine of ``msg``'s job, if ``peer`` is a member and the job is ours;
         else None, the NACK sent."""
         if not self.membership.heartbeat(peer, now, busy=False):
-            self.reject(peer, msg.job, "unknown_member", "this coordinator does not know you; send HELLO", msg)
+            self.reject(
+                peer,
+                msg.job,
+                "unknown_member",
+                "this coordinator does not know you; send HELLO",
+                msg,
+            )
             return None
         engine = self.engines.get(msg.job)
         if engine is None:
-            self.reject(peer, msg.job, "unknown_job", f"no job {msg.job!r} here (jobs: {', '.join(self.engines) or 'none'})", msg)
+            self.reject(
+                peer,
+                msg.job,
+                "unknown_job",
+                f"no job {msg.job!r} here (jobs: {', '.join(self.engines) or 'none'})",
+                msg,
+            )
         return engine
 
     def _on_update(self, peer: str, msg: Message, now: float) -> int | None:
@@ -293,7 +371,13 @@ class CoordinatorCore:
             reply: Message | None = engine.on_update(peer, msg)
         elif stream is None or not stream.expects(msg.key, msg.meta["part"]):
             expected = f"part {stream.index} of {stream.key}" if stream is not None else "no part"
-            self.reject(peer, msg.job, "bad_part", f"got part {msg.meta['part']!r} of {msg.key}, expected {expected}", msg)
+            self.reject(
+                peer,
+                msg.job,
+                "bad_part",
+                f"got part {msg.meta['part']!r} of {msg.key}, expected {expected}",
+                msg,
+            )
             self._end_stream(peer)
             return None
         else:
@@ -301,7 +385,9 @@ class CoordinatorCore:
         if reply is None:  # a part folded; more are to come
             assert stream is not None
             return stream.advance(msg.payload_bytes)
-        if stream is not None and stream.key == msg.key:  # (a whole update of another job leaves it be)
+        if (
+            stream is not None and stream.key == msg.key
+        ):  # (a whole update of another job leaves it be)
             del self.streams[peer]
         if reply.type is MsgType.NACK:
             self.rejected[reply.meta["reason"]] += 1
@@ -315,9 +401,20 @@ class CoordinatorCore:
         if engine is None:
             return
         if not 0 < msg.meta["bytes"] <= self.config.max_message_bytes:
-            self.reject(peer, msg.job, "too_big", f"an update of {msg.meta['bytes']} bytes; this coordinator takes 1 to {self.config.max_message_bytes} (--max-message-bytes)", msg)
+            self.reject(
+                peer,
+                msg.job,
+                "too_big",
+                f"an update of {msg.meta['bytes']} bytes; this coordinator takes 1 to "
+                f"{self.config.max_message_bytes} (--max-message-bytes)",
+                msg,
+            )
             return
-        parts = engine.upload_parts(self.config.upload_part) if msg.meta.get("parts") is True and not self._validators else None
+        parts = (
+            engine.upload_parts(self.config.upload_part)
+            if msg.meta.get("parts") is True and not self._validators
+            else None
+        )
         self._end_stream(peer)  # a worker offers its newest result: any other is over
         if parts is not None and len(parts) > 1:
             stream = self.streams[peer] = UploadStream(msg.job, msg.key, parts, engine.itemsizes)
@@ -336,18 +433,31 @@ class CoordinatorCore:
 
     def _grant(self, offers: list[Offer]) -> None:
         for offer in offers:
-            log.debug("upload granted worker=%s key=%s bytes=%d in_flight=%d", offer.peer, offer.key, offer.nbytes, self.uploads.in_flight)
+            log.debug(
+                "upload granted worker=%s key=%s bytes=%d in_flight=%d",
+                offer.peer,
+                offer.key,
+                offer.nbytes,
+                self.uploads.in_flight,
+            )
             stream = self.streams.get(offer.peer)
             meta: dict[str, Any] = {}
             if stream is not None and stream.key == offer.key:
-                meta = {"part": [stream.index, len(stream.parts)], "segments": [list(seg) for seg in stream.parts[stream.index]]}
+                meta = {
+                    "part": [stream.index, len(stream.parts)],
+                    "segments": [list(seg) for seg in stream.parts[stream.index]],
+                }
             self._send(offer.peer, Message(MsgType.GRANT, key=offer.key, meta=meta))
 
-    def reject(self, peer: str, job: str, reason: str, detail: str, msg: Message | None = None) -> None:
+    def reject(
+        self, peer: str, job: str, reason: str, detail: str, msg: Message | None = None
+    ) -> None:
         """Refuse a message with a NACK naming the reason; counted and told to observers."""
         self.rejected[reason] += 1
         log.warning("message rejected peer=%r reason=%s detail=%s", peer, reason, detail)
-        self.plugins.notify("elastic_update_rejected", job_id=job, worker_id=peer, reason=reason, detail=detail)
+        self.plugins.notify(
+            "elastic_update_rejected", job_id=job, worker_id=peer, reason=reason, detail=detail
+        )
         nack = Message(MsgType.NACK, job=job, meta={"reason": reason, "detail": detail})
         if msg is not None:
             nack.round, nack.version, nack.key = msg.round, msg.version, msg.key
@@ -361,14 +471,35 @@ class CoordinatorCore:
     def snapshot(self) -> dict[str, Any]:
         """Figures for the metrics: jobs, members by device kind, refusals, serving."""
         jobs = {
-            job_id: {"round": e.job.round, "version": e.job.version, "rounds": e.job.spec.rounds, "state": str(e.job.state), "totals": dict(e.job.totals)}
+            job_id: {
+                "round": e.job.round,
+                "version": e.job.version,
+                "rounds": e.job.spec.rounds,
+                "state": str(e.job.state),
+                "totals": dict(e.job.totals),
+            }
             for job_id, e in self.engines.items()
         }
-        members = Counter(m.device.split()[0].split(":")[0] if m.device else "unknown" for m in self.membership.members()) if self.serving else Counter()
-        return {"jobs": jobs, "members": dict(members), "rejected": dict(self.rejected), "serving": self.serving and not self.election.lost.is_set()}
+        members = (
+            Counter(
+                m.device.split()[0].split(":")[0] if m.device else "unknown"
+                for m in self.membership.members()
+            )
+            if self.serving
+            else Counter()
+        )
+        return {
+            "jobs": jobs,
+            "members": dict(members),
+            "rejected": dict(self.rejected),
+            "serving": self.serving and not self.election.lost.is_set(),
+        }
 
     def status_line(self) -> str:
-        jobs = "; ".join(f"{job_id} {e.job.state} round {e.job.round}/{e.job.spec.rounds}" for job_id, e in self.engines.items())
+        jobs = "; ".join(
+            f"{job_id} {e.job.state} round {e.job.round}/{e.job.spec.rounds}"
+            for job_id, e in self.engines.items()
+        )
         role = "leading, " if self.backend.shared else ""
         workers = len(self.membership.members()) if self.serving else 0
         return f"{role}{workers} workers; {jobs or 'no jobs'}"

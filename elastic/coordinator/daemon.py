@@ -58,7 +58,13 @@ def advertised(endpoint: str) -> str:
 class Coordinator:
     """Serves jobs to workers. ``run()`` blocks until ``stop()`` (or a signal)."""
 
-    def __init__(self, config: CoordinatorConfig, plugins: Plugins, specs: list[JobSpec], reloader: Reloader | None = None) -> None:
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        plugins: Plugins,
+        specs: list[JobSpec],
+        reloader: Reloader | None = None,
+    ) -> None:
         tune_allocator()
         self.config = config
         self.plugins = plugins
@@ -69,7 +75,9 @@ class Coordinator:
         self.metrics: Metrics | None = None
         if config.metrics_port:
             self.metrics = Metrics()
-            plugins.register(self.metrics, name="elastic-metrics", distribution="elastic (built in)")
+            plugins.register(
+                self.metrics, name="elastic-metrics", distribution="elastic (built in)"
+            )
             port = self.metrics.serve(config.metrics_host, config.metrics_port)
             log.info("metrics served address=http://%s:%d/metrics", config.metrics_host, port)
         self._stop = threading.Event()
@@ -78,22 +86,42 @@ class Coordinator:
         self.ctx: zmq.Context = zmq.Context.instance()
         self.curve: CurveServer | None = None
         if config.curve_key:
-            self.curve = CurveServer(self.ctx, config.curve_key, {DATA: config.allow_workers, CONTROL: config.allow_admins})
+            self.curve = CurveServer(
+                self.ctx,
+                config.curve_key,
+                {DATA: config.allow_workers, CONTROL: config.allow_admins},
+            )
         else:
-            log.warning("plaintext (--insecure): anyone who reaches %s can join, send updates and read models; use CURVE keys beyond a network you trust", config.bind)
+            log.warning(
+                "plaintext (--insecure): anyone who reaches %s can join, send updates and read "
+                "models; use CURVE keys beyond a network you trust",
+                config.bind,
+            )
         curve = self.curve
-        self.sock, self.endpoint = router_socket(self.ctx, config.bind, secure=(lambda s: curve.apply(s, DATA)) if curve else None)
-        self.control_sock, self.control_endpoint = router_socket(self.ctx, config.control or default_control(config.bind), secure=(lambda s: curve.apply(s, CONTROL)) if curve else None)
+        self.sock, self.endpoint = router_socket(
+            self.ctx, config.bind, secure=(lambda s: curve.apply(s, DATA)) if curve else None
+        )
+        self.control_sock, self.control_endpoint = router_socket(
+            self.ctx,
+            config.control or default_control(config.bind),
+            secure=(lambda s: curve.apply(s, CONTROL)) if curve else None,
+        )
         self.bytes_in = 0
         self.bytes_out = 0
-        self.local = LocalPeers(config.shared_memory)  # workers on this host: tensors through /dev/shm
+        self.local = LocalPeers(
+            config.shared_memory
+        )  # workers on this host: tensors through /dev/shm
         backend = open_backend(config.membership, plugins.backends)
-        self.core = CoordinatorCore(config, plugins, backend, backend.election(config.id, config.lease_ttl), self.local)
+        self.core = CoordinatorCore(
+            config, plugins, backend, backend.election(config.id, config.lease_ttl), self.local
+        )
         self.control = ControlAPI(self.core)
         # Jobs load their newest checkpoint only once this coordinator leads, so a
         # standby that takes over resumes where the old leader stopped.
         if backend.shared:
-            self.notifier.ready("standing by for leadership")  # a standby is a service that started fine
+            self.notifier.ready(
+                "standing by for leadership"
+            )  # a standby is a service that started fine
         self.core.election.campaign(self._leader_record(), tick=self.notifier.watchdog)
         try:
             self.core.begin_term(specs)
@@ -104,7 +132,12 @@ class Coordinator:
             raise
 
     def _leader_record(self) -> LeaderRecord:
-        return LeaderRecord(self.config.id, advertised(self.endpoint), advertised(self.control_endpoint), time.time())
+        return LeaderRecord(
+            self.config.id,
+            advertised(self.endpoint),
+            advertised(self.control_endpoint),
+            time.time(),
+        )
 
     def _stand_by(self) -> bool:
         """After losing leadership: campaign again, then serve anew. False if stopped."""
@@ -113,7 +146,9 @@ class Coordinator:
         core.election.step_down()
         log.warning("lost leadership: standing by; serving again if elected")
         self.notifier.status("standing by for leadership")
-        while core.election.campaign(self._leader_record(), stop=self._stop, tick=self.notifier.watchdog):
+        while core.election.campaign(
+            self._leader_record(), stop=self._stop, tick=self.notifier.watchdog
+        ):
             try:
                 core.begin_term([])
                 return True
@@ -128,10 +163,20 @@ class Coordinator:
         core = self.core
         if install_signals and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(sig, lambda signum, _frame: self.stop(f"signal {signal.Signals(signum).name}"))
+                signal.signal(
+                    sig, lambda signum, _frame: self.stop(f"signal {signal.Signals(signum).name}")
+                )
             signal.signal(signal.SIGHUP, lambda *_: self._reload_asked.set())
-        log.info("coordinator serving address=%s control=%s jobs=%s membership=%s", self.endpoint, self.control_endpoint, ",".join(core.engines) or "-", core.backend)
-        self.plugins.notify("elastic_coordinator_started", address=self.endpoint, jobs=list(core.engines))
+        log.info(
+            "coordinator serving address=%s control=%s jobs=%s membership=%s",
+            self.endpoint,
+            self.control_endpoint,
+            ",".join(core.engines) or "-",
+            core.backend,
+        )
+        self.plugins.notify(
+            "elastic_coordinator_started", address=self.endpoint, jobs=list(core.engines)
+        )
         self.notifier.ready(core.status_line())
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
@@ -161,7 +206,16 @@ class Coordinator:
             self.plugins.notify("elastic_coordinator_stopping", reason=self._stop_reason)
             rejected = ",".join(f"{k}:{v}" for k, v in sorted(core.rejected.items())) or "none"
             shm_sent, shm_busy = self.local.counts()
-            log.info("coordinator stopping reason=%s bytes_in=%d bytes_out=%d shm_sent=%d shm_busy=%d rejected=%s", self._stop_reason, self.bytes_in, self.bytes_out, shm_sent, shm_busy, rejected)
+            log.info(
+                "coordinator stopping reason=%s bytes_in=%d bytes_out=%d shm_sent=%d shm_busy=%d "
+                "rejected=%s",
+                self._stop_reason,
+                self.bytes_in,
+                self.bytes_out,
+                shm_sent,
+                shm_busy,
+                rejected,
+            )
             self.sock.close(linger=0)
             self.control_sock.close(linger=0)
             self.local.close()
@@ -191,14 +245,19 @@ class Coordinator:
             if self.metrics is not None:
                 figures = self.core.snapshot()
                 figures["rejected"] |= self.curve.refused() if self.curve is not None else {}
-                self.metrics.update(figures | {"bytes_in": self.bytes_in, "bytes_out": self.bytes_out})
+                self.metrics.update(
+                    figures | {"bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
+                )
         if self._reload_asked.is_set():
             self._reload_asked.clear()
             self._reload()
 
     def _reload(self) -> None:
         if self.reloader is None:
-            log.warning("SIGHUP ignored: this coordinator was not started from a configuration it can read again")
+            log.warning(
+                "SIGHUP ignored: this coordinator was not started from a configuration it can "
+                "read again"
+            )
             return
         self.notifier.reloading()
         try:
@@ -215,7 +274,12 @@ class Coordinator:
             except ElasticError as exc:
                 log.error("allow-lists not reloaded: %s", exc)
         added = self.core.reload(self.config, specs)
-        log.info("configuration reloaded applied=%s new_jobs=%s needs_restart=%s", ",".join(applied) or "-", ",".join(added) or "-", ",".join(restart) or "-")
+        log.info(
+            "configuration reloaded applied=%s new_jobs=%s needs_restart=%s",
+            ",".join(applied) or "-",
+            ",".join(added) or "-",
+            ",".join(restart) or "-",
+        )
         self.notifier.ready(self.core.status_line())
 
     # ------------------------------------------------------------ messages --
@@ -238,9 +302,14 @@ class Coordinator:
         self.bytes_in += sum(len(f) for f in frames)
         peer = routing.decode("utf-8", "replace")
         try:
-            msg = decode(frames, max_message_bytes=self.config.max_message_bytes, shm=self.local.reader(peer))
+            msg = decode(
+                frames, max_message_bytes=self.config.max_message_bytes, shm=self.local.reader(peer)
+            )
             if msg.sender != peer:
-                raise ProtocolError("sender_mismatch", f"header sender {msg.sender!r} is not the connection's id {peer!r}")
+                raise ProtocolError(
+                    "sender_mismatch",
+                    f"header sender {msg.sender!r} is not the connection's id {peer!r}",
+                )
         except ProtocolError as exc:
             self.core.reject(peer, "", exc.reason, exc.detail)
             return
@@ -252,7 +321,15 @@ class Coordinator:
             request = decode(frames, max_message_bytes=MAX_CONTROL_BYTES)
         except ProtocolError as exc:
             self.core.rejected[exc.reason] += 1
-            reply = Message(MsgType.REPLY, meta={"ok": False, "data": {}, "code": "bad_request", "error": f"{exc.reason}: {exc.detail}"})
+            reply = Message(
+                MsgType.REPLY,
+                meta={
+                    "ok": False,
+                    "data": {},
+                    "code": "bad_request",
+                    "error": f"{exc.reason}: {exc.detail}",
+                },
+            )
         else:
             reply = self.control.handle(request)
         try:
@@ -275,7 +352,9 @@ class Coordinator:
     def _send(self, peer: str, msg: Message, track: bool = False) -> tuple[bool, Tracker | None]:
         """Whether it was sent, and (with ``track``) the tracker of its frames."""
         try:
-            tracker = send_message(self.sock, msg, peer.encode(), track=track, lane=self.local.writer(peer))
+            tracker = send_message(
+                self.sock, msg, peer.encode(), track=track, lane=self.local.writer(peer)
+            )
         except zmq.ZMQError as exc:
             log.warning("cannot send to peer=%r type=%s error=%s", peer, msg.type, exc.strerror)
             return False, None

@@ -58,7 +58,9 @@ class Downlink:
         self.reference: dict[str, torch.Tensor] | None = None
         self.version = -1  # the model version the reference stands for
         self.held: dict[str, int] = {}  # worker -> reference version it holds
-        self._delta: tuple[dict[str, WireTensor], dict[str, list[dict[str, Any]]], int] | None = None
+        self._delta: tuple[dict[str, WireTensor], dict[str, list[dict[str, Any]]], int] | None = (
+            None
+        )
         self.sends = BufferSet({}, busy=False)  # sends that alias the reference's memory
         # The reference in shared memory for workers on this host (``share``: the
         # coordinator has the path on); None until made, or when there is no room.
@@ -93,7 +95,11 @@ class Downlink:
                 diff = {k: floats[k] - self.reference[k] for k in floats}
                 parts, encodings = self.compressor.compress(diff)
                 parts_sent = {k: WireTensor.from_tensor(v) for k, v in parts.items()}
-                decoded = expand(Message(MsgType.WORK, tensors=dict(parts_sent), encodings=encodings), self.chain.codecs, self.template)
+                decoded = expand(
+                    Message(MsgType.WORK, tensors=dict(parts_sent), encodings=encodings),
+                    self.chain.codecs,
+                    self.template,
+                )
                 for name, t in self.reference.items():
                     decoded[name].add_to(t)  # widened on the way when the chain is a cast
         self._delta = (parts_sent, encodings, self.version) if keep else None
@@ -111,18 +117,29 @@ class Downlink:
                     tensor.copy_(floats[name])
         self.version = version
 
-    def _first_reference(self, floats: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
+    def _first_reference(
+        self, floats: dict[str, torch.Tensor], version: int
+    ) -> dict[str, torch.Tensor]:
         """A copy of the model: in a shared segment when workers on this host may read it."""
-        if self.share and sum(t.numel() * t.element_size() for t in floats.values()) >= SHM_MIN_BYTES:
+        if (
+            self.share
+            and sum(t.numel() * t.element_size() for t in floats.values()) >= SHM_MIN_BYTES
+        ):
             try:
                 self.shared = SharedTensors(floats)
             except OSError as exc:
-                log.warning("the model reference stays private, workers on this host get deltas: cannot make a shared segment (%s)", exc.strerror)
+                log.warning(
+                    "the model reference stays private, workers on this host get deltas: cannot "
+                    "make a shared segment (%s)",
+                    exc.strerror,
+                )
             else:
                 with self.shared.changing(version):
                     for name, tensor in self.shared.tensors.items():
                         tensor.copy_(floats[name])
-                log.info("model reference shared with workers on this host segment=%s", self.shared.name)
+                log.info(
+                    "model reference shared with workers on this host segment=%s", self.shared.name
+                )
                 return dict(self.shared.tensors)
         return {k: t.clone() for k, t in floats.items()}
 
@@ -136,7 +153,9 @@ class Downlink:
         else:
             yield
 
-    def _cast_delta(self, floats: dict[str, torch.Tensor], keep: bool = True) -> tuple[dict[str, WireTensor], dict[str, list[dict[str, Any]]]] | None:
+    def _cast_delta(
+        self, floats: dict[str, torch.Tensor], keep: bool = True
+    ) -> tuple[dict[str, WireTensor], dict[str, list[dict[str, Any]]]] | None:
         """The delta through a one-cast chain, a block at a time: the difference, its
         cast and the reference's step by the cast value stay in cache. One pass over
         the model and the reference, where the chain's way takes seven (25M fp16,
@@ -157,20 +176,30 @@ class Downlink:
             for start in range(0, flat.numel(), WIDEN_BLOCK):
                 stop = min(start + WIDEN_BLOCK, flat.numel())
                 diff = torch.sub(new[start:stop], flat[start:stop], out=scratch[: stop - start])
-                cast = torch.empty(stop - start, dtype=narrow.dtype) if keep else narrow[: stop - start]
+                cast = (
+                    torch.empty(stop - start, dtype=narrow.dtype)
+                    if keep
+                    else narrow[: stop - start]
+                )
                 stage.encode_into(diff, cast)
-                flat[start:stop].add_(diff.copy_(cast))  # what the worker adds: the cast value, widened
+                flat[start:stop].add_(
+                    diff.copy_(cast)
+                )  # what the worker adds: the cast value, widened
                 chunks.append(cast)
             wire[f"{name}{SEP}x"] = WireTensor(chunks[0].dtype, (flat.numel(),), chunks)
             encodings[name] = self.chain.cast_record(ref)
         return wire, encodings
 
-    def work(self, worker: str, state: dict[str, torch.Tensor], local: bool = False) -> tuple[dict[str, WireTensor], dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    def work(
+        self, worker: str, state: dict[str, torch.Tensor], local: bool = False
+    ) -> tuple[dict[str, WireTensor], dict[str, list[dict[str, Any]]], dict[str, Any]]:
         """(tensors, encodings, extra meta) of the WORK for ``worker``; ``state`` is the
         model's state dict (tensors that are not floating point always go whole).
         ``local``: the worker shares this host's memory (it may read the reference there)."""
         assert self.reference is not None
-        tensors = {k: WireTensor.from_tensor(v) for k, v in state.items() if k not in self.reference}
+        tensors = {
+            k: WireTensor.from_tensor(v) for k, v in state.items() if k not in self.reference
+        }
         held = self.held.get(worker)
         self.held[worker] = self.version
         if self._reads_shared(worker, local):
@@ -183,7 +212,11 @@ class Downlink:
             return tensors | wire, encodings, {"downlink": True, "delta_from": base}
         # The shared reference changes in place each round: what goes on a socket
         # (zero-copy, read while queued) is a copy of it.
-        whole = {k: v.clone() for k, v in self.reference.items()} if self.reference_is_shared else self.reference
+        whole = (
+            {k: v.clone() for k, v in self.reference.items()}
+            if self.reference_is_shared
+            else self.reference
+        )
         tensors.update({k: WireTensor.from_tensor(v) for k, v in whole.items()})
         return tensors, {}, {"downlink": True}
 
@@ -196,8 +229,12 @@ class Downlink:
 
     @property
     def reference_is_shared(self) -> bool:
-        return self.shared is not None and self.reference is not None and all(
-            self.reference[k].data_ptr() == t.data_ptr() for k, t in self.shared.tensors.items()
+        return (
+            self.shared is not None
+            and self.reference is not None
+            and all(
+                self.reference[k].data_ptr() == t.data_ptr() for k, t in self.shared.tensors.items()
+            )
         )
 
     def forget(self, worker: str, unreadable: bool = False) -> None:

@@ -85,9 +85,12 @@ class Engine(ABC):
     def on_update_part(self, worker: str, msg: Message, part: Part) -> Message | None:
         """Validate and fold one part of an update: None while more parts are to
         come, else the ACK or NACK of the update."""
-        return self._nack(msg, Refusal("bad_part", f"job {self.job.spec.id} takes whole updates only"))
+        return self._nack(
+            msg, Refusal("bad_part", f"job {self.job.spec.id} takes whole updates only")
+        )
 
-    def abandon_parts(self, worker: str, key: str) -> None:  # noqa: B027 - only engines that take parts fold any
+    # Only engines that take parts fold any
+    def abandon_parts(self, worker: str, key: str) -> None:  # noqa: B027
         """``worker``'s update ``key``, coming in parts, will not go on (it left, or
         the coordinator refused a part): what came stays folded."""
 
@@ -121,17 +124,42 @@ class Engine(ABC):
         job = self.job
         if job.done:
             return
-        if state == "cancelled" or (state == "paused") != self.paused and state in ("paused", "running") or state == "finished" and not self.finishing:
-            job.note({"cancelled": "cancelled", "paused": "paused", "running": "resumed", "finished": "finishing"}[state])
+        if (
+            state == "cancelled"
+            or (state == "paused") != self.paused
+            and state in ("paused", "running")
+            or state == "finished"
+            and not self.finishing
+        ):
+            job.note(
+                {
+                    "cancelled": "cancelled",
+                    "paused": "paused",
+                    "running": "resumed",
+                    "finished": "finishing",
+                }[state]
+            )
         if state == "cancelled":
             self._abandon_work("job cancelled")
             job.state = JobState.CANCELLED
-            log.info("job cancelled job=%s round=%d version=%d", job.spec.id, job.round, job.version)
-            self.ctx.notify("elastic_job_finished", job_id=job.spec.id, state=str(job.state), metrics=dict(job.final_metrics))
+            log.info(
+                "job cancelled job=%s round=%d version=%d", job.spec.id, job.round, job.version
+            )
+            self.ctx.notify(
+                "elastic_job_finished",
+                job_id=job.spec.id,
+                state=str(job.state),
+                metrics=dict(job.final_metrics),
+            )
             self.publisher.write()
         elif state == "finished":
             if not self.finishing:
-                log.info("job finishing job=%s round=%d version=%d: the work in progress is the last", job.spec.id, job.round, job.version)
+                log.info(
+                    "job finishing job=%s round=%d version=%d: the work in progress is the last",
+                    job.spec.id,
+                    job.round,
+                    job.version,
+                )
             self.finishing, self.paused = True, False
         elif state == "paused":
             self.paused = True
@@ -141,7 +169,12 @@ class Engine(ABC):
             log.info("job resumed job=%s round=%d", job.spec.id, job.round)
             self.publisher.write()
         elif state not in ("running", "paused"):
-            log.warning("ignoring unknown desired state job=%s state=%r (running, paused, finished or cancelled)", job.spec.id, state)
+            log.warning(
+                "ignoring unknown desired state job=%s state=%r (running, paused, finished or "
+                "cancelled)",
+                job.spec.id,
+                state,
+            )
 
     def _pause_if_asked(self, idle: bool) -> bool:
         """True while paused; the job shows as paused once no work is in progress."""
@@ -149,7 +182,12 @@ class Engine(ABC):
             return False
         if idle and self.job.state is not JobState.PAUSED:
             self.job.state = JobState.PAUSED
-            log.info("job paused job=%s round=%d version=%d", self.job.spec.id, self.job.round, self.job.version)
+            log.info(
+                "job paused job=%s round=%d version=%d",
+                self.job.spec.id,
+                self.job.round,
+                self.job.version,
+            )
             self.publisher.write()
         return True
 
@@ -162,8 +200,18 @@ class Engine(ABC):
         if job.state is not JobState.WAITING or self._waiting_reported != len(members):
             job.state = JobState.WAITING
             self._waiting_reported = len(members)
-            log.info("waiting for workers job=%s members=%d needed=%d", job.spec.id, len(members), job.spec.min_workers)
-            self.ctx.notify("elastic_job_waiting", job_id=job.spec.id, members=len(members), needed=job.spec.min_workers)
+            log.info(
+                "waiting for workers job=%s members=%d needed=%d",
+                job.spec.id,
+                len(members),
+                job.spec.min_workers,
+            )
+            self.ctx.notify(
+                "elastic_job_waiting",
+                job_id=job.spec.id,
+                members=len(members),
+                needed=job.spec.min_workers,
+            )
             self.publisher.write()
         return True
 
@@ -176,7 +224,9 @@ class Engine(ABC):
         if job.round < job.spec.rounds and not self.finishing:
             return False
         last = job.history[-1] if job.history else {}
-        job.final_metrics = job.final_metrics or {k: v for k, v in last.items() if k in ("loss", "eval_loss", "accuracy")} | {"rounds": job.round}
+        job.final_metrics = job.final_metrics or {
+            k: v for k, v in last.items() if k in ("loss", "eval_loss", "accuracy")
+        } | {"rounds": job.round}
         self.committer.finish()
         return True
 
@@ -186,7 +236,12 @@ class Engine(ABC):
         """The parts a big update of this job is sent in (``elastic.wire.parts``), or
         None: it comes whole, because the engine or the rule folds whole updates
         only, a norm bound looks at the whole update, or it comes compressed."""
-        if not (self.folds_parts and self.job.aggregator.folds_parts) or part_bytes <= 0 or self.job.spec.limits.max_norm or self.job.update_chain:
+        if (
+            not (self.folds_parts and self.job.aggregator.folds_parts)
+            or part_bytes <= 0
+            or self.job.spec.limits.max_norm
+            or self.job.update_chain
+        ):
             return None
         return self.validator.parts(part_bytes)
 
@@ -198,7 +253,14 @@ class Engine(ABC):
         """The ``meta`` of a WORK message: what to compute, on which shard, and how to
         send it back."""
         spec = self.job.spec
-        meta = {"mode": self.mode, "task": spec.task, "task_params": spec.task_params, "train": asdict(spec.train), "shard": shard, "seed": spec.seed}
+        meta = {
+            "mode": self.mode,
+            "task": spec.task,
+            "task_params": spec.task_params,
+            "train": asdict(spec.train),
+            "shard": shard,
+            "seed": spec.seed,
+        }
         if self.job.update_chain:
             meta["codecs"] = list(self.job.update_chain.stages)
         return meta
@@ -212,9 +274,28 @@ class Engine(ABC):
     def _nack(self, msg: Message, refusal: Refusal) -> Message:
         reason, detail = refusal.reason, refusal.detail
         self.job.totals["rejected"] += 1
-        log.warning("update rejected job=%s sender=%s reason=%s detail=%s", self.job.spec.id, msg.sender, reason, detail)
-        self.ctx.notify("elastic_update_rejected", job_id=self.job.spec.id, worker_id=msg.sender, reason=reason, detail=detail)
-        return Message(MsgType.NACK, job=msg.job, round=msg.round, version=msg.version, key=msg.key, meta={"reason": reason, "detail": detail})
+        log.warning(
+            "update rejected job=%s sender=%s reason=%s detail=%s",
+            self.job.spec.id,
+            msg.sender,
+            reason,
+            detail,
+        )
+        self.ctx.notify(
+            "elastic_update_rejected",
+            job_id=self.job.spec.id,
+            worker_id=msg.sender,
+            reason=reason,
+            detail=detail,
+        )
+        return Message(
+            MsgType.NACK,
+            job=msg.job,
+            round=msg.round,
+            version=msg.version,
+            key=msg.key,
+            meta={"reason": reason, "detail": detail},
+        )
 
     # ------------------------------------------------------------ committing --
 

@@ -43,13 +43,19 @@ class JobState(StrEnum):
     CANCELLED = "cancelled"  # by the operator: stopped for good, last checkpoint kept
 
 
-def codec_chains(spec: JobSpec, aggregator: Aggregator, codecs: CodecLookup) -> tuple[CodecChain, CodecChain]:
+def codec_chains(
+    spec: JobSpec, aggregator: Aggregator, codecs: CodecLookup
+) -> tuple[CodecChain, CodecChain]:
     """The spec's update and model codec chains, parsed (every stage built), and
     checked against the rule."""
-    update, model = CodecChain(codecs, spec.compression.update), CodecChain(codecs, spec.compression.model)
+    update, model = (
+        CodecChain(codecs, spec.compression.update),
+        CodecChain(codecs, spec.compression.model),
+    )
     if model and isinstance(aggregator, AsyncAggregator):
         raise JobSpecError(
-            f"job {spec.id}: [compression] model needs a synchronous rule (every worker at one version), "
+            f"job {spec.id}: [compression] model needs a synchronous rule (every worker at one "
+            "version), "
             f"and rule {spec.rule} is asynchronous; drop it, or compress updates only"
         )
     return update, model
@@ -77,7 +83,12 @@ class Job:
         self.history: list[dict[str, Any]] = []
         # Joins, leaves and operator actions, with their time and round (for reports).
         self.events: list[dict[str, Any]] = []
-        self.totals: dict[str, Any] = {"bytes_sent": 0, "bytes_received": 0, "updates": 0, "rejected": 0}
+        self.totals: dict[str, Any] = {
+            "bytes_sent": 0,
+            "bytes_received": 0,
+            "updates": 0,
+            "rejected": 0,
+        }
         self.final_metrics: dict[str, Any] = {}
         self.started_wall = time.time()
         self.started_at: float | None = None  # when work was first handed out (unix time)
@@ -130,7 +141,8 @@ class Job:
             if saved.get(key) != getattr(self.spec, key):
                 raise CheckpointError(
                     f"checkpoints in {self.dir} belong to a job with {key} {saved.get(key)!r}, "
-                    f"not {getattr(self.spec, key)!r}; give the job another id or use another state directory"
+                    f"not {getattr(self.spec, key)!r}; give the job another id or use another "
+                    "state directory"
                 )
         self.model.load_state_dict(ckpt["model"])
         self.aggregator.load_state_dict(ckpt.get("aggregator", {}))
@@ -150,7 +162,12 @@ class Job:
     def save_final_model(self) -> Path:
         path = self.dir / "final.safetensors"
         tensors = dict(self.model.state_dict())
-        atomic_write(path, lambda f: write_safetensors(f, tensors, {"job": self.spec.id, "round": str(self.round)}))
+        atomic_write(
+            path,
+            lambda f: write_safetensors(
+                f, tensors, {"job": self.spec.id, "round": str(self.round)}
+            ),
+        )
         return path
 
     def record(self, metrics: dict[str, Any]) -> None:
@@ -162,7 +179,9 @@ class Job:
 
     def note(self, event: str, **details: Any) -> None:
         """Record an event (``joined``, ``left``, ``paused``...) at this time and round."""
-        self.events.append({"at": round(time.time(), 3), "round": self.round, "event": event, **details})
+        self.events.append(
+            {"at": round(time.time(), 3), "round": self.round, "event": event, **details}
+        )
         del self.events[:-MAX_EVENTS]
 
     def mark_running(self) -> None:

@@ -78,8 +78,12 @@ class RoundEngine(Engine):
         self._generation_members: tuple[str, ...] = ()
         self.downlink: Downlink | None = None
         if self.job.model_chain:
-            self.downlink = Downlink(self.job.model, self.job.model_chain, share=self.ctx.local is not None)
-        elif self.ctx.local is not None and self.mode == "gradient":  # workers on this host take gradients on a shared copy
+            self.downlink = Downlink(
+                self.job.model, self.job.model_chain, share=self.ctx.local is not None
+            )
+        elif (
+            self.ctx.local is not None and self.mode == "gradient"
+        ):  # workers on this host take gradients on a shared copy
             self.downlink = Downlink(self.job.model, self.job.model_chain, share=True)
 
     # -------------------------------------------------------------- driving --
@@ -99,7 +103,12 @@ class RoundEngine(Engine):
         if self.current is not None:
             if now >= self.current.deadline:
                 late = sorted(self.current.participants - self.current.answered)
-                log.warning("round deadline passed job=%s round=%d missing=%s", job.spec.id, self.current.number, ",".join(late))
+                log.warning(
+                    "round deadline passed job=%s round=%d missing=%s",
+                    job.spec.id,
+                    self.current.number,
+                    ",".join(late),
+                )
                 self._close("deadline passed")
             return []
         if self._too_few(members) or not self.ctx.holds():
@@ -113,11 +122,19 @@ class RoundEngine(Engine):
         count = max(spec.min_workers, math.ceil(spec.fraction * len(members)))
         if spec.max_workers:
             count = min(count, spec.max_workers)
-        chosen = sorted(random.Random(spec.seed * 1_000_003 + number).sample(members, min(count, len(members))), key=lambda m: m.slot)
+        chosen = sorted(
+            random.Random(spec.seed * 1_000_003 + number).sample(members, min(count, len(members))),
+            key=lambda m: m.slot,
+        )
         if self.rendezvous and tuple(m.id for m in chosen) != self._generation_members:
             self._generation_members = tuple(m.id for m in chosen)
             self.generation += 1
-            log.info("new generation job=%s generation=%d members=%s", spec.id, self.generation, ",".join(self._generation_members))
+            log.info(
+                "new generation job=%s generation=%d members=%s",
+                spec.id,
+                self.generation,
+                ",".join(self._generation_members),
+            )
         state = job.model.state_dict()
         snapshot = {k: WireTensor.from_tensor(v) for k, v in state.items()}
         local = self.ctx.local or (lambda _: False)
@@ -126,14 +143,35 @@ class RoundEngine(Engine):
             # (a delta is kept only if someone may be sent it)
             wire = any(not local(m.id) or m.id in downlink.wire_only for m in members)
             downlink.advance(job.model, job.version, wire=wire)
-        rnd = _Round(number, job.version, {m.id for m in chosen}, now, now + spec.round_timeout, asked=len(chosen))
+        rnd = _Round(
+            number,
+            job.version,
+            {m.id for m in chosen},
+            now,
+            now + spec.round_timeout,
+            asked=len(chosen),
+        )
         out = []
         for rank, m in enumerate(chosen):
-            meta = self._work_meta([rank, len(chosen)] if self.rendezvous else [m.slot % spec.shard_count, spec.shard_count])
-            msg = Message(MsgType.WORK, job=spec.id, round=number, version=job.version, key=f"{m.id}/{spec.id}/{number}", meta=meta, tensors=snapshot)
+            meta = self._work_meta(
+                [rank, len(chosen)]
+                if self.rendezvous
+                else [m.slot % spec.shard_count, spec.shard_count]
+            )
+            msg = Message(
+                MsgType.WORK,
+                job=spec.id,
+                round=number,
+                version=job.version,
+                key=f"{m.id}/{spec.id}/{number}",
+                meta=meta,
+                tensors=snapshot,
+            )
             sends: BufferSet | None = self.committer.model_sends
             here = local(m.id)
-            if downlink is not None and downlink.serves(m.id, here):  # the reference, or a delta against what it holds
+            if downlink is not None and downlink.serves(
+                m.id, here
+            ):  # the reference, or a delta against what it holds
                 msg.tensors, msg.encodings, extra = downlink.work(m.id, state, local=here)
                 meta.update(extra)
                 # A shared reference is never sent from its own memory (deltas are
@@ -143,8 +181,20 @@ class RoundEngine(Engine):
             rnd.bytes_sent += msg.payload_bytes
         self.current = rnd
         job.aggregator.begin_round()
-        log.info("round started job=%s round=%d version=%d participants=%d", spec.id, number, job.version, len(chosen))
-        self.ctx.notify("elastic_round_started", job_id=spec.id, round=number, version=job.version, participants=sorted(rnd.participants))
+        log.info(
+            "round started job=%s round=%d version=%d participants=%d",
+            spec.id,
+            number,
+            job.version,
+            len(chosen),
+        )
+        self.ctx.notify(
+            "elastic_round_started",
+            job_id=spec.id,
+            round=number,
+            version=job.version,
+            participants=sorted(rnd.participants),
+        )
         self.publisher.write()
         return out
 
@@ -163,10 +213,18 @@ class RoundEngine(Engine):
             return self._nack(msg, update)
         error = self._fold(msg, lambda: self.job.aggregator.accumulate(update))
         if error is not None:
-            return self._nack(msg, Refusal("aggregator_error", f"the rule failed on this update: {error}"))
+            return self._nack(
+                msg, Refusal("aggregator_error", f"the rule failed on this update: {error}")
+            )
         assert self.current is not None
         self.current.bytes_received += wire_bytes
-        return self._folded(worker, msg, update.num_samples, wire_bytes, sum(t.nbytes for t in update.tensors.values()))
+        return self._folded(
+            worker,
+            msg,
+            update.num_samples,
+            wire_bytes,
+            sum(t.nbytes for t in update.tensors.values()),
+        )
 
     def on_update_part(self, worker: str, msg: Message, part: Part) -> Message | None:
         """Validate and fold one part of an update (``elastic.wire.parts``; the core
@@ -183,9 +241,14 @@ class RoundEngine(Engine):
             return self._nack(msg, update)
         error = self._fold(msg, lambda: self.job.aggregator.accumulate_part(update, part.segments))
         if error is not None:
-            return self._nack(msg, Refusal("aggregator_error", f"the rule failed on a part of this update: {error}"))
+            return self._nack(
+                msg,
+                Refusal("aggregator_error", f"the rule failed on a part of this update: {error}"),
+            )
         assert rnd is not None
-        rnd.bytes_received += msg.payload_bytes  # a part folded is received, whether or not the rest comes
+        rnd.bytes_received += (
+            msg.payload_bytes
+        )  # a part folded is received, whether or not the rest comes
         if not part.last:
             return None
         sent = part.before + msg.payload_bytes
@@ -202,12 +265,22 @@ class RoundEngine(Engine):
             return str(exc)
         return None
 
-    def _folded(self, worker: str, msg: Message, samples: int, wire_bytes: int, raw_bytes: int) -> Message:
+    def _folded(
+        self, worker: str, msg: Message, samples: int, wire_bytes: int, raw_bytes: int
+    ) -> Message:
         """The bookkeeping of an update folded whole (or its last part): ``wire_bytes``
         as sent, ``raw_bytes`` as decoded, the whole update's."""
         job, rnd = self.job, self.current
         assert rnd is not None
-        log.debug("update folded job=%s worker=%s round=%d key=%s samples=%d bytes=%d", job.spec.id, worker, rnd.number, msg.key, samples, wire_bytes)
+        log.debug(
+            "update folded job=%s worker=%s round=%d key=%s samples=%d bytes=%d",
+            job.spec.id,
+            worker,
+            rnd.number,
+            msg.key,
+            samples,
+            wire_bytes,
+        )
         self._count_update(wire_bytes, raw_bytes)
         rnd.answered.add(worker)
         rnd.updates += 1
@@ -215,17 +288,31 @@ class RoundEngine(Engine):
         loss = float(msg.meta["loss"])
         if math.isfinite(loss):
             rnd.loss_sum += loss * samples
-        rnd.train_seconds_max = max(rnd.train_seconds_max, float(msg.meta.get("train_seconds", 0.0)))
+        rnd.train_seconds_max = max(
+            rnd.train_seconds_max, float(msg.meta.get("train_seconds", 0.0))
+        )
         job.totals["updates"] += 1
         if rnd.complete:
             self._close("all participants answered")
-        return Message(MsgType.ACK, job=job.spec.id, round=msg.round, version=msg.version, key=msg.key)
+        return Message(
+            MsgType.ACK, job=job.spec.id, round=msg.round, version=msg.version, key=msg.key
+        )
 
     def abandon_parts(self, worker: str, key: str) -> None:
         """What came of the update stays folded; the round no longer waits for it (a
         late part of an earlier round changes nothing)."""
-        if self.current is not None and key == f"{worker}/{self.job.spec.id}/{self.current.number}" and worker in self.current.participants:
-            log.warning("update in parts given up job=%s worker=%s round=%d: the parts that came stay folded", self.job.spec.id, worker, self.current.number)
+        if (
+            self.current is not None
+            and key == f"{worker}/{self.job.spec.id}/{self.current.number}"
+            and worker in self.current.participants
+        ):
+            log.warning(
+                "update in parts given up job=%s worker=%s round=%d: the parts that came stay "
+                "folded",
+                self.job.spec.id,
+                worker,
+                self.current.number,
+            )
             self._drop(worker)
 
     def _refuse(self, worker: str, msg: Message) -> Refusal | None:
@@ -235,14 +322,23 @@ class RoundEngine(Engine):
             return Refusal("job_done", f"job {job.spec.id} is {job.state}")
         if rnd is None or msg.round != rnd.number:
             if msg.round <= job.round:
-                return Refusal("late", f"round {msg.round} is closed; the model is at version {job.version}")
+                return Refusal(
+                    "late", f"round {msg.round} is closed; the model is at version {job.version}"
+                )
             return Refusal("unknown_round", f"no round {msg.round} is running")
         if worker not in rnd.participants:
-            return Refusal("not_participant", f"{worker} was not asked to contribute to round {rnd.number}")
+            return Refusal(
+                "not_participant", f"{worker} was not asked to contribute to round {rnd.number}"
+            )
         if msg.version != rnd.version:
-            return Refusal("stale_version", f"computed against version {msg.version}, round {rnd.number} uses {rnd.version}")
+            return Refusal(
+                "stale_version",
+                f"computed against version {msg.version}, round {rnd.number} uses {rnd.version}",
+            )
         if msg.key != f"{worker}/{job.spec.id}/{rnd.number}":
-            return Refusal("bad_key", f"idempotency key {msg.key!r} does not match sender, job and round")
+            return Refusal(
+                "bad_key", f"idempotency key {msg.key!r} does not match sender, job and round"
+            )
         if worker in rnd.answered:
             return Refusal("duplicate", f"an update for {msg.key} was already applied or refused")
         return None
@@ -250,14 +346,26 @@ class RoundEngine(Engine):
     def on_worker_failed(self, worker: str, round_: int, detail: str) -> None:
         """A participant said it cannot do the work: stop waiting for it."""
         rnd = self.current
-        model_missing = detail.startswith(("need_full_model", "no_shared_reference"))  # that one gets it next time
+        model_missing = detail.startswith(
+            ("need_full_model", "no_shared_reference")
+        )  # that one gets it next time
         if self.downlink is not None:  # e.g. it did not hold the version the delta was against
             self.downlink.forget(worker, unreadable=detail.startswith("no_shared_reference"))
         if rnd is not None and rnd.number == round_ and worker in rnd.participants:
-            log.warning("worker could not do its work job=%s worker=%s detail=%s", self.job.spec.id, worker, detail)
+            log.warning(
+                "worker could not do its work job=%s worker=%s detail=%s",
+                self.job.spec.id,
+                worker,
+                detail,
+            )
             if self.rendezvous and not model_missing:
                 self.benched.add(worker)
-                log.warning("worker sits out the next generations job=%s worker=%s (it may leave and join again)", self.job.spec.id, worker)
+                log.warning(
+                    "worker sits out the next generations job=%s worker=%s (it may leave and join "
+                    "again)",
+                    self.job.spec.id,
+                    worker,
+                )
             self._drop(worker)
 
     def on_member_left(self, worker: str) -> None:
@@ -279,7 +387,10 @@ class RoundEngine(Engine):
             return
         rnd.participants.discard(worker)
         if self.rendezvous:  # its shard would be missing from this step
-            self._close(f"{worker} left generation {self.generation}; re-running with the next", force_abandon=True)
+            self._close(
+                f"{worker} left generation {self.generation}; re-running with the next",
+                force_abandon=True,
+            )
         elif rnd.complete:
             self._close("every remaining participant answered")
 
@@ -290,32 +401,52 @@ class RoundEngine(Engine):
         assert rnd is not None
         self.current = None
         if self.rendezvous and not force_abandon and rnd.updates < rnd.asked:
-            force_abandon, why = True, f"{why}: {rnd.asked - rnd.updates} shard(s) of generation {self.generation} missing"
+            force_abandon, why = (
+                True,
+                f"{why}: {rnd.asked - rnd.updates} shard(s) of generation {self.generation} "
+                "missing",
+            )
         if force_abandon or rnd.updates < job.spec.min_workers:
-            reason = why if force_abandon else f"{why} with {rnd.updates} update(s), fewer than min_workers={job.spec.min_workers}"
-            log.warning("round abandoned job=%s round=%d reason=%s", job.spec.id, rnd.number, reason)
+            reason = (
+                why
+                if force_abandon
+                else f"{why} with {rnd.updates} update(s), fewer than "
+                f"min_workers={job.spec.min_workers}"
+            )
+            log.warning(
+                "round abandoned job=%s round=%d reason=%s", job.spec.id, rnd.number, reason
+            )
             job.aggregator.begin_round()  # drop the partial aggregate
-            self.ctx.notify("elastic_round_abandoned", job_id=job.spec.id, round=rnd.number, reason=reason)
+            self.ctx.notify(
+                "elastic_round_abandoned", job_id=job.spec.id, round=rnd.number, reason=reason
+            )
             return
         self.job.totals["bytes_sent"] += rnd.bytes_sent
         self.job.totals["bytes_received"] += rnd.bytes_received
-        committed = self._commit(rnd.number, {
-            "loss": rnd.loss_sum / rnd.samples if rnd.samples else float("nan"),
-            "updates": rnd.updates,
-            "asked": rnd.asked,
-            "participants": len(rnd.participants),
-            "generation": self.generation,
-            "samples": rnd.samples,
-            "seconds": round(self.clock() - rnd.started, 4),
-            "train_seconds_max": round(rnd.train_seconds_max, 4),
-            "bytes_sent": rnd.bytes_sent,
-            "bytes_received": rnd.bytes_received,
-        })
+        committed = self._commit(
+            rnd.number,
+            {
+                "loss": rnd.loss_sum / rnd.samples if rnd.samples else float("nan"),
+                "updates": rnd.updates,
+                "asked": rnd.asked,
+                "participants": len(rnd.participants),
+                "generation": self.generation,
+                "samples": rnd.samples,
+                "seconds": round(self.clock() - rnd.started, 4),
+                "train_seconds_max": round(rnd.train_seconds_max, 4),
+                "bytes_sent": rnd.bytes_sent,
+                "bytes_received": rnd.bytes_received,
+            },
+        )
         if committed is not True:
             job.aggregator.begin_round()  # the round is run again (or never, if fenced)
 
     def _base_weights(self) -> Mapping[str, torch.Tensor]:
-        if self.downlink is not None and not self.downlink.exact and self.downlink.reference is not None:
+        if (
+            self.downlink is not None
+            and not self.downlink.exact
+            and self.downlink.reference is not None
+        ):
             return self.downlink.reference  # what the workers trained from
         return super()._base_weights()
 
@@ -323,4 +454,10 @@ class RoundEngine(Engine):
         if self.current is None:
             return {}
         rnd = self.current
-        return {"in_progress": {"round": rnd.number, "participants": sorted(rnd.participants), "answered": sorted(rnd.answered)}}
+        return {
+            "in_progress": {
+                "round": rnd.number,
+                "participants": sorted(rnd.participants),
+                "answered": sorted(rnd.answered),
+            }
+        }

@@ -11,7 +11,9 @@ from elastic.coordinator.job import Job
 
 __all__ = ["StatusPublisher", "STATUS_EVERY", "STATUS_SHARE"]
 
-STATUS_EVERY = 0.05  # seconds between status writes while the job's state stays the same (at most 20 a second)
+STATUS_EVERY = (
+    0.05  # seconds between status writes while the job's state stays the same (at most 20 a second)
+)
 # ... and at least this many times what the last write took: the history makes the
 # file grow with every version (16 MB at 100 000), and writing it must not become
 # what the coordinator does (at most 1/STATUS_SHARE of its time).

@@ -1,12 +1,12 @@
 """Admission of big updates: the coordinator's memory stays O(model), not O(workers).
 
-A worker whose update is big (``OFFER_MIN_BYTES`` in ``elastic.wire.header``) first OFFERs it (its size, in a few bytes) and sends it
-when GRANTed. libzmq reads every message it is sent into memory, whether or not the
-coordinator is ready to fold it: 64 workers finishing a round together would
-otherwise put 64 model-sized updates in the coordinator's memory at once. The gate
-grants offers first come, first served, while the bytes granted and not yet received
-fit in a window, and always grants one when nothing is in flight, so an update
-bigger than the window still goes, alone.
+A worker whose update is big (``OFFER_MIN_BYTES`` in ``elastic.wire.header``) first
+OFFERs it (its size, in a few bytes) and sends it when GRANTed. libzmq reads every
+message it is sent into memory, whether or not the coordinator is ready to fold it: 64
+workers finishing a round together would otherwise put 64 model-sized updates in the
+coordinator's memory at once. The gate grants offers first come, first served, while
+the bytes granted and not yet received fit in a window, and always grants one when
+nothing is in flight, so an update bigger than the window still goes, alone.
 
 A grant ends when its update arrives (or is refused), when its worker leaves, or when
 it is not used within ``grant_timeout``; each end may admit the next offers.

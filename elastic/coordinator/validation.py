@@ -58,18 +58,27 @@ class UpdateValidator:
         self.base = base
         self.mode = job.aggregator.worker_mode
         self.kind = update_kind(self.mode)
-        self.template = {k: (tuple(t.shape), t.dtype) for k, t in update_template(job.model, self.mode).items()}
+        self.template = {
+            k: (tuple(t.shape), t.dtype) for k, t in update_template(job.model, self.mode).items()
+        }
         self.itemsizes = {name: dtype.itemsize for name, (_, dtype) in self.template.items()}
-        self.update_bytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.template.values())
+        self.update_bytes = sum(
+            math.prod(shape) * dtype.itemsize for shape, dtype in self.template.values()
+        )
         self._recent: dict[str, deque[float]] = {}  # per worker: when its last updates came
         self._grid: tuple[int, list[list[Segment]]] | None = None
 
     # --------------------------------------------------------------- whole --
 
-    def check(self, worker: str, msg: Message, wire_bytes: int, staleness: int = 0) -> Update | Refusal:
+    def check(
+        self, worker: str, msg: Message, wire_bytes: int, staleness: int = 0
+    ) -> Update | Refusal:
         """A whole update, checked end to end; ``wire_bytes`` as sent."""
         if msg.meta["kind"] != self.kind:
-            return Refusal("wrong_kind", f"rule {self.job.spec.rule} needs {self.kind} updates, got {msg.meta['kind']}")
+            return Refusal(
+                "wrong_kind",
+                f"rule {self.job.spec.rule} needs {self.kind} updates, got {msg.meta['kind']}",
+            )
         tensors = self._decoded(msg)
         if isinstance(tensors, Refusal):
             return tensors
@@ -82,7 +91,11 @@ class UpdateValidator:
         if msg.encodings or chain:
             # The parts were checked for NaN/Inf; what they decode to is too, unless
             # every stage keeps finite values finite (a cast up: fp16, bf16).
-            recheck = [name for name, records in msg.encodings.items() if name in self.template and not chain.keeps_finite(records, self.template[name][1])]
+            recheck = [
+                name
+                for name, records in msg.encodings.items()
+                if name in self.template and not chain.keeps_finite(records, self.template[name][1])
+            ]
             try:
                 tensors = chain.expand(msg, self.template)
             except ProtocolError as exc:
@@ -93,32 +106,63 @@ class UpdateValidator:
         if set(tensors) != set(self.template):
             missing = sorted(set(self.template) - set(tensors))[:3]
             extra = sorted(set(tensors) - set(self.template))[:3]
-            return Refusal("shape_mismatch", f"tensor names differ from the model (missing {missing}, unexpected {extra})")
+            return Refusal(
+                "shape_mismatch",
+                f"tensor names differ from the model (missing {missing}, unexpected {extra})",
+            )
         for name, (shape, dtype) in self.template.items():
             t = tensors[name]
             if t.shape != shape or not t.dtype.is_floating_point:
-                return Refusal("shape_mismatch", f"tensor {name!r} is {list(t.shape)} {t.dtype}, the model has {list(shape)} {dtype}")
-        if chain and self.kind == "weights":  # through a chain, trained weights travel as their change
+                return Refusal(
+                    "shape_mismatch",
+                    f"tensor {name!r} is {list(t.shape)} {t.dtype}, the model has {list(shape)} "
+                    f"{dtype}",
+                )
+        if (
+            chain and self.kind == "weights"
+        ):  # through a chain, trained weights travel as their change
             base = self.base()
-            tensors = {name: WireTensor.from_tensor(wt.to_tensor().to(base[name].dtype).reshape(base[name].shape) + base[name].detach()) for name, wt in tensors.items()}
+            tensors = {
+                name: WireTensor.from_tensor(
+                    wt.to_tensor().to(base[name].dtype).reshape(base[name].shape)
+                    + base[name].detach()
+                )
+                for name, wt in tensors.items()
+            }
         return tensors
 
-    def _screened(self, worker: str, msg: Message, tensors: dict[str, WireTensor], wire_bytes: int, staleness: int) -> Update | Refusal:
+    def _screened(
+        self,
+        worker: str,
+        msg: Message,
+        tensors: dict[str, WireTensor],
+        wire_bytes: int,
+        staleness: int,
+    ) -> Update | Refusal:
         """The job's limits, the norm bound, and the plugins' veto, on a well-formed update."""
         limits = self.job.spec.limits
         refusal = self.limit(worker, wire_bytes)
         if refusal is not None:
             return refusal
         if limits.max_norm:
-            bounded = self._bounded(msg.sender, tensors, limits.max_norm, limits.norm_action == "clip")
+            bounded = self._bounded(
+                msg.sender, tensors, limits.max_norm, limits.norm_action == "clip"
+            )
             if isinstance(bounded, Refusal):
                 return bounded
             tensors = bounded
         update = self._update(worker, msg, tensors, staleness)
-        veto = self.ctx.ask("elastic_validate_update", job_id=self.job.spec.id, worker_id=worker, update=update)
+        veto = self.ctx.ask(
+            "elastic_validate_update", job_id=self.job.spec.id, worker_id=worker, update=update
+        )
         if veto is not None:
             plugin, answer = veto
-            return Refusal("vetoed", f"validator {plugin} failed: {answer}" if isinstance(answer, Exception) else f"{plugin}: {answer}")
+            return Refusal(
+                "vetoed",
+                f"validator {plugin} failed: {answer}"
+                if isinstance(answer, Exception)
+                else f"{plugin}: {answer}",
+            )
         return update
 
     def limit(self, worker: str, wire_bytes: int) -> Refusal | None:
@@ -129,13 +173,21 @@ class UpdateValidator:
             while recent and now - recent[0] > 60.0:
                 recent.popleft()
             if len(recent) >= limits.max_updates_per_minute:
-                return Refusal("rate_limited", f"more than {limits.max_updates_per_minute} updates in a minute from {worker}")
+                return Refusal(
+                    "rate_limited",
+                    f"more than {limits.max_updates_per_minute} updates in a minute from {worker}",
+                )
             recent.append(now)
         if limits.max_update_bytes and wire_bytes > limits.max_update_bytes:
-            return Refusal("too_large", f"update of {wire_bytes} bytes, the job allows {limits.max_update_bytes}")
+            return Refusal(
+                "too_large",
+                f"update of {wire_bytes} bytes, the job allows {limits.max_update_bytes}",
+            )
         return None
 
-    def _bounded(self, sender: str, tensors: dict[str, WireTensor], bound: float, clip: bool) -> dict[str, WireTensor] | Refusal:
+    def _bounded(
+        self, sender: str, tensors: dict[str, WireTensor], bound: float, clip: bool
+    ) -> dict[str, WireTensor] | Refusal:
         """The L2 norm of the update's change (trained minus sent weights, or the
         gradient or delta itself), refused or clipped when over ``bound``."""
         relative = self.kind == "weights"
@@ -151,41 +203,83 @@ class UpdateValidator:
         if norm <= bound:
             return tensors
         if not clip:
-            return Refusal("norm_too_large", f"the update's L2 norm is {norm:.4g}, the job allows {bound:.4g}")
+            return Refusal(
+                "norm_too_large", f"the update's L2 norm is {norm:.4g}, the job allows {bound:.4g}"
+            )
         scale = bound / norm
         clipped = {}
         for name, change in changes.items():
-            scaled = change.mul_(scale) + (base[name].detach().reshape(change.shape).to(torch.float32) if relative else 0)
+            scaled = change.mul_(scale) + (
+                base[name].detach().reshape(change.shape).to(torch.float32) if relative else 0
+            )
             clipped[name] = WireTensor.from_tensor(scaled.to(tensors[name].dtype))
-        log.info("update clipped job=%s sender=%s norm=%.4g bound=%.4g", self.job.spec.id, sender, norm, bound)
+        log.info(
+            "update clipped job=%s sender=%s norm=%.4g bound=%.4g",
+            self.job.spec.id,
+            sender,
+            norm,
+            bound,
+        )
         return clipped
 
     @staticmethod
-    def _update(worker: str, msg: Message, tensors: Mapping[str, WireTensor], staleness: int = 0) -> Update:
+    def _update(
+        worker: str, msg: Message, tensors: Mapping[str, WireTensor], staleness: int = 0
+    ) -> Update:
         """The one place an ``Update`` is made from a message."""
-        return Update(worker, msg.version, int(msg.meta["num_samples"]), float(msg.meta["loss"]), msg.meta["kind"], tensors, staleness)
+        return Update(
+            worker,
+            msg.version,
+            int(msg.meta["num_samples"]),
+            float(msg.meta["loss"]),
+            msg.meta["kind"],
+            tensors,
+            staleness,
+        )
 
     # --------------------------------------------------------------- parts --
 
     def parts(self, part_bytes: int) -> list[list[Segment]]:
         """How this job's updates are cut into parts of about ``part_bytes``."""
         if self._grid is None or self._grid[0] != part_bytes:
-            self._grid = (part_bytes, grid(((name, math.prod(shape), dtype.itemsize) for name, (shape, dtype) in self.template.items()), part_bytes))
+            self._grid = (
+                part_bytes,
+                grid(
+                    (
+                        (name, math.prod(shape), dtype.itemsize)
+                        for name, (shape, dtype) in self.template.items()
+                    ),
+                    part_bytes,
+                ),
+            )
         return self._grid[1]
 
-    def check_part(self, worker: str, msg: Message, segments: list[Segment], first: bool) -> Update | Refusal:
+    def check_part(
+        self, worker: str, msg: Message, segments: list[Segment], first: bool
+    ) -> Update | Refusal:
         """One part: its kind, its tensors against the segments it was granted for,
         and (on the first part) the rate and size limits for the whole update."""
         if msg.meta["kind"] != self.kind:
-            return Refusal("wrong_kind", f"rule {self.job.spec.rule} needs {self.kind} updates, got {msg.meta['kind']}")
+            return Refusal(
+                "wrong_kind",
+                f"rule {self.job.spec.rule} needs {self.kind} updates, got {msg.meta['kind']}",
+            )
         if msg.encodings:
             return Refusal("bad_part", "a part of an update must come uncompressed")
         if list(msg.tensors) != [name for name, _, _ in segments]:
-            return Refusal("bad_part", f"part has tensors {list(msg.tensors)[:3]}, granted {[name for name, _, _ in segments][:3]}")
+            return Refusal(
+                "bad_part",
+                f"part has tensors {list(msg.tensors)[:3]}, granted "
+                f"{[name for name, _, _ in segments][:3]}",
+            )
         for name, start, stop in segments:
             t = msg.tensors[name]
             if t.shape != (stop - start,) or not t.dtype.is_floating_point:
-                return Refusal("bad_part", f"part of {name!r} is {list(t.shape)} {t.dtype}, granted [{stop - start}] floating point")
+                return Refusal(
+                    "bad_part",
+                    f"part of {name!r} is {list(t.shape)} {t.dtype}, granted [{stop - start}] "
+                    "floating point",
+                )
         if first:
             refusal = self.limit(worker, self.update_bytes)
             if refusal is not None:

@@ -10,4 +10,13 @@ from elastic.membership.cluster import (
     Registration,
 )
 
-__all__ = ["ClusterBackend", "Election", "JobStore", "LeaderRecord", "Member", "MemberTable", "MembershipEvent", "Registration"]
+__all__ = [
+    "ClusterBackend",
+    "Election",
+    "JobStore",
+    "LeaderRecord",
+    "Member",
+    "MemberTable",
+    "MembershipEvent",
+    "Registration",
+]

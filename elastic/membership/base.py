@@ -43,7 +43,11 @@ def assign_slot(member: Member, taken: set[int], previous: dict[str, int]) -> No
     """Give ``member`` its previous slot if free (so it keeps its data shard), else the
     lowest free one; remember it in ``previous``."""
     slot = previous.get(member.id)
-    member.slot = slot if slot is not None and slot not in taken else next(i for i in range(len(taken) + 1) if i not in taken)
+    member.slot = (
+        slot
+        if slot is not None and slot not in taken
+        else next(i for i in range(len(taken) + 1) if i not in taken)
+    )
     previous[member.id] = member.slot
 
 

@@ -31,7 +31,17 @@ from urllib.parse import urlsplit
 from elastic.errors import ConfigError, PluginError
 from elastic.membership.base import MemberTable
 
-__all__ = ["ClusterBackend", "Election", "JobStore", "Registration", "LeaderRecord", "FencedOutbox", "DESIRED_STATES", "backend_class", "open_backend"]
+__all__ = [
+    "ClusterBackend",
+    "Election",
+    "JobStore",
+    "Registration",
+    "LeaderRecord",
+    "FencedOutbox",
+    "DESIRED_STATES",
+    "backend_class",
+    "open_backend",
+]
 
 log = logging.getLogger("elastic.election")
 DESIRED_STATES = ("running", "paused", "finished", "cancelled")
@@ -48,7 +58,9 @@ class LeaderRecord:
     since: float = 0.0
 
     def to_json(self) -> str:
-        return json.dumps({"id": self.id, "address": self.address, "control": self.control, "since": self.since})
+        return json.dumps(
+            {"id": self.id, "address": self.address, "control": self.control, "since": self.since}
+        )
 
     @classmethod
     def from_json(cls, raw: bytes | str | None) -> LeaderRecord | None:
@@ -62,7 +74,12 @@ class LeaderRecord:
         if not isinstance(data, dict) or not isinstance(data.get("address"), str):
             return None
         since = data.get("since")
-        return cls(str(data.get("id", "")), data["address"], str(data.get("control") or ""), float(since) if isinstance(since, int | float) else 0.0)
+        return cls(
+            str(data.get("id", "")),
+            data["address"],
+            str(data.get("control") or ""),
+            float(since) if isinstance(since, int | float) else 0.0,
+        )
 
 
 class Election(ABC):
@@ -84,7 +101,12 @@ class Election(ABC):
     # Set when the leader may have changed (a watch): a standby tries again at once.
     changed: threading.Event
 
-    def campaign(self, record: LeaderRecord, stop: threading.Event | None = None, tick: Callable[[], None] | None = None) -> bool:
+    def campaign(
+        self,
+        record: LeaderRecord,
+        stop: threading.Event | None = None,
+        tick: Callable[[], None] | None = None,
+    ) -> bool:
         """Lead (True), or return False once ``stop`` is set while standing by.
         ``tick`` is called about once a second while standing by (a watchdog).
         ``record`` is published for workers and operators to find the leader."""
@@ -96,7 +118,11 @@ class Election(ABC):
                     return True
                 if not announced:
                     leader = self._leader()
-                    log.info("standing by cluster=%s leader=%s", self.cluster, leader.address if leader else "?")
+                    log.info(
+                        "standing by cluster=%s leader=%s",
+                        self.cluster,
+                        leader.address if leader else "?",
+                    )
                     announced = True
             except Exception as exc:  # the backend away: keep standing by, try again
                 self._failed(exc)
@@ -114,7 +140,8 @@ class Election(ABC):
     def _leader(self) -> LeaderRecord | None:
         """The leader's record now (for the log of a standby)."""
 
-    def _failed(self, exc: BaseException) -> None:  # noqa: B027 - most backends fail over by themselves
+    # Most backends fail over by themselves
+    def _failed(self, exc: BaseException) -> None:  # noqa: B027
         """A call to the backend failed (e.g. move to its next endpoint)."""
 
     @abstractmethod
@@ -250,7 +277,9 @@ class ClusterBackend(ABC):
         """The job store, its status writes fenced by ``election``."""
 
     @abstractmethod
-    def registration(self, worker_id: str, record: dict[str, Any], ttl: float) -> Registration | None:
+    def registration(
+        self, worker_id: str, record: dict[str, Any], ttl: float
+    ) -> Registration | None:
         """Register a worker under a lease of ``ttl`` seconds; None when this backend
         keeps no registry (the worker is given its coordinator)."""
 
@@ -266,7 +295,10 @@ def backend_class(url: str, backends: Any = None) -> type[ClusterBackend]:
     ``ConfigError`` or ``PluginError`` naming the known schemes when none serves it."""
     scheme = url.partition("://")[0] if "://" in url else ""
     if not scheme:
-        raise ConfigError(f"membership {url!r} is not a URL; use embedded://, etcd://HOST:2379/CLUSTER or zk://HOST:2181/CLUSTER")
+        raise ConfigError(
+            f"membership {url!r} is not a URL; use embedded://, etcd://HOST:2379/CLUSTER or "
+            "zk://HOST:2181/CLUSTER"
+        )
     if backends is not None:
         cls: type[ClusterBackend] = backends.get(scheme)
         return cls
@@ -279,7 +311,10 @@ def backend_class(url: str, backends: Any = None) -> type[ClusterBackend]:
         known.update({c.name: c for c in (hook() if hook is not None else ())})
         if scheme in known:
             return known[scheme]
-    raise PluginError(f"unknown cluster backend {scheme!r} (known: {', '.join(sorted(known))}); check --membership, or install the plugin that provides it")
+    raise PluginError(
+        f"unknown cluster backend {scheme!r} (known: {', '.join(sorted(known))}); check "
+        "--membership, or install the plugin that provides it"
+    )
 
 
 def open_backend(url: str, backends: Any = None) -> ClusterBackend:
@@ -310,7 +345,9 @@ class FencedOutbox:
     def start(self, name: str) -> None:
         """A new term: a writer of its own (an older one ends with its term)."""
         self._over = threading.Event()
-        self._writer = threading.Thread(target=self._write, args=(self._over,), name=name, daemon=True)
+        self._writer = threading.Thread(
+            target=self._write, args=(self._over,), name=name, daemon=True
+        )
         self._writer.start()
 
     def stop(self, flush: bool) -> None:

@@ -67,7 +67,9 @@ class EmbeddedMemberTable(MemberTable):
         return list(self._sorted)
 
     def poll(self, now: float) -> list[MembershipEvent]:
-        if now >= self._next_scan:  # silence is measured in seconds: a scan every tenth of the timeout will do
+        if (
+            now >= self._next_scan
+        ):  # silence is measured in seconds: a scan every tenth of the timeout will do
             self._next_scan = now + self.heartbeat_timeout / 10
             for member in list(self._members.values()):
                 if now - member.last_seen > self.heartbeat_timeout:

@@ -8,8 +8,24 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["CHUNK_BYTES", "PROTOCOL_VERSION", "Message", "MsgType", "WireTensor", "decode", "encode"]
-_HOME = {"CHUNK_BYTES": "header", "PROTOCOL_VERSION": "header", "Message": "header", "MsgType": "header", "WireTensor": "tensors", "decode": "frames", "encode": "frames"}
+__all__ = [
+    "CHUNK_BYTES",
+    "PROTOCOL_VERSION",
+    "Message",
+    "MsgType",
+    "WireTensor",
+    "decode",
+    "encode",
+]
+_HOME = {
+    "CHUNK_BYTES": "header",
+    "PROTOCOL_VERSION": "header",
+    "Message": "header",
+    "MsgType": "header",
+    "WireTensor": "tensors",
+    "decode": "frames",
+    "encode": "frames",
+}
 
 
 def __getattr__(name: str) -> Any:

@@ -27,7 +27,11 @@ class Tracker(Protocol):
 
 
 def reusable(
-    cache: dict[str, torch.Tensor], name: str, like: torch.Tensor, device: torch.device | None = None, pin: bool = False
+    cache: dict[str, torch.Tensor],
+    name: str,
+    like: torch.Tensor,
+    device: torch.device | None = None,
+    pin: bool = False,
 ) -> torch.Tensor:
     """``cache[name]``: shaped like ``like``, on ``device`` (default: like's; pinned host
     memory with ``pin``), reallocated only when the shape or dtype changed.
@@ -72,7 +76,8 @@ class BufferSet:
 
     def fits(self, like: Mapping[str, torch.Tensor]) -> bool:
         return self.tensors.keys() == like.keys() and all(
-            b.shape == t.shape and b.dtype == t.dtype for b, t in zip(self.tensors.values(), like.values(), strict=True)
+            b.shape == t.shape and b.dtype == t.dtype
+            for b, t in zip(self.tensors.values(), like.values(), strict=True)
         )
 
 
@@ -91,7 +96,9 @@ class BufferPool:
             if s.free and s.fits(like):  # re-check fits: trackers finish concurrently
                 s.busy = True
                 return s
-        new = BufferSet({k: torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin) for k, t in like.items()})
+        new = BufferSet(
+            {k: torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin) for k, t in like.items()}
+        )
         self._sets.append(new)
         if len(self._sets) > self.keep:  # many messages in flight: forget free surplus sets
             surplus = [s for s in self._sets if s.free][: len(self._sets) - self.keep]

@@ -31,7 +31,14 @@ from elastic.wire.header import (
 from elastic.wire.shm import SegmentReader
 from elastic.wire.tensors import DTYPE_NAMES, DTYPES, WireTensor
 
-__all__ = ["encode", "encode_parts", "decode", "CHUNK_BYTES", "DEFAULT_MAX_MESSAGE_BYTES", "MAX_HEADER_BYTES"]
+__all__ = [
+    "encode",
+    "encode_parts",
+    "decode",
+    "CHUNK_BYTES",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "MAX_HEADER_BYTES",
+]
 
 
 def encode(msg: Message, chunk_bytes: int = CHUNK_BYTES) -> list[bytes | memoryview]:
@@ -40,7 +47,9 @@ def encode(msg: Message, chunk_bytes: int = CHUNK_BYTES) -> list[bytes | memoryv
     return [pack(msg, specs), *buffers]
 
 
-def encode_parts(msg: Message, chunk_bytes: int = CHUNK_BYTES) -> tuple[list[dict[str, Any]], list[memoryview]]:
+def encode_parts(
+    msg: Message, chunk_bytes: int = CHUNK_BYTES
+) -> tuple[list[dict[str, Any]], list[memoryview]]:
     """The tensor specs for the header, and the data frames (views of the tensors)."""
     if chunk_bytes <= 0 or chunk_bytes % 8:
         raise ValueError(f"chunk_bytes must be a positive multiple of 8, got {chunk_bytes}")
@@ -88,7 +97,11 @@ def decode(
     if placement is None:
         buffers = [as_buffer(f) for f in frames[1:]]
     elif shm is None:
-        raise ProtocolError("bad_shm", "frames in shared memory from a peer not known to share this host; send them on the socket")
+        raise ProtocolError(
+            "bad_shm",
+            "frames in shared memory from a peer not known to share this host; send them on the "
+            "socket",
+        )
     elif len(frames) > 1:
         raise ProtocolError("bad_shm", "frames both in shared memory and on the socket")
     else:
@@ -111,7 +124,9 @@ def decode(
         name = spec["name"]
         if name in msg.tensors:
             raise ProtocolError("duplicate_tensor", f"tensor {name!r} appears twice")
-        wt = WireTensor(dtype=DTYPES[spec["dtype"]], shape=tuple(spec["shape"]), shared=placement is not None)
+        wt = WireTensor(
+            dtype=DTYPES[spec["dtype"]], shape=tuple(spec["shape"]), shared=placement is not None
+        )
         itemsize = wt.dtype.itemsize
         got = 0
         for buf in buffers[pos : pos + spec["frames"]]:
@@ -141,4 +156,3 @@ def _view(buf: memoryview, dtype: torch.dtype) -> torch.Tensor:
     with warnings.catch_warnings():  # bytes input (tests, tools): torch warns it is read-only
         warnings.simplefilter("ignore", UserWarning)
         return torch.frombuffer(buf, dtype=dtype)
-

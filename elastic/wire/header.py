@@ -53,8 +53,11 @@ class MsgType(StrEnum):
     BYE = "BYE"  # worker -> coordinator: graceful leave
     WORK = "WORK"  # coordinator -> worker: the model at `version` and what to do with it
     UPDATE = "UPDATE"  # worker -> coordinator: the result, computed against `version`
-    OFFER = "OFFER"  # worker -> coordinator: a big UPDATE (`key`, meta.bytes; meta.parts: can send it in parts) is ready
-    GRANT = "GRANT"  # coordinator -> worker: send the offered UPDATE `key` now (with meta.part: that part of it)
+    # worker -> coordinator: a big UPDATE (`key`, meta.bytes; meta.parts: can send it in parts) is
+    # ready
+    OFFER = "OFFER"
+    # coordinator -> worker: send the offered UPDATE `key` now (with meta.part: that part of it)
+    GRANT = "GRANT"
     ACK = "ACK"  # coordinator -> worker: update folded in
     NACK = "NACK"  # either way: rejected, with a reason
     REQUEST = "REQUEST"  # operator -> coordinator's control socket: op and args
@@ -119,7 +122,9 @@ META_OPTIONAL: dict[MsgType, dict[str, Expected]] = {
     MsgType.OFFER: {"parts": bool},  # the update may be sent in parts
     MsgType.GRANT: {"part": list, "segments": list},  # send that part: [[name, start, stop], ...]
 }
-META_SCHEMA: dict[MsgType, dict[str, Expected]] = {t: META_REQUIRED[t] | META_OPTIONAL.get(t, {}) for t in MsgType}
+META_SCHEMA: dict[MsgType, dict[str, Expected]] = {
+    t: META_REQUIRED[t] | META_OPTIONAL.get(t, {}) for t in MsgType
+}
 
 
 @dataclass
@@ -171,7 +176,9 @@ _HEADER_FIELDS: dict[str, type] = {
 }
 
 
-def pack(msg: Message, specs: list[dict[str, Any]], placement: dict[str, Any] | None = None) -> bytes:
+def pack(
+    msg: Message, specs: list[dict[str, Any]], placement: dict[str, Any] | None = None
+) -> bytes:
     """The header of ``msg``, its tensors described by ``specs``; ``placement`` says
     where its frames lie when they travel through shared memory (``elastic.wire.shm``)."""
     header = {
@@ -233,7 +240,9 @@ def _checked(where: str, value: Any, expected: Expected) -> Any:
     try:
         return coerce(value, expected)
     except TypeError:
-        raise ProtocolError("bad_field", f"{where} must be {type_names(expected)}, got {type(value).__name__}") from None
+        raise ProtocolError(
+            "bad_field", f"{where} must be {type_names(expected)}, got {type(value).__name__}"
+        ) from None
 
 
 def _validate_header(header: dict[str, Any]) -> Message:
@@ -266,10 +275,16 @@ def _validate_header(header: dict[str, Any]) -> Message:
     for key, value in meta.items():
         if key not in schema:
             known = ", ".join(schema) or "none"
-            raise ProtocolError("unknown_field", f"{mtype} meta field {str(key)[:64]!r} is not in protocol {PROTOCOL_VERSION} (known: {known})")
+            raise ProtocolError(
+                "unknown_field",
+                f"{mtype} meta field {str(key)[:64]!r} is not in protocol {PROTOCOL_VERSION} "
+                f"(known: {known})",
+            )
         meta[key] = _checked(f"{mtype} meta field {key!r}", value, schema[key])
         if isinstance(meta[key], float) and not math.isfinite(meta[key]) and key != "loss":
-            raise ProtocolError("bad_field", f"{mtype} meta field {key!r} is not finite")  # a diverged loss is reported, not hidden
+            raise ProtocolError(
+                "bad_field", f"{mtype} meta field {key!r} is not finite"
+            )  # a diverged loss is reported, not hidden
     if mtype is MsgType.UPDATE and meta["num_samples"] < 0:
         raise ProtocolError("bad_field", "num_samples must be >= 0")
     specs = header["tensors"]
@@ -300,19 +315,29 @@ def _validate_encodings(enc: Any) -> dict[str, list[dict[str, Any]]]:
     for name, stages in enc.items():
         _checked(f"encoding of {name!r}", stages, list)
         if len(name) > MAX_NAME or not 0 < len(stages) <= MAX_STAGES:
-            raise ProtocolError("bad_encoding", f"encoding of {name[:MAX_NAME]!r}: {len(stages)} stages")
+            raise ProtocolError(
+                "bad_encoding", f"encoding of {name[:MAX_NAME]!r}: {len(stages)} stages"
+            )
         for stage in stages:
             _checked(f"encoding of {name!r}: a stage", stage, dict)
             for key, typ in _STAGE_FIELDS.items():
                 if key not in stage:
-                    raise ProtocolError("bad_encoding", f"encoding of {name!r}: a stage has no {key!r}")
+                    raise ProtocolError(
+                        "bad_encoding", f"encoding of {name!r}: a stage has no {key!r}"
+                    )
                 _checked(f"encoding of {name!r}: stage field {key!r}", stage[key], typ)
             if stage["dtype"] not in DTYPE_SIZES:
-                raise ProtocolError("bad_dtype", f"encoding of {name!r}: unknown dtype {stage['dtype']!r}")
+                raise ProtocolError(
+                    "bad_dtype", f"encoding of {name!r}: unknown dtype {stage['dtype']!r}"
+                )
             shape, out = stage["shape"], stage["out"]
-            if len(shape) > MAX_NDIM or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape):
+            if len(shape) > MAX_NDIM or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape
+            ):
                 raise ProtocolError("bad_shape", f"encoding of {name!r}: shape {shape!r}")
-            if not 0 < len(out) <= MAX_STAGES or not all(isinstance(p, str) and 0 < len(p) <= MAX_NAME for p in out):
+            if not 0 < len(out) <= MAX_STAGES or not all(
+                isinstance(p, str) and 0 < len(p) <= MAX_NAME for p in out
+            ):
                 raise ProtocolError("bad_encoding", f"encoding of {name!r}: bad part names {out!r}")
     return enc
 
@@ -320,7 +345,13 @@ def _validate_encodings(enc: Any) -> dict[str, list[dict[str, Any]]]:
 def _validate_spec(i: int, spec: Any) -> None:
     if not isinstance(spec, dict):
         raise ProtocolError("bad_tensor", f"tensor entry {i} is not a map")
-    for key, typ in (("name", str), ("dtype", str), ("shape", list), ("nbytes", int), ("frames", int)):
+    for key, typ in (
+        ("name", str),
+        ("dtype", str),
+        ("shape", list),
+        ("nbytes", int),
+        ("frames", int),
+    ):
         if key not in spec:
             raise ProtocolError("missing_field", f"tensor entry {i} has no {key!r}")
         _checked(f"tensor entry {i} field {key!r}", spec[key], typ)

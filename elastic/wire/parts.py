@@ -58,14 +58,31 @@ def check_grant(meta: Mapping[str, Any]) -> tuple[int, int, list[Segment]] | Non
     if "part" not in meta:
         return None
     part, segments = meta.get("part"), meta.get("segments")
-    if not (isinstance(part, list) and len(part) == 2 and all(type(v) is int for v in part) and 0 <= part[0] < part[1]):
-        raise ProtocolError("bad_part", f"GRANT part must be [index, count] with 0 <= index < count, got {part!r}")
+    if not (
+        isinstance(part, list)
+        and len(part) == 2
+        and all(type(v) is int for v in part)
+        and 0 <= part[0] < part[1]
+    ):
+        raise ProtocolError(
+            "bad_part", f"GRANT part must be [index, count] with 0 <= index < count, got {part!r}"
+        )
     if not isinstance(segments, list) or not segments:
         raise ProtocolError("bad_part", "GRANT of a part names no segments")
     out = []
     for seg in segments:
-        if not (isinstance(seg, list) and len(seg) == 3 and isinstance(seg[0], str) and type(seg[1]) is int and type(seg[2]) is int and 0 <= seg[1] < seg[2]):
-            raise ProtocolError("bad_part", f"a segment must be [name, start, stop] with 0 <= start < stop, got {seg!r}")
+        if not (
+            isinstance(seg, list)
+            and len(seg) == 3
+            and isinstance(seg[0], str)
+            and type(seg[1]) is int
+            and type(seg[2]) is int
+            and 0 <= seg[1] < seg[2]
+        ):
+            raise ProtocolError(
+                "bad_part",
+                f"a segment must be [name, start, stop] with 0 <= start < stop, got {seg!r}",
+            )
         out.append((seg[0], seg[1], seg[2]))
     return part[0], part[1], out
 
@@ -78,8 +95,21 @@ def part_message(update: Message, index: int, count: int, segments: list[Segment
     for name, start, stop in segments:
         whole = update.tensors.get(name)
         if whole is None or stop > whole.numel or name in tensors:
-            raise ProtocolError("bad_part", f"segment {name!r} [{start}:{stop}] is not in this update")
+            raise ProtocolError(
+                "bad_part", f"segment {name!r} [{start}:{stop}] is not in this update"
+            )
         chunks = [c for _, c in whole.iter_chunks(start, stop)]
-        tensors[name] = WireTensor(dtype=whole.dtype, shape=(stop - start,), chunks=chunks, shared=whole.shared)
+        tensors[name] = WireTensor(
+            dtype=whole.dtype, shape=(stop - start,), chunks=chunks, shared=whole.shared
+        )
     meta = {**update.meta, "part": [index, count]}
-    return Message(MsgType.UPDATE, job=update.job, round=update.round, version=update.version, sender=update.sender, key=update.key, meta=meta, tensors=tensors)
+    return Message(
+        MsgType.UPDATE,
+        job=update.job,
+        round=update.round,
+        version=update.version,
+        sender=update.sender,
+        key=update.key,
+        meta=meta,
+        tensors=tensors,
+    )

@@ -57,7 +57,18 @@ from elastic.errors import ProtocolError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SHM_DIR", "SHM_MIN_BYTES", "Probe", "SegmentWriter", "SegmentReader", "SharedTensors", "SharedReader", "Ticket", "is_local", "sweep"]
+__all__ = [
+    "SHM_DIR",
+    "SHM_MIN_BYTES",
+    "Probe",
+    "SegmentWriter",
+    "SegmentReader",
+    "SharedTensors",
+    "SharedReader",
+    "Ticket",
+    "is_local",
+    "sweep",
+]
 
 log = logging.getLogger("elastic.wire")
 
@@ -92,7 +103,9 @@ def layout(sizes: Sequence[int]) -> tuple[list[int], int]:
 def _create(size: int) -> tuple[str, mmap.mmap]:
     """A new segment of ``size`` bytes, its memory reserved now (ENOSPC here, not SIGBUS later)."""
     name = _new_name()
-    fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    fd = os.open(
+        os.path.join(SHM_DIR, name), os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600
+    )
     try:
         try:
             os.posix_fallocate(fd, 0, size)
@@ -111,16 +124,26 @@ def _open(name: str, private: bool = False) -> mmap.mmap:
     one. ``private``: copy-on-write (it still reads what the writer writes, while this
     process's own writes stay here)."""
     if not _NAME.fullmatch(name):
-        raise ProtocolError("bad_shm", f"shared-memory segment name {name[:80]!r} is not one of ours")
+        raise ProtocolError(
+            "bad_shm", f"shared-memory segment name {name[:80]!r} is not one of ours"
+        )
     try:
         fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW)
     except OSError as exc:
-        raise ProtocolError("bad_shm", f"cannot open shared-memory segment {name}: {exc.strerror}") from None
+        raise ProtocolError(
+            "bad_shm", f"cannot open shared-memory segment {name}: {exc.strerror}"
+        ) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_size < HEADER_BYTES:
-            raise ProtocolError("bad_shm", f"shared-memory segment {name} is not a segment of this user")
-        mm = mmap.mmap(fd, st.st_size, flags=mmap.MAP_PRIVATE) if private else mmap.mmap(fd, st.st_size)
+            raise ProtocolError(
+                "bad_shm", f"shared-memory segment {name} is not a segment of this user"
+            )
+        mm = (
+            mmap.mmap(fd, st.st_size, flags=mmap.MAP_PRIVATE)
+            if private
+            else mmap.mmap(fd, st.st_size)
+        )
     finally:
         os.close(fd)
     if mm[: len(MAGIC)] != MAGIC:
@@ -191,7 +214,11 @@ class Probe:
 
 def is_local(described: Any) -> bool:
     """True when the probe a HELLO describes is readable here and holds its token."""
-    if not isinstance(described, dict) or not isinstance(described.get("probe"), str) or not isinstance(described.get("token"), str):
+    if (
+        not isinstance(described, dict)
+        or not isinstance(described.get("probe"), str)
+        or not isinstance(described.get("token"), str)
+    ):
         return False
     try:
         token = bytes.fromhex(described["token"])
@@ -267,7 +294,9 @@ class SegmentWriter:
             assert self._mm is not None
             self._owner = owner
             return {
-                name: torch.frombuffer(self._mm, dtype=t.dtype, count=t.numel(), offset=at).view(t.shape)
+                name: torch.frombuffer(self._mm, dtype=t.dtype, count=t.numel(), offset=at).view(
+                    t.shape
+                )
                 for (name, t), at in zip(like.items(), offsets, strict=True)
             }
 
@@ -290,8 +319,15 @@ class SegmentWriter:
             self._held_run += 1
             if self._held_run < REPLACE_AFTER_BUSY:
                 return None
-            log.info("shared-memory segment still held after %d messages; starting a new one", self._held_run)
-        in_place = not held and self._mm is not None and all(_address(f) == self._base + at for at, f in zip(offsets, frames, strict=True))
+            log.info(
+                "shared-memory segment still held after %d messages; starting a new one",
+                self._held_run,
+            )
+        in_place = (
+            not held
+            and self._mm is not None
+            and all(_address(f) == self._base + at for at, f in zip(offsets, frames, strict=True))
+        )
         if self._mm is not None and (held or (self._owner and not in_place)):
             # Held too long, or placed tensors live here and must never be copied
             # over: a new segment; the old mapping stays with whoever views it.
@@ -307,7 +343,9 @@ class SegmentWriter:
         assert self._mm is not None
         if not in_place:
             for at, frame in zip(offsets, frames, strict=True):
-                np.frombuffer(self._mm, dtype=np.uint8, count=len(frame), offset=at)[:] = np.frombuffer(frame, dtype=np.uint8)
+                np.frombuffer(self._mm, dtype=np.uint8, count=len(frame), offset=at)[:] = (
+                    np.frombuffer(frame, dtype=np.uint8)
+                )
         self._posted += 1
         struct.pack_into("<Q", self._mm, _POSTED, self._posted)
         self.sent += 1
@@ -322,7 +360,9 @@ class SegmentWriter:
             self.name, self._mm = _create(size)
         except OSError as exc:
             self.disabled = f"cannot reserve {size} bytes in {SHM_DIR}: {exc.strerror}"
-            log.warning("shared-memory path off for this peer, frames go on the socket: %s", self.disabled)
+            log.warning(
+                "shared-memory path off for this peer, frames go on the socket: %s", self.disabled
+            )
             return False
         self._base = _address(self._mm)
         self._posted = 0
@@ -353,8 +393,15 @@ class SegmentReader:
         if not isinstance(placement, dict):
             raise ProtocolError("bad_shm", "shm placement is not a map")
         name, seq, sizes = placement.get("seg"), placement.get("seq"), placement.get("sizes")
-        if not isinstance(name, str) or not isinstance(seq, int) or isinstance(seq, bool) or not isinstance(sizes, list):
-            raise ProtocolError("bad_shm", "shm placement needs seg (str), seq (int) and sizes (list)")
+        if (
+            not isinstance(name, str)
+            or not isinstance(seq, int)
+            or isinstance(seq, bool)
+            or not isinstance(sizes, list)
+        ):
+            raise ProtocolError(
+                "bad_shm", "shm placement needs seg (str), seq (int) and sizes (list)"
+            )
         if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in sizes):
             raise ProtocolError("bad_shm", "shm frame sizes must be integers >= 0")
         if name != self.name or self._mm is None:
@@ -363,12 +410,19 @@ class SegmentReader:
         mm = self._mm
         offsets, end = layout(sizes)
         if end > len(mm):
-            raise ProtocolError("bad_shm", f"shm frames end at byte {end}, the segment has {len(mm)}")
+            raise ProtocolError(
+                "bad_shm", f"shm frames end at byte {end}, the segment has {len(mm)}"
+            )
         if _read(mm, _POSTED) != seq:
-            raise ProtocolError("bad_shm", f"shm message {seq} is not the one posted ({_read(mm, _POSTED)})")
+            raise ProtocolError(
+                "bad_shm", f"shm message {seq} is not the one posted ({_read(mm, _POSTED)})"
+            )
         region = np.frombuffer(mm, dtype=np.uint8, count=end - HEADER_BYTES, offset=HEADER_BYTES)
         weakref.finalize(region, _release, mm, seq)
-        return [region[at - HEADER_BYTES : at - HEADER_BYTES + size].data for at, size in zip(offsets, sizes, strict=True)]
+        return [
+            region[at - HEADER_BYTES : at - HEADER_BYTES + size].data
+            for at, size in zip(offsets, sizes, strict=True)
+        ]
 
     def forget(self) -> None:
         """Drop the mapping (the peer left); it closes when its last view goes."""
@@ -402,7 +456,9 @@ class SharedTensors:
         offsets, size = layout(sizes)
         self.name, self._mm = _create(size)
         self.tensors = {
-            name: torch.frombuffer(self._mm, dtype=t.dtype, count=t.numel(), offset=at).view(t.shape)
+            name: torch.frombuffer(self._mm, dtype=t.dtype, count=t.numel(), offset=at).view(
+                t.shape
+            )
             for (name, t), at in zip(like.items(), offsets, strict=True)
         }
         self._offsets = dict(zip(like, offsets, strict=True))
@@ -438,18 +494,35 @@ class SharedReader:
         self._mm: mmap.mmap | None = None
         self._seq = 0  # the seqlock's count when ``stable`` last found it still
 
-    def _where(self, described: Any, like: Mapping[str, torch.Tensor]) -> tuple[mmap.mmap, dict[str, int]]:
+    def _where(
+        self, described: Any, like: Mapping[str, torch.Tensor]
+    ) -> tuple[mmap.mmap, dict[str, int]]:
         """The mapping and each tensor's offset; ProtocolError when not readable."""
-        if not isinstance(described, dict) or not isinstance(described.get("seg"), str) or not isinstance(described.get("at"), dict):
-            raise ProtocolError("bad_shm", "the shared reference's description needs seg (str) and at (map)")
+        if (
+            not isinstance(described, dict)
+            or not isinstance(described.get("seg"), str)
+            or not isinstance(described.get("at"), dict)
+        ):
+            raise ProtocolError(
+                "bad_shm", "the shared reference's description needs seg (str) and at (map)"
+            )
         at = described["at"]
-        if set(at) != set(like) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= HEADER_BYTES for v in at.values()):
-            raise ProtocolError("bad_shm", "the shared reference holds other tensors than this model's")
+        if set(at) != set(like) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= HEADER_BYTES
+            for v in at.values()
+        ):
+            raise ProtocolError(
+                "bad_shm", "the shared reference holds other tensors than this model's"
+            )
         if described["seg"] != self.name or self._mm is None:
-            self._mm = _open(described["seg"], private=True)  # the old mapping goes with its last view
+            self._mm = _open(
+                described["seg"], private=True
+            )  # the old mapping goes with its last view
             self.name = described["seg"]
         if any(at[name] + t.numel() * t.element_size() > len(self._mm) for name, t in like.items()):
-            raise ProtocolError("bad_shm", "the shared reference's tensors lie past its segment's end")
+            raise ProtocolError(
+                "bad_shm", "the shared reference's tensors lie past its segment's end"
+            )
         return self._mm, at
 
     def stable(self, version: int) -> str | None:
@@ -458,7 +531,10 @@ class SharedReader:
         assert self._mm is not None
         seq, stamped = _read(self._mm, _POSTED), _read(self._mm, _RELEASED)
         if seq % 2 or stamped != version:
-            return f"the shared reference is being changed or stands for version {stamped}, not {version}"
+            return (
+                f"the shared reference is being changed or stands for version {stamped}, not "
+                f"{version}"
+            )
         self._seq = seq
         return None
 
@@ -466,7 +542,9 @@ class SharedReader:
         """True when no change began since ``stable`` said yes."""
         return self._mm is not None and _read(self._mm, _POSTED) == self._seq
 
-    def copy_into(self, described: Any, targets: Mapping[str, torch.Tensor], version: int) -> str | None:
+    def copy_into(
+        self, described: Any, targets: Mapping[str, torch.Tensor], version: int
+    ) -> str | None:
         """Copy the described tensors into ``targets`` (same names, dtypes and
         shapes): None when done; why not when they were changing or stand for
         another version (the targets then hold nothing usable). ``ProtocolError``
@@ -493,7 +571,12 @@ class SharedReader:
         import torch  # noqa: PLC0415
 
         mm, at = self._where(described, like)
-        return {name: torch.frombuffer(mm, dtype=t.dtype, count=t.numel(), offset=at[name]).view(t.shape) for name, t in like.items()}
+        return {
+            name: torch.frombuffer(mm, dtype=t.dtype, count=t.numel(), offset=at[name]).view(
+                t.shape
+            )
+            for name, t in like.items()
+        }
 
 
 class LocalPeers:

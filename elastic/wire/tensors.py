@@ -56,7 +56,9 @@ class WireTensor:
     def nbytes(self) -> int:
         return self.numel * self.dtype.itemsize
 
-    def iter_chunks(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+    def iter_chunks(
+        self, start: int = 0, stop: int | None = None
+    ) -> Iterator[tuple[int, torch.Tensor]]:
         """Yield ``(element_offset, chunk)`` pairs in order; with ``start``/``stop``,
         only the elements in that range (chunks cut to it)."""
         stop = self.numel if stop is None else stop
@@ -65,7 +67,10 @@ class WireTensor:
             end = offset + chunk.numel()
             if end > start and offset < stop:
                 low, high = max(start, offset), min(stop, end)
-                yield low, chunk if (low, high) == (offset, end) else chunk[low - offset : high - offset]
+                yield (
+                    low,
+                    chunk if (low, high) == (offset, end) else chunk[low - offset : high - offset],
+                )
             if end >= stop:
                 return
             offset = end
@@ -87,7 +92,9 @@ class WireTensor:
         for offset, chunk in self.iter_chunks():
             flat[offset : offset + chunk.numel()].copy_(chunk, non_blocking=True)
 
-    def add_to(self, target: torch.Tensor, alpha: float = 1.0, start: int = 0, stop: int | None = None) -> None:
+    def add_to(
+        self, target: torch.Tensor, alpha: float = 1.0, start: int = 0, stop: int | None = None
+    ) -> None:
         """``target += alpha * self``, chunk by chunk (``target`` may be another dtype);
         with ``start``/``stop``, over those elements only."""
         flat = _flat_view(target, self.numel)
@@ -99,12 +106,17 @@ class WireTensor:
             # A mixed-dtype add_ takes torch's unvectorised casting loop (6x slower
             # at 25M fp16 elements): widen a cache-sized block, then add it.
             if scratch is None:  # as big as the largest block this range can hold
-                scratch = torch.empty(min(WIDEN_BLOCK, (self.numel if stop is None else stop) - start), dtype=flat.dtype)
+                scratch = torch.empty(
+                    min(WIDEN_BLOCK, (self.numel if stop is None else stop) - start),
+                    dtype=flat.dtype,
+                )
             for at, block in _blocks(chunk):
                 wide = scratch[: block.numel()].copy_(block)
                 flat[offset + at : offset + at + block.numel()].add_(wide, alpha=alpha)
 
-    def scale_to(self, target: torch.Tensor, alpha: float = 1.0, start: int = 0, stop: int | None = None) -> None:
+    def scale_to(
+        self, target: torch.Tensor, alpha: float = 1.0, start: int = 0, stop: int | None = None
+    ) -> None:
         """``target = alpha * self``, chunk by chunk (one pass: no zeroing first);
         with ``start``/``stop``, over those elements only."""
         flat = _flat_view(target, self.numel)

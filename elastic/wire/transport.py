@@ -15,7 +15,14 @@ import zmq
 from elastic.wire.header import CHUNK_BYTES, MAX_HEADER_BYTES, Message, pack, parse
 from elastic.wire.shm import SegmentWriter, Ticket
 
-__all__ = ["router_socket", "dealer_socket", "send_message", "recv_frames", "decode_plain", "MAX_FRAME_BYTES"]
+__all__ = [
+    "router_socket",
+    "dealer_socket",
+    "send_message",
+    "recv_frames",
+    "decode_plain",
+    "MAX_FRAME_BYTES",
+]
 
 # A frame is a header or a chunk; anything much larger is not ours. libzmq drops
 # the connection of a peer that sends one, before it costs us memory.
@@ -37,7 +44,9 @@ def _common(sock: zmq.Socket) -> None:
 Secure = Callable[[zmq.Socket], None]  # sets CURVE options before bind/connect
 
 
-def router_socket(ctx: zmq.Context, bind: str, secure: Secure | None = None) -> tuple[zmq.Socket, str]:
+def router_socket(
+    ctx: zmq.Context, bind: str, secure: Secure | None = None
+) -> tuple[zmq.Socket, str]:
     """A bound ROUTER; returns it and the endpoint actually bound (port ``0``/``*`` resolved)."""
     sock = ctx.socket(zmq.ROUTER)
     _common(sock)
@@ -52,7 +61,9 @@ def router_socket(ctx: zmq.Context, bind: str, secure: Secure | None = None) -> 
     return sock, endpoint
 
 
-def dealer_socket(ctx: zmq.Context, identity: str, connect: str, secure: Secure | None = None) -> zmq.Socket:
+def dealer_socket(
+    ctx: zmq.Context, identity: str, connect: str, secure: Secure | None = None
+) -> zmq.Socket:
     sock = ctx.socket(zmq.DEALER)
     _common(sock)
     if secure is not None:
@@ -65,7 +76,11 @@ def dealer_socket(ctx: zmq.Context, identity: str, connect: str, secure: Secure 
 
 
 def send_message(
-    sock: zmq.Socket, msg: Message, routing: bytes | None = None, track: bool = False, lane: SegmentWriter | None = None
+    sock: zmq.Socket,
+    msg: Message,
+    routing: bytes | None = None,
+    track: bool = False,
+    lane: SegmentWriter | None = None,
 ) -> zmq.MessageTracker | Ticket | None:
     """Send without blocking the caller's loop.
 
@@ -83,7 +98,10 @@ def send_message(
         placement = lane.put(buffers) if lane is not None else None
         if placement is not None:  # only the header goes on the socket
             assert lane is not None
-            sock.send_multipart([*([routing] if routing is not None else []), pack(msg, specs, placement)], flags=zmq.NOBLOCK)
+            sock.send_multipart(
+                [*([routing] if routing is not None else []), pack(msg, specs, placement)],
+                flags=zmq.NOBLOCK,
+            )
             # Sent from memory in the segment (placed there): free once the reader is done.
             return lane.ticket if track else None
         if lane is not None:  # on the socket after all: frames libzmq moves fastest

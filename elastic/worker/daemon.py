@@ -51,7 +51,12 @@ BACKOFF_START, BACKOFF_MAX = 0.2, 10.0
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig, plugins: Plugins, reloader: Callable[[], WorkerConfig] | None = None) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        plugins: Plugins,
+        reloader: Callable[[], WorkerConfig] | None = None,
+    ) -> None:
         tune_allocator()
         self.config = config
         self.plugins = plugins
@@ -60,7 +65,10 @@ class Worker:
             self._secure: Secure | None = client_security(config.curve_key, config.coordinator_key)
         else:
             self._secure = None
-            log.warning("plaintext (--insecure): updates and models travel unencrypted, to a coordinator not authenticated")
+            log.warning(
+                "plaintext (--insecure): updates and models travel unencrypted, to a coordinator "
+                "not authenticated"
+            )
         self.notifier = Notifier()
         self._reload_asked = threading.Event()
         self.id = config.id
@@ -76,13 +84,17 @@ class Worker:
         self._busy = False
         self._pending: dict[str, Message] = {}  # newest WORK per job, waiting for the trainer
         self._held: dict[str, Result] = {}  # big updates offered, by key, waiting for a GRANT
-        self._sent_part: dict[str, Tracker | None] = {}  # of an update sent in parts: the newest part's send
+        self._sent_part: dict[
+            str, Tracker | None
+        ] = {}  # of an update sent in parts: the newest part's send
         self.sock: zmq.Socket | None = None
         # On the coordinator's host (it read our probe): tensors through /dev/shm.
         self._probe: Probe | None = None
         self._lane: SegmentWriter | None = None
         self._placed: SegmentReader | None = None
-        self.shm_sent = self.shm_in_place = 0  # updates through /dev/shm; of those, sent with no copy
+        self.shm_sent = self.shm_in_place = (
+            0  # updates through /dev/shm; of those, sent with no copy
+        )
         self.registration: Registration | None = None
         self.address = ""  # the coordinator of the current session
         self.registered = False
@@ -101,7 +113,12 @@ class Worker:
         self.registration = self._register() if self.config.membership else None
         trainer = threading.Thread(target=self._train_loop, name="trainer", daemon=True)
         trainer.start()
-        log.info("worker starting worker=%s device=%s coordinator=%s", self.id, describe_device(self.device), self.config.coordinator or "(whoever leads)")
+        log.info(
+            "worker starting worker=%s device=%s coordinator=%s",
+            self.id,
+            describe_device(self.device),
+            self.config.coordinator or "(whoever leads)",
+        )
         self.notifier.ready(f"starting on {describe_device(self.device)}")
         backoff = BACKOFF_START
         try:
@@ -128,12 +145,27 @@ class Worker:
             self._wake.close(linger=0)
             if not trainer.is_alive():  # else its socket is open and term() would wait for it
                 self.ctx.term()
-            log.info("worker stopped worker=%s rounds=%d shm_sent=%d shm_in_place=%d", self.id, self.rounds_done, self.shm_sent, self.shm_in_place)
+            log.info(
+                "worker stopped worker=%s rounds=%d shm_sent=%d shm_in_place=%d",
+                self.id,
+                self.rounds_done,
+                self.shm_sent,
+                self.shm_in_place,
+            )
             self.notifier.close()
 
     def _register(self) -> Registration | None:
-        record = {"id": self.id, "host": socket.gethostname(), "pid": os.getpid(), "device": describe_device(self.device), "software": __version__, "data": str(self.config.data or "")}
-        return open_backend(self.config.membership, self.plugins.backends).registration(self.id, record, self.config.lease_ttl)
+        record = {
+            "id": self.id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": describe_device(self.device),
+            "software": __version__,
+            "data": str(self.config.data or ""),
+        }
+        return open_backend(self.config.membership, self.plugins.backends).registration(
+            self.id, record, self.config.lease_ttl
+        )
 
     def stop(self) -> None:
         self._stop.set()
@@ -155,7 +187,9 @@ class Worker:
 
     def _reload(self) -> None:
         if self.reloader is None:
-            log.warning("SIGHUP ignored: this worker was not started from a configuration it can read again")
+            log.warning(
+                "SIGHUP ignored: this worker was not started from a configuration it can read again"
+            )
             return
         self.notifier.reloading()
         try:
@@ -164,7 +198,11 @@ class Worker:
             log.error("reload failed, keeping the running configuration: %s", exc)
         else:
             setup_logging(self.config.log_format, self.config.log_level)
-            log.info("configuration reloaded applied=%s needs_restart=%s", ",".join(applied) or "-", ",".join(restart) or "-")
+            log.info(
+                "configuration reloaded applied=%s needs_restart=%s",
+                ",".join(applied) or "-",
+                ",".join(restart) or "-",
+            )
         self.notifier.ready()
 
     def _coordinator_address(self) -> str | None:
@@ -182,7 +220,10 @@ class Worker:
             if leader is not None:
                 return leader.address
             if not waiting:
-                log.info("waiting for a coordinator to lead membership=%s", ClusterBackend.describe_url(self.config.membership))
+                log.info(
+                    "waiting for a coordinator to lead membership=%s",
+                    ClusterBackend.describe_url(self.config.membership),
+                )
                 self.notifier.status("waiting for a coordinator to lead")
                 waiting = True
             self._supervision()
@@ -202,7 +243,9 @@ class Worker:
         leader = record.address if record is not None else None
         if leader == address:
             return False
-        log.warning("the leading coordinator changed old=%s new=%s", address, leader or "(none yet)")
+        log.warning(
+            "the leading coordinator changed old=%s new=%s", address, leader or "(none yet)"
+        )
         return True
 
     def _session(self, address: str) -> bool:
@@ -222,9 +265,15 @@ class Worker:
                 self._supervision()
                 now = time.monotonic()
                 if now >= next_beat:
-                    self._send(self._hello() if not self.registered else Message(MsgType.HEARTBEAT, meta={"busy": self._busy}))
+                    self._send(
+                        self._hello()
+                        if not self.registered
+                        else Message(MsgType.HEARTBEAT, meta={"busy": self._busy})
+                    )
                     next_beat = now + (self.heartbeat_interval if self.registered else 0.5)
-                if now - last_heard > self.config.coordinator_timeout or self._leader_moved(address):
+                if now - last_heard > self.config.coordinator_timeout or self._leader_moved(
+                    address
+                ):
                     return joined
                 events = dict(poller.poll(timeout=max(1, int((next_beat - now) * 1000))))
                 if self._wake in events:
@@ -253,7 +302,10 @@ class Worker:
         try:
             return Probe()
         except OSError as exc:
-            log.warning("no shared-memory path (tensors go on the socket): cannot write a probe: %s", exc.strerror)
+            log.warning(
+                "no shared-memory path (tensors go on the socket): cannot write a probe: %s",
+                exc.strerror,
+            )
             return None
 
     def _shared_memory(self, on: bool) -> None:
@@ -276,7 +328,12 @@ class Worker:
     # ------------------------------------------------------------- messages --
 
     def _hello(self) -> Message:
-        meta = {"device": describe_device(self.device), "host": socket.gethostname(), "software": __version__, "pid": os.getpid()}
+        meta = {
+            "device": describe_device(self.device),
+            "host": socket.gethostname(),
+            "software": __version__,
+            "pid": os.getpid(),
+        }
         if self._probe is not None:
             meta["shm"] = self._probe.describe()
         return Message(MsgType.HELLO, meta=meta)
@@ -313,9 +370,16 @@ class Worker:
             except zmq.Again:
                 return
             try:
-                msg = decode(frames, max_message_bytes=self.config.max_message_bytes, check_finite=False, shm=self._placed)
+                msg = decode(
+                    frames,
+                    max_message_bytes=self.config.max_message_bytes,
+                    check_finite=False,
+                    shm=self._placed,
+                )
             except ProtocolError as exc:
-                log.warning("bad message from coordinator reason=%s detail=%s", exc.reason, exc.detail)
+                log.warning(
+                    "bad message from coordinator reason=%s detail=%s", exc.reason, exc.detail
+                )
                 continue
             self._handle(msg)
 
@@ -328,7 +392,10 @@ class Worker:
             self.heartbeat_interval = float(msg.meta["heartbeat_interval"])
             local = msg.meta.get("shm") is True and self._probe is not None
             if local != (self._lane is not None):
-                log.info("tensors to and from the coordinator go through %s", "shared memory" if local else "the socket")
+                log.info(
+                    "tensors to and from the coordinator go through %s",
+                    "shared memory" if local else "the socket",
+                )
                 self._shared_memory(local)
         elif msg.type is MsgType.NACK:
             reason, detail = msg.meta["reason"], msg.meta["detail"]
@@ -338,7 +405,13 @@ class Worker:
                 self.registered = False
                 self._send(self._hello())
             else:
-                log.warning("coordinator refused job=%s round=%d reason=%s detail=%s", msg.job, msg.round, reason, detail)
+                log.warning(
+                    "coordinator refused job=%s round=%d reason=%s detail=%s",
+                    msg.job,
+                    msg.round,
+                    reason,
+                    detail,
+                )
                 if reason == "bad_shm":  # it does not read our segment (any more): use the socket
                     self._shared_memory(False)
                 if msg.key in self._held:
@@ -372,12 +445,25 @@ class Worker:
             self._busy = False
             msg = result.message
             self._held[msg.key] = result
-            if self.sock is not None and msg.type is MsgType.UPDATE and msg.payload_bytes >= OFFER_MIN_BYTES:
+            if (
+                self.sock is not None
+                and msg.type is MsgType.UPDATE
+                and msg.payload_bytes >= OFFER_MIN_BYTES
+            ):
                 # Big: offer it, and send it when the coordinator has room for it.
                 # In parts, if the coordinator wants: not through shared memory (the
                 # segment costs it nothing), nor compressed (decoded whole).
                 parts = self._lane is None and not msg.encodings
-                self._send(Message(MsgType.OFFER, job=msg.job, round=msg.round, version=msg.version, key=msg.key, meta={"bytes": msg.payload_bytes, "parts": parts}))
+                self._send(
+                    Message(
+                        MsgType.OFFER,
+                        job=msg.job,
+                        round=msg.round,
+                        version=msg.version,
+                        key=msg.key,
+                        meta={"bytes": msg.payload_bytes, "parts": parts},
+                    )
+                )
             else:
                 self._send_result(msg.key)
         self._feed()

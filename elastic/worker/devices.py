@@ -25,10 +25,14 @@ def resolve_device(spec: str) -> torch.device:
         raise ConfigError(f"--device {spec!r} is not a device; use auto, cpu or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"--device {spec}: CUDA is not available on this machine; use --device cpu or auto")
+            raise ConfigError(
+                f"--device {spec}: CUDA is not available on this machine; use --device cpu or auto"
+            )
         index = device.index or 0
         if index >= torch.cuda.device_count():
-            raise ConfigError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise ConfigError(
+                f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
         return torch.device("cuda", index)
     if device.type != "cpu":
         raise ConfigError(f"--device {spec}: only cpu and cuda devices are supported")

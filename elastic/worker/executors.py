@@ -75,14 +75,32 @@ class LocalTraining(WorkExecutor):
         mode = work.meta["mode"]
         weights = update_template(ctx.model, mode)
         relative = relative or mode == "delta"
-        received = {k: reusable(ctx.received, k, v).copy_(v.detach()) for k, v in weights.items()} if relative else {}
+        received = (
+            {k: reusable(ctx.received, k, v).copy_(v.detach()) for k, v in weights.items()}
+            if relative
+            else {}
+        )
         started = time.perf_counter()
-        result = local_train(ctx.task, ctx.model, ctx.dataset, TrainParams(**work.meta["train"]), self.seed(work), self.device, self.cancel)
+        result = local_train(
+            ctx.task,
+            ctx.model,
+            ctx.dataset,
+            TrainParams(**work.meta["train"]),
+            self.seed(work),
+            self.device,
+            self.cancel,
+        )
         seconds = time.perf_counter() - started
         with torch.no_grad():
             for name, start in received.items():  # trained minus received, in place
                 weights[name].sub_(start)
-        return Computed({k: v.detach() for k, v in weights.items()}, result.num_samples, result.loss, seconds, from_parameters=True)
+        return Computed(
+            {k: v.detach() for k, v in weights.items()},
+            result.num_samples,
+            result.loss,
+            seconds,
+            from_parameters=True,
+        )
 
 
 class GradientStep(WorkExecutor):
@@ -94,11 +112,25 @@ class GradientStep(WorkExecutor):
     def compute(self, ctx: JobContext, work: Message, relative: bool) -> Computed | tuple[str, str]:
         train = TrainParams(**work.meta["train"])
         started = time.perf_counter()
-        result = batch_gradient(ctx.task, ctx.model, ctx.dataset, train.batch_size, work.round - 1, int(work.meta["seed"]), self.device)
+        result = batch_gradient(
+            ctx.task,
+            ctx.model,
+            ctx.dataset,
+            train.batch_size,
+            work.round - 1,
+            int(work.meta["seed"]),
+            self.device,
+        )
         seconds = time.perf_counter() - started
         if ctx.viewing and ctx.shared is not None and not ctx.shared.unchanged():
-            return "need_full_model", "the shared reference changed while the gradient was taken (its round was over)"
-        grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)) for k, p in update_template(ctx.model, "gradient").items()}
+            return (
+                "need_full_model",
+                "the shared reference changed while the gradient was taken (its round was over)",
+            )
+        grads = {
+            k: (p.grad if p.grad is not None else torch.zeros_like(p))
+            for k, p in update_template(ctx.model, "gradient").items()
+        }
         return Computed(grads, result.num_samples, result.loss, seconds, from_parameters=False)
 
 

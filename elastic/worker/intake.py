@@ -40,7 +40,9 @@ class JobContext:
     model: torch.nn.Module
     dataset: Dataset
     sent: BufferSet | None = None  # the last update, when its frames alias the model
-    received: dict[str, torch.Tensor] = field(default_factory=dict)  # deltas: the weights trained from
+    received: dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # deltas: the weights trained from
     chain: CodecChain | None = None  # the job's update codec chain, as the last WORK gave it
     compressor: Compressor | None = None  # ... with its codecs' error-feedback state
     reference: dict[str, torch.Tensor] | None = None  # compressed downlink: the model as we hold it
@@ -70,10 +72,16 @@ class Intake:
         if ctx.sent is not None and not ctx.sent.free:  # ZeroMQ still reads the last update
             move_to_fresh_memory(ctx.model)
         ctx.sent = None
-        if work.meta["mode"] != "gradient" and self.device.type == "cpu" and not work.meta.get("codecs"):
+        if (
+            work.meta["mode"] != "gradient"
+            and self.device.type == "cpu"
+            and not work.meta.get("codecs")
+        ):
             self._into_segment(ctx.model, work.meta["mode"], work.job)
         model_in = work.tensors
-        if ctx.viewing and work.meta.get("downlink") is not True:  # the model comes whole: into memory of our own
+        if (
+            ctx.viewing and work.meta.get("downlink") is not True
+        ):  # the model comes whole: into memory of our own
             self._leave_shared(ctx, update_template(ctx.model, "gradient"))
         if work.meta.get("downlink") is True:
             held = self._from_reference(ctx, work)
@@ -86,7 +94,9 @@ class Intake:
     def _context(self, work: Message) -> JobContext:
         meta = work.meta
         shard = Shard(int(meta["shard"][0]), int(meta["shard"][1]), int(meta["seed"]))
-        key = json.dumps([meta["task"], meta["task_params"], meta["shard"], meta["seed"]], sort_keys=True)
+        key = json.dumps(
+            [meta["task"], meta["task_params"], meta["shard"], meta["seed"]], sort_keys=True
+        )
         ctx = self.jobs.get(work.job)
         if ctx is None or ctx.key != key:
             task = self.plugins.tasks.get(meta["task"])(meta["task_params"])
@@ -94,20 +104,37 @@ class Intake:
             dataset = task.train_dataset(shard, self.data_dir)
             ctx = JobContext(key, task, model, dataset)
             self.jobs[work.job] = ctx
-            log.info("job loaded job=%s task=%s shard=%d/%d samples=%d", work.job, meta["task"], shard.index, shard.count, len(dataset))  # type: ignore[arg-type]
+            log.info(
+                "job loaded job=%s task=%s shard=%d/%d samples=%d",
+                work.job,
+                meta["task"],
+                shard.index,
+                shard.count,
+                len(dataset),  # type: ignore[arg-type]
+            )
         return ctx
 
     def _load(self, model: torch.nn.Module, tensors: dict[str, WireTensor]) -> None:
         state = model.state_dict()
         if set(state) != set(tensors):
-            raise ElasticError(f"received model does not match the task's model: {sorted(set(state) ^ set(tensors))[:5]}")
+            raise ElasticError(
+                "received model does not match the task's model: "
+                f"{sorted(set(state) ^ set(tensors))[:5]}"
+            )
         with torch.no_grad():
             for name, wt in tensors.items():
                 target = state[name]
                 if tuple(target.shape) != wt.shape or target.dtype != wt.dtype:
-                    raise ElasticError(f"tensor {name!r}: received {list(wt.shape)} {wt.dtype}, model has {list(target.shape)} {target.dtype}")
+                    raise ElasticError(
+                        f"tensor {name!r}: received {list(wt.shape)} {wt.dtype}, model has "
+                        f"{list(target.shape)} {target.dtype}"
+                    )
                 if self.device.type == "cpu":
-                    if len(wt.chunks) == 1 and wt.chunks[0].data_ptr() == target.data_ptr() and wt.chunks[0].numel() == target.numel():
+                    if (
+                        len(wt.chunks) == 1
+                        and wt.chunks[0].data_ptr() == target.data_ptr()
+                        and wt.chunks[0].numel() == target.numel()
+                    ):
                         continue  # already there: the reference held in the parameter itself
                     wt.copy_to(target)  # frames straight into the parameters
                 else:
@@ -133,37 +160,57 @@ class Intake:
                     target.copy_(tensor.detach())
                     tensor.data = target
 
-    def _from_reference(self, ctx: JobContext, work: Message) -> dict[str, WireTensor] | tuple[str, str]:
+    def _from_reference(
+        self, ctx: JobContext, work: Message
+    ) -> dict[str, WireTensor] | tuple[str, str]:
         """The model this WORK stands for, when it comes down as a delta against the
         reference we hold (``delta_from``), whole, or to be read from the coordinator's
         shared memory (``shared``); else the NACK's reason and detail."""
-        floats = {k: (tuple(t.shape), t.dtype) for k, t in update_template(ctx.model, "train").items()}
+        floats = {
+            k: (tuple(t.shape), t.dtype) for k, t in update_template(ctx.model, "train").items()
+        }
         others = {k: wt for k, wt in work.tensors.items() if k not in floats and "#" not in k}
         # Taking a gradient leaves the parameters as they came, so they can hold the
         # reference themselves: no model-sized copy into the model each round.
         # Buffers (a task may update running statistics) keep a copy of their own.
-        in_params = update_template(ctx.model, "gradient") if work.meta["mode"] == "gradient" and self.device.type == "cpu" else {}
+        in_params = (
+            update_template(ctx.model, "gradient")
+            if work.meta["mode"] == "gradient" and self.device.type == "cpu"
+            else {}
+        )
         if "shared" in work.meta:  # on the coordinator's host: read where it lies
             ctx.reference_version = None  # until it is known whole
             ctx.shared = ctx.shared or SharedReader()
             try:
                 why = self._read_shared(ctx, work, floats, in_params)
             except ProtocolError as exc:
-                return "no_shared_reference", f"cannot read the coordinator's shared reference: {exc.detail}; send the model over the socket"
+                return (
+                    "no_shared_reference",
+                    f"cannot read the coordinator's shared reference: {exc.detail}; send the "
+                    "model over the socket",
+                )
             if why is not None:
                 return "need_full_model", why
         elif "delta_from" not in work.meta:  # the whole reference: keep a copy to apply deltas to
             self._leave_shared(ctx, in_params)
             ctx.reference = {}
             for k, wt in work.tensors.items():
-                if k in in_params and tuple(in_params[k].shape) == wt.shape and in_params[k].dtype == wt.dtype:
+                if (
+                    k in in_params
+                    and tuple(in_params[k].shape) == wt.shape
+                    and in_params[k].dtype == wt.dtype
+                ):
                     with torch.no_grad():
                         wt.copy_to(in_params[k])
                     ctx.reference[k] = in_params[k].detach()
                 elif k in floats:
                     ctx.reference[k] = wt.to_tensor().clone()
         elif ctx.reference is None or ctx.reference_version != work.meta["delta_from"]:
-            return "need_full_model", f"this worker holds version {ctx.reference_version}, not {work.meta.get('delta_from')}; send the whole model"
+            return (
+                "need_full_model",
+                f"this worker holds version {ctx.reference_version}, not "
+                f"{work.meta.get('delta_from')}; send the whole model",
+            )
         else:
             if ctx.viewing:  # deltas are added in place: to memory of our own
                 self._leave_shared(ctx, in_params)
@@ -176,7 +223,13 @@ class Intake:
         ctx.reference_version = work.version
         return others | {k: WireTensor.from_tensor(v) for k, v in ctx.reference.items()}
 
-    def _read_shared(self, ctx: JobContext, work: Message, floats: dict[str, tuple[tuple[int, ...], torch.dtype]], in_params: dict[str, torch.Tensor]) -> str | None:
+    def _read_shared(
+        self,
+        ctx: JobContext,
+        work: Message,
+        floats: dict[str, tuple[tuple[int, ...], torch.dtype]],
+        in_params: dict[str, torch.Tensor],
+    ) -> str | None:
         """The coordinator's reference, from its segment: a gradient is taken on it
         where it lies (the parameters are rebound to views of it, once; ``_run``
         checks afterwards that it did not change meanwhile); anything else copies
@@ -192,8 +245,14 @@ class Intake:
             ctx.viewing = True
             return ctx.shared.stable(work.version)
         self._leave_shared(ctx, in_params)
-        if ctx.reference is None or {k: (tuple(t.shape), t.dtype) for k, t in ctx.reference.items()} != floats:
-            ctx.reference = {k: in_params[k].detach() if k in in_params else torch.empty(shape, dtype=dtype) for k, (shape, dtype) in floats.items()}
+        if (
+            ctx.reference is None
+            or {k: (tuple(t.shape), t.dtype) for k, t in ctx.reference.items()} != floats
+        ):
+            ctx.reference = {
+                k: in_params[k].detach() if k in in_params else torch.empty(shape, dtype=dtype)
+                for k, (shape, dtype) in floats.items()
+            }
         with torch.no_grad():
             return ctx.shared.copy_into(work.meta["shared"], ctx.reference, work.version)
 

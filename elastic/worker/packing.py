@@ -38,7 +38,14 @@ class Packer:
         self.outbox = BufferPool(pin=device.type == "cuda")
         self.placer: Placer | None = None
 
-    def pack(self, ctx: JobContext, work: Message, update: dict[str, torch.Tensor], meta: dict[str, Any], from_parameters: bool) -> Result:
+    def pack(
+        self,
+        ctx: JobContext,
+        work: Message,
+        update: dict[str, torch.Tensor],
+        meta: dict[str, Any],
+        from_parameters: bool,
+    ) -> Result:
         """The UPDATE answering ``work``. ``from_parameters``: ``update`` is the
         model's own parameters, which may be sent from where they lie (on a CPU)."""
         chain = self.chain(ctx, work)
@@ -88,17 +95,26 @@ class Packer:
         if stage is None or not all(t.numel() and stage.accepts(t) for t in update.values()):
             return None
         narrow = type(stage).cast_from
-        like = {f"{k}{SEP}x": torch.empty(t.numel(), dtype=narrow, device="meta") for k, t in update.items()}
+        like = {
+            f"{k}{SEP}x": torch.empty(t.numel(), dtype=narrow, device="meta")
+            for k, t in update.items()
+        }
         if ctx.cast_sent is not None and not ctx.cast_sent.free:
             ctx.cast_out = None  # the last update still reads them: leave it that memory
         out = self.placer(like, job) if self.placer is not None else None
         if out is None:
-            out = ctx.cast_out if ctx.cast_out is not None and BufferSet(ctx.cast_out).fits(like) else {k: torch.empty(t.shape, dtype=narrow) for k, t in like.items()}
+            out = (
+                ctx.cast_out
+                if ctx.cast_out is not None and BufferSet(ctx.cast_out).fits(like)
+                else {k: torch.empty(t.shape, dtype=narrow) for k, t in like.items()}
+            )
         ctx.cast_out = out
         for name, tensor in update.items():
             flat, target = tensor.detach().reshape(-1), out[f"{name}{SEP}x"]
             for start in range(0, flat.numel(), WIDEN_BLOCK):
-                stage.encode_into(flat[start : start + WIDEN_BLOCK], target[start : start + WIDEN_BLOCK])
+                stage.encode_into(
+                    flat[start : start + WIDEN_BLOCK], target[start : start + WIDEN_BLOCK]
+                )
         return dict(out), {name: chain.cast_record(tensor) for name, tensor in update.items()}
 
     def chain(self, ctx: JobContext, work: Message) -> CodecChain:

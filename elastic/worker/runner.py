@@ -27,7 +27,12 @@ class TaskRunner:
     """A worker's work, one WORK at a time: ``run(work)`` is its UPDATE or a NACK."""
 
     def __init__(
-        self, plugins: Plugins, device: torch.device, data_dir: Path | None, worker_id: str, cancel: threading.Event | None = None
+        self,
+        plugins: Plugins,
+        device: torch.device,
+        data_dir: Path | None,
+        worker_id: str,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.device = device
         self.worker_id = worker_id
@@ -68,16 +73,39 @@ class TaskRunner:
         mode = work.meta["mode"]
         executor = self.executors.get(mode)
         if executor is None:
-            raise ElasticError(f"unknown work mode {mode!r}; this worker knows {', '.join(sorted(self.executors))}")
+            raise ElasticError(
+                f"unknown work mode {mode!r}; this worker knows {', '.join(sorted(self.executors))}"
+            )
         ctx = self.intake.take(work)
         if isinstance(ctx, tuple):
             return self._nack(work, *ctx)
         computed = executor.compute(ctx, work, relative=bool(self.packer.chain(ctx, work)))
         if isinstance(computed, tuple):
             return self._nack(work, *computed)
-        meta = {"num_samples": computed.num_samples, "loss": computed.loss, "kind": update_kind(mode), "train_seconds": computed.seconds}
+        meta = {
+            "num_samples": computed.num_samples,
+            "loss": computed.loss,
+            "kind": update_kind(mode),
+            "train_seconds": computed.seconds,
+        }
         return self.packer.pack(ctx, work, computed.update, meta, computed.from_parameters)
 
     def _nack(self, work: Message, reason: str, detail: str) -> Result:
-        log.warning("cannot do work job=%s round=%d reason=%s detail=%s", work.job, work.round, reason, detail)
-        return Result(Message(MsgType.NACK, job=work.job, round=work.round, version=work.version, sender=self.worker_id, key=work.key, meta={"reason": reason, "detail": detail}))
+        log.warning(
+            "cannot do work job=%s round=%d reason=%s detail=%s",
+            work.job,
+            work.round,
+            reason,
+            detail,
+        )
+        return Result(
+            Message(
+                MsgType.NACK,
+                job=work.job,
+                round=work.round,
+                version=work.version,
+                sender=self.worker_id,
+                key=work.key,
+                meta={"reason": reason, "detail": detail},
+            )
+        )

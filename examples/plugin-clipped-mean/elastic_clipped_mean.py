@@ -51,7 +51,9 @@ class ClippedMean(Aggregator):
             yield offset, chunk.float() - base[offset : offset + chunk.numel()]
 
     def accumulate(self, update: Update) -> None:
-        squares = sum(float(d.pow(2).sum()) for name in self.sums for _, d in self._deltas(update, name))
+        squares = sum(
+            float(d.pow(2).sum()) for name in self.sums for _, d in self._deltas(update, name)
+        )
         norm = math.sqrt(squares)
         scale = min(1.0, self.max_norm / norm) if norm > 0 else 1.0
         self.clipped += scale < 1.0

@@ -65,7 +65,10 @@ def dirichlet_split(labels: np.ndarray, parts: int, alpha: float, seed: int) -> 
                 shard.extend(piece.tolist())
         if min(len(s) for s in shards) >= min(MIN_SHARD, len(labels) // parts):
             return [np.sort(np.array(s, dtype=np.int64)) for s in shards]
-    raise JobSpecError(f"task digits: no split into {parts} parts with alpha={alpha} gives every part data; raise alpha")
+    raise JobSpecError(
+        f"task digits: no split into {parts} parts with alpha={alpha} gives every part data; "
+        "raise alpha"
+    )
 
 
 class Digits(Task):
@@ -80,7 +83,9 @@ class Digits(Task):
     name = "digits"
 
     def __init__(self, params: Mapping[str, Any]) -> None:
-        p = check_params("task digits", params, {"alpha": float, "hidden": int, "test_fraction": float})
+        p = check_params(
+            "task digits", params, {"alpha": float, "hidden": int, "test_fraction": float}
+        )
         self.alpha = p.get("alpha", 0.5)
         self.hidden = p.get("hidden", 64)
         self.test_fraction = p.get("test_fraction", 0.2)
@@ -89,11 +94,18 @@ class Digits(Task):
         if self.hidden < 1:
             raise JobSpecError(f"task digits: hidden must be >= 1, got {self.hidden}")
         if not 0 < self.test_fraction < 1:
-            raise JobSpecError(f"task digits: test_fraction must be in (0, 1), got {self.test_fraction}")
+            raise JobSpecError(
+                f"task digits: test_fraction must be in (0, 1), got {self.test_fraction}"
+            )
         super().__init__(p)
 
     def build_model(self, seed: int) -> nn.Module:
-        return seeded(seed, lambda: nn.Sequential(nn.Linear(64, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 10)))
+        return seeded(
+            seed,
+            lambda: nn.Sequential(
+                nn.Linear(64, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 10)
+            ),
+        )
 
     def train_dataset(self, shard: Shard, data_dir: Path | None) -> TensorDataset:
         x, y = _load()
@@ -110,7 +122,9 @@ class Digits(Task):
     def loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(model(inputs), targets)
 
-    def metrics(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    def metrics(
+        self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> dict[str, float]:
         return {"accuracy": float((model(inputs).argmax(dim=1) == targets).sum())}
 
 

@@ -39,7 +39,13 @@ class LinReg(Task):
         p = check_params(
             "task linreg",
             params,
-            {"samples": int, "test_samples": int, "features": int, "noise": float, "data_seed": int},
+            {
+                "samples": int,
+                "test_samples": int,
+                "features": int,
+                "noise": float,
+                "data_seed": int,
+            },
         )
         self.samples = p.get("samples", 1200)
         self.test_samples = p.get("test_samples", 300)

@@ -44,20 +44,33 @@ class Synthetic(Task):
     name = "synthetic"
 
     def __init__(self, params: Mapping[str, Any]) -> None:
-        p = check_params("task synthetic", params, {"params": int, "tensors": int, "samples": int, "data_seed": int})
+        p = check_params(
+            "task synthetic",
+            params,
+            {"params": int, "tensors": int, "samples": int, "data_seed": int},
+        )
         self.size = p.get("params", 1_000_000)  # (self.params is the [task] table)
         self.tensors = p.get("tensors", 4)
         self.samples = p.get("samples", 8)
         self.data_seed = p.get("data_seed", 0)
-        for key, value in (("params", self.size), ("tensors", self.tensors), ("samples", self.samples)):
+        for key, value in (
+            ("params", self.size),
+            ("tensors", self.tensors),
+            ("samples", self.samples),
+        ):
             if value < 1:
                 raise JobSpecError(f"task synthetic: {key} must be >= 1, got {value}")
         if self.tensors > self.size:
-            raise JobSpecError(f"task synthetic: tensors ({self.tensors}) cannot exceed params ({self.size})")
+            raise JobSpecError(
+                f"task synthetic: tensors ({self.tensors}) cannot exceed params ({self.size})"
+            )
         super().__init__(p)
 
     def build_model(self, seed: int) -> nn.Module:
-        sizes = [self.size // self.tensors + (1 if i < self.size % self.tensors else 0) for i in range(self.tensors)]
+        sizes = [
+            self.size // self.tensors + (1 if i < self.size % self.tensors else 0)
+            for i in range(self.tensors)
+        ]
 
         def build() -> nn.Module:
             model = nn.Module()
@@ -69,7 +82,9 @@ class Synthetic(Task):
 
     def _rows(self, seed: int) -> TensorDataset:
         g = torch.Generator().manual_seed(self.data_seed * 1_000_003 + seed)
-        return TensorDataset(torch.randn(self.samples, FEATURES, generator=g), torch.randn(self.samples, generator=g))
+        return TensorDataset(
+            torch.randn(self.samples, FEATURES, generator=g), torch.randn(self.samples, generator=g)
+        )
 
     def train_dataset(self, shard: Shard, data_dir: Path | None) -> TensorDataset:
         return self._rows(shard.index + 1)

@@ -36,7 +36,9 @@ def original_destination(conn: socket.socket) -> tuple[str, int]:
 class DelayedPipe:
     """Copies ``src`` to ``dst``, each chunk ``delay`` seconds after it was read."""
 
-    def __init__(self, src: socket.socket, dst: socket.socket, delay: float, changed: threading.Event) -> None:
+    def __init__(
+        self, src: socket.socket, dst: socket.socket, delay: float, changed: threading.Event
+    ) -> None:
         self.src, self.dst, self.delay, self.changed = src, dst, delay, changed
         self.finished = self.failed = False
         self.queue: collections.deque[tuple[float, bytes]] = collections.deque()
@@ -92,7 +94,10 @@ def relay(conn: socket.socket, delay_up: float, delay_down: float, mark: int) ->
     for s in (conn, upstream):
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     changed = threading.Event()
-    pipes = (DelayedPipe(conn, upstream, delay_up, changed), DelayedPipe(upstream, conn, delay_down, changed))
+    pipes = (
+        DelayedPipe(conn, upstream, delay_up, changed),
+        DelayedPipe(upstream, conn, delay_down, changed),
+    )
     # Until both directions ended, or one failed (its peer is gone: drop both).
     while not all(p.finished for p in pipes) and not any(p.failed for p in pipes):
         changed.wait()
@@ -106,17 +111,28 @@ def relay(conn: socket.socket, delay_up: float, delay_down: float, mark: int) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--delay", type=float, default=0.2, help="seconds added to bytes leaving this host")
-    parser.add_argument("--delay-in", type=float, default=0.0, help="seconds added to bytes arriving")
+    parser.add_argument(
+        "--delay", type=float, default=0.2, help="seconds added to bytes leaving this host"
+    )
+    parser.add_argument(
+        "--delay-in", type=float, default=0.0, help="seconds added to bytes arriving"
+    )
     parser.add_argument("--mark", type=int, default=7)
     args = parser.parse_args()
     server = socket.create_server(("0.0.0.0", args.port), backlog=64)
-    print(f"delay relay listening port={args.port} delay={args.delay} delay_in={args.delay_in}", flush=True)
+    print(
+        f"delay relay listening port={args.port} delay={args.delay} delay_in={args.delay_in}",
+        flush=True,
+    )
     while True:
         conn, _ = server.accept()
-        threading.Thread(target=relay, args=(conn, args.delay, args.delay_in, args.mark), daemon=True).start()
+        threading.Thread(
+            target=relay, args=(conn, args.delay, args.delay_in, args.mark), daemon=True
+        ).start()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ def check_history(status: dict[str, Any]) -> list[str]:
     """The job finished; rounds run 1..R, each once; versions strictly increase."""
     problems = []
     if status.get("state") != "finished":
-        problems.append(f"the job did not finish: state {status.get('state')!r} at round {status.get('round')}")
+        problems.append(
+            f"the job did not finish: state {status.get('state')!r} at round {status.get('round')}"
+        )
     history = status.get("history", [])
     rounds = [h["round"] for h in history]
     if rounds != list(range(1, len(rounds) + 1)):
@@ -51,15 +53,23 @@ def check_checkpoints(job_dir: Path, status: dict[str, Any]) -> list[str]:
     for entry in history:
         path = job_dir / f"ckpt-{entry['round']:08d}.pt"
         if not path.exists():
-            problems.append(f"round {entry['round']} (version {entry['version']}) was committed but has no checkpoint {path.name}")
+            problems.append(
+                f"round {entry['round']} (version {entry['version']}) was committed but has no "
+                f"checkpoint {path.name}"
+            )
             continue
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if (ckpt["round"], ckpt["version"]) != (entry["round"], entry["version"]):
-            problems.append(f"{path.name} holds round {ckpt['round']} version {ckpt['version']}, the history says version {entry['version']}")
+            problems.append(
+                f"{path.name} holds round {ckpt['round']} version {ckpt['version']}, the history "
+                f"says version {entry['version']}"
+            )
         seen = [(h["round"], h["version"], h.get("updates")) for h in ckpt["history"]]
         final = [(h["round"], h["version"], h.get("updates")) for h in history[: entry["round"]]]
         if seen != final:
-            problems.append(f"{path.name} disagrees with the final history: {seen[-3:]} against {final[-3:]}")
+            problems.append(
+                f"{path.name} disagrees with the final history: {seen[-3:]} against {final[-3:]}"
+            )
         if not _finite(ckpt["model"]):
             problems.append(f"{path.name} holds a model with NaN or infinite values")
     final_model = job_dir / "final.safetensors"
@@ -82,7 +92,9 @@ def check_logs(logs: list[Path], job: str, status: dict[str, Any]) -> list[str]:
     counts what its commit folded.
     """
     problems = []
-    commits: dict[int, list[tuple[str, int, int]]] = defaultdict(list)  # round -> (log, version, updates)
+    commits: dict[int, list[tuple[str, int, int]]] = defaultdict(
+        list
+    )  # round -> (log, version, updates)
     applied: dict[str, str] = {}  # update key -> the commit it went into
     for log in logs:
         by_round: dict[int, list[tuple[str, str]]] = {}  # round-based rules
@@ -110,14 +122,22 @@ def check_logs(logs: list[Path], job: str, status: dict[str, Any]) -> list[str]:
                 pending = []
                 keys = [k for _, k in got]
                 workers = [w for w, _ in got]
-                if len(set(keys)) != len(keys) or (round_based and len(set(workers)) != len(workers)):
+                if len(set(keys)) != len(keys) or (
+                    round_based and len(set(workers)) != len(workers)
+                ):
                     problems.append(f"{log.name}: round {number} folded an update twice: {got}")
                 twice = [k for k in keys if k in applied]
                 if twice:
-                    problems.append(f"{log.name}: round {number} applied updates already applied in {applied[twice[0]]}: {twice}")
+                    problems.append(
+                        f"{log.name}: round {number} applied updates already applied in "
+                        f"{applied[twice[0]]}: {twice}"
+                    )
                 applied.update({k: f"{log.name} round {number}" for k in keys})
                 if len(got) != updates:
-                    problems.append(f"{log.name}: round {number} committed {updates} updates but folded {len(got)}")
+                    problems.append(
+                        f"{log.name}: round {number} committed {updates} updates but folded "
+                        f"{len(got)}"
+                    )
                 commits[number].append((log.name, version, updates))
     for number, seen in sorted(commits.items()):
         if len({v for _, v, _ in seen}) > 1:
@@ -125,13 +145,21 @@ def check_logs(logs: list[Path], job: str, status: dict[str, Any]) -> list[str]:
     for entry in status.get("history", []):
         seen = commits.get(entry["round"], [])
         if not seen:
-            problems.append(f"round {entry['round']} is in the history but no coordinator logged its commit")
+            problems.append(
+                f"round {entry['round']} is in the history but no coordinator logged its commit"
+            )
         elif all(u != entry.get("updates") for _, _, u in seen):
-            problems.append(f"round {entry['round']}: the history counts {entry.get('updates')} updates, the commit log {seen}")
+            problems.append(
+                f"round {entry['round']}: the history counts {entry.get('updates')} updates, the "
+                f"commit log {seen}"
+            )
     return problems
 
 
 def check_run(state_dir: Path, job: str, status: dict[str, Any], logs: list[Path]) -> list[str]:
     """Every invariant, on one finished run."""
-    return check_history(status) + check_checkpoints(state_dir / job, status) + check_logs(logs, job, status)
-
+    return (
+        check_history(status)
+        + check_checkpoints(state_dir / job, status)
+        + check_logs(logs, job, status)
+    )

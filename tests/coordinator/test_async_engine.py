@@ -20,20 +20,46 @@ from tests.coordinator.test_rounds import Clock, Events, Fence, members
 
 
 def make(tmp_path: Path, rule: dict | None = None, **job) -> tuple[AsyncEngine, Events, Clock]:
-    spec = parse_job_spec({
-        "job": {"id": "a", "task": "linreg", "rule": "async", "rounds": 50, "min_workers": 2, "round_timeout": 10, "eval_every": 0, **job},
-        "task": {"samples": 60},
-        "rule": {"max_staleness": 2, **(rule or {})},
-    })
+    spec = parse_job_spec(
+        {
+            "job": {
+                "id": "a",
+                "task": "linreg",
+                "rule": "async",
+                "rounds": 50,
+                "min_workers": 2,
+                "round_timeout": 10,
+                "eval_every": 0,
+                **job,
+            },
+            "task": {"samples": 60},
+            "rule": {"max_staleness": 2, **(rule or {})},
+        }
+    )
     events, clock = Events(), Clock()
-    return AsyncEngine(Job(spec, Plugins(), tmp_path), EngineContext(notify=events, clock=clock)), events, clock
+    return (
+        AsyncEngine(Job(spec, Plugins(), tmp_path), EngineContext(notify=events, clock=clock)),
+        events,
+        clock,
+    )
 
 
 def answer(engine: AsyncEngine, work: Message, value: float = 0.5, **overrides) -> Message:
     worker = work.key.split("/")[0]
-    fields = dict(job=work.job, round=work.round, version=work.version, sender=worker, key=work.key) | overrides
-    tensors = {k: WireTensor.from_tensor(torch.full_like(v.detach(), value)) for k, v in update_template(engine.job.model, "delta").items()}
-    msg = Message(MsgType.UPDATE, meta={"num_samples": 10, "loss": 0.5, "kind": "delta", "train_seconds": 0.01}, tensors=tensors, **fields)
+    fields = (
+        dict(job=work.job, round=work.round, version=work.version, sender=worker, key=work.key)
+        | overrides
+    )
+    tensors = {
+        k: WireTensor.from_tensor(torch.full_like(v.detach(), value))
+        for k, v in update_template(engine.job.model, "delta").items()
+    }
+    msg = Message(
+        MsgType.UPDATE,
+        meta={"num_samples": 10, "loss": 0.5, "kind": "delta", "train_seconds": 0.01},
+        tensors=tensors,
+        **fields,
+    )
     return engine.on_update(worker, msg)
 
 
@@ -45,7 +71,9 @@ def test_every_idle_member_gets_work_and_fresh_work_after_each_update(tmp_path: 
     engine, _, _ = make(tmp_path)
     assert engine.tick(members("a")) == [] and engine.job.state is JobState.WAITING
     work = by_worker(engine.tick(members("a", "b")))
-    assert sorted(work) == ["a", "b"] and work["a"].meta["mode"] == "delta" and work["a"].version == 0
+    assert (
+        sorted(work) == ["a", "b"] and work["a"].meta["mode"] == "delta" and work["a"].version == 0
+    )
     assert engine.tick(members("a", "b")) == []  # both busy: nothing more to hand out
     w0 = engine.job.model.weight.detach().clone()
     assert answer(engine, work["a"]).type is MsgType.ACK
@@ -75,7 +103,11 @@ def test_too_stale_is_refused_and_the_worker_resyncs(tmp_path: Path) -> None:
         work = by_worker(engine.tick(members("fast", "slow")))
     version, weights = engine.job.version, engine.job.model.weight.detach().clone()
     nack = answer(engine, slow)
-    assert nack.type is MsgType.NACK and nack.meta["reason"] == "too_stale" and "staleness 3 > max_staleness 2" in nack.meta["detail"]
+    assert (
+        nack.type is MsgType.NACK
+        and nack.meta["reason"] == "too_stale"
+        and "staleness 3 > max_staleness 2" in nack.meta["detail"]
+    )
     assert (engine.job.version, engine.job.totals["rejected_stale"]) == (version, 1)
     assert torch.equal(engine.job.model.weight.detach(), weights)  # nothing of it applied
     resync = by_worker(engine.tick(members("fast", "slow")))["slow"]
@@ -133,8 +165,15 @@ def test_the_job_finishes_after_its_versions_and_resumes_from_a_checkpoint(tmp_p
     while not engine.job.done:
         for o in engine.tick(members("a")):
             answer(engine, o.message)
-    assert [h["round"] for h in engine.job.history] == [1, 2, 3, 4] and engine.job.state is JobState.FINISHED
-    assert (engine.job.dir / "final.safetensors").exists() and events.names()[-1] == "elastic_job_finished"
+    assert [h["round"] for h in engine.job.history] == [
+        1,
+        2,
+        3,
+        4,
+    ] and engine.job.state is JobState.FINISHED
+    assert (engine.job.dir / "final.safetensors").exists() and events.names()[
+        -1
+    ] == "elastic_job_finished"
     resumed, _, _ = make(tmp_path, rounds=6, min_workers=1)
     assert resumed.job.version == 4 and resumed.job.totals["staleness_histogram"] == {"0": 4}
     assert resumed.histogram[0] == 4
@@ -146,7 +185,11 @@ def test_finish_makes_what_is_folded_the_last_version(tmp_path: Path) -> None:
     assert answer(engine, work["a"]).type is MsgType.ACK and engine.buffer.updates == 1
     engine.set_desired("finished")
     assert engine.tick(members("a", "b")) == []  # the one folded update is the last version
-    assert engine.job.state is JobState.FINISHED and engine.job.version == 1 and engine.job.history[-1]["updates"] == 1
+    assert (
+        engine.job.state is JobState.FINISHED
+        and engine.job.version == 1
+        and engine.job.history[-1]["updates"] == 1
+    )
     assert (engine.job.dir / "final.safetensors").exists()
     assert answer(engine, work["b"]).meta["reason"] == "job_done"
 

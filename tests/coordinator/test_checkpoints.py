@@ -29,8 +29,22 @@ def test_no_checkpoint(tmp_path: Path) -> None:
     assert CheckpointStore(tmp_path, "job").latest() is None
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int8, torch.uint8, torch.bool])
-def test_safetensors_written_from_tensor_memory_load_with_the_safetensors_library(tmp_path: Path, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float32,
+        torch.float64,
+        torch.float16,
+        torch.bfloat16,
+        torch.int64,
+        torch.int8,
+        torch.uint8,
+        torch.bool,
+    ],
+)
+def test_safetensors_written_from_tensor_memory_load_with_the_safetensors_library(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
     g = torch.Generator().manual_seed(0)
     tensors = {
         "b.weight": (torch.randn(3, 5, generator=g) * 10).to(dtype),

@@ -23,14 +23,28 @@ from elastic.wire.header import Message, MsgType
 from elastic.wire.shm import LocalPeers
 from elastic.wire.tensors import WireTensor
 
-SPEC = {"job": {"id": "lin", "task": "linreg", "rule": "fedavg", "rounds": 5, "min_workers": 1, "round_timeout": 30}, "task": {"features": 3, "samples": 40}}
+SPEC = {
+    "job": {
+        "id": "lin",
+        "task": "linreg",
+        "rule": "fedavg",
+        "rounds": 5,
+        "min_workers": 1,
+        "round_timeout": 30,
+    },
+    "task": {"features": 3, "samples": 40},
+}
 
 
 def make_core(tmp_path: Path) -> tuple[CoordinatorCore, SimulatedClock]:
     clock = SimulatedClock()
     backend = EmbeddedBackend("embedded://")
-    config = CoordinatorConfig(state_dir=tmp_path, heartbeat_interval=1.0, heartbeat_timeout=3.0, shared_memory=False)
-    core = CoordinatorCore(config, Plugins(), backend, backend.election("c", 10), LocalPeers(False), clock=clock)
+    config = CoordinatorConfig(
+        state_dir=tmp_path, heartbeat_interval=1.0, heartbeat_timeout=3.0, shared_memory=False
+    )
+    core = CoordinatorCore(
+        config, Plugins(), backend, backend.election("c", 10), LocalPeers(False), clock=clock
+    )
     assert core.election.campaign(LeaderRecord("c", "inproc://c"))
     core.begin_term([parse_job_spec(SPEC)])
     return core, clock
@@ -41,14 +55,28 @@ def sent(core: CoordinatorCore) -> list[tuple[str, MsgType, dict]]:
 
 
 def hello(worker: str) -> Message:
-    return Message(MsgType.HELLO, sender=worker, meta={"device": "cpu", "host": "h", "software": "t", "pid": 1})
+    return Message(
+        MsgType.HELLO, sender=worker, meta={"device": "cpu", "host": "h", "software": "t", "pid": 1}
+    )
 
 
 def update_for(work: Message, worker: str, shift: float) -> Message:
     """The worker's trained weights: what it was sent, plus ``shift``; as decoded off the wire."""
-    weights = {name: WireTensor.from_tensor(wt.to_tensor() + shift) for name, wt in work.tensors.items() if wt.dtype.is_floating_point}
-    msg = Message(MsgType.UPDATE, job=work.job, round=work.round, version=work.version, sender=worker, key=work.key,
-                  meta={"num_samples": 10, "loss": 0.5, "kind": "weights", "train_seconds": 0.01}, tensors=weights)
+    weights = {
+        name: WireTensor.from_tensor(wt.to_tensor() + shift)
+        for name, wt in work.tensors.items()
+        if wt.dtype.is_floating_point
+    }
+    msg = Message(
+        MsgType.UPDATE,
+        job=work.job,
+        round=work.round,
+        version=work.version,
+        sender=worker,
+        key=work.key,
+        meta={"num_samples": 10, "loss": 0.5, "kind": "weights", "train_seconds": 0.01},
+        tensors=weights,
+    )
     return decode([bytes(f) for f in encode(msg)])
 
 
@@ -60,11 +88,16 @@ def test_a_join_a_round_a_crash_and_a_commit_with_no_socket(tmp_path: Path) -> N
     for worker in ("w0", "w1"):
         core.receive(worker, hello(worker))
     welcomes = sent(core)
-    assert [(w, t, m["slot"]) for w, t, m in welcomes] == [("w0", MsgType.WELCOME, 0), ("w1", MsgType.WELCOME, 1)]
+    assert [(w, t, m["slot"]) for w, t, m in welcomes] == [
+        ("w0", MsgType.WELCOME, 0),
+        ("w1", MsgType.WELCOME, 1),
+    ]
 
     core.tick()  # the members join, round 1 starts
     work = {out.worker: out.message for out in core.take()}
-    assert set(work) == {"w0", "w1"} and all(m.type is MsgType.WORK and m.round == 1 for m in work.values())
+    assert set(work) == {"w0", "w1"} and all(
+        m.type is MsgType.WORK and m.round == 1 for m in work.values()
+    )
     assert core.engines["lin"].status()["in_progress"]["participants"] == ["w0", "w1"]
 
     core.receive("w0", update_for(work["w0"], "w0", 1.0))
@@ -80,21 +113,52 @@ def test_a_join_a_round_a_crash_and_a_commit_with_no_socket(tmp_path: Path) -> N
     assert ("w0", MsgType.HEARTBEAT_ACK, {}) in out
     assert job.round == 1 and job.version == 1  # committed with w0's update alone
     moved = {k: v.detach() - start[k] for k, v in update_template(job.model, "train").items()}
-    assert all(torch.allclose(change, torch.ones_like(change)) for change in moved.values())  # w0's +1, averaged over one update
+    assert all(
+        torch.allclose(change, torch.ones_like(change)) for change in moved.values()
+    )  # w0's +1, averaged over one update
     assert [e["event"] for e in job.events if e.get("worker") == "w1"] == ["joined", "left"]
     assert [m.id for m in core.members()] == ["w0"]
-    assert [(w, t) for w, t, _ in out if t is MsgType.WORK] == [("w0", MsgType.WORK)]  # round 2 asks only who is left
-    assert core.engines["lin"].status()["in_progress"] == {"round": 2, "participants": ["w0"], "answered": []}
+    assert [(w, t) for w, t, _ in out if t is MsgType.WORK] == [
+        ("w0", MsgType.WORK)
+    ]  # round 2 asks only who is left
+    assert core.engines["lin"].status()["in_progress"] == {
+        "round": 2,
+        "participants": ["w0"],
+        "answered": [],
+    }
     assert (tmp_path / "lin" / "status.json").exists()
 
 
 def test_what_the_core_refuses_it_answers_and_counts(tmp_path: Path) -> None:
     core, _ = make_core(tmp_path)
-    stranger = Message(MsgType.UPDATE, job="lin", round=1, sender="x", key="x/lin/1", meta={"num_samples": 1, "loss": 0.0, "kind": "weights", "train_seconds": 0.0})
+    stranger = Message(
+        MsgType.UPDATE,
+        job="lin",
+        round=1,
+        sender="x",
+        key="x/lin/1",
+        meta={"num_samples": 1, "loss": 0.0, "kind": "weights", "train_seconds": 0.0},
+    )
     core.receive("x", stranger)
-    core.reject("y", "", "malformed_header", "not msgpack")  # what the shell does with frames that do not decode
+    core.reject(
+        "y", "", "malformed_header", "not msgpack"
+    )  # what the shell does with frames that do not decode
     core.receive("w0", hello("w0"))
-    core.receive("w0", Message(MsgType.WORK, sender="w0", meta={"mode": "train", "task": "t", "task_params": {}, "train": {}, "shard": [0, 1], "seed": 0}))
+    core.receive(
+        "w0",
+        Message(
+            MsgType.WORK,
+            sender="w0",
+            meta={
+                "mode": "train",
+                "task": "t",
+                "task_params": {},
+                "train": {},
+                "shard": [0, 1],
+                "seed": 0,
+            },
+        ),
+    )
     nacks = [(w, m["reason"]) for w, t, m in sent(core) if t is MsgType.NACK]
     assert nacks == [("x", "unknown_member"), ("y", "malformed_header"), ("w0", "unexpected_type")]
     assert core.rejected == {"unknown_member": 1, "malformed_header": 1, "unexpected_type": 1}
@@ -106,13 +170,21 @@ def test_the_control_api_asks_the_core(tmp_path: Path) -> None:
     reply = api.handle(Message(MsgType.REQUEST, meta={"op": "ls", "args": {}}))
     assert reply.meta["ok"] and [j["job"] for j in reply.meta["data"]["jobs"]] == ["lin"]
     spec = dict(SPEC, job={**SPEC["job"], "id": "lin2"})
-    assert api.handle(Message(MsgType.REQUEST, meta={"op": "submit", "args": {"spec": spec}})).meta["ok"]
+    assert api.handle(Message(MsgType.REQUEST, meta={"op": "submit", "args": {"spec": spec}})).meta[
+        "ok"
+    ]
     again = api.handle(Message(MsgType.REQUEST, meta={"op": "submit", "args": {"spec": spec}}))
     assert (again.meta["ok"], again.meta["code"]) == (False, "conflict")
     paused = api.handle(Message(MsgType.REQUEST, meta={"op": "pause", "args": {"job": "lin2"}}))
-    assert paused.meta["data"]["desired"] == "paused" and core.board.jobs()["lin2"]["state"] == b"paused"
+    assert (
+        paused.meta["data"]["desired"] == "paused"
+        and core.board.jobs()["lin2"]["state"] == b"paused"
+    )
     unknown = api.handle(Message(MsgType.REQUEST, meta={"op": "reboot", "args": {}}))
-    assert unknown.meta["code"] == "bad_request" and "known: cancel, export, finish, logs, ls, members" in unknown.meta["error"]
+    assert (
+        unknown.meta["code"] == "bad_request"
+        and "known: cancel, export, finish, logs, ls, members" in unknown.meta["error"]
+    )
 
 
 def test_an_update_in_parts_is_tracked_once_by_the_core(tmp_path: Path) -> None:
@@ -130,7 +202,17 @@ def test_an_update_in_parts_is_tracked_once_by_the_core(tmp_path: Path) -> None:
     whole = update_for(work["w0"], "w0", 1.0)
 
     def offer() -> dict:
-        core.receive("w0", Message(MsgType.OFFER, job="lin", round=1, sender="w0", key=whole.key, meta={"bytes": whole.payload_bytes, "parts": True}))
+        core.receive(
+            "w0",
+            Message(
+                MsgType.OFFER,
+                job="lin",
+                round=1,
+                sender="w0",
+                key=whole.key,
+                meta={"bytes": whole.payload_bytes, "parts": True},
+            ),
+        )
         [(worker, kind, meta)] = sent(core)
         assert (worker, kind) == ("w0", MsgType.GRANT)
         return meta
@@ -142,14 +224,22 @@ def test_an_update_in_parts_is_tracked_once_by_the_core(tmp_path: Path) -> None:
     grant = offer()
     assert grant["part"] == [0, 2]
     [(_, kind, meta)] = part(1, grant["segments"])  # out of turn
-    assert kind is MsgType.NACK and meta["reason"] == "bad_part" and "expected part 0 of w0/lin/1" in meta["detail"]
-    assert "w0" in core.engines["lin"].status()["in_progress"]["participants"]  # nothing was folded: still asked
+    assert (
+        kind is MsgType.NACK
+        and meta["reason"] == "bad_part"
+        and "expected part 0 of w0/lin/1" in meta["detail"]
+    )
+    assert (
+        "w0" in core.engines["lin"].status()["in_progress"]["participants"]
+    )  # nothing was folded: still asked
 
     grant = offer()
     [(_, kind, meta)] = part(0, grant["segments"])  # folded; the next part is granted
     assert kind is MsgType.GRANT and meta["part"] == [1, 2]
     [(_, kind, meta)] = part(0, grant["segments"])  # part 0 again: the stream ends
     assert kind is MsgType.NACK and meta["reason"] == "bad_part"
-    assert core.engines["lin"].status()["in_progress"]["participants"] == ["w1"]  # half folded: not waited for
+    assert core.engines["lin"].status()["in_progress"]["participants"] == [
+        "w1"
+    ]  # half folded: not waited for
     core.receive("w1", update_for(work["w1"], "w1", 3.0))
     assert sent(core) == [("w1", MsgType.ACK, {})] and core.engines["lin"].job.round == 1

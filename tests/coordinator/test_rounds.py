@@ -40,24 +40,54 @@ class Events(list):
         return [h for h, _ in self]
 
 
-def make(tmp_path: Path, task: dict | None = None, compression: dict | None = None, **job) -> tuple[RoundEngine, Events, Clock]:
-    spec = parse_job_spec({"job": {"id": "j", "task": "linreg", "rule": "fedavg", "rounds": 3, "min_workers": 2, "round_timeout": 10, **job}, "task": {"samples": 60, **(task or {})}, "compression": compression or {}})
+def make(
+    tmp_path: Path, task: dict | None = None, compression: dict | None = None, **job
+) -> tuple[RoundEngine, Events, Clock]:
+    spec = parse_job_spec(
+        {
+            "job": {
+                "id": "j",
+                "task": "linreg",
+                "rule": "fedavg",
+                "rounds": 3,
+                "min_workers": 2,
+                "round_timeout": 10,
+                **job,
+            },
+            "task": {"samples": 60, **(task or {})},
+            "compression": compression or {},
+        }
+    )
     events, clock = Events(), Clock()
-    return RoundEngine(Job(spec, Plugins(), tmp_path), EngineContext(notify=events, clock=clock)), events, clock
+    return (
+        RoundEngine(Job(spec, Plugins(), tmp_path), EngineContext(notify=events, clock=clock)),
+        events,
+        clock,
+    )
 
 
 def members(*ids: str) -> list[Member]:
     return [Member(id=i, slot=n) for n, i in enumerate(ids)]
 
 
-def update_for(engine: RoundEngine, work: Message, worker: str, value: float = 1.0, **overrides) -> Message:
+def update_for(
+    engine: RoundEngine, work: Message, worker: str, value: float = 1.0, **overrides
+) -> Message:
     template = update_template(engine.job.model, "train")
-    fields = dict(job=work.job, round=work.round, version=work.version, sender=worker, key=f"{worker}/{work.job}/{work.round}")
+    fields = dict(
+        job=work.job,
+        round=work.round,
+        version=work.version,
+        sender=worker,
+        key=f"{worker}/{work.job}/{work.round}",
+    )
     fields.update(overrides)
     return Message(
         MsgType.UPDATE,
         meta={"num_samples": 10, "loss": 0.5, "kind": "weights", "train_seconds": 0.01},
-        tensors={k: WireTensor.from_tensor(v.detach() + value) for k, v in template.items()},  # delta = value
+        tensors={
+            k: WireTensor.from_tensor(v.detach() + value) for k, v in template.items()
+        },  # delta = value
         **fields,
     )
 
@@ -84,11 +114,15 @@ def test_round_commits_when_all_answered(tmp_path: Path) -> None:
     assert torch.allclose(engine.job.model.weight.detach(), w0 + 2.0)
     assert engine.job.store.paths()[-1][0] == 1
     assert "eval_loss" in engine.job.history[-1]
-    assert ["elastic_round_started", "elastic_checkpoint_saved", "elastic_round_completed"] == [n for n in events.names() if n.startswith("elastic_round") or n.startswith("elastic_check")]
+    assert ["elastic_round_started", "elastic_checkpoint_saved", "elastic_round_completed"] == [
+        n for n in events.names() if n.startswith("elastic_round") or n.startswith("elastic_check")
+    ]
 
 
 @pytest.mark.parametrize("reader_keeps_up", [True, False])
-def test_work_is_sent_from_the_model_and_queued_frames_never_change(tmp_path: Path, reader_keeps_up: bool, inproc_pair: tuple[zmq.Socket, zmq.Socket]) -> None:
+def test_work_is_sent_from_the_model_and_queued_frames_never_change(
+    tmp_path: Path, reader_keeps_up: bool, inproc_pair: tuple[zmq.Socket, zmq.Socket]
+) -> None:
     """WORK frames alias the model's memory (no copy per round). If a send is still
     queued when the round commits, the model moves to a copy and the queued frames
     still carry the version they were sent with."""
@@ -121,7 +155,9 @@ def test_work_is_sent_from_the_model_and_queued_frames_never_change(tmp_path: Pa
         ({"round": 5}, "unknown_round"),
     ],
 )
-def test_bad_updates_get_a_nack_with_the_reason(tmp_path: Path, overrides: dict, reason: str) -> None:
+def test_bad_updates_get_a_nack_with_the_reason(
+    tmp_path: Path, overrides: dict, reason: str
+) -> None:
     engine, events, _ = make(tmp_path)
     work = engine.tick(members("a", "b"))[0].message
     reply = engine.on_update("a", update_for(engine, work, "a", **overrides))
@@ -134,9 +170,14 @@ def test_duplicates_late_and_outsiders_are_refused(tmp_path: Path) -> None:
     work = engine.tick(members("a", "b"))[0].message
     outsider = "b" if work.key.startswith("a/") else "a"
     insider = "a" if outsider == "b" else "b"
-    assert engine.on_update(outsider, update_for(engine, work, outsider)).meta["reason"] == "not_participant"
+    assert (
+        engine.on_update(outsider, update_for(engine, work, outsider)).meta["reason"]
+        == "not_participant"
+    )
     first = update_for(engine, work, insider)
-    assert engine.on_update(insider, first).type is MsgType.ACK  # commits round 1 (only participant)
+    assert (
+        engine.on_update(insider, first).type is MsgType.ACK
+    )  # commits round 1 (only participant)
     assert engine.on_update(insider, update_for(engine, work, insider)).meta["reason"] == "late"
     engine.tick(members("a", "b"))
     assert engine.job.version == 1  # applied once
@@ -222,7 +263,9 @@ def test_fraction_and_max_workers_pick_participants(tmp_path: Path) -> None:
     for o in out:
         engine.on_update(o.worker, update_for(engine, o.message, o.worker))
     picked_round2 = {o.worker for o in engine.tick(members(*"abcdefgh"))}
-    assert len(picked_round2) == 4 and picked_round2 != picked_round1  # rotates across rounds (seeded)
+    assert (
+        len(picked_round2) == 4 and picked_round2 != picked_round1
+    )  # rotates across rounds (seeded)
 
 
 def test_a_worker_that_cannot_work_is_not_waited_for(tmp_path: Path) -> None:
@@ -250,7 +293,9 @@ def commit_one_round(engine: RoundEngine) -> None:
 
 
 @pytest.mark.parametrize("verdict, fenced", [(False, True), (None, False)])
-def test_a_fenced_engine_commits_nothing(tmp_path: Path, verdict: bool | None, fenced: bool) -> None:
+def test_a_fenced_engine_commits_nothing(
+    tmp_path: Path, verdict: bool | None, fenced: bool
+) -> None:
     engine, events, _ = make(tmp_path, min_workers=1)
     engine.ctx.fence = Fence(verdict)
     before = engine.job.model.weight.detach().clone()
@@ -291,11 +336,22 @@ def test_no_round_starts_while_the_lease_clock_has_run_out(tmp_path: Path) -> No
 
 
 def test_syncavg_shards_follow_the_members_by_generation(tmp_path: Path) -> None:
-    spec = parse_job_spec({"job": {"id": "s", "task": "linreg", "rule": "syncavg", "rounds": 5, "min_workers": 2}, "task": {"samples": 60}})
+    spec = parse_job_spec(
+        {
+            "job": {"id": "s", "task": "linreg", "rule": "syncavg", "rounds": 5, "min_workers": 2},
+            "task": {"samples": 60},
+        }
+    )
     events = Events()
-    engine = RoundEngine(Job(spec, Plugins(), tmp_path), EngineContext(notify=events, clock=Clock()))
+    engine = RoundEngine(
+        Job(spec, Plugins(), tmp_path), EngineContext(notify=events, clock=Clock())
+    )
     out = engine.tick(members("a", "b", "c"))
-    assert [(o.worker, o.message.meta["shard"]) for o in out] == [("a", [0, 3]), ("b", [1, 3]), ("c", [2, 3])]
+    assert [(o.worker, o.message.meta["shard"]) for o in out] == [
+        ("a", [0, 3]),
+        ("b", [1, 3]),
+        ("c", [2, 3]),
+    ]
     engine.on_member_left("b")  # its third of the data would be missing: re-run
     assert engine.current is None and events.names()[-1] == "elastic_round_abandoned"
     out = engine.tick(members("a", "c"))
@@ -309,7 +365,11 @@ def test_pause_resume_and_cancel(tmp_path: Path) -> None:
     out = engine.tick(members("a"))  # round 2 runs...
     engine.set_desired("paused")  # ...and still commits; no round 3 starts
     engine.on_update("a", update_for(engine, out[0].message, "a"))
-    assert engine.tick(members("a")) == [] and engine.job.state is JobState.PAUSED and engine.job.round == 2
+    assert (
+        engine.tick(members("a")) == []
+        and engine.job.state is JobState.PAUSED
+        and engine.job.round == 2
+    )
     engine.set_desired("running")
     out = engine.tick(members("a"))
     assert out and out[0].message.round == 3
@@ -326,8 +386,13 @@ def test_finish_makes_the_round_running_the_last_and_writes_the_final_model(tmp_
     engine.set_desired("finished")  # ...and is the last
     assert engine.job.state is JobState.RUNNING and engine.current is not None
     engine.on_update("a", update_for(engine, out[0].message, "a"))
-    assert engine.job.state is JobState.FINISHED and (engine.job.round, engine.job.version) == (2, 2)
-    assert (engine.job.dir / "final.safetensors").exists() and events.names()[-1] == "elastic_job_finished"
+    assert engine.job.state is JobState.FINISHED and (engine.job.round, engine.job.version) == (
+        2,
+        2,
+    )
+    assert (engine.job.dir / "final.safetensors").exists() and events.names()[
+        -1
+    ] == "elastic_job_finished"
     assert engine.tick(members("a")) == [] and [r for r, _ in engine.job.store.paths()] == [1, 2]
     assert "eval_loss" in engine.job.final_metrics and engine.job.final_metrics["rounds"] == 2
 
@@ -338,18 +403,33 @@ def test_finish_with_nothing_running_finishes_at_once(tmp_path: Path) -> None:
     engine.set_desired("paused")
     assert engine.tick(members("a")) == [] and engine.job.state is JobState.PAUSED
     engine.set_desired("finished")
-    assert engine.tick(members("a")) == [] and engine.job.state is JobState.FINISHED and engine.job.round == 1
-    assert engine.job.final_metrics["rounds"] == 1 and (engine.job.dir / "final.safetensors").exists()
+    assert (
+        engine.tick(members("a")) == []
+        and engine.job.state is JobState.FINISHED
+        and engine.job.round == 1
+    )
+    assert (
+        engine.job.final_metrics["rounds"] == 1 and (engine.job.dir / "final.safetensors").exists()
+    )
     engine.set_desired("running")  # a finished job stays finished
     assert engine.job.state is JobState.FINISHED and engine.tick(members("a")) == []
 
 
 def test_a_syncavg_worker_that_fails_its_work_sits_out(tmp_path: Path) -> None:
-    spec = parse_job_spec({"job": {"id": "s", "task": "linreg", "rule": "syncavg", "rounds": 5, "min_workers": 2}, "task": {"samples": 60}})
+    spec = parse_job_spec(
+        {
+            "job": {"id": "s", "task": "linreg", "rule": "syncavg", "rounds": 5, "min_workers": 2},
+            "task": {"samples": 60},
+        }
+    )
     clock = Clock()
-    engine = RoundEngine(Job(spec, Plugins(), tmp_path), EngineContext(notify=Events(), clock=clock))
+    engine = RoundEngine(
+        Job(spec, Plugins(), tmp_path), EngineContext(notify=Events(), clock=clock)
+    )
     out = engine.tick(members("a", "b", "c"))
-    engine.on_worker_failed("b", out[0].message.round, "work_failed: bad data")  # the step is re-run...
+    engine.on_worker_failed(
+        "b", out[0].message.round, "work_failed: bad data"
+    )  # the step is re-run...
     assert [o.worker for o in engine.tick(members("a", "b", "c"))] == ["a", "c"]  # ...without it
     engine.on_member_left("b")  # it left; when it joins again it gets another chance
     clock.now += spec.round_timeout + 1
@@ -357,7 +437,9 @@ def test_a_syncavg_worker_that_fails_its_work_sits_out(tmp_path: Path) -> None:
     assert [o.worker for o in engine.tick(members("a", "b", "c"))] == ["a", "b", "c"]
 
 
-def test_a_compressed_update_is_expanded_and_other_codecs_are_a_codec_mismatch(tmp_path: Path) -> None:
+def test_a_compressed_update_is_expanded_and_other_codecs_are_a_codec_mismatch(
+    tmp_path: Path,
+) -> None:
     from elastic.compression.chain import CodecChain
 
     engine, _, _ = make(tmp_path, compression={"update": ["topk:0.5", "zstd"]}, min_workers=1)
@@ -367,17 +449,35 @@ def test_a_compressed_update_is_expanded_and_other_codecs_are_a_codec_mismatch(t
 
     def compressed(worker: str, work: Message, codec: str | None = None) -> Message:
         deltas = {k: torch.full_like(v.detach(), 0.5) for k, v in template.items()}
-        parts, encodings = CodecChain(Plugins().codecs, ["topk:0.5", "zstd"]).compressor().compress(deltas)
+        parts, encodings = (
+            CodecChain(Plugins().codecs, ["topk:0.5", "zstd"]).compressor().compress(deltas)
+        )
         if codec:
             encodings["weight"][0]["s"] = codec
-        msg = Message(MsgType.UPDATE, job=work.job, round=work.round, version=work.version, sender=worker, key=f"{worker}/{work.job}/{work.round}",
-                      meta={"num_samples": 10, "loss": 0.5, "kind": "weights", "train_seconds": 0.01},
-                      tensors={k: WireTensor.from_tensor(v) for k, v in parts.items()}, encodings=encodings)
+        msg = Message(
+            MsgType.UPDATE,
+            job=work.job,
+            round=work.round,
+            version=work.version,
+            sender=worker,
+            key=f"{worker}/{work.job}/{work.round}",
+            meta={"num_samples": 10, "loss": 0.5, "kind": "weights", "train_seconds": 0.01},
+            tensors={k: WireTensor.from_tensor(v) for k, v in parts.items()},
+            encodings=encodings,
+        )
         return decode([bytes(f) for f in encode(msg)])
 
-    for codec in ("lz4:9", "qsgd:4", "topk:0.9"):  # not installed; installed, not the job's; another argument
+    for codec in (
+        "lz4:9",
+        "qsgd:4",
+        "topk:0.9",
+    ):  # not installed; installed, not the job's; another argument
         nack = engine.on_update("a", compressed("a", out[0].message, codec=codec))
-        assert nack.type is MsgType.NACK and nack.meta["reason"] == "codec_mismatch" and codec in nack.meta["detail"]
+        assert (
+            nack.type is MsgType.NACK
+            and nack.meta["reason"] == "codec_mismatch"
+            and codec in nack.meta["detail"]
+        )
     w0 = engine.job.model.weight.detach().clone()
     engine.on_update("b", compressed("b", out[1].message))
     assert engine.job.round == 0  # a's refused update is no answer: the round waits for it
@@ -385,34 +485,65 @@ def test_a_compressed_update_is_expanded_and_other_codecs_are_a_codec_mismatch(t
     assert engine.job.round == 1
     changed = engine.job.model.weight.detach() - w0
     kept = torch.isclose(changed, torch.tensor(0.5))
-    assert int(kept.sum()) == changed.numel() // 2 and bool((changed[~kept] == 0).all())  # topk 50 %: half the deltas, added
+    assert int(kept.sum()) == changed.numel() // 2 and bool(
+        (changed[~kept] == 0).all()
+    )  # topk 50 %: half the deltas, added
 
 
 def test_job_limits_refuse_or_clip_and_a_plugin_can_veto(tmp_path: Path) -> None:
     def engine_with(limits: dict, ask=None) -> tuple[RoundEngine, list]:  # type: ignore[no-untyped-def]
-        spec = parse_job_spec({"job": {"id": "j", "task": "linreg", "rule": "fedavg", "rounds": 50, "min_workers": 1, "round_timeout": 10}, "task": {"samples": 60}, "limits": limits})
-        engine = RoundEngine(Job(spec, Plugins(), tmp_path / str(len(limits)) / str(ask is not None)), EngineContext(notify=Events(), clock=Clock(), ask=ask or (lambda *_a, **_k: None)))
+        spec = parse_job_spec(
+            {
+                "job": {
+                    "id": "j",
+                    "task": "linreg",
+                    "rule": "fedavg",
+                    "rounds": 50,
+                    "min_workers": 1,
+                    "round_timeout": 10,
+                },
+                "task": {"samples": 60},
+                "limits": limits,
+            }
+        )
+        engine = RoundEngine(
+            Job(spec, Plugins(), tmp_path / str(len(limits)) / str(ask is not None)),
+            EngineContext(notify=Events(), clock=Clock(), ask=ask or (lambda *_a, **_k: None)),
+        )
         return engine, engine.tick(members("a"))
 
     engine, out = engine_with({"max_norm": 1.0})
-    nack = engine.on_update("a", update_for(engine, out[0].message, "a", 5.0))  # every weight +5: norm >> 1
+    nack = engine.on_update(
+        "a", update_for(engine, out[0].message, "a", 5.0)
+    )  # every weight +5: norm >> 1
     assert nack.meta["reason"] == "norm_too_large" and engine.job.round == 0
     assert engine.on_update("a", update_for(engine, out[0].message, "a", 0.01)).type is MsgType.ACK
 
     engine, out = engine_with({"max_norm": 1.0, "norm_action": "clip"})
     before = {k: v.detach().clone() for k, v in update_template(engine.job.model, "train").items()}
     assert engine.on_update("a", update_for(engine, out[0].message, "a", 5.0)).type is MsgType.ACK
-    moved = sum(float((v.detach() - before[k]).pow(2).sum()) for k, v in update_template(engine.job.model, "train").items()) ** 0.5
+    moved = (
+        sum(
+            float((v.detach() - before[k]).pow(2).sum())
+            for k, v in update_template(engine.job.model, "train").items()
+        )
+        ** 0.5
+    )
     assert abs(moved - 1.0) < 1e-4  # the change was scaled down to the bound
 
     engine, out = engine_with({"max_update_bytes": 8})
-    assert engine.on_update("a", update_for(engine, out[0].message, "a")).meta["reason"] == "too_large"
+    assert (
+        engine.on_update("a", update_for(engine, out[0].message, "a")).meta["reason"] == "too_large"
+    )
 
     engine, out = engine_with({"max_updates_per_minute": 2})
     for _ in range(2):
         assert engine.on_update("a", update_for(engine, out[0].message, "a")).type is MsgType.ACK
         out = engine.tick(members("a"))
-    assert engine.on_update("a", update_for(engine, out[0].message, "a")).meta["reason"] == "rate_limited"
+    assert (
+        engine.on_update("a", update_for(engine, out[0].message, "a")).meta["reason"]
+        == "rate_limited"
+    )
 
     seen = []
 
@@ -422,7 +553,10 @@ def test_job_limits_refuse_or_clip_and_a_plugin_can_veto(tmp_path: Path) -> None
 
     engine, out = engine_with({}, ask=veto)
     nack = engine.on_update("a", update_for(engine, out[0].message, "a"))
-    assert (nack.meta["reason"], nack.meta["detail"]) == ("vetoed", "no-mallory: mallory is not trusted")
+    assert (nack.meta["reason"], nack.meta["detail"]) == (
+        "vetoed",
+        "no-mallory: mallory is not trusted",
+    )
     assert seen == [("elastic_validate_update", "a", "weights")]
 
 
@@ -444,9 +578,14 @@ def test_a_long_jobs_history_stays_bounded_and_spans_the_whole_job(tmp_path: Pat
         job.record({"round": n, "version": n, "updates": 1})
         assert len(job.history) < 2 * HISTORY_RECENT
     rounds = [h["round"] for h in job.history]
-    assert rounds[0] == 1 and rounds[-HISTORY_RECENT:] == list(range(total - HISTORY_RECENT + 1, total + 1))
-    assert all(a < b for a, b in zip(rounds, rounds[1:], strict=False))  # older ones thinned, never reordered
-    # `elastic job logs` pages by the last round it has, so thinning skips nothing it could still get
+    assert rounds[0] == 1 and rounds[-HISTORY_RECENT:] == list(
+        range(total - HISTORY_RECENT + 1, total + 1)
+    )
+    assert all(
+        a < b for a, b in zip(rounds, rounds[1:], strict=False)
+    )  # older ones thinned, never reordered
+    # `elastic job logs` pages by the last round it has, so thinning skips nothing it could still
+    # get
     api = ControlAPI(SimpleNamespace(engines={"j": engine}))  # type: ignore[arg-type]
     since, seen = 0, []
     while True:
@@ -458,7 +597,9 @@ def test_a_long_jobs_history_stays_bounded_and_spans_the_whole_job(tmp_path: Pat
     assert seen == rounds
 
 
-def parts_for(engine: RoundEngine, work: Message, worker: str, value: float, part_bytes: int = 8) -> list[tuple[Message, Part]]:
+def parts_for(
+    engine: RoundEngine, work: Message, worker: str, value: float, part_bytes: int = 8
+) -> list[tuple[Message, Part]]:
     """The update ``update_for`` makes, cut as the engine's grid says: each part, and
     what the core's record of the stream (``UploadStream``) tells the engine of it."""
     from elastic.wire.parts import part_message
@@ -483,12 +624,28 @@ def test_updates_in_parts_commit_the_model_whole_updates_commit(tmp_path: Path) 
         out = engine.tick(members("a", "b"))
         for o, value in zip(out, (1.0, 3.0), strict=True):
             if not in_parts:
-                assert engine.on_update(o.worker, update_for(engine, o.message, o.worker, value)).type is MsgType.ACK
+                assert (
+                    engine.on_update(o.worker, update_for(engine, o.message, o.worker, value)).type
+                    is MsgType.ACK
+                )
                 continue
-            replies = [engine.on_update_part(o.worker, msg, part) for msg, part in parts_for(engine, o.message, o.worker, value)]
-            assert replies[:-1] == [None] * (len(replies) - 1) and replies[-1] is not None and replies[-1].type is MsgType.ACK
+            replies = [
+                engine.on_update_part(o.worker, msg, part)
+                for msg, part in parts_for(engine, o.message, o.worker, value)
+            ]
+            assert (
+                replies[:-1] == [None] * (len(replies) - 1)
+                and replies[-1] is not None
+                and replies[-1].type is MsgType.ACK
+            )
         assert engine.job.round == 1 and engine.job.history[-1]["updates"] == 2
-        counted.append((engine.job.totals["update_bytes_wire"], engine.job.totals["update_bytes_raw"], engine.job.history[-1]["bytes_received"]))
+        counted.append(
+            (
+                engine.job.totals["update_bytes_wire"],
+                engine.job.totals["update_bytes_raw"],
+                engine.job.history[-1]["bytes_received"],
+            )
+        )
         models.append({k: v.clone() for k, v in engine.job.model.state_dict().items()})
     for name, whole in models[0].items():
         assert torch.equal(models[1][name], whole), name
@@ -497,7 +654,10 @@ def test_updates_in_parts_commit_the_model_whole_updates_commit(tmp_path: Path) 
 
 def test_an_update_broken_off_halfway_keeps_its_parts_and_the_round_goes_on(tmp_path: Path) -> None:
     engine, _, _ = make(tmp_path, min_workers=1)
-    before = {k: v.detach().clone().reshape(-1) for k, v in update_template(engine.job.model, "train").items()}
+    before = {
+        k: v.detach().clone().reshape(-1)
+        for k, v in update_template(engine.job.model, "train").items()
+    }
     out = {o.worker: o.message for o in engine.tick(members("a", "b"))}
     b_parts = parts_for(engine, out["b"], "b", 3.0)
     assert engine.on_update_part("b", *b_parts[0]) is None
@@ -509,7 +669,9 @@ def test_an_update_broken_off_halfway_keeps_its_parts_and_the_round_goes_on(tmp_
         reply = engine.on_update_part("a", msg, part)
     assert reply is not None and reply.type is MsgType.ACK and engine.job.round == 1
     assert b_parts[0][1].segments == [("weight", 0, 2)]
-    after = {k: v.detach().reshape(-1) for k, v in update_template(engine.job.model, "train").items()}
+    after = {
+        k: v.detach().reshape(-1) for k, v in update_template(engine.job.model, "train").items()
+    }
     # a (10 samples, +1) and b's first part (10 samples, +3); a alone beyond it
     assert torch.allclose(after["weight"][:2], before["weight"][:2] + 2.0)
     assert torch.allclose(after["weight"][2:], before["weight"][2:] + 1.0)
@@ -520,7 +682,9 @@ def test_a_part_that_is_not_the_granted_one_is_refused(tmp_path: Path) -> None:
     engine, _, _ = make(tmp_path, min_workers=1)
     [o] = engine.tick(members("a"))
     (msg, part), (second, later) = parts_for(engine, o.message, "a", 1.0)[:2]
-    wrong = Part(part.index, part.count, [(name, start, stop + 1) for name, start, stop in part.segments], 0)
+    wrong = Part(
+        part.index, part.count, [(name, start, stop + 1) for name, start, stop in part.segments], 0
+    )
     nack = engine.on_update_part("a", msg, wrong)
     assert nack is not None and nack.meta["reason"] == "bad_part" and engine.job.round == 0
     assert engine.on_update_part("a", msg, part) is None  # the granted one is folded
@@ -528,6 +692,8 @@ def test_a_part_that_is_not_the_granted_one_is_refused(tmp_path: Path) -> None:
     second.meta["kind"] = "gradient"
     nack = engine.on_update_part("a", second, later)
     assert nack is not None and nack.meta["reason"] == "wrong_kind"
-    assert engine.current is None and engine.job.round == 0  # half folded: given up; with nobody else, run again
+    assert (
+        engine.current is None and engine.job.round == 0
+    )  # half folded: given up; with nobody else, run again
     second.meta["kind"] = kind
     assert engine.upload_parts(0) is None

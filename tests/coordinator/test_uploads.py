@@ -50,7 +50,9 @@ def test_a_new_offer_replaces_the_old_one_of_the_same_worker() -> None:
     gate.offer("b", "b/j/1", MB, now=0)
     assert gate.offer("b", "b/j/2", MB, now=0) == []  # still one offer from b, waiting
     assert len(gate.waiting) == 1
-    assert peers(gate.offer("a", "a/j/2", MB, now=0)) == ["b"]  # a's grant is void; b was first in line
+    assert peers(gate.offer("a", "a/j/2", MB, now=0)) == [
+        "b"
+    ]  # a's grant is void; b was first in line
     assert gate.granted["b"][0].key == "b/j/2"
 
 

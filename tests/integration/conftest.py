@@ -55,30 +55,76 @@ class Cluster:
         log = self.root / f"{name}.log"
         # Plaintext unless a test brings keys (the CURVE tests do): the daemons
         # refuse to start without one or the other.
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "ELASTIC_INSECURE": "1", **self.env, **(env or {})}
-        if args and args[0] == "coordinator" and "--control" not in args and any(a.startswith("--bind") for a in args):
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "ELASTIC_INSECURE": "1",
+            **self.env,
+            **(env or {}),
+        }
+        if (
+            args
+            and args[0] == "coordinator"
+            and "--control" not in args
+            and any(a.startswith("--bind") for a in args)
+        ):
             # The default control port is the bind port + 1: with a random bind port,
             # that one may be taken. Tests give it a free port of its own.
             args = (*args, "--control", f"tcp://127.0.0.1:{free_port()}")
         with open(log, "ab") as out:
-            p = subprocess.Popen([sys.executable, "-m", "elastic", *args], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+            p = subprocess.Popen(
+                [sys.executable, "-m", "elastic", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+            )
         self.procs.append(p)
         self.logs[p.pid] = log
         return p
 
-    def coordinator(self, *jobs: Path, name: str = "coordinator", extra: tuple[str, ...] = ()) -> subprocess.Popen:
-        args = ["coordinator", "--bind", self.address, "--state-dir", str(self.state), "--heartbeat-interval", "0.3", "--heartbeat-timeout", "1.5", *extra]
+    def coordinator(
+        self, *jobs: Path, name: str = "coordinator", extra: tuple[str, ...] = ()
+    ) -> subprocess.Popen:
+        args = [
+            "coordinator",
+            "--bind",
+            self.address,
+            "--state-dir",
+            str(self.state),
+            "--heartbeat-interval",
+            "0.3",
+            "--heartbeat-timeout",
+            "1.5",
+            *extra,
+        ]
         for job in jobs:
             args += ["--job", str(job)]
         return self.spawn(name, *args)
 
     def worker(self, wid: str, *extra: str) -> subprocess.Popen:
-        return self.spawn(wid, "worker", "--coordinator", self.address, "--id", wid, "--device", "cpu", "--threads", "1", "--coordinator-timeout", "5", *extra)
+        return self.spawn(
+            wid,
+            "worker",
+            "--coordinator",
+            self.address,
+            "--id",
+            wid,
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            "--coordinator-timeout",
+            "5",
+            *extra,
+        )
 
     def status(self, job: str) -> dict[str, Any] | None:
         return read_status(self.state, job)
 
-    def wait_status(self, job: str, check: Callable[[dict[str, Any]], bool], timeout: float, what: str) -> dict[str, Any]:
+    def wait_status(
+        self, job: str, check: Callable[[dict[str, Any]], bool], timeout: float, what: str
+    ) -> dict[str, Any]:
         def probe() -> dict[str, Any] | None:
             st = self.status(job)
             return st if st is not None and check(st) else None
@@ -86,7 +132,9 @@ class Cluster:
         try:
             return wait_for(probe, timeout, what)
         except AssertionError:
-            raise AssertionError(f"{what}: timed out; last status {self.status(job)}\n{self.dump_logs()}") from None
+            raise AssertionError(
+                f"{what}: timed out; last status {self.status(job)}\n{self.dump_logs()}"
+            ) from None
 
     def dump_logs(self) -> str:
         out = []
@@ -119,10 +167,14 @@ def write_job(path: Path, text: str) -> Path:
     return path
 
 
-def big_job(tmp_path: Path, rounds: int = 3, min_workers: int = 2, rule: str = "syncavg", extra: str = "") -> Path:
+def big_job(
+    tmp_path: Path, rounds: int = 3, min_workers: int = 2, rule: str = "syncavg", extra: str = ""
+) -> Path:
     """A job on 1M parameters: 4 MB a message, over the 1 MiB where offers and the
     shared-memory path start. Written to ``tmp_path/big.toml``."""
-    return write_job(tmp_path / "big.toml", f"""
+    return write_job(
+        tmp_path / "big.toml",
+        f"""
 [job]
 id = "big"
 task = "synthetic"
@@ -141,4 +193,5 @@ batch_size = 8
 {"lr = 0.01" if rule == "syncavg" else ""}
 [checkpoint]
 every = 1000
-{extra}""")
+{extra}""",
+    )

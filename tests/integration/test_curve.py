@@ -73,7 +73,21 @@ class Tap:
 def keys(tmp_path: Path, *names: str) -> None:
     for name in names:
         where, _, key = name.rpartition("/")
-        done = subprocess.run([sys.executable, "-m", "elastic", "keys", "generate", key, "--out", str(tmp_path / "keys" / where)], capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "elastic",
+                "keys",
+                "generate",
+                key,
+                "--out",
+                str(tmp_path / "keys" / where),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 0 and "keep it here" in done.stdout, done.stderr
 
 
@@ -83,50 +97,160 @@ def model_bytes() -> bytes:
 
 
 def job(tmp_path: Path) -> Path:
-    return write_job(tmp_path / "lin.toml", f'[job]\nid = "lin"\ntask = "linreg"\nrule = "fedavg"\nrounds = 100000\nmin_workers = 1\neval_every = 0\n[task]\nsamples = {TASK["samples"]}\nfeatures = {TASK["features"]}\n')
+    return write_job(
+        tmp_path / "lin.toml",
+        '[job]\nid = "lin"\ntask = "linreg"\nrule = "fedavg"\nrounds = 100000\nmin_workers = '
+        f"1\neval_every = 0\n[task]\nsamples = {TASK['samples']}\nfeatures = {TASK['features']}\n",
+    )
 
 
 @pytest.mark.parametrize("secure", [True, False])
-def test_curve_admits_only_allowed_keys_and_encrypts(cluster: Cluster, tmp_path: Path, secure: bool) -> None:
+def test_curve_admits_only_allowed_keys_and_encrypts(
+    cluster: Cluster, tmp_path: Path, secure: bool
+) -> None:
     k = tmp_path / "keys"
     control = f"tcp://127.0.0.1:{free_port()}"
     metrics = free_port()
     if secure:
         keys(tmp_path, "coordinator", "workers/good", "admins/alice", "outsiders/mallory")
-        flags: tuple[str, ...] = ("--curve-key", str(k / "coordinator.key_secret"), "--allow-workers", str(k / "workers"), "--allow-admins", str(k / "admins"))
+        flags: tuple[str, ...] = (
+            "--curve-key",
+            str(k / "coordinator.key_secret"),
+            "--allow-workers",
+            str(k / "workers"),
+            "--allow-admins",
+            str(k / "admins"),
+        )
         env = {"ELASTIC_INSECURE": ""}
     else:
         flags, env = (), {}
-    cluster.spawn("coordinator", "coordinator", "--bind", cluster.address, "--control", control, "--state-dir", str(cluster.state), "--job", str(job(tmp_path)), "--metrics-port", str(metrics), *flags, env=env)
+    cluster.spawn(
+        "coordinator",
+        "coordinator",
+        "--bind",
+        cluster.address,
+        "--control",
+        control,
+        "--state-dir",
+        str(cluster.state),
+        "--job",
+        str(job(tmp_path)),
+        "--metrics-port",
+        str(metrics),
+        *flags,
+        env=env,
+    )
     tap = Tap(cluster.port)
     try:
-        worker_flags = ("--curve-key", str(k / "workers" / "good.key_secret"), "--coordinator-key", str(k / "coordinator.key")) if secure else ()
-        cluster.spawn("good", "worker", "--coordinator", f"tcp://127.0.0.1:{tap.port}", "--id", "good", "--device", "cpu", "--threads", "1", *worker_flags, env=env)
+        worker_flags = (
+            (
+                "--curve-key",
+                str(k / "workers" / "good.key_secret"),
+                "--coordinator-key",
+                str(k / "coordinator.key"),
+            )
+            if secure
+            else ()
+        )
+        cluster.spawn(
+            "good",
+            "worker",
+            "--coordinator",
+            f"tcp://127.0.0.1:{tap.port}",
+            "--id",
+            "good",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            *worker_flags,
+            env=env,
+        )
         cluster.wait_status("lin", lambda s: s["round"] >= 3, 60, "rounds with the allowed worker")
         log = tmp_path / "coordinator.log"
         if not secure:  # the check below is real: in plaintext it finds the model
             assert tap.saw(model_bytes()) or tap.saw(b"linreg")
             return
-        assert not tap.saw(model_bytes()) and not tap.saw(b"linreg") and not tap.saw(b"good")  # tensors, headers, ids: all ciphertext
+        assert (
+            not tap.saw(model_bytes()) and not tap.saw(b"linreg") and not tap.saw(b"good")
+        )  # tensors, headers, ids: all ciphertext
 
         # a stranger's key, and a plaintext worker: neither gets in
-        cluster.spawn("mallory", "worker", "--id", "mallory", "--coordinator", cluster.address, "--device", "cpu", "--curve-key", str(k / "outsiders" / "mallory.key_secret"), "--coordinator-key", str(k / "coordinator.key"), env=env)
-        cluster.spawn("plain", "worker", "--id", "plain", "--coordinator", cluster.address, "--device", "cpu", "--insecure")
-        wait_for(lambda: "connection refused domain=data reason=unknown_key" in log.read_text(), 30, "the unknown key to be refused")
+        cluster.spawn(
+            "mallory",
+            "worker",
+            "--id",
+            "mallory",
+            "--coordinator",
+            cluster.address,
+            "--device",
+            "cpu",
+            "--curve-key",
+            str(k / "outsiders" / "mallory.key_secret"),
+            "--coordinator-key",
+            str(k / "coordinator.key"),
+            env=env,
+        )
+        cluster.spawn(
+            "plain",
+            "worker",
+            "--id",
+            "plain",
+            "--coordinator",
+            cluster.address,
+            "--device",
+            "cpu",
+            "--insecure",
+        )
+        wait_for(
+            lambda: "connection refused domain=data reason=unknown_key" in log.read_text(),
+            30,
+            "the unknown key to be refused",
+        )
         time.sleep(3)
         text = log.read_text()
-        assert "worker joined worker=mallory" not in text and "worker joined worker=plain" not in text
+        assert (
+            "worker joined worker=mallory" not in text and "worker joined worker=plain" not in text
+        )
         import urllib.request
 
-        scraped = urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5).read().decode()
+        scraped = (
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5).read().decode()
+        )
         assert 'elastic_updates_rejected_total{reason="data_unknown_key"}' in scraped
 
         def cli(*extra: str) -> subprocess.CompletedProcess:
-            return subprocess.run([sys.executable, "-m", "elastic", "job", "ls", "--coordinator", control, "--timeout", "3", *extra], capture_output=True, text=True, timeout=60)
+            return subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "elastic",
+                    "job",
+                    "ls",
+                    "--coordinator",
+                    control,
+                    "--timeout",
+                    "3",
+                    *extra,
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
 
-        admin = cli("--curve-key", str(k / "admins" / "alice.key_secret"), "--coordinator-key", str(k / "coordinator.key"))
+        admin = cli(
+            "--curve-key",
+            str(k / "admins" / "alice.key_secret"),
+            "--coordinator-key",
+            str(k / "coordinator.key"),
+        )
         assert admin.returncode == 0 and "lin" in admin.stdout, admin.stderr
-        as_worker = cli("--curve-key", str(k / "workers" / "good.key_secret"), "--coordinator-key", str(k / "coordinator.key"))
+        as_worker = cli(
+            "--curve-key",
+            str(k / "workers" / "good.key_secret"),
+            "--coordinator-key",
+            str(k / "coordinator.key"),
+        )
         assert as_worker.returncode == 3  # a worker key is not an admin key
         plaintext = cli()
         assert plaintext.returncode == 3 and "--curve-key" in plaintext.stderr

@@ -14,7 +14,10 @@ from tests.etcd_server import EtcdServer, etcd_binary
 from .conftest import Cluster
 from .test_failures import digits_job
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl"),
+]
 
 
 def openssl(*args: str) -> None:
@@ -25,13 +28,62 @@ def certificates(root: Path) -> dict[str, Path]:
     """A CA, a server certificate for 127.0.0.1, and a client certificate."""
     root.mkdir(parents=True, exist_ok=True)
     ca, ca_key = root / "ca.pem", root / "ca-key.pem"
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=elastic-test-ca", "-keyout", str(ca_key), "-out", str(ca))
-    for name, extension in (("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"), ("client", "extendedKeyUsage=clientAuth")):
+    openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=elastic-test-ca",
+        "-keyout",
+        str(ca_key),
+        "-out",
+        str(ca),
+    )
+    for name, extension in (
+        ("server", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ):
         (root / f"{name}.ext").write_text(extension + "\n")
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", str(root / f"{name}-key.pem"), "-out", str(root / f"{name}.csr"))
-        openssl("x509", "-req", "-in", str(root / f"{name}.csr"), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial", "-days", "2",
-                "-extfile", str(root / f"{name}.ext"), "-out", str(root / f"{name}.pem"))
-    return {"ca": ca, "cert": root / "server.pem", "key": root / "server-key.pem", "client": root / "client.pem", "client_key": root / "client-key.pem"}
+        openssl(
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            f"/CN={name}",
+            "-keyout",
+            str(root / f"{name}-key.pem"),
+            "-out",
+            str(root / f"{name}.csr"),
+        )
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            str(root / f"{name}.csr"),
+            "-CA",
+            str(ca),
+            "-CAkey",
+            str(ca_key),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            str(root / f"{name}.ext"),
+            "-out",
+            str(root / f"{name}.pem"),
+        )
+    return {
+        "ca": ca,
+        "cert": root / "server.pem",
+        "key": root / "server-key.pem",
+        "client": root / "client.pem",
+        "client_key": root / "client-key.pem",
+    }
 
 
 @pytest.fixture
@@ -40,32 +92,92 @@ def secure_etcd(tmp_path: Path):  # type: ignore[no-untyped-def]
     if binary is None:
         pytest.skip("no etcd binary")
     certs = certificates(tmp_path / "pki")
-    server = EtcdServer(tmp_path / "etcd-tls" / "data", binary, tls={k: certs[k] for k in ("ca", "cert", "key")}).start()
-    ctl = [str(Path(binary).parent / "etcdctl"), f"--endpoints=https://{server.url}", f"--cacert={certs['ca']}", f"--cert={certs['client']}", f"--key={certs['client_key']}"]
-    for args in (["user", "add", "root:s3cret"], ["user", "grant-role", "root", "root"], ["auth", "enable"]):
+    server = EtcdServer(
+        tmp_path / "etcd-tls" / "data", binary, tls={k: certs[k] for k in ("ca", "cert", "key")}
+    ).start()
+    ctl = [
+        str(Path(binary).parent / "etcdctl"),
+        f"--endpoints=https://{server.url}",
+        f"--cacert={certs['ca']}",
+        f"--cert={certs['client']}",
+        f"--key={certs['client_key']}",
+    ]
+    for args in (
+        ["user", "add", "root:s3cret"],
+        ["user", "grant-role", "root", "root"],
+        ["auth", "enable"],
+    ):
         done = subprocess.run([*ctl, *args], capture_output=True, text=True, timeout=30)
         assert done.returncode == 0, done.stderr
     yield server, certs
     server.stop()
 
 
-def test_a_job_through_etcd_with_tls_and_a_password(cluster: Cluster, tmp_path: Path, secure_etcd) -> None:  # type: ignore[no-untyped-def]
+def test_a_job_through_etcd_with_tls_and_a_password(
+    cluster: Cluster, tmp_path: Path, secure_etcd
+) -> None:  # type: ignore[no-untyped-def]
     server, certs = secure_etcd
     query = f"?ca={certs['ca']}&cert={certs['client']}&key={certs['client_key']}"
     url = f"etcd://root@{server.url}/tls{query}"  # the password comes from the environment
     env = {"ELASTIC_ETCD_PASSWORD": "s3cret"}
-    cluster.spawn("coordinator", "coordinator", "--bind", cluster.address, "--state-dir", str(cluster.state), "--job", str(digits_job(tmp_path, rounds=5, min_workers=2, epochs=1)), "--membership", url, env=env)
+    cluster.spawn(
+        "coordinator",
+        "coordinator",
+        "--bind",
+        cluster.address,
+        "--state-dir",
+        str(cluster.state),
+        "--job",
+        str(digits_job(tmp_path, rounds=5, min_workers=2, epochs=1)),
+        "--membership",
+        url,
+        env=env,
+    )
     for w in ("w0", "w1"):
-        cluster.spawn(w, "worker", "--membership", url, "--id", w, "--device", "cpu", "--threads", "1", env=env)
-    done = cluster.wait_status("dg", lambda s: s["state"] == "finished", 120, "the job to finish through a secured etcd")
+        cluster.spawn(
+            w,
+            "worker",
+            "--membership",
+            url,
+            "--id",
+            w,
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+            env=env,
+        )
+    done = cluster.wait_status(
+        "dg", lambda s: s["state"] == "finished", 120, "the job to finish through a secured etcd"
+    )
     assert [h["round"] for h in done["history"]] == [1, 2, 3, 4, 5]
     log = (tmp_path / "coordinator.log").read_text()
     assert "s3cret" not in log and "leading cluster=tls" in log
 
-    wrong = cluster.spawn("bad", "worker", "--membership", f"etcd://root:wrong@{server.url}/tls{query}", "--id", "bad", "--device", "cpu")
+    wrong = cluster.spawn(
+        "bad",
+        "worker",
+        "--membership",
+        f"etcd://root:wrong@{server.url}/tls{query}",
+        "--id",
+        "bad",
+        "--device",
+        "cpu",
+    )
     assert wrong.wait(60) == 2
     lines = [line for line in (tmp_path / "bad.log").read_text().splitlines() if line.strip()]
-    assert any("refused user 'root'" in line and "fix the user or password" in line for line in lines), lines
+    assert any(
+        "refused user 'root'" in line and "fix the user or password" in line for line in lines
+    ), lines
     assert not any("wrong" in line for line in lines)  # the password is not echoed
-    plain = cluster.spawn("plain", "worker", "--membership", f"etcd://root:s3cret@{server.url}/tls", "--id", "plain", "--device", "cpu")
+    plain = cluster.spawn(
+        "plain",
+        "worker",
+        "--membership",
+        f"etcd://root:s3cret@{server.url}/tls",
+        "--id",
+        "plain",
+        "--device",
+        "cpu",
+    )
     assert plain.wait(60) == 2  # no TLS: etcd does not answer; one clear error after the retries

@@ -103,7 +103,9 @@ class Recorder:
 
 
 def start_worker(address: str, wid: str, plugins: Plugins) -> Worker:
-    config = WorkerConfig(coordinator=address, id=wid, device="cpu", coordinator_timeout=5, insecure=True)
+    config = WorkerConfig(
+        coordinator=address, id=wid, device="cpu", coordinator_timeout=5, insecure=True
+    )
     config.validate()
     w = Worker(config, plugins)
     w.thread = threading.Thread(target=w.run, kwargs={"install_signals": False}, daemon=True)  # type: ignore[attr-defined]
@@ -114,13 +116,35 @@ def start_worker(address: str, wid: str, plugins: Plugins) -> Worker:
 def test_every_event_hook_fires(tmp_path: Path) -> None:
     rec = Recorder()
     plugins = Plugins(extra=[rec])
-    spec = parse_job_spec({"job": {"id": "ev", "task": "linreg", "rule": "fedavg", "rounds": 3, "min_workers": 3, "round_timeout": 1.5}, "task": {"samples": 90}})
-    config = CoordinatorConfig(bind="tcp://127.0.0.1:0", state_dir=tmp_path, heartbeat_interval=0.2, heartbeat_timeout=1.0, exit_when_done=True, insecure=True)
+    spec = parse_job_spec(
+        {
+            "job": {
+                "id": "ev",
+                "task": "linreg",
+                "rule": "fedavg",
+                "rounds": 3,
+                "min_workers": 3,
+                "round_timeout": 1.5,
+            },
+            "task": {"samples": 90},
+        }
+    )
+    config = CoordinatorConfig(
+        bind="tcp://127.0.0.1:0",
+        state_dir=tmp_path,
+        heartbeat_interval=0.2,
+        heartbeat_timeout=1.0,
+        exit_when_done=True,
+        insecure=True,
+    )
     config.validate()
     coord = Coordinator(config, plugins, [spec])
     ct = threading.Thread(target=coord.run, kwargs={"install_signals": False}, daemon=True)
     ct.start()
-    workers = [start_worker(coord.endpoint, "a", Plugins()), start_worker(coord.endpoint, "b", Plugins())]
+    workers = [
+        start_worker(coord.endpoint, "a", Plugins()),
+        start_worker(coord.endpoint, "b", Plugins()),
+    ]
 
     ghost = zmq.Context.instance().socket(zmq.DEALER)
     ghost.setsockopt(zmq.ROUTING_ID, b"ghost")
@@ -133,14 +157,22 @@ def test_every_event_hook_fires(tmp_path: Path) -> None:
 
     try:
         wait_for(lambda: rec.names().count("elastic_worker_joined") == 2, 20, "two workers to join")
-        send(Message(MsgType.HELLO, meta={"device": "cpu", "host": "nowhere", "software": "0", "pid": 0}))
+        send(
+            Message(
+                MsgType.HELLO, meta={"device": "cpu", "host": "nowhere", "software": "0", "pid": 0}
+            )
+        )
         deadline = time.monotonic() + 20
         while "elastic_round_abandoned" not in rec.names():  # keep the ghost alive, never train
             assert time.monotonic() < deadline, rec.names()
             send(Message(MsgType.HEARTBEAT, meta={"busy": True}))
             time.sleep(0.2)
         ghost.send_multipart([b"\x00 not msgpack"])
-        wait_for(lambda: any(n == "elastic_worker_left" for n in rec.names()), 10, "the silent ghost to be removed")
+        wait_for(
+            lambda: any(n == "elastic_worker_left" for n in rec.names()),
+            10,
+            "the silent ghost to be removed",
+        )
         workers.append(start_worker(coord.endpoint, "c", Plugins()))
         ct.join(60)
         assert not ct.is_alive(), rec.names()
@@ -161,6 +193,9 @@ def test_every_event_hook_fires(tmp_path: Path) -> None:
     assert any(r["worker_id"] == "ghost" and r["reason"] == "malformed_header" for r in rejected)
     completed = [kw["round"] for n, kw in rec.events if n == "elastic_round_completed"]
     assert completed == [1, 2, 3]
-    assert names.index("elastic_coordinator_started") == 0 and names[-1] == "elastic_coordinator_stopping"
+    assert (
+        names.index("elastic_coordinator_started") == 0
+        and names[-1] == "elastic_coordinator_stopping"
+    )
     finished = dict(rec.events[names.index("elastic_job_finished")][1])
     assert finished["state"] == "finished" and "eval_loss" in finished["metrics"]

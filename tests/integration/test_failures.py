@@ -16,7 +16,9 @@ HEARTBEAT_TIMEOUT = 1.5
 
 
 def digits_job(tmp_path: Path, rounds: int, min_workers: int, epochs: int, every: int = 1) -> Path:
-    return write_job(tmp_path / "dg.toml", f"""
+    return write_job(
+        tmp_path / "dg.toml",
+        f"""
 [job]
 id = "dg"
 task = "digits"
@@ -34,7 +36,8 @@ momentum = 0.9
 [checkpoint]
 every = {every}
 keep = 2
-""")
+""",
+    )
 
 
 def test_worker_sigkill_mid_round(cluster: Cluster, tmp_path: Path) -> None:
@@ -46,12 +49,16 @@ def test_worker_sigkill_mid_round(cluster: Cluster, tmp_path: Path) -> None:
 
     def victim_busy(s: dict) -> bool:
         p = s.get("in_progress")
-        return bool(p) and s["round"] >= 1 and "w0" in p["participants"] and "w0" not in p["answered"]
+        return (
+            bool(p) and s["round"] >= 1 and "w0" in p["participants"] and "w0" not in p["answered"]
+        )
 
     st = cluster.wait_status("dg", victim_busy, 60, "a round with w0 still training")
     killed_in = st["in_progress"]["round"]
     victim.send_signal(signal.SIGKILL)
-    done = cluster.wait_status("dg", lambda s: s["state"] == "finished", 120, "the job to finish without w0")
+    done = cluster.wait_status(
+        "dg", lambda s: s["state"] == "finished", 120, "the job to finish without w0"
+    )
     rounds = {h["round"]: h for h in done["history"]}
     assert sorted(rounds) == list(range(1, 7))
     # The status is written as a round starts; on a loaded machine w0 may still have
@@ -79,7 +86,12 @@ def test_graceful_leave_is_immediate(cluster: Cluster, tmp_path: Path) -> None:
     assert w.wait(10) == 0
     log_path = tmp_path / "coordinator.log"
     from .conftest import wait_for
-    wait_for(lambda: "worker left worker=w0 reason=bye" in log_path.read_text(), 2, "the coordinator to see the goodbye")
+
+    wait_for(
+        lambda: "worker left worker=w0 reason=bye" in log_path.read_text(),
+        2,
+        "the coordinator to see the goodbye",
+    )
 
 
 def test_coordinator_sigkill_resumes_from_checkpoint(cluster: Cluster, tmp_path: Path) -> None:
@@ -92,19 +104,32 @@ def test_coordinator_sigkill_resumes_from_checkpoint(cluster: Cluster, tmp_path:
     coordinator.wait()
     committed = seen["round"]
     cluster.coordinator(job, name="coordinator2", extra=("--exit-when-done",))
-    done = cluster.wait_status("dg", lambda s: s["state"] == "finished", 120, "the resumed job to finish")
+    done = cluster.wait_status(
+        "dg", lambda s: s["state"] == "finished", 120, "the resumed job to finish"
+    )
     assert done["resumed_from"] >= committed  # nothing committed was lost
     assert [h["round"] for h in done["history"]] == list(range(1, 15))  # continuous, each once
     assert [h["version"] for h in done["history"]] == list(range(1, 15))
     assert done["final"]["accuracy"] > 0.8
     log2 = (tmp_path / "coordinator2.log").read_text()
-    assert "resumed job=dg" in log2 and "worker joined worker=w0" in log2 and "worker joined worker=w1" in log2
+    assert (
+        "resumed job=dg" in log2
+        and "worker joined worker=w0" in log2
+        and "worker joined worker=w1" in log2
+    )
 
 
-def test_worker_started_before_the_coordinator_waits_and_joins(cluster: Cluster, tmp_path: Path) -> None:
+def test_worker_started_before_the_coordinator_waits_and_joins(
+    cluster: Cluster, tmp_path: Path
+) -> None:
     job = digits_job(tmp_path, rounds=2, min_workers=1, epochs=1)
     cluster.worker("early")
     from .conftest import wait_for
-    wait_for(lambda: "coordinator unreachable" in (tmp_path / "early.log").read_text(), 15, "the worker to report the missing coordinator")
+
+    wait_for(
+        lambda: "coordinator unreachable" in (tmp_path / "early.log").read_text(),
+        15,
+        "the worker to report the missing coordinator",
+    )
     cluster.coordinator(job)
     cluster.wait_status("dg", lambda s: s["state"] == "finished", 60, "the job to finish")

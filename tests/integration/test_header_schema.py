@@ -25,7 +25,11 @@ RECORDER = Path(__file__).parent / "recorder"
 
 
 def recorded(directory: Path) -> set[tuple[str, str, str]]:
-    return {tuple(json.loads(line)) for path in directory.glob("*.jsonl") for line in path.read_text().splitlines()}
+    return {
+        tuple(json.loads(line))
+        for path in directory.glob("*.jsonl")
+        for line in path.read_text().splitlines()
+    }
 
 
 def declared(kind: str, key: str, type_name: str) -> bool:
@@ -39,12 +43,17 @@ def declared(kind: str, key: str, type_name: str) -> bool:
 def test_the_daemons_send_exactly_the_declared_meta_keys(cluster: Cluster, tmp_path: Path) -> None:
     records = tmp_path / "records"
     records.mkdir()
-    cluster.env = {"ELASTIC_RECORD_HEADERS": str(records), "PYTHONPATH": os.pathsep.join(filter(None, [str(RECORDER), os.environ.get("PYTHONPATH")]))}
+    cluster.env = {
+        "ELASTIC_RECORD_HEADERS": str(records),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(RECORDER), os.environ.get("PYTHONPATH")])),
+    }
     # Job "big": syncavg on 1M parameters. w0 shares this host's memory (it reads the
     # shared model); w1 does not, and sends its gradients in 1 MiB parts.
     big = big_job(tmp_path, rounds=3, min_workers=2)
     # Job "cz": both ways compressed; the model comes down as deltas.
-    cz = write_job(tmp_path / "cz.toml", """
+    cz = write_job(
+        tmp_path / "cz.toml",
+        """
 [job]
 id = "cz"
 task = "linreg"
@@ -56,13 +65,20 @@ features = 8
 [compression]
 update = ["fp16"]
 model = ["fp16"]
-""")
+""",
+    )
     control = f"tcp://127.0.0.1:{free_port()}"
     cluster.coordinator(big, cz, extra=("--upload-part", "1048576", "--control", control))
     workers = [cluster.worker("w0"), cluster.worker("w1", "--no-shared-memory")]
     for job in ("big", "cz"):
         cluster.wait_status(job, lambda s: s["state"] == "finished", 120, f"job {job} to finish")
-    ls = subprocess.run([sys.executable, "-m", "elastic", "job", "ls", "--coordinator", control], env={**os.environ, **cluster.env}, capture_output=True, text=True, timeout=60)
+    ls = subprocess.run(
+        [sys.executable, "-m", "elastic", "job", "ls", "--coordinator", control],
+        env={**os.environ, **cluster.env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert ls.returncode == 0, ls.stderr
     for w in workers:  # a graceful leave: BYE, and its ACK
         w.send_signal(signal.SIGTERM)
@@ -74,9 +90,18 @@ model = ["fp16"]
 
     seen = recorded(records)
     undeclared = sorted(r for r in seen if r[1] and not declared(*r))
-    assert not undeclared, f"sent but not declared in META_SCHEMA (or with another type): {undeclared}"
+    assert not undeclared, (
+        f"sent but not declared in META_SCHEMA (or with another type): {undeclared}"
+    )
     sent_types = {kind for kind, _, _ in seen}
-    assert sent_types >= {t.value for t in MsgType} - {"NACK"}, f"message types never sent: {sorted({t.value for t in MsgType} - sent_types)}"
+    assert sent_types >= {t.value for t in MsgType} - {"NACK"}, (
+        f"message types never sent: {sorted({t.value for t in MsgType} - sent_types)}"
+    )
     keys = {(kind, key) for kind, key, _ in seen if key}
-    unused = sorted((str(t), k) for t, fields in META_SCHEMA.items() for k in fields if (str(t), k) not in keys and t is not MsgType.NACK)
+    unused = sorted(
+        (str(t), k)
+        for t, fields in META_SCHEMA.items()
+        for k in fields
+        if (str(t), k) not in keys and t is not MsgType.NACK
+    )
     assert not unused, f"declared but never sent by the daemons: {unused}"

@@ -15,8 +15,12 @@ pytestmark = pytest.mark.slow
 ROUND_TIMEOUT = 2.0
 
 
-def test_frozen_worker_is_left_behind_and_told_it_was_late(cluster: Cluster, tmp_path: Path) -> None:
-    job = write_job(tmp_path / "dg.toml", f"""
+def test_frozen_worker_is_left_behind_and_told_it_was_late(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    job = write_job(
+        tmp_path / "dg.toml",
+        f"""
 [job]
 id = "dg"
 task = "digits"
@@ -29,7 +33,8 @@ round_timeout = {ROUND_TIMEOUT}
 local_epochs = 20
 lr = 0.05
 momentum = 0.9
-""")
+""",
+    )
     # heartbeats may stay silent for 20 s: a frozen worker is slow, not dead
     cluster.coordinator(job, extra=("--heartbeat-timeout", "20"))
     slow = cluster.worker("slow")
@@ -44,7 +49,12 @@ momentum = 0.9
     frozen_round = st["in_progress"]["round"]
     slow.send_signal(signal.SIGSTOP)
     try:
-        cluster.wait_status("dg", lambda s: s["round"] >= frozen_round, ROUND_TIMEOUT + 20, "the round to commit without the frozen worker")
+        cluster.wait_status(
+            "dg",
+            lambda s: s["round"] >= frozen_round,
+            ROUND_TIMEOUT + 20,
+            "the round to commit without the frozen worker",
+        )
     finally:
         time.sleep(0.5)
         slow.send_signal(signal.SIGCONT)

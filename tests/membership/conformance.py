@@ -39,7 +39,9 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def events_until(table: MemberTable, want: Callable[[MembershipEvent], bool], timeout: float) -> tuple[MembershipEvent, float]:
+def events_until(
+    table: MemberTable, want: Callable[[MembershipEvent], bool], timeout: float
+) -> tuple[MembershipEvent, float]:
     """The first event ``want`` takes, and how long it took to come."""
     started = time.monotonic()
     while time.monotonic() - started < timeout:
@@ -80,18 +82,27 @@ class ClusterConformance:
     @staticmethod
     def shared_only(backend: ClusterBackend) -> None:
         if not backend.shared:
-            pytest.skip(f"the {backend.name} backend keeps its state in one process: no other can see, depose or restart it")
+            pytest.skip(
+                f"the {backend.name} backend keeps its state in one process: no other can see, "
+                "depose or restart it"
+            )
 
     # ---------------------------------------------------------------- members --
 
-    def test_a_member_needs_its_record_and_its_hello_and_leaves_at_once_with_a_goodbye(self, backend: ClusterBackend, table: MemberTable) -> None:
+    def test_a_member_needs_its_record_and_its_hello_and_leaves_at_once_with_a_goodbye(
+        self, backend: ClusterBackend, table: MemberTable
+    ) -> None:
         registration = backend.registration("w1", RECORD, TTL)
-        assert (registration is None) == (not backend.shared)  # no registry: the worker is given its coordinator
+        assert (registration is None) == (
+            not backend.shared
+        )  # no registry: the worker is given its coordinator
         try:
             table.join(Member(id="w1", device="cpu"), time.monotonic())
             event, _ = events_until(table, lambda e: e.kind == "joined", 5)
             assert event.member.id == "w1" and [m.id for m in table.members()] == ["w1"]
-            assert table.heartbeat("w1", time.monotonic()) and not table.heartbeat("ghost", time.monotonic())
+            assert table.heartbeat("w1", time.monotonic()) and not table.heartbeat(
+                "ghost", time.monotonic()
+            )
             table.leave("w1", "bye")
             event, took = events_until(table, lambda e: e.kind == "left", 5)
             assert event.member.id == "w1" and took < 1.0 and table.members() == []
@@ -99,7 +110,9 @@ class ClusterConformance:
             if registration is not None:
                 registration.close()
 
-    def test_a_hello_alone_is_not_a_member_of_a_shared_cluster(self, backend: ClusterBackend, table: MemberTable) -> None:
+    def test_a_hello_alone_is_not_a_member_of_a_shared_cluster(
+        self, backend: ClusterBackend, table: MemberTable
+    ) -> None:
         self.shared_only(backend)
         table.join(Member(id="w1"), time.monotonic())
         time.sleep(0.3)
@@ -114,7 +127,9 @@ class ClusterConformance:
         finally:
             registration.close()
 
-    def test_a_crashed_worker_leaves_when_its_lease_ends(self, backend: ClusterBackend, table: MemberTable, url: str) -> None:
+    def test_a_crashed_worker_leaves_when_its_lease_ends(
+        self, backend: ClusterBackend, table: MemberTable, url: str
+    ) -> None:
         if not backend.shared:  # its lease is its heartbeats
             table.join(Member(id="w1"), time.monotonic())
             events_until(table, lambda e: e.kind == "joined", 5)
@@ -122,39 +137,58 @@ class ClusterConformance:
             assert "no heartbeat" in event.reason and 0.9 < took < 2.0, took
             return
         # A real process registers, and is SIGKILLed: nothing gives its lease back.
-        code = ("import sys, time; from elastic.membership.cluster import open_backend; "
-                f"open_backend(sys.argv[1]).registration('w1', {RECORD!r}, {TTL}); print('ready', flush=True); time.sleep(600)")
-        worker = subprocess.Popen([sys.executable, "-c", code, url], stdout=subprocess.PIPE, text=True)
+        code = (
+            "import sys, time; from elastic.membership.cluster import open_backend; "
+            f"open_backend(sys.argv[1]).registration('w1', {RECORD!r}, {TTL}); print('ready', "
+            "flush=True); time.sleep(600)"
+        )
+        worker = subprocess.Popen(
+            [sys.executable, "-c", code, url], stdout=subprocess.PIPE, text=True
+        )
         try:
             assert worker.stdout is not None and worker.stdout.readline().strip() == "ready"
             table.join(Member(id="w1"), time.monotonic())
             events_until(table, lambda e: e.kind == "joined", 5)
             worker.kill()
             event, took = events_until(table, lambda e: e.kind == "left", TTL * 4)
-            assert event.member.id == "w1" and took > TTL / 2, took  # not at once: when the lease ran out
-            assert table.members() == [] and not table.heartbeat("w1", time.monotonic())  # it must HELLO again
+            assert event.member.id == "w1" and took > TTL / 2, (
+                took
+            )  # not at once: when the lease ran out
+            assert table.members() == [] and not table.heartbeat(
+                "w1", time.monotonic()
+            )  # it must HELLO again
         finally:
             worker.kill()
             worker.wait()
 
-    def test_a_slot_is_kept_across_a_crash_and_freed_by_a_goodbye(self, backend: ClusterBackend) -> None:
+    def test_a_slot_is_kept_across_a_crash_and_freed_by_a_goodbye(
+        self, backend: ClusterBackend
+    ) -> None:
         """A worker that comes back gets its slot (so its data shard) again if it is
         free, also under the next leader; one that said goodbye is forgotten."""
         registrations = [backend.registration(w, RECORD, TTL) for w in ("a", "b", "c")]
         table = backend.member_table(heartbeat_timeout=60)
         try:
-            assert [table.join(Member(id=w), time.monotonic()).slot for w in ("a", "b", "c")] == [0, 1, 2]
+            assert [table.join(Member(id=w), time.monotonic()).slot for w in ("a", "b", "c")] == [
+                0,
+                1,
+                2,
+            ]
             table.leave("c", "no heartbeat for 61s")  # a crash
             table.leave("b", "bye")
             if backend.shared:  # the next leader's table
                 table.close()
                 table = backend.member_table(heartbeat_timeout=60)
             assert table.join(Member(id="a"), time.monotonic()).slot == 0
-            assert table.join(Member(id="c"), time.monotonic()).slot == 2  # its own, though 1 is lower
+            assert (
+                table.join(Member(id="c"), time.monotonic()).slot == 2
+            )  # its own, though 1 is lower
             assert table.join(Member(id="b"), time.monotonic()).slot == 1  # the lowest free
             table.leave("b", "bye")
             table.leave("a", "bye")
-            assert table.join(Member(id="b"), time.monotonic()).slot == 0  # b was forgotten: not its 1
+            assert (
+                table.join(Member(id="b"), time.monotonic()).slot == 0
+            )  # b was forgotten: not its 1
         finally:
             table.close()
             for registration in registrations:
@@ -168,25 +202,38 @@ class ClusterConformance:
         assert election.campaign(leader_record("c1"))
         store = backend.job_store(election)
         try:
-            spec = {"job": {"id": "j1", "task": "linreg", "rule": "fedavg"}, "task": {"features": 3}}
+            spec = {
+                "job": {"id": "j1", "task": "linreg", "rule": "fedavg"},
+                "task": {"features": 3},
+            }
             assert store.publish("j1", spec) is True
-            assert store.publish("j1", {"job": {"id": "j1", "task": "other"}}) is False  # compare-and-set: the first stays
+            assert (
+                store.publish("j1", {"job": {"id": "j1", "task": "other"}}) is False
+            )  # compare-and-set: the first stays
             assert store.publish("j2", spec) is True
             stored = store.jobs()
-            assert json.loads(stored["j1"]["spec"]) == spec and stored["j1"]["state"] == b"running" and set(stored) == {"j1", "j2"}
+            assert (
+                json.loads(stored["j1"]["spec"]) == spec
+                and stored["j1"]["state"] == b"running"
+                and set(stored) == {"j1", "j2"}
+            )
             store.set_state("j1", "paused")
             assert store.jobs()["j1"]["state"] == b"paused"
             with pytest.raises(ValueError, match="desired state must be one of"):
                 store.set_state("j1", "exploded")
             store.write_status("j1", {"state": "running", "round": 7, "history": [1, 2, 3]})
             if backend.shared:
-                status = wait_until(lambda: store.jobs()["j1"].get("status"), 5, "the status to be written")
+                status = wait_until(
+                    lambda: store.jobs()["j1"].get("status"), 5, "the status to be written"
+                )
                 assert json.loads(status) == {"state": "running", "round": 7}  # without its history
         finally:
             store.close()
             election.resign()
 
-    def test_another_coordinator_sees_jobs_and_states_through_its_watch(self, backend: ClusterBackend) -> None:
+    def test_another_coordinator_sees_jobs_and_states_through_its_watch(
+        self, backend: ClusterBackend
+    ) -> None:
         self.shared_only(backend)
         leader, other = backend.election("c1", TTL), backend.election("c2", TTL)
         assert leader.campaign(leader_record("c1"))
@@ -196,7 +243,14 @@ class ClusterConformance:
             assert writer.publish("j9", {"job": {"id": "j9"}})
             writer.set_state("j9", "cancelled")
             seen: list[tuple[str, str, bytes]] = []
-            wait_until(lambda: seen.extend(store.changes(time.monotonic())) or ("j9", "state", b"cancelled") in seen, 5, "the state through the watch")
+            wait_until(
+                lambda: (
+                    seen.extend(store.changes(time.monotonic()))
+                    or ("j9", "state", b"cancelled") in seen
+                ),
+                5,
+                "the state through the watch",
+            )
             assert any(job == "j9" and part == "spec" for job, part, _ in seen)
         finally:
             store.close()
@@ -206,7 +260,9 @@ class ClusterConformance:
 
     # --------------------------------------------------------------- election --
 
-    def test_one_leads_another_stands_by_and_takes_over_with_a_greater_token(self, backend: ClusterBackend) -> None:
+    def test_one_leads_another_stands_by_and_takes_over_with_a_greater_token(
+        self, backend: ClusterBackend
+    ) -> None:
         first = backend.election("c1", TTL)
         assert first.campaign(leader_record("c1"))
         assert first.check() is True and first.holds() and first.token > 0
@@ -216,13 +272,19 @@ class ClusterConformance:
             return
         second = backend.election("c2", TTL)
         stop, won = threading.Event(), []
-        standby = threading.Thread(target=lambda: won.append(second.campaign(leader_record("c2"), stop=stop)))
+        standby = threading.Thread(
+            target=lambda: won.append(second.campaign(leader_record("c2"), stop=stop))
+        )
         standby.start()
         try:
             time.sleep(0.5)
             assert not won and first.check() is True
             leader = backend.leader()
-            assert leader is not None and (leader.id, leader.address, leader.control) == ("c1", "tcp://c1:5555", "tcp://c1:5556")
+            assert leader is not None and (leader.id, leader.address, leader.control) == (
+                "c1",
+                "tcp://c1:5555",
+                "tcp://c1:5556",
+            )
             token = first.token
             first.resign()  # a standby need not wait out the lease
             standby.join(5)
@@ -243,7 +305,11 @@ class ClusterConformance:
         try:
             store.publish("j", {"job": {"id": "j"}})
             leader.publish_later("rendezvous/j/generation", "1")
-            wait_until(lambda: self.read(backend, "rendezvous/j/generation") == b"1", 5, "a fenced write while leading")
+            wait_until(
+                lambda: self.read(backend, "rendezvous/j/generation") == b"1",
+                5,
+                "a fenced write while leading",
+            )
             old = leader.token
             self.depose(leader)  # its lease ends behind its back
             rival = backend.election("c2", TTL)
@@ -252,13 +318,23 @@ class ClusterConformance:
             assert leader.check() is False and leader.lost.is_set()
             leader.publish_later("rendezvous/j/generation", "stale")
             time.sleep(0.5)
-            assert self.read(backend, "rendezvous/j/generation") == b"1"  # fenced: the deposed leader wrote nothing
+            assert (
+                self.read(backend, "rendezvous/j/generation") == b"1"
+            )  # fenced: the deposed leader wrote nothing
             rivals = rival.token
             rival.resign()
             leader.step_down()
-            assert leader.campaign(leader_record("c1")) and leader.token > rivals > old and not leader.lost.is_set()
+            assert (
+                leader.campaign(leader_record("c1"))
+                and leader.token > rivals > old
+                and not leader.lost.is_set()
+            )
             leader.publish_later("rendezvous/j/generation", "2")
-            wait_until(lambda: self.read(backend, "rendezvous/j/generation") == b"2", 5, "a write of the new term")
+            wait_until(
+                lambda: self.read(backend, "rendezvous/j/generation") == b"2",
+                5,
+                "a write of the new term",
+            )
         finally:
             store.close()
             leader.resign()
@@ -273,7 +349,10 @@ class ClusterConformance:
             registration.leader_changed.clear()
             assert first.campaign(leader_record("c1"))
             wait_until(registration.leader_changed.is_set, 5, "word that the leader changed")
-            assert registration.leader() is not None and registration.leader().address == "tcp://c1:5555"  # type: ignore[union-attr]
+            assert (
+                registration.leader() is not None
+                and registration.leader().address == "tcp://c1:5555"
+            )  # type: ignore[union-attr]
             registration.leader_changed.clear()
             first.resign()
             assert second.campaign(leader_record("c2"))
@@ -286,7 +365,9 @@ class ClusterConformance:
 
     # ------------------------------------------------------------ reconnects --
 
-    def test_watches_go_on_after_the_servers_restart(self, backend: ClusterBackend, table: MemberTable) -> None:
+    def test_watches_go_on_after_the_servers_restart(
+        self, backend: ClusterBackend, table: MemberTable
+    ) -> None:
         self.shared_only(backend)
         leader = backend.election("c1", 10)
         assert leader.campaign(leader_record("c1"))
@@ -307,10 +388,19 @@ class ClusterConformance:
                 other = backend.job_store(writer)
                 other.publish("after", {"job": {"id": "after"}})
                 seen: list[tuple[str, str, bytes]] = []
-                wait_until(lambda: seen.extend(store.changes(time.monotonic())) or ("after", "state", b"running") in seen, 15, "a job stored after the restart")
+                wait_until(
+                    lambda: (
+                        seen.extend(store.changes(time.monotonic()))
+                        or ("after", "state", b"running") in seen
+                    ),
+                    15,
+                    "a job stored after the restart",
+                )
                 other.close()
                 writer.resign()
-                assert "w1" in {m.id for m in table.members()}  # a restart shorter than the lease loses no member
+                assert "w1" in {
+                    m.id for m in table.members()
+                }  # a restart shorter than the lease loses no member
             finally:
                 late.close()
         finally:

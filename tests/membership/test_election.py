@@ -27,7 +27,9 @@ def test_one_leads_the_other_stands_by_until_it_resigns(etcd: EtcdServer) -> Non
         assert first.campaign(LeaderRecord("x", "tcp://a:1"))
         stop = threading.Event()
         result: list[bool] = []
-        standby = threading.Thread(target=lambda: result.append(second.campaign(LeaderRecord("x", "tcp://b:1"), stop=stop)))
+        standby = threading.Thread(
+            target=lambda: result.append(second.campaign(LeaderRecord("x", "tcp://b:1"), stop=stop))
+        )
         standby.start()
         time.sleep(0.5)
         assert not result and first.check() is True and second.check() is False
@@ -68,7 +70,11 @@ def test_a_deposed_leader_steps_down_and_can_lead_again(etcd: EtcdServer) -> Non
         client.revoke_lease(leader.lease.id)  # as if etcd expired it while we were cut off
         assert wait_until(leader.lost.is_set, 3)  # the keep-alive notices
         leader.step_down()
-        assert leader.campaign(LeaderRecord("x", "tcp://a:1")) and leader.token > old and not leader.lost.is_set()
+        assert (
+            leader.campaign(LeaderRecord("x", "tcp://a:1"))
+            and leader.token > old
+            and not leader.lost.is_set()
+        )
         leader.publish_later("rendezvous/j/generation", "7")
         assert wait_until(lambda: client.get(keys.path("rendezvous/j/generation"))[0] == b"7", 5)
         leader.resign()  # the key goes at once: a standby need not wait out the TTL

@@ -17,9 +17,18 @@ RECORD = {"id": "w1", "host": "h", "pid": 1, "device": "cpu", "software": "test"
 
 
 def test_parse_etcd_url() -> None:
-    assert parse_etcd_url("etcd://127.0.0.1:2379,10.0.0.2:2380/prod") == ([("127.0.0.1", 2379), ("10.0.0.2", 2380)], "prod")
+    assert parse_etcd_url("etcd://127.0.0.1:2379,10.0.0.2:2380/prod") == (
+        [("127.0.0.1", 2379), ("10.0.0.2", 2380)],
+        "prod",
+    )
     assert parse_etcd_url("etcd://etcd/c") == ([("etcd", 2379)], "c")
-    for bad in ("etcd://127.0.0.1:2379", "etcd://h:x/c", "http://h:2379/c", "etcd://h:2379/a/b", "etcd://h:0/c"):
+    for bad in (
+        "etcd://127.0.0.1:2379",
+        "etcd://h:x/c",
+        "http://h:2379/c",
+        "etcd://h:2379/a/b",
+        "etcd://h:0/c",
+    ):
         with pytest.raises(ConfigError, match=r"etcd://\[USER@\]HOST:PORT"):
             parse_etcd_url(bad)
 
@@ -27,12 +36,17 @@ def test_parse_etcd_url() -> None:
 def test_unreachable_etcd_is_one_clear_error() -> None:
     ports = free_port(), free_port()
     started = time.monotonic()
-    with pytest.raises(MembershipUnavailable, match=rf"etcd unreachable at 127.0.0.1:{ports[0]}, 127.0.0.1:{ports[1]} .*fix --membership"):
+    with pytest.raises(
+        MembershipUnavailable,
+        match=rf"etcd unreachable at 127.0.0.1:{ports[0]}, 127.0.0.1:{ports[1]} .*fix --membership",
+    ):
         connect(f"etcd://127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}/c", timeout=1.0)
     assert time.monotonic() - started < 5
 
 
-def poll_until(backend: EtcdMemberTable, want: Callable[[MembershipEvent], bool], timeout: float) -> tuple[MembershipEvent, float]:
+def poll_until(
+    backend: EtcdMemberTable, want: Callable[[MembershipEvent], bool], timeout: float
+) -> tuple[MembershipEvent, float]:
     started = time.monotonic()
     while time.monotonic() - started < timeout:
         for event in backend.poll(time.monotonic()):
@@ -60,7 +74,9 @@ def test_member_needs_a_record_and_a_hello(etcd: EtcdServer, backend: EtcdMember
         reg.close()
 
 
-def test_graceful_stop_revokes_at_once_and_a_crash_ends_with_the_lease(etcd: EtcdServer, backend: EtcdMemberTable) -> None:
+def test_graceful_stop_revokes_at_once_and_a_crash_ends_with_the_lease(
+    etcd: EtcdServer, backend: EtcdMemberTable
+) -> None:
     url = f"etcd://{etcd.url}/t"
     graceful = EtcdRegistration(url, "w1", RECORD, ttl=10)
     crashing = EtcdRegistration(url, "w2", RECORD | {"id": "w2"}, ttl=2)
@@ -90,7 +106,9 @@ def test_members_present_before_the_coordinator_starts_are_seen(etcd: EtcdServer
         reg.close()
 
 
-def test_a_malformed_record_is_ignored(etcd: EtcdServer, backend: EtcdMemberTable, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_malformed_record_is_ignored(
+    etcd: EtcdServer, backend: EtcdMemberTable, caplog: pytest.LogCaptureFixture
+) -> None:
     client = connect(f"etcd://{etcd.url}/t")
     client.put(Keys("t").member("junk"), b"\xff not json")
     backend.join(Member(id="junk"), time.monotonic())
@@ -118,11 +136,16 @@ def test_retrying_rides_out_failures_then_names_the_problem() -> None:
     def down() -> None:
         raise TimeoutError
 
-    with pytest.raises(MembershipUnavailable, match="etcd did not answer while registering .*check the etcd cluster"):
+    with pytest.raises(
+        MembershipUnavailable,
+        match="etcd did not answer while registering .*check the etcd cluster",
+    ):
         retrying(object(), "registering", down, timeout=0.3)
 
 
-def test_a_goodbye_frees_the_slot_and_a_crash_keeps_it(etcd: EtcdServer, backend: EtcdMemberTable) -> None:
+def test_a_goodbye_frees_the_slot_and_a_crash_keeps_it(
+    etcd: EtcdServer, backend: EtcdMemberTable
+) -> None:
     client, keys = connect(f"etcd://{etcd.url}/t"), Keys("t")
     try:
         for worker in ("w1", "w2"):
@@ -145,12 +168,19 @@ def test_etcd_access_options(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert etcd_access("etcd://h:2379/c") == etcd_access("etcd://h:2379/c")  # nothing asked: plain
     access = etcd_access(f"etcd://alice:pw%40x@h1:2379,h2:2379/c?ca={ca}")
     assert (access.user, access.password, access.ca) == ("alice", "pw@x", str(ca))
-    assert parse_etcd_url(f"etcd://alice:pw@h1:2379,h2:2379/c?ca={ca}") == ([("h1", 2379), ("h2", 2379)], "c")
+    assert parse_etcd_url(f"etcd://alice:pw@h1:2379,h2:2379/c?ca={ca}") == (
+        [("h1", 2379), ("h2", 2379)],
+        "c",
+    )
     monkeypatch.setenv("ELASTIC_ETCD_PASSWORD", "from-env")
     assert etcd_access("etcd://bob@h:2379/c").password == "from-env"
     monkeypatch.delenv("ELASTIC_ETCD_PASSWORD")
-    for bad, words in [("etcd://bob@h:2379/c", "has no password"), ("etcd://h:2379/c?ca=/nope", "does not exist"),
-                       (f"etcd://h:2379/c?cert={ca}&key={ca}", "need ca="), ("etcd://h:2379/c?tls=1", "unknown option")]:
+    for bad, words in [
+        ("etcd://bob@h:2379/c", "has no password"),
+        ("etcd://h:2379/c?ca=/nope", "does not exist"),
+        (f"etcd://h:2379/c?cert={ca}&key={ca}", "need ca="),
+        ("etcd://h:2379/c?tls=1", "unknown option"),
+    ]:
         with pytest.raises(ConfigError, match=words):
             etcd_access(bad)
     assert redacted("etcd://alice:pw@h:2379/c") == "etcd://alice:***@h:2379/c"

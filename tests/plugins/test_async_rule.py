@@ -14,7 +14,18 @@ from elastic.wire.tensors import WireTensor
 
 
 def delta(value: float, n: int, staleness: int = 0) -> Update:
-    return Update("w", 0, n, 0.1, "delta", {"weight": WireTensor.from_tensor(torch.full((1, 2), value)), "bias": WireTensor.from_tensor(torch.full((1,), value))}, staleness)
+    return Update(
+        "w",
+        0,
+        n,
+        0.1,
+        "delta",
+        {
+            "weight": WireTensor.from_tensor(torch.full((1, 2), value)),
+            "bias": WireTensor.from_tensor(torch.full((1,), value)),
+        },
+        staleness,
+    )
 
 
 def test_staleness_functions() -> None:
@@ -55,14 +66,17 @@ def test_fedbuff_weights_by_samples_and_staleness() -> None:
     torch.testing.assert_close(m.weight.detach(), want)
 
 
-@pytest.mark.parametrize("params, match", [
-    ({"buffer": 0}, "buffer must be >= 1"),
-    ({"mixing": 1.5}, "mixing must be in"),
-    ({"max_staleness": -1}, "max_staleness must be >= 0"),
-    ({"staleness": "linear"}, "staleness must be one of constant, polynomial, hinge"),
-    ({"staleness_a": -2.0}, "staleness_a must be >= 0"),
-    ({"bufer": 3}, "unknown parameter 'bufer'"),
-])
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"buffer": 0}, "buffer must be >= 1"),
+        ({"mixing": 1.5}, "mixing must be in"),
+        ({"max_staleness": -1}, "max_staleness must be >= 0"),
+        ({"staleness": "linear"}, "staleness must be one of constant, polynomial, hinge"),
+        ({"staleness_a": -2.0}, "staleness_a must be >= 0"),
+        ({"bufer": 3}, "unknown parameter 'bufer'"),
+    ],
+)
 def test_bad_params(params: dict, match: str) -> None:
     with pytest.raises(JobSpecError, match=match):
         AsyncBuffered(params)

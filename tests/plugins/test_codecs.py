@@ -61,7 +61,10 @@ class TestCodecConformance:
         x = sample((40, 30), torch.float32)
         if not hasattr(codec, "residual") or not codec.accepts(x):
             pytest.skip(f"{name} keeps no residual")
-        sent, arrived = torch.zeros(40, 30, dtype=torch.float64), torch.zeros(40, 30, dtype=torch.float64)
+        sent, arrived = (
+            torch.zeros(40, 30, dtype=torch.float64),
+            torch.zeros(40, 30, dtype=torch.float64),
+        )
         for step in range(5):
             g = sample((40, 30), torch.float32, seed=step)
             sent += g.double()
@@ -116,23 +119,44 @@ def test_sizes_on_the_wire() -> None:
 
 
 def test_bad_arguments_name_the_stage() -> None:
-    for name, arg, words in [("topk", None, "needs an argument"), ("topk", "x", "not a float"), ("qsgd", "16", "out of range"), ("fp16", "2", "takes no argument"), ("zstd", "30", "out of range")]:
+    for name, arg, words in [
+        ("topk", None, "needs an argument"),
+        ("topk", "x", "not a float"),
+        ("qsgd", "16", "out of range"),
+        ("fp16", "2", "takes no argument"),
+        ("zstd", "30", "out of range"),
+    ]:
         with pytest.raises(JobSpecError, match=words):
             CODECS.get(name)(arg)
 
 
 def chain_message(chain: list[str], tensors: dict[str, torch.Tensor]) -> Message:
     parts, encodings = CodecChain(CODECS, chain).compressor().compress(tensors)
-    msg = Message(MsgType.UPDATE, meta={"num_samples": 1, "loss": 0.0, "kind": "gradient", "train_seconds": 0.0},
-                  tensors={k: WireTensor.from_tensor(v) for k, v in parts.items()}, encodings=encodings)
+    msg = Message(
+        MsgType.UPDATE,
+        meta={"num_samples": 1, "loss": 0.0, "kind": "gradient", "train_seconds": 0.0},
+        tensors={k: WireTensor.from_tensor(v) for k, v in parts.items()},
+        encodings=encodings,
+    )
     return decode(encode(msg))  # through the wire format
 
 
 def test_a_chain_through_the_wire_and_back() -> None:
-    tensors = {"w": sample((50, 20), torch.float32), "b": sample((20,), torch.float32), "n": torch.tensor(3.0)}
+    tensors = {
+        "w": sample((50, 20), torch.float32),
+        "b": sample((20,), torch.float32),
+        "n": torch.tensor(3.0),
+    }
     msg = chain_message(["topk:0.1", "fp16", "zstd"], tensors)
-    assert set(msg.encodings) == {"w", "b", "n"} and all(name.count("#") == 1 for name in msg.tensors)
-    assert [r["s"] for r in msg.encodings["w"]] == ["topk:0.1", "fp16", "zstd", "zstd"]  # zstd on both parts
+    assert set(msg.encodings) == {"w", "b", "n"} and all(
+        name.count("#") == 1 for name in msg.tensors
+    )
+    assert [r["s"] for r in msg.encodings["w"]] == [
+        "topk:0.1",
+        "fp16",
+        "zstd",
+        "zstd",
+    ]  # zstd on both parts
     template = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}
     out = expand(msg, CODECS, template)
     for name, x in tensors.items():
@@ -143,13 +167,16 @@ def test_a_chain_through_the_wire_and_back() -> None:
         torch.testing.assert_close(y[kept], x[kept], rtol=1e-3, atol=1e-3)  # fp16 on the values
 
 
-@pytest.mark.parametrize("tamper, reason", [
-    (lambda m: m.encodings["w"][0].update(s="lz4"), "unknown_codec"),
-    (lambda m: m.encodings["w"][0].update(shape=[10, 10]), "bad_encoding"),
-    (lambda m: m.tensors.pop("w#values"), "bad_encoding"),
-    (lambda m: m.encodings["w"][0].update(out=["indices", "values", "extra"]), "bad_encoding"),
-    (lambda m: m.encodings.pop("w"), "bad_encoding"),
-])
+@pytest.mark.parametrize(
+    "tamper, reason",
+    [
+        (lambda m: m.encodings["w"][0].update(s="lz4"), "unknown_codec"),
+        (lambda m: m.encodings["w"][0].update(shape=[10, 10]), "bad_encoding"),
+        (lambda m: m.tensors.pop("w#values"), "bad_encoding"),
+        (lambda m: m.encodings["w"][0].update(out=["indices", "values", "extra"]), "bad_encoding"),
+        (lambda m: m.encodings.pop("w"), "bad_encoding"),
+    ],
+)
 def test_expand_refuses_bad_records(tamper, reason: str) -> None:  # type: ignore[no-untyped-def]
     msg = chain_message(["topk:0.1"], {"w": sample((50, 20), torch.float32)})
     tamper(msg)
@@ -165,7 +192,9 @@ def test_expand_refuses_a_decompression_bomb() -> None:
         expand(msg, CODECS, {"w": ((100,), torch.float32)})
     assert err.value.reason == "bad_encoding"  # the first stage must start from the model's shape
     msg = chain_message(["zstd"], {"w": torch.zeros(100)})
-    msg.tensors["w#z"] = WireTensor.from_tensor(torch.randint(0, 255, (64,), dtype=torch.uint8))  # garbage
+    msg.tensors["w#z"] = WireTensor.from_tensor(
+        torch.randint(0, 255, (64,), dtype=torch.uint8)
+    )  # garbage
     with pytest.raises(ProtocolError) as err:
         expand(msg, CODECS, {"w": ((100,), torch.float32)})
     assert err.value.reason == "bad_encoding"
@@ -173,15 +202,21 @@ def test_expand_refuses_a_decompression_bomb() -> None:
 
 @pytest.mark.parametrize("chain, narrow", [(["fp16"], torch.float16), (["bf16"], torch.bfloat16)])
 @pytest.mark.parametrize("block", [1 << 20, 1536])  # one block a frame; several, the last one short
-def test_a_cast_chain_is_folded_as_received_without_a_decoded_copy(chain: list[str], narrow: torch.dtype, block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cast_chain_is_folded_as_received_without_a_decoded_copy(
+    chain: list[str], narrow: torch.dtype, block: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(wire_tensors, "WIDEN_BLOCK", block)
     x = sample((300, 70), torch.float32) * 1000
     x[0, 0] = 60000.0  # near fp16's top: alpha * x must not be taken in half precision
     msg = chain_message(chain, {"w": x})
-    msg.tensors["w#x"].chunks = list(torch.cat(msg.tensors["w#x"].chunks).split(5000))  # as 1 MiB frames would
+    msg.tensors["w#x"].chunks = list(
+        torch.cat(msg.tensors["w#x"].chunks).split(5000)
+    )  # as 1 MiB frames would
     out = expand(msg, CODECS, {"w": ((300, 70), torch.float32)})["w"]
     assert out.dtype == torch.float32 and out.shape == (300, 70)
-    assert all(c.dtype == narrow for c in out.chunks) and len(out.chunks) == 5  # the received frames themselves
+    assert (
+        all(c.dtype == narrow for c in out.chunks) and len(out.chunks) == 5
+    )  # the received frames themselves
     cast = x.to(narrow).to(torch.float32)
     assert torch.equal(out.to_tensor(), cast)
     scaled, summed = torch.empty(300, 70), torch.ones(300, 70)
@@ -190,13 +225,17 @@ def test_a_cast_chain_is_folded_as_received_without_a_decoded_copy(chain: list[s
     assert torch.equal(scaled, cast * 8.0) and torch.isfinite(scaled).all()
     assert torch.equal(summed, 1 + cast * 0.5)
     assert out.is_finite()
-    again = decode(encode(Message(MsgType.UPDATE, meta=msg.meta, tensors={"w": out})))  # sent on as what it claims to be
+    again = decode(
+        encode(Message(MsgType.UPDATE, meta=msg.meta, tensors={"w": out}))
+    )  # sent on as what it claims to be
     assert torch.equal(again.tensors["w"].to_tensor(), cast)
 
 
 @pytest.mark.parametrize("narrow", [torch.float16, torch.bfloat16])
 def test_half_precision_parts_are_checked_exactly_for_nan_and_inf(narrow: torch.dtype) -> None:
-    big = WireTensor(torch.float32, (3000,), [torch.full((1000,), 60000.0, dtype=narrow) for _ in range(3)])
+    big = WireTensor(
+        torch.float32, (3000,), [torch.full((1000,), 60000.0, dtype=narrow) for _ in range(3)]
+    )
     assert big.is_finite()  # its sum overflows half precision: no false alarm
     for bad in (float("nan"), float("inf"), -float("inf")):
         chunks = [torch.zeros(1000, dtype=narrow) for _ in range(3)]
@@ -206,19 +245,27 @@ def test_half_precision_parts_are_checked_exactly_for_nan_and_inf(narrow: torch.
 
 def test_a_cast_part_of_another_dtype_is_decoded_and_refused() -> None:
     msg = chain_message(["fp16"], {"w": sample((10, 10), torch.float32)})
-    msg.tensors["w#x"] = WireTensor.from_tensor(torch.full((100,), 1e300, dtype=torch.float64))  # would overflow float32
+    msg.tensors["w#x"] = WireTensor.from_tensor(
+        torch.full((100,), 1e300, dtype=torch.float64)
+    )  # would overflow float32
     with pytest.raises(ProtocolError) as err:
         expand(msg, CODECS, {"w": ((10, 10), torch.float32)})
     assert err.value.reason == "bad_encoding" and "float64" in err.value.detail
-    msg.tensors["w#x"] = WireTensor.from_tensor(torch.ones(99, dtype=torch.float16))  # one element short
+    msg.tensors["w#x"] = WireTensor.from_tensor(
+        torch.ones(99, dtype=torch.float16)
+    )  # one element short
     with pytest.raises(ProtocolError) as err:
         expand(msg, CODECS, {"w": ((10, 10), torch.float32)})
     assert err.value.reason == "bad_encoding"
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if getattr(CODECS.get(n), "cast_from", None) is not None])
+@pytest.mark.parametrize(
+    "name", [n for n in NAMES if getattr(CODECS.get(n), "cast_from", None) is not None]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_a_cast_codec_encodes_into_a_given_block_what_encode_gives(name: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cast_codec_encodes_into_a_given_block_what_encode_gives(
+    name: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``encode_into`` (how the worker and the downlink cast a block straight into
     where it is sent from) writes exactly ``encode``'s part, across its own blocks."""
     monkeypatch.setattr(codecs_module, "CLAMP_BLOCK", 1000)
@@ -231,10 +278,14 @@ def test_a_cast_codec_encodes_into_a_given_block_what_encode_gives(name: str, dt
     assert torch.equal(out.view(3000, 7).isnan(), expected.isnan())
     assert torch.equal(out.view(3000, 7).nan_to_num(), expected.nan_to_num())
     codec.encode_into(x.T, out)  # a non-contiguous input: element by element in its own order
-    assert torch.equal(out.nan_to_num(), codec.encode(x.T.contiguous())["x"].reshape(-1).nan_to_num())
+    assert torch.equal(
+        out.nan_to_num(), codec.encode(x.T.contiguous())["x"].reshape(-1).nan_to_num()
+    )
     if name == "fp16":  # the same values as casting first and clamping in half precision
         reference = x.to(torch.float16).clamp_(-65504, 65504)
-        assert torch.equal(expected.nan_to_num(), reference.nan_to_num()) and torch.equal(expected.isnan(), reference.isnan())
+        assert torch.equal(expected.nan_to_num(), reference.nan_to_num()) and torch.equal(
+            expected.isnan(), reference.isnan()
+        )
 
 
 def test_the_default_encode_into_copies_encodes_part_and_refuses_other_parts() -> None:

@@ -17,10 +17,19 @@ from elastic.wire.tensors import WireTensor
 
 
 def trained(m: nn.Module, shift: float, n: int) -> Update:
-    return Update("w", 0, n, 0.1, "weights", {k: WireTensor.from_tensor(v.detach() + shift) for k, v in m.state_dict().items()})
+    return Update(
+        "w",
+        0,
+        n,
+        0.1,
+        "weights",
+        {k: WireTensor.from_tensor(v.detach() + shift) for k, v in m.state_dict().items()},
+    )
 
 
-def reference(variant: str, deltas: list[float], lr: float, b1: float, b2: float, tau: float) -> float:
+def reference(
+    variant: str, deltas: list[float], lr: float, b1: float, b2: float, tau: float
+) -> float:
     """The paper's recursion for one scalar coordinate, starting at w = 0."""
     w, m, v = 0.0, 0.0, tau**2
     for d in deltas:
@@ -50,7 +59,9 @@ def test_matches_the_paper_over_rounds(cls: type) -> None:
         rule.accumulate(trained(m, b, 30))
         rule.finalize()
         deltas.append((10 * a + 30 * b) / 40)
-    assert m.weight.item() == pytest.approx(reference(cls.name, deltas, 0.1, 0.9, 0.99, 0.01), rel=1e-5)
+    assert m.weight.item() == pytest.approx(
+        reference(cls.name, deltas, 0.1, 0.9, 0.99, 0.01), rel=1e-5
+    )
 
 
 def test_moments_survive_a_checkpoint() -> None:
@@ -71,13 +82,16 @@ def test_moments_survive_a_checkpoint() -> None:
     torch.testing.assert_close(m.state_dict(), copy.state_dict())
 
 
-@pytest.mark.parametrize("params, match", [
-    ({"server_lr": 0.0}, "server_lr must be > 0"),
-    ({"beta1": 1.0}, "beta1 must be in"),
-    ({"tau": -1.0}, "tau must be > 0"),
-    ({"weighting": "votes"}, "weighting must be"),
-    ({"momentum": 0.9}, "unknown parameter 'momentum'"),
-])
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"server_lr": 0.0}, "server_lr must be > 0"),
+        ({"beta1": 1.0}, "beta1 must be in"),
+        ({"tau": -1.0}, "tau must be > 0"),
+        ({"weighting": "votes"}, "weighting must be"),
+        ({"momentum": 0.9}, "unknown parameter 'momentum'"),
+    ],
+)
 def test_bad_params(params: dict, match: str) -> None:
     with pytest.raises(JobSpecError, match=match):
         FedAdam(params)
@@ -92,7 +106,14 @@ def test_fedprox_pulls_toward_the_received_weights() -> None:
     def train(mu: float, epochs: int) -> tuple[torch.Tensor, torch.Tensor]:
         model = task.build_model(0)
         start = model.weight.detach().clone()
-        local_train(task, model, data, TrainParams(local_epochs=epochs, batch_size=0, lr=0.1, prox_mu=mu), 0, torch.device("cpu"))
+        local_train(
+            task,
+            model,
+            data,
+            TrainParams(local_epochs=epochs, batch_size=0, lr=0.1, prox_mu=mu),
+            0,
+            torch.device("cpu"),
+        )
         return start, model.weight.detach()
 
     start, plain = train(0.0, 1)

@@ -8,8 +8,15 @@ from pathlib import Path
 from elastic import hookspecs
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "plugins.md"
-SPECS = {n: f for n, f in vars(hookspecs).items() if n.startswith("elastic_") and inspect.isfunction(f)}
-COMPONENT_HOOKS = {"elastic_aggregators", "elastic_tasks", "elastic_codecs", "elastic_cluster_backends"}
+SPECS = {
+    n: f for n, f in vars(hookspecs).items() if n.startswith("elastic_") and inspect.isfunction(f)
+}
+COMPONENT_HOOKS = {
+    "elastic_aggregators",
+    "elastic_tasks",
+    "elastic_codecs",
+    "elastic_cluster_backends",
+}
 
 
 def test_every_hook_has_a_full_docstring() -> None:
@@ -38,14 +45,22 @@ def test_the_reference_is_the_hookspecs_in_full() -> None:
     from elastic.hookreference import HEADING, reference
 
     text = DOC.read_text()
-    assert text[text.index(HEADING):] == reference(), "docs/plugins.md is stale: run python -m elastic.hookreference docs/plugins.md"
+    assert text[text.index(HEADING) :] == reference(), (
+        "docs/plugins.md is stale: run python -m elastic.hookreference docs/plugins.md"
+    )
 
 
 def test_every_hook_is_in_the_reference_with_its_exact_signature() -> None:
     text = DOC.read_text()
     for name, func in SPECS.items():
-        assert f"### `{name}{inspect.signature(func)}`" in text, f"docs/plugins.md lacks {name}{inspect.signature(func)}"
-    documented = {line.split("`")[1].split("(")[0] for line in text.splitlines() if line.startswith("### `elastic_")}
+        assert f"### `{name}{inspect.signature(func)}`" in text, (
+            f"docs/plugins.md lacks {name}{inspect.signature(func)}"
+        )
+    documented = {
+        line.split("`")[1].split("(")[0]
+        for line in text.splitlines()
+        if line.startswith("### `elastic_")
+    }
     assert documented == set(SPECS), documented ^ set(SPECS)
 
 

@@ -12,7 +12,9 @@ from elastic.errors import PluginError
 from elastic.plugins import Plugins
 
 
-def fake_distribution(root: Path, dist: str, module: str, source: str, entry: str | None = None) -> None:
+def fake_distribution(
+    root: Path, dist: str, module: str, source: str, entry: str | None = None
+) -> None:
     """An installed distribution as importlib.metadata sees it: a module plus dist-info."""
     (root / f"{module}.py").write_text(textwrap.dedent(source))
     info = root / f"{dist}-1.0.dist-info"
@@ -46,7 +48,11 @@ def test_unknown_name_lists_the_known_ones() -> None:
 
 
 def test_third_party_plugin_is_discovered(site: Path) -> None:
-    fake_distribution(site, "tp-median", "tp_median", """
+    fake_distribution(
+        site,
+        "tp-median",
+        "tp_median",
+        """
         from elastic.hookspecs import hookimpl
         from elastic_plugins.fedavg import FedAvg
 
@@ -56,7 +62,8 @@ def test_third_party_plugin_is_discovered(site: Path) -> None:
         @hookimpl
         def elastic_aggregators():
             return [Median]
-    """)
+    """,
+    )
     p = Plugins()
     assert p.aggregators.get("tp_median").__name__ == "Median"
     assert [i.distribution for i in p.provided() if i.name == "tp_median"] == ["tp-median 1.0"]
@@ -70,41 +77,65 @@ def test_failing_import_names_the_distribution(site: Path) -> None:
 
 
 def test_duplicate_name_names_both_distributions(site: Path) -> None:
-    fake_distribution(site, "tp-dup", "tp_dup", """
+    fake_distribution(
+        site,
+        "tp-dup",
+        "tp_dup",
+        """
         from elastic.hookspecs import hookimpl
         from elastic_plugins.fedavg import FedAvg
 
         @hookimpl
         def elastic_aggregators():
             return [FedAvg]
-    """)
+    """,
+    )
     with pytest.raises(PluginError) as err:
         Plugins()
     text = str(err.value)
-    assert "aggregator 'fedavg' is provided twice" in text and "tp-dup 1.0" in text and "elastic 0.1.0" in text
+    assert (
+        "aggregator 'fedavg' is provided twice" in text
+        and "tp-dup 1.0" in text
+        and "elastic 0.1.0" in text
+    )
 
 
 def test_wrong_class_is_refused_at_load(site: Path) -> None:
-    fake_distribution(site, "tp-wrong", "tp_wrong", """
+    fake_distribution(
+        site,
+        "tp-wrong",
+        "tp_wrong",
+        """
         from elastic.hookspecs import hookimpl
 
         @hookimpl
         def elastic_tasks():
             return [dict]
-    """)
-    with pytest.raises(PluginError, match="tp-wrong 1.0: task <class 'dict'> must be a subclass of Task"):
+    """,
+    )
+    with pytest.raises(
+        PluginError, match="tp-wrong 1.0: task <class 'dict'> must be a subclass of Task"
+    ):
         Plugins()
 
 
 @pytest.mark.parametrize(
     ("body", "why"),
     [
-        ("return {'fedavg2': FedAvg2}", "elastic_aggregators must return a list of classes \\(each one's `name` is its key\\), not dict"),
+        (
+            "return {'fedavg2': FedAvg2}",
+            "elastic_aggregators must return a list of classes \\(each one's `name` is its "
+            "key\\), not dict",
+        ),
         ("return [Nameless]", "aggregator Nameless has no `name`"),
     ],
 )
 def test_a_class_is_contributed_once_under_its_own_name(site: Path, body: str, why: str) -> None:
-    fake_distribution(site, "tp-named", "tp_named", f"""
+    fake_distribution(
+        site,
+        "tp-named",
+        "tp_named",
+        f"""
         from elastic.api import hookimpl
         from elastic_plugins.fedavg import FedAvg
 
@@ -117,7 +148,8 @@ def test_a_class_is_contributed_once_under_its_own_name(site: Path, body: str, w
         @hookimpl
         def elastic_aggregators():
             {body}
-    """)
+    """,
+    )
     with pytest.raises(PluginError, match=f"tp-named 1.0: {why}"):
         Plugins()
 
@@ -167,10 +199,15 @@ def test_the_first_validator_to_answer_decides_and_the_rest_are_not_asked() -> N
     p.register(Validator("lenient", None), name="lenient")
     p.register(Validator("strict", "too big"), name="strict")
     p.register(Validator("quiet", None), name="quiet")
-    assert p.first_answer("elastic_validate_update", job_id="j", worker_id="w", update=None) == ("strict", "too big")
+    assert p.first_answer("elastic_validate_update", job_id="j", worker_id="w", update=None) == (
+        "strict",
+        "too big",
+    )
     assert asked == ["quiet", "strict"]  # lenient was never asked
     p.register(Validator("broken", RuntimeError("bug")), name="broken")
-    plugin, answer = p.first_answer("elastic_validate_update", job_id="j", worker_id="w", update=None)
+    plugin, answer = p.first_answer(
+        "elastic_validate_update", job_id="j", worker_id="w", update=None
+    )
     assert plugin == "broken" and isinstance(answer, RuntimeError)
     with pytest.raises(PluginError, match="not a firstresult hook"):
         p.first_answer("elastic_worker_left", worker_id="w", reason="bye")

@@ -36,7 +36,9 @@ def test_weighted_mean_by_hand() -> None:
 
 @pytest.mark.parametrize("count", [1, 2, 3])
 @pytest.mark.parametrize("narrow", [torch.float32, torch.float16])
-def test_a_first_update_in_shared_memory_is_folded_with_the_second_bit_for_bit(count: int, narrow: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_first_update_in_shared_memory_is_folded_with_the_second_bit_for_bit(
+    count: int, narrow: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Held, then folded with the next one a block at a time: the same sums as folding
     each as it comes, whatever the chunks (one for shared memory, frames for TCP)."""
     import elastic_plugins.averaging as averaging
@@ -47,7 +49,9 @@ def test_a_first_update_in_shared_memory_is_folded_with_the_second_bit_for_bit(c
     weights = [3.0, 0.7, 11.0][:count]
 
     def wire(t: torch.Tensor, i: int, shared: bool) -> WireTensor:
-        chunks = [t] if i == 0 else list(t.split(512))  # the first from a segment, the rest as frames
+        chunks = (
+            [t] if i == 0 else list(t.split(512))
+        )  # the first from a segment, the rest as frames
         return WireTensor(torch.float32, (3000,), chunks, shared=shared and i == 0)
 
     sums = {}
@@ -58,10 +62,14 @@ def test_a_first_update_in_shared_memory_is_folded_with_the_second_bit_for_bit(c
             assert (ws._held is not None) is (shared and i == 0)
         sums[shared] = ws.mean()["x"].clone()
     assert torch.equal(sums[True], sums[False])
-    assert torch.allclose(sums[True], weighted_mean([t.float() for t in values], weights), atol=1e-5)
+    assert torch.allclose(
+        sums[True], weighted_mean([t.float() for t in values], weights), atol=1e-5
+    )
 
 
-@pytest.mark.parametrize("params", [{}, {"server_lr": 1.0, "server_momentum": 0.0}, {"weighting": "samples"}])
+@pytest.mark.parametrize(
+    "params", [{}, {"server_lr": 1.0, "server_momentum": 0.0}, {"weighting": "samples"}]
+)
 def test_fedavg_is_sample_weighted_mean_of_weights(params: dict) -> None:
     m = model()
     before = {k: v.detach().clone() for k, v in update_template(m, "train").items()}
@@ -93,7 +101,9 @@ def test_fedavg_server_lr_and_momentum() -> None:
     restored = FedAvg({"server_lr": 0.5, "server_momentum": 0.9})
     restored.setup(m)
     restored.load_state_dict(agg.state_dict())
-    assert torch.equal(restored.state_dict()["velocity"]["weight"], agg.state_dict()["velocity"]["weight"])
+    assert torch.equal(
+        restored.state_dict()["velocity"]["weight"], agg.state_dict()["velocity"]["weight"]
+    )
 
 
 def test_syncavg_steps_the_optimizer_on_the_weighted_mean_gradient() -> None:
@@ -102,18 +112,29 @@ def test_syncavg_steps_the_optimizer_on_the_weighted_mean_gradient() -> None:
     agg = SyncAvg({"lr": 0.5})
     agg.setup(m)
     agg.begin_round()
-    agg.accumulate(make_update({"weight": torch.tensor([[1.0, 0.0]]), "bias": torch.tensor([1.0])}, 1, "gradient"))
-    agg.accumulate(make_update({"weight": torch.tensor([[0.0, 3.0]]), "bias": torch.tensor([0.0])}, 3, "gradient"))
+    agg.accumulate(
+        make_update(
+            {"weight": torch.tensor([[1.0, 0.0]]), "bias": torch.tensor([1.0])}, 1, "gradient"
+        )
+    )
+    agg.accumulate(
+        make_update(
+            {"weight": torch.tensor([[0.0, 3.0]]), "bias": torch.tensor([0.0])}, 3, "gradient"
+        )
+    )
     agg.finalize()
     assert torch.allclose(m.weight.detach(), w0 - 0.5 * torch.tensor([[0.25, 2.25]]))
 
 
-@pytest.mark.parametrize("params, match", [
-    ({"server_lr": -1.0}, "server_lr must be > 0"),
-    ({"server_momentum": 1.0}, "server_momentum"),
-    ({"servr_lr": 1.0}, "unknown parameter 'servr_lr'"),
-    ({"weighting": 3}, "weighting' must be str"),
-])
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"server_lr": -1.0}, "server_lr must be > 0"),
+        ({"server_momentum": 1.0}, "server_momentum"),
+        ({"servr_lr": 1.0}, "unknown parameter 'servr_lr'"),
+        ({"weighting": 3}, "weighting' must be str"),
+    ],
+)
 def test_fedavg_bad_params(params: dict, match: str) -> None:
     with pytest.raises(JobSpecError, match=match):
         FedAvg(params)
@@ -123,7 +144,9 @@ def neutral_update(m: nn.Module, mode: str) -> Update:
     template = update_template(m, mode)
     if mode == "train":
         return make_update({k: v.detach().clone() for k, v in template.items()}, 5)
-    return make_update({k: torch.zeros_like(v) for k, v in template.items()}, 5, update_kind(mode))  # a zero gradient or delta
+    return make_update(
+        {k: torch.zeros_like(v) for k, v in template.items()}, 5, update_kind(mode)
+    )  # a zero gradient or delta
 
 
 @pytest.mark.parametrize("name", Plugins().aggregators.names())
@@ -155,11 +178,16 @@ class TestAggregatorConformance:
             move_to_fresh_memory(m)
             before = {k: v.clone() for k, v in update_template(m, cls.worker_mode).items()}
             agg.begin_round()
-            shifted = {k: (v + 1.0 if cls.worker_mode == "train" else torch.ones_like(v)) for k, v in before.items()}
+            shifted = {
+                k: (v + 1.0 if cls.worker_mode == "train" else torch.ones_like(v))
+                for k, v in before.items()
+            }
             agg.accumulate(make_update(shifted, 5, update_kind(cls.worker_mode)))
             agg.finalize()
             after = update_template(m, cls.worker_mode)
-            assert any(not torch.equal(after[k], before[k]) for k in before), "finalize left the model unchanged"
+            assert any(not torch.equal(after[k], before[k]) for k in before), (
+                "finalize left the model unchanged"
+            )
 
     def test_state_round_trips(self, name: str) -> None:
         cls = Plugins().aggregators.get(name)
@@ -168,17 +196,28 @@ class TestAggregatorConformance:
         agg.setup(m)
         template = update_template(m, cls.worker_mode)
         agg.begin_round()
-        agg.accumulate(make_update({k: torch.ones_like(v) for k, v in template.items()}, 5, update_kind(cls.worker_mode)))
+        agg.accumulate(
+            make_update(
+                {k: torch.ones_like(v) for k, v in template.items()},
+                5,
+                update_kind(cls.worker_mode),
+            )
+        )
         agg.finalize()
         other = cls({})
         other.setup(model())
         other.load_state_dict(agg.state_dict())
 
 
-def parts_of(t: torch.Tensor, cuts: list[int]) -> list[tuple[list[tuple[str, int, int]], dict[str, WireTensor]]]:
+def parts_of(
+    t: torch.Tensor, cuts: list[int]
+) -> list[tuple[list[tuple[str, int, int]], dict[str, WireTensor]]]:
     """``t`` (tensor "x") cut at ``cuts``: each part's segments and tensors, as sent."""
     bounds = [0, *cuts, t.numel()]
-    return [([("x", a, b)], {"x": WireTensor.from_tensor(t[a:b])}) for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [
+        ([("x", a, b)], {"x": WireTensor.from_tensor(t[a:b])})
+        for a, b in zip(bounds, bounds[1:], strict=False)
+    ]
 
 
 def test_updates_folded_in_parts_sum_bit_for_bit_as_whole_ones() -> None:
@@ -201,7 +240,9 @@ def test_an_update_that_stopped_halfway_weighs_only_where_it_came() -> None:
         ws.add_part(segments, tensors, 1.0)
     segments, tensors = parts_of(b, [4])[0]
     ws.add_part(segments, tensors, 3.0)
-    ws.add({"x": WireTensor.from_tensor(torch.full((10,), 2.0))}, 1.0)  # a whole one too: everywhere
+    ws.add(
+        {"x": WireTensor.from_tensor(torch.full((10,), 2.0))}, 1.0
+    )  # a whole one too: everywhere
     assert ws.weights() == {"x": [(0, 4, 5.0), (4, 10, 2.0)]}
     assert torch.equal(ws.mean()["x"], torch.tensor([15 / 5] * 4 + [3 / 2] * 6))
 
@@ -214,9 +255,13 @@ def test_fedavg_keeps_the_weights_no_update_reached() -> None:
     agg.begin_round()
     trained = before.reshape(-1) + 2.0
     segments, tensors = parts_of(trained, [2])[0]  # a worker that sent half, then left
-    agg.accumulate_part(Update("w", 0, 10, 0.1, "weights", {"weight": tensors["x"]}), [("weight", *segments[0][1:])])
+    agg.accumulate_part(
+        Update("w", 0, 10, 0.1, "weights", {"weight": tensors["x"]}), [("weight", *segments[0][1:])]
+    )
     agg.finalize()
-    assert torch.equal(m.weight.detach().reshape(-1), torch.cat([trained[:2], before.reshape(-1)[2:]]))
+    assert torch.equal(
+        m.weight.detach().reshape(-1), torch.cat([trained[:2], before.reshape(-1)[2:]])
+    )
 
 
 def test_fedavg_with_momentum_steps_only_where_updates_came() -> None:
@@ -225,7 +270,10 @@ def test_fedavg_with_momentum_steps_only_where_updates_came() -> None:
     agg = FedAvg({"server_momentum": 0.5, "server_lr": 1.0})
     agg.setup(m)
     agg.begin_round()
-    agg.accumulate_part(Update("w", 0, 10, 0.1, "weights", {"weight": WireTensor.from_tensor(before[2:] + 1.0)}), [("weight", 2, 4)])
+    agg.accumulate_part(
+        Update("w", 0, 10, 0.1, "weights", {"weight": WireTensor.from_tensor(before[2:] + 1.0)}),
+        [("weight", 2, 4)],
+    )
     agg.finalize()
     assert torch.allclose(m.weight.detach().reshape(-1), torch.cat([before[:2], before[2:] + 1.0]))
 
@@ -238,6 +286,9 @@ def test_syncavg_averages_gradients_that_came_in_parts() -> None:
     agg.begin_round()
     for grad, n in ((torch.ones(4), 1), (torch.full((4,), 3.0), 3)):
         for segments, tensors in parts_of(grad, [1]):
-            agg.accumulate_part(Update("w", 0, n, 0.1, "gradient", {"weight": tensors["x"]}), [("weight", *segments[0][1:])])
+            agg.accumulate_part(
+                Update("w", 0, n, 0.1, "gradient", {"weight": tensors["x"]}),
+                [("weight", *segments[0][1:])],
+            )
     agg.finalize()
     assert torch.allclose(m.weight.detach().reshape(-1), before - 2.5)

@@ -22,7 +22,10 @@ def test_dirichlet_split_is_a_partition_and_non_iid() -> None:
     assert np.array_equal(joined, np.arange(1000))
     mixes = [np.bincount(labels[p], minlength=10) / len(p) for p in parts]
     assert max(np.abs(m - 0.1).max() for m in mixes) > 0.1  # far from uniform
-    assert all(np.array_equal(a, b) for a, b in zip(parts, dirichlet_split(labels, 4, 0.5, seed=3), strict=True))
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(parts, dirichlet_split(labels, 4, 0.5, seed=3), strict=True)
+    )
 
 
 def test_digits_shards_are_disjoint_and_test_set_held_out() -> None:
@@ -31,7 +34,9 @@ def test_digits_shards_are_disjoint_and_test_set_held_out() -> None:
     test = task.test_dataset(None)
     rows = {tuple(x.tolist()) for s in shards for x in s.tensors[0]}
     assert sum(len(s) for s in shards) + len(test) == 1797
-    assert len(rows & {tuple(x.tolist()) for x in test.tensors[0]}) < 10  # digits has a few duplicate images
+    assert (
+        len(rows & {tuple(x.tolist()) for x in test.tensors[0]}) < 10
+    )  # digits has a few duplicate images
 
 
 def test_linreg_shards_cover_the_data() -> None:
@@ -46,7 +51,10 @@ def test_linreg_shards_cover_the_data() -> None:
 def test_task_conformance(name: str) -> None:
     task = Plugins().tasks.get(name)({})
     a, b = task.build_model(7), task.build_model(7)
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(x, y)
+        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
     data = task.train_dataset(Shard(0, 2, 0), None)
     x, y = data[0:4]
     loss = task.loss(a, x, y)
@@ -70,14 +78,18 @@ def test_synthetic_model_has_the_size_asked_random_and_reproducible() -> None:
     flat = torch.cat([p.detach() for p in model.parameters()])
     assert flat.unique().numel() > 990  # random values, nothing a transport could deduplicate
     assert torch.equal(flat, torch.cat([p.detach() for p in task.build_model(seed=3).parameters()]))
-    assert not torch.equal(flat, torch.cat([p.detach() for p in task.build_model(seed=4).parameters()]))
+    assert not torch.equal(
+        flat, torch.cat([p.detach() for p in task.build_model(seed=4).parameters()])
+    )
 
 
 def test_synthetic_training_touches_every_parameter_and_stays_finite() -> None:
     task = Synthetic({"params": 100, "samples": 8})
     model = task.build_model(seed=0)
     data = task.train_dataset(Shard(1, 2, 0), None)
-    assert len(data) == 8 and not torch.equal(data.tensors[0], task.train_dataset(Shard(0, 2, 0), None).tensors[0])
+    assert len(data) == 8 and not torch.equal(
+        data.tensors[0], task.train_dataset(Shard(0, 2, 0), None).tensors[0]
+    )
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     for _ in range(20):
         opt.zero_grad()
@@ -89,7 +101,10 @@ def test_synthetic_training_touches_every_parameter_and_stays_finite() -> None:
     assert "synthetic" in Plugins().tasks.names()
 
 
-@pytest.mark.parametrize("params", [{"params": 0}, {"tensors": 0}, {"params": 2, "tensors": 3}, {"samples": 0}, {"size": 5}])
+@pytest.mark.parametrize(
+    "params",
+    [{"params": 0}, {"tensors": 0}, {"params": 2, "tensors": 3}, {"samples": 0}, {"size": 5}],
+)
 def test_synthetic_refuses_bad_parameters(params: dict) -> None:
     with pytest.raises(JobSpecError, match="task synthetic"):
         Synthetic(params)

@@ -43,7 +43,14 @@ def test_round_trip_every_dtype(dtype: torch.dtype) -> None:
 def test_round_trip_header_fields_and_odd_shapes() -> None:
     msg = update(scalar=torch.tensor(2.5), empty=torch.zeros(0, 3), wide=torch.randn(5, 7).t())
     got = decode(as_bytes(encode(msg)))
-    assert (got.type, got.job, got.round, got.version, got.sender, got.key) == (MsgType.UPDATE, "j", 3, 2, "w1", "w1/j/3")
+    assert (got.type, got.job, got.round, got.version, got.sender, got.key) == (
+        MsgType.UPDATE,
+        "j",
+        3,
+        2,
+        "w1",
+        "w1/j/3",
+    )
     assert got.meta == msg.meta
     assert got.tensors["scalar"].to_tensor().item() == 2.5
     assert got.tensors["empty"].to_tensor().shape == (0, 3)
@@ -114,16 +121,30 @@ def test_rejects_wrong_version_unknown_type_missing_field() -> None:
 
 def test_every_meta_key_is_declared_and_checked() -> None:
     msg = update(w=torch.ones(4))
-    with pytest.raises(ProtocolError, match="'relative' is not in protocol 1 \\(known: num_samples, loss, kind, train_seconds, part\\)") as err:
+    with pytest.raises(
+        ProtocolError,
+        match="'relative' is not in protocol 1 \\(known: num_samples, loss, kind, train_seconds, "
+        "part\\)",
+    ) as err:
         decode(with_header(msg, meta={**msg.meta, "relative": True}))
     assert err.value.reason == "unknown_field"
-    assert reason(with_header(msg, meta={**msg.meta, "part": "0/4"})) == "bad_field"  # optional, and typed
+    assert (
+        reason(with_header(msg, meta={**msg.meta, "part": "0/4"})) == "bad_field"
+    )  # optional, and typed
     assert decode(with_header(msg, meta={**msg.meta, "part": [0, 4]})).meta["part"] == [0, 4]
-    welcome = Message(MsgType.WELCOME, meta={"heartbeat_interval": 1, "heartbeat_timeout": 3.0, "slot": 2})
+    welcome = Message(
+        MsgType.WELCOME, meta={"heartbeat_interval": 1, "heartbeat_timeout": 3.0, "slot": 2}
+    )
     got = decode(encode(welcome)).meta
-    assert got["heartbeat_interval"] == 1.0 and type(got["heartbeat_interval"]) is float  # an int where a float is declared
-    assert reason(encode(Message(MsgType.WELCOME, meta={**welcome.meta, "slot": True}))) == "bad_field"  # a bool is no int
-    assert reason(encode(Message(MsgType.OFFER, meta={"bytes": 5, "parts": 1}))) == "bad_field"  # nor an int a bool
+    assert (
+        got["heartbeat_interval"] == 1.0 and type(got["heartbeat_interval"]) is float
+    )  # an int where a float is declared
+    assert (
+        reason(encode(Message(MsgType.WELCOME, meta={**welcome.meta, "slot": True}))) == "bad_field"
+    )  # a bool is no int
+    assert (
+        reason(encode(Message(MsgType.OFFER, meta={"bytes": 5, "parts": 1}))) == "bad_field"
+    )  # nor an int a bool
 
 
 def test_rejects_dtype_shape_and_length_mismatches() -> None:
@@ -147,7 +168,18 @@ def test_rejects_non_finite_updates_but_not_models() -> None:
         assert reason(as_bytes(encode(update(w=t)))) == "non_finite"
     t = torch.full((10,), 3e38)  # finite, but its sum overflows: must not be a false alarm
     assert decode(as_bytes(encode(update(w=t)))).tensors["w"].is_finite()
-    work = Message(MsgType.WORK, meta={"mode": "train", "task": "t", "task_params": {}, "train": {}, "shard": [0, 1], "seed": 0}, tensors={"w": WireTensor.from_tensor(torch.tensor([math.nan]))})
+    work = Message(
+        MsgType.WORK,
+        meta={
+            "mode": "train",
+            "task": "t",
+            "task_params": {},
+            "train": {},
+            "shard": [0, 1],
+            "seed": 0,
+        },
+        tensors={"w": WireTensor.from_tensor(torch.tensor([math.nan]))},
+    )
     assert decode(as_bytes(encode(work))).type is MsgType.WORK
 
 
@@ -164,7 +196,15 @@ def test_rejects_oversized_and_garbage() -> None:
 
 VALID = [
     as_bytes(encode(update(w=torch.randn(3, 4), b=torch.zeros(2, dtype=torch.int64)))),
-    as_bytes(encode(Message(MsgType.HELLO, sender="w", meta={"device": "cpu", "host": "h", "software": "0", "pid": 1}))),
+    as_bytes(
+        encode(
+            Message(
+                MsgType.HELLO,
+                sender="w",
+                meta={"device": "cpu", "host": "h", "software": "0", "pid": 1},
+            )
+        )
+    ),
     as_bytes(encode(Message(MsgType.NACK, meta={"reason": "r", "detail": "d"}))),
 ]
 
@@ -194,7 +234,18 @@ def mutate(frames: list[bytes], data: st.DataObject) -> list[bytes]:
                 header = None
             if isinstance(header, dict) and header:
                 key = data.draw(st.sampled_from(sorted(header)))
-                header[key] = data.draw(st.one_of(st.none(), st.integers(-(2**63), 2**64 - 1), st.floats(), st.text(max_size=5), st.lists(st.integers(-(2**63), 2**63), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(-(2**63), 2**63), max_size=2)))
+                header[key] = data.draw(
+                    st.one_of(
+                        st.none(),
+                        st.integers(-(2**63), 2**64 - 1),
+                        st.floats(),
+                        st.text(max_size=5),
+                        st.lists(st.integers(-(2**63), 2**63), max_size=3),
+                        st.dictionaries(
+                            st.text(max_size=3), st.integers(-(2**63), 2**63), max_size=2
+                        ),
+                    )
+                )
                 frames[0] = msgpack.packb(header)
     return frames
 

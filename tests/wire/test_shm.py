@@ -25,7 +25,15 @@ META = {"num_samples": 4, "loss": 0.5, "kind": "gradient", "train_seconds": 0.1}
 
 
 def update(**tensors: torch.Tensor) -> Message:
-    return Message(MsgType.UPDATE, job="j", round=1, sender="w", key="w/j/1", meta=META, tensors={k: WireTensor.from_tensor(v) for k, v in tensors.items()})
+    return Message(
+        MsgType.UPDATE,
+        job="j",
+        round=1,
+        sender="w",
+        key="w/j/1",
+        meta=META,
+        tensors={k: WireTensor.from_tensor(v) for k, v in tensors.items()},
+    )
 
 
 def send(writer: SegmentWriter, msg: Message) -> list[Any]:
@@ -44,8 +52,12 @@ def test_frames_arrive_intact_and_are_read_in_place() -> None:
     writer, reader = SegmentWriter(), SegmentReader()
     w, b = torch.randn(600, 1000), torch.arange(7, dtype=torch.float32)
     got = decode(send(writer, update(w=w, b=b)), shm=reader)
-    assert torch.equal(got.tensors["w"].to_tensor(), w) and torch.equal(got.tensors["b"].to_tensor(), b)
-    assert got.tensors["w"].chunks[0].untyped_storage().nbytes() == w.numel() * 4  # a view, not a copy
+    assert torch.equal(got.tensors["w"].to_tensor(), w) and torch.equal(
+        got.tensors["b"].to_tensor(), b
+    )
+    assert (
+        got.tensors["w"].chunks[0].untyped_storage().nbytes() == w.numel() * 4
+    )  # a view, not a copy
     writer.close()
 
 
@@ -68,10 +80,14 @@ def test_the_writer_waits_for_the_reader_and_falls_back_to_the_socket() -> None:
 def test_a_segment_held_too_long_is_left_to_its_reader_and_replaced() -> None:
     writer, reader = SegmentWriter(), SegmentReader()
     first = torch.randn(400_000)
-    held = decode(send(writer, update(w=first)), shm=reader)  # e.g. a message whose reader went quiet
+    held = decode(
+        send(writer, update(w=first)), shm=reader
+    )  # e.g. a message whose reader went quiet
     old = writer.name
     specs, buffers = encode_parts(update(w=torch.zeros(400_000)), 1 << 62)
-    assert [writer.put(buffers) for _ in range(shm.REPLACE_AFTER_BUSY - 1)] == [None] * (shm.REPLACE_AFTER_BUSY - 1)
+    assert [writer.put(buffers) for _ in range(shm.REPLACE_AFTER_BUSY - 1)] == [None] * (
+        shm.REPLACE_AFTER_BUSY - 1
+    )
     second = torch.randn(400_000)
     got = decode(send(writer, update(w=second)), shm=reader)  # the next one: a new segment
     assert writer.name != old
@@ -162,7 +178,18 @@ def test_a_segment_of_another_kind_is_refused(tmp_path: Any) -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(["seg", "seq", "sizes", "x"]), st.one_of(st.integers(-(2**63), 2**63 - 1), st.text(max_size=40), st.lists(st.integers(-(2**63), 2**63 - 1), max_size=4), st.booleans(), st.none())))
+@given(
+    st.dictionaries(
+        st.sampled_from(["seg", "seq", "sizes", "x"]),
+        st.one_of(
+            st.integers(-(2**63), 2**63 - 1),
+            st.text(max_size=40),
+            st.lists(st.integers(-(2**63), 2**63 - 1), max_size=4),
+            st.booleans(),
+            st.none(),
+        ),
+    )
+)
 def test_any_placement_is_a_protocol_error_or_nothing(placement: dict[str, Any]) -> None:
     msg = update(w=torch.ones(4))
     specs, _ = encode_parts(msg, 1 << 62)
@@ -180,7 +207,9 @@ def test_the_probe_says_whether_the_peer_shares_this_host() -> None:
     assert not is_local({"probe": "elastic-1-0123456789abcdef", "token": "00" * 16})
     writer = SegmentWriter()
     send(writer, update(w=torch.ones(300_000)))
-    assert not is_local({"probe": writer.name, "token": "00" * 16})  # another's data segment is no probe
+    assert not is_local(
+        {"probe": writer.name, "token": "00" * 16}
+    )  # another's data segment is no probe
     writer.close()
     assert not is_local(None) and not is_local({"probe": 3}) and not is_local("x")
     probe.close()
@@ -236,7 +265,9 @@ def test_nothing_is_ever_copied_over_placed_tensors() -> None:
     assert placed is not None
     placed["w"].fill_(1.0)
     first = writer.name
-    other = decode(send(writer, update(w=torch.full((400_000,), 7.0))), shm=reader)  # a message to copy in
+    other = decode(
+        send(writer, update(w=torch.full((400_000,), 7.0))), shm=reader
+    )  # a message to copy in
     assert writer.name != first and writer.in_place == 0
     assert torch.equal(other.tensors["w"].to_tensor(), torch.full((400_000,), 7.0))
     assert bool((placed["w"] == 1.0).all())  # job a's tensors untouched
@@ -271,7 +302,12 @@ def test_shared_tensors_are_read_by_any_number_of_readers_at_the_version_stamped
         assert "version 5, not 6" in (reader.copy_into(shared.describe(), dict(model), 6) or "")
         with shared.changing(6):  # a reader that comes while it changes takes nothing
             assert "being changed" in (reader.copy_into(shared.describe(), dict(model), 6) or "")
-        assert reader.copy_into(shared.describe(), {k: torch.empty_like(v) for k, v in model.items()}, 6) is None
+        assert (
+            reader.copy_into(
+                shared.describe(), {k: torch.empty_like(v) for k, v in model.items()}, 6
+            )
+            is None
+        )
     finally:
         shared.close()
     assert not segment_exists(shared.name)
@@ -300,7 +336,9 @@ def test_a_reader_overtaken_by_a_change_keeps_nothing() -> None:
         with shared.changing(7):
             pass
         targets = ChangesWhileRead(shared, {k: torch.empty_like(v) for k, v in model.items()})
-        assert "changed while it was read" in (shm.SharedReader().copy_into(shared.describe(), targets, 7) or "")
+        assert "changed while it was read" in (
+            shm.SharedReader().copy_into(shared.describe(), targets, 7) or ""
+        )
     finally:
         shared.close()
 

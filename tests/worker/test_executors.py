@@ -16,12 +16,31 @@ def test_every_installed_rule_has_an_executor_for_its_workers() -> None:
     asked = {plugins.aggregators.get(name).worker_mode for name in plugins.aggregators.names()}
     assert asked <= modes, asked - modes
     runner = TaskRunner(plugins, torch.device("cpu"), None, "w")
-    assert isinstance(runner.executors["train"], LocalTraining) and runner.executors["train"] is runner.executors["delta"]
+    assert (
+        isinstance(runner.executors["train"], LocalTraining)
+        and runner.executors["train"] is runner.executors["delta"]
+    )
     assert isinstance(runner.executors["gradient"], GradientStep)
 
 
 def test_a_mode_no_executor_serves_is_a_nack_naming_the_known_ones() -> None:
-    work = Message(MsgType.WORK, job="j", round=1, key="w/j/1", meta={"mode": "collective", "task": "linreg", "task_params": {}, "train": {}, "shard": [0, 1], "seed": 0})
+    work = Message(
+        MsgType.WORK,
+        job="j",
+        round=1,
+        key="w/j/1",
+        meta={
+            "mode": "collective",
+            "task": "linreg",
+            "task_params": {},
+            "train": {},
+            "shard": [0, 1],
+            "seed": 0,
+        },
+    )
     reply = TaskRunner(Plugins(), torch.device("cpu"), None, "w").run(work).message
     assert reply.type is MsgType.NACK and reply.meta["reason"] == "work_failed"
-    assert reply.meta["detail"] == "unknown work mode 'collective'; this worker knows delta, gradient, train"
+    assert (
+        reply.meta["detail"]
+        == "unknown work mode 'collective'; this worker knows delta, gradient, train"
+    )

@@ -26,8 +26,26 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 def work(mode: str, model: torch.nn.Module, round_: int = 1) -> Message:
     msg = Message(
-        MsgType.WORK, job="j", round=round_, version=round_ - 1, key=f"w/j/{round_}",
-        meta={"mode": mode, "task": "linreg", "task_params": {"samples": 40, "features": 3}, "train": {"local_epochs": 1, "batch_size": 0, "lr": 0.1, "optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0}, "shard": [0, 2], "seed": 0},
+        MsgType.WORK,
+        job="j",
+        round=round_,
+        version=round_ - 1,
+        key=f"w/j/{round_}",
+        meta={
+            "mode": mode,
+            "task": "linreg",
+            "task_params": {"samples": 40, "features": 3},
+            "train": {
+                "local_epochs": 1,
+                "batch_size": 0,
+                "lr": 0.1,
+                "optimizer": "sgd",
+                "momentum": 0.0,
+                "weight_decay": 0.0,
+            },
+            "shard": [0, 2],
+            "seed": 0,
+        },
         tensors={k: WireTensor.from_tensor(v) for k, v in model.state_dict().items()},
     )
     return decode([bytes(f) for f in encode(msg)], check_finite=False)  # as a worker receives it
@@ -59,13 +77,21 @@ def test_runner_update_on_cpu(mode: str) -> None:
     result = runner.run(work(mode, model))
     msg = result.message
     assert msg.type is MsgType.UPDATE, msg.meta
-    assert (msg.round, msg.version, msg.key, msg.meta["kind"], msg.meta["num_samples"]) == (1, 0, "w/j/1", update_kind(mode), 20)
+    assert (msg.round, msg.version, msg.key, msg.meta["kind"], msg.meta["num_samples"]) == (
+        1,
+        0,
+        "w/j/1",
+        update_kind(mode),
+        20,
+    )
     for name, want in expected(mode, model).items():
         assert torch.allclose(msg.tensors[name].to_tensor(), want, atol=1e-6), name
 
 
 @pytest.mark.parametrize("reader_keeps_up", [True, False])
-def test_update_is_sent_from_the_model_and_never_changes_while_queued(reader_keeps_up: bool, inproc_pair: tuple[zmq.Socket, zmq.Socket]) -> None:
+def test_update_is_sent_from_the_model_and_never_changes_while_queued(
+    reader_keeps_up: bool, inproc_pair: tuple[zmq.Socket, zmq.Socket]
+) -> None:
     """On CPU the update's frames are the trained parameters themselves. If they are
     still queued when the next WORK comes, the model moves to new memory first."""
     params = {"samples": 4, "features": 40_000}  # frames over pyzmq's 64 KiB copy threshold
@@ -94,7 +120,9 @@ def test_update_is_sent_from_the_model_and_never_changes_while_queued(reader_kee
 
 
 @pytest.mark.parametrize("reader_keeps_up", [True, False])
-def test_on_the_coordinator_s_host_the_update_leaves_from_the_segment(reader_keeps_up: bool, inproc_pair: tuple[zmq.Socket, zmq.Socket]) -> None:
+def test_on_the_coordinator_s_host_the_update_leaves_from_the_segment(
+    reader_keeps_up: bool, inproc_pair: tuple[zmq.Socket, zmq.Socket]
+) -> None:
     """With a shared-memory lane the weights live in its segment and the update
     leaves with no copy; if the coordinator still views it when the next WORK comes,
     the model moves out first and the bytes it views never change."""
@@ -119,7 +147,9 @@ def test_on_the_coordinator_s_host_the_update_leaves_from_the_segment(reader_kee
     second = work("train", model, round_=2)
     second.meta["task_params"] = params
     runner.run(second)
-    assert (runner.jobs["j"].model.weight.data_ptr() == where) is reader_keeps_up  # moved only when it had to
+    assert (
+        runner.jobs["j"].model.weight.data_ptr() == where
+    ) is reader_keeps_up  # moved only when it had to
     got = received if reader_keeps_up else received.to_tensor()
     assert torch.equal(got, sent)
     lane.close()
@@ -128,17 +158,25 @@ def test_on_the_coordinator_s_host_the_update_leaves_from_the_segment(reader_kee
 @pytest.mark.parametrize("mode", ["gradient", "train"])
 @pytest.mark.parametrize("reader_keeps_up", [True, False])
 def test_a_cast_update_is_the_chains_own_and_leaves_from_the_segment(
-    mode: str, reader_keeps_up: bool, inproc_pair: tuple[zmq.Socket, zmq.Socket], monkeypatch: pytest.MonkeyPatch
+    mode: str,
+    reader_keeps_up: bool,
+    inproc_pair: tuple[zmq.Socket, zmq.Socket],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """fp16 is cast a block at a time into parts in the segment: what the coordinator
     expands is what the chain's way gives, nothing is copied to send it, and parts it
     still views are never written over."""
     from elastic.compression.chain import expand
 
-    monkeypatch.setattr("elastic.worker.packing.WIDEN_BLOCK", 200_000)  # three blocks, the last one short
+    monkeypatch.setattr(
+        "elastic.worker.packing.WIDEN_BLOCK", 200_000
+    )  # three blocks, the last one short
     params = {"samples": 4, "features": 600_000}  # 1.2 MB in fp16: over the shared path's 1 MiB
     model = LinReg(params).build_model(3)
-    template = {k: (tuple(t.shape), t.dtype) for k, t in update_template(model, mode if mode == "gradient" else "train").items()}
+    template = {
+        k: (tuple(t.shape), t.dtype)
+        for k, t in update_template(model, mode if mode == "gradient" else "train").items()
+    }
 
     def job(round_: int) -> Message:
         w = work(mode, model, round_=round_)
@@ -161,7 +199,11 @@ def test_a_cast_update_is_the_chains_own_and_leaves_from_the_segment(
         assert result.buffers is not None
         result.buffers.release_after(send_message(tx, result.message, track=True, lane=lane))
         got = expand(decode(rx.recv_multipart(), shm=reader), Plugins().codecs, template)
-        want = expand(decode([bytes(f) for f in encode(plain.run(job(round_)).message)]), Plugins().codecs, template)
+        want = expand(
+            decode([bytes(f) for f in encode(plain.run(job(round_)).message)]),
+            Plugins().codecs,
+            template,
+        )
         assert all(wt.chunks[0].dtype == torch.float16 for wt in got.values())  # folded as received
         for name in want:
             assert torch.equal(got[name].to_tensor(), want[name].to_tensor()), name
@@ -180,11 +222,16 @@ def test_a_cast_update_is_the_chains_own_and_leaves_from_the_segment(
 def test_runner_reports_bad_work_as_a_nack() -> None:
     model = torch.nn.Linear(5, 1)  # not the task's model
     result = TaskRunner(Plugins(), torch.device("cpu"), None, "w").run(work("train", model))
-    assert result.message.type is MsgType.NACK and "received [1, 5]" in result.message.meta["detail"]
+    assert (
+        result.message.type is MsgType.NACK and "received [1, 5]" in result.message.meta["detail"]
+    )
     w = work("train", LinReg({}).build_model(0))
     w.meta["task"] = "nope"
     result = TaskRunner(Plugins(), torch.device("cpu"), None, "w").run(w)
-    assert result.message.meta["reason"] == "work_failed" and "unknown task 'nope'" in result.message.meta["detail"]
+    assert (
+        result.message.meta["reason"] == "work_failed"
+        and "unknown task 'nope'" in result.message.meta["detail"]
+    )
 
 
 def test_pool_never_reuses_memory_zmq_still_holds() -> None:
@@ -202,7 +249,9 @@ def test_pool_never_reuses_memory_zmq_still_holds() -> None:
     second.release()
     pull = ctx.socket(zmq.PULL)
     pull.bind("inproc://pool-test")
-    assert torch.equal(torch.frombuffer(bytearray(pull.recv()), dtype=torch.float32), torch.ones(1 << 16))
+    assert torch.equal(
+        torch.frombuffer(bytearray(pull.recv()), dtype=torch.float32), torch.ones(1 << 16)
+    )
     deadline = time.monotonic() + 5
     while first.trackers and not first.trackers[0].done and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -233,7 +282,9 @@ def test_runner_on_cuda_matches_cpu(mode: str) -> None:
     assert gpu.message.type is MsgType.UPDATE
     assert runner.staging.pinned and all(t.is_pinned() for t in gpu.buffers.tensors.values())
     for name in update_template(model, "gradient" if mode == "gradient" else "train"):
-        assert torch.allclose(gpu.message.tensors[name].to_tensor(), cpu.tensors[name].to_tensor(), atol=1e-5)
+        assert torch.allclose(
+            gpu.message.tensors[name].to_tensor(), cpu.tensors[name].to_tensor(), atol=1e-5
+        )
 
 
 def test_reusable_scratch_is_reused_until_the_shape_changes() -> None:
@@ -269,9 +320,21 @@ def test_model_comes_down_as_a_delta_against_the_reference(mode: str) -> None:
     assert runner.run(first).message.type is MsgType.UPDATE
     assert runner.jobs["j"].reference_version == 0
     moved = {k: v.detach() + 0.25 for k, v in update_template(model, "train").items()}
-    parts, encodings = CodecChain(Plugins().codecs, ["zstd"]).compressor().compress({k: moved[k] - v.detach() for k, v in update_template(model, "train").items()})
-    delta = Message(MsgType.WORK, job="j", round=2, version=1, key="w/j/2", meta=dict(first.meta, delta_from=0),
-                    tensors={k: WireTensor.from_tensor(v) for k, v in parts.items()}, encodings=encodings)
+    parts, encodings = (
+        CodecChain(Plugins().codecs, ["zstd"])
+        .compressor()
+        .compress({k: moved[k] - v.detach() for k, v in update_template(model, "train").items()})
+    )
+    delta = Message(
+        MsgType.WORK,
+        job="j",
+        round=2,
+        version=1,
+        key="w/j/2",
+        meta=dict(first.meta, delta_from=0),
+        tensors={k: WireTensor.from_tensor(v) for k, v in parts.items()},
+        encodings=encodings,
+    )
     delta = decode([bytes(f) for f in encode(delta)], check_finite=False)
     update = runner.run(delta).message
     assert update.type is MsgType.UPDATE
@@ -280,14 +343,38 @@ def test_model_comes_down_as_a_delta_against_the_reference(mode: str) -> None:
     for name, want in moved.items():
         torch.testing.assert_close(ctx.reference[name], want)
     params = dict(ctx.model.named_parameters())
-    assert all((ctx.reference[n].data_ptr() == p.data_ptr()) is (mode == "gradient") for n, p in params.items())
+    assert all(
+        (ctx.reference[n].data_ptr() == p.data_ptr()) is (mode == "gradient")
+        for n, p in params.items()
+    )
     if mode == "gradient":  # the same gradient as from the moved model sent whole
         at_moved = LinReg({"samples": 40, "features": 3}).build_model(3)
         at_moved.load_state_dict(moved, strict=False)
-        whole = TaskRunner(Plugins(), torch.device("cpu"), None, "w").run(work(mode, at_moved, round_=2)).message
+        whole = (
+            TaskRunner(Plugins(), torch.device("cpu"), None, "w")
+            .run(work(mode, at_moved, round_=2))
+            .message
+        )
         for name in params:
-            torch.testing.assert_close(update.tensors[name].to_tensor(), whole.tensors[name].to_tensor())
-    stale = decode([bytes(f) for f in encode(Message(MsgType.WORK, job="j", round=3, version=2, key="w/j/3", meta=dict(first.meta, delta_from=0)))], check_finite=False)
+            torch.testing.assert_close(
+                update.tensors[name].to_tensor(), whole.tensors[name].to_tensor()
+            )
+    stale = decode(
+        [
+            bytes(f)
+            for f in encode(
+                Message(
+                    MsgType.WORK,
+                    job="j",
+                    round=3,
+                    version=2,
+                    key="w/j/3",
+                    meta=dict(first.meta, delta_from=0),
+                )
+            )
+        ],
+        check_finite=False,
+    )
     nack = runner.run(stale).message
     assert nack.type is MsgType.NACK and nack.meta["reason"] == "need_full_model"
 
@@ -305,7 +392,9 @@ def test_a_work_naming_the_shared_reference_is_done_on_the_model_read_from_it(mo
                 t.copy_(floats[name])
 
         def job(version: int, described: object) -> Message:
-            w = work(mode, LinReg({"samples": 40, "features": 3}).build_model(9), round_=version + 1)  # its tensors are not the model
+            w = work(
+                mode, LinReg({"samples": 40, "features": 3}).build_model(9), round_=version + 1
+            )  # its tensors are not the model
             w.tensors = {}  # the model's weights are not in the message at all
             w.meta.update({"downlink": True, "shared": described})
             return w
@@ -318,13 +407,17 @@ def test_a_work_naming_the_shared_reference_is_done_on_the_model_read_from_it(mo
             assert torch.allclose(wt.to_tensor(), want[name], atol=1e-6), name
         stale = runner.run(job(5, shared.describe())).message  # the segment stands for version 4
         assert stale.type is MsgType.NACK and stale.meta["reason"] == "need_full_model"
-        gone = runner.run(job(4, {"seg": "elastic-1-0000000000000000", "at": shared.describe()["at"]})).message
+        gone = runner.run(
+            job(4, {"seg": "elastic-1-0000000000000000", "at": shared.describe()["at"]})
+        ).message
         assert gone.type is MsgType.NACK and gone.meta["reason"] == "no_shared_reference"
     finally:
         shared.close()
 
 
-def test_a_gradient_is_taken_on_the_shared_reference_where_it_lies_and_never_writes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_gradient_is_taken_on_the_shared_reference_where_it_lies_and_never_writes_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Taking a gradient, the parameters view the coordinator's segment (copy on
     write): they follow its changes with no copy, a reference that changes under the
     gradient voids it, and a later delta added in place never reaches the segment."""
@@ -356,7 +449,9 @@ def test_a_gradient_is_taken_on_the_shared_reference_where_it_lies_and_never_wri
         assert all(torch.equal(params[k].detach(), floats[k] * 2.0) for k in floats)
         msg = runner.run(job(2, shared=shared.describe())).message
         for name, wt in msg.tensors.items():  # the gradient at the doubled weights
-            assert torch.allclose(wt.to_tensor(), expected("gradient", _scaled(model, 2.0))[name], atol=1e-5), name
+            assert torch.allclose(
+                wt.to_tensor(), expected("gradient", _scaled(model, 2.0))[name], atol=1e-5
+            ), name
 
         original = runner_module.batch_gradient
 
@@ -367,16 +462,40 @@ def test_a_gradient_is_taken_on_the_shared_reference_where_it_lies_and_never_wri
 
         monkeypatch.setattr(runner_module, "batch_gradient", overtaken)
         late = runner.run(job(2, shared=shared.describe())).message
-        assert late.type is MsgType.NACK and "changed while the gradient was taken" in late.meta["detail"]
+        assert (
+            late.type is MsgType.NACK
+            and "changed while the gradient was taken" in late.meta["detail"]
+        )
         monkeypatch.setattr(runner_module, "batch_gradient", original)
 
         assert runner.run(job(3, shared=shared.describe())).message.type is MsgType.UPDATE
-        delta = {f"{k}{SEP}x": WireTensor.from_tensor(torch.ones_like(v).half()) for k, v in floats.items()}
+        delta = {
+            f"{k}{SEP}x": WireTensor.from_tensor(torch.ones_like(v).half())
+            for k, v in floats.items()
+        }
         w = job(4, delta_from=3)
-        w.tensors, w.encodings = delta, {k: [{"s": "fp16", "in": "", "shape": list(v.shape), "dtype": "float32", "out": ["x"]}] for k, v in floats.items()}
+        w.tensors, w.encodings = (
+            delta,
+            {
+                k: [
+                    {
+                        "s": "fp16",
+                        "in": "",
+                        "shape": list(v.shape),
+                        "dtype": "float32",
+                        "out": ["x"],
+                    }
+                ]
+                for k, v in floats.items()
+            },
+        )
         assert runner.run(w).message.type is MsgType.UPDATE
-        assert all(torch.equal(params[k].detach(), floats[k] * 3.0 + 1) for k in floats)  # the delta, added
-        assert all(torch.equal(shared.tensors[k], floats[k] * 3.0) for k in floats)  # in memory of its own
+        assert all(
+            torch.equal(params[k].detach(), floats[k] * 3.0 + 1) for k in floats
+        )  # the delta, added
+        assert all(
+            torch.equal(shared.tensors[k], floats[k] * 3.0) for k in floats
+        )  # in memory of its own
         publish(5, 5.0)  # back on the shared path: a fresh view, no page left behind
         assert runner.run(job(5, shared=shared.describe())).message.type is MsgType.UPDATE
         params = dict(runner.jobs["j"].model.named_parameters())

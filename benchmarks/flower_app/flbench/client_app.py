@@ -16,5 +16,7 @@ def train(msg: Message, context: Context) -> Message:
     # Touches every parameter once, like the synthetic task's SGD step (the arrays
     # Flower hands over are read-only views of the message, hence a new array).
     weights = [w - step for w in msg.content["arrays"].to_numpy_ndarrays()]
-    content = RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord({"num-examples": 8})})
+    content = RecordDict(
+        {"arrays": ArrayRecord(weights), "metrics": MetricRecord({"num-examples": 8})}
+    )
     return Message(content=content, reply_to=msg)

@@ -27,6 +27,14 @@ def main(grid: Grid, context: Context) -> None:
     def mark(server_round: int, arrays: ArrayRecord) -> None:
         marks.append(time.time())
 
-    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=nodes, min_available_nodes=nodes, min_evaluate_nodes=0)
-    strategy.start(grid=grid, initial_arrays=arrays, num_rounds=int(cfg["rounds"]), evaluate_fn=mark)
+    strategy = FedAvg(
+        fraction_train=1.0,
+        fraction_evaluate=0.0,
+        min_train_nodes=nodes,
+        min_available_nodes=nodes,
+        min_evaluate_nodes=0,
+    )
+    strategy.start(
+        grid=grid, initial_arrays=arrays, num_rounds=int(cfg["rounds"]), evaluate_fn=mark
+    )
     Path(str(cfg["out-file"])).write_text(json.dumps(marks))

@@ -32,7 +32,18 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from elastic.errors import ConfigError, MembershipUnavailable
 from elastic.membership.cluster import ClusterBackend, LeaderRecord
 
-__all__ = ["PrefixWatch", "Keys", "EtcdAccess", "etcd_access", "parse_etcd_url", "connect", "read_leader", "retrying", "revoke", "failed_over"]
+__all__ = [
+    "PrefixWatch",
+    "Keys",
+    "EtcdAccess",
+    "etcd_access",
+    "parse_etcd_url",
+    "connect",
+    "read_leader",
+    "retrying",
+    "revoke",
+    "failed_over",
+]
 
 log = logging.getLogger("elastic.etcd")
 T = TypeVar("T")
@@ -94,12 +105,19 @@ def etcd_access(url: str) -> EtcdAccess:
     query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
     unknown = set(query) - {"ca", "cert", "key"}
     if unknown:
-        raise ConfigError(f"membership {redacted(url)}: unknown option(s) {', '.join(sorted(unknown))} (known: ca, cert, key)")
+        raise ConfigError(
+            f"membership {redacted(url)}: unknown option(s) {', '.join(sorted(unknown))} (known: "
+            "ca, cert, key)"
+        )
     for name in ("ca", "cert", "key"):
         if query.get(name) and not Path(query[name]).is_file():
-            raise ConfigError(f"membership {redacted(url)}: {name} file {query[name]} does not exist")
+            raise ConfigError(
+                f"membership {redacted(url)}: {name} file {query[name]} does not exist"
+            )
     if bool(query.get("cert")) != bool(query.get("key")):
-        raise ConfigError(f"membership {redacted(url)}: a client certificate needs both cert= and key=")
+        raise ConfigError(
+            f"membership {redacted(url)}: a client certificate needs both cert= and key="
+        )
     if query.get("cert") and not query.get("ca"):
         raise ConfigError(f"membership {redacted(url)}: cert= and key= need ca= (TLS)")
     userinfo, at, _ = parts.netloc.rpartition("@")
@@ -107,19 +125,33 @@ def etcd_access(url: str) -> EtcdAccess:
     if user and not password:
         password = os.environ.get("ELASTIC_ETCD_PASSWORD", "")
         if not password:
-            raise ConfigError(f"membership {redacted(url)}: user {user!r} has no password; put it in $ELASTIC_ETCD_PASSWORD")
-    return EtcdAccess(query.get("ca", ""), query.get("cert", ""), query.get("key", ""), unquote(user), unquote(password))
+            raise ConfigError(
+                f"membership {redacted(url)}: user {user!r} has no password; put it in "
+                "$ELASTIC_ETCD_PASSWORD"
+            )
+    return EtcdAccess(
+        query.get("ca", ""),
+        query.get("cert", ""),
+        query.get("key", ""),
+        unquote(user),
+        unquote(password),
+    )
 
 
 def parse_etcd_url(url: str) -> tuple[list[tuple[str, int]], str]:
     """``etcd://h1:2379,h2:2379/CLUSTER`` -> ([(h1, 2379), (h2, 2379)], CLUSTER)."""
-    fix = "use etcd://[USER@]HOST:PORT[,HOST:PORT...]/CLUSTER[?ca=FILE], e.g. etcd://127.0.0.1:2379/demo"
+    fix = (
+        "use etcd://[USER@]HOST:PORT[,HOST:PORT...]/CLUSTER[?ca=FILE], e.g. "
+        "etcd://127.0.0.1:2379/demo"
+    )
     parts = urlsplit(url)
     if parts.scheme != "etcd" or not parts.netloc:
         raise ConfigError(f"membership {redacted(url)!r} is not an etcd URL; {fix}")
     cluster = parts.path.strip("/")
     if not cluster or "/" in cluster or not cluster.isprintable():
-        raise ConfigError(f"membership {redacted(url)!r} names no cluster (one path segment); {fix}")
+        raise ConfigError(
+            f"membership {redacted(url)!r} names no cluster (one path segment); {fix}"
+        )
     endpoints = []
     for item in parts.netloc.rpartition("@")[2].split(","):
         host, _, port = item.rpartition(":") if ":" in item else (item, "", str(DEFAULT_PORT))
@@ -157,7 +189,9 @@ def _client_class() -> type:
             self.endpoints[current].fail()
             labels = list(self.endpoints)
             if len(labels) > 1:
-                self._current_endpoint_label = labels[(labels.index(current) + 1) % len(labels)]  # drops old stubs
+                self._current_endpoint_label = labels[
+                    (labels.index(current) + 1) % len(labels)
+                ]  # drops old stubs
 
     return FailoverClient
 
@@ -181,7 +215,10 @@ def connect(url: str, timeout: float = CONNECT_TIMEOUT) -> Any:
 
     def make() -> Any:  # authenticates at once when a user is given
         return _client_class()(
-            endpoints=[pyetcd.Endpoint(h, p, secure=creds is not None, creds=creds, time_retry=1.0) for h, p in endpoints],
+            endpoints=[
+                pyetcd.Endpoint(h, p, secure=creds is not None, creds=creds, time_retry=1.0)
+                for h, p in endpoints
+            ],
             timeout=RPC_TIMEOUT,
             failover=True,
             user=access.user or None,
@@ -198,9 +235,20 @@ def connect(url: str, timeout: float = CONNECT_TIMEOUT) -> Any:
             return client
         except Exception as exc:  # grpc and pyetcd raise many types for "not reachable"
             code = exc.code() if isinstance(exc, grpc.RpcError) else None
-            if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-                detail = exc.details() if isinstance(exc, grpc.RpcError) and hasattr(exc, "details") else str(exc)
-                raise ConfigError(f"etcd at {names} refused user {access.user!r} ({detail}); fix the user or password of --membership") from None
+            if code in (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.PERMISSION_DENIED,
+            ):
+                detail = (
+                    exc.details()
+                    if isinstance(exc, grpc.RpcError) and hasattr(exc, "details")
+                    else str(exc)
+                )
+                raise ConfigError(
+                    f"etcd at {names} refused user {access.user!r} ({detail}); fix the user or "
+                    "password of --membership"
+                ) from None
             left = deadline - time.monotonic()
             if left <= 0:
                 if client is not None:
@@ -208,7 +256,12 @@ def connect(url: str, timeout: float = CONNECT_TIMEOUT) -> Any:
                 raise MembershipUnavailable(
                     f"etcd unreachable at {names} after {tries} tries over {timeout:.0f}s "
                     f"({type(exc).__name__}); start etcd there or fix --membership"
-                    + ("" if access.ca else " (if etcd serves TLS, add ?ca=FILE, and cert= and key= for a client certificate)")
+                    + (
+                        ""
+                        if access.ca
+                        else " (if etcd serves TLS, add ?ca=FILE, and cert= and key= for a client "
+                        "certificate)"
+                    )
                 ) from None
             time.sleep(min(delay * random.uniform(0.8, 1.2), left))
             delay = min(delay * 2, 2.0)
@@ -225,7 +278,10 @@ def retrying(client: Any, what: str, call: Callable[[], T], timeout: float = CON
             failed_over(client, exc)
             left = deadline - time.monotonic()
             if left <= 0:
-                raise MembershipUnavailable(f"etcd did not answer while {what} for {timeout:.0f}s ({type(exc).__name__}); check the etcd cluster's health") from None
+                raise MembershipUnavailable(
+                    f"etcd did not answer while {what} for {timeout:.0f}s ({type(exc).__name__}); "
+                    "check the etcd cluster's health"
+                ) from None
             log.warning("etcd failed while %s error=%s; retrying", what, type(exc).__name__)
             time.sleep(min(delay * random.uniform(0.8, 1.2), left))
             delay = min(delay * 2, 2.0)
@@ -239,7 +295,9 @@ def revoke(client: Any, lease: Any, what: str, ttl: int) -> None:
             return
         except Exception as exc:  # rotated to the next endpoint by the client
             error = type(exc).__name__
-    log.warning("cannot revoke the %s lease error=%s; it ends by itself within %ds", what, error, ttl)
+    log.warning(
+        "cannot revoke the %s lease error=%s; it ends by itself within %ds", what, error, ttl
+    )
 
 
 def failed_over(client: Any, exc: BaseException) -> None:
@@ -277,7 +335,9 @@ class PrefixWatch:
 
     def _start(self) -> None:
         self._watch = self.client.add_watch_prefix_callback(self.prefix, self._on_event)
-        present = {self._name(meta.key): value for value, meta in self.client.get_prefix(self.prefix)}
+        present = {
+            self._name(meta.key): value for value, meta in self.client.get_prefix(self.prefix)
+        }
         for name in self._known - set(present):
             self._queue.put((name, None))
         for name, value in present.items():
@@ -286,7 +346,11 @@ class PrefixWatch:
     def _on_event(self, response: Any) -> None:  # on pyetcd's watcher thread: only queue
         if isinstance(response, Exception):
             if not self._broken.is_set():
-                log.warning("etcd watch broke prefix=%s error=%s; watching again once etcd answers", self.prefix, type(response).__name__)
+                log.warning(
+                    "etcd watch broke prefix=%s error=%s; watching again once etcd answers",
+                    self.prefix,
+                    type(response).__name__,
+                )
             self._broken.set()
             return
         for event in response.events:

@@ -61,7 +61,13 @@ class EtcdElection(Election):
         self.cluster = self.keys.cluster
         self._term_over = threading.Event()  # ends this term's keep-alive
         self._outbox = FencedOutbox(self.publish, 2 * RPC_TIMEOUT)
-        self._watch = retrying(self.client, "watching the leader", lambda: self.client.add_watch_callback(self.keys.leader, lambda _response: self.changed.set()))
+        self._watch = retrying(
+            self.client,
+            "watching the leader",
+            lambda: self.client.add_watch_callback(
+                self.keys.leader, lambda _response: self.changed.set()
+            ),
+        )
 
     def _leader(self) -> LeaderRecord | None:
         return read_leader(self.client, self.keys)
@@ -84,11 +90,19 @@ class EtcdElection(Election):
             return False
         self.lease = lease
         self.token = responses[0].response_put.header.revision  # our fencing token
-        log.info("leading cluster=%s address=%s lease=%x ttl=%ds", self.keys.cluster, record.address, lease.id, self.ttl)
+        log.info(
+            "leading cluster=%s address=%s lease=%x ttl=%ds",
+            self.keys.cluster,
+            record.address,
+            lease.id,
+            self.ttl,
+        )
         self.renewed_at = asked
         self.lost.clear()
         self._term_over = threading.Event()
-        threading.Thread(target=self._keep_alive, args=(lease, self._term_over), name="etcd-leader", daemon=True).start()
+        threading.Thread(
+            target=self._keep_alive, args=(lease, self._term_over), name="etcd-leader", daemon=True
+        ).start()
         self._outbox.start("etcd-publish")
         return True
 
@@ -99,9 +113,13 @@ class EtcdElection(Election):
             return False
         try:
             tx = self.client.transactions
-            ok, _ = self.client.transaction(compare=[tx.create(self.keys.leader) == self.token], success=[], failure=[])
+            ok, _ = self.client.transaction(
+                compare=[tx.create(self.keys.leader) == self.token], success=[], failure=[]
+            )
         except Exception as exc:
-            log.warning("cannot confirm leadership error=%s; not committing now", type(exc).__name__)
+            log.warning(
+                "cannot confirm leadership error=%s; not committing now", type(exc).__name__
+            )
             return None
         if not ok:
             log.error("another coordinator leads cluster=%s: stepping down", self.keys.cluster)
@@ -114,7 +132,11 @@ class EtcdElection(Election):
         key = self.keys.path(path)
         try:
             tx = self.client.transactions
-            ok, _ = self.client.transaction(compare=[tx.create(self.keys.leader) == self.token], success=[tx.put(key, value)], failure=[])
+            ok, _ = self.client.transaction(
+                compare=[tx.create(self.keys.leader) == self.token],
+                success=[tx.put(key, value)],
+                failure=[],
+            )
         except Exception as exc:
             log.warning("cannot write %s to etcd error=%s; retrying", key, type(exc).__name__)
             return None
@@ -141,9 +163,15 @@ class EtcdElection(Election):
                 log.error("leader lease expired cluster=%s: no longer leading", self.keys.cluster)
             except Exception as exc:
                 if time.monotonic() - self.renewed_at < self.ttl:
-                    log.warning("cannot renew the leader lease error=%s; retrying", type(exc).__name__)
+                    log.warning(
+                        "cannot renew the leader lease error=%s; retrying", type(exc).__name__
+                    )
                     continue
-                log.error("leader lease not renewed for %ds cluster=%s: no longer leading", self.ttl, self.keys.cluster)
+                log.error(
+                    "leader lease not renewed for %ds cluster=%s: no longer leading",
+                    self.ttl,
+                    self.keys.cluster,
+                )
             if not term_over.is_set():  # a later term is not this thread's to end
                 self.lost.set()
             return

@@ -29,23 +29,37 @@ class EtcdJobStore(JobStore):
     def publish(self, job_id: str, spec: dict[str, Any]) -> bool:
         tx = self.client.transactions
         spec_key = self.keys.job(job_id, "spec")
-        stored, _ = retrying(self.client, f"publishing job {job_id}", lambda: self.client.transaction(
-            compare=[tx.create(spec_key) == 0],
-            success=[tx.put(spec_key, json.dumps(spec)), tx.put(self.keys.job(job_id, "state"), "running")],
-            failure=[],
-        ))
+        stored, _ = retrying(
+            self.client,
+            f"publishing job {job_id}",
+            lambda: self.client.transaction(
+                compare=[tx.create(spec_key) == 0],
+                success=[
+                    tx.put(spec_key, json.dumps(spec)),
+                    tx.put(self.keys.job(job_id, "state"), "running"),
+                ],
+                failure=[],
+            ),
+        )
         return bool(stored)
 
     def jobs(self) -> dict[str, dict[str, bytes]]:
         found: dict[str, dict[str, bytes]] = {}
-        for value, meta in retrying(self.client, "reading jobs", lambda: list(self.client.get_prefix(self.prefix))):
+        for value, meta in retrying(
+            self.client, "reading jobs", lambda: list(self.client.get_prefix(self.prefix))
+        ):
             job_id, _, part = meta.key.decode("utf-8", "replace")[len(self.prefix) :].partition("/")
             found.setdefault(job_id, {})[part] = value
         return found
 
     def set_state(self, job_id: str, state: str) -> None:
         self.check_state(state)
-        retrying(self.client, f"setting job {job_id} {state}", lambda: self.client.put(self.keys.job(job_id, "state"), state), timeout=RPC_TIMEOUT)
+        retrying(
+            self.client,
+            f"setting job {job_id} {state}",
+            lambda: self.client.put(self.keys.job(job_id, "state"), state),
+            timeout=RPC_TIMEOUT,
+        )
 
     def changes(self, now: float) -> list[tuple[str, str, bytes]]:
         out = []

@@ -41,7 +41,9 @@ class EtcdMemberTable(RegisteredMemberTable):
         self.keys = Keys(parse_etcd_url(url)[1])
         self.client = connect(url)
         slots = {}
-        for value, meta in retrying(self.client, "reading slots", lambda: list(self.client.get_prefix(self.keys.slots))):
+        for value, meta in retrying(
+            self.client, "reading slots", lambda: list(self.client.get_prefix(self.keys.slots))
+        ):
             if value.isdigit():
                 slots[meta.key.decode("utf-8", "replace")[len(self.keys.slots) :]] = int(value)
         super().__init__(heartbeat_timeout, slots)
@@ -70,7 +72,9 @@ class EtcdMemberTable(RegisteredMemberTable):
             else:
                 self.client.put(self.keys.slots + worker, str(slot))
         except Exception as exc:  # only the next leader's shard choice depends on it
-            log.warning("cannot record the slot in etcd worker=%s error=%s", worker, type(exc).__name__)
+            log.warning(
+                "cannot record the slot in etcd worker=%s error=%s", worker, type(exc).__name__
+            )
 
     def close(self) -> None:
         self._changes.close()
@@ -97,7 +101,11 @@ class EtcdRegistration(Registration):
         self._stop = threading.Event()
         self.leader_changed = threading.Event()  # set by the watch on the leader key
         self._leader_watch_broken = threading.Event()
-        self._leader_watch = retrying(self.client, "watching the leader", lambda: self.client.add_watch_callback(self.keys.leader, self._on_leader_watch))
+        self._leader_watch = retrying(
+            self.client,
+            "watching the leader",
+            lambda: self.client.add_watch_callback(self.keys.leader, self._on_leader_watch),
+        )
         retrying(self.client, "registering", self._register)
         self._thread = threading.Thread(target=self._keep_alive, name="etcd-lease", daemon=True)
         self._thread.start()
@@ -120,7 +128,9 @@ class EtcdRegistration(Registration):
         while not self._stop.wait(self.ttl / 3):
             try:
                 if self._leader_watch_broken.is_set():
-                    self._leader_watch = self.client.add_watch_callback(self.keys.leader, self._on_leader_watch)
+                    self._leader_watch = self.client.add_watch_callback(
+                        self.keys.leader, self._on_leader_watch
+                    )
                     self._leader_watch_broken.clear()
                     self.leader_changed.set()  # it may have changed while we were not watching
                 responses = self._lease.refresh()

@@ -32,7 +32,9 @@ log = logging.getLogger("elastic.zookeeper")
 T = TypeVar("T")
 DEFAULT_PORT = 2181
 CONNECT_TIMEOUT = 10.0  # seconds before "ZooKeeper is unreachable"
-RPC_TIMEOUT = 3.0  # a call from the event loop waits no longer (kazoo queues calls while reconnecting)
+RPC_TIMEOUT = (
+    3.0  # a call from the event loop waits no longer (kazoo queues calls while reconnecting)
+)
 
 
 def parse_zk_url(url: str) -> tuple[str, str]:
@@ -42,7 +44,9 @@ def parse_zk_url(url: str) -> tuple[str, str]:
     if parts.scheme != "zk" or not parts.netloc:
         raise ConfigError(f"membership {url!r} is not a ZooKeeper URL; {fix}")
     if "@" in parts.netloc or parts.query:
-        raise ConfigError(f"membership {url!r}: users and options are not supported for ZooKeeper; {fix}")
+        raise ConfigError(
+            f"membership {url!r}: users and options are not supported for ZooKeeper; {fix}"
+        )
     cluster = parts.path.strip("/")
     if not cluster or "/" in cluster or not cluster.isprintable():
         raise ConfigError(f"membership {url!r} names no cluster (one path segment); {fix}")
@@ -78,17 +82,26 @@ def connect(url: str, ttl: float = 10.0, timeout: float = CONNECT_TIMEOUT) -> An
     """A started ``KazooClient`` whose session times out after ``ttl`` seconds, once a
     server answers; ``MembershipUnavailable`` naming the servers and the fix after
     ``timeout`` seconds."""
-    from kazoo.client import KazooClient  # noqa: PLC0415 - only daemons that use ZooKeeper pay for it
+    # Only daemons that use ZooKeeper pay for it
+    from kazoo.client import KazooClient  # noqa: PLC0415
     from kazoo.retry import KazooRetry  # noqa: PLC0415
 
     hosts, _ = parse_zk_url(url)
-    client = KazooClient(hosts=hosts, timeout=ttl, connection_retry=KazooRetry(max_tries=-1, delay=0.1, max_delay=1.0), logger=logging.getLogger("elastic.zookeeper.kazoo"))
+    client = KazooClient(
+        hosts=hosts,
+        timeout=ttl,
+        connection_retry=KazooRetry(max_tries=-1, delay=0.1, max_delay=1.0),
+        logger=logging.getLogger("elastic.zookeeper.kazoo"),
+    )
     try:
         client.start(timeout=timeout)
     except Exception as exc:  # kazoo's timeout, or a refused connection
         client.stop()
         client.close()
-        raise MembershipUnavailable(f"ZooKeeper unreachable at {hosts} after {timeout:.0f}s ({type(exc).__name__}); start ZooKeeper there or fix --membership") from None
+        raise MembershipUnavailable(
+            f"ZooKeeper unreachable at {hosts} after {timeout:.0f}s ({type(exc).__name__}); start "
+            "ZooKeeper there or fix --membership"
+        ) from None
     return client
 
 

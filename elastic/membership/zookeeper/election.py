@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 from elastic.errors import ConfigError
 from elastic.membership.cluster import Election, FencedOutbox, LeaderRecord
@@ -24,17 +25,17 @@ __all__ = ["ZkElection", "read_leader"]
 log = logging.getLogger("elastic.zookeeper")
 
 
-def read_leader(client: object, paths: Paths) -> LeaderRecord | None:
+def read_leader(client: Any, paths: Paths) -> LeaderRecord | None:
     """The lowest candidate's record, or None when there is no candidate."""
     from kazoo.exceptions import NoNodeError  # noqa: PLC0415
 
     try:
-        children = sorted(bounded(client.get_children_async(paths.election)))  # type: ignore[attr-defined]
+        children = sorted(bounded(client.get_children_async(paths.election)))
     except NoNodeError:
         return None
     for child in children:  # the lowest; the next if it went meanwhile
         try:
-            data, _ = bounded(client.get_async(f"{paths.election}/{child}"))  # type: ignore[attr-defined]
+            data, _ = bounded(client.get_async(f"{paths.election}/{child}"))
         except NoNodeError:
             continue
         return LeaderRecord.from_json(data)
@@ -64,7 +65,9 @@ class ZkElection(Election):
     def _on_state(self, state: str) -> None:  # kazoo's connection thread: no calls here
         if state == "LOST":  # the session expired: our candidate node is gone
             if self.token:
-                log.error("ZooKeeper session expired cluster=%s: no longer leading", self.paths.cluster)
+                log.error(
+                    "ZooKeeper session expired cluster=%s: no longer leading", self.paths.cluster
+                )
                 self.lost.set()
             self.node = ""
         self.changed.set()
@@ -76,22 +79,44 @@ class ZkElection(Election):
         """Stand (once) and lead if our candidate node is the lowest."""
         asked = time.monotonic()
         if not self.node or not bounded(self.client.exists_async(self.node)):
-            path = bounded(self.client.create_async(f"{self.paths.election}/n_", record.to_json().encode(), ephemeral=True, sequence=True))
+            path = bounded(
+                self.client.create_async(
+                    f"{self.paths.election}/n_",
+                    record.to_json().encode(),
+                    ephemeral=True,
+                    sequence=True,
+                )
+            )
             self.node = str(path)
-        candidates = sorted(bounded(self.client.get_children_async(self.paths.election, watch=lambda _event: self.changed.set())))
+        candidates = sorted(
+            bounded(
+                self.client.get_children_async(
+                    self.paths.election, watch=lambda _event: self.changed.set()
+                )
+            )
+        )
         if not candidates or f"{self.paths.election}/{candidates[0]}" != self.node:
             return False
         stat = bounded(self.client.set_async(self.paths.term, self.node.encode()))
         self.token = stat.version  # grows with every leader: our fencing token
-        log.info("leading cluster=%s address=%s node=%s token=%d ttl=%.0fs", self.paths.cluster, record.address, self.node.rsplit("/", 1)[-1], self.token, self.ttl)
+        log.info(
+            "leading cluster=%s address=%s node=%s token=%d ttl=%.0fs",
+            self.paths.cluster,
+            record.address,
+            self.node.rsplit("/", 1)[-1],
+            self.token,
+            self.ttl,
+        )
         self.renewed_at = asked
         self.lost.clear()
         self._term_over = threading.Event()
-        threading.Thread(target=self._keep_alive, args=(self._term_over,), name="zk-leader", daemon=True).start()
+        threading.Thread(
+            target=self._keep_alive, args=(self._term_over,), name="zk-leader", daemon=True
+        ).start()
         self._outbox.start("zk-publish")
         return True
 
-    def _fenced(self) -> object:
+    def _fenced(self) -> Any:
         """A transaction that goes through only while we lead."""
         tx = self.client.transaction()
         tx.check(self.node, 0)
@@ -121,9 +146,13 @@ class ZkElection(Election):
         deadline = time.monotonic() + RPC_TIMEOUT
         while True:
             try:
-                return self._outcome(bounded(self._fenced().commit_async(), max(0.05, deadline - time.monotonic())))  # type: ignore[attr-defined]
+                return self._outcome(
+                    bounded(self._fenced().commit_async(), max(0.05, deadline - time.monotonic()))
+                )
             except SessionExpiredError:
-                log.error("ZooKeeper session expired cluster=%s: no longer leading", self.paths.cluster)
+                log.error(
+                    "ZooKeeper session expired cluster=%s: no longer leading", self.paths.cluster
+                )
                 self.lost.set()
                 return False
             except ConnectionLoss:
@@ -148,10 +177,10 @@ class ZkElection(Election):
             exists = bounded(self.client.exists_async(full)) is not None
             tx = self._fenced()
             if exists:
-                tx.set_data(full, value.encode())  # type: ignore[attr-defined]
+                tx.set_data(full, value.encode())
             else:
-                tx.create(full, value.encode())  # type: ignore[attr-defined]
-            return self._outcome(bounded(tx.commit_async()))  # type: ignore[attr-defined]
+                tx.create(full, value.encode())
+            return self._outcome(bounded(tx.commit_async()))
         except Exception as exc:
             if type(exc).__name__ == "SessionExpiredError":  # our candidate node went with it
                 self.lost.set()
@@ -173,14 +202,20 @@ class ZkElection(Election):
                 if time.monotonic() - self.renewed_at < self.ttl:
                     log.warning("cannot reach ZooKeeper error=%s; retrying", type(exc).__name__)
                     continue
-                log.error("ZooKeeper silent for %.0fs cluster=%s: no longer leading", self.ttl, self.paths.cluster)
+                log.error(
+                    "ZooKeeper silent for %.0fs cluster=%s: no longer leading",
+                    self.ttl,
+                    self.paths.cluster,
+                )
                 alive = False
             if alive:
                 if not term_over.is_set():
                     self.renewed_at = asked
                 continue
             if not term_over.is_set():
-                log.error("our candidate node is gone cluster=%s: no longer leading", self.paths.cluster)
+                log.error(
+                    "our candidate node is gone cluster=%s: no longer leading", self.paths.cluster
+                )
                 self.lost.set()
             return
 
@@ -190,7 +225,9 @@ class ZkElection(Election):
         if self.node:
             try:  # a standby need not wait out the session
                 bounded(self.client.delete_async(self.node))
-            except Exception as exc:  # gone with the session already, or ZooKeeper away: it ends by itself
+            except (
+                Exception
+            ) as exc:  # gone with the session already, or ZooKeeper away: it ends by itself
                 log.debug("candidate node not deleted error=%s", type(exc).__name__)
         self.node, self.token = "", 0
         self.lost.set()

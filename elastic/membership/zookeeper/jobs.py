@@ -63,10 +63,15 @@ class ZkJobStore(JobStore):
         try:
             results = bounded(tx.commit_async(), 2 * RPC_TIMEOUT)
         except Exception as exc:
-            raise MembershipUnavailable(f"ZooKeeper did not answer while publishing job {job_id} ({type(exc).__name__}); check the ZooKeeper servers") from None
+            raise MembershipUnavailable(
+                f"ZooKeeper did not answer while publishing job {job_id} ({type(exc).__name__}); "
+                "check the ZooKeeper servers"
+            ) from None
         failed = [r for r in results if isinstance(r, Exception)]
         if failed and not isinstance(failed[0], NodeExistsError):
-            raise MembershipUnavailable(f"ZooKeeper refused job {job_id}: {type(failed[0]).__name__}")
+            raise MembershipUnavailable(
+                f"ZooKeeper refused job {job_id}: {type(failed[0]).__name__}"
+            )
         return not failed
 
     def jobs(self) -> dict[str, dict[str, bytes]]:
@@ -77,13 +82,18 @@ class ZkJobStore(JobStore):
             for job_id in bounded(self.client.get_children_async(self.paths.jobs)):
                 for part in PARTS:
                     try:
-                        found.setdefault(job_id, {})[part] = bounded(self.client.get_async(self.paths.job(job_id, part)))[0]
+                        found.setdefault(job_id, {})[part] = bounded(
+                            self.client.get_async(self.paths.job(job_id, part))
+                        )[0]
                     except NoNodeError:
                         continue
         except NoNodeError:
             return {}
         except Exception as exc:
-            raise MembershipUnavailable(f"ZooKeeper did not answer while reading jobs ({type(exc).__name__}); check the ZooKeeper servers") from None
+            raise MembershipUnavailable(
+                f"ZooKeeper did not answer while reading jobs ({type(exc).__name__}); check the "
+                "ZooKeeper servers"
+            ) from None
         return found
 
     def set_state(self, job_id: str, state: str) -> None:
@@ -96,7 +106,10 @@ class ZkJobStore(JobStore):
             else:
                 bounded(self.client.set_async(path, state.encode()))
         except Exception as exc:
-            raise MembershipUnavailable(f"ZooKeeper did not answer while setting job {job_id} {state} ({type(exc).__name__}); check the ZooKeeper servers") from None
+            raise MembershipUnavailable(
+                f"ZooKeeper did not answer while setting job {job_id} {state} "
+                f"({type(exc).__name__}); check the ZooKeeper servers"
+            ) from None
 
     def changes(self, now: float) -> list[tuple[str, str, bytes]]:
         out = []

@@ -35,7 +35,8 @@ def worker_of(node: str) -> str:
 
 
 class ZkMemberTable(RegisteredMemberTable):
-    """Records as ephemeral sequential znodes under ``members/``, watched; slots under ``slots/``."""
+    """Records as ephemeral sequential znodes under ``members/``, watched; slots
+    under ``slots/``."""
 
     def __init__(self, url: str, heartbeat_timeout: float = 3.0) -> None:
         self.paths = Paths(parse_zk_url(url)[1])
@@ -48,7 +49,9 @@ class ZkMemberTable(RegisteredMemberTable):
             if value.isdigit():
                 slots[worker] = int(value)
         super().__init__(heartbeat_timeout, slots)
-        self._queue: queue.Queue[dict[str, dict[str, Any]]] = queue.Queue()  # the records present, per watch event
+        self._queue: queue.Queue[dict[str, dict[str, Any]]] = (
+            queue.Queue()
+        )  # the records present, per watch event
         self._read: dict[str, dict[str, Any]] = {}  # znode name -> record (the watcher thread's)
         self._present: dict[str, dict[str, Any]] = {}  # worker -> record, as last handed over
         self._closed = False
@@ -86,7 +89,9 @@ class ZkMemberTable(RegisteredMemberTable):
                 break
         if latest is None:
             return []
-        gone: list[tuple[str, dict[str, Any] | None]] = [(worker, None) for worker in self._present if worker not in latest]
+        gone: list[tuple[str, dict[str, Any] | None]] = [
+            (worker, None) for worker in self._present if worker not in latest
+        ]
         self._present = latest
         return gone + list(latest.items())
 
@@ -100,7 +105,9 @@ class ZkMemberTable(RegisteredMemberTable):
             else:
                 bounded(self.client.set_async(path, str(slot).encode()))
         except Exception as exc:  # only the next leader's shard choice depends on it
-            log.warning("cannot record the slot in ZooKeeper worker=%s error=%s", worker, type(exc).__name__)
+            log.warning(
+                "cannot record the slot in ZooKeeper worker=%s error=%s", worker, type(exc).__name__
+            )
 
     def close(self) -> None:
         self._closed = True
@@ -129,7 +136,9 @@ class ZkRegistration(Registration):
         self.client.add_listener(self._on_state)
         self._register()
         self.client.ChildrenWatch(self.paths.election, self._on_candidates)
-        self._thread = threading.Thread(target=self._keep_registered, name="zk-registration", daemon=True)
+        self._thread = threading.Thread(
+            target=self._keep_registered, name="zk-registration", daemon=True
+        )
         self._thread.start()
 
     def _on_state(self, state: str) -> None:  # kazoo's connection thread: no calls here
@@ -154,7 +163,9 @@ class ZkRegistration(Registration):
                     self._register()
                     self._expired.clear()
                 except Exception as exc:
-                    log.warning("cannot register again in ZooKeeper error=%s; retrying", type(exc).__name__)
+                    log.warning(
+                        "cannot register again in ZooKeeper error=%s; retrying", type(exc).__name__
+                    )
 
     def leader(self) -> LeaderRecord | None:
         return read_leader(self.client, self.paths)
