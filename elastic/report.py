@@ -184,6 +184,10 @@ def render(status: dict[str, Any], out: Path, fmt: str = "png") -> Path:
         f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows
     )
     title = html.escape(f"elastic report: job {status['job']}")
+    image = (
+        '<img alt="loss, accuracy, members over time and bytes per round" '
+        f'src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+    )
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
@@ -191,8 +195,7 @@ th,td{{text-align:left;padding:.2em 1em;border-bottom:1px solid #ddd}}</style>
 </head><body>
 <h1>{title}</h1>
 <table>{table}</table>
-<img alt="loss, accuracy, members over time and bytes per round"
- src="data:image/png;base64,{base64.b64encode(png).decode()}">
+{image}
 </body></html>
 """
     out.write_text(page, encoding="utf-8")
