@@ -100,7 +100,7 @@ class Blob(Task):
 
 @hookimpl
 def elastic_tasks() -> dict[str, type]:
-    return {"blob": Blob}
+    return [Blob]
 
 
 def plugins() -> Plugins:
