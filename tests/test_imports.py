@@ -19,7 +19,7 @@ PACKAGE = ROOT / "elastic"
 
 # The wire package imports one way: each module may import only those before it
 # (and, outside the wire, only the error types and the type rule).
-WIRE_LAYERS = ["header", "shm", "buffers", "tensors", "parts", "frames", "transport"]
+WIRE_LAYERS = ["header", "shm", "shared", "buffers", "tensors", "parts", "frames", "transport"]
 WIRE_MAY_IMPORT = {"elastic.errors", "elastic.typecheck", "elastic.wire"}
 
 

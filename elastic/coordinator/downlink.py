@@ -37,7 +37,8 @@ from elastic.compression.chain import SEP, CodecChain, expand
 from elastic.training import update_template
 from elastic.wire.buffers import BufferSet
 from elastic.wire.header import Message, MsgType
-from elastic.wire.shm import SHM_MIN_BYTES, SharedTensors
+from elastic.wire.shared import SharedTensors
+from elastic.wire.shm import SHM_MIN_BYTES
 from elastic.wire.tensors import WIDEN_BLOCK, WireTensor
 
 __all__ = ["Downlink"]

@@ -47,7 +47,7 @@ import struct
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -63,8 +63,6 @@ __all__ = [
     "Probe",
     "SegmentWriter",
     "SegmentReader",
-    "SharedTensors",
-    "SharedReader",
     "Ticket",
     "is_local",
     "sweep",
@@ -78,7 +76,7 @@ SHM_MIN_BYTES = 1 << 20
 MAGIC = b"ELSHM\x00\x01\x00"
 HEADER_BYTES = 64  # magic, posted, released, then the probe's token
 ALIGN = 64  # frames start on cache lines
-_POSTED, _RELEASED, _TOKEN = 8, 16, 24
+POSTED, RELEASED, _TOKEN = 8, 16, 24
 _NAME = re.compile(r"elastic-(\d+)-[0-9a-f]{16}")
 _STALE_AFTER = 60.0  # a segment of a dead writer, unmapped this long, is garbage
 # After this many big messages in a row found the segment still held, the writer
@@ -100,7 +98,7 @@ def layout(sizes: Sequence[int]) -> tuple[list[int], int]:
     return offsets, at
 
 
-def _create(size: int) -> tuple[str, mmap.mmap]:
+def create_segment(size: int) -> tuple[str, mmap.mmap]:
     """A new segment of ``size`` bytes, its memory reserved now (ENOSPC here, not SIGBUS later)."""
     name = _new_name()
     fd = os.open(
@@ -119,7 +117,7 @@ def _create(size: int) -> tuple[str, mmap.mmap]:
     return name, mm
 
 
-def _open(name: str, private: bool = False) -> mmap.mmap:
+def open_segment(name: str, private: bool = False) -> mmap.mmap:
     """Map an existing segment another process of ours made; ProtocolError if it is not
     one. ``private``: copy-on-write (it still reads what the writer writes, while this
     process's own writes stay here)."""
@@ -151,19 +149,19 @@ def _open(name: str, private: bool = False) -> mmap.mmap:
     return mm
 
 
-def _unlink(name: str) -> None:
+def unlink_segment(name: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(SHM_DIR, name))
 
 
-def _read(mm: mmap.mmap, at: int) -> int:
+def read_word(mm: mmap.mmap, at: int) -> int:
     value: int = struct.unpack_from("<Q", mm, at)[0]
     return value
 
 
 def _release(mm: mmap.mmap, seq: int) -> None:
-    if not mm.closed and _read(mm, _RELEASED) < seq:
-        struct.pack_into("<Q", mm, _RELEASED, seq)
+    if not mm.closed and read_word(mm, RELEASED) < seq:
+        struct.pack_into("<Q", mm, RELEASED, seq)
 
 
 def shm_available() -> bool:
@@ -200,7 +198,7 @@ class Probe:
 
     def __init__(self) -> None:
         self.token = secrets.token_hex(16)
-        self.name, mm = _create(HEADER_BYTES)
+        self.name, mm = create_segment(HEADER_BYTES)
         mm[_TOKEN : _TOKEN + 16] = bytes.fromhex(self.token)
         mm.close()
 
@@ -209,7 +207,7 @@ class Probe:
         return {"probe": self.name, "token": self.token}
 
     def close(self) -> None:
-        _unlink(self.name)
+        unlink_segment(self.name)
 
 
 def is_local(described: Any) -> bool:
@@ -222,7 +220,7 @@ def is_local(described: Any) -> bool:
         return False
     try:
         token = bytes.fromhex(described["token"])
-        mm = _open(described["probe"])
+        mm = open_segment(described["probe"])
     except (ProtocolError, ValueError):
         return False
     try:
@@ -241,7 +239,7 @@ class Ticket:
 
     @property
     def done(self) -> bool:
-        return self._mm.closed or _read(self._mm, _RELEASED) >= self._seq
+        return self._mm.closed or read_word(self._mm, RELEASED) >= self._seq
 
 
 def _address(buf: Any) -> int:
@@ -285,7 +283,7 @@ class SegmentWriter:
         with self._lock:
             if self.disabled or sum(sizes) < self.min_bytes:
                 return None
-            if self._mm is not None and _read(self._mm, _RELEASED) != self._posted:
+            if self._mm is not None and read_word(self._mm, RELEASED) != self._posted:
                 return None
             if self._owner and self._owner != owner:
                 self.close()
@@ -312,7 +310,7 @@ class SegmentWriter:
         if self.disabled or sum(sizes) < self.min_bytes:
             return None
         offsets, size = layout(sizes)
-        released = _read(self._mm, _RELEASED) if self._mm is not None else 0
+        released = read_word(self._mm, RELEASED) if self._mm is not None else 0
         held = self._mm is not None and released != self._posted
         if held:
             self.busy += 1
@@ -334,7 +332,7 @@ class SegmentWriter:
             size = max(size, len(self._mm))
             self.close()
         elif released and not self._unlinked:  # the reader has it mapped: the name can go
-            _unlink(self.name)
+            unlink_segment(self.name)
             self._unlinked = True
         if self._mm is None or len(self._mm) < size:
             if not self._replace(size):
@@ -347,7 +345,7 @@ class SegmentWriter:
                     np.frombuffer(frame, dtype=np.uint8)
                 )
         self._posted += 1
-        struct.pack_into("<Q", self._mm, _POSTED, self._posted)
+        struct.pack_into("<Q", self._mm, POSTED, self._posted)
         self.sent += 1
         self.in_place += in_place
         self.ticket = Ticket(self._mm, self._posted) if in_place else None
@@ -357,7 +355,7 @@ class SegmentWriter:
         self.close()
         size = -(-size // (1 << 20)) * (1 << 20)  # whole MiB: a model that grows a little reuses it
         try:
-            self.name, self._mm = _create(size)
+            self.name, self._mm = create_segment(size)
         except OSError as exc:
             self.disabled = f"cannot reserve {size} bytes in {SHM_DIR}: {exc.strerror}"
             log.warning(
@@ -372,7 +370,7 @@ class SegmentWriter:
     def close(self) -> None:
         with self._lock:
             if self._mm is not None and not self._unlinked:
-                _unlink(self.name)
+                unlink_segment(self.name)
             self._unlinked = True
             self._mm = None  # closed when the last view (or placed tensor) of it goes
             self._owner = ""
@@ -405,7 +403,7 @@ class SegmentReader:
         if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in sizes):
             raise ProtocolError("bad_shm", "shm frame sizes must be integers >= 0")
         if name != self.name or self._mm is None:
-            self._mm = _open(name)  # the old mapping closes when its last view goes
+            self._mm = open_segment(name)  # the old mapping closes when its last view goes
             self.name = name
         mm = self._mm
         offsets, end = layout(sizes)
@@ -413,9 +411,9 @@ class SegmentReader:
             raise ProtocolError(
                 "bad_shm", f"shm frames end at byte {end}, the segment has {len(mm)}"
             )
-        if _read(mm, _POSTED) != seq:
+        if read_word(mm, POSTED) != seq:
             raise ProtocolError(
-                "bad_shm", f"shm message {seq} is not the one posted ({_read(mm, _POSTED)})"
+                "bad_shm", f"shm message {seq} is not the one posted ({read_word(mm, POSTED)})"
             )
         region = np.frombuffer(mm, dtype=np.uint8, count=end - HEADER_BYTES, offset=HEADER_BYTES)
         weakref.finalize(region, _release, mm, seq)
@@ -428,155 +426,6 @@ class SegmentReader:
         """Drop the mapping (the peer left); it closes when its last view goes."""
         self._mm = None
         self.name = ""
-
-
-class SharedTensors:
-    """Named tensors that every worker on this host reads where they lie (the
-    compressed downlink's reference): one writer, any number of readers, and no
-    message or release per reader, so nothing is copied per worker.
-
-    A seqlock guards them. The writer makes ``seq`` odd while it changes them
-    (``changing``), stamps the version they now stand for, and makes ``seq`` even
-    again. A reader copies them out and keeps the copy only if ``seq`` was even and
-    unchanged across the copy, and the version is the one its WORK names. The
-    coordinator changes them only between rounds, so a reader that finds them
-    changing was too late for its round anyway. (x86-64 and ARMv8 order plain
-    stores to one mapping as the seqlock needs from Python's side: each step is a
-    separate call that the interpreter finishes before the next.)
-
-    The file stays in ``/dev/shm`` while the writer lives (workers may join at any
-    time); ``close`` unlinks it, and ``sweep`` takes it after a crash.
-    """
-
-    def __init__(self, like: Mapping[str, torch.Tensor]) -> None:
-        """Room for tensors shaped like ``like`` (CPU); ``OSError`` when none."""
-        import torch  # noqa: PLC0415 - only the coordinator's downlink makes these
-
-        sizes = [t.numel() * t.element_size() for t in like.values()]
-        offsets, size = layout(sizes)
-        self.name, self._mm = _create(size)
-        self.tensors = {
-            name: torch.frombuffer(self._mm, dtype=t.dtype, count=t.numel(), offset=at).view(
-                t.shape
-            )
-            for (name, t), at in zip(like.items(), offsets, strict=True)
-        }
-        self._offsets = dict(zip(like, offsets, strict=True))
-
-    def describe(self) -> dict[str, Any]:
-        """What a WORK carries for a reader (``SharedReader.copy_into``)."""
-        return {"seg": self.name, "at": self._offsets}
-
-    @contextlib.contextmanager
-    def changing(self, version: int) -> Iterator[None]:
-        """Around every change of the tensors; they then stand for ``version``."""
-        seq = _read(self._mm, _POSTED)
-        struct.pack_into("<Q", self._mm, _POSTED, seq + 1)
-        try:
-            yield
-        finally:
-            struct.pack_into("<Q", self._mm, _RELEASED, version)
-            struct.pack_into("<Q", self._mm, _POSTED, seq + 2)
-
-    def close(self) -> None:
-        """Unlink the file; the mapping lives while the tensors are viewed."""
-        _unlink(self.name)
-
-
-class SharedReader:
-    """A worker's end of ``SharedTensors``. It maps the segment once, copy-on-write:
-    it reads what the coordinator writes, and nothing it might write reaches the
-    coordinator's reference. Tensors are copied out (``copy_into``), or viewed where
-    they lie (``view``, for parameters that are only read: taking a gradient)."""
-
-    def __init__(self) -> None:
-        self.name = ""
-        self._mm: mmap.mmap | None = None
-        self._seq = 0  # the seqlock's count when ``stable`` last found it still
-
-    def _where(
-        self, described: Any, like: Mapping[str, torch.Tensor]
-    ) -> tuple[mmap.mmap, dict[str, int]]:
-        """The mapping and each tensor's offset; ProtocolError when not readable."""
-        if (
-            not isinstance(described, dict)
-            or not isinstance(described.get("seg"), str)
-            or not isinstance(described.get("at"), dict)
-        ):
-            raise ProtocolError(
-                "bad_shm", "the shared reference's description needs seg (str) and at (map)"
-            )
-        at = described["at"]
-        if set(at) != set(like) or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v >= HEADER_BYTES
-            for v in at.values()
-        ):
-            raise ProtocolError(
-                "bad_shm", "the shared reference holds other tensors than this model's"
-            )
-        if described["seg"] != self.name or self._mm is None:
-            self._mm = _open(
-                described["seg"], private=True
-            )  # the old mapping goes with its last view
-            self.name = described["seg"]
-        if any(at[name] + t.numel() * t.element_size() > len(self._mm) for name, t in like.items()):
-            raise ProtocolError(
-                "bad_shm", "the shared reference's tensors lie past its segment's end"
-            )
-        return self._mm, at
-
-    def stable(self, version: int) -> str | None:
-        """None when the tensors stand still at ``version`` (remembered for
-        ``unchanged``); else why not."""
-        assert self._mm is not None
-        seq, stamped = _read(self._mm, _POSTED), _read(self._mm, _RELEASED)
-        if seq % 2 or stamped != version:
-            return (
-                f"the shared reference is being changed or stands for version {stamped}, not "
-                f"{version}"
-            )
-        self._seq = seq
-        return None
-
-    def unchanged(self) -> bool:
-        """True when no change began since ``stable`` said yes."""
-        return self._mm is not None and _read(self._mm, _POSTED) == self._seq
-
-    def copy_into(
-        self, described: Any, targets: Mapping[str, torch.Tensor], version: int
-    ) -> str | None:
-        """Copy the described tensors into ``targets`` (same names, dtypes and
-        shapes): None when done; why not when they were changing or stand for
-        another version (the targets then hold nothing usable). ``ProtocolError``
-        when the description or the segment is not one to read at all."""
-        import torch  # noqa: PLC0415
-
-        mm, at = self._where(described, targets)
-        why = self.stable(version)
-        if why is not None:
-            return why
-        for name, target in targets.items():
-            source = torch.frombuffer(mm, dtype=target.dtype, count=target.numel(), offset=at[name])
-            target.copy_(source.view(target.shape))
-        if not self.unchanged():
-            return "the shared reference changed while it was read (its round was over)"
-        return None
-
-    def view(self, described: Any, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Tensors shaped like ``like`` where the described ones lie (no copy). They
-        change when the coordinator changes its reference: check ``stable`` before
-        use and ``unchanged`` after. A write to them stays in this process, and
-        from then on that page no longer follows the coordinator's (a new reader
-        maps afresh). ``ProtocolError`` as ``copy_into``."""
-        import torch  # noqa: PLC0415
-
-        mm, at = self._where(described, like)
-        return {
-            name: torch.frombuffer(mm, dtype=t.dtype, count=t.numel(), offset=at[name]).view(
-                t.shape
-            )
-            for name, t in like.items()
-        }
 
 
 class LocalPeers:

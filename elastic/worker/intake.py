@@ -21,7 +21,7 @@ from elastic.tasks import Shard, Task
 from elastic.training import move_to_fresh_memory, update_template
 from elastic.wire.buffers import BufferSet
 from elastic.wire.header import Message
-from elastic.wire.shm import SharedReader
+from elastic.wire.shared import SharedReader
 from elastic.wire.tensors import WireTensor
 from elastic.worker.devices import HostStaging
 

@@ -13,7 +13,7 @@ from elastic.plugins import Plugins
 from elastic.wire import shm
 from elastic.wire.frames import decode, encode
 from elastic.wire.header import Message, MsgType
-from elastic.wire.shm import SharedReader
+from elastic.wire.shared import SharedReader
 
 CODECS = Plugins().codecs
 
@@ -146,7 +146,7 @@ def test_a_small_model_or_no_room_keeps_the_reference_private(
     def no_room(size: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(shm, "_create", no_room)
+    monkeypatch.setattr("elastic.wire.shared.create_segment", no_room)
     model = torch.nn.Linear(1100, 1000)
     full = Downlink(model, CodecChain(CODECS, ["fp16"]), share=True)
     full.advance(model, 0)
@@ -208,7 +208,7 @@ def test_with_no_chain_an_exact_shared_copy_serves_only_workers_on_this_host(
     def no_room(size: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(shm, "_create", no_room)
+    monkeypatch.setattr("elastic.wire.shared.create_segment", no_room)
     full = Downlink(model, CodecChain(CODECS, []), share=True)
     full.advance(model, 0)
     full.advance(model, 1)

@@ -16,6 +16,7 @@ from elastic.errors import ProtocolError
 from elastic.wire import shm
 from elastic.wire.frames import decode, encode_parts
 from elastic.wire.header import Message, MsgType, pack
+from elastic.wire.shared import SharedReader, SharedTensors
 from elastic.wire.shm import Probe, SegmentReader, SegmentWriter, is_local, sweep
 from elastic.wire.tensors import WireTensor
 
@@ -289,16 +290,16 @@ def reference_like() -> dict[str, torch.Tensor]:
 
 def test_shared_tensors_are_read_by_any_number_of_readers_at_the_version_stamped() -> None:
     model = reference_like()
-    shared = shm.SharedTensors(model)
+    shared = SharedTensors(model)
     try:
         with shared.changing(5):
             for name, t in shared.tensors.items():
                 t.copy_(model[name])
         for _ in range(3):  # readers need no release: each copies out
             into = {k: torch.empty_like(v) for k, v in model.items()}
-            assert shm.SharedReader().copy_into(shared.describe(), into, 5) is None
+            assert SharedReader().copy_into(shared.describe(), into, 5) is None
             assert all(torch.equal(into[k], model[k]) for k in model)
-        reader = shm.SharedReader()
+        reader = SharedReader()
         assert "version 5, not 6" in (reader.copy_into(shared.describe(), dict(model), 6) or "")
         with shared.changing(6):  # a reader that comes while it changes takes nothing
             assert "being changed" in (reader.copy_into(shared.describe(), dict(model), 6) or "")
@@ -316,7 +317,7 @@ def test_shared_tensors_are_read_by_any_number_of_readers_at_the_version_stamped
 class ChangesWhileRead(dict):  # type: ignore[type-arg]
     """Targets whose copy is interleaved with the writer's next change."""
 
-    def __init__(self, shared: shm.SharedTensors, targets: dict[str, torch.Tensor]) -> None:
+    def __init__(self, shared: SharedTensors, targets: dict[str, torch.Tensor]) -> None:
         super().__init__(targets)
         self.shared, self.calls = shared, 0
 
@@ -331,13 +332,13 @@ class ChangesWhileRead(dict):  # type: ignore[type-arg]
 
 def test_a_reader_overtaken_by_a_change_keeps_nothing() -> None:
     model = reference_like()
-    shared = shm.SharedTensors(model)
+    shared = SharedTensors(model)
     try:
         with shared.changing(7):
             pass
         targets = ChangesWhileRead(shared, {k: torch.empty_like(v) for k, v in model.items()})
         assert "changed while it was read" in (
-            shm.SharedReader().copy_into(shared.describe(), targets, 7) or ""
+            SharedReader().copy_into(shared.describe(), targets, 7) or ""
         )
     finally:
         shared.close()
@@ -345,7 +346,7 @@ def test_a_reader_overtaken_by_a_change_keeps_nothing() -> None:
 
 def test_hostile_shared_descriptions_are_protocol_errors() -> None:
     model = reference_like()
-    shared = shm.SharedTensors(model)
+    shared = SharedTensors(model)
     good = shared.describe()
     try:
         for described in (
@@ -359,6 +360,6 @@ def test_hostile_shared_descriptions_are_protocol_errors() -> None:
             {"seg": "elastic-1-0000000000000000", "at": good["at"]},  # no such segment
         ):
             with pytest.raises(ProtocolError):
-                shm.SharedReader().copy_into(described, dict(model), 0)
+                SharedReader().copy_into(described, dict(model), 0)
     finally:
         shared.close()

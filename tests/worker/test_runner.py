@@ -381,7 +381,7 @@ def test_model_comes_down_as_a_delta_against_the_reference(mode: str) -> None:
 
 @pytest.mark.parametrize("mode", ["gradient", "train"])
 def test_a_work_naming_the_shared_reference_is_done_on_the_model_read_from_it(mode: str) -> None:
-    from elastic.wire.shm import SharedTensors
+    from elastic.wire.shared import SharedTensors
 
     model = LinReg({"samples": 40, "features": 3}).build_model(3)
     floats = {k: v.detach() for k, v in update_template(model, "train").items()}
@@ -422,7 +422,7 @@ def test_a_gradient_is_taken_on_the_shared_reference_where_it_lies_and_never_wri
     write): they follow its changes with no copy, a reference that changes under the
     gradient voids it, and a later delta added in place never reaches the segment."""
     from elastic.compression.chain import SEP
-    from elastic.wire.shm import SharedTensors
+    from elastic.wire.shared import SharedTensors
     from elastic.worker import executors as runner_module
 
     model = LinReg({"samples": 40, "features": 3}).build_model(3)
