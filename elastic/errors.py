@@ -53,7 +53,7 @@ class CodecError(ElasticError):
 
 
 class MembershipUnavailable(ElasticError):
-    """The membership backend (e.g. etcd) cannot be reached."""
+    """The cluster backend (etcd, ZooKeeper...) cannot be reached."""
 
 
 class CheckpointError(ElasticError):
