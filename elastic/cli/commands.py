@@ -82,9 +82,26 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     plugins = Plugins()
     config, specs = read()
     setup_logging(config.log_format, config.log_level)
+    _set_threads(args.threads)
     coordinator = Coordinator(config, plugins, specs, reloader=read)
     coordinator.run()
     return coordinator.exit_code
+
+
+# The coordinator's tensor work (checking, folding, expanding updates) comes a 1 MiB
+# frame at a time between socket reads. Split over threads, each piece waits for
+# cores the workers hold, and the OpenMP threads spin meanwhile: on 2 cores with 4
+# workers, 2 threads made a 25M-parameter FedAvg round 0.37 s, 1 thread 0.30 s.
+COORDINATOR_THREADS = 1
+
+
+def _set_threads(threads: int | None) -> None:
+    """torch's intra-op threads for this process (None: torch's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -116,10 +133,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     config = read()
     setup_logging(config.log_format, config.log_level)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    _set_threads(args.threads)
     Worker(config, Plugins(), reloader=read).run()
     return 0
 
@@ -203,6 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         allow_admins=str(keys["admins"]),
     )
     config.validate()
+    _set_threads(COORDINATOR_THREADS)
     coordinator = Coordinator(config, plugins, [spec])
     job = coordinator.core.engines[spec.id].job
     workers = _start_local_workers(

@@ -229,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="address for --metrics-port (default 127.0.0.1; 0.0.0.0 for all)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: the coordinator checks and folds updates a "
+        "frame at a time, and more threads only contend with workers on this host)",
+    )
     _daemon_flags(p)
 
     p = sub.add_parser("worker", parents=[debug], help="run a worker daemon")

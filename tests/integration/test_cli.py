@@ -156,6 +156,8 @@ def test_daemon_flag_errors(tmp_path: Path) -> None:
         "worker", "--coordinator", "tcp://127.0.0.1:1", "--insecure", "--curve-key", "x.key_secret"
     )
     assert r.returncode == 2 and "choose CURVE keys or plaintext, not both" in r.stderr
+    r = elastic("coordinator", "--bind", "tcp://127.0.0.1:0", "--insecure", "--threads", "0")
+    assert r.returncode == 2 and "--threads must be >= 1, got 0" in r.stderr
     r = elastic("--debug", "validate", str(tmp_path / "missing.toml"))
     assert r.returncode != 0 and "Traceback" in r.stderr  # --debug shows it
 
