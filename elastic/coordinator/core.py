@@ -92,7 +92,8 @@ class CoordinatorCore:
         self.uploads = UploadGate(
             config.upload_window, grant_timeout=max(30.0, 10 * config.heartbeat_timeout)
         )
-        self.streams: dict[str, UploadStream] = {}  # peer -> its update coming in parts
+        # (peer, job) -> that worker's update of that job coming in parts
+        self.streams: dict[tuple[str, str], UploadStream] = {}
         # A validator plugin looks at whole updates: with one, updates come whole.
         self._validators = plugins.implements("elastic_validate_update")
 
@@ -324,7 +325,7 @@ class CoordinatorCore:
                 self.uploads.done(peer, now, msg.key)
             )  # its bytes are folded or refused: the next may come
             if more is not None:  # the next part, in turn with the other offers
-                self._grant(self.uploads.offer(peer, msg.key, more, now))
+                self._grant(self.uploads.offer(peer, msg.job, msg.key, more, now))
         elif msg.type is MsgType.OFFER:
             self._on_offer(peer, msg, now)
         elif msg.type is MsgType.NACK:
@@ -366,7 +367,7 @@ class CoordinatorCore:
         engine = self._member_engine(peer, msg, now)
         if engine is None:
             return None
-        stream = self.streams.get(peer)
+        stream = self.streams.get((peer, msg.job))
         if "part" not in msg.meta:
             reply: Message | None = engine.on_update(peer, msg)
         elif stream is None or not stream.expects(msg.key, msg.meta["part"]):
@@ -378,17 +379,15 @@ class CoordinatorCore:
                 f"got part {msg.meta['part']!r} of {msg.key}, expected {expected}",
                 msg,
             )
-            self._end_stream(peer)
+            self._end_stream(peer, msg.job)
             return None
         else:
             reply = engine.on_update_part(peer, msg, stream.current())
         if reply is None:  # a part folded; more are to come
             assert stream is not None
             return stream.advance(msg.payload_bytes)
-        if (
-            stream is not None and stream.key == msg.key
-        ):  # (a whole update of another job leaves it be)
-            del self.streams[peer]
+        if stream is not None and stream.key == msg.key:
+            del self.streams[(peer, msg.job)]
         if reply.type is MsgType.NACK:
             self.rejected[reply.meta["reason"]] += 1
         self._send(peer, reply)
@@ -415,20 +414,25 @@ class CoordinatorCore:
             if msg.meta.get("parts") is True and not self._validators
             else None
         )
-        self._end_stream(peer)  # a worker offers its newest result: any other is over
+        # A worker offers its newest result of a job: an older one of that job is
+        # over (its updates of other jobs go on).
+        self._end_stream(peer, msg.job)
         if parts is not None and len(parts) > 1:
-            stream = self.streams[peer] = UploadStream(msg.job, msg.key, parts, engine.itemsizes)
-            self._grant(self.uploads.offer(peer, msg.key, stream.bytes(0) or 1, now))
+            stream = UploadStream(msg.job, msg.key, parts, engine.itemsizes)
+            self.streams[(peer, msg.job)] = stream
+            self._grant(self.uploads.offer(peer, msg.job, msg.key, stream.bytes(0) or 1, now))
         else:
-            self._grant(self.uploads.offer(peer, msg.key, msg.meta["bytes"], now))
+            self._grant(self.uploads.offer(peer, msg.job, msg.key, msg.meta["bytes"], now))
 
-    def _end_stream(self, peer: str) -> None:
-        """``peer``'s update in parts goes no further: the engine is told when some of
-        it was folded (the round then waits for it no more)."""
-        stream = self.streams.pop(peer, None)
-        if stream is not None and stream.index > 0:
+    def _end_stream(self, peer: str, job: str | None = None) -> None:
+        """``peer``'s update in parts of ``job`` (None: of every job) goes no
+        further: the engine is told when some of it was folded (the round then waits
+        for it no more)."""
+        ended = [slot for slot in self.streams if slot[0] == peer and job in (None, slot[1])]
+        for slot in ended:
+            stream = self.streams.pop(slot)
             engine = self.engines.get(stream.job)
-            if engine is not None:
+            if stream.index > 0 and engine is not None:
                 engine.abandon_parts(peer, stream.key)
 
     def _grant(self, offers: list[Offer]) -> None:
@@ -440,7 +444,7 @@ class CoordinatorCore:
                 offer.nbytes,
                 self.uploads.in_flight,
             )
-            stream = self.streams.get(offer.peer)
+            stream = self.streams.get(offer.slot)
             meta: dict[str, Any] = {}
             if stream is not None and stream.key == offer.key:
                 meta = {

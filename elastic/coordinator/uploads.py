@@ -25,8 +25,14 @@ __all__ = ["Offer", "Part", "UploadGate", "UploadStream"]
 @dataclass(frozen=True)
 class Offer:
     peer: str
+    job: str
     key: str
     nbytes: int
+
+    @property
+    def slot(self) -> tuple[str, str]:
+        """A worker has one offer per job at a time (its newest result)."""
+        return self.peer, self.job
 
 
 class UploadGate:
@@ -37,40 +43,45 @@ class UploadGate:
             raise ValueError(f"window_bytes must be >= 0, got {window_bytes}")
         self.window = window_bytes
         self.grant_timeout = grant_timeout
-        self.waiting: OrderedDict[str, Offer] = OrderedDict()  # peer -> its offer, oldest first
-        self.granted: dict[str, tuple[Offer, float]] = {}  # peer -> (offer, deadline)
+        # (peer, job) -> its offer, oldest first; granted ones with their deadline
+        self.waiting: OrderedDict[tuple[str, str], Offer] = OrderedDict()
+        self.granted: dict[tuple[str, str], tuple[Offer, float]] = {}
         self.peak_bytes = 0  # the most ever granted at once
 
     @property
     def in_flight(self) -> int:
         return sum(offer.nbytes for offer, _ in self.granted.values())
 
-    def offer(self, peer: str, key: str, nbytes: int, now: float) -> list[Offer]:
-        """A worker offers an update; returns the offers granted now (maybe its own).
+    def offer(self, peer: str, job: str, key: str, nbytes: int, now: float) -> list[Offer]:
+        """A worker offers an update of ``job``; returns the offers granted now (maybe
+        its own).
 
-        A peer has one offer at a time: a new one replaces what it offered before
-        (granted or not), since a worker only offers its newest result.
+        A worker has one offer per job at a time: a new one replaces what it offered
+        of that job before (granted or not), since it only offers its newest result.
+        Its offers of other jobs (a worker may serve several) stand.
         """
-        self.waiting.pop(peer, None)
-        self.granted.pop(peer, None)
-        self.waiting[peer] = Offer(peer, key, nbytes)
+        offer = Offer(peer, job, key, nbytes)
+        self.waiting.pop(offer.slot, None)
+        self.granted.pop(offer.slot, None)
+        self.waiting[offer.slot] = offer
         return self._admit(now)
 
     def done(self, peer: str, now: float, key: str | None = None) -> list[Offer]:
         """``peer``'s update ``key`` arrived or was refused, or (no ``key``) ``peer``
-        left: its bytes are free. An update that was not the one offered (a small
-        one of another job) frees nothing."""
-        for offers in (self.waiting, self.granted):
-            held = offers.get(peer)
-            offer = held[0] if isinstance(held, tuple) else held
-            if offer is not None and (key is None or offer.key == key):
-                del offers[peer]
+        left: its bytes are free. An update that was not offered (a small one)
+        frees nothing."""
+        for slot, offer in list(self.waiting.items()):
+            if offer.peer == peer and (key is None or offer.key == key):
+                del self.waiting[slot]
+        for slot, (offer, _) in list(self.granted.items()):
+            if offer.peer == peer and (key is None or offer.key == key):
+                del self.granted[slot]
         return self._admit(now)
 
     def expire(self, now: float) -> list[Offer]:
         """Grants unused past their deadline end (a worker frozen after its offer)."""
-        for peer in [p for p, (_, deadline) in self.granted.items() if deadline <= now]:
-            del self.granted[peer]
+        for slot in [s for s, (_, deadline) in self.granted.items() if deadline <= now]:
+            del self.granted[slot]
         return self._admit(now)
 
     def _admit(self, now: float) -> list[Offer]:
@@ -79,8 +90,8 @@ class UploadGate:
             offer = next(iter(self.waiting.values()))
             if self.granted and self.in_flight + offer.nbytes > self.window:
                 break
-            del self.waiting[offer.peer]
-            self.granted[offer.peer] = (offer, now + self.grant_timeout)
+            del self.waiting[offer.slot]
+            self.granted[offer.slot] = (offer, now + self.grant_timeout)
             admitted.append(offer)
         self.peak_bytes = max(self.peak_bytes, self.in_flight)
         return admitted

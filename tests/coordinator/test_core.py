@@ -243,3 +243,52 @@ def test_an_update_in_parts_is_tracked_once_by_the_core(tmp_path: Path) -> None:
     ]  # half folded: not waited for
     core.receive("w1", update_for(work["w1"], "w1", 3.0))
     assert sent(core) == [("w1", MsgType.ACK, {})] and core.engines["lin"].job.round == 1
+
+
+def test_a_worker_streams_two_jobs_updates_at_once(tmp_path: Path) -> None:
+    """A worker serving two jobs offers the second job's update while the first's is
+    still coming in parts: both streams go on, each to its ACK."""
+    from elastic.wire.parts import part_message
+
+    core, _ = make_core(tmp_path)
+    core.add_job(parse_job_spec({**SPEC, "job": {**SPEC["job"], "id": "lin2"}}))
+    core.config.upload_part = 8  # linreg's 4 floats: two parts
+    core.receive("w0", hello("w0"))
+    core.tick()
+    work = {out.message.job: out.message for out in core.take() if out.message.type is MsgType.WORK}
+    assert sorted(work) == ["lin", "lin2"]
+    updates = {job: update_for(w, "w0", 1.0) for job, w in work.items()}
+
+    def offer(job: str) -> dict:
+        whole = updates[job]
+        core.receive(
+            "w0",
+            Message(
+                MsgType.OFFER,
+                job=job,
+                round=1,
+                sender="w0",
+                key=whole.key,
+                meta={"bytes": whole.payload_bytes, "parts": True},
+            ),
+        )
+        [(_, kind, meta)] = sent(core)
+        assert kind is MsgType.GRANT
+        return meta
+
+    def part(job: str, grant: dict) -> tuple[MsgType, dict]:
+        index, count = grant["part"]
+        core.receive(
+            "w0", part_message(updates[job], index, count, [tuple(s) for s in grant["segments"]])
+        )
+        [(_, kind, meta)] = sent(core)
+        return kind, meta
+
+    kind, lin_next = part("lin", offer("lin"))
+    assert kind is MsgType.GRANT and lin_next["part"] == [1, 2]
+    kind, lin2_next = part("lin2", offer("lin2"))  # lin's stream stands
+    assert kind is MsgType.GRANT and lin2_next["part"] == [1, 2]
+    assert part("lin", lin_next) == (MsgType.ACK, {})
+    assert part("lin2", lin2_next) == (MsgType.ACK, {})
+    assert core.engines["lin"].job.round == 1 and core.engines["lin2"].job.round == 1
+    assert not core.streams and not core.uploads.granted
