@@ -17,6 +17,9 @@ import pytest
 from tests.etcd_server import free_port
 
 JARS = [Path("/usr/share/java/zookeeper.jar")]
+# Debian's zookeeper.jar names netty's handler in its class path but not netty's
+# codec, which the Netty connection factory (the one that speaks TLS) needs.
+NETTY_CODEC = Path("/usr/share/java/netty-codec.jar")
 
 
 def zookeeper_command() -> list[str] | None:
@@ -29,7 +32,7 @@ def zookeeper_command() -> list[str] | None:
         "-Xmx256m",
         "-XX:+UseSerialGC",
         "-cp",
-        ":".join(map(str, JARS)),
+        ":".join(str(jar) for jar in [*JARS, NETTY_CODEC] if jar.exists()),
         "org.apache.zookeeper.server.ZooKeeperServerMain",
     ]
 
@@ -49,7 +52,9 @@ class ZkServer:
     """One standalone server. ``restart`` keeps its port and data (sessions survive
     a restart shorter than their timeout); ``freeze``/``thaw`` stop it in place."""
 
-    def __init__(self, root: Path, command: list[str]) -> None:
+    def __init__(
+        self, root: Path, command: list[str], certs: dict[str, Path] | None = None
+    ) -> None:
         self.root = root
         self.command = command
         self.port = free_port()
@@ -57,16 +62,33 @@ class ZkServer:
         root.mkdir(parents=True, exist_ok=True)
         (root / "data").mkdir(exist_ok=True)
         self.config = root / "zoo.cfg"
-        self.config.write_text(
+        config = (
             f"tickTime=500\ndataDir={root / 'data'}\nclientPort={self.port}\n"
             "clientPortAddress=127.0.0.1\nadmin.enableServer=false\nmaxClientCnxns=0\n"
             "4lw.commands.whitelist=ruok\n"
         )
+        self.secure_port = 0
+        if certs is not None:  # TLS beside the plain port (which the health check uses)
+            self.secure_port = free_port()
+            keystore = root / "server-keystore.pem"  # ZooKeeper's PEM store: key + chain
+            keystore.write_text(certs["key"].read_text() + certs["cert"].read_text())
+            config += (
+                f"secureClientPort={self.secure_port}\nsecureClientPortAddress=127.0.0.1\n"
+                "serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory\n"
+                f"ssl.keyStore.location={keystore}\nssl.keyStore.type=PEM\n"
+                f"ssl.trustStore.location={certs['ca']}\nssl.trustStore.type=PEM\n"
+                "ssl.clientAuth=need\n"
+            )
+        self.config.write_text(config)
         self.log = root / "zookeeper.log"
 
     @property
     def hosts(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def secure_hosts(self) -> str:
+        return f"127.0.0.1:{self.secure_port}"
 
     def start(self) -> ZkServer:
         with self.log.open("ab") as out:

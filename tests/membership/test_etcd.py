@@ -17,11 +17,10 @@ RECORD = {"id": "w1", "host": "h", "pid": 1, "device": "cpu", "software": "test"
 
 
 def test_parse_etcd_url() -> None:
-    assert parse_etcd_url("etcd://127.0.0.1:2379,10.0.0.2:2380/prod") == (
-        [("127.0.0.1", 2379), ("10.0.0.2", 2380)],
-        "prod",
-    )
-    assert parse_etcd_url("etcd://etcd/c") == ([("etcd", 2379)], "c")
+    url = parse_etcd_url("etcd://127.0.0.1:2379,10.0.0.2:2380/prod")
+    assert (url.servers, url.cluster) == ((("127.0.0.1", 2379), ("10.0.0.2", 2380)), "prod")
+    url = parse_etcd_url("etcd://etcd/c")
+    assert (url.servers, url.cluster) == ((("etcd", 2379),), "c")
     for bad in (
         "etcd://127.0.0.1:2379",
         "etcd://h:x/c",
@@ -161,19 +160,17 @@ def test_a_goodbye_frees_the_slot_and_a_crash_keeps_it(
 
 
 def test_etcd_access_options(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    from elastic.membership.etcd.client import etcd_access, redacted
+    from elastic.membership.cluster import ClusterBackend
 
     ca = tmp_path / "ca.pem"
     ca.write_text("x")
-    assert etcd_access("etcd://h:2379/c") == etcd_access("etcd://h:2379/c")  # nothing asked: plain
-    access = etcd_access(f"etcd://alice:pw%40x@h1:2379,h2:2379/c?ca={ca}")
-    assert (access.user, access.password, access.ca) == ("alice", "pw@x", str(ca))
-    assert parse_etcd_url(f"etcd://alice:pw@h1:2379,h2:2379/c?ca={ca}") == (
-        [("h1", 2379), ("h2", 2379)],
-        "c",
-    )
+    plain = parse_etcd_url("etcd://h:2379/c")  # nothing asked: plain
+    assert (plain.tls, plain.user, plain.password) == (False, "", "")
+    access = parse_etcd_url(f"etcd://alice:pw%40x@h1:2379,h2:2379/c?ca={ca}")
+    assert (access.user, access.password, access.ca, access.tls) == ("alice", "pw@x", str(ca), True)
+    assert (access.servers, access.cluster) == ((("h1", 2379), ("h2", 2379)), "c")
     monkeypatch.setenv("ELASTIC_ETCD_PASSWORD", "from-env")
-    assert etcd_access("etcd://bob@h:2379/c").password == "from-env"
+    assert parse_etcd_url("etcd://bob@h:2379/c").password == "from-env"
     monkeypatch.delenv("ELASTIC_ETCD_PASSWORD")
     for bad, words in [
         ("etcd://bob@h:2379/c", "has no password"),
@@ -182,5 +179,5 @@ def test_etcd_access_options(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
         ("etcd://h:2379/c?tls=1", "unknown option"),
     ]:
         with pytest.raises(ConfigError, match=words):
-            etcd_access(bad)
-    assert redacted("etcd://alice:pw@h:2379/c") == "etcd://alice:***@h:2379/c"
+            parse_etcd_url(bad)
+    assert ClusterBackend.describe_url("etcd://alice:pw@h:2379/c") == "etcd://alice:***@h:2379/c"

@@ -8,7 +8,7 @@ from typing import Any
 
 from elastic.hookspecs import hookimpl
 from elastic.membership.cluster import ClusterBackend, LeaderRecord
-from elastic.membership.etcd.client import Keys, connect, etcd_access, parse_etcd_url, read_leader
+from elastic.membership.etcd.client import Keys, connect, parse_etcd_url, read_leader
 from elastic.membership.etcd.election import EtcdElection
 from elastic.membership.etcd.jobs import EtcdJobStore
 from elastic.membership.etcd.members import EtcdMemberTable, EtcdRegistration
@@ -21,8 +21,9 @@ class EtcdBackend(ClusterBackend):
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
-        self.keys = Keys(parse_etcd_url(url)[1])  # ConfigError for a bad URL, before connecting
-        etcd_access(url)  # ... and for TLS files or a password that are not there
+        # ConfigError for a bad URL, TLS files or a password that are not there,
+        # before connecting
+        self.keys = Keys(parse_etcd_url(url).cluster)
 
     def member_table(self, heartbeat_timeout: float) -> EtcdMemberTable:
         return EtcdMemberTable(self.url, heartbeat_timeout)

@@ -18,7 +18,6 @@ layout (all under ``/elastic/<cluster>/``), the one place it is written down:
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import random
 import threading
@@ -27,16 +26,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from elastic.errors import ConfigError, MembershipUnavailable
-from elastic.membership.cluster import ClusterBackend, LeaderRecord
+from elastic.membership.cluster import LeaderRecord
+from elastic.membership.urls import ClusterURL, parse_cluster_url
 
 __all__ = [
     "PrefixWatch",
     "Keys",
-    "EtcdAccess",
-    "etcd_access",
     "parse_etcd_url",
     "connect",
     "read_leader",
@@ -85,81 +82,9 @@ class Keys:
         return self.root + relative
 
 
-@dataclass(frozen=True)
-class EtcdAccess:
-    """How to reach etcd beyond its address: TLS files and a user."""
-
-    ca: str = ""
-    cert: str = ""
-    key: str = ""
-    user: str = ""
-    password: str = ""
-
-
-redacted = ClusterBackend.describe_url
-
-
-def etcd_access(url: str) -> EtcdAccess:
-    """The TLS files and credentials an etcd URL asks for (files checked to exist)."""
-    parts = urlsplit(url)
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    unknown = set(query) - {"ca", "cert", "key"}
-    if unknown:
-        raise ConfigError(
-            f"membership {redacted(url)}: unknown option(s) {', '.join(sorted(unknown))} (known: "
-            "ca, cert, key)"
-        )
-    for name in ("ca", "cert", "key"):
-        if query.get(name) and not Path(query[name]).is_file():
-            raise ConfigError(
-                f"membership {redacted(url)}: {name} file {query[name]} does not exist"
-            )
-    if bool(query.get("cert")) != bool(query.get("key")):
-        raise ConfigError(
-            f"membership {redacted(url)}: a client certificate needs both cert= and key="
-        )
-    if query.get("cert") and not query.get("ca"):
-        raise ConfigError(f"membership {redacted(url)}: cert= and key= need ca= (TLS)")
-    userinfo, at, _ = parts.netloc.rpartition("@")
-    user, _, password = userinfo.partition(":") if at else ("", "", "")
-    if user and not password:
-        password = os.environ.get("ELASTIC_ETCD_PASSWORD", "")
-        if not password:
-            raise ConfigError(
-                f"membership {redacted(url)}: user {user!r} has no password; put it in "
-                "$ELASTIC_ETCD_PASSWORD"
-            )
-    return EtcdAccess(
-        query.get("ca", ""),
-        query.get("cert", ""),
-        query.get("key", ""),
-        unquote(user),
-        unquote(password),
-    )
-
-
-def parse_etcd_url(url: str) -> tuple[list[tuple[str, int]], str]:
-    """``etcd://h1:2379,h2:2379/CLUSTER`` -> ([(h1, 2379), (h2, 2379)], CLUSTER)."""
-    fix = (
-        "use etcd://[USER@]HOST:PORT[,HOST:PORT...]/CLUSTER[?ca=FILE], e.g. "
-        "etcd://127.0.0.1:2379/demo"
-    )
-    parts = urlsplit(url)
-    if parts.scheme != "etcd" or not parts.netloc:
-        raise ConfigError(f"membership {redacted(url)!r} is not an etcd URL; {fix}")
-    cluster = parts.path.strip("/")
-    if not cluster or "/" in cluster or not cluster.isprintable():
-        raise ConfigError(
-            f"membership {redacted(url)!r} names no cluster (one path segment); {fix}"
-        )
-    endpoints = []
-    for item in parts.netloc.rpartition("@")[2].split(","):
-        host, _, port = item.rpartition(":") if ":" in item else (item, "", str(DEFAULT_PORT))
-        host = host.strip("[]")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"membership {redacted(url)!r}: bad endpoint {item!r}; {fix}")
-        endpoints.append((host, int(port)))
-    return endpoints, cluster
+def parse_etcd_url(url: str) -> ClusterURL:
+    """``etcd://[USER@]h1:2379,h2:2379/CLUSTER[?ca=...]``: servers, cluster and access."""
+    return parse_cluster_url(url, "etcd", DEFAULT_PORT, "ELASTIC_ETCD_PASSWORD")
 
 
 def _client_class() -> type:
@@ -205,8 +130,8 @@ def connect(url: str, timeout: float = CONNECT_TIMEOUT) -> Any:
     import grpc  # noqa: PLC0415
     import pyetcd  # noqa: PLC0415 - only daemons that use etcd pay for importing grpc
 
-    endpoints, _ = parse_etcd_url(url)
-    access = etcd_access(url)
+    access = parse_etcd_url(url)
+    endpoints = access.servers
     names = ", ".join(f"{h}:{p}" for h, p in endpoints)
     creds = None
     if access.ca:

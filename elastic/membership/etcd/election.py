@@ -47,7 +47,7 @@ class EtcdElection(Election):
     def __init__(self, url: str, coordinator_id: str, ttl: float = 10.0) -> None:
         if ttl < 2:
             raise ConfigError(f"leader lease TTL must be at least 2 s, got {ttl}")
-        self.keys = Keys(parse_etcd_url(url)[1])
+        self.keys = Keys(parse_etcd_url(url).cluster)
         self.id = coordinator_id
         self.ttl = int(round(ttl))
         self.client = connect(url)

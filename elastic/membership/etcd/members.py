@@ -38,7 +38,7 @@ class EtcdMemberTable(RegisteredMemberTable):
     """Records under ``members/``, watched; slots under ``slots/``."""
 
     def __init__(self, url: str, heartbeat_timeout: float = 3.0) -> None:
-        self.keys = Keys(parse_etcd_url(url)[1])
+        self.keys = Keys(parse_etcd_url(url).cluster)
         self.client = connect(url)
         slots = {}
         for value, meta in retrying(
@@ -92,7 +92,7 @@ class EtcdRegistration(Registration):
     def __init__(self, url: str, worker_id: str, record: dict[str, Any], ttl: float = 10.0) -> None:
         if ttl < 2:
             raise ConfigError(f"lease TTL must be at least 2 s, got {ttl}")
-        self.keys = Keys(parse_etcd_url(url)[1])
+        self.keys = Keys(parse_etcd_url(url).cluster)
         self.key = self.keys.member(worker_id)
         self.record = json.dumps(record, sort_keys=True)
         self.ttl = int(round(ttl))

@@ -1,7 +1,7 @@
 """The ZooKeeper backend: members as ephemeral sequential znodes, an election by the
 lowest ephemeral sequential candidate whose fencing token is ``term``'s data
 version, jobs, all under ``/elastic/<cluster>/`` (the layout: ``client``).
-``zk://HOST:PORT[,HOST:PORT...]/CLUSTER``; the client is ``kazoo``."""
+``zk://[USER@]HOST:PORT[,HOST:PORT...]/CLUSTER[?ca=FILE]``; the client is ``kazoo``."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ class ZkBackend(ClusterBackend):
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
-        self.paths = Paths(parse_zk_url(url)[1])  # ConfigError for a bad URL, before connecting
+        # ConfigError for a bad URL, TLS files or a password that are not there,
+        # before connecting
+        self.paths = Paths(parse_zk_url(url).cluster)
 
     def member_table(self, heartbeat_timeout: float) -> ZkMemberTable:
         return ZkMemberTable(self.url, heartbeat_timeout)

@@ -1,8 +1,15 @@
 """Reaching ZooKeeper: the URL, a connected client, bounded calls, and the layout.
 
-Configured as ``zk://HOST:PORT[,HOST:PORT...]/CLUSTER`` (port 2181 when left out);
-the client moves between the servers by itself. Layout (all under
-``/elastic/<cluster>/``), the one place it is written down:
+Configured as ``zk://[USER[:PASSWORD]@]HOST:PORT[,HOST:PORT...]/CLUSTER[?ca=FILE&cert=FILE&key=FILE]``
+(port 2181 when left out; ``elastic.membership.urls``); the client moves between the
+servers by itself. ``ca`` turns on TLS (the server's ``secureClientPort``; ``cert``
+and ``key`` add the client certificate it may ask for). A user authenticates with
+ZooKeeper's ``digest`` scheme (the password from the URL or ``$ELASTIC_ZK_PASSWORD``),
+and every znode the daemons create under the cluster then carries an ACL for that
+user alone: other clients can neither read nor change the cluster. ``/elastic``
+itself stays readable and open to new clusters, so clusters of several users share
+one ensemble. Layout (all under ``/elastic/<cluster>/``), the one place it is
+written down:
 
     members/<worker-id>.<seq>      a worker's record (JSON): ephemeral sequential,
                                    gone with the worker's session
@@ -22,9 +29,9 @@ from __future__ import annotations
 
 import logging
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 from elastic.errors import ConfigError, MembershipUnavailable
+from elastic.membership.urls import ClusterURL, parse_cluster_url
 
 __all__ = ["Paths", "parse_zk_url", "connect", "bounded", "RPC_TIMEOUT", "CONNECT_TIMEOUT"]
 
@@ -37,26 +44,9 @@ RPC_TIMEOUT = (
 )
 
 
-def parse_zk_url(url: str) -> tuple[str, str]:
-    """``zk://h1:2181,h2:2181/CLUSTER`` -> (``"h1:2181,h2:2181"``, CLUSTER)."""
-    fix = "use zk://HOST:PORT[,HOST:PORT...]/CLUSTER, e.g. zk://127.0.0.1:2181/demo"
-    parts = urlsplit(url)
-    if parts.scheme != "zk" or not parts.netloc:
-        raise ConfigError(f"membership {url!r} is not a ZooKeeper URL; {fix}")
-    if "@" in parts.netloc or parts.query:
-        raise ConfigError(
-            f"membership {url!r}: users and options are not supported for ZooKeeper; {fix}"
-        )
-    cluster = parts.path.strip("/")
-    if not cluster or "/" in cluster or not cluster.isprintable():
-        raise ConfigError(f"membership {url!r} names no cluster (one path segment); {fix}")
-    hosts = []
-    for item in parts.netloc.split(","):
-        host, _, port = item.rpartition(":") if ":" in item else (item, "", str(DEFAULT_PORT))
-        if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ConfigError(f"membership {url!r}: bad server {item!r}; {fix}")
-        hosts.append(f"{host}:{port}")
-    return ",".join(hosts), cluster
+def parse_zk_url(url: str) -> ClusterURL:
+    """``zk://[USER@]h1:2181,h2:2181/CLUSTER[?ca=...]``: servers, cluster and access."""
+    return parse_cluster_url(url, "zk", DEFAULT_PORT, "ELASTIC_ZK_PASSWORD")
 
 
 class Paths:
@@ -80,29 +70,78 @@ class Paths:
 
 def connect(url: str, ttl: float = 10.0, timeout: float = CONNECT_TIMEOUT) -> Any:
     """A started ``KazooClient`` whose session times out after ``ttl`` seconds, once a
-    server answers; ``MembershipUnavailable`` naming the servers and the fix after
-    ``timeout`` seconds."""
+    server answers, authenticated as the URL says; ``MembershipUnavailable`` naming
+    the servers and the fix after ``timeout`` seconds, ``ConfigError`` when the
+    cluster refuses the URL's user."""
     # Only daemons that use ZooKeeper pay for it
     from kazoo.client import KazooClient  # noqa: PLC0415
     from kazoo.retry import KazooRetry  # noqa: PLC0415
+    from kazoo.security import make_digest_acl  # noqa: PLC0415
 
-    hosts, _ = parse_zk_url(url)
+    target = parse_zk_url(url)
+    hosts = target.hosts()
+    access: dict[str, Any] = {}
+    if target.user:
+        access["auth_data"] = [("digest", f"{target.user}:{target.password}")]
+        access["default_acl"] = [make_digest_acl(target.user, target.password, all=True)]
+    if target.tls:
+        access.update(
+            use_ssl=True,
+            ca=target.ca,
+            certfile=target.cert or None,
+            keyfile=target.key or None,
+            verify_certs=True,
+        )
     client = KazooClient(
         hosts=hosts,
         timeout=ttl,
         connection_retry=KazooRetry(max_tries=-1, delay=0.1, max_delay=1.0),
         logger=logging.getLogger("elastic.zookeeper.kazoo"),
+        **access,
     )
     try:
         client.start(timeout=timeout)
     except Exception as exc:  # kazoo's timeout, or a refused connection
-        client.stop()
-        client.close()
+        _close(client)
+        tls = " over TLS (is its secureClientPort there?)" if target.tls else ""
         raise MembershipUnavailable(
-            f"ZooKeeper unreachable at {hosts} after {timeout:.0f}s ({type(exc).__name__}); start "
-            "ZooKeeper there or fix --membership"
+            f"ZooKeeper unreachable at {hosts}{tls} after {timeout:.0f}s "
+            f"({type(exc).__name__}); start ZooKeeper there or fix --membership"
         ) from None
+    try:
+        _check_access(client, target)
+    except BaseException:
+        _close(client)
+        raise
     return client
+
+
+def _check_access(client: Any, target: ClusterURL) -> None:
+    """Make the cluster's root (``/elastic`` open to new clusters, the cluster's own
+    node with the user's ACL) and read it: a wrong password or another user's
+    cluster is one clear error now, not a refusal deep in the election."""
+    from kazoo.exceptions import NoAuthError  # noqa: PLC0415
+    from kazoo.security import make_acl  # noqa: PLC0415
+
+    root = Paths(target.cluster).root
+    try:
+        if target.user:
+            shared = make_acl("world", "anyone", read=True, create=True)
+            client.ensure_path("/elastic", acl=[shared])
+        client.ensure_path(root)
+        client.get_children(root)
+    except NoAuthError:
+        who = f"user {target.user!r}" if target.user else "a client with no user"
+        raise ConfigError(
+            f"ZooKeeper refuses {who} on {root}: the password is wrong, or the cluster "
+            "belongs to another user; fix the user in --membership (the password in "
+            "$ELASTIC_ZK_PASSWORD) or choose another cluster name"
+        ) from None
+
+
+def _close(client: Any) -> None:
+    client.stop()
+    client.close()
 
 
 def bounded(result: Any, timeout: float = RPC_TIMEOUT) -> Any:

@@ -46,7 +46,7 @@ class ZkElection(Election):
     def __init__(self, url: str, coordinator_id: str, ttl: float = 10.0) -> None:
         if ttl < 2:
             raise ConfigError(f"leader lease TTL must be at least 2 s, got {ttl}")
-        self.paths = Paths(parse_zk_url(url)[1])
+        self.paths = Paths(parse_zk_url(url).cluster)
         self.id = coordinator_id
         self.ttl = ttl
         self.client = connect(url, ttl)

@@ -39,7 +39,7 @@ class ZkMemberTable(RegisteredMemberTable):
     under ``slots/``."""
 
     def __init__(self, url: str, heartbeat_timeout: float = 3.0) -> None:
-        self.paths = Paths(parse_zk_url(url)[1])
+        self.paths = Paths(parse_zk_url(url).cluster)
         self.client = connect(url)
         for path in (self.paths.members, self.paths.slots):
             self.client.ensure_path(path)
@@ -123,7 +123,7 @@ class ZkRegistration(Registration):
     def __init__(self, url: str, worker_id: str, record: dict[str, Any], ttl: float = 10.0) -> None:
         if ttl < 2:
             raise ConfigError(f"lease TTL must be at least 2 s, got {ttl}")
-        self.paths = Paths(parse_zk_url(url)[1])
+        self.paths = Paths(parse_zk_url(url).cluster)
         self.prefix = f"{self.paths.members}/{worker_id}."
         self.record = json.dumps(record, sort_keys=True).encode()
         self.client = connect(url, ttl)
