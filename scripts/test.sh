@@ -17,4 +17,6 @@ if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/nu
 fi
 .venv/bin/ruff check .
 .venv/bin/mypy
-exec .venv/bin/python -m pytest -q "$@"
+# Two test processes: most tests wait on daemons and servers, so one process left a
+# core idle; the chaos tests share one process (loadgroup), never run side by side.
+exec .venv/bin/python -m pytest -q -n "${TEST_PROCESSES:-2}" --dist loadgroup "$@"

@@ -44,7 +44,7 @@ from tests.etcd_server import etcd_binary
 from tests.integration.conftest import wait_for
 from tests.netns import Hosts, hosts_up
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600), pytest.mark.xdist_group("chaos")]
 ROOT = Path(__file__).parents[2]
 TTL = 3
 JOB_ID = "chaos"
