@@ -9,6 +9,7 @@ from typing import Any
 from elastic.coordinator.context import EngineContext
 from elastic.coordinator.job import Job, JobState
 from elastic.coordinator.status import StatusPublisher
+from elastic.coordinator.threads import every_core
 from elastic.errors import Fenced
 from elastic.training import move_to_fresh_memory
 from elastic.wire.buffers import BufferSet
@@ -34,6 +35,8 @@ class Committer:
         self.status = status
         self.model_sends = BufferSet({}, busy=False)
         self.fenced = False
+        # Set by synchronous engines: every participant waits for this commit.
+        self.workers_wait = False
 
     def commit(
         self, number: int, metrics: dict[str, Any], members: int, last: bool = False
@@ -68,7 +71,8 @@ class Committer:
             )
             move_to_fresh_memory(job.model)
             self.model_sends = BufferSet({}, busy=False)
-        job.aggregator.finalize()
+        with every_core(self.workers_wait):
+            job.aggregator.finalize()
         job.round, job.version = number, job.version + 1
         metrics = {
             "round": number,
@@ -79,7 +83,8 @@ class Committer:
         }
         last = last or number >= spec.rounds
         if last or (spec.eval_every and number % spec.eval_every == 0):
-            metrics.update(job.evaluate())
+            with every_core(self.workers_wait):
+                metrics.update(job.evaluate())
         job.record(metrics)
         if last:
             job.state = JobState.FINISHED
