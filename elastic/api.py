@@ -11,16 +11,21 @@ implementations with ``hookimpl``); a job spec then picks them by that name::
 
     @hookimpl
     def elastic_aggregators():
-        return {Median.name: Median}
+        return [Median]
+
+A job may also name a class by import path, with no plugin to install: ``task =
+"my_tasks:MyTask"`` or ``"./my_task.py:MyTask"`` (``elastic.references``).
 
 What to subclass: ``Aggregator`` or ``AsyncAggregator`` (a rule), ``Task`` (a model,
-its data and loss), ``Codec`` (a compression stage), ``ClusterBackend`` (where members,
-the leader and jobs are kept; with its ``MemberTable``, ``Election``, ``JobStore`` and
-``Registration``). What they receive: ``Update`` (with ``WireTensor`` views),
-``Shard``, ``Member``. Constructors validate their parameters with ``check_params``
-and raise ``JobSpecError`` naming the key and the fix, so a bad job is refused when
-it is submitted, not halfway through a run. ``update_template`` gives the tensors a
-rule updates in place.
+its data and loss; its own training loop if it overrides ``train``, given a
+``TrainContext`` and returning a ``TrainResult``), ``Codec`` (a compression stage),
+``ClusterBackend`` (where members, the leader and jobs are kept; with its
+``MemberTable``, ``Election``, ``JobStore`` and ``Registration``). What they
+receive: ``Update`` (with ``WireTensor`` views), ``Shard``, ``Member``.
+Constructors validate their parameters with ``check_params`` and raise
+``JobSpecError`` naming the key and the fix, so a bad job is refused when it is
+submitted, not halfway through a run. ``update_template`` gives the tensors a rule
+updates in place.
 
 The names below are defined in the modules that use them (``elastic.rules``,
 ``elastic.tasks``, ``elastic.compression``, ...); import them from here, which
@@ -41,7 +46,7 @@ from elastic.membership.cluster import (
     Registration,
 )
 from elastic.rules import Aggregator, AsyncAggregator, Update, WorkerMode
-from elastic.tasks import Shard, Task
+from elastic.tasks import Shard, Task, TrainContext, TrainResult
 from elastic.training import update_template
 from elastic.typecheck import check_params
 from elastic.wire.tensors import WireTensor
@@ -62,6 +67,8 @@ __all__ = [
     "PluginError",
     "Shard",
     "Task",
+    "TrainContext",
+    "TrainResult",
     "Update",
     "WireTensor",
     "WorkerMode",

@@ -2,8 +2,8 @@
 
 ```toml
 [job]
-task = "digits"          # a Task plugin
-rule = "fedavg"          # an Aggregator plugin
+task = "digits"          # a Task plugin, or a class: "my_tasks:MyTask", "./my_task.py:MyTask"
+rule = "fedavg"          # an Aggregator plugin, or a class, the same way
 rounds = 30
 min_workers = 4
 [task]                   # passed to the task
@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from elastic.errors import JobSpecError
+from elastic.references import absolute_reference
 from elastic.typecheck import coerce, type_names
 
 __all__ = [
@@ -130,8 +131,16 @@ class JobSpec:
 # key -> (type, check, what a good value looks like)
 _JOB_KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
     "id": (str, lambda v: bool(_ID.match(v)), 'letters, digits, "._-", e.g. id = "digits-1"'),
-    "task": (str, bool, 'a task name, e.g. task = "digits"'),
-    "rule": (str, bool, 'a rule name, e.g. rule = "fedavg"'),
+    "task": (
+        str,
+        bool,
+        'a task name, e.g. task = "digits", or a class: "my_tasks:MyTask", "./my_task.py:MyTask"',
+    ),
+    "rule": (
+        str,
+        bool,
+        'a rule name, e.g. rule = "fedavg", or a class: "my_rules:MyRule", "./my_rule.py:MyRule"',
+    ),
     "rounds": (int, lambda v: v >= 1, "a positive integer, e.g. rounds = 30"),
     "min_workers": (int, lambda v: v >= 1, "a positive integer, e.g. min_workers = 2"),
     "max_workers": (int, lambda v: v >= 0, "0 (no limit) or a positive integer"),
@@ -196,13 +205,18 @@ def load_job_spec(path: str | Path) -> JobSpec:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise JobSpecError(f"{p}: not valid TOML ({exc}); fix the syntax") from exc
-    return parse_job_spec(data, source=str(p), default_id=p.stem)
+    return parse_job_spec(data, source=str(p), default_id=p.stem, base_dir=p.parent)
 
 
 def parse_job_spec(
-    data: dict[str, Any], source: str = "job spec", default_id: str = "job"
+    data: dict[str, Any],
+    source: str = "job spec",
+    default_id: str = "job",
+    base_dir: Path | None = None,
 ) -> JobSpec:
-    """Validate a job spec given as parsed TOML."""
+    """Validate a job spec given as parsed TOML. A task or rule given as a file
+    (``"./my_task.py:MyTask"``) is made absolute against ``base_dir``, the job
+    file's directory (``elastic.references``)."""
     for table in data:
         if table not in _TABLES:
             raise JobSpecError(f"{source}: unknown table [{table}]{_suggest(table, _TABLES)}")
@@ -217,6 +231,8 @@ def parse_job_spec(
             )
     job.setdefault("id", _sanitize_id(default_id))
     job_values = _check_table(source, "job", job, _JOB_KEYS)
+    for key in ("task", "rule"):
+        job_values[key] = _code_path(source, key, job_values[key], base_dir)
     train = _check_table(source, "train", data.get("train", {}), _TRAIN_KEYS)
     ckpt = _check_table(source, "checkpoint", data.get("checkpoint", {}), _CHECKPOINT_KEYS)
     compression = _check_table(
@@ -240,6 +256,18 @@ def parse_job_spec(
             f"{spec.min_workers}; raise max_workers or lower min_workers"
         )
     return spec
+
+
+def _code_path(source: str, key: str, name: str, base_dir: Path | None) -> str:
+    """A file reference made absolute; a relative one with no job file is refused."""
+    if base_dir is not None:
+        return absolute_reference(name, base_dir)
+    if absolute_reference(name, Path("/")) != name:  # relative: to what?
+        raise JobSpecError(
+            f"{source}: [job] {key} = {name!r} is a relative path with no job file to be "
+            "relative to; give the file's absolute path"
+        )
+    return name
 
 
 def _check_table(source: str, table: str, values: dict[str, Any], keys: dict) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from elastic import hookspecs
 from elastic.compression.codec import Codec
 from elastic.errors import PluginError
 from elastic.membership.cluster import ClusterBackend
+from elastic.references import is_reference, load_class
 from elastic.rules import Aggregator
 from elastic.tasks import Task
 
@@ -156,6 +157,18 @@ class Plugins:
                 for cls in contributed:
                     _check_class(kind, base, cls, impl.plugin_name, dist)
                     registries[hook_name].add(Provided(kind, cls.name, cls, impl.plugin_name, dist))
+
+    def task(self, name: str) -> type[Task]:
+        """The task class a job names: an installed plugin's, or a class by import
+        path (``"my_tasks:CifarTask"``, ``"/abs/my_task.py:CifarTask"``:
+        ``elastic.references``)."""
+        return load_class("task", name, Task) if is_reference(name) else self.tasks.get(name)
+
+    def rule(self, name: str) -> type[Aggregator]:
+        """The aggregation rule class a job names, as ``task`` does for tasks."""
+        if is_reference(name):
+            return load_class("rule", name, Aggregator)
+        return self.aggregators.get(name)
 
     def provided(self) -> list[Provided]:
         """Everything contributed, for ``elastic plugins``."""

@@ -1,18 +1,27 @@
-"""The training problem a plugin implements (``Task``), and the ``Shard`` of data a
-worker trains on. Plugins import these from ``elastic.api``."""
+"""The training problem a plugin implements (``Task``), the ``Shard`` of data a
+worker trains on, and what a task that owns its training loop is given
+(``TrainContext``) and returns (``TrainResult``). Plugins import these from
+``elastic.api``."""
 
 from __future__ import annotations
 
+import logging
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["Task", "Shard"]
+from elastic.errors import Cancelled
+from elastic.jobspec import TrainParams
+
+__all__ = ["Task", "Shard", "TrainContext", "TrainResult"]
+
+log = logging.getLogger("elastic.tasks")
 
 
 @dataclass(frozen=True)
@@ -28,12 +37,66 @@ class Shard:
     seed: int = 0
 
 
+@dataclass
+class TrainResult:
+    """What a round of local training gives: the samples it learnt from (the update's
+    weight in FedAvg) and the mean training loss of its last epoch."""
+
+    num_samples: int
+    loss: float
+
+
+@dataclass
+class TrainContext:
+    """What ``Task.train`` (a task's own training loop) is given besides the model
+    and its data.
+
+    Attributes:
+        device: where the model and the batches go.
+        params: the job's ``[train]`` table (``lr``, ``local_epochs``, ``batch_size``,
+            ``prox_mu``, ...), for the loop to use as it sees fit.
+        received: the global weights this round started from, by state-dict name (a
+            copy: training leaves it as it was), for proximal terms and control
+            variates.
+        seed: this worker's seed for this round (the job's, the round's and the
+            shard's): shuffle with it and runs are reproducible.
+        round: the round number.
+    """
+
+    device: torch.device
+    params: TrainParams
+    received: Mapping[str, torch.Tensor]
+    seed: int
+    round: int
+    cancel: threading.Event | None = None
+    job: str = ""
+    _reported: int = field(default=-1, repr=False)
+
+    def cancelled(self) -> bool:
+        """True once the worker is stopping: return (or call ``check``) soon."""
+        return self.cancel is not None and self.cancel.is_set()
+
+    def check(self) -> None:
+        """Raise ``Cancelled`` once the worker is stopping; call it between batches."""
+        if self.cancelled():
+            raise Cancelled("training stopped: the worker is shutting down")
+
+    def report(self, done: float) -> None:
+        """How far the loop is (0 to 1); the worker logs each tenth reached."""
+        tenth = int(max(0.0, min(1.0, done)) * 10)
+        if tenth > self._reported:
+            self._reported = tenth
+            log.info("training job=%s round=%d done=%d%%", self.job, self.round, tenth * 10)
+
+
 class Task(ABC):
     """A training problem: the model, the data, the loss and the evaluation.
 
-    The worker runtime owns the training loop (epochs, batches, optimizer), so a task
-    only says *what* to train. It is built from the job spec's ``[task]`` table on the
-    coordinator (to build and evaluate the global model) and on every worker.
+    By default the worker runtime owns the training loop (epochs, batches,
+    optimizer, FedProx's proximal term), so a task only says *what* to train; a task
+    that overrides ``train`` owns its loop instead. It is built from the job spec's
+    ``[task]`` table on the coordinator (to build and evaluate the global model) and
+    on every worker.
 
     Class attributes:
         name: the name a job spec uses to pick this task.
@@ -65,6 +128,23 @@ class Task(ABC):
         self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:
         """The mean loss of ``model`` on one batch (a scalar with a graph)."""
+
+    def train(self, model: torch.nn.Module, dataset: Dataset, ctx: TrainContext) -> TrainResult:
+        """Train ``model`` in place on ``dataset`` (this worker's shard) for one round
+        and say on how many samples, with what loss; override it to own the loop.
+
+        Not overridden, the runtime's loop runs instead: ``[train] local_epochs`` of
+        ``batch_size`` batches with the job's optimizer, and ``prox_mu``. An override
+        gets the received weights, the device, the ``[train]`` table, a seed and a
+        cancellation check in ``ctx`` (``TrainContext``); the weights it leaves in
+        ``model`` are the update (the rule decides whether as weights or a change).
+        """
+        raise NotImplementedError("the runtime's training loop runs for this task")
+
+    @classmethod
+    def owns_training_loop(cls) -> bool:
+        """Whether this task overrides ``train``."""
+        return cls.train is not Task.train
 
     def metrics(
         self, model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from elastic.errors import Cancelled
 from elastic.jobspec import TrainParams
-from elastic.tasks import Task
+from elastic.tasks import Task, TrainResult
 
 __all__ = [
     "TrainResult",
@@ -27,12 +26,6 @@ __all__ = [
     "update_kind",
     "move_to_fresh_memory",
 ]
-
-
-@dataclass
-class TrainResult:
-    num_samples: int
-    loss: float
 
 
 def dataset_tensors(

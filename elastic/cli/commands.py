@@ -30,8 +30,8 @@ __all__ = ["cmd_run", "cmd_coordinator", "cmd_worker", "cmd_plugins", "cmd_valid
 
 def check_spec(spec: JobSpec, plugins: Plugins) -> None:
     """Refuse a spec whose task or rule is unknown or has bad parameters."""
-    plugins.tasks.get(spec.task)(spec.task_params)
-    codec_chains(spec, plugins.aggregators.get(spec.rule)(spec.rule_params), plugins.codecs)
+    plugins.task(spec.task)(spec.task_params)
+    codec_chains(spec, plugins.rule(spec.rule)(spec.rule_params), plugins.codecs)
 
 
 def _flags(args: argparse.Namespace, *names: str) -> dict[str, Any]:
@@ -171,8 +171,18 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_beside(job: Path) -> str:
+    """Put the job file's directory on this process's import path: on one machine
+    (``validate``, ``run``, ``simulate``) a task or rule module beside the job file
+    (``task = "my_tasks:MyTask"``) is found as a file beside it is."""
+    job_dir = str(Path(job).resolve().parent)
+    sys.path.insert(0, job_dir)
+    return job_dir
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     spec = load_job_spec(args.job)
+    _import_beside(args.job)
     check_spec(spec, Plugins())
     print(
         f"{args.job}: ok (job {spec.id}: task {spec.task}, rule {spec.rule}, {spec.rounds} "
@@ -206,6 +216,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     observer = ProgressObserver(spec.id, spec.rounds, console, enabled=not args.quiet)
     plugins = Plugins(extra=[observer])
+    job_dir = _import_beside(args.job)  # and the local workers' too
     check_spec(spec, plugins)
     keys = _local_keys(state_dir / "keys")
     config = CoordinatorConfig(
@@ -226,6 +237,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.device,
         state_dir,
         ["--curve-key", str(keys["worker"]), "--coordinator-key", str(keys["coordinator_public"])],
+        job_dir,
     )
     thread = threading.Thread(
         target=coordinator.run, kwargs={"install_signals": False}, name="coordinator", daemon=True
@@ -275,6 +287,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     observer = ProgressObserver(spec.id, spec.rounds, console, enabled=not args.quiet)
     plugins = Plugins(extra=[observer])
+    _import_beside(args.job)
     check_spec(spec, plugins)
     attackers = {}
     for item in args.attack:
@@ -313,6 +326,10 @@ def _report(console: Console, figures: dict[str, Any], summary: Path | None) -> 
         data = json.dumps(figures, indent=2).encode()
         atomic_write(summary, lambda f: f.write(data))
     _print_result(console, figures)
+    console.print(
+        f"plots: elastic report {figures['state_dir']} --out report.png (or .html)",
+        soft_wrap=True,
+    )
 
 
 def _local_keys(directory: Path) -> dict[str, Path]:
@@ -338,11 +355,13 @@ def _local_keys(directory: Path) -> dict[str, Path]:
 
 
 def _start_local_workers(
-    endpoint: str, n: int, device: str, state_dir: Path, extra: list[str]
+    endpoint: str, n: int, device: str, state_dir: Path, extra: list[str], job_dir: str
 ) -> list[subprocess.Popen]:
     logs = state_dir / "workers"
     logs.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // n)
+    path = os.pathsep.join(p for p in (job_dir, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
     procs = []
     for i in range(n):
         log = open(logs / f"local-{i}.log", "ab")  # noqa: SIM115 - owned by the child
@@ -364,7 +383,9 @@ def _start_local_workers(
             *extra,
         ]
         procs.append(
-            subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
         )
         log.close()
     return procs

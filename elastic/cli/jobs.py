@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from elastic.cli.control import ControlClient, control_endpoint
-from elastic.errors import ControlError
+from elastic.errors import ControlError, Unreachable
 
 __all__ = ["cmd_job", "cmd_members", "cmd_report"]
 
@@ -238,21 +238,55 @@ def cmd_members(args: argparse.Namespace) -> int:
     return 0
 
 
+REPORT_FORMATS = {".png": "png", ".html": "html", ".htm": "html"}
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from elastic.report import render  # noqa: PLC0415
 
+    fmt = args.format or REPORT_FORMATS.get(args.out.suffix.lower())
+    if fmt is None:
+        raise ControlError(
+            "bad_request",
+            f"--out {args.out}: cannot tell a format from {args.out.suffix or 'no suffix'!r}; "
+            "name a .png or .html file, or give --format png|html",
+        )
+    folder = Path(args.id)
     if args.state_dir is not None:
-        path = args.state_dir / args.id / "status.json"
+        status = _stored_status(args.state_dir, args.id)
+    elif folder.is_dir():  # a run's folder (elastic run's --state-dir): no coordinator asked
+        status = _stored_status(folder, None)
+    else:
         try:
-            status = json.loads(path.read_text())
-        except FileNotFoundError:
+            status, _ = _client(args).call("report", job=args.id)
+        except Unreachable as exc:
+            raise Unreachable(
+                f"{exc}; for a finished `elastic run`, give its folder instead of the id: "
+                f"elastic report runs/{args.id}-TIME --out {args.out}"
+            ) from None
+    render(status, args.out, fmt)
+    print(f"wrote the report of job {status['job']} ({status['round']} rounds) to {args.out}")
+    return 0
+
+
+def _stored_status(state_dir: Path, job_id: str | None) -> dict[str, Any]:
+    """A job's status.json in a state directory: ``job_id``'s, or (None) the one job's
+    there, or the folder's own."""
+    if job_id is None:
+        found = sorted(state_dir.glob("*/status.json")) or sorted(state_dir.glob("status.json"))
+        if len(found) != 1:
+            jobs = ", ".join(p.parent.name for p in found) or "none"
             raise ControlError(
                 "no_such_job",
-                f"no status of job {args.id} in {args.state_dir} ({path} does not exist)",
-            ) from None
+                f"{state_dir} holds {len(found)} jobs' status ({jobs}); give the job's own "
+                f"folder, or: elastic report ID --state-dir {state_dir}",
+            )
+        path = found[0]
     else:
-        status, _ = _client(args).call("report", job=args.id)
-    fmt = args.format or ("html" if args.out.suffix in (".html", ".htm") else "png")
-    render(status, args.out, fmt)
-    print(f"wrote the report of job {args.id} ({status['round']} rounds) to {args.out}")
-    return 0
+        path = state_dir / job_id / "status.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ControlError(
+            "no_such_job", f"no status of job {job_id} in {state_dir} ({path} does not exist)"
+        ) from None

@@ -70,8 +70,8 @@ class Job:
 
     def __init__(self, spec: JobSpec, plugins: Plugins, state_dir: Path) -> None:
         self.spec = spec
-        self.task: Task = plugins.tasks.get(spec.task)(spec.task_params)
-        self.aggregator: Aggregator = plugins.aggregators.get(spec.rule)(spec.rule_params)
+        self.task: Task = plugins.task(spec.task)(spec.task_params)
+        self.aggregator: Aggregator = plugins.rule(spec.rule)(spec.rule_params)
         # What every update must come through, and what the model goes down through.
         self.update_chain, self.model_chain = codec_chains(spec, self.aggregator, plugins.codecs)
         self.model = self.task.build_model(spec.seed)

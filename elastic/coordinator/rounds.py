@@ -30,6 +30,7 @@ import torch
 
 from elastic.coordinator.downlink import Downlink
 from elastic.coordinator.engine import Engine, Outgoing
+from elastic.coordinator.threads import every_core
 from elastic.coordinator.uploads import Part
 from elastic.coordinator.validation import Refusal
 from elastic.membership.base import Member
@@ -71,6 +72,7 @@ class RoundEngine(Engine):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.current: _Round | None = None
+        self.committer.workers_wait = True  # a round's participants wait for its commit
         self.rendezvous = self.mode == "gradient"
         # Workers whose work failed in a generation: each failure re-runs the step, so
         # they sit out (until they leave and join again) instead of stalling the job.
@@ -142,7 +144,8 @@ class RoundEngine(Engine):
         if downlink is not None and (not downlink.exact or any(local(m.id) for m in chosen)):
             # (a delta is kept only if someone may be sent it)
             wire = any(not local(m.id) or m.id in downlink.wire_only for m in members)
-            downlink.advance(job.model, job.version, wire=wire)
+            with every_core():  # the round's participants wait for its model
+                downlink.advance(job.model, job.version, wire=wire)
         rnd = _Round(
             number,
             job.version,
@@ -358,10 +361,12 @@ class RoundEngine(Engine):
                 worker,
                 detail,
             )
-            if self.rendezvous and not model_missing:
+            # Its task will not load until it is restarted; a failed gradient
+            # step would re-run the generation again and again.
+            if detail.startswith("task_unavailable") or (self.rendezvous and not model_missing):
                 self.benched.add(worker)
                 log.warning(
-                    "worker sits out the next generations job=%s worker=%s (it may leave and join "
+                    "worker sits out the next rounds job=%s worker=%s (it may leave and join "
                     "again)",
                     self.job.spec.id,
                     worker,

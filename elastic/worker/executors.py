@@ -3,7 +3,8 @@
 An executor is the compute step between the intake (``intake.py``: the job's model
 and data, the received model loaded) and the packing (``packing.py``: the codec
 chain, parts, shared memory). ``LocalTraining`` trains on the worker's data for the
-job's epochs (FedAvg, FedOpt, the asynchronous rules); ``GradientStep`` takes the
+job's epochs (FedAvg, FedOpt, the asynchronous rules), in the runtime's loop or in the
+task's own (``Task.train``); ``GradientStep`` takes the
 gradient of one batch (``syncavg``). A new kind of work (a collective step, a
 user's own training loop, a whole sub-coordinator) is a new executor here and a
 mode a rule asks for.
@@ -19,7 +20,9 @@ from typing import ClassVar
 
 import torch
 
+from elastic.errors import ElasticError
 from elastic.jobspec import TrainParams
+from elastic.tasks import TrainContext, TrainResult
 from elastic.training import batch_gradient, local_train, update_template
 from elastic.wire.buffers import reusable
 from elastic.wire.header import Message
@@ -75,25 +78,31 @@ class LocalTraining(WorkExecutor):
         mode = work.meta["mode"]
         weights = update_template(ctx.model, mode)
         relative = relative or mode == "delta"
+        own = ctx.task.owns_training_loop()
         received = (
             {k: reusable(ctx.received, k, v).copy_(v.detach()) for k, v in weights.items()}
-            if relative
+            if relative or own
             else {}
         )
+        params = TrainParams(**work.meta["train"])
         started = time.perf_counter()
-        result = local_train(
-            ctx.task,
-            ctx.model,
-            ctx.dataset,
-            TrainParams(**work.meta["train"]),
-            self.seed(work),
-            self.device,
-            self.cancel,
-        )
+        if own:
+            result = self._task_loop(ctx, work, params, received)
+        else:
+            result = local_train(
+                ctx.task,
+                ctx.model,
+                ctx.dataset,
+                params,
+                self.seed(work),
+                self.device,
+                self.cancel,
+            )
         seconds = time.perf_counter() - started
-        with torch.no_grad():
-            for name, start in received.items():  # trained minus received, in place
-                weights[name].sub_(start)
+        if relative:
+            with torch.no_grad():
+                for name, start in received.items():  # trained minus received, in place
+                    weights[name].sub_(start)
         return Computed(
             {k: v.detach() for k, v in weights.items()},
             result.num_samples,
@@ -101,6 +110,40 @@ class LocalTraining(WorkExecutor):
             seconds,
             from_parameters=True,
         )
+
+    def _task_loop(
+        self, ctx: JobContext, work: Message, params: TrainParams, received: dict
+    ) -> TrainResult:
+        """The task's own ``train``, its answer checked (it is the user's code)."""
+        ctx.model.train()
+        result = ctx.task.train(
+            ctx.model,
+            ctx.dataset,
+            TrainContext(
+                self.device, params, received, self.seed(work), work.round, self.cancel, work.job
+            ),
+        )
+        name = type(ctx.task).__name__
+        if not isinstance(result, TrainResult):
+            raise ElasticError(
+                f"{name}.train returned {type(result).__name__}; return "
+                "TrainResult(num_samples, loss) (from elastic.api import TrainResult)"
+            )
+        samples = result.num_samples
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ElasticError(
+                f"{name}.train returned num_samples={samples!r}; it must be the number of "
+                "samples trained on, an int >= 1"
+            )
+        try:  # (a loss tensor is welcome: its graph is let go)
+            loss = float(
+                result.loss.detach() if isinstance(result.loss, torch.Tensor) else result.loss
+            )
+        except (TypeError, ValueError):
+            raise ElasticError(
+                f"{name}.train returned loss={result.loss!r}; it must be a number"
+            ) from None
+        return TrainResult(samples, loss)
 
 
 class GradientStep(WorkExecutor):

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from elastic.compression.chain import CodecChain, Compressor, expand
-from elastic.errors import ElasticError, ProtocolError
+from elastic.errors import ElasticError, PluginError, ProtocolError
 from elastic.plugins import Plugins
 from elastic.tasks import Shard, Task
 from elastic.training import move_to_fresh_memory, update_template
@@ -67,8 +67,12 @@ class Intake:
 
     def take(self, work: Message) -> JobContext | tuple[str, str]:
         """The job's context with the WORK's model loaded into its model; or the
-        NACK's reason and detail when this worker cannot hold that model."""
-        ctx = self._context(work)
+        NACK's reason and detail when this worker cannot hold that model, or
+        cannot load the job's task (``task_unavailable``: it sits the job out)."""
+        try:
+            ctx = self._context(work)
+        except PluginError as exc:
+            return "task_unavailable", str(exc)
         if ctx.sent is not None and not ctx.sent.free:  # ZeroMQ still reads the last update
             move_to_fresh_memory(ctx.model)
         ctx.sent = None
@@ -99,7 +103,7 @@ class Intake:
         )
         ctx = self.jobs.get(work.job)
         if ctx is None or ctx.key != key:
-            task = self.plugins.tasks.get(meta["task"])(meta["task_params"])
+            task = self.plugins.task(meta["task"])(meta["task_params"])
             model = task.build_model(shard.seed).to(self.device)
             dataset = task.train_dataset(shard, self.data_dir)
             ctx = JobContext(key, task, model, dataset)

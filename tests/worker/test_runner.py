@@ -229,7 +229,7 @@ def test_runner_reports_bad_work_as_a_nack() -> None:
     w.meta["task"] = "nope"
     result = TaskRunner(Plugins(), torch.device("cpu"), None, "w").run(w)
     assert (
-        result.message.meta["reason"] == "work_failed"
+        result.message.meta["reason"] == "task_unavailable"  # it sits the job out
         and "unknown task 'nope'" in result.message.meta["detail"]
     )
 
