@@ -20,6 +20,7 @@ The first round of each is a warm-up and not counted. Prints medians and the rat
 Flower / elastic (targets: >= 30 at 25M, >= 300 at 1K).
 
     python -m benchmarks.vs_flower [--sizes 25000000,1000] [--workers 2,4] [--rounds 4]
+    python -m benchmarks.vs_flower --elastic-only --rounds 9   # elastic's rounds alone
 """
 
 from __future__ import annotations
@@ -192,7 +193,22 @@ def main() -> None:
     )
     parser.add_argument("--workers", default="2,4", help="worker counts, comma-separated")
     parser.add_argument("--rounds", type=int, default=4, help="rounds per run, the first a warm-up")
+    parser.add_argument(
+        "--elastic-only",
+        action="store_true",
+        help="elastic's side alone (to compare two commits of elastic): no Flower",
+    )
     args = parser.parse_args()
+    if args.elastic_only:
+        for params in [int(s) for s in args.sizes.split(",")]:
+            for workers in [int(w) for w in args.workers.split(",")]:
+                times = elastic_round_times(params, workers, args.rounds)
+                print(
+                    f"elastic FedAvg params={params} workers={workers} "
+                    f"median={statistics.median(times):.4f} s/round ({len(times)} rounds)",
+                    flush=True,
+                )
+        return
     sizes = [int(s) for s in args.sizes.split(",")]
     counts = [int(w) for w in args.workers.split(",")]
     print(
