@@ -112,15 +112,19 @@ def test_a_task_that_owns_its_loop_is_given_its_context(tmp_path) -> None:  # ty
             assert torch.equal(seen["before"][name], value)
 
 
-def test_a_loop_that_returns_the_wrong_thing_is_a_nack_naming_the_fix(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def run_task(task: str) -> Message:
+    """What a worker answers to linreg's WORK with ``task`` in its place."""
     from tests.worker.test_runner import work
 
-    (tmp_path / "own.py").write_text(OWN_LOOP)
     plugins = Plugins()
-    model = plugins.task("linreg")({"samples": 40, "features": 3}).build_model(3)
-    msg = work("train", model)
-    msg.meta["task"] = f"{tmp_path}/own.py:Sloppy"
-    nack = TaskRunner(plugins, torch.device("cpu"), None, "w").run(msg).message
+    msg = work("train", plugins.task("linreg")({"samples": 40, "features": 3}).build_model(3))
+    msg.meta["task"] = task
+    return TaskRunner(plugins, torch.device("cpu"), None, "w").run(msg).message
+
+
+def test_a_loop_that_returns_the_wrong_thing_is_a_nack_naming_the_fix(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "own.py").write_text(OWN_LOOP)
+    nack = run_task(f"{tmp_path}/own.py:Sloppy")
     assert nack.type is MsgType.NACK and nack.meta["reason"] == "work_failed"
     assert (
         "Sloppy.train returned tuple; return TrainResult(num_samples, loss)"
@@ -129,12 +133,6 @@ def test_a_loop_that_returns_the_wrong_thing_is_a_nack_naming_the_fix(tmp_path) 
 
 
 def test_a_task_that_does_not_load_is_a_nack_saying_where(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from tests.worker.test_runner import work
-
-    plugins = Plugins()
-    model = plugins.task("linreg")({"samples": 40, "features": 3}).build_model(3)
-    msg = work("train", model)
-    msg.meta["task"] = f"{tmp_path}/gone.py:Gone"
-    nack = TaskRunner(plugins, torch.device("cpu"), None, "w").run(msg).message
+    nack = run_task(f"{tmp_path}/gone.py:Gone")
     assert nack.type is MsgType.NACK and nack.meta["reason"] == "task_unavailable"
     assert f"{tmp_path}/gone.py does not exist here" in nack.meta["detail"]
