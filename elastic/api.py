@@ -25,7 +25,8 @@ receive: ``Update`` (with ``WireTensor`` views), ``Shard``, ``Member``.
 Constructors validate their parameters with ``check_params`` and raise
 ``JobSpecError`` naming the key and the fix, so a bad job is refused when it is
 submitted, not halfway through a run. ``update_template`` gives the tensors a rule
-updates in place.
+updates in place; ``partition`` splits a task's samples among its shards by a
+scheme (``iid``, ``dirichlet:ALPHA``, ...: ``elastic.partitions``).
 
 The names below are defined in the modules that use them (``elastic.rules``,
 ``elastic.tasks``, ``elastic.compression``, ...); import them from here, which
@@ -45,6 +46,7 @@ from elastic.membership.cluster import (
     LeaderRecord,
     Registration,
 )
+from elastic.partitions import check_partition, partition
 from elastic.rules import Aggregator, AsyncAggregator, Update, WorkerMode
 from elastic.tasks import Shard, Task, TrainContext, TrainResult
 from elastic.training import update_template
@@ -73,6 +75,8 @@ __all__ = [
     "WireTensor",
     "WorkerMode",
     "check_params",
+    "check_partition",
     "hookimpl",
+    "partition",
     "update_template",
 ]

@@ -3,8 +3,9 @@
 The data ships inside scikit-learn, so nothing is downloaded. A fixed stratified
 part is held out for evaluation; the rest is split across the job's partitions by a
 Dirichlet draw over class proportions (concentration ``alpha``; small = more
-non-IID), seeded by the job's seed so every worker computes the same split and
-takes part ``shard.index``.
+non-IID), or by any other scheme ``[task] partition`` names (``elastic.partitions``),
+seeded by the job's seed so every worker computes the same split and takes part
+``shard.index``.
 """
 
 from __future__ import annotations
@@ -20,11 +21,17 @@ from elastic_plugins.tasks import seeded
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from elastic.api import JobSpecError, Shard, Task, check_params, hookimpl
+from elastic.api import (
+    JobSpecError,
+    Shard,
+    Task,
+    check_params,
+    check_partition,
+    hookimpl,
+    partition,
+)
 
-__all__ = ["Digits", "dirichlet_split"]
-
-MIN_SHARD = 10  # redraw a split that leaves a worker fewer samples than this
+__all__ = ["Digits"]
 
 
 @lru_cache(maxsize=1)
@@ -52,30 +59,13 @@ def _split(test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(np.array(train)), np.sort(np.array(test))
 
 
-def dirichlet_split(labels: np.ndarray, parts: int, alpha: float, seed: int) -> list[np.ndarray]:
-    """Split sample indices into ``parts`` disjoint lists with Dirichlet class mixes."""
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    for _ in range(1000):
-        shards: list[list[int]] = [[] for _ in range(parts)]
-        for c in classes:
-            idx = rng.permutation(np.flatnonzero(labels == c))
-            cuts = (np.cumsum(rng.dirichlet([alpha] * parts)) * len(idx)).astype(int)[:-1]
-            for shard, piece in zip(shards, np.split(idx, cuts), strict=True):
-                shard.extend(piece.tolist())
-        if min(len(s) for s in shards) >= min(MIN_SHARD, len(labels) // parts):
-            return [np.sort(np.array(s, dtype=np.int64)) for s in shards]
-    raise JobSpecError(
-        f"task digits: no split into {parts} parts with alpha={alpha} gives every part data; "
-        "raise alpha"
-    )
-
-
 class Digits(Task):
     """A small MLP on the digits data.
 
     Parameters (``[task]``):
         alpha: Dirichlet concentration of the non-IID split (default 0.5).
+        partition: how the training data is split among workers, any scheme of
+            ``elastic.partitions`` (default ``"dirichlet:ALPHA"``).
         hidden: hidden units (default 64).
         test_fraction: share held out for evaluation (default 0.2).
     """
@@ -84,13 +74,24 @@ class Digits(Task):
 
     def __init__(self, params: Mapping[str, Any]) -> None:
         p = check_params(
-            "task digits", params, {"alpha": float, "hidden": int, "test_fraction": float}
+            "task digits",
+            params,
+            {"alpha": float, "hidden": int, "test_fraction": float, "partition": str},
         )
         self.alpha = p.get("alpha", 0.5)
-        self.hidden = p.get("hidden", 64)
-        self.test_fraction = p.get("test_fraction", 0.2)
+        self.partition = p.get("partition", f"dirichlet:{self.alpha}")
+        if "partition" in p and "alpha" in p:
+            raise JobSpecError(
+                "task digits: give alpha or partition, not both (alpha = A is partition = "
+                '"dirichlet:A")'
+            )
         if self.alpha <= 0:
             raise JobSpecError(f"task digits: alpha must be > 0, got {self.alpha}")
+        check_partition(self.partition, "task digits")
+        if self.partition == "natural":
+            raise JobSpecError("task digits: its samples have no natural key; use another scheme")
+        self.hidden = p.get("hidden", 64)
+        self.test_fraction = p.get("test_fraction", 0.2)
         if self.hidden < 1:
             raise JobSpecError(f"task digits: hidden must be >= 1, got {self.hidden}")
         if not 0 < self.test_fraction < 1:
@@ -110,7 +111,7 @@ class Digits(Task):
     def train_dataset(self, shard: Shard, data_dir: Path | None) -> TensorDataset:
         x, y = _load()
         train, _ = _split(self.test_fraction, 0)
-        parts = dirichlet_split(y[train], shard.count, self.alpha, shard.seed)
+        parts = partition(y[train], shard.count, self.partition, shard.seed)
         idx = train[parts[shard.index % shard.count]]
         return TensorDataset(torch.from_numpy(x[idx]), torch.from_numpy(y[idx]))
 

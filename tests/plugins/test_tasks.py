@@ -5,11 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from elastic_plugins.tasks.digits import Digits, dirichlet_split
+from elastic_plugins.tasks.digits import Digits
 from elastic_plugins.tasks.linreg import LinReg
 from elastic_plugins.tasks.synthetic import Synthetic
 
-from elastic.api import Shard
+from elastic.api import Shard, partition
 from elastic.errors import JobSpecError
 from elastic.plugins import Plugins
 from elastic.training import evaluate
@@ -17,14 +17,14 @@ from elastic.training import evaluate
 
 def test_dirichlet_split_is_a_partition_and_non_iid() -> None:
     labels = np.repeat(np.arange(10), 100)
-    parts = dirichlet_split(labels, 4, 0.5, seed=3)
+    parts = partition(labels, 4, "dirichlet:0.5", seed=3)
     joined = np.sort(np.concatenate(parts))
     assert np.array_equal(joined, np.arange(1000))
     mixes = [np.bincount(labels[p], minlength=10) / len(p) for p in parts]
     assert max(np.abs(m - 0.1).max() for m in mixes) > 0.1  # far from uniform
     assert all(
         np.array_equal(a, b)
-        for a, b in zip(parts, dirichlet_split(labels, 4, 0.5, seed=3), strict=True)
+        for a, b in zip(parts, partition(labels, 4, "dirichlet:0.5", seed=3), strict=True)
     )
 
 
@@ -108,3 +108,17 @@ def test_synthetic_training_touches_every_parameter_and_stays_finite() -> None:
 def test_synthetic_refuses_bad_parameters(params: dict) -> None:
     with pytest.raises(JobSpecError, match="task synthetic"):
         Synthetic(params)
+
+
+def test_digits_takes_any_partition_scheme() -> None:
+    iid = [len(Digits({"partition": "iid"}).train_dataset(Shard(i, 4, 0), None)) for i in range(4)]
+    assert max(iid) - min(iid) <= 1 and sum(iid) == 1797 - len(Digits({}).test_dataset(None))
+    two = Digits({"partition": "pathological:2"}).train_dataset(Shard(0, 5, 0), None)
+    assert len(torch.unique(two.tensors[1])) <= 4
+    for params, words in (
+        ({"alpha": 0.3, "partition": "iid"}, "give alpha or partition, not both"),
+        ({"partition": "natural"}, "no natural key"),
+        ({"partition": "zipf:1"}, "unknown partition"),
+    ):
+        with pytest.raises(JobSpecError, match=words):
+            Digits(params)
