@@ -72,3 +72,16 @@ def test_file_errors(tmp_path: Path) -> None:
     bad.write_text("[job\ntask=")
     with pytest.raises(JobSpecError, match="not valid TOML"):
         load_job_spec(bad)
+
+
+def test_validate_says_when_shards_outnumber_workers(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from elastic.cli.main import main
+
+    job = tmp_path / "wide.toml"
+    job.write_text('[job]\ntask = "linreg"\nrule = "fedavg"\nmin_workers = 3\npartitions = 30\n')
+    assert main(["validate", str(job)]) == 0
+    out = capsys.readouterr().out
+    assert "note: the data is in 30 shards (partitions), one a worker" in out
+    job.write_text('[job]\ntask = "linreg"\nrule = "syncavg"\nmin_workers = 3\npartitions = 30\n')
+    assert main(["validate", str(job)]) == 0
+    assert "note:" not in capsys.readouterr().out  # gradient rules split by rank

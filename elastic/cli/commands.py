@@ -171,6 +171,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shards_by_slot(spec: JobSpec, plugins: Plugins) -> bool:
+    """Whether each worker trains the shard of its slot (train-mode rules), so that a
+    shard without a worker goes untrained; gradient rules split by rank instead."""
+    return plugins.rule(spec.rule).worker_mode != "gradient"
+
+
 def _import_beside(job: Path) -> str:
     """Put the job file's directory on this process's import path: on one machine
     (``validate``, ``run``, ``simulate``) a task or rule module beside the job file
@@ -183,11 +189,17 @@ def _import_beside(job: Path) -> str:
 def cmd_validate(args: argparse.Namespace) -> int:
     spec = load_job_spec(args.job)
     _import_beside(args.job)
-    check_spec(spec, Plugins())
+    plugins = Plugins()
+    check_spec(spec, plugins)
     print(
         f"{args.job}: ok (job {spec.id}: task {spec.task}, rule {spec.rule}, {spec.rounds} "
         f"rounds, min_workers {spec.min_workers})"
     )
+    if _shards_by_slot(spec, plugins) and spec.shard_count > spec.min_workers:
+        print(
+            f"note: the data is in {spec.shard_count} shards (partitions), one a worker: "
+            f"with fewer than {spec.shard_count} workers some shards get no training"
+        )
     return 0
 
 
@@ -218,6 +230,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     plugins = Plugins(extra=[observer])
     job_dir = _import_beside(args.job)  # and the local workers' too
     check_spec(spec, plugins)
+    if _shards_by_slot(spec, plugins) and args.local_workers < spec.shard_count:
+        console.print(
+            f"note: job {spec.id} splits its data in {spec.shard_count} shards (partitions), "
+            f"one a worker: with --local-workers {args.local_workers}, "
+            f"{spec.shard_count - args.local_workers} get no training",
+            soft_wrap=True,
+        )
     keys = _local_keys(state_dir / "keys")
     config = CoordinatorConfig(
         bind="tcp://127.0.0.1:0",

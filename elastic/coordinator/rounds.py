@@ -78,6 +78,7 @@ class RoundEngine(Engine):
         # they sit out (until they leave and join again) instead of stalling the job.
         self.benched: set[str] = set()
         self._generation_members: tuple[str, ...] = ()
+        self._served_warned = -1  # the number of served shards last warned about
         self.downlink: Downlink | None = None
         if self.job.model_chain:
             self.downlink = Downlink(
@@ -128,6 +129,8 @@ class RoundEngine(Engine):
             random.Random(spec.seed * 1_000_003 + number).sample(members, min(count, len(members))),
             key=lambda m: m.slot,
         )
+        if not self.rendezvous:
+            self._warn_unserved(members)
         if self.rendezvous and tuple(m.id for m in chosen) != self._generation_members:
             self._generation_members = tuple(m.id for m in chosen)
             self.generation += 1
@@ -200,6 +203,24 @@ class RoundEngine(Engine):
         )
         self.publisher.write()
         return out
+
+    def _warn_unserved(self, members: list[Member]) -> None:
+        """A train-mode shard is its slot's: say so when some shards have no member
+        (once for each number of them), or part of the data is silently never used."""
+        count = self.job.spec.shard_count
+        served = {m.slot % count for m in members}
+        if len(served) < count and len(served) != self._served_warned:
+            self._served_warned = len(served)
+            log.warning(
+                "shards without a worker job=%s shards=%d served=%d: %d of the %d data shards "
+                "(partitions) get no training; start %d more workers, or lower partitions",
+                self.job.spec.id,
+                count,
+                len(served),
+                count - len(served),
+                count,
+                count - len(served),
+            )
 
     def _abandon_work(self, why: str) -> None:
         if self.current is not None:

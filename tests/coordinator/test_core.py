@@ -292,3 +292,20 @@ def test_a_worker_streams_two_jobs_updates_at_once(tmp_path: Path) -> None:
     assert part("lin2", lin2_next) == (MsgType.ACK, {})
     assert core.engines["lin"].job.round == 1 and core.engines["lin2"].job.round == 1
     assert not core.streams and not core.uploads.granted
+
+
+def test_shards_without_a_worker_are_said_once(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Train-mode shards are their slots': with fewer workers than partitions some
+    data is never trained on, and the coordinator says so (again only when the
+    number of shards served changes)."""
+    core, clock = make_core(tmp_path)
+    core.add_job(parse_job_spec({**SPEC, "job": {**SPEC["job"], "id": "wide", "partitions": 4}}))
+    core.receive("w0", hello("w0"))
+    with caplog.at_level("WARNING", logger="elastic.rounds"):
+        core.tick()
+        core.take()
+    said = [r.getMessage() for r in caplog.records if "shards without a worker" in r.getMessage()]
+    assert said == [
+        "shards without a worker job=wide shards=4 served=1: 3 of the 4 data shards "
+        "(partitions) get no training; start 3 more workers, or lower partitions"
+    ]
