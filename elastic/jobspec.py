@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from elastic.errors import JobSpecError
-from elastic.references import absolute_reference
+from elastic.references import absolute_reference, is_relative_file
 from elastic.typecheck import coerce, type_names
 
 __all__ = [
@@ -262,7 +262,7 @@ def _code_path(source: str, key: str, name: str, base_dir: Path | None) -> str:
     """A file reference made absolute; a relative one with no job file is refused."""
     if base_dir is not None:
         return absolute_reference(name, base_dir)
-    if absolute_reference(name, Path("/")) != name:  # relative: to what?
+    if is_relative_file(name):  # relative: to what?
         raise JobSpecError(
             f"{source}: [job] {key} = {name!r} is a relative path with no job file to be "
             "relative to; give the file's absolute path"

@@ -26,7 +26,7 @@ from types import ModuleType
 
 from elastic.errors import PluginError
 
-__all__ = ["is_reference", "absolute_reference", "load_class"]
+__all__ = ["is_reference", "is_relative_file", "absolute_reference", "load_class"]
 
 # A file loaded once per process (by path and modification time): one class object
 # per job, whoever asks for it.
@@ -52,14 +52,18 @@ def _split(kind: str, ref: str) -> tuple[str, str]:
     return module, attr
 
 
+def is_relative_file(ref: str) -> bool:
+    """Whether ``ref`` names a class in a file by a relative path."""
+    module = ref.rpartition(":")[0]
+    return is_reference(ref) and _is_file(module) and not Path(module).expanduser().is_absolute()
+
+
 def absolute_reference(ref: str, base_dir: Path) -> str:
     """``ref`` with a relative file path made absolute against ``base_dir`` (the job
     file's directory); module references and plugin names are returned unchanged."""
-    if not is_reference(ref):
+    if not is_relative_file(ref):
         return ref
     module, _, attr = ref.rpartition(":")
-    if not _is_file(module) or Path(module).expanduser().is_absolute():
-        return ref
     return f"{(base_dir / module).resolve()}:{attr}"
 
 

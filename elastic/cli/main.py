@@ -232,9 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch intra-op threads (default 1: the coordinator checks and folds updates a "
-        "frame at a time, and more threads only contend with workers on this host)",
+        default=None,
+        help="torch intra-op threads for checking and folding updates (default 1: that work "
+        "comes a frame at a time, and more threads only contend with workers on this host)",
     )
     _daemon_flags(p)
 

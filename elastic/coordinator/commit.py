@@ -29,14 +29,15 @@ class Committer:
         fenced: another coordinator leads: nothing more is committed, ever.
     """
 
-    def __init__(self, job: Job, ctx: EngineContext, status: StatusPublisher) -> None:
+    def __init__(
+        self, job: Job, ctx: EngineContext, status: StatusPublisher, workers_wait: bool = False
+    ) -> None:
         self.job = job
         self.ctx = ctx
         self.status = status
         self.model_sends = BufferSet({}, busy=False)
         self.fenced = False
-        # Set by synchronous engines: every participant waits for this commit.
-        self.workers_wait = False
+        self.workers_wait = workers_wait  # the commit takes every core (``threads``)
 
     def commit(
         self, number: int, metrics: dict[str, Any], members: int, last: bool = False

@@ -50,13 +50,14 @@ class Engine(ABC):
     """One job's driver, made of a validator, a committer and a status publisher."""
 
     folds_parts = False  # takes big updates in parts (``on_update_part``)
+    workers_wait = False  # every participant waits for each commit (synchronous rounds)
 
     def __init__(self, job: Job, ctx: EngineContext | None = None) -> None:
         self.job = job
         self.ctx = ctx or EngineContext()
         self.clock = self.ctx.clock
         self.publisher = StatusPublisher(job, self.ctx, self.status)
-        self.committer = Committer(job, self.ctx, self.publisher)
+        self.committer = Committer(job, self.ctx, self.publisher, self.workers_wait)
         self.validator = UpdateValidator(job, self.ctx, self._base_weights)
         self.mode = self.validator.mode
         self.kind = self.validator.kind

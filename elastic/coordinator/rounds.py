@@ -68,11 +68,11 @@ class RoundEngine(Engine):
     """Drives one job's synchronous rounds."""
 
     folds_parts = True
+    workers_wait = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.current: _Round | None = None
-        self.committer.workers_wait = True  # a round's participants wait for its commit
         self.rendezvous = self.mode == "gradient"
         # Workers whose work failed in a generation: each failure re-runs the step, so
         # they sit out (until they leave and join again) instead of stalling the job.
@@ -208,18 +208,19 @@ class RoundEngine(Engine):
         """A train-mode shard is its slot's: say so when some shards have no member
         (once for each number of them), or part of the data is silently never used."""
         count = self.job.spec.shard_count
-        served = {m.slot % count for m in members}
-        if len(served) < count and len(served) != self._served_warned:
-            self._served_warned = len(served)
+        served = len({m.slot % count for m in members})
+        if served < count and served != self._served_warned:
+            self._served_warned = served
             log.warning(
-                "shards without a worker job=%s shards=%d served=%d: %d of the %d data shards "
-                "(partitions) get no training; start %d more workers, or lower partitions",
-                self.job.spec.id,
-                count,
-                len(served),
-                count - len(served),
-                count,
-                count - len(served),
+                "shards without a worker job=%(job)s shards=%(count)d served=%(served)d: "
+                "%(missing)d of the %(count)d data shards (partitions) get no training; "
+                "start %(missing)d more workers, or lower partitions",
+                {
+                    "job": self.job.spec.id,
+                    "count": count,
+                    "served": served,
+                    "missing": count - served,
+                },
             )
 
     def _abandon_work(self, why: str) -> None:

@@ -16,7 +16,9 @@ from contextlib import contextmanager
 
 import torch
 
-__all__ = ["every_core"]
+__all__ = ["FOLD_THREADS", "every_core"]
+
+FOLD_THREADS = 1  # the coordinator's default (--threads): see above
 
 
 def _cores() -> int:
