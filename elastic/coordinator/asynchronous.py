@@ -150,15 +150,8 @@ class AsyncEngine(Engine):
                 {k: WireTensor.from_tensor(v) for k, v in job.model.state_dict().items()},
             )
         tensors = self._work_tensors[1]
-        meta = self._work_meta([member.slot % spec.shard_count, spec.shard_count])
-        msg = Message(
-            MsgType.WORK,
-            job=spec.id,
-            round=number,
-            version=job.version,
-            key=f"{member.id}/{spec.id}/{number}",
-            meta=meta,
-            tensors=tensors,
+        msg = self._work(
+            member.id, number, [member.slot % spec.shard_count, spec.shard_count], tensors
         )
         self.buffer.bytes_sent += sum(t.nbytes for t in tensors.values())
         return Outgoing(member.id, msg, self.committer.model_sends)
@@ -179,7 +172,7 @@ class AsyncEngine(Engine):
                     "never given",
                 ),
             )
-        if msg.key != f"{worker}/{job.spec.id}/{task.number}" or msg.version != task.version:
+        if msg.key != self._key(worker, task.number) or msg.version != task.version:
             return self._nack(
                 msg,
                 Refusal(

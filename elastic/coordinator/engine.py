@@ -30,6 +30,7 @@ from elastic.training import update_template
 from elastic.wire.buffers import BufferSet
 from elastic.wire.header import Message, MsgType
 from elastic.wire.parts import Segment
+from elastic.wire.tensors import WireTensor
 
 __all__ = ["Engine", "Outgoing"]
 
@@ -250,9 +251,14 @@ class Engine(ABC):
         """The weights workers trained from: the model, which does not change while a round runs."""
         return update_template(self.job.model, self.mode)
 
-    def _work_meta(self, shard: list[int]) -> dict[str, Any]:
-        """The ``meta`` of a WORK message: what to compute, on which shard, and how to
-        send it back."""
+    def _key(self, worker: str, number: int) -> str:
+        """The idempotency key of ``worker``'s update for round (or task) ``number``."""
+        return f"{worker}/{self.job.spec.id}/{number}"
+
+    def _work(
+        self, worker: str, number: int, shard: list[int], tensors: dict[str, WireTensor]
+    ) -> Message:
+        """A WORK message: what to compute, on which shard, and how to send it back."""
         spec = self.job.spec
         meta = {
             "mode": self.mode,
@@ -264,7 +270,15 @@ class Engine(ABC):
         }
         if self.job.update_chain:
             meta["codecs"] = list(self.job.update_chain.stages)
-        return meta
+        return Message(
+            MsgType.WORK,
+            job=spec.id,
+            round=number,
+            version=self.job.version,
+            key=self._key(worker, number),
+            meta=meta,
+            tensors=tensors,
+        )
 
     def _count_update(self, wire_bytes: int, raw_bytes: int) -> None:
         """An update was folded: its bytes as sent and as decoded (the compression ratio)."""

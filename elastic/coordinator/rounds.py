@@ -159,27 +159,19 @@ class RoundEngine(Engine):
         )
         out = []
         for rank, m in enumerate(chosen):
-            meta = self._work_meta(
+            shard = (
                 [rank, len(chosen)]
                 if self.rendezvous
                 else [m.slot % spec.shard_count, spec.shard_count]
             )
-            msg = Message(
-                MsgType.WORK,
-                job=spec.id,
-                round=number,
-                version=job.version,
-                key=f"{m.id}/{spec.id}/{number}",
-                meta=meta,
-                tensors=snapshot,
-            )
+            msg = self._work(m.id, number, shard, snapshot)
             sends: BufferSet | None = self.committer.model_sends
             here = local(m.id)
             if downlink is not None and downlink.serves(
                 m.id, here
             ):  # the reference, or a delta against what it holds
                 msg.tensors, msg.encodings, extra = downlink.work(m.id, state, local=here)
-                meta.update(extra)
+                msg.meta.update(extra)
                 # A shared reference is never sent from its own memory (deltas are
                 # new memory, whole sends a copy): nothing to track.
                 sends = None if downlink.reference_is_shared else downlink.sends
@@ -328,7 +320,7 @@ class RoundEngine(Engine):
         late part of an earlier round changes nothing)."""
         if (
             self.current is not None
-            and key == f"{worker}/{self.job.spec.id}/{self.current.number}"
+            and key == self._key(worker, self.current.number)
             and worker in self.current.participants
         ):
             log.warning(
@@ -360,7 +352,7 @@ class RoundEngine(Engine):
                 "stale_version",
                 f"computed against version {msg.version}, round {rnd.number} uses {rnd.version}",
             )
-        if msg.key != f"{worker}/{job.spec.id}/{rnd.number}":
+        if msg.key != self._key(worker, rnd.number):
             return Refusal(
                 "bad_key", f"idempotency key {msg.key!r} does not match sender, job and round"
             )
