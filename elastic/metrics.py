@@ -15,6 +15,7 @@ never touches state the event loop is changing:
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +32,8 @@ from elastic.hookspecs import hookimpl
 
 __all__ = ["Metrics"]
 
+log = logging.getLogger("elastic.metrics")
+
 ROUND_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 CHECKPOINT_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -41,7 +44,9 @@ class _Server(ThreadingMixIn, WSGIServer):
 
 class _Quiet(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-        pass  # scrapes every few seconds would drown the daemon's own log
+        # At debug level, not on stderr: scrapes every few seconds would drown the
+        # daemon's own log.
+        log.debug("metrics request %s %s", self.address_string(), format % args)
 
 
 class _Snapshot(Collector):
