@@ -31,7 +31,12 @@ class Notifier:
         self.address = "\0" + address[1:] if address.startswith("@") else address
         self._sock: socket.socket | None = None
         if self.address:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Non-blocking: a supervisor that reads slowly (a queue holds 10 datagrams
+            # by default, net.unix.max_dgram_qlen) must not stall the main loop, nor a
+            # signal handler that says STOPPING=1. A beat that finds the queue full is dropped.
+            self._sock = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
         usec = env.get("WATCHDOG_USEC", "")
         pid = env.get("WATCHDOG_PID", "")
         mine = not pid or pid == str(os.getpid())
@@ -48,7 +53,7 @@ class Notifier:
 
     def send(self, *fields: str) -> None:
         """Send ``KEY=VALUE`` lines in one datagram (errors are logged, never raised:
-        a daemon must not stop because its supervisor went away)."""
+        a daemon must not stop, nor wait, because its supervisor went away or lags)."""
         if self._sock is None:
             return
         try:

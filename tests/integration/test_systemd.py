@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,8 @@ def test_units_verify(tmp_path: Path, unit: str, as_name: str) -> None:
 
 
 class NotifySocket:
-    """The datagram socket systemd would give a service, bound by the test."""
+    """The datagram socket systemd would give a service, bound by the test and read
+    all the time, as systemd reads it (its queue holds only 10 datagrams)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -49,13 +51,25 @@ class NotifySocket:
         self.sock.bind(str(path))
         self.sock.settimeout(0.05)
         self.lines: list[str] = []
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        threading.Thread(target=self._receive, daemon=True).start()
+
+    def _receive(self) -> None:
+        while not self._closed.is_set():
+            try:
+                lines = self.sock.recv(4096).decode().splitlines()
+            except TimeoutError:
+                continue
+            with self._lock:
+                self.lines += lines
 
     def read(self) -> list[str]:
-        while True:
-            try:
-                self.lines += self.sock.recv(4096).decode().splitlines()
-            except TimeoutError:
-                return self.lines
+        with self._lock:
+            return list(self.lines)
+
+    def close(self) -> None:
+        self._closed.set()
 
     def saw(self, line: str) -> bool:
         return any(
@@ -141,3 +155,4 @@ def test_daemons_notify_systemd(cluster: Cluster, tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
         assert notify.saw("STOPPING=1")
+        notify.close()
