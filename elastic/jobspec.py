@@ -19,6 +19,7 @@ range is a ``JobSpecError`` naming the file, the key and the fix.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -40,6 +41,8 @@ __all__ = [
 ]
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MAX_CLIENTS = 10_000_000
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,16 @@ class TrainParams:
     momentum: float = 0.0
     weight_decay: float = 0.0
     prox_mu: float = 0.0  # FedProx: mu/2 * ||w - w_received||^2 added to every task's loss
+    # The forward pass under autocast: "bf16", or "fp16" (with a gradient scaler on
+    # CUDA); the weights and the update stay fp32.
+    precision: str = "fp32"
+    # System heterogeneity (the FedProx paper's stragglers): this share of each round's
+    # clients, drawn from the job's seed, does a number of epochs drawn uniformly from
+    # straggler_epochs ([low, high], default [1, local_epochs]) instead of local_epochs;
+    # with drop_stragglers they are not asked at all (FedAvg's way of handling them).
+    stragglers: float = 0.0
+    straggler_epochs: tuple[int, ...] = ()
+    drop_stragglers: bool = False
 
 
 @dataclass(frozen=True)
@@ -99,7 +112,13 @@ class JobSpec:
     round_timeout: float = 60.0
     eval_every: int = 1
     seed: int = 0
-    partitions: int = 0  # data shards; 0 = max_workers, else min_workers
+    partitions: int = 0  # data shards; 0 = clients, max_workers, else min_workers
+    # Virtual clients: logical clients, each with its own partition, sampled per round
+    # (clients_per_round, or fraction of them rounded up) and served by the workers
+    # there are; 0 = each worker is one client, its slot's partition.
+    clients: int = 0
+    clients_per_round: int = 0
+    client_sampling: str = "random"  # each round anew | "cycle": every client once per pass
     task_params: dict[str, Any] = field(default_factory=dict)
     rule_params: dict[str, Any] = field(default_factory=dict)
     train: TrainParams = field(default_factory=TrainParams)
@@ -109,7 +128,15 @@ class JobSpec:
 
     @property
     def shard_count(self) -> int:
-        return self.partitions or self.max_workers or self.min_workers
+        return self.clients or self.partitions or self.max_workers or self.min_workers
+
+    @property
+    def sampled_clients(self) -> int:
+        """Clients asked each round (virtual clients): ``clients_per_round``, else
+        ``fraction`` of ``clients`` rounded up (0.3 of 10 is 3; 0.31 of 10 is 4)."""
+        if not self.clients:
+            return 0
+        return self.clients_per_round or max(1, math.ceil(self.fraction * self.clients - 1e-9))
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as plain data (for checkpoints and the wire)."""
@@ -118,7 +145,9 @@ class JobSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
         data = dict(data)
-        data["train"] = TrainParams(**data["train"])
+        train = dict(data["train"])
+        train["straggler_epochs"] = tuple(train.get("straggler_epochs", ()))
+        data["train"] = TrainParams(**train)
         data["checkpoint"] = CheckpointPolicy(**data["checkpoint"])
         compression = data.get("compression", {})
         data["compression"] = CompressionPolicy(
@@ -148,7 +177,26 @@ _JOB_KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
     "round_timeout": (float, lambda v: v > 0, "seconds > 0, e.g. round_timeout = 60"),
     "eval_every": (int, lambda v: v >= 0, "0 (only at the end) or a positive integer"),
     "seed": (int, lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
-    "partitions": (int, lambda v: v >= 0, "0 (= max_workers or min_workers) or a positive integer"),
+    "partitions": (
+        int,
+        lambda v: v >= 0,
+        "0 (= clients, max_workers or min_workers) or a positive integer",
+    ),
+    "clients": (
+        int,
+        lambda v: 0 <= v <= MAX_CLIENTS,
+        f"0 (each worker is a client) or a number of virtual clients up to {MAX_CLIENTS}",
+    ),
+    "clients_per_round": (
+        int,
+        lambda v: v >= 0,
+        "0 (fraction of clients, rounded up) or a positive integer",
+    ),
+    "client_sampling": (
+        str,
+        lambda v: v in ("random", "cycle"),
+        '"random" (a uniform sample each round) or "cycle" (every client once per pass)',
+    ),
 }
 _TRAIN_KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
     "local_epochs": (int, lambda v: v >= 1, "a positive integer"),
@@ -158,6 +206,14 @@ _TRAIN_KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
     "momentum": (float, lambda v: 0 <= v < 1, "in [0, 1)"),
     "weight_decay": (float, lambda v: v >= 0, ">= 0"),
     "prox_mu": (float, lambda v: v >= 0, ">= 0"),
+    "precision": (str, lambda v: v in PRECISIONS, 'one of "fp32", "bf16", "fp16"'),
+    "stragglers": (float, lambda v: 0 <= v <= 1, "a share of clients in [0, 1], e.g. 0.5"),
+    "straggler_epochs": (
+        list,
+        lambda v: len(v) == 2 and all(isinstance(x, int) and x >= 1 for x in v) and v[0] <= v[1],
+        "[low, high], epochs a straggler draws from, e.g. [1, 5]",
+    ),
+    "drop_stragglers": (bool, lambda v: True, "true or false"),
 }
 _CHECKPOINT_KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
     "every": (int, lambda v: v >= 1, "a positive integer (rounds between checkpoints)"),
@@ -234,6 +290,7 @@ def parse_job_spec(
     for key in ("task", "rule"):
         job_values[key] = _code_path(source, key, job_values[key], base_dir)
     train = _check_table(source, "train", data.get("train", {}), _TRAIN_KEYS)
+    train["straggler_epochs"] = tuple(train.get("straggler_epochs", ()))
     ckpt = _check_table(source, "checkpoint", data.get("checkpoint", {}), _CHECKPOINT_KEYS)
     compression = _check_table(
         source, "compression", data.get("compression", {}), _COMPRESSION_KEYS
@@ -255,7 +312,47 @@ def parse_job_spec(
             f"{source}: [job] max_workers = {spec.max_workers} is below min_workers = "
             f"{spec.min_workers}; raise max_workers or lower min_workers"
         )
+    _check_clients(source, spec)
+    _check_stragglers(source, spec.train)
     return spec
+
+
+def _check_clients(source: str, spec: JobSpec) -> None:
+    if not spec.clients:
+        if spec.clients_per_round:
+            raise JobSpecError(
+                f"{source}: [job] clients_per_round needs clients (the number of virtual "
+                "clients to sample from); set clients, or drop clients_per_round"
+            )
+        return
+    if spec.partitions and spec.partitions != spec.clients:
+        raise JobSpecError(
+            f"{source}: [job] partitions = {spec.partitions} but clients = {spec.clients}: each "
+            "virtual client has its own partition; drop partitions"
+        )
+    if spec.clients_per_round > spec.clients:
+        raise JobSpecError(
+            f"{source}: [job] clients_per_round = {spec.clients_per_round} is more than clients "
+            f"= {spec.clients}; lower it"
+        )
+    if spec.sampled_clients < spec.min_workers:
+        raise JobSpecError(
+            f"{source}: [job] {spec.sampled_clients} clients a round can never make min_workers "
+            f"= {spec.min_workers} updates; raise clients_per_round or lower min_workers"
+        )
+
+
+def _check_stragglers(source: str, train: TrainParams) -> None:
+    if train.straggler_epochs and not train.stragglers:
+        raise JobSpecError(
+            f"{source}: [train] straggler_epochs is set but stragglers = 0; set stragglers (the "
+            "share of clients that do less), or drop straggler_epochs"
+        )
+    if train.straggler_epochs and train.straggler_epochs[1] > train.local_epochs:
+        raise JobSpecError(
+            f"{source}: [train] straggler_epochs = {list(train.straggler_epochs)} goes above "
+            f"local_epochs = {train.local_epochs}: a straggler does less; lower it"
+        )
 
 
 def _code_path(source: str, key: str, name: str, base_dir: Path | None) -> str:

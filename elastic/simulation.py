@@ -30,7 +30,7 @@ from elastic.wire.frames import decode, encode
 from elastic.wire.header import Message, MsgType
 from elastic.wire.shm import LocalPeers
 from elastic.wire.tensors import WireTensor
-from elastic.worker.runner import TaskRunner
+from elastic.worker.runner import Result, TaskRunner
 
 __all__ = ["simulate", "SimulatedClock"]
 
@@ -110,8 +110,9 @@ def simulate(
                 work = decode(encode(out.message), check_finite=False)
                 if out.buffers is not None:  # what the daemon does once the WORK is sent
                     out.buffers.release()
-                _answer(core, out.worker, work, runners[out.worker], attacks.get(out.worker))
-                core.take()  # the ACKs and NACKs: nobody to send them to
+                for result in runners[out.worker].results(work):  # one per virtual client
+                    _answer(core, out.worker, work, result, attacks.get(out.worker))
+                    core.take()  # the ACKs and NACKs: nobody to send them to
     finally:
         core.close()
     return job
@@ -121,11 +122,10 @@ def _answer(
     core: CoordinatorCore,
     worker: str,
     work: Message,
-    runner: TaskRunner,
+    result: Result,
     attacked: tuple[str, float] | None,
 ) -> None:
     """The worker's reply to its WORK, through the wire's encoding, to the core."""
-    result = runner.run(work)
     try:
         reply = decode(encode(result.message), max_message_bytes=1 << 62)
     except ProtocolError as exc:  # e.g. NaN in the update: the worker's work failed, as on the wire
@@ -134,7 +134,7 @@ def _answer(
             job=work.job,
             round=work.round,
             version=work.version,
-            key=work.key,
+            key=result.message.key,
             meta={"reason": exc.reason, "detail": exc.detail},
         )
     reply.sender = worker

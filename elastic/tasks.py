@@ -5,6 +5,7 @@ worker trains on, and what a task that owns its training loop is given
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from abc import ABC, abstractmethod
@@ -40,10 +41,14 @@ class Shard:
 @dataclass
 class TrainResult:
     """What a round of local training gives: the samples it learnt from (the update's
-    weight in FedAvg) and the mean training loss of its last epoch."""
+    weight in FedAvg), the mean training loss of its last epoch, and any other
+    figures (``metrics``: name -> number, e.g. ``{"accuracy": 0.93}``), which the
+    round's history shows averaged over its clients, weighted by their samples, as
+    ``train_<name>``."""
 
     num_samples: int
     loss: float
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -54,13 +59,17 @@ class TrainContext:
     Attributes:
         device: where the model and the batches go.
         params: the job's ``[train]`` table (``lr``, ``local_epochs``, ``batch_size``,
-            ``prox_mu``, ...), for the loop to use as it sees fit.
+            ``prox_mu``, ``precision``, ...), for the loop to use as it sees fit
+            (``autocast()`` is the forward pass's context for ``precision``).
         received: the global weights this round started from, by state-dict name (a
             copy: training leaves it as it was), for proximal terms and control
             variates.
         seed: this worker's seed for this round (the job's, the round's and the
             shard's): shuffle with it and runs are reproducible.
         round: the round number.
+        client: the data part trained on (``Shard.index``): the worker's, or with
+            virtual clients (``[job] clients``) the client's; for state a task keeps
+            per client.
     """
 
     device: torch.device
@@ -70,7 +79,15 @@ class TrainContext:
     round: int
     cancel: threading.Event | None = None
     job: str = ""
+    client: int = 0
     _reported: int = field(default=-1, repr=False)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The forward pass's context for ``[train] precision`` (autocast to bf16
+        or fp16 on ``device``; nothing for fp32): ``with ctx.autocast(): loss = ...``."""
+        from elastic.training import autocast
+
+        return autocast(self.device, self.params.precision)
 
     def cancelled(self) -> bool:
         """True once the worker is stopping: return (or call ``check``) soon."""

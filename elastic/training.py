@@ -6,8 +6,10 @@ Workers use ``local_train`` (rules whose ``worker_mode`` is ``"train"``) and
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -25,7 +27,26 @@ __all__ = [
     "update_template",
     "update_kind",
     "move_to_fresh_memory",
+    "autocast",
 ]
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """The forward pass's context for ``[train] precision``: torch's autocast to
+    bf16 or fp16 on ``device``, or nothing for fp32."""
+    dtype = _AUTOCAST_DTYPES.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
+    """fp16 on CUDA scales the loss, so small gradients do not flush to zero."""
+    if precision == "fp16" and device.type == "cuda":
+        return torch.amp.GradScaler("cuda")
+    return None
 
 
 def dataset_tensors(
@@ -83,10 +104,13 @@ def local_train(
     the task's loss: its gradient μ(w − w_start) is added after ``backward``, so any
     task gets it unchanged. The loss reported is the task's own.
 
-    Raises ``Cancelled`` between batches once ``cancel`` is set (a daemon stopping).
+    ``params.precision`` runs the forward pass under autocast (``autocast``), fp16
+    on CUDA with a gradient scaler. Raises ``Cancelled`` between batches once
+    ``cancel`` is set (a daemon stopping).
     """
     model.train()
     optimizer = _optimizer(model, params)
+    scaler = _grad_scaler(device, params.precision)
     trained = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in trained] if params.prox_mu > 0 else []
     generator = torch.Generator().manual_seed(seed)
@@ -98,12 +122,21 @@ def local_train(
             if cancel is not None and cancel.is_set():
                 raise Cancelled("training stopped: the worker is shutting down")
             optimizer.zero_grad(set_to_none=True)
-            loss = task.loss(model, inputs, targets)
-            loss.backward()
+            with autocast(device, params.precision):
+                loss = task.loss(model, inputs, targets)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)  # the proximal term is added to true gradients
+            else:
+                loss.backward()
             for p, anchor in zip(trained, anchors, strict=False):  # FedProx's proximal term
                 if p.grad is not None:
                     p.grad.add_(p.detach(), alpha=params.prox_mu).sub_(anchor, alpha=params.prox_mu)
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)  # skipped when a gradient overflowed
+                scaler.update()
+            else:
+                optimizer.step()
             total += float(loss.detach()) * len(targets)
             count += len(targets)
         last = total / max(count, 1)
@@ -118,11 +151,13 @@ def batch_gradient(
     step: int,
     seed: int,
     device: torch.device,
+    precision: str = "fp32",
 ) -> TrainResult:
     """Leave in ``.grad`` the gradient of the mean loss on this step's batch.
 
     Batch ``step`` walks the shard in a per-epoch shuffled order (``batch_size`` 0:
-    the whole shard, so every step sees every sample).
+    the whole shard, so every step sees every sample). ``precision``: the forward
+    pass under autocast (no scaler: the gradient is sent as it is, unscaled).
     """
     model.train()
     model.zero_grad(set_to_none=False)
@@ -137,7 +172,8 @@ def batch_gradient(
         for _ in range(index):
             next(batches)
         inputs, targets = next(batches)
-    loss = task.loss(model, inputs, targets)
+    with autocast(device, precision):
+        loss = task.loss(model, inputs, targets)
     loss.backward()
     return TrainResult(num_samples=len(targets), loss=float(loss.detach()))
 

@@ -19,12 +19,13 @@ from rich.table import Table
 
 from elastic.config import CoordinatorConfig, WorkerConfig, resolve
 from elastic.coordinator.checkpoints import atomic_write
-from elastic.coordinator.job import codec_chains
+from elastic.coordinator.job import check_fits_rule, codec_chains
 from elastic.coordinator.threads import FOLD_THREADS
-from elastic.errors import ConfigError, ElasticError
+from elastic.errors import ConfigError, ElasticError, JobSpecError
 from elastic.jobspec import JobSpec, load_job_spec
 from elastic.logs import setup_logging
 from elastic.plugins import Plugins
+from elastic.tasks import Shard
 
 __all__ = ["cmd_run", "cmd_coordinator", "cmd_worker", "cmd_plugins", "cmd_validate", "check_spec"]
 
@@ -32,7 +33,9 @@ __all__ = ["cmd_run", "cmd_coordinator", "cmd_worker", "cmd_plugins", "cmd_valid
 def check_spec(spec: JobSpec, plugins: Plugins) -> None:
     """Refuse a spec whose task or rule is unknown or has bad parameters."""
     plugins.task(spec.task)(spec.task_params)
-    codec_chains(spec, plugins.rule(spec.rule)(spec.rule_params), plugins.codecs)
+    rule = plugins.rule(spec.rule)(spec.rule_params)
+    codec_chains(spec, rule, plugins.codecs)
+    check_fits_rule(spec, rule)
 
 
 def _flags(args: argparse.Namespace, *names: str) -> dict[str, Any]:
@@ -166,9 +169,32 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _shards_by_slot(spec: JobSpec, plugins: Plugins) -> bool:
-    """Whether each worker trains the shard of its slot (train-mode rules), so that a
-    shard without a worker goes untrained; gradient rules split by rank instead."""
-    return plugins.rule(spec.rule).worker_mode != "gradient"
+    """Whether each worker trains the shard of its slot (train-mode rules without
+    virtual clients), so that a shard without a worker goes untrained; gradient
+    rules split by rank instead, virtual clients are sampled."""
+    return not spec.clients and plugins.rule(spec.rule).worker_mode != "gradient"
+
+
+def _check_client_data(spec: JobSpec, plugins: Plugins, data_dir: Path | None) -> str:
+    """With virtual clients: the last client's data built here, so that more clients
+    than the data can fill is refused now (the task's ``JobSpecError``, with the
+    numbers), not on every worker later. A note when the data is not on this machine."""
+    if not spec.clients:
+        return ""
+    task = plugins.task(spec.task)(spec.task_params)
+    try:
+        dataset = task.train_dataset(Shard(spec.clients - 1, spec.clients, spec.seed), data_dir)
+        size = len(dataset)  # type: ignore[arg-type]
+    except JobSpecError as exc:
+        raise JobSpecError(f"job {spec.id}: [job] clients = {spec.clients}: {exc}") from None
+    except Exception as exc:  # the data may live on the workers only
+        return f"note: the clients' data was not checked here ({type(exc).__name__}: {exc})"
+    if size == 0:
+        raise JobSpecError(
+            f"job {spec.id}: [job] clients = {spec.clients}: client {spec.clients - 1} gets no "
+            "data; use fewer clients or more data"
+        )
+    return ""
 
 
 def _import_beside(job: Path) -> str:
@@ -185,6 +211,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     _import_beside(args.job)
     plugins = Plugins()
     check_spec(spec, plugins)
+    note = _check_client_data(spec, plugins, args.data)
     print(
         f"{args.job}: ok (job {spec.id}: task {spec.task}, rule {spec.rule}, {spec.rounds} "
         f"rounds, min_workers {spec.min_workers})"
@@ -194,6 +221,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
             f"note: the data is in {spec.shard_count} shards (partitions), one a worker: "
             f"with fewer than {spec.shard_count} workers some shards get no training"
         )
+    if note:
+        print(note)
     return 0
 
 
@@ -224,6 +253,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     plugins = Plugins(extra=[observer])
     job_dir = _import_beside(args.job)  # and the local workers' too
     check_spec(spec, plugins)
+    note = _check_client_data(spec, plugins, None)
+    if note:
+        console.print(note, soft_wrap=True)
     if _shards_by_slot(spec, plugins) and args.local_workers < spec.shard_count:
         console.print(
             f"note: job {spec.id} splits its data in {spec.shard_count} shards (partitions), "

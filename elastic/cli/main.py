@@ -389,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
         "validate", parents=[debug], help="check a job spec against the installed plugins"
     )
     p.add_argument("job", type=Path)
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="the data directory a worker would be given, to check the clients' data",
+    )
     return parser
 
 

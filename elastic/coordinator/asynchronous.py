@@ -234,7 +234,7 @@ class AsyncEngine(Engine):
             MsgType.ACK, job=job.spec.id, round=msg.round, version=msg.version, key=msg.key
         )
 
-    def on_worker_failed(self, worker: str, round_: int, detail: str) -> None:
+    def on_worker_failed(self, worker: str, round_: int, detail: str, key: str = "") -> None:
         task = self.assigned.get(worker)
         if task is not None and task.number == round_:
             del self.assigned[worker]

@@ -332,7 +332,7 @@ class CoordinatorCore:
             engine = self.engines.get(msg.job)
             if engine is not None:
                 engine.on_worker_failed(
-                    peer, msg.round, f"{msg.meta['reason']}: {msg.meta['detail']}"
+                    peer, msg.round, f"{msg.meta['reason']}: {msg.meta['detail']}", msg.key
                 )
         else:
             self.reject(

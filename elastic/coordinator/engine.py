@@ -97,8 +97,9 @@ class Engine(ABC):
         the coordinator refused a part): what came stays folded."""
 
     @abstractmethod
-    def on_worker_failed(self, worker: str, round_: int, detail: str) -> None:
-        """A worker said it cannot do the work it was given."""
+    def on_worker_failed(self, worker: str, round_: int, detail: str, key: str = "") -> None:
+        """A worker said it cannot do the work it was given (``key``: the update it
+        could not make)."""
 
     @abstractmethod
     def on_member_left(self, worker: str) -> None:
@@ -251,9 +252,11 @@ class Engine(ABC):
         """The weights workers trained from: the model, which does not change while a round runs."""
         return update_template(self.job.model, self.mode)
 
-    def _key(self, worker: str, number: int) -> str:
-        """The idempotency key of ``worker``'s update for round (or task) ``number``."""
-        return f"{worker}/{self.job.spec.id}/{number}"
+    def _key(self, worker: str, number: int, client: int | None = None) -> str:
+        """The idempotency key of ``worker``'s update for round (or task) ``number``
+        (and virtual ``client``)."""
+        key = f"{worker}/{self.job.spec.id}/{number}"
+        return key if client is None else f"{key}/{client}"
 
     def _work(
         self, worker: str, number: int, shard: list[int], tensors: dict[str, WireTensor]

@@ -61,6 +61,25 @@ def codec_chains(
     return update, model
 
 
+def check_fits_rule(spec: JobSpec, aggregator: Aggregator) -> None:
+    """What the spec asks that its rule cannot give (``JobSpecError``)."""
+    if not (spec.clients or spec.train.stragglers):
+        return
+    asked = "[job] clients" if spec.clients else "[train] stragglers"
+    if aggregator.worker_mode == "gradient":
+        raise JobSpecError(
+            f"job {spec.id}: {asked} needs a rule whose clients train locally, and rule "
+            f"{spec.rule} takes data-parallel gradient steps (each step splits the data among "
+            "the workers there are); use fedavg or the fedopt family, or drop it"
+        )
+    if spec.clients and isinstance(aggregator, AsyncAggregator):
+        raise JobSpecError(
+            f"job {spec.id}: [job] clients needs a synchronous rule (clients are sampled per "
+            f"round), and rule {spec.rule} is asynchronous; use fedavg or the fedopt family, "
+            "or drop clients"
+        )
+
+
 class Job:
     """Owns the global model of one job and everything a checkpoint must hold.
 
@@ -74,6 +93,7 @@ class Job:
         self.aggregator: Aggregator = plugins.rule(spec.rule)(spec.rule_params)
         # What every update must come through, and what the model goes down through.
         self.update_chain, self.model_chain = codec_chains(spec, self.aggregator, plugins.codecs)
+        check_fits_rule(spec, self.aggregator)
         self.model = self.task.build_model(spec.seed)
         self.aggregator.setup(self.model)
         self.store = CheckpointStore(state_dir, spec.id, keep=spec.checkpoint.keep)

@@ -15,6 +15,12 @@ is in exactly one worker's batch per step. A participant lost mid-round would le
 its shard out of the step: the round is re-run with the next generation instead.
 Train-mode rules (FedAvg) keep a fixed shard per slot: in federated learning the
 data belongs to the worker.
+
+With virtual clients (``[job] clients``) the clients are not the processes: each
+round samples clients (``sampling.py``), spreads them over the members, and each
+member trains its clients one after another from the round's model, sending each
+client's update on its own (a rule sees every client's update, as it would with a
+process per client). A member has answered once each of its clients has.
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ import torch
 
 from elastic.coordinator.downlink import Downlink
 from elastic.coordinator.engine import Engine, Outgoing
+from elastic.coordinator.sampling import local_work, sample_clients, spread
 from elastic.coordinator.threads import every_core
 from elastic.coordinator.uploads import Part
-from elastic.coordinator.validation import Refusal
+from elastic.coordinator.validation import MAX_TRAIN_METRICS, Refusal, train_metrics
 from elastic.membership.base import Member
 from elastic.wire.buffers import BufferSet
 from elastic.wire.header import Message, MsgType
@@ -58,6 +65,11 @@ class _Round:
     bytes_received: int = 0
     asked: int = 0
     train_seconds_max: float = 0.0  # the slowest participant's own compute: the rest was the system
+    # Virtual clients: each member's clients still to answer, and the clients folded.
+    pending: dict[str, set[int]] = field(default_factory=dict)
+    trained: list[int] = field(default_factory=list)
+    # A task's own loop's extra figures: per name, the sum weighted by samples, and the samples.
+    metric_sums: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -122,14 +134,8 @@ class RoundEngine(Engine):
         job, spec = self.job, self.job.spec
         job.mark_running()
         number = job.round + 1
-        count = max(spec.min_workers, math.ceil(spec.fraction * len(members)))
-        if spec.max_workers:
-            count = min(count, spec.max_workers)
-        chosen = sorted(
-            random.Random(spec.seed * 1_000_003 + number).sample(members, min(count, len(members))),
-            key=lambda m: m.slot,
-        )
-        if not self.rendezvous:
+        chosen, work = self._choose(members, number)
+        if not self.rendezvous and not spec.clients:
             self._warn_unserved(members)
         if self.rendezvous and tuple(m.id for m in chosen) != self._generation_members:
             self._generation_members = tuple(m.id for m in chosen)
@@ -155,16 +161,21 @@ class RoundEngine(Engine):
             {m.id for m in chosen},
             now,
             now + spec.round_timeout,
-            asked=len(chosen),
+            asked=sum(len(w) for w in work.values()) if spec.clients else len(chosen),
+            pending={w: set(clients) for w, clients in work.items()} if spec.clients else {},
         )
         out = []
         for rank, m in enumerate(chosen):
-            shard = (
-                [rank, len(chosen)]
-                if self.rendezvous
-                else [m.slot % spec.shard_count, spec.shard_count]
-            )
+            if self.rendezvous:
+                shard = [rank, len(chosen)]
+            else:  # (with virtual clients, each client's shard is in ``clients``)
+                first = min(work[m.id]) if spec.clients else m.slot % spec.shard_count
+                shard = [first, spec.shard_count]
             msg = self._work(m.id, number, shard, snapshot)
+            if spec.clients:
+                msg.meta["clients"] = [[c, e] for c, e in sorted(work[m.id].items())]
+            elif work[m.id] != spec.train.local_epochs:  # a straggler
+                msg.meta["epochs"] = work[m.id]
             sends: BufferSet | None = self.committer.model_sends
             here = local(m.id)
             if downlink is not None and downlink.serves(
@@ -195,6 +206,29 @@ class RoundEngine(Engine):
         )
         self.publisher.write()
         return out
+
+    def _choose(self, members: list[Member], number: int) -> tuple[list[Member], dict[str, Any]]:
+        """The round's participants (by slot) and the work of each: its local epochs,
+        or with virtual clients its clients and theirs."""
+        spec = self.job.spec
+        if spec.clients:  # every member serves; the clients are sampled
+            chosen = sorted(members, key=lambda m: m.slot)[: spec.max_workers or None]
+            epochs = local_work(spec, number, sample_clients(spec, number), keep=spec.min_workers)
+            served = spread(sorted(epochs), [m.id for m in chosen])
+            return [m for m in chosen if m.id in served], {
+                w: {c: epochs[c] for c in clients} for w, clients in served.items()
+            }
+        count = max(spec.min_workers, math.ceil(spec.fraction * len(members)))
+        if spec.max_workers:
+            count = min(count, spec.max_workers)
+        chosen = sorted(
+            random.Random(spec.seed * 1_000_003 + number).sample(members, min(count, len(members))),
+            key=lambda m: m.slot,
+        )
+        epochs = local_work(spec, number, range(len(chosen)), keep=spec.min_workers)
+        return [m for i, m in enumerate(chosen) if i in epochs], {
+            m.id: epochs[i] for i, m in enumerate(chosen) if i in epochs
+        }
 
     def _warn_unserved(self, members: list[Member]) -> None:
         """A train-mode shard is its slot's: say so when some shards have no member
@@ -299,7 +333,12 @@ class RoundEngine(Engine):
             wire_bytes,
         )
         self._count_update(wire_bytes, raw_bytes)
-        rnd.answered.add(worker)
+        if rnd.pending:
+            client = msg.meta["client"]
+            rnd.trained.append(client)
+            self._client_done(worker, client)
+        else:
+            rnd.answered.add(worker)
         rnd.updates += 1
         rnd.samples += samples
         loss = float(msg.meta["loss"])
@@ -308,6 +347,14 @@ class RoundEngine(Engine):
         rnd.train_seconds_max = max(
             rnd.train_seconds_max, float(msg.meta.get("train_seconds", 0.0))
         )
+        metrics = train_metrics(msg)
+        assert not isinstance(metrics, Refusal)  # refused before any of it was folded
+        for name, value in metrics.items():
+            if name not in rnd.metric_sums and len(rnd.metric_sums) >= MAX_TRAIN_METRICS:
+                continue  # the round's history stays bounded whatever clients send
+            sums = rnd.metric_sums.setdefault(name, [0.0, 0.0])
+            sums[0] += value * samples
+            sums[1] += samples
         job.totals["updates"] += 1
         if rnd.complete:
             self._close("all participants answered")
@@ -318,19 +365,49 @@ class RoundEngine(Engine):
     def abandon_parts(self, worker: str, key: str) -> None:
         """What came of the update stays folded; the round no longer waits for it (a
         late part of an earlier round changes nothing)."""
-        if (
-            self.current is not None
-            and key == self._key(worker, self.current.number)
-            and worker in self.current.participants
-        ):
+        rnd = self.current
+        if rnd is None or worker not in rnd.participants:
+            return
+        client = self._client_of(worker, key)
+        if key == self._key(worker, rnd.number) or client is not None:
             log.warning(
-                "update in parts given up job=%s worker=%s round=%d: the parts that came stay "
+                "update in parts given up job=%s worker=%s round=%d%s: the parts that came stay "
                 "folded",
                 self.job.spec.id,
                 worker,
-                self.current.number,
+                rnd.number,
+                f" client={client}" if client is not None else "",
             )
-            self._drop(worker)
+            if client is not None:
+                self._client_given_up(worker, client)
+            else:
+                self._drop(worker)
+
+    def _client_of(self, worker: str, key: str) -> int | None:
+        """The client of this round's ``worker`` whose update ``key`` names, if any."""
+        rnd = self.current
+        if rnd is None:
+            return None
+        for client in rnd.pending.get(worker, ()):
+            if key == self._key(worker, rnd.number, client):
+                return client
+        return None
+
+    def _client_done(self, worker: str, client: int) -> None:
+        """One of ``worker``'s clients answered (or will not): the worker has, once
+        all of its clients have."""
+        rnd = self.current
+        assert rnd is not None
+        pending = rnd.pending.get(worker, set())
+        pending.discard(client)
+        if not pending:
+            rnd.answered.add(worker)
+
+    def _client_given_up(self, worker: str, client: int) -> None:
+        """No update will come for this client: the round waits for the others."""
+        self._client_done(worker, client)
+        if self.current is not None and self.current.complete:
+            self._close("every remaining participant answered")
 
     def _refuse(self, worker: str, msg: Message) -> Refusal | None:
         """What only the engine knows: whether this round asked this worker for it."""
@@ -347,6 +424,8 @@ class RoundEngine(Engine):
             return Refusal(
                 "not_participant", f"{worker} was not asked to contribute to round {rnd.number}"
             )
+        if rnd.pending:
+            return self._refuse_client(worker, msg)
         if msg.version != rnd.version:
             return Refusal(
                 "stale_version",
@@ -358,10 +437,45 @@ class RoundEngine(Engine):
             )
         if worker in rnd.answered:
             return Refusal("duplicate", f"an update for {msg.key} was already applied or refused")
-        return None
+        return self._refuse_metrics(msg)
 
-    def on_worker_failed(self, worker: str, round_: int, detail: str) -> None:
-        """A participant said it cannot do the work: stop waiting for it."""
+    @staticmethod
+    def _refuse_metrics(msg: Message) -> Refusal | None:
+        metrics = train_metrics(msg)
+        return metrics if isinstance(metrics, Refusal) else None
+
+    def _refuse_client(self, worker: str, msg: Message) -> Refusal | None:
+        """With virtual clients: whether this round asked ``worker`` for this client."""
+        rnd = self.current
+        assert rnd is not None
+        client = msg.meta.get("client")
+        if client is None:
+            return Refusal(
+                "not_participant",
+                f"job {self.job.spec.id} has virtual clients: an update names its client",
+            )
+        if msg.version != rnd.version:
+            return Refusal(
+                "stale_version",
+                f"computed against version {msg.version}, round {rnd.number} uses {rnd.version}",
+            )
+        if msg.key != self._key(worker, rnd.number, client):
+            return Refusal(
+                "bad_key",
+                f"idempotency key {msg.key!r} does not match sender, job, round and client",
+            )
+        if client not in rnd.pending.get(worker, ()):
+            if client in rnd.trained:
+                return Refusal("duplicate", f"an update for {msg.key} was already applied")
+            return Refusal(
+                "not_participant",
+                f"{worker} was not asked to train client {client} in round {rnd.number}",
+            )
+        return self._refuse_metrics(msg)
+
+    def on_worker_failed(self, worker: str, round_: int, detail: str, key: str = "") -> None:
+        """A participant said it cannot do the work (``key``: the update it could not
+        make; with virtual clients, one client's): stop waiting for it."""
         rnd = self.current
         model_missing = detail.startswith(
             ("need_full_model", "no_shared_reference")
@@ -377,6 +491,10 @@ class RoundEngine(Engine):
             )
             # Its task will not load until it is restarted; a failed gradient
             # step would re-run the generation again and again.
+            client = self._client_of(worker, key)
+            if client is not None and not detail.startswith("task_unavailable"):
+                self._client_given_up(worker, client)  # its other clients go on
+                return
             if detail.startswith("task_unavailable") or (self.rendezvous and not model_missing):
                 self.benched.add(worker)
                 log.warning(
@@ -445,12 +563,17 @@ class RoundEngine(Engine):
         committed = self._commit(
             rnd.number,
             {
+                **{  # first: a task's figure never hides the round's own
+                    f"train_{name}": total / weight if weight else float("nan")
+                    for name, (total, weight) in rnd.metric_sums.items()
+                },
                 "loss": rnd.loss_sum / rnd.samples if rnd.samples else float("nan"),
                 "updates": rnd.updates,
                 "asked": rnd.asked,
                 "participants": len(rnd.participants),
                 "generation": self.generation,
                 "samples": rnd.samples,
+                **({"clients": sorted(rnd.trained)} if job.spec.clients else {}),
                 "seconds": round(self.clock() - rnd.started, 4),
                 "train_seconds_max": round(rnd.train_seconds_max, 4),
                 "bytes_sent": rnd.bytes_sent,

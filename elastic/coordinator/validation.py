@@ -30,7 +30,9 @@ from elastic.wire.header import Message
 from elastic.wire.parts import Segment, grid
 from elastic.wire.tensors import WireTensor
 
-__all__ = ["UpdateValidator", "Refusal"]
+__all__ = ["UpdateValidator", "Refusal", "train_metrics"]
+
+MAX_TRAIN_METRICS = 16  # the extra figures an update may carry (``metrics``)
 
 log = logging.getLogger("elastic.rounds")
 
@@ -44,6 +46,30 @@ class Refusal:
 
 
 Weights = Callable[[], Mapping[str, torch.Tensor]]
+
+
+def train_metrics(msg: Message) -> dict[str, float] | Refusal:
+    """An update's extra training figures (``metrics``: a task's own loop's), checked:
+    at most ``MAX_TRAIN_METRICS`` short names, each a finite number."""
+    metrics = msg.meta.get("metrics", {})
+    if len(metrics) > MAX_TRAIN_METRICS:
+        return Refusal(
+            "bad_metrics", f"{len(metrics)} training metrics; send at most {MAX_TRAIN_METRICS}"
+        )
+    for name, value in metrics.items():
+        if (
+            not isinstance(name, str)
+            or not 0 < len(name) <= 64
+            or isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            return Refusal(
+                "bad_metrics",
+                f"training metric {str(name)[:64]!r} = {str(value)[:32]}: metrics are names of "
+                "at most 64 characters with finite numbers",
+            )
+    return {name: float(value) for name, value in metrics.items()}
 
 
 class UpdateValidator:

@@ -117,8 +117,14 @@ META_OPTIONAL: dict[MsgType, dict[str, Expected]] = {
         "downlink": bool,  # the model comes against a reference the worker holds
         "delta_from": int,  # ... as a delta from that version
         "shared": dict,  # ... or to be read from the coordinator's segment here
+        "clients": list,  # virtual clients: [[client, local epochs], ...], an update each
+        "epochs": int,  # a straggler: this many local epochs instead of [train] local_epochs
     },
-    MsgType.UPDATE: {"part": list},  # [index, count]: one part of an update sent in parts
+    MsgType.UPDATE: {
+        "part": list,  # [index, count]: one part of an update sent in parts
+        "client": int,  # the virtual client this update is of
+        "metrics": dict,  # a task's own training loop's extra figures: {name: number}
+    },
     MsgType.OFFER: {"parts": bool},  # the update may be sent in parts
     MsgType.GRANT: {"part": list, "segments": list},  # send that part: [[name, start, stop], ...]
 }

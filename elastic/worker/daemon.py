@@ -77,7 +77,12 @@ class Worker:
         self.runner = TaskRunner(plugins, self.device, config.data, self.id, cancel=self._stop)
         self.ctx = zmq.Context()
         self._work: queue.Queue[Message | None] = queue.Queue()
-        self._results: queue.Queue[Result] = queue.Queue()
+        # Results as the trainer makes them (one per virtual client); None: the WORK is done.
+        self._results: queue.Queue[Result | None] = queue.Queue()
+        # Results made and not yet sent or dropped: the trainer waits while there are
+        # two, so a worker serving many clients holds about two updates, not one each.
+        self._unsent = 0
+        self._unsent_changed = threading.Condition()
         self._wake_addr = f"inproc://worker-wake-{id(self)}"
         self._wake = self.ctx.socket(zmq.PAIR)
         self._wake.bind(self._wake_addr)
@@ -442,8 +447,12 @@ class Worker:
                 result = self._results.get_nowait()
             except queue.Empty:
                 break
-            self._busy = False
+            if result is None:
+                self._busy = False
+                continue
             msg = result.message
+            if msg.key in self._held:  # (the same round asked again)
+                self._release_held(msg.key)
             self._held[msg.key] = result
             if (
                 self.sock is not None
@@ -498,6 +507,7 @@ class Worker:
         if result is None:
             log.debug("grant for an update no longer held key=%s", key)
             return
+        self._gone()
         tracker = None
         if self.sock is not None:
             tracker = self._send(result.message, track=result.buffers is not None)
@@ -510,9 +520,25 @@ class Worker:
 
     def _release_held(self, key: str) -> None:
         result = self._held.pop(key)
+        self._gone()
         tracker = self._sent_part.pop(key, None)
         if result.buffers is not None:
             result.buffers.release_after(tracker)
+
+    def _gone(self) -> None:
+        """A result was sent or dropped: room for the trainer's next."""
+        with self._unsent_changed:
+            self._unsent -= 1
+            self._unsent_changed.notify_all()
+
+    def _room_for_next(self, work: Message) -> bool:
+        """Wait (on the trainer) until at most one result is unsent; False if the
+        rest of ``work``'s clients are not wanted: the worker stops, or a newer
+        WORK for the job came (the round closed)."""
+        with self._unsent_changed:
+            while self._unsent > 1 and not self._stop.is_set() and work.job not in self._pending:
+                self._unsent_changed.wait(0.1)
+        return not self._stop.is_set() and work.job not in self._pending
 
     def _train_loop(self) -> None:
         wake = self.ctx.socket(zmq.PAIR)
@@ -522,8 +548,15 @@ class Worker:
                 work = self._work.get()
                 if work is None:
                     return
-                self._results.put(self.runner.run(work))
+                for result in self.runner.results(work):  # one per virtual client
+                    with self._unsent_changed:
+                        self._unsent += 1
+                    self._results.put(result)
+                    wake.send(b"")
+                    if "clients" in work.meta and not self._room_for_next(work):
+                        break
                 del work  # its tensors may view the coordinator's segment: let it reuse that now
+                self._results.put(None)  # the WORK is done: the trainer is free
                 wake.send(b"")
         finally:
             wake.close(linger=0)

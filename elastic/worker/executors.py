@@ -12,10 +12,11 @@ mode a rule asks for.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -30,6 +31,8 @@ from elastic.worker.intake import JobContext
 
 __all__ = ["WorkExecutor", "LocalTraining", "GradientStep", "Computed", "EXECUTORS"]
 
+MAX_TRAIN_METRICS = 16  # extra figures a task's own loop may report per update
+
 
 @dataclass
 class Computed:
@@ -41,6 +44,7 @@ class Computed:
     loss: float
     seconds: float
     from_parameters: bool
+    metrics: dict[str, float] = field(default_factory=dict)  # a task's own loop's extra figures
 
 
 class WorkExecutor(ABC):
@@ -109,6 +113,7 @@ class LocalTraining(WorkExecutor):
             result.loss,
             seconds,
             from_parameters=True,
+            metrics=result.metrics,
         )
 
     def _task_loop(
@@ -120,7 +125,14 @@ class LocalTraining(WorkExecutor):
             ctx.model,
             ctx.dataset,
             TrainContext(
-                self.device, params, received, self.seed(work), work.round, self.cancel, work.job
+                self.device,
+                params,
+                received,
+                self.seed(work),
+                work.round,
+                self.cancel,
+                work.job,
+                client=int(work.meta["shard"][0]),
             ),
         )
         name = type(ctx.task).__name__
@@ -143,7 +155,32 @@ class LocalTraining(WorkExecutor):
             raise ElasticError(
                 f"{name}.train returned loss={result.loss!r}; it must be a number"
             ) from None
-        return TrainResult(samples, loss)
+        return TrainResult(samples, loss, self._metrics(name, result.metrics))
+
+    @staticmethod
+    def _metrics(name: str, metrics: object) -> dict[str, float]:
+        """A task's extra figures, checked: a few named finite numbers."""
+        if not isinstance(metrics, dict) or len(metrics) > MAX_TRAIN_METRICS:
+            raise ElasticError(
+                f"{name}.train returned metrics={metrics!r}; give a dict of at most "
+                f"{MAX_TRAIN_METRICS} name -> number"
+            )
+        out = {}
+        for key, value in metrics.items():
+            number = float(value.detach()) if isinstance(value, torch.Tensor) else value
+            if (
+                not isinstance(key, str)
+                or not 0 < len(key) <= 64
+                or isinstance(number, bool)
+                or not isinstance(number, int | float)
+                or not math.isfinite(number)
+            ):
+                raise ElasticError(
+                    f"{name}.train returned metric {key!r}: {value!r}; metrics are short names "
+                    "with finite numbers"
+                )
+            out[key] = float(number)
+        return out
 
 
 class GradientStep(WorkExecutor):
@@ -163,6 +200,7 @@ class GradientStep(WorkExecutor):
             work.round - 1,
             int(work.meta["seed"]),
             self.device,
+            train.precision,
         )
         seconds = time.perf_counter() - started
         if ctx.viewing and ctx.shared is not None and not ctx.shared.unchanged():

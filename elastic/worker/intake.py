@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, TensorDataset
 
 from elastic.compression.chain import CodecChain, Compressor, expand
 from elastic.errors import ElasticError, PluginError, ProtocolError
@@ -33,12 +34,18 @@ log = logging.getLogger("elastic.worker.runner")
 Placer = Callable[[dict[str, torch.Tensor], str], dict[str, torch.Tensor] | None]
 
 
+# Datasets kept per job, newest used first: a worker serving virtual clients trains
+# many shards; each is built again once it has dropped out.
+DATASETS_KEPT = 16
+
+
 @dataclass
 class JobContext:
     key: str
     task: Task
     model: torch.nn.Module
-    dataset: Dataset
+    dataset: Dataset  # the shard the WORK (or its client) trains on
+    datasets: OrderedDict[tuple[int, int], Dataset] = field(default_factory=OrderedDict)
     sent: BufferSet | None = None  # the last update, when its frames alias the model
     received: dict[str, torch.Tensor] = field(
         default_factory=dict
@@ -51,6 +58,8 @@ class JobContext:
     cast_sent: BufferSet | None = None  # the last update sent from them
     shared: SharedReader | None = None  # the coordinator's reference in /dev/shm, when on its host
     viewing: bool = False  # the parameters lie in ``shared``'s mapping (taking gradients)
+    # virtual clients' codec state, by client (``runner.CLIENT_STATES`` of them at most)
+    client_states: OrderedDict[int, Compressor] = field(default_factory=OrderedDict)
 
 
 class Intake:
@@ -73,15 +82,7 @@ class Intake:
             ctx = self._context(work)
         except PluginError as exc:
             return "task_unavailable", str(exc)
-        if ctx.sent is not None and not ctx.sent.free:  # ZeroMQ still reads the last update
-            move_to_fresh_memory(ctx.model)
-        ctx.sent = None
-        if (
-            work.meta["mode"] != "gradient"
-            and self.device.type == "cpu"
-            and not work.meta.get("codecs")
-        ):
-            self._into_segment(ctx.model, work.meta["mode"], work.job)
+        self._free_for_training(ctx, work)
         model_in = work.tensors
         if (
             ctx.viewing and work.meta.get("downlink") is not True
@@ -95,28 +96,62 @@ class Intake:
         self._load(ctx.model, model_in)
         return ctx
 
+    def again(self, ctx: JobContext, work: Message, start: Mapping[str, torch.Tensor]) -> None:
+        """The model of a WORK already taken, loaded again from ``start`` (the copy
+        kept after the first load), and the data of ``work``'s shard: the WORK's
+        next virtual client trains from the same model as the first."""
+        self._free_for_training(ctx, work)
+        ctx.dataset = self._dataset(ctx, work)
+        with torch.no_grad():
+            for name, tensor in ctx.model.state_dict().items():
+                tensor.copy_(start[name])
+
+    def _free_for_training(self, ctx: JobContext, work: Message) -> None:
+        """The model's memory made writable: not what the last update is sent from."""
+        if ctx.sent is not None and not ctx.sent.free:  # ZeroMQ still reads the last update
+            move_to_fresh_memory(ctx.model)
+        ctx.sent = None
+        if (
+            work.meta["mode"] != "gradient"
+            and self.device.type == "cpu"
+            and not work.meta.get("codecs")
+        ):
+            self._into_segment(ctx.model, work.meta["mode"], work.job)
+
     def _context(self, work: Message) -> JobContext:
+        """The job's task and model (built again only if the task changes), and the
+        WORK's shard's data."""
         meta = work.meta
-        shard = Shard(int(meta["shard"][0]), int(meta["shard"][1]), int(meta["seed"]))
-        key = json.dumps(
-            [meta["task"], meta["task_params"], meta["shard"], meta["seed"]], sort_keys=True
-        )
+        key = json.dumps([meta["task"], meta["task_params"], meta["seed"]], sort_keys=True)
         ctx = self.jobs.get(work.job)
         if ctx is None or ctx.key != key:
             task = self.plugins.task(meta["task"])(meta["task_params"])
-            model = task.build_model(shard.seed).to(self.device)
-            dataset = task.train_dataset(shard, self.data_dir)
-            ctx = JobContext(key, task, model, dataset)
+            model = task.build_model(int(meta["seed"])).to(self.device)
+            ctx = JobContext(key, task, model, dataset=TensorDataset())  # the shard's: below
             self.jobs[work.job] = ctx
-            log.info(
-                "job loaded job=%s task=%s shard=%d/%d samples=%d",
+            log.info("job loaded job=%s task=%s", work.job, meta["task"])
+        ctx.dataset = self._dataset(ctx, work)
+        return ctx
+
+    def _dataset(self, ctx: JobContext, work: Message) -> Dataset:
+        index, count = int(work.meta["shard"][0]), int(work.meta["shard"][1])
+        dataset = ctx.datasets.get((index, count))
+        if dataset is None:
+            dataset = ctx.task.train_dataset(
+                Shard(index, count, int(work.meta["seed"])), self.data_dir
+            )
+            ctx.datasets[(index, count)] = dataset
+            while len(ctx.datasets) > DATASETS_KEPT:
+                ctx.datasets.popitem(last=False)
+            log.debug(
+                "shard loaded job=%s shard=%d/%d samples=%d",
                 work.job,
-                meta["task"],
-                shard.index,
-                shard.count,
+                index,
+                count,
                 len(dataset),  # type: ignore[arg-type]
             )
-        return ctx
+        ctx.datasets.move_to_end((index, count))
+        return dataset
 
     def _load(self, model: torch.nn.Module, tensors: dict[str, WireTensor]) -> None:
         state = model.state_dict()

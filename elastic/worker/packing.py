@@ -73,7 +73,7 @@ class Packer:
             round=work.round,
             version=work.version,
             sender=self.worker_id,
-            key=f"{self.worker_id}/{work.job}/{work.round}",
+            key=work.key,  # the coordinator's (worker/job/round, and /client for a virtual client)
             meta=meta,
             tensors={k: WireTensor.from_tensor(v) for k, v in tensors.items()},
             encodings=encodings,

@@ -1,15 +1,20 @@
-"""Runs one unit of work: intake (the job's model and data, the received model
-loaded), compute (the executor the WORK's mode asks for: ``executors.py``), packing
-(the UPDATE that carries the result)."""
+"""Runs one WORK: intake (the job's model and data, the received model loaded),
+compute (the executor the WORK's mode asks for: ``executors.py``), packing (the
+UPDATE that carries the result). A WORK for virtual clients is run once per client,
+each from the same received model, on its own shard, its update under its own key."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
+from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from elastic.compression.chain import Compressor
 from elastic.errors import Cancelled, ElasticError
 from elastic.plugins import Plugins
 from elastic.training import update_kind
@@ -18,9 +23,47 @@ from elastic.worker.executors import EXECUTORS, WorkExecutor
 from elastic.worker.intake import Intake, JobContext, Placer
 from elastic.worker.packing import Packer, Result
 
-__all__ = ["TaskRunner", "Result"]
+__all__ = ["TaskRunner", "Result", "client_works"]
 
 log = logging.getLogger("elastic.worker.runner")
+
+# Virtual clients' codec state (error-feedback residuals) kept per job, the newest
+# used first: a client that comes back after dropping out starts with none.
+CLIENT_STATES = 64
+
+
+def client_works(work: Message) -> list[Message]:
+    """The WORK as its units: itself, or with virtual clients one WORK per client
+    (its shard, its local epochs, its key, ``client``), sharing the model's frames; a
+    straggler's local epochs (``epochs``) in place of the job's."""
+    clients = work.meta.get("clients")
+    train = dict(work.meta["train"])
+    if clients is None:
+        if "epochs" in work.meta:
+            train["local_epochs"] = work.meta["epochs"]
+            return [dataclasses.replace(work, meta={**work.meta, "train": train})]
+        return [work]
+    count = int(work.meta["shard"][1])
+    units = []
+    for entry in clients:
+        if (
+            not isinstance(entry, list)
+            or len(entry) != 2
+            or not all(type(x) is int for x in entry)
+            or not 0 <= entry[0] < count
+            or entry[1] < 1
+        ):
+            raise ElasticError(f"bad clients entry {entry!r}: [client, epochs] expected")
+        client, epochs = entry
+        meta = {k: v for k, v in work.meta.items() if k != "clients"}
+        # (``client`` marks the unit; units never go on the wire)
+        meta |= {
+            "shard": [client, count],
+            "train": train | {"local_epochs": epochs},
+            "client": client,
+        }
+        units.append(dataclasses.replace(work, meta=meta, key=f"{work.key}/{client}"))
+    return units
 
 
 class TaskRunner:
@@ -58,37 +101,79 @@ class TaskRunner:
         return self.intake.jobs
 
     def run(self, work: Message) -> Result:
-        """The UPDATE for a WORK message, or a NACK saying why the work cannot be done."""
-        try:
-            return self._run(work)
-        except Cancelled as exc:
-            return self._nack(work, "cancelled", str(exc))
-        except ElasticError as exc:
-            return self._nack(work, "work_failed", str(exc))
-        except Exception as exc:  # a task's bug is reported to the coordinator, not fatal here
-            log.exception("work failed job=%s round=%d", work.job, work.round)
-            return self._nack(work, "work_failed", f"{type(exc).__name__}: {exc}")
+        """The one UPDATE (or NACK) of a WORK without virtual clients."""
+        if "clients" in work.meta:
+            raise ElasticError("a WORK for virtual clients has an update each: use results()")
+        return next(self.results(work))
 
-    def _run(self, work: Message) -> Result:
+    def results(self, work: Message) -> Iterator[Result]:
+        """The UPDATE for a WORK message, or a NACK saying why the work cannot be
+        done; with virtual clients, one for each client, as each is trained."""
         mode = work.meta["mode"]
         executor = self.executors.get(mode)
-        if executor is None:
-            raise ElasticError(
-                f"unknown work mode {mode!r}; this worker knows {', '.join(sorted(self.executors))}"
-            )
-        ctx = self.intake.take(work)
-        if isinstance(ctx, tuple):
-            return self._nack(work, *ctx)
+        try:
+            if executor is None:
+                raise ElasticError(
+                    f"unknown work mode {mode!r}; this worker knows "
+                    f"{', '.join(sorted(self.executors))}"
+                )
+            units = client_works(work)
+        except ElasticError as exc:
+            yield self._nack(work, "work_failed", str(exc))
+            return
+        start: dict[str, torch.Tensor] | None = None  # the received model, for the next client
+        for i, unit in enumerate(units):
+            ctx: JobContext | None = None
+            try:
+                if i == 0:
+                    taken = self.intake.take(unit)
+                    if isinstance(taken, tuple):
+                        yield self._nack(work, *taken)  # no client of this WORK can train
+                        return
+                    ctx = taken
+                    if len(units) > 1:
+                        start = {k: v.detach().clone() for k, v in ctx.model.state_dict().items()}
+                else:
+                    ctx = self.intake.jobs[work.job]
+                    assert start is not None
+                    self.intake.again(ctx, unit, start)
+                yield self._run(ctx, unit, executor)
+            except Cancelled as exc:
+                yield self._nack(unit, "cancelled", str(exc))
+                return
+            except ElasticError as exc:
+                yield self._nack(unit, "work_failed", str(exc))
+            except Exception as exc:  # a task's bug is reported to the coordinator, not fatal
+                log.exception("work failed job=%s round=%d", unit.job, unit.round)
+                yield self._nack(unit, "work_failed", f"{type(exc).__name__}: {exc}")
+
+    def _run(self, ctx: JobContext, work: Message, executor: WorkExecutor) -> Result:
+        client = work.meta.get("client")
+        if client is not None:  # its own codec state
+            ctx.compressor = self._client_states(ctx).pop(client, None)
         computed = executor.compute(ctx, work, relative=bool(self.packer.chain(ctx, work)))
         if isinstance(computed, tuple):
             return self._nack(work, *computed)
         meta = {
             "num_samples": computed.num_samples,
             "loss": computed.loss,
-            "kind": update_kind(mode),
+            "kind": update_kind(work.meta["mode"]),
             "train_seconds": computed.seconds,
+            **({"metrics": computed.metrics} if computed.metrics else {}),
         }
-        return self.packer.pack(ctx, work, computed.update, meta, computed.from_parameters)
+        if client is not None:
+            meta["client"] = client
+        result = self.packer.pack(ctx, work, computed.update, meta, computed.from_parameters)
+        if client is not None and ctx.compressor is not None:
+            states = self._client_states(ctx)
+            states[client] = ctx.compressor
+            while len(states) > CLIENT_STATES:
+                states.popitem(last=False)
+        return result
+
+    @staticmethod
+    def _client_states(ctx: JobContext) -> OrderedDict[int, Compressor]:
+        return ctx.client_states
 
     def _nack(self, work: Message, reason: str, detail: str) -> Result:
         log.warning(

@@ -697,3 +697,65 @@ def test_a_part_that_is_not_the_granted_one_is_refused(tmp_path: Path) -> None:
     )  # half folded: given up; with nobody else, run again
     second.meta["kind"] = kind
     assert engine.upload_parts(0) is None
+
+
+def client_update(engine: RoundEngine, work: Message, worker: str, client: int, **meta) -> Message:
+    msg = update_for(engine, work, worker, 1.0, key=f"{worker}/{work.job}/{work.round}/{client}")
+    msg.meta |= {"client": client, **meta}
+    return msg
+
+
+def test_virtual_clients_each_send_their_update_and_the_round_waits_for_all(
+    tmp_path: Path,
+) -> None:
+    engine, _, _ = make(tmp_path, clients=40, clients_per_round=6)
+    out = {o.worker: o.message for o in engine.tick(members("a", "b"))}
+    asked = {w: [c for c, _ in m.meta["clients"]] for w, m in out.items()}
+    assert sorted(len(v) for v in asked.values()) == [3, 3]
+    assert all(m.meta["shard"] == [min(asked[w]), 40] for w, m in out.items())
+    a0, a1, a2 = asked["a"]
+    w0 = engine.job.model.weight.detach().clone()
+    assert engine.on_update("a", client_update(engine, out["a"], "a", a0)).type is MsgType.ACK
+    refusals = {
+        "duplicate": client_update(engine, out["a"], "a", a0),
+        "not_participant": client_update(engine, out["a"], "a", asked["b"][0]),
+        "bad_key": client_update(engine, out["a"], "a", a1),
+    }
+    refusals["bad_key"].meta["client"] = a2  # its key names a1
+    no_client = update_for(engine, out["a"], "a", 1.0)  # as if the job had none
+    assert engine.on_update("a", no_client).meta["reason"] == "not_participant"
+    for reason, msg in refusals.items():
+        assert engine.on_update("a", msg).meta["reason"] == reason
+    bad = client_update(engine, out["a"], "a", a1, metrics={"x" * 65: 1.0})
+    assert engine.on_update("a", bad).meta["reason"] == "bad_metrics"
+    # one client fails: its worker's others go on, and the round does not wait for it
+    engine.on_worker_failed("a", 1, "work_failed: boom", key=f"a/j/1/{a1}")
+    assert engine.on_update("a", client_update(engine, out["a"], "a", a2)).type is MsgType.ACK
+    for c in asked["b"]:
+        msg = client_update(engine, out["b"], "b", c, metrics={"acc": float(c)})
+        assert engine.on_update("b", msg).type is MsgType.ACK
+    record = engine.job.history[-1]
+    assert record["updates"] == 5 and record["asked"] == 6
+    assert record["clients"] == sorted([a0, a2, *asked["b"]])
+    assert record["train_acc"] == pytest.approx(sum(asked["b"]) / 3)  # over those that sent it
+    assert torch.allclose(engine.job.model.weight.detach(), w0 + 1.0)
+
+
+def test_virtual_clients_need_a_rule_that_trains_locally(tmp_path: Path) -> None:
+    with pytest.raises(JobSpecError, match="data-parallel gradient steps"):
+        make(tmp_path, clients=10, rule="syncavg")
+    with pytest.raises(JobSpecError, match="needs a synchronous rule"):
+        make(tmp_path, clients=10, rule="async")
+
+
+def test_stragglers_are_told_their_epochs_or_not_asked(tmp_path: Path) -> None:
+    engine, _, _ = make(tmp_path, min_workers=1)
+    engine.job.spec = parse_job_spec(
+        {
+            "job": {"id": "j", "task": "linreg", "rule": "fedavg", "min_workers": 1},
+            "train": {"local_epochs": 8, "stragglers": 0.5, "straggler_epochs": [1, 3]},
+        }
+    )
+    out = engine.tick(members("a", "b", "c", "d"))
+    epochs = sorted(o.message.meta.get("epochs", 8) for o in out)
+    assert len(out) == 4 and epochs[2:] == [8, 8] and all(1 <= e <= 3 for e in epochs[:2])

@@ -82,6 +82,18 @@ class OwnLoop(LinReg):
 class Sloppy(LinReg):
     def train(self, model, dataset, ctx):
         return len(dataset), 0.5
+
+
+class Figures(LinReg):
+    def train(self, model, dataset, ctx):
+        with ctx.autocast():
+            loss = self.loss(model, *dataset.tensors)
+        return TrainResult(len(dataset), loss, {"client": ctx.client, "half": torch.tensor(0.5)})
+
+
+class BadFigures(LinReg):
+    def train(self, model, dataset, ctx):
+        return TrainResult(len(dataset), 0.5, {"nan": float("nan")})
 '''
 
 
@@ -136,3 +148,12 @@ def test_a_task_that_does_not_load_is_a_nack_saying_where(tmp_path) -> None:  # 
     nack = run_task(f"{tmp_path}/gone.py:Gone")
     assert nack.type is MsgType.NACK and nack.meta["reason"] == "task_unavailable"
     assert f"{tmp_path}/gone.py does not exist here" in nack.meta["detail"]
+
+
+def test_a_loops_extra_figures_travel_checked(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "own.py").write_text(OWN_LOOP)
+    update = run_task(f"{tmp_path}/own.py:Figures")
+    assert update.type is MsgType.UPDATE, update.meta
+    assert update.meta["metrics"] == {"client": 0.0, "half": 0.5}  # the shard's index: 0
+    nack = run_task(f"{tmp_path}/own.py:BadFigures")
+    assert nack.type is MsgType.NACK and "metric 'nan'" in nack.meta["detail"]

@@ -508,3 +508,83 @@ def _scaled(model: torch.nn.Module, factor: float) -> torch.nn.Module:
     m = LinReg({"samples": 40, "features": 3}).build_model(3)
     m.load_state_dict({k: v * factor for k, v in model.state_dict().items()})
     return m
+
+
+def expected_for_shard(model: torch.nn.Module, index: int, count: int) -> dict[str, torch.Tensor]:
+    from elastic.api import Shard
+
+    task = LinReg({"samples": 40, "features": 3})
+    x, y = task.train_dataset(Shard(index, count, 0), None).tensors
+    m = task.build_model(0)
+    m.load_state_dict(model.state_dict())
+    task.loss(m, x, y).backward()
+    return {n: model.state_dict()[n] - 0.1 * p.grad for n, p in m.named_parameters()}
+
+
+def test_virtual_clients_each_train_from_the_model_sent_on_their_own_shard() -> None:
+    model = LinReg({"samples": 40, "features": 3}).build_model(3)
+    msg = work("train", model)
+    msg.meta |= {"shard": [1, 4], "clients": [[1, 1], [3, 1], [2, 1]]}
+    runner = TaskRunner(Plugins(), torch.device("cpu"), None, "w")
+    with pytest.raises(Exception, match="use results"):
+        runner.run(msg)
+    updates = [r.message for r in runner.results(msg)]
+    assert [(u.key, u.meta["client"]) for u in updates] == [
+        ("w/j/1/1", 1),
+        ("w/j/1/3", 3),
+        ("w/j/1/2", 2),
+    ]
+    for update in updates:  # each from the model sent, not from the client before's
+        want = expected_for_shard(model, update.meta["client"], 4)
+        for name, tensor in want.items():
+            assert torch.allclose(update.tensors[name].to_tensor(), tensor, atol=1e-6), name
+    assert updates[0].meta["num_samples"] == 10
+
+
+@pytest.mark.parametrize(
+    "clients, detail",
+    [
+        ([[9, 1]], "bad clients entry [9, 1]"),
+        ([[1]], "bad clients entry [1]"),
+        ([[1, 0]], "[1, 0]"),
+    ],
+)
+def test_a_bad_clients_list_is_one_nack(clients: list, detail: str) -> None:
+    msg = work("train", LinReg({"samples": 40, "features": 3}).build_model(3))
+    msg.meta |= {"shard": [1, 4], "clients": clients}
+    [result] = TaskRunner(Plugins(), torch.device("cpu"), None, "w").results(msg)
+    assert result.message.type is MsgType.NACK and detail in result.message.meta["detail"]
+
+
+def test_a_straggler_does_the_epochs_it_is_told() -> None:
+    model = LinReg({"samples": 40, "features": 3}).build_model(3)
+    one, three = work("train", model), work("train", model)
+    three.meta["epochs"] = 3
+    runner = TaskRunner(Plugins(), torch.device("cpu"), None, "w")
+    a = runner.run(one).message.tensors["weight"].to_tensor().clone()
+    b = runner.run(three).message.tensors["weight"].to_tensor().clone()
+    assert not torch.allclose(a, b)
+    three.meta["epochs"] = 1
+    assert torch.allclose(runner.run(three).message.tensors["weight"].to_tensor(), a)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_trains_and_sends_fp32(precision: str) -> None:
+    model = LinReg({"samples": 40, "features": 3}).build_model(3)
+    msg = work("train", model)
+    msg.meta["train"] = {**msg.meta["train"], "precision": precision}
+    update = TaskRunner(Plugins(), torch.device("cpu"), None, "w").run(msg).message
+    for name, want in expected("train", model).items():
+        got = update.tensors[name].to_tensor()
+        assert got.dtype == torch.float32 and torch.allclose(got, want, atol=0.05), name
+        assert not torch.equal(got, model.state_dict()[name])
+
+
+@cuda
+def test_fp16_on_cuda_scales_its_gradients() -> None:
+    model = LinReg({"samples": 40, "features": 3}).build_model(3)
+    msg = work("train", model)
+    msg.meta["train"] = {**msg.meta["train"], "precision": "fp16"}
+    update = TaskRunner(Plugins(), torch.device("cuda"), None, "w").run(msg).message
+    for name, want in expected("train", model).items():
+        assert torch.allclose(update.tensors[name].to_tensor(), want, atol=0.01), name
