@@ -39,16 +39,25 @@ def _figure(status: dict[str, Any]) -> bytes:
     )
 
     loss = axes[0][0]
-    loss.plot(rounds, [h.get("loss") for h in history], label="training loss", color="tab:blue")
-    evaluated = [h for h in history if "eval_loss" in h]
-    if evaluated:
-        loss.plot(
-            [h["round"] for h in evaluated],
-            [h["eval_loss"] for h in evaluated],
-            label="evaluation loss",
-            color="tab:orange",
-            marker=".",
-        )
+    loss.plot(
+        rounds,
+        [h.get("loss") for h in history],
+        label="clients' training loss (local)",
+        color="tab:blue",
+    )
+    for key, label, color in (
+        ("eval_loss", "evaluation loss", "tab:orange"),
+        ("global_train_loss", "global model's training loss", "tab:green"),
+    ):
+        evaluated = [h for h in history if key in h]
+        if evaluated:
+            loss.plot(
+                [h["round"] for h in evaluated],
+                [h[key] for h in evaluated],
+                label=label,
+                color=color,
+                marker=".",
+            )
     loss.set(
         title="loss per round",
         xlabel="round",

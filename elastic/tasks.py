@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 
 from elastic.errors import Cancelled
 from elastic.jobspec import TrainParams
+from elastic.precision import autocast
 
 __all__ = ["Task", "Shard", "TrainContext", "TrainResult"]
 
@@ -85,8 +86,6 @@ class TrainContext:
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         """The forward pass's context for ``[train] precision`` (autocast to bf16
         or fp16 on ``device``; nothing for fp32): ``with ctx.autocast(): loss = ...``."""
-        from elastic.training import autocast
-
         return autocast(self.device, self.params.precision)
 
     def cancelled(self) -> bool:
@@ -139,6 +138,14 @@ class Task(ABC):
     @abstractmethod
     def test_dataset(self, data_dir: Path | None) -> Dataset:
         """The held-out evaluation data (used by the coordinator)."""
+
+    def global_train_dataset(self, data_dir: Path | None) -> Dataset | None:
+        """Training data (all of it, or a fixed sample) the coordinator evaluates the
+        global model on at each evaluation: the history's ``global_train_loss``, the
+        objective federated training minimises (the history's ``loss`` is the
+        clients' own, during their local epochs). None (the default): not measured.
+        """
+        return None
 
     @abstractmethod
     def loss(

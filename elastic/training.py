@@ -6,16 +6,15 @@ Workers use ``local_train`` (rules whose ``worker_mode`` is ``"train"``) and
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from elastic.errors import Cancelled
 from elastic.jobspec import TrainParams
+from elastic.precision import autocast, grad_scaler
 from elastic.tasks import Task, TrainResult
 
 __all__ = [
@@ -27,26 +26,7 @@ __all__ = [
     "update_template",
     "update_kind",
     "move_to_fresh_memory",
-    "autocast",
 ]
-
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """The forward pass's context for ``[train] precision``: torch's autocast to
-    bf16 or fp16 on ``device``, or nothing for fp32."""
-    dtype = _AUTOCAST_DTYPES.get(precision)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def _grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
-    """fp16 on CUDA scales the loss, so small gradients do not flush to zero."""
-    if precision == "fp16" and device.type == "cuda":
-        return torch.amp.GradScaler("cuda")
-    return None
 
 
 def dataset_tensors(
@@ -104,13 +84,13 @@ def local_train(
     the task's loss: its gradient μ(w − w_start) is added after ``backward``, so any
     task gets it unchanged. The loss reported is the task's own.
 
-    ``params.precision`` runs the forward pass under autocast (``autocast``), fp16
+    ``params.precision`` runs the forward pass under autocast (``elastic.precision``), fp16
     on CUDA with a gradient scaler. Raises ``Cancelled`` between batches once
     ``cancel`` is set (a daemon stopping).
     """
     model.train()
     optimizer = _optimizer(model, params)
-    scaler = _grad_scaler(device, params.precision)
+    scaler = grad_scaler(device, params.precision)
     trained = [p for p in model.parameters() if p.requires_grad]
     anchors = [p.detach().clone() for p in trained] if params.prox_mu > 0 else []
     generator = torch.Generator().manual_seed(seed)
@@ -180,16 +160,20 @@ def batch_gradient(
 
 @torch.no_grad()
 def evaluate(
-    task: Task, model: torch.nn.Module, dataset: Dataset, device: torch.device | str = "cpu"
+    task: Task,
+    model: torch.nn.Module,
+    dataset: Dataset,
+    device: torch.device | str = "cpu",
+    metrics: bool = True,
 ) -> dict[str, float]:
-    """Mean loss (``eval_loss``) and the task's metrics over ``dataset``."""
+    """Mean loss (``eval_loss``) and (with ``metrics``) the task's metrics over ``dataset``."""
     device = torch.device(device)
     model.eval()
     sums: dict[str, float] = {}
     total_loss, n = 0.0, 0
     for inputs, targets in _batches(dataset, 4096, device, None):
         total_loss += float(task.loss(model, inputs, targets)) * len(targets)
-        for key, value in task.metrics(model, inputs, targets).items():
+        for key, value in (task.metrics(model, inputs, targets) if metrics else {}).items():
             sums[key] = sums.get(key, 0.0) + float(value)
         n += len(targets)
     out = {"eval_loss": total_loss / max(n, 1)}

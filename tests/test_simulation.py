@@ -51,6 +51,22 @@ def test_rules_reach_090_on_non_iid_digits_within_30_rounds(
     accuracy = [h["accuracy"] for h in job.history]
     assert len(accuracy) == 30 and max(accuracy) >= 0.90, accuracy
     assert job.history[-1]["updates"] == 4 and (tmp_path / "ni" / "final.safetensors").exists()
+    # the global model on the training data, beside the clients' local loss
+    losses = [h["global_train_loss"] for h in job.history]
+    assert (
+        losses[-1] < losses[0] / 2
+        and job.history[-1]["global_train_loss"] != job.history[-1]["loss"]
+    )
+
+
+def test_virtual_clients_with_stragglers_in_simulation(tmp_path: Path) -> None:
+    """200 clients on 2 simulated workers, 20 a round, half of them stragglers."""
+    data = non_iid("fedavg", local_epochs=5, batch_size=8, stragglers=0.5)
+    data["job"] |= {"clients": 200, "clients_per_round": 20, "min_workers": 2, "rounds": 20}
+    data["task"] = {"partition": "iid"}
+    job = simulate(parse_job_spec(data), 2, Plugins(), tmp_path)
+    assert all(h["updates"] == 20 and len(set(h["clients"])) == 20 for h in job.history)
+    assert job.history[-1]["accuracy"] >= 0.7, [round(h["accuracy"], 3) for h in job.history]
 
 
 def test_async_rules_run_in_simulation_too(tmp_path: Path) -> None:

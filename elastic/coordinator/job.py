@@ -113,6 +113,7 @@ class Job:
         self.started_wall = time.time()
         self.started_at: float | None = None  # when work was first handed out (unix time)
         self._test_data: Dataset | None = None
+        self._train_data: Dataset | None = None
         self.resumed_from: int | None = None
         self._resume()
 
@@ -125,9 +126,16 @@ class Job:
         return self.state in (JobState.FINISHED, JobState.FAILED, JobState.CANCELLED)
 
     def evaluate(self) -> dict[str, float]:
+        """The global model on the held-out data (``eval_loss`` and the task's
+        metrics) and, when the task offers training data, ``global_train_loss``."""
         if self._test_data is None:
             self._test_data = self.task.test_dataset(None)
-        return evaluate(self.task, self.model, self._test_data)
+            self._train_data = self.task.global_train_dataset(None)
+        figures = evaluate(self.task, self.model, self._test_data)
+        if self._train_data is not None:
+            on_train = evaluate(self.task, self.model, self._train_data, metrics=False)
+            figures["global_train_loss"] = on_train["eval_loss"]
+        return figures
 
     # ------------------------------------------------------------ persistence --
 

@@ -115,6 +115,11 @@ class Digits(Task):
         idx = train[parts[shard.index % shard.count]]
         return TensorDataset(torch.from_numpy(x[idx]), torch.from_numpy(y[idx]))
 
+    def global_train_dataset(self, data_dir: Path | None) -> TensorDataset:
+        x, y = _load()
+        train, _ = _split(self.test_fraction, 0)
+        return TensorDataset(torch.from_numpy(x[train]), torch.from_numpy(y[train]))
+
     def test_dataset(self, data_dir: Path | None) -> TensorDataset:
         x, y = _load()
         _, test = _split(self.test_fraction, 0)

@@ -22,6 +22,7 @@ from .conftest import Cluster, big_job, wait_for, write_job
 pytestmark = pytest.mark.slow
 
 RECORDER = Path(__file__).parent / "recorder"
+PROBE = Path(__file__).parent / "tasks" / "probe_clients.py"
 
 
 def recorded(directory: Path) -> set[tuple[str, str, str]]:
@@ -62,15 +63,37 @@ rounds = 4
 min_workers = 2
 [task]
 features = 8
+[train]
+local_epochs = 2
+stragglers = 0.5
+straggler_epochs = [1, 1]
 [compression]
 update = ["fp16"]
 model = ["fp16"]
 """,
     )
+    # Job "vc": virtual clients, a task with its own loop and figures of its own.
+    vc = write_job(
+        tmp_path / "vc.toml",
+        f"""
+[job]
+id = "vc"
+task = "{PROBE}:ProbeClients"
+rule = "fedavg"
+rounds = 2
+min_workers = 2
+clients = 10
+clients_per_round = 4
+eval_every = 0
+[task]
+log = "{tmp_path / "vc.log"}"
+dim = 4
+""",
+    )
     control = f"tcp://127.0.0.1:{free_port()}"
-    cluster.coordinator(big, cz, extra=("--upload-part", "1048576", "--control", control))
+    cluster.coordinator(big, cz, vc, extra=("--upload-part", "1048576", "--control", control))
     workers = [cluster.worker("w0"), cluster.worker("w1", "--no-shared-memory")]
-    for job in ("big", "cz"):
+    for job in ("big", "cz", "vc"):
         cluster.wait_status(job, lambda s: s["state"] == "finished", 120, f"job {job} to finish")
     ls = subprocess.run(
         [sys.executable, "-m", "elastic", "job", "ls", "--coordinator", control],
