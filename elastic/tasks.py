@@ -139,6 +139,12 @@ class Task(ABC):
     def test_dataset(self, data_dir: Path | None) -> Dataset:
         """The held-out evaluation data (used by the coordinator)."""
 
+    def derived_metrics(self, figures: Mapping[str, float]) -> dict[str, float]:
+        """Figures computed from an evaluation's means (``eval_loss`` and the
+        ``metrics`` averages), for those that are no mean of per-sample figures:
+        ``{"perplexity": math.exp(figures["eval_loss"])}``. The default adds none."""
+        return {}
+
     def global_train_dataset(self, data_dir: Path | None) -> Dataset | None:
         """Training data (all of it, or a fixed sample) the coordinator evaluates the
         global model on at each evaluation: the history's ``global_train_loss``, the

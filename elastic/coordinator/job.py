@@ -132,6 +132,7 @@ class Job:
             self._test_data = self.task.test_dataset(None)
             self._train_data = self.task.global_train_dataset(None)
         figures = evaluate(self.task, self.model, self._test_data)
+        figures |= self.task.derived_metrics(dict(figures))
         if self._train_data is not None:
             on_train = evaluate(self.task, self.model, self._train_data, metrics=False)
             figures["global_train_loss"] = on_train["eval_loss"]

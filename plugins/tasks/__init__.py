@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 
-__all__ = ["seeded"]
+from elastic.api import JobSpecError
+
+__all__ = ["seeded", "data_file", "held_out"]
 
 
 def seeded(seed: int, build):  # type: ignore[no-untyped-def]
@@ -12,3 +17,26 @@ def seeded(seed: int, build):  # type: ignore[no-untyped-def]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return build()
+
+
+def data_file(task: str, path: str, data_dir: Path | None) -> Path:
+    """Where ``[task] path`` is on this host: as given when absolute; relative, under
+    the process's data directory (a worker's ``--data``) when it has one, else under
+    the working directory. A path that is not there is one error naming both."""
+    given = Path(path).expanduser()
+    where = given if given.is_absolute() else (data_dir or Path.cwd()) / given
+    if not where.exists():
+        base = "absolute" if given.is_absolute() else f"under {data_dir or Path.cwd()}"
+        raise JobSpecError(
+            f"task {task}: its data {path!r} is not here ({base}: {where}); give [task] path "
+            "as an absolute path, or start the worker with --data DIR holding it"
+        )
+    return where
+
+
+def held_out(n: int, test_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed random split of ``n`` samples into train and test indices (sorted), the
+    same on every host."""
+    order = np.random.default_rng(seed).permutation(n)
+    k = max(1, int(round(n * test_fraction))) if n > 1 else 0
+    return np.sort(order[k:]), np.sort(order[:k])
