@@ -102,6 +102,7 @@ class Run:
     cpu_samples: list[tuple[float, float]] = field(
         default_factory=list
     )  # (time.time(), coordinator CPU seconds)
+    total_rss_samples: list[float] = field(default_factory=list)  # every daemon's, summed
 
     def cpu_between(self, start: float, end: float) -> float:
         """The coordinator's CPU seconds between two wall-clock times (sampled every 50 ms)."""
@@ -115,6 +116,11 @@ class Run:
     @property
     def peak_rss_mb(self) -> float:
         return max(self.rss_samples, default=0.0)
+
+    @property
+    def peak_total_rss_mb(self) -> float:
+        """The coordinator's and the workers' resident memory together, at its peak."""
+        return max(self.total_rss_samples, default=0.0)
 
 
 def run_job(
@@ -211,12 +217,14 @@ def run_job(
                 ],
             )
         samples: list[float] = []
+        totals: list[float] = []
         cpu: list[tuple[float, float]] = []
         stop = threading.Event()
 
         def sample() -> None:
             while not stop.is_set():
                 samples.append(rss_mb(coordinator.pid))
+                totals.append(sum(rss_mb(p.pid) for p in procs))
                 cpu.append((time.time(), cpu_seconds(coordinator.pid)))
                 stop.wait(0.05)
 
@@ -241,4 +249,4 @@ def run_job(
                 "the coordinator exited with "
                 f"{coordinator.returncode}:\n{(root / 'coordinator.log').read_text()[-3000:]}"
             )
-        return Run(json.loads(status_file.read_text()), samples, wall, cpu)
+        return Run(json.loads(status_file.read_text()), samples, wall, cpu, totals)

@@ -26,146 +26,24 @@ Flower / elastic (targets: >= 30 at 25M, >= 300 at 1K).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
-from benchmarks.cluster import free_port, run_job, stop_processes, synthetic_job
+from benchmarks.cluster import run_job, synthetic_job
+from benchmarks.flower import FLWR, run_flower
 from benchmarks.plotting import bar_chart
 
-ROOT = Path(__file__).resolve().parents[1]
 APP = Path(__file__).parent / "flower_app"
-VENV = ROOT / ".venv-flower"
-FLWR = "flwr==1.41.0"
-
-
-def flower_env() -> Path:
-    """Flower's own virtual environment, made on first use."""
-    if not (VENV / "bin" / "flower-superlink").exists():
-        print(f"installing {FLWR} into {VENV} ...", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-        subprocess.run(
-            [
-                str(VENV / "bin" / "pip"),
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                FLWR,
-                "numpy",
-            ],
-            check=True,
-        )
-    return VENV / "bin"
-
-
-def wait_listening(port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
 
 
 def flower_round_times(params: int, nodes: int, rounds: int) -> list[float]:
-    bin_dir = flower_env()
-    with tempfile.TemporaryDirectory(prefix="flbench-") as tmp:
-        root = Path(tmp)
-        link = free_port()  # since flwr 1.41 one HTTP port serves the Fleet and Control APIs
-        home = root / "flwr-home"
-        home.mkdir()
-        (home / "config.toml").write_text(
-            '[superlink]\ndefault = "bench"\n\n[superlink.bench]\naddress = '
-            f'"127.0.0.1:{link}"\ninsecure = true\n'
-        )
-        env = dict(
-            os.environ,
-            FLWR_HOME=str(home),
-            PYTHONUNBUFFERED="1",
-            PATH=f"{bin_dir}:{os.environ.get('PATH', '')}",
-        )  # Flower starts its own helpers by name
-        procs: list[subprocess.Popen] = []
-
-        def spawn(name: str, argv: list[str]) -> subprocess.Popen:
-            with open(root / f"{name}.log", "ab") as out:
-                p = subprocess.Popen(
-                    argv,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    env=env,
-                    cwd=root,
-                )
-            procs.append(p)
-            return p
-
-        out_file = root / "rounds.json"
-        try:
-            spawn(
-                "superlink",
-                [
-                    str(bin_dir / "flower-superlink"),
-                    "--insecure",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(link),
-                    "--disable-runtime-dependency-installation",
-                ],
-            )
-            wait_listening(link)
-            for i in range(nodes):
-                spawn(
-                    f"supernode{i}",
-                    [
-                        str(bin_dir / "flower-supernode"),
-                        "--insecure",
-                        "--superlink",
-                        f"127.0.0.1:{link}",
-                        "--host",
-                        "127.0.0.1",
-                        "--port",
-                        str(free_port()),
-                        "--node-config",
-                        f"partition-id={i}",
-                    ],
-                )
-            config = f'params={params} nodes={nodes} rounds={rounds} out-file="{out_file}"'
-            run = spawn(
-                "flwr-run",
-                [
-                    str(bin_dir / "flwr"),
-                    "run",
-                    str(APP),
-                    "bench",
-                    "--run-config",
-                    config,
-                    "--stream",
-                ],
-            )
-            deadline = time.monotonic() + 120 + rounds * (30 + params / 1e6)
-            while not out_file.exists():
-                if time.monotonic() > deadline or (
-                    run.poll() is not None and not out_file.exists() and run.returncode != 0
-                ):
-                    logs = "\n".join(
-                        f"----- {p.name}\n{p.read_text(errors='replace')[-2000:]}"
-                        for p in sorted(root.glob("*.log"))
-                    )
-                    raise RuntimeError(f"the Flower run did not finish\n{logs}")
-                time.sleep(0.2)
-            time.sleep(0.2)
-            marks = json.loads(out_file.read_text())
-        finally:
-            stop_processes(procs, grace=15)
+    marks, _ = run_flower(
+        APP,
+        {"params": params, "rounds": rounds},
+        nodes,
+        simulation=False,
+        timeout=120 + rounds * (30 + params / 1e6),
+    )
     return [b - a for a, b in zip(marks, marks[1:], strict=False)][
         1:
     ]  # marks: before round 1, after each; round 1 warms up

@@ -9,9 +9,8 @@ worker's ``--data``):
 - an ``.npz`` with ``x`` (N x H x W x C or N x C x H x W, uint8 or float in [0, 1])
   and ``y`` (N class indices), and optionally ``x_test`` and ``y_test``.
 
-The model is a ResNet of ``BasicBlock`` stages (He et al. 2016, in the CIFAR form:
-a 3x3 stem, no max-pool): ``width = 64`` and ``blocks = [2, 2, 2, 2]`` is ResNet-18
-(about 11 M parameters); the default ``width = 16`` is a sixteenth of its size.
+The model is ``resnet.ResNet``: ``width = 64`` and ``blocks = [2, 2, 2, 2]`` is
+ResNet-18 (about 11 M parameters); the default ``width = 16`` is a sixteenth of its size.
 ``norm = "group"`` swaps BatchNorm for GroupNorm, which federated training on non-IID
 data often prefers (no running statistics to average).
 """
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from elastic_plugins.tasks import data_file, held_out, seeded
+from elastic_plugins.tasks.resnet import ResNet
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -42,58 +42,6 @@ from elastic.api import (
 __all__ = ["Images", "ResNet"]
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, inputs: int, outputs: int, stride: int, norm: str) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False)
-        self.norm1 = _norm(norm, outputs)
-        self.conv2 = nn.Conv2d(outputs, outputs, 3, 1, 1, bias=False)
-        self.norm2 = _norm(norm, outputs)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or inputs != outputs:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(inputs, outputs, 1, stride, bias=False), _norm(norm, outputs)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.norm1(self.conv1(x)))
-        return torch.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
-
-
-def _norm(kind: str, channels: int) -> nn.Module:
-    return nn.BatchNorm2d(channels) if kind == "batch" else nn.GroupNorm(min(8, channels), channels)
-
-
-class ResNet(nn.Module):
-    """Stages of ``BasicBlock`` s, ``width`` x 1, 2, 4, 8 channels, each stage after
-    the first halving the resolution; global average pooling and a linear head."""
-
-    def __init__(
-        self,
-        classes: int,
-        channels: int = 3,
-        width: int = 16,
-        blocks: tuple[int, ...] = (2, 2, 2, 2),
-        norm: str = "batch",
-    ) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(channels, width, 3, 1, 1, bias=False), _norm(norm, width), nn.ReLU()
-        )
-        stages, inputs = [], width
-        for i, count in enumerate(blocks):
-            outputs = width * 2**i
-            for j in range(count):
-                stages.append(BasicBlock(inputs, outputs, 2 if i and not j else 1, norm))
-                inputs = outputs
-        self.stages = nn.Sequential(*stages)
-        self.head = nn.Linear(inputs, classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.stages(self.stem(x))
-        return self.head(features.mean(dim=(2, 3)))
 
 
 class Images(Task):

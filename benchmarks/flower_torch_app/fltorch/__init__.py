@@ -1,0 +1,1 @@
+"""FedAvg on elastic's models and data, for benchmarks/vs_flower_models.py."""
