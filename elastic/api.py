@@ -48,7 +48,7 @@ from elastic.membership.cluster import (
 )
 from elastic.partitions import check_partition, partition
 from elastic.rules import Aggregator, AsyncAggregator, Update, WorkerMode
-from elastic.tasks import Shard, Task, TrainContext, TrainResult
+from elastic.tasks import Shard, Task, TrainContext, TrainResult, task_of
 from elastic.training import update_template
 from elastic.typecheck import check_params
 from elastic.wire.tensors import WireTensor
@@ -78,5 +78,6 @@ __all__ = [
     "check_partition",
     "hookimpl",
     "partition",
+    "task_of",
     "update_template",
 ]

@@ -9,7 +9,7 @@ import contextlib
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -17,11 +17,11 @@ from typing import Any, ClassVar
 import torch
 from torch.utils.data import Dataset
 
-from elastic.errors import Cancelled
+from elastic.errors import Cancelled, JobSpecError
 from elastic.jobspec import TrainParams
 from elastic.precision import autocast
 
-__all__ = ["Task", "Shard", "TrainContext", "TrainResult"]
+__all__ = ["Task", "Shard", "TrainContext", "TrainResult", "task_of"]
 
 log = logging.getLogger("elastic.tasks")
 
@@ -185,3 +185,49 @@ class Task(ABC):
         default adds nothing; a classifier returns e.g. ``{"accuracy": correct}``.
         """
         return {}
+
+
+def task_of(
+    model: Callable[[int], torch.nn.Module],
+    data: Callable[[Shard, Path | None], Dataset],
+    test_data: Callable[[Path | None], Dataset],
+    loss: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor],
+    train: Callable[[torch.nn.Module, Dataset, TrainContext], TrainResult] | None = None,
+    metrics: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], dict[str, float]]
+    | None = None,
+) -> type[Task]:
+    """A task made of functions, for the simplest case: a file of functions and one
+    line, ``MyTask = task_of(model=..., data=..., test_data=..., loss=...)``, named in
+    the job as ``task = "./my_file.py:MyTask"``.
+
+    Each function is the ``Task`` method of its name without ``self``: ``model(seed)``
+    is ``build_model``, ``data(shard, data_dir)`` is ``train_dataset``,
+    ``test_data(data_dir)`` is ``test_dataset``; ``loss``, and optionally ``train``
+    (a loop of its own) and ``metrics``, as on ``Task``. The task takes no ``[task]``
+    parameters.
+    """
+    for name, fn in (("model", model), ("data", data), ("test_data", test_data), ("loss", loss)):
+        if not callable(fn):
+            raise TypeError(f"task_of: {name} must be a function, got {type(fn).__name__}")
+
+    def __init__(self: Task, params: Mapping[str, Any]) -> None:
+        if params:
+            raise JobSpecError(
+                f"a task of functions takes no [task] parameters, got {sorted(params)}; drop "
+                "them, or write a Task class that reads them"
+            )
+        Task.__init__(self, params)
+
+    methods: dict[str, Any] = {
+        "__init__": __init__,
+        "build_model": lambda self, seed: model(seed),
+        "train_dataset": lambda self, shard, data_dir: data(shard, data_dir),
+        "test_dataset": lambda self, data_dir: test_data(data_dir),
+        "loss": lambda self, m, inputs, targets: loss(m, inputs, targets),
+        "__doc__": f"A task of functions ({getattr(model, '__module__', '?')}).",
+    }
+    if train is not None:
+        methods["train"] = lambda self, m, dataset, ctx: train(m, dataset, ctx)
+    if metrics is not None:
+        methods["metrics"] = lambda self, m, inputs, targets: metrics(m, inputs, targets)
+    return type("FunctionTask", (Task,), methods)

@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from elastic.api import JobSpecError
+from elastic.api import JobSpecError, Shard, check_partition, partition
 
-__all__ = ["seeded", "data_file", "held_out"]
+__all__ = ["seeded", "data_file", "held_out", "check_split", "client_rows"]
+
+LOCAL = "local"  # each host's data is its own already: every client trains all of it
 
 
 def seeded(seed: int, build):  # type: ignore[no-untyped-def]
@@ -40,3 +42,20 @@ def held_out(n: int, test_fraction: float, seed: int = 0) -> tuple[np.ndarray, n
     order = np.random.default_rng(seed).permutation(n)
     k = max(1, int(round(n * test_fraction))) if n > 1 else 0
     return np.sort(order[k:]), np.sort(order[:k])
+
+
+def check_split(scheme: str, task: str) -> None:
+    """A task's ``partition``: a scheme of ``elastic.partitions``, or ``"local"``."""
+    if scheme != LOCAL:
+        check_partition(scheme, f"task {task}")
+
+
+def client_rows(
+    labels: np.ndarray, shard: Shard, scheme: str, keys: np.ndarray | None = None
+) -> np.ndarray:
+    """The rows of ``labels`` the client of ``shard`` trains on: its part of the split,
+    or with ``"local"`` all of them (the data under a worker's ``--data`` is its own,
+    already split by site)."""
+    if scheme == LOCAL:
+        return np.arange(len(labels))
+    return partition(labels, shard.count, scheme, shard.seed, keys=keys)[shard.index % shard.count]

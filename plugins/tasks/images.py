@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from elastic_plugins.tasks import data_file, held_out, seeded
+from elastic_plugins.tasks import check_split, client_rows, data_file, held_out, seeded
 from elastic_plugins.tasks.resnet import ResNet
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -34,9 +34,7 @@ from elastic.api import (
     Shard,
     Task,
     check_params,
-    check_partition,
     hookimpl,
-    partition,
 )
 
 __all__ = ["Images", "ResNet"]
@@ -100,7 +98,7 @@ class Images(Task):
             )
         if self.norm not in ("batch", "group"):
             raise JobSpecError(f'task images: norm = {self.norm!r}; use "batch" or "group"')
-        check_partition(self.partition, "task images")
+        check_split(self.partition, "images")
         if self.partition == "natural":
             raise JobSpecError(
                 "task images: its images have no natural key; give each worker its own images "
@@ -134,8 +132,7 @@ class Images(Task):
 
     def train_dataset(self, shard: Shard, data_dir: Path | None) -> TensorDataset:
         x, y, _, _ = self._data(data_dir)
-        parts = partition(y, shard.count, self.partition, shard.seed)
-        idx = parts[shard.index % shard.count]
+        idx = client_rows(y, shard, self.partition)
         return TensorDataset(_as_float(x[idx]), torch.from_numpy(y[idx]))
 
     def test_dataset(self, data_dir: Path | None) -> TensorDataset:

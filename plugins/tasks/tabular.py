@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from elastic_plugins.tasks import data_file, held_out, seeded
+from elastic_plugins.tasks import check_split, client_rows, data_file, held_out, seeded
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -34,9 +34,7 @@ from elastic.api import (
     Shard,
     Task,
     check_params,
-    check_partition,
     hookimpl,
-    partition,
 )
 
 __all__ = ["Tabular"]
@@ -108,7 +106,7 @@ class Tabular(Task):
             raise JobSpecError(
                 f"task tabular: hidden = {list(self.hidden)}; give widths, e.g. [64, 64]"
             )
-        check_partition(self.partition, "task tabular")
+        check_split(self.partition, "tabular")
         if (self.partition == "natural") != bool(self.natural_key):
             raise JobSpecError(
                 'task tabular: partition = "natural" splits by natural_key (a column); give both '
@@ -145,8 +143,7 @@ class Tabular(Task):
         table = self._table(data_dir)
         labels = table.y[table.train] if table.classes else np.zeros(len(table.train), np.int64)
         keys = table.keys[table.train] if self.natural_key else None
-        parts = partition(labels, shard.count, self.partition, shard.seed, keys=keys)
-        idx = table.train[parts[shard.index % shard.count]]
+        idx = table.train[client_rows(labels, shard, self.partition, keys)]
         return self._rows(table, idx)
 
     def test_dataset(self, data_dir: Path | None) -> TensorDataset:

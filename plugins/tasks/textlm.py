@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from elastic_plugins.tasks import data_file, seeded
+from elastic_plugins.tasks import check_split, client_rows, data_file, seeded
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -31,9 +31,7 @@ from elastic.api import (
     Shard,
     Task,
     check_params,
-    check_partition,
     hookimpl,
-    partition,
 )
 
 __all__ = ["TextLM", "ByteGPT"]
@@ -121,11 +119,11 @@ class TextLM(Task):
                 f"context {self.context}, layers {self.layers}, width {self.width}, heads "
                 f"{self.heads}"
             )
-        check_partition(self.partition, "task textlm")
-        if self.partition.split(":")[0] not in ("iid", "quantity"):
+        check_split(self.partition, "textlm")
+        if self.partition.split(":")[0] not in ("iid", "quantity", "local"):
             raise JobSpecError(
                 f"task textlm: partition {self.partition!r}: text windows have no labels; use "
-                '"iid" or "quantity:SIGMA"'
+                '"iid", "quantity:SIGMA" or "local"'
             )
         if not 0 < self.test_fraction < 1:
             raise JobSpecError(
@@ -155,7 +153,7 @@ class TextLM(Task):
     def train_dataset(self, shard: Shard, data_dir: Path | None) -> TensorDataset:
         windows = self._windows(data_dir, test=False)
         labels = np.zeros(len(windows), dtype=np.int64)
-        idx = partition(labels, shard.count, self.partition, shard.seed)[shard.index % shard.count]
+        idx = client_rows(labels, shard, self.partition)
         inputs, targets = windows.tensors
         return TensorDataset(inputs[idx], targets[idx])
 

@@ -163,7 +163,7 @@ def test_tabular_classification_and_its_natural_split(tmp_path: Path) -> None:
         ("images", {"path": "x", "norm": "layer"}, ['"batch" or "group"']),
         ("images", {"path": "x", "partition": "natural"}, ["no natural key"]),
         ("textlm", {"path": "x", "width": 10, "heads": 4}, ["multiple of heads"]),
-        ("textlm", {"path": "x", "partition": "dirichlet:0.5"}, ['"iid" or "quantity:SIGMA"']),
+        ("textlm", {"path": "x", "partition": "dirichlet:0.5"}, ['"quantity:SIGMA" or "local"']),
         ("tabular", {"path": "x"}, ["[task] target is missing"]),
         ("tabular", {"path": "x", "target": "y", "partition": "natural"}, ["natural_key"]),
         ("tabular", {"path": "x", "target": "y", "kind": "ranking"}, ['"regression"']),
@@ -185,3 +185,15 @@ def test_missing_data_names_where_it_looked(tmp_path: Path) -> None:
     )
     with pytest.raises(JobSpecError, match="no column 'y' \\(its columns: a, b\\)"):
         Plugins().task("tabular")({"path": "t.csv", "target": "y"}).test_dataset(tmp_path)
+
+
+def test_local_data_is_all_the_clients_own(tmp_path: Path) -> None:
+    """Each worker's --data holds its site's rows: partition = "local" trains all of them."""
+    from elastic_plugins.tasks.tabular import Tabular
+
+    for site, n in (("a", 40), ("b", 70)):
+        (tmp_path / site).mkdir()
+        write_csv(tmp_path / site / "rows.csv", regression_rows(n))
+    task = Tabular({"path": "rows.csv", "target": "value", "partition": "local"})
+    sizes = [len(task.train_dataset(Shard(i, 2, 0), tmp_path / s)) for i, s in enumerate("ab")]
+    assert sizes == [32, 56]  # all of each site's training rows (a fifth held out)
