@@ -9,11 +9,22 @@ every message still goes through ``encode``/``decode`` (zero-copy here), so upda
 are validated as on the wire; the core's engines commit, evaluate and checkpoint
 exactly as in the daemon. Asynchronous rules see the staleness that serving the
 workers one after another produces.
+
+With client speeds (``ClientSpeeds``: ``elastic simulate --client-speed``) each
+update arrives after a simulated training time, samples x epochs x
+``sample_seconds`` divided by its client's speed, on the simulated clock: a
+round's deadline (``round_timeout``, in simulated seconds) then leaves slow clients
+out, as it would on devices, and the history's round ``seconds`` are simulated.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import math
+import random
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +48,37 @@ __all__ = ["simulate", "SimulatedClock"]
 STEP = 0.001  # simulated seconds per pass: deadlines and heartbeat timeouts never pass on their own
 
 
+@dataclass(frozen=True)
+class ClientSpeeds:
+    """How fast each simulated client trains: its speed is drawn once, log-normal
+    with median 1 and spread ``sigma`` (0: all alike), from ``seed``; an update
+    takes samples x epochs x ``sample_seconds`` / speed simulated seconds."""
+
+    sigma: float
+    sample_seconds: float = 0.01
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, text: str, sample_seconds: float, seed: int) -> ClientSpeeds:
+        kind, _, arg = text.partition(":")
+        try:
+            sigma = float(arg)
+        except ValueError:
+            sigma = -1.0
+        if kind != "lognormal" or not 0 <= sigma <= 10 or not sample_seconds > 0:
+            raise ConfigError(
+                f"client speed {text!r} (sample time {sample_seconds}): use lognormal:SIGMA with "
+                "SIGMA in [0, 10], e.g. --client-speed lognormal:1.0, and a sample time > 0"
+            )
+        return cls(sigma, sample_seconds, seed)
+
+    def speed(self, client: str) -> float:
+        return math.exp(random.Random(f"{self.seed}/{client}").gauss(0.0, self.sigma))
+
+    def seconds(self, client: str, samples: int, epochs: int) -> float:
+        return samples * epochs * self.sample_seconds / self.speed(client)
+
+
 class SimulatedClock:
     """The core's monotonic clock, moved on by the simulation."""
 
@@ -54,12 +96,14 @@ def simulate(
     state_dir: Path,
     data_dir: Path | None = None,
     attackers: Mapping[int, str] | None = None,
+    speeds: ClientSpeeds | None = None,
 ) -> Job:
     """Run ``spec`` to its end with ``workers`` simulated workers; the finished job.
 
     ``attackers`` makes some of them Byzantine, to try robust rules: worker index ->
     ``"signflip:F"`` (its update's change scaled by -F) or ``"noise:S"`` (a change
     of Gaussian noise with standard deviation S instead of the real one).
+    ``speeds``: each update arrives after its client's simulated training time.
     """
     if workers < max(spec.min_workers, 1):
         raise ConfigError(
@@ -94,15 +138,28 @@ def simulate(
                     meta={"device": "cpu", "host": "simulation", "software": "", "pid": 0},
                 ),
             )
+        # Updates on their way (with client speeds): (when, order, worker, work, reply).
+        arriving: list[tuple[float, int, str, Message, Message]] = []
+        order = itertools.count()
+        engine = core.engines[spec.id]
+        idle = 0  # passes in a row with nothing handed out nor on its way
         while not job.done:
             clock.now += STEP
             for worker in runners:
                 core.receive(
                     worker, Message(MsgType.HEARTBEAT, sender=worker, meta={"busy": False})
                 )
-            core.tick()
+            core.tick()  # a deadline passed on the way closes its round first
+            while arriving and arriving[0][0] <= clock.now:
+                _, _, worker, work, reply = heapq.heappop(arriving)
+                _deliver(core, worker, work, reply, attacks.get(worker))
             work_out = [out for out in core.take() if out.message.type is MsgType.WORK]
-            if not work_out and not job.done:
+            if not work_out and arriving and engine.in_flight:  # all handed out: on to the
+                deadline = engine.deadline  # next arrival, or the deadline if that comes first
+                next_at = min(arriving[0][0], deadline if deadline is not None else math.inf)
+                clock.now = max(clock.now, next_at - STEP)
+            idle = 0 if work_out or arriving else idle + 1
+            if idle > 1 and not job.done:
                 raise ElasticError(
                     f"job {spec.id} stopped making progress at round {job.round} ({job.state})"
                 )
@@ -110,24 +167,47 @@ def simulate(
                 work = decode(encode(out.message), check_finite=False)
                 if out.buffers is not None:  # what the daemon does once the WORK is sent
                     out.buffers.release()
+                attacked = attacks.get(out.worker)
                 for result in runners[out.worker].results(work):  # one per virtual client
-                    _answer(core, out.worker, work, result, attacks.get(out.worker))
-                    core.take()  # the ACKs and NACKs: nobody to send them to
+                    if speeds is None:
+                        _deliver(core, out.worker, work, _reply(work, result), attacked)
+                        if result.buffers is not None:  # the core has read it
+                            result.buffers.release()
+                        continue
+                    reply = _reply(work, result, copy=True)  # it waits; the worker trains on
+                    if result.buffers is not None:
+                        result.buffers.release()
+                    if reply.type is not MsgType.UPDATE:
+                        _deliver(core, out.worker, work, reply, attacked)
+                        continue
+                    client = reply.meta.get("client")
+                    seconds = speeds.seconds(
+                        str(out.worker if client is None else client),
+                        reply.meta["num_samples"],
+                        _epochs(work, client),
+                    )
+                    heapq.heappush(
+                        arriving, (clock.now + seconds, next(order), out.worker, work, reply)
+                    )
     finally:
         core.close()
     return job
 
 
-def _answer(
-    core: CoordinatorCore,
-    worker: str,
-    work: Message,
-    result: Result,
-    attacked: tuple[str, float] | None,
-) -> None:
-    """The worker's reply to its WORK, through the wire's encoding, to the core."""
+def _epochs(work: Message, client: int | None) -> int:
+    """The local epochs ``work`` asked of ``client`` (or of its worker)."""
+    for entry in work.meta.get("clients", []):
+        if entry[0] == client:
+            return int(entry[1])
+    return int(work.meta.get("epochs", work.meta["train"]["local_epochs"]))
+
+
+def _reply(work: Message, result: Result, copy: bool = False) -> Message:
+    """The worker's reply to its WORK, through the wire's encoding (``copy``: into
+    memory of its own, not the worker's)."""
     try:
-        reply = decode(encode(result.message), max_message_bytes=1 << 62)
+        frames = encode(result.message)
+        reply = decode([bytes(f) for f in frames] if copy else frames, max_message_bytes=1 << 62)
     except ProtocolError as exc:  # e.g. NaN in the update: the worker's work failed, as on the wire
         reply = Message(
             MsgType.NACK,
@@ -137,12 +217,22 @@ def _answer(
             key=result.message.key,
             meta={"reason": exc.reason, "detail": exc.detail},
         )
+    return reply
+
+
+def _deliver(
+    core: CoordinatorCore,
+    worker: str,
+    work: Message,
+    reply: Message,
+    attacked: tuple[str, float] | None,
+) -> None:
+    """A reply reaches the core."""
     reply.sender = worker
     if reply.type is MsgType.UPDATE and attacked is not None:
         attack(reply, work, *attacked)
     core.receive(worker, reply)
-    if result.buffers is not None:
-        result.buffers.release()
+    core.take()  # the ACKs and NACKs: nobody to send them to
 
 
 def parse_attack(text: str) -> tuple[str, float]:

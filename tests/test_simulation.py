@@ -154,3 +154,28 @@ def test_model_compression_needs_a_synchronous_rule(tmp_path: Path) -> None:
     spec = parse_job_spec(non_iid("async") | {"compression": {"model": ["fp16"]}})
     with pytest.raises(JobSpecError, match="needs a synchronous rule"):
         simulate(spec, 4, Plugins(), tmp_path)
+
+
+def test_simulated_client_speeds_leave_slow_clients_out_at_the_deadline(tmp_path: Path) -> None:
+    from elastic.simulation import ClientSpeeds
+
+    data = non_iid("fedavg", local_epochs=5, batch_size=8)
+    data["job"] |= {"clients": 100, "clients_per_round": 10, "min_workers": 2, "rounds": 6}
+    data["job"]["round_timeout"] = 2.0
+    data["task"] = {"partition": "iid"}
+    spec = parse_job_spec(data)
+    slow = simulate(spec, 2, Plugins(), tmp_path / "a", speeds=ClientSpeeds(1.0, 0.01, 0))
+    assert all(h["seconds"] <= 2.0 + 1e-6 for h in slow.history)  # simulated seconds
+    assert sum(h["updates"] for h in slow.history) < 60  # some were too slow
+    alike = simulate(spec, 2, Plugins(), tmp_path / "b", speeds=ClientSpeeds(0.0, 0.001, 0))
+    assert all(h["updates"] == 10 for h in alike.history)
+    # every client alike: a round lasts as long as its biggest client's 5 epochs
+    assert all(0 < h["seconds"] <= 5 * 0.001 * 20 for h in alike.history)
+
+
+def test_a_bad_client_speed_is_one_clear_error() -> None:
+    from elastic.simulation import ClientSpeeds
+
+    with pytest.raises(ConfigError, match="use lognormal:SIGMA"):
+        ClientSpeeds.parse("gamma:2", 0.01, 0)
+    assert ClientSpeeds.parse("lognormal:0", 0.01, 0).speed("7") == 1.0

@@ -324,7 +324,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from elastic.cli.progress import ProgressObserver
-    from elastic.simulation import simulate
+    from elastic.simulation import ClientSpeeds, simulate
 
     setup_logging("kv", "warning" if not args.quiet else "error")
     spec = load_job_spec(args.job)
@@ -343,8 +343,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 "--attack 0=signflip:10"
             )
         attackers[int(index)] = attack
+    speeds = (
+        ClientSpeeds.parse(args.client_speed, args.sample_time, spec.seed)
+        if args.client_speed
+        else None
+    )
     with observer:
-        job = simulate(spec, args.workers, plugins, state_dir, args.data, attackers)
+        job = simulate(spec, args.workers, plugins, state_dir, args.data, attackers, speeds)
     _report(console, _figures(job, state_dir), args.summary)
     return 0 if str(job.state) == "finished" else 1
 

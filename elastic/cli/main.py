@@ -108,6 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", type=Path, help="job spec (TOML)")
     p.add_argument("--workers", type=int, default=4, help="simulated workers (default 4)")
     p.add_argument(
+        "--client-speed",
+        default="",
+        metavar="lognormal:SIGMA",
+        help="simulated client speeds, log-normal with median 1: each update arrives after "
+        "samples x epochs x --sample-time / speed simulated seconds, and round_timeout leaves "
+        "the slow out",
+    )
+    p.add_argument(
+        "--sample-time",
+        type=float,
+        default=0.01,
+        help="simulated seconds a sample takes a client of speed 1 per epoch (default 0.01)",
+    )
+    p.add_argument(
         "--state-dir",
         type=Path,
         default=None,

@@ -234,6 +234,10 @@ class AsyncEngine(Engine):
             MsgType.ACK, job=job.spec.id, round=msg.round, version=msg.version, key=msg.key
         )
 
+    @property
+    def in_flight(self) -> bool:
+        return bool(self.assigned)
+
     def on_worker_failed(self, worker: str, round_: int, detail: str, key: str = "") -> None:
         task = self.assigned.get(worker)
         if task is not None and task.number == round_:

@@ -113,6 +113,16 @@ class Engine(ABC):
         """Extra status fields about the work in progress."""
         return {}
 
+    @property
+    @abstractmethod
+    def in_flight(self) -> bool:
+        """Whether work handed out is still to come back (a round runs, a task is out)."""
+
+    @property
+    def deadline(self) -> float | None:
+        """When the work in progress stops being waited for (the engine's clock), if ever."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - most engines hold nothing outside the process
         """The coordinator stops: release what the engine holds outside the process."""
 

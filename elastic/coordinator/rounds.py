@@ -592,6 +592,14 @@ class RoundEngine(Engine):
             return self.downlink.reference  # what the workers trained from
         return super()._base_weights()
 
+    @property
+    def in_flight(self) -> bool:
+        return self.current is not None
+
+    @property
+    def deadline(self) -> float | None:
+        return self.current.deadline if self.current is not None else None
+
     def _in_progress(self) -> dict[str, Any]:
         if self.current is None:
             return {}
