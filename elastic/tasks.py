@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -37,6 +38,21 @@ class Shard:
     index: int
     count: int
     seed: int = 0
+
+
+MAX_TRAIN_METRICS = 16  # the extra figures a loop may report per update
+
+
+def is_train_metric(name: object, value: object) -> bool:
+    """Whether ``name: value`` is a training figure an update may carry: a name of at
+    most 64 characters and a finite number."""
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= 64
+        and not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and math.isfinite(value)
+    )
 
 
 @dataclass

@@ -25,14 +25,13 @@ from elastic.coordinator.context import EngineContext
 from elastic.coordinator.job import Job
 from elastic.errors import ProtocolError
 from elastic.rules import Update
+from elastic.tasks import MAX_TRAIN_METRICS, is_train_metric
 from elastic.training import update_kind, update_template
 from elastic.wire.header import Message
 from elastic.wire.parts import Segment, grid
 from elastic.wire.tensors import WireTensor
 
-__all__ = ["UpdateValidator", "Refusal", "train_metrics"]
-
-MAX_TRAIN_METRICS = 16  # the extra figures an update may carry (``metrics``)
+__all__ = ["UpdateValidator", "Refusal", "train_metrics", "MAX_TRAIN_METRICS"]
 
 log = logging.getLogger("elastic.rounds")
 
@@ -57,13 +56,7 @@ def train_metrics(msg: Message) -> dict[str, float] | Refusal:
             "bad_metrics", f"{len(metrics)} training metrics; send at most {MAX_TRAIN_METRICS}"
         )
     for name, value in metrics.items():
-        if (
-            not isinstance(name, str)
-            or not 0 < len(name) <= 64
-            or isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
+        if not is_train_metric(name, value):
             return Refusal(
                 "bad_metrics",
                 f"training metric {str(name)[:64]!r} = {str(value)[:32]}: metrics are names of "

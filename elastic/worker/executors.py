@@ -12,7 +12,6 @@ mode a rule asks for.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -23,15 +22,13 @@ import torch
 
 from elastic.errors import ElasticError
 from elastic.jobspec import TrainParams
-from elastic.tasks import TrainContext, TrainResult
+from elastic.tasks import MAX_TRAIN_METRICS, TrainContext, TrainResult, is_train_metric
 from elastic.training import batch_gradient, local_train, update_template
 from elastic.wire.buffers import reusable
 from elastic.wire.header import Message
 from elastic.worker.intake import JobContext
 
 __all__ = ["WorkExecutor", "LocalTraining", "GradientStep", "Computed", "EXECUTORS"]
-
-MAX_TRAIN_METRICS = 16  # extra figures a task's own loop may report per update
 
 
 @dataclass
@@ -168,13 +165,7 @@ class LocalTraining(WorkExecutor):
         out = {}
         for key, value in metrics.items():
             number = float(value.detach()) if isinstance(value, torch.Tensor) else value
-            if (
-                not isinstance(key, str)
-                or not 0 < len(key) <= 64
-                or isinstance(number, bool)
-                or not isinstance(number, int | float)
-                or not math.isfinite(number)
-            ):
+            if not is_train_metric(key, number):
                 raise ElasticError(
                     f"{name}.train returned metric {key!r}: {value!r}; metrics are short names "
                     "with finite numbers"

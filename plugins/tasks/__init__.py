@@ -9,7 +9,7 @@ import torch
 
 from elastic.api import JobSpecError, Shard, check_partition, partition
 
-__all__ = ["seeded", "data_file", "held_out", "check_split", "client_rows"]
+__all__ = ["seeded", "data_file", "held_out", "check_split", "check_fraction", "client_rows"]
 
 LOCAL = "local"  # each host's data is its own already: every client trains all of it
 
@@ -59,3 +59,9 @@ def client_rows(
     if scheme == LOCAL:
         return np.arange(len(labels))
     return partition(labels, shard.count, scheme, shard.seed, keys=keys)[shard.index % shard.count]
+
+
+def check_fraction(task: str, test_fraction: float) -> None:
+    """A task's ``test_fraction``: a share strictly between 0 and 1."""
+    if not 0 < test_fraction < 1:
+        raise JobSpecError(f"task {task}: test_fraction must be in (0, 1), got {test_fraction}")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from elastic_plugins.tasks import seeded
+from elastic_plugins.tasks import check_fraction, seeded
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -94,10 +94,7 @@ class Digits(Task):
         self.test_fraction = p.get("test_fraction", 0.2)
         if self.hidden < 1:
             raise JobSpecError(f"task digits: hidden must be >= 1, got {self.hidden}")
-        if not 0 < self.test_fraction < 1:
-            raise JobSpecError(
-                f"task digits: test_fraction must be in (0, 1), got {self.test_fraction}"
-            )
+        check_fraction("digits", self.test_fraction)
         super().__init__(p)
 
     def build_model(self, seed: int) -> nn.Module:

@@ -24,7 +24,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from elastic_plugins.tasks import check_split, client_rows, data_file, held_out, seeded
+from elastic_plugins.tasks import (
+    check_fraction,
+    check_split,
+    client_rows,
+    data_file,
+    held_out,
+    seeded,
+)
 from elastic_plugins.tasks.resnet import ResNet
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -104,10 +111,7 @@ class Images(Task):
                 "task images: its images have no natural key; give each worker its own images "
                 'with --data and partition = "iid" with one client a worker, or another scheme'
             )
-        if not 0 < self.test_fraction < 1:
-            raise JobSpecError(
-                f"task images: test_fraction must be in (0, 1), got {self.test_fraction}"
-            )
+        check_fraction("images", self.test_fraction)
         super().__init__(p)
 
     def build_model(self, seed: int) -> nn.Module:

@@ -25,7 +25,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from elastic_plugins.tasks import check_split, client_rows, data_file, held_out, seeded
+from elastic_plugins.tasks import (
+    check_fraction,
+    check_split,
+    client_rows,
+    data_file,
+    held_out,
+    seeded,
+)
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -112,10 +119,7 @@ class Tabular(Task):
                 'task tabular: partition = "natural" splits by natural_key (a column); give both '
                 "or neither"
             )
-        if not 0 < self.test_fraction < 1:
-            raise JobSpecError(
-                f"task tabular: test_fraction must be in (0, 1), got {self.test_fraction}"
-            )
+        check_fraction("tabular", self.test_fraction)
         self._inputs = self._outputs = 0  # the model's sizes and the target's scale: from the file
         self._scale = 1.0
         super().__init__(p)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from elastic_plugins.tasks import check_split, client_rows, data_file, seeded
+from elastic_plugins.tasks import check_fraction, check_split, client_rows, data_file, seeded
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -125,10 +125,7 @@ class TextLM(Task):
                 f"task textlm: partition {self.partition!r}: text windows have no labels; use "
                 '"iid", "quantity:SIGMA" or "local"'
             )
-        if not 0 < self.test_fraction < 1:
-            raise JobSpecError(
-                f"task textlm: test_fraction must be in (0, 1), got {self.test_fraction}"
-            )
+        check_fraction("textlm", self.test_fraction)
         super().__init__(p)
 
     def build_model(self, seed: int) -> nn.Module:
