@@ -40,6 +40,10 @@ __all__ = ["CoordinatorCore", "HostPeers"]
 
 log = logging.getLogger("elastic.coordinator")
 
+# The longest a joining worker's build of its jobs (WELCOME's ``jobs``) keeps it out of
+# rounds: a task whose build hangs must not keep the worker out for good.
+PREPARE_LIMIT = 300.0
+
 
 class HostPeers(Protocol):
     """Which workers share this host's memory (``elastic.wire.shm.LocalPeers``): a
@@ -94,6 +98,7 @@ class CoordinatorCore:
         )
         # (peer, job) -> that worker's update of that job coming in parts
         self.streams: dict[tuple[str, str], UploadStream] = {}
+        self.preparing: dict[str, float] = {}  # members building their jobs, since when
         # A validator plugin looks at whole updates: with one, updates come whole.
         self._validators = plugins.implements("elastic_validate_update")
 
@@ -130,6 +135,7 @@ class CoordinatorCore:
         self.engines.clear()
         self._published.clear()
         self.streams.clear()
+        self.preparing.clear()
 
     def leading(self) -> bool | None:
         """True to serve, False once leadership is lost, None while unsure. After a
@@ -251,14 +257,52 @@ class CoordinatorCore:
                 self.peers.drop(m.id)
                 self.plugins.notify("elastic_worker_left", worker_id=m.id, reason=event.reason)
                 self._end_stream(m.id)
+                self.preparing.pop(m.id, None)
                 for engine in self.engines.values():
                     engine.on_member_left(m.id)
                 self._grant(self.uploads.done(m.id, now))
         self._grant(self.uploads.expire(now))
-        members = self.membership.members()
+        members = [m for m in self.membership.members() if not self._still_preparing(m.id, now)]
         for engine in self.engines.values():
             self.outbox.extend(engine.tick(members))
             self._publish_generation(engine)
+
+    def _jobs_to_prepare(self, slot: int) -> list[dict[str, Any]]:
+        """What a joining worker builds before it takes work (WELCOME's ``jobs``): each
+        running job's task and the data shard of its slot."""
+        return [
+            {
+                "job": job_id,
+                "task": spec.task,
+                "task_params": spec.task_params,
+                "seed": spec.seed,
+                "shard": [slot % spec.shard_count, spec.shard_count],
+            }
+            for job_id, engine in self.engines.items()
+            if not engine.job.done
+            for spec in (engine.job.spec,)
+        ]
+
+    def _still_preparing(self, peer: str, now: float) -> bool:
+        """A member building its jobs is not given work yet (its first round would
+        wait for the build), for at most ``PREPARE_LIMIT`` seconds."""
+        since = self.preparing.get(peer)
+        if since is None:
+            return False
+        if now - since < PREPARE_LIMIT:
+            return True
+        log.warning(
+            "worker still preparing worker=%s seconds=%.0f: giving it work anyway",
+            peer,
+            now - since,
+        )
+        self.preparing.pop(peer)
+        return False
+
+    def _prepared(self, peer: str, now: float) -> None:
+        since = self.preparing.pop(peer, None)
+        if since is not None:
+            log.info("worker prepared worker=%s seconds=%.2f", peer, now - since)
 
     def _publish_generation(self, engine: Engine) -> None:
         """Keep ``rendezvous/<job>/generation`` in the cluster current."""
@@ -293,6 +337,9 @@ class CoordinatorCore:
                 now,
             )
             local = self.peers.hello(peer, msg.meta.get("shm"))
+            jobs = self._jobs_to_prepare(member.slot)
+            if msg.meta.get("prepares") and jobs:
+                self.preparing.setdefault(peer, now)  # (a HELLO sent again keeps the first)
             self._send(
                 peer,
                 Message(
@@ -303,10 +350,13 @@ class CoordinatorCore:
                         "slot": member.slot,
                         "software": __version__,
                         "shm": local,
+                        "jobs": jobs,
                     },
                 ),
             )
         elif msg.type is MsgType.HEARTBEAT:
+            if not msg.meta.get("preparing", False):
+                self._prepared(peer, now)
             if self.membership.heartbeat(peer, now, busy=msg.meta["busy"]):
                 self._send(peer, Message(MsgType.HEARTBEAT_ACK))
             else:

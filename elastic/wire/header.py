@@ -110,8 +110,17 @@ META_REQUIRED: dict[MsgType, dict[str, Expected]] = {
     MsgType.REPLY: {"ok": bool, "data": dict, "code": str, "error": str},
 }
 META_OPTIONAL: dict[MsgType, dict[str, Expected]] = {
-    MsgType.HELLO: {"shm": dict},  # this host's shared-memory probe (``shm.LocalProbe``)
-    MsgType.WELCOME: {"slot": int, "software": str, "shm": bool},
+    MsgType.HELLO: {
+        "shm": dict,  # this host's shared-memory probe (``shm.LocalProbe``)
+        "prepares": bool,  # it builds the jobs WELCOME names before it takes their work
+    },
+    MsgType.WELCOME: {
+        "slot": int,
+        "software": str,
+        "shm": bool,
+        "jobs": list,  # the jobs served: [{job, task, task_params, seed, shard}, ...]
+    },
+    MsgType.HEARTBEAT: {"preparing": bool},  # still building the jobs WELCOME named
     MsgType.WORK: {
         "codecs": list,  # the job's update codec chain: compress the update through it
         "downlink": bool,  # the model comes against a reference the worker holds

@@ -46,6 +46,8 @@ from elastic.worker.runner import Result, TaskRunner
 
 __all__ = ["Worker"]
 
+PREPARED = "prepared"  # the trainer built a job WELCOME named
+
 log = logging.getLogger("elastic.worker")
 BACKOFF_START, BACKOFF_MAX = 0.2, 10.0
 
@@ -76,9 +78,13 @@ class Worker:
         self._stop = threading.Event()
         self.runner = TaskRunner(plugins, self.device, config.data, self.id, cancel=self._stop)
         self.ctx = zmq.Context()
-        self._work: queue.Queue[Message | None] = queue.Queue()
-        # Results as the trainer makes them (one per virtual client); None: the WORK is done.
-        self._results: queue.Queue[Result | None] = queue.Queue()
+        # WORK for the trainer, or a job to build before its work (a WELCOME's ``jobs``).
+        self._work: queue.Queue[Message | dict | None] = queue.Queue()
+        # Results as the trainer makes them (one per virtual client); None: the WORK is
+        # done; PREPARED: a job is built.
+        self._results: queue.Queue[Result | str | None] = queue.Queue()
+        self._preparing = 0  # jobs queued for building: heartbeats say "preparing" meanwhile
+        self._beat_now = False  # the preparing ended: say so at once
         # Results made and not yet sent or dropped: the trainer waits while there are
         # two, so a worker serving many clients holds about two updates, not one each.
         self._unsent = 0
@@ -269,11 +275,15 @@ class Worker:
             while not self._stop.is_set():
                 self._supervision()
                 now = time.monotonic()
-                if now >= next_beat:
+                if now >= next_beat or self._beat_now:
+                    self._beat_now = False
                     self._send(
                         self._hello()
                         if not self.registered
-                        else Message(MsgType.HEARTBEAT, meta={"busy": self._busy})
+                        else Message(
+                            MsgType.HEARTBEAT,
+                            meta={"busy": self._busy, "preparing": self._preparing > 0},
+                        )
                     )
                     next_beat = now + (self.heartbeat_interval if self.registered else 0.5)
                 if now - last_heard > self.config.coordinator_timeout or self._leader_moved(
@@ -338,6 +348,7 @@ class Worker:
             "host": socket.gethostname(),
             "software": __version__,
             "pid": os.getpid(),
+            "prepares": True,  # it builds WELCOME's jobs before taking their work
         }
         if self._probe is not None:
             meta["shm"] = self._probe.describe()
@@ -393,6 +404,7 @@ class Worker:
             if not self.registered:
                 log.info("joined coordinator=%s slot=%s", self.address, msg.meta.get("slot"))
                 self.notifier.status(f"joined {self.address}")
+                self._prepare(msg.meta.get("jobs", []))
             self.registered = True
             self.heartbeat_interval = float(msg.meta["heartbeat_interval"])
             local = msg.meta.get("shm") is True and self._probe is not None
@@ -435,6 +447,16 @@ class Worker:
 
     # ------------------------------------------------------------- training --
 
+    def _prepare(self, jobs: list) -> None:
+        """Have the trainer build the jobs it does not hold yet, before their work."""
+        for entry in jobs:
+            if not isinstance(entry, dict) or not isinstance(entry.get("job"), str):
+                log.warning("WELCOME named a job badly entry=%.200r; skipping it", entry)
+                continue
+            if entry["job"] not in self.runner.jobs:
+                self._preparing += 1
+                self._work.put(entry)
+
     def _feed(self) -> None:
         if not self._busy and self._pending:
             job = next(iter(self._pending))
@@ -450,6 +472,11 @@ class Worker:
             if result is None:
                 self._busy = False
                 continue
+            if result == PREPARED:
+                self._preparing -= 1
+                self._beat_now = self._preparing == 0
+                continue
+            assert isinstance(result, Result)
             msg = result.message
             if msg.key in self._held:  # (the same round asked again)
                 self._release_held(msg.key)
@@ -548,6 +575,11 @@ class Worker:
                 work = self._work.get()
                 if work is None:
                     return
+                if isinstance(work, dict):  # a job to build before its work comes
+                    self.runner.prepare(work)
+                    self._results.put(PREPARED)
+                    wake.send(b"")
+                    continue
                 for result in self.runner.results(work):  # one per virtual client
                     with self._unsent_changed:
                         self._unsent += 1

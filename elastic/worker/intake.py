@@ -96,6 +96,11 @@ class Intake:
         self._load(ctx.model, model_in)
         return ctx
 
+    def prepare(self, work: Message) -> JobContext:
+        """The job's task, model and ``work``'s shard's data built ahead of its first
+        WORK (``work`` says only which: job, task, parameters, seed, shard)."""
+        return self._context(work)
+
     def again(self, ctx: JobContext, work: Message, start: Mapping[str, torch.Tensor]) -> None:
         """The model of a WORK already taken, loaded again from ``start`` (the copy
         kept after the first load), and the data of ``work``'s shard: the WORK's

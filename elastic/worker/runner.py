@@ -8,9 +8,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -99,6 +101,27 @@ class TaskRunner:
     @property
     def jobs(self) -> dict[str, JobContext]:
         return self.intake.jobs
+
+    def prepare(self, job: Mapping[str, Any]) -> None:
+        """Build a job's task, model and data before its work comes (a WELCOME's
+        ``jobs`` entry): the first round then waits for training only. A job that
+        cannot be built is logged; its WORK will answer with the error."""
+        try:
+            what = Message(
+                MsgType.WORK,
+                job=str(job["job"]),
+                meta={
+                    "task": str(job["task"]),
+                    "task_params": dict(job["task_params"]),
+                    "seed": int(job["seed"]),
+                    "shard": [int(job["shard"][0]), int(job["shard"][1])],
+                },
+            )
+            started = time.perf_counter()
+            self.intake.prepare(what)
+            log.info("job prepared job=%s seconds=%.2f", what.job, time.perf_counter() - started)
+        except Exception as exc:  # (bad entries too: the coordinator's, but checked here)
+            log.warning("cannot prepare job=%s: %s: %s", job.get("job"), type(exc).__name__, exc)
 
     def run(self, work: Message) -> Result:
         """The one UPDATE (or NACK) of a WORK without virtual clients."""

@@ -309,3 +309,39 @@ def test_shards_without_a_worker_are_said_once(tmp_path: Path, caplog) -> None: 
         "shards without a worker job=wide shards=4 served=1: 3 of the 4 data shards "
         "(partitions) get no training; start 3 more workers, or lower partitions"
     ]
+
+
+def test_a_worker_that_prepares_gets_work_once_it_says_it_is_ready(tmp_path: Path) -> None:
+    from elastic.coordinator import core as core_module
+
+    core, clock = make_core(tmp_path)
+    msg = hello("w")
+    msg.meta["prepares"] = True
+    core.receive("w", msg)
+    [(who, kind, meta)] = sent(core)
+    assert kind is MsgType.WELCOME and meta["jobs"] == [
+        {
+            "job": "lin",
+            "task": "linreg",
+            "task_params": {"features": 3, "samples": 40},
+            "seed": 0,
+            "shard": [0, 1],
+        }
+    ]
+    busy = Message(MsgType.HEARTBEAT, sender="w", meta={"busy": False, "preparing": True})
+    for _ in range(3):
+        clock.now += 0.5
+        core.receive("w", busy)
+        core.tick()
+        assert [k for _, k, _ in sent(core)] == [MsgType.HEARTBEAT_ACK]  # no WORK yet
+    ready = Message(MsgType.HEARTBEAT, sender="w", meta={"busy": False, "preparing": False})
+    core.receive("w", ready)
+    core.tick()
+    assert MsgType.WORK in [k for _, k, _ in sent(core)]
+
+    core.receive("v", Message(MsgType.HELLO, sender="v", meta={**msg.meta}))  # a build that hangs
+    sent(core)
+    clock.now += core_module.PREPARE_LIMIT + 1
+    core.receive("v", busy)
+    core.tick()
+    assert "v" not in core.preparing  # given work anyway once the limit passed
