@@ -24,6 +24,7 @@ accuracy within 1 point.
     python -m benchmarks.vs_flower_models parity
     python -m benchmarks.vs_flower_models clients [--rounds 21]
     python -m benchmarks.vs_flower_models resnet [--workers 2,4] [--rounds 4] [--batches 4]
+    python -m benchmarks.vs_flower_models resnet --rounds 10 --momentum 0.9 --per-round-accuracy
 """
 
 from __future__ import annotations
@@ -243,8 +244,8 @@ def resnet(args: argparse.Namespace) -> None:
                     "evaluate": 1,
                     "local-epochs": 1,
                     "batch-size": 32,
-                    "lr": 0.05,
-                    "momentum": 0.0,
+                    "lr": args.lr,
+                    "momentum": args.momentum,
                 },
                 workers,
                 simulation=False,
@@ -259,7 +260,8 @@ def resnet(args: argparse.Namespace) -> None:
                     args.rounds,
                     workers,
                     workers,
-                    "local_epochs = 1\nbatch_size = 32\nlr = 0.05",
+                    f"local_epochs = 1\nbatch_size = 32\nlr = {args.lr}\n"
+                    f"momentum = {args.momentum}",
                 ),
                 workers,
                 coordinator_args=tcp,
@@ -278,6 +280,10 @@ def resnet(args: argparse.Namespace) -> None:
             f"{run.status['history'][-1]['accuracy']:>12.4f}",
             flush=True,
         )
+        if args.per_round_accuracy:
+            ours = [round(h["accuracy"], 4) for h in run.status["history"]]
+            theirs = [round(a, 4) for a in flower["accuracy"]]
+            print(f"  accuracy per round: Flower {theirs}, elastic {ours}", flush=True)
 
 
 def main() -> None:
@@ -289,6 +295,11 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1, help="runs of the clients benchmark")
     parser.add_argument("--workers", default="2,4", help="resnet: client counts")
     parser.add_argument("--batches", type=int, default=4, help="resnet: batches a client")
+    parser.add_argument("--lr", type=float, default=0.05, help="resnet: the clients' SGD lr")
+    parser.add_argument("--momentum", type=float, default=0.0, help="resnet: SGD momentum")
+    parser.add_argument(
+        "--per-round-accuracy", action="store_true", help="resnet: print each round's accuracy"
+    )
     args = parser.parse_args()
     if args.what == "parity":
         parity(args)

@@ -136,12 +136,15 @@ class Tabular(Task):
     def build_model(self, seed: int) -> nn.Module:
         if not self._inputs:  # the sizes come from the file (the coordinator's copy of it)
             self._table(None)
+        return seeded(seed, self._mlp)
+
+    def _mlp(self) -> nn.Module:
         layers: list[nn.Module] = []
         width = self._inputs
         for hidden in self.hidden:
             layers += [nn.Linear(width, hidden), nn.ReLU()]
             width = hidden
-        return seeded(seed, lambda: nn.Sequential(*layers, nn.Linear(width, self._outputs)))
+        return nn.Sequential(*layers, nn.Linear(width, self._outputs))
 
     def train_dataset(self, shard: Shard, data_dir: Path | None) -> TensorDataset:
         table = self._table(data_dir)

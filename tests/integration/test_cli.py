@@ -94,7 +94,10 @@ def test_run_linreg_syncavg_example(tmp_path: Path) -> None:
                 "syncavg, trimmed_mean",
             ],
         ),
-        ('[job]\ntask = "mnist"\nrule = "fedavg"\n', ["unknown task 'mnist'", "digits, linreg"]),
+        (
+            '[job]\ntask = "mnist"\nrule = "fedavg"\n',
+            ["unknown task 'mnist'", "digits, images, linreg"],
+        ),
         ('[job]\ntask = "digits"\nrule = "fedavg"\nrounds = -1\n', ["rounds = -1 is invalid"]),
         (
             '[job]\ntask = "digits"\nrule = "fedavg"\n[rule]\nserver_lr = "fast"\n',
@@ -206,9 +209,10 @@ def test_interrupted_run_resumes(tmp_path: Path) -> None:
         if status.exists() and json.loads(status.read_text() or "{}").get("round", 0) >= 20:
             break
         time.sleep(0.1)
+    seen = json.loads(status.read_text() or "{}").get("round") if status.exists() else None
     first.send_signal(signal.SIGINT)
     _, err = first.communicate(timeout=60)
-    assert first.returncode == 130 and f"--resume {state}" in err, err
+    assert first.returncode == 130 and f"--resume {state}" in err, (seen, err)
     interrupted_at = json.loads(status.read_text())["round"]
     assert 20 <= interrupted_at < 3000
     summary = tmp_path / "s.json"

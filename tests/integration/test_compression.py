@@ -90,10 +90,10 @@ model = ["fp16", "zstd"]
     # Paused while w2 starts (seconds of imports): the job must not end before it joins.
     assert elastic("job", "pause", "cz", "--coordinator", control).returncode == 0
     cluster.worker("w2")
-    wait_for(
-        lambda: "worker joined worker=w2" in (tmp_path / "coordinator.log").read_text(),
+    wait_for(  # joined, and its job built: it takes work from the next round
+        lambda: "worker prepared worker=w2" in (tmp_path / "coordinator.log").read_text(),
         60,
-        "w2 to join",
+        "w2 to join and prepare",
     )
     assert elastic("job", "resume", "cz", "--coordinator", control).returncode == 0
     done = cluster.wait_status("cz", lambda s: s["state"] == "finished", 120, "the job to finish")

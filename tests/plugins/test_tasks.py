@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,9 +48,26 @@ def test_linreg_shards_cover_the_data() -> None:
     assert torch.equal(full, task._rows(0, 100)[0])
 
 
+def data_for(name: str, root: Path) -> dict:
+    """The parameters a task that reads files needs, with small files made for it."""
+    rng = np.random.default_rng(0)
+    if name == "images":
+        x = rng.integers(0, 255, (40, 32, 32, 3)).astype(np.uint8)
+        np.savez(root / "i.npz", x=x, y=rng.integers(0, 10, 40))
+        return {"path": str(root / "i.npz"), "width": 4, "blocks": [1]}
+    if name == "textlm":
+        (root / "t.txt").write_text("the cat sat on the mat. " * 200)
+        return {"path": str(root / "t.txt"), "context": 16, "width": 16, "heads": 2}
+    if name == "tabular":
+        rows = ["a,b,kind,y"] + [f"{i % 7},{i % 3},k{i % 2},{i * 0.5}" for i in range(60)]
+        (root / "t.csv").write_text("\n".join(rows) + "\n")
+        return {"path": str(root / "t.csv"), "target": "y"}
+    return {}
+
+
 @pytest.mark.parametrize("name", Plugins().tasks.names())
-def test_task_conformance(name: str) -> None:
-    task = Plugins().tasks.get(name)({})
+def test_task_conformance(name: str, tmp_path: Path) -> None:
+    task = Plugins().tasks.get(name)(data_for(name, tmp_path))
     a, b = task.build_model(7), task.build_model(7)
     assert all(
         torch.equal(x, y)
