@@ -67,6 +67,9 @@ class TrainParams:
     straggler_epochs: tuple[int, ...] = ()
     drop_stragglers: bool = False
 
+    def __post_init__(self) -> None:  # (a list from TOML, a checkpoint or the wire)
+        object.__setattr__(self, "straggler_epochs", tuple(self.straggler_epochs))
+
 
 @dataclass(frozen=True)
 class CheckpointPolicy:
@@ -145,9 +148,7 @@ class JobSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> JobSpec:
         data = dict(data)
-        train = dict(data["train"])
-        train["straggler_epochs"] = tuple(train.get("straggler_epochs", ()))
-        data["train"] = TrainParams(**train)
+        data["train"] = TrainParams(**data["train"])
         data["checkpoint"] = CheckpointPolicy(**data["checkpoint"])
         compression = data.get("compression", {})
         data["compression"] = CompressionPolicy(
@@ -290,7 +291,6 @@ def parse_job_spec(
     for key in ("task", "rule"):
         job_values[key] = _code_path(source, key, job_values[key], base_dir)
     train = _check_table(source, "train", data.get("train", {}), _TRAIN_KEYS)
-    train["straggler_epochs"] = tuple(train.get("straggler_epochs", ()))
     ckpt = _check_table(source, "checkpoint", data.get("checkpoint", {}), _CHECKPOINT_KEYS)
     compression = _check_table(
         source, "compression", data.get("compression", {}), _COMPRESSION_KEYS

@@ -41,7 +41,7 @@ from elastic.wire.frames import decode, encode
 from elastic.wire.header import Message, MsgType
 from elastic.wire.shm import LocalPeers
 from elastic.wire.tensors import WireTensor
-from elastic.worker.runner import Result, TaskRunner
+from elastic.worker.runner import Result, TaskRunner, client_works
 
 __all__ = ["simulate", "SimulatedClock"]
 
@@ -168,6 +168,7 @@ def simulate(
                 if out.buffers is not None:  # what the daemon does once the WORK is sent
                     out.buffers.release()
                 attacked = attacks.get(out.worker)
+                epochs: dict[int | None, int] = {}  # the local epochs asked, by client
                 for result in runners[out.worker].results(work):  # one per virtual client
                     if speeds is None:
                         _deliver(core, out.worker, work, _reply(work, result), attacked)
@@ -181,10 +182,14 @@ def simulate(
                         _deliver(core, out.worker, work, reply, attacked)
                         continue
                     client = reply.meta.get("client")
+                    epochs = epochs or {
+                        unit.meta.get("client"): unit.meta["train"]["local_epochs"]
+                        for unit in client_works(work)  # (an UPDATE came: they are sound)
+                    }
                     seconds = speeds.seconds(
                         str(out.worker if client is None else client),
                         reply.meta["num_samples"],
-                        _epochs(work, client),
+                        epochs[client],
                     )
                     heapq.heappush(
                         arriving, (clock.now + seconds, next(order), out.worker, work, reply)
@@ -192,14 +197,6 @@ def simulate(
     finally:
         core.close()
     return job
-
-
-def _epochs(work: Message, client: int | None) -> int:
-    """The local epochs ``work`` asked of ``client`` (or of its worker)."""
-    for entry in work.meta.get("clients", []):
-        if entry[0] == client:
-            return int(entry[1])
-    return int(work.meta.get("epochs", work.meta["train"]["local_epochs"]))
 
 
 def _reply(work: Message, result: Result, copy: bool = False) -> Message:

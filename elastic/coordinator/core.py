@@ -270,18 +270,20 @@ class CoordinatorCore:
     def _jobs_to_prepare(self, slot: int) -> list[dict[str, Any]]:
         """What a joining worker builds before it takes work (WELCOME's ``jobs``): each
         running job's task and the data shard of its slot."""
-        return [
-            {
-                "job": job_id,
-                "task": spec.task,
-                "task_params": spec.task_params,
-                "seed": spec.seed,
-                "shard": [slot % spec.shard_count, spec.shard_count],
-            }
-            for job_id, engine in self.engines.items()
-            if not engine.job.done
-            for spec in (engine.job.spec,)
-        ]
+        jobs = []
+        for job_id, engine in self.engines.items():
+            spec = engine.job.spec
+            if not engine.job.done:
+                jobs.append(
+                    {
+                        "job": job_id,
+                        "task": spec.task,
+                        "task_params": spec.task_params,
+                        "seed": spec.seed,
+                        "shard": [slot % spec.shard_count, spec.shard_count],
+                    }
+                )
+        return jobs
 
     def _still_preparing(self, peer: str, now: float) -> bool:
         """A member building its jobs is not given work yet (its first round would

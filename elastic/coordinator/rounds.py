@@ -39,7 +39,7 @@ from elastic.coordinator.engine import Engine, Outgoing
 from elastic.coordinator.sampling import local_work, sample_clients, spread
 from elastic.coordinator.threads import every_core
 from elastic.coordinator.uploads import Part
-from elastic.coordinator.validation import MAX_TRAIN_METRICS, Refusal, train_metrics
+from elastic.coordinator.validation import MAX_TRAIN_METRICS, Refusal, check_train_metrics
 from elastic.membership.base import Member
 from elastic.wire.buffers import BufferSet
 from elastic.wire.header import Message, MsgType
@@ -347,13 +347,11 @@ class RoundEngine(Engine):
         rnd.train_seconds_max = max(
             rnd.train_seconds_max, float(msg.meta.get("train_seconds", 0.0))
         )
-        metrics = train_metrics(msg)
-        assert not isinstance(metrics, Refusal)  # refused before any of it was folded
-        for name, value in metrics.items():
+        for name, value in msg.meta.get("metrics", {}).items():  # checked by ``_refuse``
             if name not in rnd.metric_sums and len(rnd.metric_sums) >= MAX_TRAIN_METRICS:
                 continue  # the round's history stays bounded whatever clients send
             sums = rnd.metric_sums.setdefault(name, [0.0, 0.0])
-            sums[0] += value * samples
+            sums[0] += float(value) * samples
             sums[1] += samples
         job.totals["updates"] += 1
         if rnd.complete:
@@ -424,25 +422,24 @@ class RoundEngine(Engine):
             return Refusal(
                 "not_participant", f"{worker} was not asked to contribute to round {rnd.number}"
             )
-        if rnd.pending:
-            return self._refuse_client(worker, msg)
         if msg.version != rnd.version:
             return Refusal(
                 "stale_version",
                 f"computed against version {msg.version}, round {rnd.number} uses {rnd.version}",
             )
-        if msg.key != self._key(worker, rnd.number):
-            return Refusal(
+        if rnd.pending:
+            refusal = self._refuse_client(worker, msg)
+        elif msg.key != self._key(worker, rnd.number):
+            refusal = Refusal(
                 "bad_key", f"idempotency key {msg.key!r} does not match sender, job and round"
             )
-        if worker in rnd.answered:
-            return Refusal("duplicate", f"an update for {msg.key} was already applied or refused")
-        return self._refuse_metrics(msg)
-
-    @staticmethod
-    def _refuse_metrics(msg: Message) -> Refusal | None:
-        metrics = train_metrics(msg)
-        return metrics if isinstance(metrics, Refusal) else None
+        elif worker in rnd.answered:
+            refusal = Refusal(
+                "duplicate", f"an update for {msg.key} was already applied or refused"
+            )
+        else:
+            refusal = None
+        return refusal or check_train_metrics(msg)
 
     def _refuse_client(self, worker: str, msg: Message) -> Refusal | None:
         """With virtual clients: whether this round asked ``worker`` for this client."""
@@ -453,11 +450,6 @@ class RoundEngine(Engine):
             return Refusal(
                 "not_participant",
                 f"job {self.job.spec.id} has virtual clients: an update names its client",
-            )
-        if msg.version != rnd.version:
-            return Refusal(
-                "stale_version",
-                f"computed against version {msg.version}, round {rnd.number} uses {rnd.version}",
             )
         if msg.key != self._key(worker, rnd.number, client):
             return Refusal(
@@ -471,7 +463,7 @@ class RoundEngine(Engine):
                 "not_participant",
                 f"{worker} was not asked to train client {client} in round {rnd.number}",
             )
-        return self._refuse_metrics(msg)
+        return None
 
     def on_worker_failed(self, worker: str, round_: int, detail: str, key: str = "") -> None:
         """A participant said it cannot do the work (``key``: the update it could not

@@ -31,7 +31,7 @@ from elastic.wire.header import Message
 from elastic.wire.parts import Segment, grid
 from elastic.wire.tensors import WireTensor
 
-__all__ = ["UpdateValidator", "Refusal", "train_metrics", "MAX_TRAIN_METRICS"]
+__all__ = ["UpdateValidator", "Refusal", "check_train_metrics", "MAX_TRAIN_METRICS"]
 
 log = logging.getLogger("elastic.rounds")
 
@@ -47,9 +47,9 @@ class Refusal:
 Weights = Callable[[], Mapping[str, torch.Tensor]]
 
 
-def train_metrics(msg: Message) -> dict[str, float] | Refusal:
-    """An update's extra training figures (``metrics``: a task's own loop's), checked:
-    at most ``MAX_TRAIN_METRICS`` short names, each a finite number."""
+def check_train_metrics(msg: Message) -> Refusal | None:
+    """Why an update's extra training figures (``metrics``: a task's own loop's) are
+    refused, if they are: at most ``MAX_TRAIN_METRICS`` short names, each a finite number."""
     metrics = msg.meta.get("metrics", {})
     if len(metrics) > MAX_TRAIN_METRICS:
         return Refusal(
@@ -62,7 +62,7 @@ def train_metrics(msg: Message) -> dict[str, float] | Refusal:
                 f"training metric {str(name)[:64]!r} = {str(value)[:32]}: metrics are names of "
                 "at most 64 characters with finite numbers",
             )
-    return {name: float(value) for name, value in metrics.items()}
+    return None
 
 
 class UpdateValidator:

@@ -11,6 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
@@ -26,7 +27,7 @@ from elastic.wire.shared import SharedReader
 from elastic.wire.tensors import WireTensor
 from elastic.worker.devices import HostStaging
 
-__all__ = ["Intake", "JobContext", "Placer"]
+__all__ = ["Intake", "JobContext", "Placer", "keep_newest"]
 
 log = logging.getLogger("elastic.worker.runner")
 # On the coordinator's host: gives tensors in the shared-memory segment the next
@@ -37,6 +38,14 @@ Placer = Callable[[dict[str, torch.Tensor], str], dict[str, torch.Tensor] | None
 # Datasets kept per job, newest used first: a worker serving virtual clients trains
 # many shards; each is built again once it has dropped out.
 DATASETS_KEPT = 16
+
+
+def keep_newest(kept: OrderedDict[Any, Any], key: Any, value: Any, limit: int) -> None:
+    """``kept[key] = value`` as the newest, and only the ``limit`` newest kept."""
+    kept[key] = value
+    kept.move_to_end(key)
+    while len(kept) > limit:
+        kept.popitem(last=False)
 
 
 @dataclass
@@ -145,9 +154,7 @@ class Intake:
             dataset = ctx.task.train_dataset(
                 Shard(index, count, int(work.meta["seed"])), self.data_dir
             )
-            ctx.datasets[(index, count)] = dataset
-            while len(ctx.datasets) > DATASETS_KEPT:
-                ctx.datasets.popitem(last=False)
+            keep_newest(ctx.datasets, (index, count), dataset, DATASETS_KEPT)
             log.debug(
                 "shard loaded job=%s shard=%d/%d samples=%d",
                 work.job,
@@ -155,7 +162,8 @@ class Intake:
                 count,
                 len(dataset),  # type: ignore[arg-type]
             )
-        ctx.datasets.move_to_end((index, count))
+        else:
+            ctx.datasets.move_to_end((index, count))
         return dataset
 
     def _load(self, model: torch.nn.Module, tensors: dict[str, WireTensor]) -> None:

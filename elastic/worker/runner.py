@@ -9,20 +9,18 @@ import dataclasses
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from elastic.compression.chain import Compressor
 from elastic.errors import Cancelled, ElasticError
 from elastic.plugins import Plugins
 from elastic.training import update_kind
 from elastic.wire.header import Message, MsgType
 from elastic.worker.executors import EXECUTORS, WorkExecutor
-from elastic.worker.intake import Intake, JobContext, Placer
+from elastic.worker.intake import Intake, JobContext, Placer, keep_newest
 from elastic.worker.packing import Packer, Result
 
 __all__ = ["TaskRunner", "Result", "client_works"]
@@ -146,7 +144,6 @@ class TaskRunner:
             return
         start: dict[str, torch.Tensor] | None = None  # the received model, for the next client
         for i, unit in enumerate(units):
-            ctx: JobContext | None = None
             try:
                 if i == 0:
                     taken = self.intake.take(unit)
@@ -173,7 +170,7 @@ class TaskRunner:
     def _run(self, ctx: JobContext, work: Message, executor: WorkExecutor) -> Result:
         client = work.meta.get("client")
         if client is not None:  # its own codec state
-            ctx.compressor = self._client_states(ctx).pop(client, None)
+            ctx.compressor = ctx.client_states.pop(client, None)
         computed = executor.compute(ctx, work, relative=bool(self.packer.chain(ctx, work)))
         if isinstance(computed, tuple):
             return self._nack(work, *computed)
@@ -188,15 +185,8 @@ class TaskRunner:
             meta["client"] = client
         result = self.packer.pack(ctx, work, computed.update, meta, computed.from_parameters)
         if client is not None and ctx.compressor is not None:
-            states = self._client_states(ctx)
-            states[client] = ctx.compressor
-            while len(states) > CLIENT_STATES:
-                states.popitem(last=False)
+            keep_newest(ctx.client_states, client, ctx.compressor, CLIENT_STATES)
         return result
-
-    @staticmethod
-    def _client_states(ctx: JobContext) -> OrderedDict[int, Compressor]:
-        return ctx.client_states
 
     def _nack(self, work: Message, reason: str, detail: str) -> Result:
         log.warning(
