@@ -116,3 +116,19 @@ def test_a_job_through_etcd_with_tls_and_a_password(
         "cpu",
     )
     assert plain.wait(60) == 2  # no TLS: etcd does not answer; one clear error after the retries
+
+
+def test_torchrun_rendezvous_through_etcd_with_tls_and_a_password(secure_etcd, monkeypatch):  # type: ignore[no-untyped-def]
+    from torch.distributed.elastic.rendezvous import RendezvousParameters
+
+    from elastic.distributed.torchrun import create_backend
+
+    server, certs = secure_etcd
+    query = f"?ca={certs['ca']}&cert={certs['client']}&key={certs['client_key']}"
+    monkeypatch.setenv("ELASTIC_ETCD_PASSWORD", "s3cret")
+    params = RendezvousParameters("etcd-v3", f"etcd://root@{server.url}/tls{query}", "job", 1, 2)
+    backend, store = create_backend(params)
+    state, token, written = backend.set_state(b"state")
+    assert written and backend.get_state() == (b"state", token)
+    store.set("MASTER_ADDR", "127.0.0.1")
+    assert store.get("MASTER_ADDR") == b"127.0.0.1"
