@@ -47,7 +47,7 @@ from elastic.membership.cluster import (
     Registration,
 )
 from elastic.partitions import check_partition, partition
-from elastic.rules import Aggregator, AsyncAggregator, Update, WorkerMode
+from elastic.rules import Aggregator, AsyncAggregator, CollectiveRule, Update, WorkerMode
 from elastic.tasks import Shard, Task, TrainContext, TrainResult, task_of
 from elastic.training import update_template
 from elastic.typecheck import check_params
@@ -56,6 +56,7 @@ from elastic.wire.tensors import WireTensor
 __all__ = [
     "Aggregator",
     "AsyncAggregator",
+    "CollectiveRule",
     "Codec",
     "JobSpecError",
     "ClusterBackend",

@@ -16,9 +16,9 @@ import torch
 
 from elastic.wire.tensors import WireTensor
 
-__all__ = ["Aggregator", "AsyncAggregator", "Update", "WorkerMode"]
+__all__ = ["Aggregator", "AsyncAggregator", "CollectiveRule", "Update", "WorkerMode"]
 
-WorkerMode = Literal["train", "gradient", "delta"]
+WorkerMode = Literal["train", "gradient", "delta", "collective"]
 
 
 @dataclass
@@ -146,3 +146,69 @@ class AsyncAggregator(Aggregator):
     @abstractmethod
     def ready(self) -> bool:
         """Whether enough has been accumulated to make a new version now."""
+
+
+class CollectiveRule(Aggregator):
+    """A rule whose workers train together, their gradients all-reduced peer to peer
+    (torch.distributed: gloo on CPU, NCCL on CUDA), with the coordinator off the data
+    path (``elastic.coordinator.collective``).
+
+    The coordinator runs the rendezvous: each set of members is a *generation* with
+    its ranks; members that leave, crash or join end the generation, and the others
+    go on in the next one in the same process, from the state of the lowest
+    surviving rank. A job's ``rounds`` are its optimizer steps. Every
+    ``checkpoint_every`` steps rank 0 sends the model, the optimizer's state and
+    the position in the data: ``accumulate`` takes that ``Update`` (``kind``
+    ``"checkpoint"``; model tensors by state-dict name, optimizer tensors under
+    ``optimizer/``) and ``finalize`` writes it into the model, to be checkpointed.
+
+    Subclasses say how workers train through ``settings``.
+    """
+
+    worker_mode: ClassVar[WorkerMode] = "collective"
+
+    @abstractmethod
+    def settings(self) -> dict[str, Any]:
+        """What every worker of the job is told (msgpack-able): ``optimizer``
+        (``sgd`` or ``adam``), ``lr``, ``momentum``, ``weight_decay``, ``timeout``
+        (seconds a collective may wait on a peer), ``backend`` (``auto``, ``gloo``
+        or ``nccl``) and ``checkpoint_every`` (steps)."""
+
+    def setup(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.optimizer_state: dict[str, torch.Tensor] = {}
+        self.optimizer_layout = ""  # the optimizer's state without tensors (msgpack, hex)
+        self.position = {"step": 0, "epoch": 0, "offset": 0}  # where the data stands
+        self._incoming: Update | None = None
+
+    def begin_round(self) -> None:
+        self._incoming = None
+
+    def accumulate(self, update: Update) -> None:
+        self._incoming = update
+
+    def finalize(self) -> None:
+        update = self._incoming
+        assert update is not None
+        state = self.model.state_dict()
+        with torch.no_grad():
+            for name, tensor in update.tensors.items():
+                if name in state:
+                    tensor.copy_to(state[name])
+        self.optimizer_state = {
+            name: t.to_tensor().clone()
+            for name, t in update.tensors.items()
+            if name.startswith("optimizer/")
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": dict(self.optimizer_state),
+            "layout": self.optimizer_layout,
+            "position": dict(self.position),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.optimizer_state = dict(state.get("optimizer", {}))
+        self.optimizer_layout = str(state.get("layout", ""))
+        self.position = {k: int(v) for k, v in state.get("position", self.position).items()}

@@ -202,7 +202,9 @@ def update_template(model: torch.nn.Module, mode: str) -> dict[str, torch.Tensor
 
 def update_kind(mode: str) -> str:
     """The ``kind`` of update a worker sends for a rule's ``worker_mode``."""
-    return {"gradient": "gradient", "delta": "delta"}.get(mode, "weights")
+    return {"gradient": "gradient", "delta": "delta", "collective": "checkpoint"}.get(
+        mode, "weights"
+    )
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["EngineContext", "Notify"]
+__all__ = ["EngineContext", "HostedStore", "Notify"]
 
 Notify = Callable[..., None]
 
@@ -39,6 +39,9 @@ class EngineContext:
         local: whether a worker shares this host's memory; None when the
             coordinator has the shared-memory path off.
         on_status: also told every status written (the job store's copy).
+        collective_store: where a collective job's members meet
+            (``elastic.distributed.stores``): ``cluster``, or ``coordinator:PORT``
+            for a store this process hosts (the default, started on first use).
     """
 
     notify: Notify = _ignore
@@ -48,3 +51,20 @@ class EngineContext:
     ask: Callable[..., tuple[str, Any] | None] = field(default=lambda *_a, **_k: None)
     local: Callable[[str], bool] | None = None
     on_status: Callable[[dict[str, Any]], None] | None = None
+    collective_store: Callable[[], str] = field(default_factory=lambda: HostedStore("127.0.0.1"))
+
+
+class HostedStore:
+    """A TCPStore this process hosts for collective jobs, started on first use; the
+    WORK names it ``coordinator:PORT`` (workers reach it at the coordinator's host)."""
+
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self._store: Any = None
+
+    def __call__(self) -> str:
+        if self._store is None:
+            from elastic.distributed.stores import host_store  # noqa: PLC0415
+
+            self._store = host_store(self.host)
+        return f"coordinator:{self._store.port}"

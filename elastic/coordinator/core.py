@@ -19,11 +19,13 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from elastic import __version__
 from elastic.config import CoordinatorConfig
 from elastic.coordinator.asynchronous import AsyncEngine
-from elastic.coordinator.context import EngineContext
+from elastic.coordinator.collective import CollectiveEngine
+from elastic.coordinator.context import EngineContext, HostedStore
 from elastic.coordinator.engine import Engine, Outgoing
 from elastic.coordinator.job import Job
 from elastic.coordinator.rounds import RoundEngine
@@ -33,7 +35,7 @@ from elastic.jobspec import JobSpec
 from elastic.membership.base import Member, MemberTable
 from elastic.membership.cluster import ClusterBackend, Election, JobStore
 from elastic.plugins import Plugins
-from elastic.rules import AsyncAggregator
+from elastic.rules import AsyncAggregator, CollectiveRule
 from elastic.wire.header import Message, MsgType
 
 __all__ = ["CoordinatorCore", "HostPeers"]
@@ -99,6 +101,7 @@ class CoordinatorCore:
         # (peer, job) -> that worker's update of that job coming in parts
         self.streams: dict[tuple[str, str], UploadStream] = {}
         self.preparing: dict[str, float] = {}  # members building their jobs, since when
+        self._hosted: HostedStore | None = None  # collective jobs' store, once one asks
         # A validator plugin looks at whole updates: with one, updates come whole.
         self._validators = plugins.implements("elastic_validate_update")
 
@@ -155,7 +158,11 @@ class CoordinatorCore:
         if spec.id in self.engines:
             raise ConfigError(f"job id {spec.id!r} is given twice; give each job its own id")
         job = Job(spec, self.plugins, self.config.state_dir)
-        kind = AsyncEngine if isinstance(job.aggregator, AsyncAggregator) else RoundEngine
+        kind: type[Engine] = RoundEngine
+        if isinstance(job.aggregator, AsyncAggregator):
+            kind = AsyncEngine
+        elif isinstance(job.aggregator, CollectiveRule):
+            kind = CollectiveEngine
         ctx = EngineContext(
             notify=self.plugins.notify,
             clock=self.clock,
@@ -164,9 +171,20 @@ class CoordinatorCore:
             ask=self.plugins.first_answer,
             local=self.peers.is_local if self.peers.enabled else None,
             on_status=lambda status: self.board.write_status(spec.id, status),
+            collective_store=self._collective_store,
         )
         self.engines[spec.id] = kind(job, ctx)
         return job
+
+    def _collective_store(self) -> str:
+        """Where collective jobs' members meet: etcd itself, else a store hosted here
+        on the host the coordinator binds (one for all jobs)."""
+        if self.backend.name == "etcd":
+            return "cluster"
+        if self._hosted is None:
+            host = urlsplit(self.config.bind.replace("*", "0.0.0.0")).hostname or "0.0.0.0"
+            self._hosted = HostedStore(host)
+        return self._hosted()
 
     def submit(self, spec: JobSpec) -> bool:
         """Store and serve a new job; False when the job store has one of that id."""

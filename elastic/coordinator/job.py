@@ -63,6 +63,24 @@ def codec_chains(
 
 def check_fits_rule(spec: JobSpec, aggregator: Aggregator) -> None:
     """What the spec asks that its rule cannot give (``JobSpecError``)."""
+    if aggregator.worker_mode == "collective":
+        unused = [
+            name
+            for name, on in (
+                ("[job] clients", spec.clients),
+                ("[train] stragglers", spec.train.stragglers),
+                ("[compression]", spec.compression.update or spec.compression.model),
+                ("[train] local_epochs", spec.train.local_epochs != 1),
+            )
+            if on
+        ]
+        if unused:
+            raise JobSpecError(
+                f"job {spec.id}: rule {spec.rule} trains all workers together, gradients "
+                f"all-reduced each step with no coordinator in between; it has no use for "
+                f"{', '.join(unused)}: drop it, or use fedavg or the fedopt family"
+            )
+        return
     if not (spec.clients or spec.train.stragglers):
         return
     asked = "[job] clients" if spec.clients else "[train] stragglers"

@@ -128,11 +128,13 @@ META_OPTIONAL: dict[MsgType, dict[str, Expected]] = {
         "shared": dict,  # ... or to be read from the coordinator's segment here
         "clients": list,  # virtual clients: [[client, local epochs], ...], an update each
         "epochs": int,  # a straggler: this many local epochs instead of [train] local_epochs
+        "collective": dict,  # a collective rule's generation: {generation, rank, world, ...}
     },
     MsgType.UPDATE: {
         "part": list,  # [index, count]: one part of an update sent in parts
         "client": int,  # the virtual client this update is of
         "metrics": dict,  # a task's own training loop's extra figures: {name: number}
+        "collective": dict,  # a collective member's report: {generation, step, end, ...}
     },
     MsgType.OFFER: {"parts": bool},  # the update may be sent in parts
     MsgType.GRANT: {"part": list, "segments": list},  # send that part: [[name, start, stop], ...]

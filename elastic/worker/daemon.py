@@ -29,6 +29,7 @@ import zmq
 from elastic import __version__
 from elastic.allocator import tune_allocator
 from elastic.config import WorkerConfig, apply_reload
+from elastic.distributed.stores import StoreOpener
 from elastic.errors import ElasticError, ProtocolError
 from elastic.logs import setup_logging
 from elastic.membership.cluster import ClusterBackend, Registration, open_backend
@@ -108,6 +109,8 @@ class Worker:
         )
         self.registration: Registration | None = None
         self.address = ""  # the coordinator of the current session
+        self.runner.superseded = lambda job: job in self._pending
+        self.runner.open_store = StoreOpener(lambda: self.address, config.membership)
         self.registered = False
         self.heartbeat_interval = 1.0
         self.rounds_done = 0
@@ -436,8 +439,10 @@ class Worker:
         elif msg.type is MsgType.GRANT:
             self._on_grant(msg)
         elif msg.type is MsgType.WORK:
-            for key in [k for k, r in self._held.items() if r.message.job == msg.job]:
-                self._drop_held(key, "superseded by new work")  # the round it was for has closed
+            for key, held in list(self._held.items()):
+                # The round it was for has closed (a collective report stays good).
+                if held.message.job == msg.job and "collective" not in held.message.meta:
+                    self._drop_held(key, "superseded by new work")
             self._pending[msg.job] = msg  # a newer round supersedes one not yet started
             self._feed()
         elif msg.type is MsgType.ACK:

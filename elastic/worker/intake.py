@@ -11,7 +11,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
@@ -26,6 +26,9 @@ from elastic.wire.header import Message
 from elastic.wire.shared import SharedReader
 from elastic.wire.tensors import WireTensor
 from elastic.worker.devices import HostStaging
+
+if TYPE_CHECKING:
+    from elastic.distributed.state import MemberState
 
 __all__ = ["Intake", "JobContext", "Placer", "keep_newest"]
 
@@ -69,6 +72,7 @@ class JobContext:
     viewing: bool = False  # the parameters lie in ``shared``'s mapping (taking gradients)
     # virtual clients' codec state, by client (``runner.CLIENT_STATES`` of them at most)
     client_states: OrderedDict[int, Compressor] = field(default_factory=OrderedDict)
+    collective: MemberState | None = None  # a collective job's state between generations
 
 
 class Intake:
@@ -126,7 +130,7 @@ class Intake:
             move_to_fresh_memory(ctx.model)
         ctx.sent = None
         if (
-            work.meta["mode"] != "gradient"
+            work.meta["mode"] not in ("gradient", "collective")
             and self.device.type == "cpu"
             and not work.meta.get("codecs")
         ):

@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from elastic.errors import Cancelled, ElasticError
 from elastic.plugins import Plugins
 from elastic.training import update_kind
 from elastic.wire.header import Message, MsgType
+from elastic.worker.collective import CollectiveTraining, StoreOpener
 from elastic.worker.executors import EXECUTORS, WorkExecutor
 from elastic.worker.intake import Intake, JobContext, Placer, keep_newest
 from elastic.worker.packing import Packer, Result
@@ -85,6 +86,12 @@ class TaskRunner:
         for kind in EXECUTORS:
             executor = kind(device, cancel)
             self.executors.update({mode: executor for mode in kind.modes})
+        self.collective = CollectiveTraining(device, worker_id, self._open_store)
+        # Set by the daemon: whether a newer WORK of the job waits (a collective
+        # generation then ends at the next step all its ranks agree on), and how to
+        # reach a collective job's store.
+        self.superseded: Callable[[str], bool] = lambda job: False
+        self.open_store: StoreOpener | None = None
 
     @property
     def placer(self) -> Placer | None:
@@ -131,6 +138,9 @@ class TaskRunner:
         """The UPDATE for a WORK message, or a NACK saying why the work cannot be
         done; with virtual clients, one for each client, as each is trained."""
         mode = work.meta["mode"]
+        if mode in self.collective.modes:
+            yield from self._collective(work)
+            return
         executor = self.executors.get(mode)
         try:
             if executor is None:
@@ -166,6 +176,24 @@ class TaskRunner:
             except Exception as exc:  # a task's bug is reported to the coordinator, not fatal
                 log.exception("work failed job=%s round=%d", unit.job, unit.round)
                 yield self._nack(unit, "work_failed", f"{type(exc).__name__}: {exc}")
+
+    def _collective(self, work: Message) -> Iterator[Result]:
+        """A collective generation's reports; a NACK if this worker cannot take part."""
+        try:
+            ctx = self.intake.prepare(work)
+            yield from self.collective.session(ctx, work, lambda: self.superseded(work.job))
+        except Cancelled as exc:
+            yield self._nack(work, "cancelled", str(exc))
+        except ElasticError as exc:
+            yield self._nack(work, "work_failed", str(exc))
+        except Exception as exc:  # a task's bug is reported to the coordinator, not fatal
+            log.exception("collective work failed job=%s", work.job)
+            yield self._nack(work, "work_failed", f"{type(exc).__name__}: {exc}")
+
+    def _open_store(self, spec: str, job: str) -> Any:
+        if self.open_store is None:
+            raise ElasticError("this worker cannot reach a collective store")
+        return self.open_store(spec, job)
 
     def _run(self, ctx: JobContext, work: Message, executor: WorkExecutor) -> Result:
         client = work.meta.get("client")

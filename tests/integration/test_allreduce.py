@@ -1,0 +1,109 @@
+"""``allreduce`` across real worker processes: full-batch SGD exactly, with a worker
+SIGKILLed and another joining mid-job while the survivors go on in their processes."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+from elastic_plugins.tasks.linreg import LinReg
+
+from elastic.api import Shard
+
+from .conftest import Cluster, write_job
+
+pytestmark = pytest.mark.slow
+
+LR, SEED = 0.1, 5
+TASK = {"samples": 300, "features": 8, "noise": 0.1, "data_seed": 2}
+PACED = Path(__file__).parent / "tasks" / "paced_linreg.py"
+
+
+def full_batch_sgd(steps: int) -> dict[str, torch.Tensor]:
+    """One process, the whole dataset every step: what every generation computes."""
+    task = LinReg(TASK)
+    model = task.build_model(SEED)
+    x, y = task.train_dataset(Shard(0, 1, SEED), None).tensors
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    for _ in range(steps):
+        opt.zero_grad()
+        task.loss(model, x, y).backward()
+        opt.step()
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def allreduce_job(tmp_path: Path, steps: int, min_workers: int, step_seconds: float = 0) -> Path:
+    task = f"{PACED}:PacedLinReg" if step_seconds else "linreg"
+    paced = f"step_seconds = {step_seconds}" if step_seconds else ""
+    return write_job(
+        tmp_path / "ar.toml",
+        f"""
+[job]
+id = "ar"
+task = "{task}"
+rule = "allreduce"
+rounds = {steps}
+min_workers = {min_workers}
+eval_every = 0
+seed = {SEED}
+[task]
+samples = {TASK["samples"]}
+features = {TASK["features"]}
+noise = {TASK["noise"]}
+data_seed = {TASK["data_seed"]}
+{paced}
+[train]
+batch_size = 0
+[rule]
+lr = {LR}
+checkpoint_every = 5
+timeout = 10
+""",
+    )
+
+
+def assert_equal_to_full_batch_sgd(cluster: Cluster, steps: int) -> None:
+    got = safetensors.torch.load_file(cluster.state / "ar" / "final.safetensors")
+    for name, tensor in full_batch_sgd(steps).items():
+        assert torch.allclose(got[name], tensor, atol=1e-5, rtol=0), (
+            name,
+            (got[name] - tensor).abs().max(),
+        )
+
+
+def test_three_workers_equal_full_batch_sgd(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.coordinator(allreduce_job(tmp_path, 20, 3), extra=("--exit-when-done",))
+    for i in range(3):
+        cluster.worker(f"w{i}")
+    status = cluster.wait_status("ar", lambda s: s["state"] == "finished", 90, "the job to finish")
+    assert [h["round"] for h in status["history"]] == [5, 10, 15, 20]  # rank 0's checkpoints
+    assert {h["world"] for h in status["history"]} == {3}
+    assert {h["generation"] for h in status["history"]} == {1}
+    assert_equal_to_full_batch_sgd(cluster, 20)
+    log = (tmp_path / "coordinator.log").read_text()
+    assert "rejected=none" in log
+
+
+def test_survivors_go_on_in_their_processes_when_one_dies_and_one_joins(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    steps = 60
+    cluster.coordinator(allreduce_job(tmp_path, steps, 2, step_seconds=0.15))
+    workers = {w: cluster.worker(w) for w in ("w0", "w1", "w2")}
+    cluster.wait_status("ar", lambda s: s.get("world") == 3 and s["round"] >= 10, 60, "step 10")
+    workers["w2"].send_signal(signal.SIGKILL)
+    killed = cluster.wait_status("ar", lambda s: s.get("world") == 2, 30, "a generation of two")
+    workers["w3"] = cluster.worker("w3")
+    cluster.wait_status("ar", lambda s: s.get("world") == 3, 60, "w3 in a generation")
+    status = cluster.wait_status("ar", lambda s: s["state"] == "finished", 120, "the job to finish")
+    assert killed["round"] < steps  # the kill landed mid-job
+    worlds = [e["world"] for e in status["events"] if e["event"] == "generation"]
+    three = worlds.index(3)  # (the first may start with two: min_workers = 2)
+    assert 2 in worlds[three:] and worlds[-1] == 3, worlds
+    for w in ("w0", "w1"):  # the survivors were never restarted
+        assert workers[w].poll() is None
+        assert (tmp_path / f"{w}.log").read_text().count("worker starting") == 1
+    assert_equal_to_full_batch_sgd(cluster, steps)
