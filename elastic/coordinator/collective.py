@@ -108,6 +108,7 @@ class CollectiveEngine(Engine):
         store = self.ctx.collective_store()
         tensors: dict[str, WireTensor] = {}
         if carry:  # nobody holds the state: the newest checkpoint is it
+            job.round = self.rule.position["step"]  # steps after it are done again
             state = {k: v.detach() for k, v in job.model.state_dict().items()}
             state |= self.rule.optimizer_state
             tensors = {k: WireTensor.from_tensor(v) for k, v in state.items()}

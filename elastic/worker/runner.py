@@ -146,7 +146,7 @@ class TaskRunner:
             if executor is None:
                 raise ElasticError(
                     f"unknown work mode {mode!r}; this worker knows "
-                    f"{', '.join(sorted(self.executors))}"
+                    f"{', '.join(sorted([*self.executors, *self.collective.modes]))}"
                 )
             units = client_works(work)
         except ElasticError as exc:

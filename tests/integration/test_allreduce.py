@@ -3,6 +3,7 @@ SIGKILLed and another joining mid-job while the survivors go on in their process
 
 from __future__ import annotations
 
+import re
 import signal
 from pathlib import Path
 
@@ -106,4 +107,24 @@ def test_survivors_go_on_in_their_processes_when_one_dies_and_one_joins(
     for w in ("w0", "w1"):  # the survivors were never restarted
         assert workers[w].poll() is None
         assert (tmp_path / f"{w}.log").read_text().count("worker starting") == 1
+    assert_equal_to_full_batch_sgd(cluster, steps)
+
+
+def test_when_every_worker_dies_the_job_resumes_from_the_checkpoint(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    steps = 40
+    cluster.coordinator(allreduce_job(tmp_path, steps, 2, step_seconds=0.1))
+    first = [cluster.worker(w) for w in ("w0", "w1")]
+    saved = cluster.wait_status("ar", lambda s: s["checkpoint_step"] >= 10, 60, "a checkpoint")
+    for worker in first:
+        worker.send_signal(signal.SIGKILL)
+    cluster.wait_status("ar", lambda s: s["members"] == 0, 30, "both to be gone")
+    for w in ("w2", "w3"):
+        cluster.worker(w)
+    status = cluster.wait_status("ar", lambda s: s["state"] == "finished", 90, "the job to finish")
+    resumed = [e for e in status["events"] if e["event"] == "generation"][-1]
+    assert saved["checkpoint_step"] <= resumed["step"] < steps  # from the checkpoint, not step 0
+    log = (tmp_path / "coordinator.log").read_text()
+    assert re.search(rf"members=w[23],w[23] step={resumed['step']} state_from=checkpoint", log)
     assert_equal_to_full_batch_sgd(cluster, steps)

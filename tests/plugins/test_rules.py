@@ -142,7 +142,7 @@ def test_fedavg_bad_params(params: dict, match: str) -> None:
 
 def neutral_update(m: nn.Module, mode: str) -> Update:
     template = update_template(m, mode)
-    if mode == "train":
+    if mode in ("train", "collective"):  # trained weights, or a collective's checkpoint
         return make_update({k: v.detach().clone() for k, v in template.items()}, 5)
     return make_update(
         {k: torch.zeros_like(v) for k, v in template.items()}, 5, update_kind(mode)
@@ -179,7 +179,7 @@ class TestAggregatorConformance:
             before = {k: v.clone() for k, v in update_template(m, cls.worker_mode).items()}
             agg.begin_round()
             shifted = {
-                k: (v + 1.0 if cls.worker_mode == "train" else torch.ones_like(v))
+                k: (v + 1.0 if cls.worker_mode in ("train", "collective") else torch.ones_like(v))
                 for k, v in before.items()
             }
             agg.accumulate(make_update(shifted, 5, update_kind(cls.worker_mode)))

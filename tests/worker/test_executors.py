@@ -6,12 +6,13 @@ import torch
 
 from elastic.plugins import Plugins
 from elastic.wire.header import Message, MsgType
+from elastic.worker.collective import CollectiveTraining
 from elastic.worker.executors import EXECUTORS, GradientStep, LocalTraining
 from elastic.worker.runner import TaskRunner
 
 
 def test_every_installed_rule_has_an_executor_for_its_workers() -> None:
-    modes = {mode for kind in EXECUTORS for mode in kind.modes}
+    modes = {mode for kind in (*EXECUTORS, CollectiveTraining) for mode in kind.modes}
     plugins = Plugins()
     asked = {plugins.aggregators.get(name).worker_mode for name in plugins.aggregators.names()}
     assert asked <= modes, asked - modes
@@ -30,7 +31,7 @@ def test_a_mode_no_executor_serves_is_a_nack_naming_the_known_ones() -> None:
         round=1,
         key="w/j/1",
         meta={
-            "mode": "collective",
+            "mode": "edge",
             "task": "linreg",
             "task_params": {},
             "train": {},
@@ -42,7 +43,7 @@ def test_a_mode_no_executor_serves_is_a_nack_naming_the_known_ones() -> None:
     assert reply.type is MsgType.NACK and reply.meta["reason"] == "work_failed"
     assert (
         reply.meta["detail"]
-        == "unknown work mode 'collective'; this worker knows delta, gradient, train"
+        == "unknown work mode 'edge'; this worker knows collective, delta, gradient, train"
     )
 
 
