@@ -13,6 +13,8 @@ import torch
 from elastic_plugins.tasks.linreg import LinReg
 
 from elastic.api import Shard
+from elastic.membership.etcd.client import connect
+from tests.etcd_server import EtcdServer
 
 from .conftest import Cluster, write_job
 
@@ -89,15 +91,17 @@ def test_three_workers_equal_full_batch_sgd(cluster: Cluster, tmp_path: Path) ->
 
 
 def test_survivors_go_on_in_their_processes_when_one_dies_and_one_joins(
-    cluster: Cluster, tmp_path: Path
+    cluster: Cluster, tmp_path: Path, etcd: EtcdServer
 ) -> None:
+    """Through etcd: membership, and the generations' store (no process hosts it)."""
     steps = 60
-    cluster.coordinator(allreduce_job(tmp_path, steps, 2, step_seconds=0.15))
-    workers = {w: cluster.worker(w) for w in ("w0", "w1", "w2")}
+    flags = ("--membership", f"etcd://{etcd.url}/ar", "--lease-ttl", "3")
+    cluster.coordinator(allreduce_job(tmp_path, steps, 2, step_seconds=0.15), extra=flags)
+    workers = {w: cluster.worker(w, *flags) for w in ("w0", "w1", "w2")}
     cluster.wait_status("ar", lambda s: s.get("world") == 3 and s["round"] >= 10, 60, "step 10")
     workers["w2"].send_signal(signal.SIGKILL)
     killed = cluster.wait_status("ar", lambda s: s.get("world") == 2, 30, "a generation of two")
-    workers["w3"] = cluster.worker("w3")
+    workers["w3"] = cluster.worker("w3", *flags)
     cluster.wait_status("ar", lambda s: s.get("world") == 3, 60, "w3 in a generation")
     status = cluster.wait_status("ar", lambda s: s["state"] == "finished", 120, "the job to finish")
     assert killed["round"] < steps  # the kill landed mid-job
@@ -108,6 +112,13 @@ def test_survivors_go_on_in_their_processes_when_one_dies_and_one_joins(
         assert workers[w].poll() is None
         assert (tmp_path / f"{w}.log").read_text().count("worker starting") == 1
     assert_equal_to_full_batch_sgd(cluster, steps)
+    client = connect(f"etcd://{etcd.url}/ar")
+    try:  # the generations met in etcd
+        keys = [meta.key.decode() for _, meta in client.get_prefix("/elastic/ar/collective/ar/")]
+    finally:
+        client.close()
+    last = f"/elastic/ar/collective/ar/ar/{status['generation']}/"
+    assert any(key.startswith(last) for key in keys), keys[:5]
 
 
 def test_when_every_worker_dies_the_job_resumes_from_the_checkpoint(
