@@ -1,8 +1,8 @@
 """``allreduce``: collective data-parallel SGD with no restarts.
 
 Workers form a torch.distributed group per generation (gloo on CPU, NCCL on CUDA)
-and all-reduce their gradients peer to peer (torch's DDP: bucketed, overlapped with
-the backward pass); the coordinator only runs the rendezvous and keeps checkpoints.
+and all-reduce their gradients peer to peer (in buckets, overlapped with the backward
+pass, as torch's DDP does); the coordinator only runs the rendezvous and keeps checkpoints.
 A job's ``rounds`` are optimizer steps; ``[train] batch_size`` is per rank (0: the
 whole dataset every step, i.e. full-batch gradient descent).
 """

@@ -5,7 +5,8 @@ A WORK names the generation, this member's rank, the world size, the store to me
 in and how many steps the job has. The member joins the generation's process group
 (gloo, or NCCL on CUDA; the store prefixed by job and generation), takes the state
 of the lowest rank holding the oldest state (``elastic.distributed.state``), and
-trains, its DDP model reducing gradients in buckets during the backward pass. It
+trains, its gradients all-reduced in buckets during the backward pass
+(``elastic.distributed.buckets``). It
 leaves the generation, in the same process, when:
 
 - a newer WORK came for the job (a member joined or left): every rank learns it
@@ -31,8 +32,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
+from elastic.distributed.buckets import BucketedAllReduce
 from elastic.distributed.sampling import Position, step_slice
 from elastic.distributed.state import (
     MemberState,
@@ -186,16 +187,11 @@ class CollectiveTraining:
         superseded: Callable[[], bool],
         started: float,
     ) -> Iterator[Result]:
-        ddp = DistributedDataParallel(
-            ctx.model,
-            device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            init_sync=False,  # every rank holds the source's state already
-            gradient_as_bucket_view=True,
-        )
+        buckets = BucketedAllReduce(ctx.model.parameters())
         try:
-            yield from self._steps(ctx, work, meta, member, ddp, superseded, started)
-        finally:  # a failed step's traceback must not keep DDP (and its group) alive
-            del ddp
+            yield from self._steps(ctx, work, meta, member, buckets, superseded, started)
+        finally:
+            buckets.close()
 
     def _steps(
         self,
@@ -203,7 +199,7 @@ class CollectiveTraining:
         work: Message,
         meta: dict[str, Any],
         member: MemberState,
-        ddp: DistributedDataParallel,
+        buckets: BucketedAllReduce,
         superseded: Callable[[], bool],
         started: float,
     ) -> Iterator[Result]:
@@ -226,11 +222,12 @@ class CollectiveTraining:
                 idx = torch.zeros(1, dtype=torch.long, device=self.device)
             member.optimizer.zero_grad(set_to_none=False)
             try:
-                loss = ctx.task.loss(ddp, x[idx], y[idx])
+                loss = ctx.task.loss(ctx.model, x[idx], y[idx])
             except Exception as exc:
                 raise ElasticError(f"the task's loss failed: {type(exc).__name__}: {exc}") from exc
-            weight = 0.0 if empty else len(idx) * world / piece.global_count
-            (loss * weight).backward()  # DDP averages over ranks: this makes it the global mean
+            weight = 0.0 if empty else len(idx) / piece.global_count
+            (loss * weight).backward()  # summed over ranks: the gradient of the global mean
+            buckets.finish()
             flags[0] = 1.0 if superseded() else 0.0
             flags[1] = 0.0 if empty else float(loss.detach()) * len(idx)
             dist.all_reduce(flags)
@@ -297,7 +294,7 @@ class CollectiveTraining:
 def _leave_group() -> None:
     """Leave this generation's group, whatever state it is in."""
     if dist.is_initialized():
-        gc.collect()  # DDP's reducer holds the group: let it go first
+        gc.collect()  # a failed step's frames may hold the group's pending work
         try:
             dist.destroy_process_group()
         except Exception as exc:  # a broken group may fail to close: it is dropped anyway

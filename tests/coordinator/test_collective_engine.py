@@ -13,7 +13,6 @@ from elastic.coordinator.context import EngineContext
 from elastic.coordinator.job import Job
 from elastic.errors import JobSpecError
 from elastic.jobspec import parse_job_spec
-from elastic.membership.base import Member
 from elastic.plugins import Plugins
 from elastic.wire.header import Message, MsgType
 from elastic.wire.tensors import WireTensor

@@ -45,9 +45,10 @@ def test_optimizer_state_round_trips_into_a_fresh_optimizer(kind):
     _, fresh = _trained(1, 0, kind)  # a joiner: no state yet
     load_optimizer(fresh, layout, {k: v.clone() for k, v in tensors.items()})
     want, got = opt.state_dict(), fresh.state_dict()
-    as_lists = lambda groups: [
-        {k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in groups
-    ]  # noqa: E731
+
+    def as_lists(groups: list[dict]) -> list[dict]:
+        return [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in groups]
+
     assert as_lists(want["param_groups"]) == as_lists(
         got["param_groups"]
     )  # (msgpack: tuples are lists)
