@@ -30,10 +30,13 @@ import torch
 from elastic.coordinator.context import EngineContext
 from elastic.coordinator.engine import Engine, Outgoing
 from elastic.coordinator.job import Job, JobState
+from elastic.coordinator.uploads import Part
 from elastic.coordinator.validation import Refusal
+from elastic.distributed import packed
 from elastic.membership.base import Member
-from elastic.rules import CollectiveRule
+from elastic.rules import CollectiveRule, Update
 from elastic.wire.header import Message, MsgType
+from elastic.wire.parts import Segment, grid
 from elastic.wire.tensors import WireTensor
 
 __all__ = ["CollectiveEngine", "BROKEN_GRACE"]
@@ -58,6 +61,10 @@ class CollectiveEngine(Engine):
         self.silent: set[str] = set()  # left out of a broken generation's successor
         self.refused: set[str] = set()  # cannot run the job's work (their NACK said why)
         self.committed = job.round  # the step of the newest checkpoint
+        self.step_seconds = 0.0  # rank 0's median step, as it last said
+        self.itemsizes = {packed.NAME: 1}  # what checkpoints in parts are cut by
+        self._staging: dict[str, tuple[str, torch.Tensor]] = {}  # checkpoints coming in parts
+        self.first_step_seen = 0  # the newest generation whose first step was reported
 
     # ------------------------------------------------------------ generations --
 
@@ -147,9 +154,73 @@ class CollectiveEngine(Engine):
     def on_update(self, worker: str, msg: Message) -> Message:
         report = msg.meta.get("collective")
         refusal = self._check(worker, msg, report)
+        if refusal is None and msg.tensors:
+            checked = self._check_checkpoint(msg, report)
+            if isinstance(checked, Refusal):
+                refusal = checked
+            elif checked[1] != msg.tensors[packed.NAME].numel:
+                refusal = Refusal("bad_checkpoint", "the checkpoint's bytes differ from its layout")
         if refusal is not None:
             return self._nack(msg, refusal)
         assert isinstance(report, dict)
+        self._take_report(worker, report)
+        if msg.tensors:
+            refusal = self._commit_checkpoint(msg, report, msg.tensors[packed.NAME].to_tensor())
+            if refusal is not None:
+                return self._nack(msg, refusal)
+        elif report["end"] == "progress":
+            self.publisher.write()
+        return self._ack(msg)
+
+    def on_update_part(self, worker: str, msg: Message, part: Part) -> Message | None:
+        """A checkpoint in parts: each part's bytes into a staging copy, committed
+        once the last is in (a stream given up commits nothing)."""
+        report = msg.meta.get("collective")
+        refusal = self._check(worker, msg, report)
+        if refusal is None and part.first:
+            checked = self._check_checkpoint(msg, report)
+            if isinstance(checked, Refusal):
+                refusal = checked
+            else:
+                self._staging[worker] = (msg.key, torch.empty(checked[1], dtype=torch.uint8))
+        staged = self._staging.get(worker)
+        if refusal is None and (staged is None or staged[0] != msg.key):
+            refusal = Refusal("bad_part", f"a part of {msg.key} whose first part never came")
+        if refusal is None:
+            assert staged is not None
+            refusal = self._copy_part(msg, part, staged[1])
+        if refusal is not None:
+            self._staging.pop(worker, None)
+            return self._nack(msg, refusal)
+        if not part.last:
+            return None
+        assert isinstance(report, dict) and staged is not None
+        self._staging.pop(worker, None)
+        self._take_report(worker, report)
+        refusal = self._commit_checkpoint(msg, report, staged[1])
+        return self._ack(msg) if refusal is None else self._nack(msg, refusal)
+
+    def abandon_parts(self, worker: str, key: str) -> None:
+        if self._staging.get(worker, ("",))[0] == key:
+            del self._staging[worker]
+
+    @staticmethod
+    def _copy_part(msg: Message, part: Part, staging: torch.Tensor) -> Refusal | None:
+        if list(msg.tensors) != [packed.NAME] or [s[0] for s in part.segments] != [packed.NAME]:
+            return Refusal("bad_part", f"a checkpoint's part carries {packed.NAME!r} only")
+        (_, start, stop), wt = part.segments[0], msg.tensors[packed.NAME]
+        if stop > staging.numel() or wt.shape != (stop - start,) or wt.dtype != torch.uint8:
+            return Refusal("bad_part", f"bytes {start}:{stop} do not fit the checkpoint's layout")
+        if part.last and stop != staging.numel():
+            return Refusal("bad_part", "the checkpoint's parts end before its layout does")
+        wt.copy_to(staging[start:stop])
+        return None
+
+    def _ack(self, msg: Message) -> Message:
+        return Message(MsgType.ACK, job=msg.job, round=msg.round, version=msg.version, key=msg.key)
+
+    def _take_report(self, worker: str, report: dict[str, Any]) -> None:
+        """What a checked report says: who holds state, who answered, progress."""
         generation, step, end = report["generation"], report["step"], report["end"]
         if report.get("holds"):
             self.holders[worker] = step
@@ -168,13 +239,13 @@ class CollectiveEngine(Engine):
                     worker,
                     report.get("detail", ""),
                 )
-        if current and self.ranks.index(worker) == 0 and step > self.job.round:
-            self.job.round = step  # progress, shown in the status
-        if msg.tensors and step > self.committed and not self.job.done:
-            self._commit_checkpoint(msg, report)
-        elif end == "progress":
-            self.publisher.write()
-        return Message(MsgType.ACK, job=msg.job, round=msg.round, version=msg.version, key=msg.key)
+        if current and self.ranks.index(worker) == 0:
+            self.step_seconds = float(report.get("step_seconds", 0.0))
+            if end in ("progress", "checkpoint", "done") and self.first_step_seen < generation:
+                self.first_step_seen = generation  # when training went on again
+                self.job.note("first_step", generation=generation, step=step)
+            if step > self.job.round:
+                self.job.round = step  # progress, shown in the status
 
     def _check(self, worker: str, msg: Message, report: Any) -> Refusal | None:
         """A report's claims against what this engine handed out and what it can bound."""
@@ -183,6 +254,9 @@ class CollectiveEngine(Engine):
         for key in ("generation", "step", "epoch", "offset"):
             if type(report.get(key)) is not int or report[key] < 0:
                 return Refusal("bad_report", f"collective.{key} must be an int >= 0")
+        seconds = report.get("step_seconds", 0.0)
+        if type(seconds) is not float or not 0 <= seconds < 1e6:
+            return Refusal("bad_report", "collective.step_seconds must be seconds >= 0")
         if not 1 <= report["generation"] <= self.generation:
             return Refusal("bad_report", f"generation {report['generation']} was never handed out")
         if report["step"] > self.job.spec.rounds:
@@ -194,41 +268,48 @@ class CollectiveEngine(Engine):
             return Refusal(
                 "bad_key", f"a report of generation {report['generation']} has key {msg.key!r}"
             )
-        if msg.tensors:
-            if report["end"] not in ("checkpoint", "done"):
-                return Refusal("bad_report", f"a {report['end']} report carries no tensors")
-            return self._check_checkpoint(msg)
+        if msg.tensors and report["end"] not in ("checkpoint", "done"):
+            return Refusal("bad_report", f"a {report['end']} report carries no tensors")
         return None
 
-    def _check_checkpoint(self, msg: Message) -> Refusal | None:
-        model = self.job.model.state_dict()
-        missing = set(model) - set(msg.tensors)
-        if missing:
-            return Refusal("bad_checkpoint", f"the checkpoint lacks {sorted(missing)[:5]}")
-        largest = max((t.numel() for t in model.values()), default=0)
-        for name, wt in msg.tensors.items():
-            if name in model:
-                target = model[name]
-                if tuple(target.shape) != wt.shape or target.dtype != wt.dtype:
-                    return Refusal(
-                        "bad_shape",
-                        f"{name}: {list(wt.shape)} {wt.dtype}, the model has "
-                        f"{list(target.shape)} {target.dtype}",
-                    )
-                if target.is_floating_point() and not torch.isfinite(wt.to_tensor()).all():
-                    return Refusal("not_finite", f"{name} holds NaN or Inf")
-            elif not name.startswith("optimizer/") or math.prod(wt.shape) > largest:
-                return Refusal("bad_checkpoint", f"unexpected tensor {name!r} in a checkpoint")
+    def _check_checkpoint(self, msg: Message, report: Any) -> tuple[packed.Layout, int] | Refusal:
+        """A checkpoint's layout, and its bytes; the tensors are checked as committed."""
+        if list(msg.tensors) != [packed.NAME] or msg.tensors[packed.NAME].dtype != torch.uint8:
+            return Refusal("bad_checkpoint", f"a checkpoint is one uint8 tensor {packed.NAME!r}")
         try:
-            bytes.fromhex(str(msg.meta["collective"].get("layout", "")))
+            bytes.fromhex(str(report.get("layout", "")))
         except ValueError:
             return Refusal("bad_checkpoint", "collective.layout is not hex")
-        return None
+        model = self.job.model.state_dict()
+        most = 4 * sum(t.numel() * t.element_size() for t in model.values()) + (1 << 20)
+        checked = packed.check(report.get("tensors"), model, most)
+        if isinstance(checked, str):
+            return Refusal("bad_checkpoint", checked)
+        return checked
 
-    def _commit_checkpoint(self, msg: Message, report: dict[str, Any]) -> None:
-        rule, step = self.rule, report["step"]
+    def _commit_checkpoint(
+        self, msg: Message, report: dict[str, Any], flat: torch.Tensor
+    ) -> Refusal | None:
+        """Rank 0's model, optimizer state and position, as the job's next version."""
+        step = report["step"]
+        tensors = packed.unpack(report["tensors"], flat)
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                return Refusal("not_finite", f"{name} holds NaN or Inf")
+        if step <= self.committed or self.job.done:
+            return None  # older than the newest checkpoint: nothing to keep
+        rule = self.rule
         rule.begin_round()
-        rule.accumulate(self._as_update(msg))
+        rule.accumulate(
+            Update(
+                worker=msg.sender,
+                base_version=msg.version,
+                num_samples=int(msg.meta["num_samples"]),
+                loss=float(msg.meta["loss"]),
+                kind="checkpoint",
+                tensors={k: WireTensor.from_tensor(v) for k, v in tensors.items()},
+            )
+        )
         rule.optimizer_layout = str(report.get("layout", ""))
         rule.position = {k: int(report[k]) for k in ("step", "epoch", "offset")}
         metrics = {
@@ -237,21 +318,17 @@ class CollectiveEngine(Engine):
             "generation": report["generation"],
             "world": len(self.ranks),
             "updates": 1,
+            "step_seconds": self.step_seconds,
         }
         if self._commit(step, metrics):
             self.committed = step
+        return None
 
-    def _as_update(self, msg: Message) -> Any:
-        from elastic.rules import Update  # noqa: PLC0415
-
-        return Update(
-            worker=msg.sender,
-            base_version=msg.version,
-            num_samples=int(msg.meta["num_samples"]),
-            loss=float(msg.meta["loss"]),
-            kind="checkpoint",
-            tensors=msg.tensors,
-        )
+    def upload_parts(self, part_bytes: int, offered: int = 0) -> list[list[Segment]] | None:
+        """A checkpoint is one flat byte tensor: cut into parts by bytes."""
+        if part_bytes <= 0 or offered <= 0:
+            return None
+        return grid([(packed.NAME, offered, 1)], part_bytes)
 
     # ------------------------------------------------------------- failures --
 
@@ -284,4 +361,5 @@ class CollectiveEngine(Engine):
             "ranks": list(self.ranks),
             "step": self.job.round,
             "checkpoint_step": self.committed,
+            "step_seconds": self.step_seconds,
         }

@@ -480,7 +480,7 @@ class CoordinatorCore:
             )
             return
         parts = (
-            engine.upload_parts(self.config.upload_part)
+            engine.upload_parts(self.config.upload_part, msg.meta["bytes"])
             if msg.meta.get("parts") is True and not self._validators
             else None
         )

@@ -245,10 +245,11 @@ class Engine(ABC):
 
     # ------------------------------------------------------------- updates --
 
-    def upload_parts(self, part_bytes: int) -> list[list[Segment]] | None:
-        """The parts a big update of this job is sent in (``elastic.wire.parts``), or
-        None: it comes whole, because the engine or the rule folds whole updates
-        only, a norm bound looks at the whole update, or it comes compressed."""
+    def upload_parts(self, part_bytes: int, offered: int = 0) -> list[list[Segment]] | None:
+        """The parts a big update of this job (of ``offered`` bytes) is sent in
+        (``elastic.wire.parts``), or None: it comes whole, because the engine or the
+        rule folds whole updates only, a norm bound looks at the whole update, or it
+        comes compressed."""
         if (
             not (self.folds_parts and self.job.aggregator.folds_parts)
             or part_bytes <= 0

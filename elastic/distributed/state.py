@@ -38,6 +38,7 @@ class MemberState:
     generation: int = 0
     loss: float = 0.0  # the last step's mean loss over all ranks
     samples: int = 0  # ... and its samples over all ranks
+    step_seconds: float = 0.0  # the median step of this generation (after two)
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[bytes, dict[str, torch.Tensor]]:

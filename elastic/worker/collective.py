@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from elastic.distributed import packed
 from elastic.distributed.buckets import BucketedAllReduce
 from elastic.distributed.sampling import Position, step_slice
 from elastic.distributed.state import (
@@ -212,9 +214,10 @@ class CollectiveTraining:
         x, y = data
         size, seed = len(y), int(work.meta["seed"])
         flags = torch.zeros(2, dtype=torch.float64, device=self.device)
-        reported = time.monotonic()
+        reported, durations = 0.0, []  # (0: rank 0 reports its first step at once)
         ctx.model.train()
         while member.position.step < steps:
+            began = time.perf_counter()
             piece = step_slice(size, seed, member.position, world, rank, batch)
             idx = piece.indices.to(self.device)
             empty = idx.numel() == 0
@@ -235,6 +238,8 @@ class CollectiveTraining:
             member.position = piece.after
             member.loss = float(flags[1]) / piece.global_count
             member.samples = piece.global_count
+            durations.append(time.perf_counter() - began)
+            member.step_seconds = statistics.median(durations[2:] or durations)  # (warm-up)
             if rank == 0:
                 step = member.position.step
                 if step % every == 0 and step < steps:
@@ -256,6 +261,7 @@ class CollectiveTraining:
             "offset": at.offset,
             "end": end,
             "holds": member.has_state,
+            "step_seconds": member.step_seconds,
         }
         if detail:
             collective["detail"] = detail[:500]
@@ -281,13 +287,17 @@ class CollectiveTraining:
         self, ctx: JobContext, work: Message, member: MemberState, end: str, started: float
     ) -> Result:
         result = self._report(work, member, end, started)
-        layout, optimizer = optimizer_tensors(member.optimizer)
+        optimizer_layout, optimizer = optimizer_tensors(member.optimizer)
         tensors = {k: v.detach() for k, v in ctx.model.state_dict().items()} | optimizer
-        result.buffers = self.outbox.copy_of(tensors)  # training goes on while it is sent
-        result.message.tensors = {
-            k: WireTensor.from_tensor(v) for k, v in result.buffers.tensors.items()
-        }
-        result.message.meta["collective"]["layout"] = layout.hex()
+
+        def buffer(total: int) -> torch.Tensor:  # pooled: training goes on while it is sent
+            like = {packed.NAME: torch.empty(total, dtype=torch.uint8, device="meta")}
+            result.buffers = self.outbox.acquire(like)
+            return result.buffers.tensors[packed.NAME]
+
+        layout, flat = packed.pack(tensors, buffer)
+        result.message.tensors = {packed.NAME: WireTensor.from_tensor(flat)}
+        result.message.meta["collective"] |= {"layout": optimizer_layout.hex(), "tensors": layout}
         return result
 
 

@@ -11,10 +11,13 @@ import torch
 from elastic.coordinator.collective import BROKEN_GRACE, CollectiveEngine
 from elastic.coordinator.context import EngineContext
 from elastic.coordinator.job import Job
+from elastic.coordinator.uploads import Part
+from elastic.distributed import packed
 from elastic.errors import JobSpecError
 from elastic.jobspec import parse_job_spec
 from elastic.plugins import Plugins
 from elastic.wire.header import Message, MsgType
+from elastic.wire.parts import part_message
 from elastic.wire.tensors import WireTensor
 
 from .test_rounds import Clock, members
@@ -45,7 +48,7 @@ def generation_of(out) -> dict[str, dict]:
 
 
 def report(
-    engine, worker: str, generation: int, step: int, end: str, holds=True, tensors=None, **extra
+    engine, worker: str, generation: int, step: int, end: str, holds=True, frames=None, **extra
 ) -> Message:
     return Message(
         MsgType.UPDATE,
@@ -68,16 +71,23 @@ def report(
                 **extra,
             },
         },
-        tensors=tensors or {},
+        tensors=frames or {},
     )
 
 
-def checkpoint(engine, worker, generation, step, scale=2.0, **extra) -> Message:
-    state = {
-        k: WireTensor.from_tensor(v.detach() * scale)
-        for k, v in engine.job.model.state_dict().items()
-    }
-    return report(engine, worker, generation, step, "checkpoint", tensors=state, layout="", **extra)
+def checkpoint(engine, worker, generation, step, scale=2.0, tensors=None, **extra) -> Message:
+    state = tensors or {k: v.detach() * scale for k, v in engine.job.model.state_dict().items()}
+    layout, flat = packed.pack(state, lambda n: torch.empty(n, dtype=torch.uint8))
+    return report(
+        engine,
+        worker,
+        generation,
+        step,
+        "checkpoint",
+        frames={packed.NAME: WireTensor.from_tensor(flat)},
+        layout="",
+        **{"tensors": layout, **extra},
+    )
 
 
 def test_nothing_starts_below_min_workers_then_all_get_ranks_and_the_model(tmp_path):
@@ -180,24 +190,65 @@ def test_bad_checkpoints_are_refused_and_leave_the_model_alone(tmp_path):
     engine, _ = make(tmp_path)
     engine.tick(members("a", "b"))
     before = {k: v.clone() for k, v in engine.job.model.state_dict().items()}
-    nan = checkpoint(engine, "a", 1, 5)
-    nan.tensors["weight"] = WireTensor.from_tensor(torch.full_like(before["weight"], float("nan")))
-    huge = checkpoint(engine, "a", 1, 5)
-    huge.tensors["optimizer/0/momentum_buffer"] = WireTensor.from_tensor(torch.zeros(10_000))
-    missing = checkpoint(engine, "a", 1, 5)
-    del missing.tensors["bias"]
+    nan = checkpoint(
+        engine, "a", 1, 5, tensors=before | {"weight": before["weight"] * float("nan")}
+    )
+    huge = checkpoint(
+        engine, "a", 1, 5, tensors=before | {"optimizer/0/momentum_buffer": torch.zeros(10_000)}
+    )
+    missing = checkpoint(engine, "a", 1, 5, tensors={"weight": before["weight"]})
+    lying = checkpoint(engine, "a", 1, 5)
+    lying.meta["collective"]["tensors"][0][2] = [1, 1]
     progress_with_tensors = checkpoint(engine, "a", 1, 5)
     progress_with_tensors.meta["collective"]["end"] = "progress"
     for msg, reason in (
         (nan, "not_finite"),
         (huge, "bad_checkpoint"),
         (missing, "bad_checkpoint"),
+        (lying, "bad_checkpoint"),
         (progress_with_tensors, "bad_report"),
     ):
         answer = engine.on_update("a", msg)
-        assert answer.meta["reason"] == reason
+        assert answer.meta["reason"] == reason, (reason, answer.meta)
     for name, value in before.items():
         assert torch.equal(engine.job.model.state_dict()[name], value)
+    assert engine.job.version == 0
+
+
+def test_a_checkpoint_comes_in_parts_and_commits_with_its_last(tmp_path):
+    engine, _ = make(tmp_path)
+    engine.tick(members("a", "b"))
+    whole = checkpoint(engine, "a", 1, 5, scale=3.0)
+    size = whole.tensors[packed.NAME].numel
+    parts = engine.upload_parts(16, size)
+    assert len(parts) > 2 and sum(stop - start for ((_, start, stop),) in parts) == size
+    flat = whole.tensors[packed.NAME].to_tensor()
+    answers = []
+    before = 0
+    for index, segments in enumerate(parts):
+        (_, start, stop) = segments[0]
+        msg = part_message(whole, index, len(parts), segments)
+        answers.append(engine.on_update_part("a", msg, Part(index, len(parts), segments, before)))
+        before += stop - start
+        if index < len(parts) - 1:
+            assert engine.job.version == 0  # nothing commits before the last part
+    assert answers[:-1] == [None] * (len(parts) - 1) and answers[-1].type is MsgType.ACK
+    assert engine.committed == 5
+    for name, value in packed.unpack(whole.meta["collective"]["tensors"], flat).items():
+        assert torch.equal(engine.job.model.state_dict()[name], value)
+
+
+def test_a_checkpoint_given_up_halfway_commits_nothing(tmp_path):
+    engine, _ = make(tmp_path)
+    engine.tick(members("a", "b"))
+    whole = checkpoint(engine, "a", 1, 5)
+    parts = engine.upload_parts(16, whole.tensors[packed.NAME].numel)
+    first = part_message(whole, 0, len(parts), parts[0])
+    assert engine.on_update_part("a", first, Part(0, len(parts), parts[0], 0)) is None
+    engine.abandon_parts("a", whole.key)
+    late = part_message(whole, 1, len(parts), parts[1])
+    answer = engine.on_update_part("a", late, Part(1, len(parts), parts[1], 16))
+    assert answer.meta["reason"] == "bad_part" and engine.job.version == 0
 
 
 def test_a_checkpoint_older_than_the_newest_is_not_committed(tmp_path):

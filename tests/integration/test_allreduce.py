@@ -139,3 +139,67 @@ def test_when_every_worker_dies_the_job_resumes_from_the_checkpoint(
     log = (tmp_path / "coordinator.log").read_text()
     assert re.search(rf"members=w[23],w[23] step={resumed['step']} state_from=checkpoint", log)
     assert_equal_to_full_batch_sgd(cluster, steps)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_generation_runs_on_nccl(cluster: Cluster, tmp_path: Path) -> None:
+    """One process per GPU (two where there are two), NCCL's all-reduce; the result is
+    full-batch SGD as on the CPU, to GPU float tolerance."""
+    gpus = min(torch.cuda.device_count(), 2)
+    cluster.coordinator(allreduce_job(tmp_path, 20, gpus), extra=("--exit-when-done",))
+    for i in range(gpus):
+        cluster.spawn(
+            f"w{i}", "worker", "--coordinator", cluster.address, "--id", f"w{i}",
+            "--device", f"cuda:{i}", "--coordinator-timeout", "5",
+        )  # fmt: skip
+    cluster.wait_status("ar", lambda s: s["state"] == "finished", 120, "the job to finish")
+    assert "backend=nccl" in (tmp_path / "w0.log").read_text()
+    got = safetensors.torch.load_file(cluster.state / "ar" / "final.safetensors")
+    for name, tensor in full_batch_sgd(20).items():
+        assert torch.allclose(got[name], tensor, atol=1e-4, rtol=0), name
+
+
+def test_a_big_checkpoint_comes_to_the_coordinator_in_parts(cluster: Cluster, tmp_path: Path):
+    """4 MB checkpoints over TCP (no shared memory), granted 1 MiB at a time: the
+    coordinator holds a part in its receive buffers, and commits what full-batch SGD
+    on the synthetic task gives."""
+    from elastic_plugins.tasks.synthetic import Synthetic
+
+    job = write_job(
+        tmp_path / "big.toml",
+        """
+[job]
+id = "ar"
+task = "synthetic"
+rule = "allreduce"
+rounds = 4
+min_workers = 2
+max_workers = 2
+eval_every = 0
+[task]
+params = 1000000
+[train]
+batch_size = 0
+[rule]
+lr = 0.01
+checkpoint_every = 2
+""",
+    )
+    cluster.coordinator(job, extra=("--upload-part", "1048576", "--log-level", "debug"))
+    for w in ("w0", "w1"):
+        cluster.worker(w, "--no-shared-memory")
+    status = cluster.wait_status("ar", lambda s: s["state"] == "finished", 90, "the job to finish")
+    assert [h["round"] for h in status["history"]] == [2, 4]
+    grants = (tmp_path / "coordinator.log").read_text().count("upload granted worker=w")
+    assert grants >= 2 * 4  # two checkpoints of four parts or more
+    task = Synthetic({"params": 1_000_000})
+    model = task.build_model(0)
+    x, y = task.train_dataset(Shard(0, 1, 0), None).tensors
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(4):
+        opt.zero_grad()
+        task.loss(model, x, y).backward()
+        opt.step()
+    got = safetensors.torch.load_file(cluster.state / "ar" / "final.safetensors")
+    for name, tensor in model.state_dict().items():
+        assert torch.allclose(got[name], tensor, atol=1e-6, rtol=0), name

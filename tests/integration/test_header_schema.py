@@ -90,10 +90,27 @@ log = "{tmp_path / "vc.log"}"
 dim = 4
 """,
     )
+    # Job "ar": collective training (generations, reports, checkpoints).
+    ar = write_job(
+        tmp_path / "ar.toml",
+        """
+[job]
+id = "ar"
+task = "linreg"
+rule = "allreduce"
+rounds = 10
+min_workers = 2
+eval_every = 0
+[train]
+batch_size = 0
+[rule]
+checkpoint_every = 5
+""",
+    )
     control = f"tcp://127.0.0.1:{free_port()}"
-    cluster.coordinator(big, cz, vc, extra=("--upload-part", "1048576", "--control", control))
+    cluster.coordinator(big, cz, vc, ar, extra=("--upload-part", "1048576", "--control", control))
     workers = [cluster.worker("w0"), cluster.worker("w1", "--no-shared-memory")]
-    for job in ("big", "cz", "vc"):
+    for job in ("big", "cz", "vc", "ar"):
         cluster.wait_status(job, lambda s: s["state"] == "finished", 120, f"job {job} to finish")
     ls = subprocess.run(
         [sys.executable, "-m", "elastic", "job", "ls", "--coordinator", control],
