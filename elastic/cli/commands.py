@@ -17,7 +17,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from elastic.config import CoordinatorConfig, WorkerConfig, resolve
+from elastic.cli.daemons import set_threads
+from elastic.config import CoordinatorConfig
 from elastic.coordinator.checkpoints import atomic_write
 from elastic.coordinator.job import check_fits_rule, codec_chains
 from elastic.coordinator.threads import FOLD_THREADS
@@ -27,7 +28,7 @@ from elastic.logs import setup_logging
 from elastic.plugins import Plugins
 from elastic.tasks import Shard
 
-__all__ = ["cmd_run", "cmd_coordinator", "cmd_worker", "cmd_plugins", "cmd_validate", "check_spec"]
+__all__ = ["cmd_run", "cmd_plugins", "cmd_validate", "check_spec"]
 
 
 def check_spec(spec: JobSpec, plugins: Plugins) -> None:
@@ -40,99 +41,6 @@ def check_spec(spec: JobSpec, plugins: Plugins) -> None:
 
 def _flags(args: argparse.Namespace, *names: str) -> dict[str, Any]:
     return {n: getattr(args, n, None) for n in names}
-
-
-# ------------------------------------------------------------------ daemons --
-
-
-def cmd_coordinator(args: argparse.Namespace) -> int:
-    from elastic.coordinator.daemon import Coordinator
-
-    def read() -> tuple[CoordinatorConfig, list[JobSpec]]:  # at start, and again on SIGHUP
-        config = resolve(
-            CoordinatorConfig,
-            "coordinator",
-            args.config,
-            _flags(
-                args,
-                "bind",
-                "control",
-                "state_dir",
-                "membership",
-                "id",
-                "lease_ttl",
-                "heartbeat_interval",
-                "heartbeat_timeout",
-                "max_message_bytes",
-                "upload_window",
-                "upload_part",
-                "shared_memory",
-                "exit_when_done",
-                "metrics_port",
-                "metrics_host",
-                "curve_key",
-                "allow_workers",
-                "allow_admins",
-                "insecure",
-                "log_format",
-                "log_level",
-            ),
-        )
-        specs = [load_job_spec(p) for p in args.job]
-        for spec in specs:
-            check_spec(spec, plugins)
-        return config, specs
-
-    plugins = Plugins()
-    config, specs = read()
-    setup_logging(config.log_format, config.log_level)
-    _set_threads(FOLD_THREADS if args.threads is None else args.threads)
-    coordinator = Coordinator(config, plugins, specs, reloader=read)
-    coordinator.run()
-    return coordinator.exit_code
-
-
-def _set_threads(threads: int | None) -> None:
-    """torch's intra-op threads for this process (None: torch's default)."""
-    if threads is None:
-        return
-    if threads < 1:
-        raise ConfigError(f"--threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads)
-
-
-def cmd_worker(args: argparse.Namespace) -> int:
-    from elastic.worker.daemon import Worker
-
-    def read() -> WorkerConfig:  # at start, and again on SIGHUP
-        return resolve(
-            WorkerConfig,
-            "worker",
-            args.config,
-            _flags(
-                args,
-                "coordinator",
-                "id",
-                "device",
-                "data",
-                "coordinator_timeout",
-                "membership",
-                "lease_ttl",
-                "max_message_bytes",
-                "shared_memory",
-                "curve_key",
-                "coordinator_key",
-                "insecure",
-                "log_format",
-                "log_level",
-            ),
-        )
-
-    config = read()
-    setup_logging(config.log_format, config.log_level)
-    _set_threads(args.threads)
-    Worker(config, Plugins(), reloader=read).run()
-    return 0
 
 
 # -------------------------------------------------------------------- tools --
@@ -273,7 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         allow_admins=str(keys["admins"]),
     )
     config.validate()
-    _set_threads(FOLD_THREADS)
+    set_threads(FOLD_THREADS)
     coordinator = Coordinator(config, plugins, [spec])
     job = coordinator.core.engines[spec.id].job
     workers = _start_local_workers(

@@ -432,6 +432,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from elastic.cli import jobs  # noqa: PLC0415
 
         return int(getattr(jobs, f"cmd_{args.command}")(args))
+    if args.command in ("coordinator", "worker"):  # settings checked before torch loads
+        from elastic.cli import daemons  # noqa: PLC0415
+
+        return int(getattr(daemons, f"cmd_{args.command}")(args))
     from elastic.cli import commands  # noqa: PLC0415
 
     return int(getattr(commands, f"cmd_{args.command}")(args))

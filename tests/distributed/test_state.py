@@ -58,20 +58,23 @@ def test_optimizer_state_round_trips_into_a_fresh_optimizer(kind):
 
 
 def _member(rank: int, world: int, port: int, plan: dict, out: multiprocessing.Queue) -> None:
+    """First nobody holds state (all must say so), then the ``plan``'s holders do."""
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timedelta(seconds=30))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    try:
+        _, fresh = _trained(rank, 0)
+        share_state(_trained(rank, 0)[0], MemberState(fresh), torch.device("cpu"))
+        out.put((rank, "a source without state"))
+    except NoState:
+        pass
     steps = plan.get(rank)
     model, opt = _trained(rank, steps or 0)
     member = MemberState(
         opt, Position(steps or 0, 0, 7 * (steps or 0)), has_state=steps is not None
     )
-    try:
-        source, position = share_state(model, member, torch.device("cpu"))
-    except NoState:
-        out.put((rank, "no state"))
-        return
-    layout, tensors = optimizer_tensors(opt)
+    source, position = share_state(model, member, torch.device("cpu"))
+    _, tensors = optimizer_tensors(opt)
     out.put(
         (
             rank,
@@ -99,9 +102,10 @@ def _run(plan: dict, world: int) -> dict:
     return results
 
 
-def test_the_lowest_rank_at_the_oldest_step_is_the_source_for_all():
-    # rank 0 joined afresh, rank 1 is at step 5, rank 2 one step ahead (its last
-    # all-reduce went through before the group broke): all resume at step 5 from rank 1.
+def test_nobody_or_the_lowest_rank_at_the_oldest_step_is_the_source_for_all():
+    # With no holder every rank raises NoState. Then rank 0 joined afresh, rank 1 is at
+    # step 5, rank 2 one step ahead (its last all-reduce went through before the group
+    # broke): all resume at step 5 from rank 1.
     results = _run({1: 5, 2: 6}, 3)
     want_model, want_optimizer = _trained(1, 5)
     _, want_tensors = optimizer_tensors(want_optimizer)
@@ -113,7 +117,3 @@ def test_the_lowest_rank_at_the_oldest_step_is_the_source_for_all():
         assert tensors.keys() == want_tensors.keys()
         for name, value in want_tensors.items():
             assert torch.equal(torch.tensor(tensors[name]), value), (rank, name)
-
-
-def test_no_holder_means_no_state_for_anyone():
-    assert _run({}, 2) == {0: ("no state",), 1: ("no state",)}

@@ -90,27 +90,43 @@ def test_three_workers_equal_full_batch_sgd(cluster: Cluster, tmp_path: Path) ->
     assert "rejected=none" in log
 
 
-def test_survivors_go_on_in_their_processes_when_one_dies_and_one_joins(
+def test_survivors_go_on_in_their_processes_and_a_wiped_out_job_resumes(
     cluster: Cluster, tmp_path: Path, etcd: EtcdServer
 ) -> None:
-    """Through etcd: membership, and the generations' store (no process hosts it)."""
-    steps = 60
+    """Through etcd (membership, and the generations' store: no process hosts it).
+    One of three SIGKILLed at step 10: the two go on in their processes; a fourth
+    joins the next generation; then all three die, and two new workers resume the
+    job from its newest checkpoint. The result is full-batch SGD all along."""
+    steps = 100
     flags = ("--membership", f"etcd://{etcd.url}/ar", "--lease-ttl", "3")
-    cluster.coordinator(allreduce_job(tmp_path, steps, 2, step_seconds=0.15), extra=flags)
+    cluster.coordinator(allreduce_job(tmp_path, steps, 2, step_seconds=0.1), extra=flags)
     workers = {w: cluster.worker(w, *flags) for w in ("w0", "w1", "w2")}
     cluster.wait_status("ar", lambda s: s.get("world") == 3 and s["round"] >= 10, 60, "step 10")
     workers["w2"].send_signal(signal.SIGKILL)
     killed = cluster.wait_status("ar", lambda s: s.get("world") == 2, 30, "a generation of two")
     workers["w3"] = cluster.worker("w3", *flags)
-    cluster.wait_status("ar", lambda s: s.get("world") == 3, 60, "w3 in a generation")
-    status = cluster.wait_status("ar", lambda s: s["state"] == "finished", 120, "the job to finish")
-    assert killed["round"] < steps  # the kill landed mid-job
-    worlds = [e["world"] for e in status["events"] if e["event"] == "generation"]
-    three = worlds.index(3)  # (the first may start with two: min_workers = 2)
-    assert 2 in worlds[three:] and worlds[-1] == 3, worlds
+    joined = cluster.wait_status("ar", lambda s: s.get("world") == 3, 60, "w3 in a generation")
+    assert killed["round"] < joined["round"] < steps  # the kill and the join landed mid-job
     for w in ("w0", "w1"):  # the survivors were never restarted
         assert workers[w].poll() is None
         assert (tmp_path / f"{w}.log").read_text().count("worker starting") == 1
+    saved = cluster.wait_status(
+        "ar", lambda s: s["checkpoint_step"] > joined["round"], 60, "a checkpoint of the three"
+    )
+    for w in ("w0", "w1", "w3"):
+        workers[w].send_signal(signal.SIGKILL)
+    cluster.wait_status("ar", lambda s: s["members"] == 0, 30, "every worker gone")
+    for w in ("w4", "w5"):
+        cluster.worker(w, *flags)
+    status = cluster.wait_status("ar", lambda s: s["state"] == "finished", 120, "the job to finish")
+    generations = [e for e in status["events"] if e["event"] == "generation"]
+    worlds = [e["world"] for e in generations]
+    three = worlds.index(3)  # (the first may start with two: min_workers = 2)
+    assert 2 in worlds[three:] and 3 in worlds[worlds.index(2, three) :], worlds
+    resumed = generations[-1]
+    assert saved["checkpoint_step"] <= resumed["step"] < steps  # from the checkpoint
+    log = (tmp_path / "coordinator.log").read_text()
+    assert re.search(rf"members=w[45],w[45] step={resumed['step']} state_from=checkpoint", log)
     assert_equal_to_full_batch_sgd(cluster, steps)
     client = connect(f"etcd://{etcd.url}/ar")
     try:  # the generations met in etcd
@@ -119,26 +135,6 @@ def test_survivors_go_on_in_their_processes_when_one_dies_and_one_joins(
         client.close()
     last = f"/elastic/ar/collective/ar/ar/{status['generation']}/"
     assert any(key.startswith(last) for key in keys), keys[:5]
-
-
-def test_when_every_worker_dies_the_job_resumes_from_the_checkpoint(
-    cluster: Cluster, tmp_path: Path
-) -> None:
-    steps = 40
-    cluster.coordinator(allreduce_job(tmp_path, steps, 2, step_seconds=0.1))
-    first = [cluster.worker(w) for w in ("w0", "w1")]
-    saved = cluster.wait_status("ar", lambda s: s["checkpoint_step"] >= 10, 60, "a checkpoint")
-    for worker in first:
-        worker.send_signal(signal.SIGKILL)
-    cluster.wait_status("ar", lambda s: s["members"] == 0, 30, "both to be gone")
-    for w in ("w2", "w3"):
-        cluster.worker(w)
-    status = cluster.wait_status("ar", lambda s: s["state"] == "finished", 90, "the job to finish")
-    resumed = [e for e in status["events"] if e["event"] == "generation"][-1]
-    assert saved["checkpoint_step"] <= resumed["step"] < steps  # from the checkpoint, not step 0
-    log = (tmp_path / "coordinator.log").read_text()
-    assert re.search(rf"members=w[23],w[23] step={resumed['step']} state_from=checkpoint", log)
-    assert_equal_to_full_batch_sgd(cluster, steps)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -64,11 +64,13 @@ def test_run_digits_fedavg_reaches_090_within_30_rounds(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_run_linreg_syncavg_example(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("example", "steps"), [("syncavg", 50), ("allreduce", 200)])
+def test_run_linreg_data_parallel_examples(tmp_path: Path, example: str, steps: int) -> None:
+    """Through the coordinator (syncavg), or peer to peer (allreduce: collective)."""
     summary = tmp_path / "s.json"
     r = elastic(
         "run",
-        str(ROOT / "examples" / "linreg-syncavg.toml"),
+        str(ROOT / "examples" / f"linreg-{example}.toml"),
         "--local-workers",
         "3",
         "--quiet",
@@ -80,7 +82,7 @@ def test_run_linreg_syncavg_example(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stderr[-3000:]
     figures = json.loads(summary.read_text())
-    assert figures["rounds"] == 50 and figures["loss"] < 0.05  # noise variance is 0.01
+    assert figures["rounds"] == steps and figures["loss"] < 0.05  # noise variance is 0.01
 
 
 @pytest.mark.parametrize(
