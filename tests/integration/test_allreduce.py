@@ -94,17 +94,18 @@ def test_survivors_go_on_in_their_processes_and_a_wiped_out_job_resumes(
     cluster: Cluster, tmp_path: Path, etcd: EtcdServer
 ) -> None:
     """Through etcd (membership, and the generations' store: no process hosts it).
-    One of three SIGKILLed at step 10: the two go on in their processes; a fourth
-    joins the next generation; then all three die, and two new workers resume the
-    job from its newest checkpoint. The result is full-batch SGD all along."""
+    At step 10 one of three is SIGKILLed and a fourth starts: the two go on in their
+    processes, and the fourth joins the generation after; then all three die, and two
+    new workers resume the job from its newest checkpoint. The result is full-batch
+    SGD all along."""
     steps = 100
     flags = ("--membership", f"etcd://{etcd.url}/ar", "--lease-ttl", "3")
     cluster.coordinator(allreduce_job(tmp_path, steps, 2, step_seconds=0.1), extra=flags)
     workers = {w: cluster.worker(w, *flags) for w in ("w0", "w1", "w2")}
     cluster.wait_status("ar", lambda s: s.get("world") == 3 and s["round"] >= 10, 60, "step 10")
     workers["w2"].send_signal(signal.SIGKILL)
-    killed = cluster.wait_status("ar", lambda s: s.get("world") == 2, 30, "a generation of two")
     workers["w3"] = cluster.worker("w3", *flags)
+    killed = cluster.wait_status("ar", lambda s: s.get("world") == 2, 30, "a generation of two")
     joined = cluster.wait_status("ar", lambda s: s.get("world") == 3, 60, "w3 in a generation")
     assert killed["round"] < joined["round"] < steps  # the kill and the join landed mid-job
     for w in ("w0", "w1"):  # the survivors were never restarted
