@@ -31,6 +31,8 @@ from typing import Any
 
 from benchmarks.cluster import free_port, run_job
 from tests.etcd_server import EtcdServer, etcd_binary
+from tests.integration.conftest import wait_for
+from tests.processes import kill_machine
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = f"{ROOT / 'benchmarks' / 'mlp.py'}:BenchMLP"
@@ -85,16 +87,6 @@ def _status(state: Path) -> dict[str, Any] | None:
         return None
 
 
-def _wait(check: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise RuntimeError(f"timed out waiting for {what}")
-
-
 def elastic_kill(hidden: int, root: Path) -> tuple[float, int]:
     """Seconds from the kill to the next completed step, and processes started again."""
     root.mkdir(parents=True)
@@ -119,7 +111,7 @@ def elastic_kill(hidden: int, root: Path) -> tuple[float, int]:
     ]  # fmt: skip
     procs += workers
     try:
-        before = _wait(
+        before = wait_for(
             lambda: (s := _status(state)) and s.get("world") == 3 and s["round"] >= 10 and s,
             300,
             "10 steps with 3 workers",
@@ -128,7 +120,7 @@ def elastic_kill(hidden: int, root: Path) -> tuple[float, int]:
         killed = time.time()
         victim.send_signal(signal.SIGKILL)
         generation = before["generation"]
-        step = _wait(
+        step = wait_for(
             lambda: next(
                 (
                     e
@@ -147,22 +139,6 @@ def elastic_kill(hidden: int, root: Path) -> tuple[float, int]:
             if p.poll() is None:
                 p.kill()
             p.wait()
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, queue = [], [pid]
-    while queue:
-        below = children.get(queue.pop(), [])
-        found += below
-        queue += below
-    return found
 
 
 def _steps(out: Path) -> list[tuple[int, float, int]]:
@@ -190,16 +166,12 @@ def torchrun_kill(hidden: int, root: Path, etcd: EtcdServer) -> tuple[float, int
         for _ in range(3)
     ]  # fmt: skip
     try:
-        _wait(lambda: any(s >= 10 for s, _, _ in _steps(out)), 300, "10 torchrun steps")
+        wait_for(lambda: any(s >= 10 for s, _, _ in _steps(out)), 300, "10 torchrun steps")
         pids_before = {pid for _, _, pid in _steps(out)}
         victim = agents[2]
         killed = time.time()
-        for pid in [victim.pid, *_descendants(victim.pid)]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        after = _wait(
+        kill_machine(victim)
+        after = wait_for(
             lambda: sorted(
                 at for _, at, pid in _steps(out) if at > killed and pid not in pids_before
             ),
@@ -210,12 +182,8 @@ def torchrun_kill(hidden: int, root: Path, etcd: EtcdServer) -> tuple[float, int
         return after[0] - killed, len(restarted)
     finally:
         for agent in agents:
-            for pid in [agent.pid, *_descendants(agent.pid)]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            agent.wait()
+            if agent.poll() is None:
+                kill_machine(agent)
 
 
 def spread(values: list[float]) -> str:

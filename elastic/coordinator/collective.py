@@ -155,11 +155,8 @@ class CollectiveEngine(Engine):
         report = msg.meta.get("collective")
         refusal = self._check(worker, msg, report)
         if refusal is None and msg.tensors:
-            checked = self._check_checkpoint(msg, report)
-            if isinstance(checked, Refusal):
-                refusal = checked
-            elif checked[1] != msg.tensors[packed.NAME].numel:
-                refusal = Refusal("bad_checkpoint", "the checkpoint's bytes differ from its layout")
+            checked = self._check_checkpoint(msg, report, whole=True)
+            refusal = checked if isinstance(checked, Refusal) else None
         if refusal is not None:
             return self._nack(msg, refusal)
         assert isinstance(report, dict)
@@ -178,7 +175,7 @@ class CollectiveEngine(Engine):
         report = msg.meta.get("collective")
         refusal = self._check(worker, msg, report)
         if refusal is None and part.first:
-            checked = self._check_checkpoint(msg, report)
+            checked = self._check_checkpoint(msg, report, whole=False)
             if isinstance(checked, Refusal):
                 refusal = checked
             else:
@@ -272,8 +269,11 @@ class CollectiveEngine(Engine):
             return Refusal("bad_report", f"a {report['end']} report carries no tensors")
         return None
 
-    def _check_checkpoint(self, msg: Message, report: Any) -> tuple[packed.Layout, int] | Refusal:
-        """A checkpoint's layout, and its bytes; the tensors are checked as committed."""
+    def _check_checkpoint(
+        self, msg: Message, report: Any, whole: bool
+    ) -> tuple[packed.Layout, int] | Refusal:
+        """A checkpoint's layout, and its bytes (all of them here when ``whole``); the
+        tensors are checked as they are committed."""
         if list(msg.tensors) != [packed.NAME] or msg.tensors[packed.NAME].dtype != torch.uint8:
             return Refusal("bad_checkpoint", f"a checkpoint is one uint8 tensor {packed.NAME!r}")
         try:
@@ -285,6 +285,8 @@ class CollectiveEngine(Engine):
         checked = packed.check(report.get("tensors"), model, most)
         if isinstance(checked, str):
             return Refusal("bad_checkpoint", checked)
+        if whole and checked[1] != msg.tensors[packed.NAME].numel:
+            return Refusal("bad_checkpoint", "the checkpoint's bytes differ from its layout")
         return checked
 
     def _commit_checkpoint(

