@@ -110,6 +110,12 @@ def simulate(
             f"job {spec.id} needs min_workers = {spec.min_workers}; simulate at least that many "
             "workers"
         )
+    if plugins.rule(spec.rule).worker_mode == "collective":
+        raise ConfigError(
+            f"job {spec.id}: rule {spec.rule} trains its workers together, one process each "
+            "(torch.distributed), and simulate runs them all in one; use elastic run JOB.toml "
+            f"--local-workers {max(spec.min_workers, 2)} instead"
+        )
     attacks = {f"sim-{i}": parse_attack(a) for i, a in (attackers or {}).items()}
     clock = SimulatedClock()
     backend = EmbeddedBackend("embedded://")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from elastic.cli.commands import check_spec
+from elastic.coordinator.job import check_spec
 from elastic.errors import JobSpecError, PluginError
 from elastic.jobspec import load_job_spec, parse_job_spec
 from elastic.plugins import Plugins

@@ -179,3 +179,11 @@ def test_a_bad_client_speed_is_one_clear_error() -> None:
     with pytest.raises(ConfigError, match="use lognormal:SIGMA"):
         ClientSpeeds.parse("gamma:2", 0.01, 0)
     assert ClientSpeeds.parse("lognormal:0", 0.01, 0).speed("7") == 1.0
+
+
+def test_a_collective_job_is_refused_with_the_command_that_runs_it(tmp_path) -> None:
+    spec = parse_job_spec(
+        {"job": {"id": "c", "task": "linreg", "rule": "allreduce", "rounds": 5, "min_workers": 3}}
+    )
+    with pytest.raises(ConfigError, match="use elastic run JOB.toml --local-workers 3 instead"):
+        simulate(spec, 3, Plugins(), tmp_path)

@@ -20,7 +20,7 @@ from rich.table import Table
 from elastic.cli.daemons import set_threads
 from elastic.config import CoordinatorConfig
 from elastic.coordinator.checkpoints import atomic_write
-from elastic.coordinator.job import check_fits_rule, codec_chains
+from elastic.coordinator.job import check_spec
 from elastic.coordinator.threads import FOLD_THREADS
 from elastic.errors import ConfigError, ElasticError, JobSpecError
 from elastic.jobspec import JobSpec, load_job_spec
@@ -28,15 +28,7 @@ from elastic.logs import setup_logging
 from elastic.plugins import Plugins
 from elastic.tasks import Shard
 
-__all__ = ["cmd_run", "cmd_plugins", "cmd_validate", "check_spec"]
-
-
-def check_spec(spec: JobSpec, plugins: Plugins) -> None:
-    """Refuse a spec whose task or rule is unknown or has bad parameters."""
-    plugins.task(spec.task)(spec.task_params)
-    rule = plugins.rule(spec.rule)(spec.rule_params)
-    codec_chains(spec, rule, plugins.codecs)
-    check_fits_rule(spec, rule)
+__all__ = ["cmd_run", "cmd_plugins", "cmd_validate"]
 
 
 def _flags(args: argparse.Namespace, *names: str) -> dict[str, Any]:

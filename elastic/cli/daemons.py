@@ -66,7 +66,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
                 "log_level",
             ),
         )
-        from elastic.cli.commands import check_spec  # noqa: PLC0415 - torch, the plugins
+        from elastic.coordinator.job import check_spec  # noqa: PLC0415 - torch, the plugins
         from elastic.jobspec import load_job_spec  # noqa: PLC0415
         from elastic.plugins import Plugins  # noqa: PLC0415
 

@@ -65,16 +65,21 @@ class CollectiveEngine(Engine):
         self.itemsizes = {packed.NAME: 1}  # what checkpoints in parts are cut by
         self._staging: dict[str, tuple[str, torch.Tensor]] = {}  # checkpoints coming in parts
         self.first_step_seen = 0  # the newest generation whose first step was reported
+        # The running generation only holds the state: the job is paused, finishing or
+        # cancelled, and its members stopped training after a step they agreed on.
+        self.holding = False
 
     # ------------------------------------------------------------ generations --
 
     def tick(self, members: list[Member]) -> list[Outgoing]:
         job = self.job
         self.members_now = len(members)
-        if job.done or self.fenced or not self.ctx.holds():
+        if self.fenced or not self.ctx.holds():
             return []
         now = self.clock()
         here = [m.id for m in members if m.id not in self.refused]
+        if job.done or self.paused or self.finishing:
+            return self._hold(here)
         if self._too_few(members) and not self.ranks:
             return []
         if not self._due(here, now):
@@ -89,9 +94,23 @@ class CollectiveEngine(Engine):
             return []
         return self._start(chosen)
 
+    def _hold(self, here: list[str]) -> list[Outgoing]:
+        """Paused, finishing or cancelled: members that train are handed a generation
+        of no steps (they stop after a step all agree on, share the state, and rank 0
+        sends it as a checkpoint: with ``finish``, the final model); then nothing."""
+        trains = self.ranks and not self.holding
+        if trains and (not self.job.done or self.job.state is JobState.CANCELLED):
+            present = [w for w in self.ranks if w in here]
+            if present:
+                return self._start(present, hold=True)
+            self.ranks = []
+        if not self.job.done:
+            self._pause_if_asked(idle=not self.ranks or len(self.reported) == len(self.ranks))
+        return []
+
     def _due(self, here: list[str], now: float) -> bool:
         """Whether the running generation must give way to a new one."""
-        if not self.ranks:
+        if not self.ranks or self.holding:
             return True
         if any(w not in here for w in self.ranks):
             return True  # a member left or died
@@ -107,10 +126,11 @@ class CollectiveEngine(Engine):
             and len(self.ranks) < limit
         )
 
-    def _start(self, chosen: list[str]) -> list[Outgoing]:
+    def _start(self, chosen: list[str], hold: bool = False) -> list[Outgoing]:
         job, spec = self.job, self.job.spec
         self.generation += 1
         self.ranks, self.reported, self.broken_at = chosen, set(), None
+        self.holding = hold
         carry = not any(w in self.holders for w in chosen)
         store = self.ctx.collective_store()
         tensors: dict[str, WireTensor] = {}
@@ -119,15 +139,16 @@ class CollectiveEngine(Engine):
             state = {k: v.detach() for k, v in job.model.state_dict().items()}
             state |= self.rule.optimizer_state
             tensors = {k: WireTensor.from_tensor(v) for k, v in state.items()}
-        if job.state is not JobState.RUNNING:
+        if job.state is not JobState.RUNNING and not hold:
             job.mark_running()
         log.info(
-            "new generation job=%s generation=%d members=%s step=%d state_from=%s",
+            "new generation job=%s generation=%d members=%s step=%d state_from=%s%s",
             spec.id,
             self.generation,
             ",".join(chosen),
             job.round,
             "checkpoint" if carry else "rank 0",
+            " holding (no steps)" if hold else "",
         )
         job.note("generation", generation=self.generation, world=len(chosen), step=job.round)
         out = []
@@ -138,7 +159,7 @@ class CollectiveEngine(Engine):
                 "rank": rank,
                 "world": len(chosen),
                 "store": store,
-                "steps": spec.rounds,
+                "steps": 0 if hold else spec.rounds,
                 "settings": self.rule.settings(),
             }
             if carry:
@@ -167,6 +188,7 @@ class CollectiveEngine(Engine):
                 return self._nack(msg, refusal)
         elif report["end"] == "progress":
             self.publisher.write()
+        self._finish_if_held(worker, report)
         return self._ack(msg)
 
     def on_update_part(self, worker: str, msg: Message, part: Part) -> Message | None:
@@ -195,7 +217,23 @@ class CollectiveEngine(Engine):
         self._staging.pop(worker, None)
         self._take_report(worker, report)
         refusal = self._commit_checkpoint(msg, report, staged[1])
-        return self._ack(msg) if refusal is None else self._nack(msg, refusal)
+        if refusal is not None:
+            return self._nack(msg, refusal)
+        self._finish_if_held(worker, report)
+        return self._ack(msg)
+
+    def _finish_if_held(self, worker: str, report: dict[str, Any]) -> None:
+        """Finishing, and rank 0 of the holding generation is done: the newest
+        checkpoint (its own, if it was newer) is the final model."""
+        if (
+            self.finishing
+            and self.holding
+            and not self.job.done
+            and report["end"] == "done"
+            and report["generation"] == self.generation
+            and self.ranks[:1] == [worker]
+        ):
+            self._finish_if_due()
 
     def abandon_parts(self, worker: str, key: str) -> None:
         if self._staging.get(worker, ("",))[0] == key:
@@ -238,7 +276,8 @@ class CollectiveEngine(Engine):
                 )
         if current and self.ranks.index(worker) == 0:
             self.step_seconds = float(report.get("step_seconds", 0.0))
-            if end in ("progress", "checkpoint", "done") and self.first_step_seen < generation:
+            trained = end in ("progress", "checkpoint", "done") and not self.holding
+            if trained and self.first_step_seen < generation:
                 self.first_step_seen = generation  # when training went on again
                 self.job.note("first_step", generation=generation, step=step)
             if step > self.job.round:
@@ -350,7 +389,8 @@ class CollectiveEngine(Engine):
         self.refused.discard(worker)
 
     def _abandon_work(self, why: str) -> None:
-        self.ranks, self.reported, self.broken_at = [], set(), None
+        # (the members still train: the next tick hands them a generation of no steps)
+        self._staging.clear()
 
     @property
     def in_flight(self) -> bool:

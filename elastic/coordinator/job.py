@@ -98,6 +98,15 @@ def check_fits_rule(spec: JobSpec, aggregator: Aggregator) -> None:
         )
 
 
+def check_spec(spec: JobSpec, plugins: Plugins) -> None:
+    """Refuse a spec whose task or rule is unknown or has bad parameters, or whose
+    rule cannot give what it asks (``JobSpecError``, ``PluginError``)."""
+    plugins.task(spec.task)(spec.task_params)
+    rule = plugins.rule(spec.rule)(spec.rule_params)
+    codec_chains(spec, rule, plugins.codecs)
+    check_fits_rule(spec, rule)
+
+
 class Job:
     """Owns the global model of one job and everything a checkpoint must hold.
 

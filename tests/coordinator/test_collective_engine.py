@@ -285,3 +285,63 @@ def test_what_a_collective_job_cannot_use_is_refused(tmp_path, extra):
             spec[table] = values
     with pytest.raises(JobSpecError, match="allreduce trains all workers together"):
         Job(parse_job_spec(spec), Plugins(), tmp_path)
+
+
+def test_pause_stops_training_with_a_generation_of_no_steps_and_resume_goes_on(tmp_path):
+    engine, _ = make(tmp_path)
+    engine.tick(members("a", "b"))
+    engine.on_update("a", report(engine, "a", 1, 7, "progress"))
+    engine.set_desired("paused")
+    held = generation_of(engine.tick(members("a", "b")))
+    assert {g["steps"] for g in held.values()} == {0} and {
+        g["generation"] for g in held.values()
+    } == {2}
+    assert engine.tick(members("a", "b")) == []  # nothing more while paused
+    for w in ("a", "b"):
+        engine.on_update(w, report(engine, w, 2, 9, "done"))
+    engine.tick(members("a", "b"))
+    assert engine.job.state.value == "paused"
+    engine.set_desired("running")
+    gen = generation_of(engine.tick(members("a", "b")))
+    assert {g["steps"] for g in gen.values()} == {50} and {
+        g["generation"] for g in gen.values()
+    } == {3}
+
+
+def test_finish_makes_the_state_at_the_agreed_step_the_final_model(tmp_path):
+    engine, _ = make(tmp_path)
+    engine.tick(members("a", "b"))
+    engine.set_desired("finished")
+    engine.tick(members("a", "b"))  # the holding generation
+    done = checkpoint(engine, "a", 2, 12, scale=4.0)
+    done.meta["collective"]["end"] = "done"
+    assert engine.on_update("a", done).type is MsgType.ACK
+    assert engine.job.done and engine.job.round == 12
+    assert (engine.job.dir / "final.safetensors").exists()
+
+
+def test_finish_right_after_a_checkpoint_ends_with_that_checkpoint(tmp_path):
+    engine, _ = make(tmp_path)
+    engine.tick(members("a", "b"))
+    engine.on_update("a", checkpoint(engine, "a", 1, 10))
+    engine.set_desired("finished")
+    engine.tick(members("a", "b"))
+    same = checkpoint(engine, "a", 2, 10)  # stopped where the last checkpoint was
+    same.meta["collective"]["end"] = "done"
+    engine.on_update("b", report(engine, "b", 2, 10, "done"))
+    assert not engine.job.done  # rank 0's word ends it, not another's
+    engine.on_update("a", same)
+    assert engine.job.done and engine.job.version == 1
+
+
+def test_cancel_stops_the_members_training_and_commits_nothing_more(tmp_path):
+    engine, _ = make(tmp_path)
+    engine.tick(members("a", "b"))
+    engine.set_desired("cancelled")
+    held = generation_of(engine.tick(members("a", "b")))
+    assert {g["steps"] for g in held.values()} == {0}
+    late = checkpoint(engine, "a", 2, 20)
+    late.meta["collective"]["end"] = "done"
+    engine.on_update("a", late)
+    assert engine.job.state.value == "cancelled" and engine.job.version == 0
+    assert engine.tick(members("a", "b")) == []

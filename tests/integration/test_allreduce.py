@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,7 @@ from elastic_plugins.tasks.linreg import LinReg
 
 from elastic.api import Shard
 from elastic.membership.etcd.client import connect
-from tests.etcd_server import EtcdServer
+from tests.etcd_server import EtcdServer, free_port
 
 from .conftest import Cluster, write_job
 
@@ -78,16 +81,20 @@ def assert_equal_to_full_batch_sgd(cluster: Cluster, steps: int) -> None:
 
 
 def test_three_workers_equal_full_batch_sgd(cluster: Cluster, tmp_path: Path) -> None:
-    cluster.coordinator(allreduce_job(tmp_path, 20, 3), extra=("--exit-when-done",))
-    for i in range(3):
-        cluster.worker(f"w{i}")
-    status = cluster.wait_status("ar", lambda s: s["state"] == "finished", 90, "the job to finish")
+    """Through ``elastic run --local-workers 3``: a collective job on one machine."""
+    done = subprocess.run(
+        [sys.executable, "-m", "elastic", "run", str(allreduce_job(tmp_path, 20, 3)),
+         "--local-workers", "3", "--quiet", "--state-dir", str(cluster.state)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    status = cluster.status("ar")
+    assert status is not None and status["state"] == "finished"
     assert [h["round"] for h in status["history"]] == [5, 10, 15, 20]  # rank 0's checkpoints
     assert {h["world"] for h in status["history"]} == {3}
     assert {h["generation"] for h in status["history"]} == {1}
+    assert status["totals"]["rejected"] == 0
     assert_equal_to_full_batch_sgd(cluster, 20)
-    log = (tmp_path / "coordinator.log").read_text()
-    assert "rejected=none" in log
 
 
 def test_survivors_go_on_in_their_processes_and_a_wiped_out_job_resumes(
@@ -200,3 +207,30 @@ checkpoint_every = 2
     got = safetensors.torch.load_file(cluster.state / "ar" / "final.safetensors")
     for name, tensor in model.state_dict().items():
         assert torch.allclose(got[name], tensor, atol=1e-6, rtol=0), name
+
+
+def test_pause_resume_and_finish_a_collective_job(cluster: Cluster, tmp_path: Path) -> None:
+    """The operator's controls reach workers that train among themselves: they stop
+    after a step they agree on (pause, finish) and go on from it (resume); finish
+    makes that step's state the final model."""
+    from .test_job_cli import as_json
+
+    control = f"tcp://127.0.0.1:{free_port()}"
+    at = ("--coordinator", control)
+    cluster.coordinator(
+        allreduce_job(tmp_path, 100_000, 2, step_seconds=0.05), extra=("--control", control)
+    )
+    workers = [cluster.worker(w) for w in ("w0", "w1")]
+    cluster.wait_status("ar", lambda s: s["round"] >= 5, 60, "five steps")
+    assert as_json("job", "pause", "ar", *at)["desired"] == "paused"
+    paused = cluster.wait_status("ar", lambda s: s["state"] == "paused", 30, "the job to pause")
+    time.sleep(0.5)
+    assert cluster.status("ar")["round"] == paused["round"]  # nothing trains while paused
+    as_json("job", "resume", "ar", *at)
+    cluster.wait_status("ar", lambda s: s["round"] >= paused["round"] + 5, 30, "steps again")
+    as_json("job", "finish", "ar", *at)
+    status = cluster.wait_status("ar", lambda s: s["state"] == "finished", 30, "the job to end")
+    assert paused["round"] + 5 <= status["round"] < 100_000
+    assert status["history"][-1]["round"] == status["round"]  # the final model is that step's
+    assert_equal_to_full_batch_sgd(cluster, status["round"])
+    assert all(w.poll() is None for w in workers)  # the workers wait for what comes next

@@ -64,13 +64,11 @@ def test_run_digits_fedavg_reaches_090_within_30_rounds(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("example", "steps"), [("syncavg", 50), ("allreduce", 200)])
-def test_run_linreg_data_parallel_examples(tmp_path: Path, example: str, steps: int) -> None:
-    """Through the coordinator (syncavg), or peer to peer (allreduce: collective)."""
+def test_run_linreg_syncavg_example(tmp_path: Path) -> None:
     summary = tmp_path / "s.json"
     r = elastic(
         "run",
-        str(ROOT / "examples" / f"linreg-{example}.toml"),
+        str(ROOT / "examples" / "linreg-syncavg.toml"),
         "--local-workers",
         "3",
         "--quiet",
@@ -82,7 +80,7 @@ def test_run_linreg_data_parallel_examples(tmp_path: Path, example: str, steps: 
     )
     assert r.returncode == 0, r.stderr[-3000:]
     figures = json.loads(summary.read_text())
-    assert figures["rounds"] == steps and figures["loss"] < 0.05  # noise variance is 0.01
+    assert figures["rounds"] == 50 and figures["loss"] < 0.05  # noise variance is 0.01
 
 
 @pytest.mark.parametrize(
