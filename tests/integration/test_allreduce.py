@@ -234,3 +234,31 @@ def test_pause_resume_and_finish_a_collective_job(cluster: Cluster, tmp_path: Pa
     assert status["history"][-1]["round"] == status["round"]  # the final model is that step's
     assert_equal_to_full_batch_sgd(cluster, status["round"])
     assert all(w.poll() is None for w in workers)  # the workers wait for what comes next
+
+
+def test_a_frozen_worker_is_left_behind_by_the_collective_timeout(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """SIGSTOP: the peer neither dies nor answers. The others' collective gives up
+    after the rule's timeout and they go on without it; woken (SIGCONT), it joins
+    again. Nothing is lost or counted twice: the result is full-batch SGD."""
+    steps = 120
+    job = allreduce_job(tmp_path, steps, 2, step_seconds=0.05)
+    job.write_text(job.read_text().replace("timeout = 10", "timeout = 3"))
+    cluster.coordinator(job)
+    workers = {w: cluster.worker(w) for w in ("w0", "w1", "w2")}
+    cluster.wait_status("ar", lambda s: s.get("world") == 3 and s["round"] >= 5, 60, "step 5")
+    frozen = cluster.wait_status("ar", lambda s: s["ranks"][-1] in workers, 5, "ranks")
+    victim = frozen["ranks"][-1]  # not rank 0
+    workers[victim].send_signal(signal.SIGSTOP)
+    try:
+        cluster.wait_status("ar", lambda s: s.get("world") == 2, 30, "a generation without it")
+        going = cluster.wait_status("ar", lambda s: s["round"] >= frozen["round"] + 5, 30, "steps")
+    finally:
+        workers[victim].send_signal(signal.SIGCONT)
+    status = cluster.wait_status("ar", lambda s: s["state"] == "finished", 120, "the job to finish")
+    assert going["round"] < steps
+    worlds = [e["world"] for e in status["events"] if e["event"] == "generation"]
+    assert 2 in worlds[worlds.index(3) :] and worlds[-1] == 3, worlds  # woken, it came back
+    assert all(w.poll() is None for w in workers.values())  # nobody restarted
+    assert_equal_to_full_batch_sgd(cluster, steps)
