@@ -49,6 +49,8 @@ ENDS = ("progress", "checkpoint", "stopped", "broken", "done")
 class CollectiveEngine(Engine):
     """Generations of a collective job (``CollectiveRule``)."""
 
+    folds_parts = True  # checkpoints may come in parts (``upload_parts``)
+
     def __init__(self, job: Job, ctx: EngineContext | None = None) -> None:
         super().__init__(job, ctx)
         if not isinstance(job.aggregator, CollectiveRule):

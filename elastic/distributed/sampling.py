@@ -10,6 +10,7 @@ needs: its members split what is left, whatever the world size was before.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -35,16 +36,18 @@ class StepSlice:
     after: Position
 
 
+@functools.lru_cache(maxsize=2)  # the epoch running (and the one before): once, not per step
+def _epoch_order(size: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
 def step_slice(size: int, seed: int, at: Position, world: int, rank: int, batch: int) -> StepSlice:
     """The samples ``rank`` of ``world`` trains on at the step after ``at``."""
     if size < 1 or world < 1 or not 0 <= rank < world or batch < 0:
         raise ValueError(f"bad step: size={size} world={world} rank={rank} batch={batch}")
     left = size - at.offset
     count = left if batch == 0 else min(world * batch, left)
-    order = torch.randperm(
-        size, generator=torch.Generator().manual_seed(seed * 1_000_003 + at.epoch)
-    )
-    chunk = order[at.offset : at.offset + count]
+    chunk = _epoch_order(size, seed, at.epoch)[at.offset : at.offset + count]
     bounds = [count * r // world for r in range(world + 1)]
     mine = chunk[bounds[rank] : bounds[rank + 1]]
     offset = at.offset + count

@@ -9,6 +9,8 @@ receive one.
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,7 @@ from elastic.wire.tensors import DTYPE_NAMES, DTYPES
 __all__ = ["MemberState", "optimizer_tensors", "load_optimizer", "share_state", "NoState"]
 
 PREFIX = "optimizer/"
+STEPS_TIMED = 100  # the steps a member's median step time is taken over
 
 
 class NoState(RuntimeError):
@@ -35,10 +38,15 @@ class MemberState:
     optimizer: torch.optim.Optimizer
     position: Position = field(default_factory=Position)
     has_state: bool = False  # trained, or given the state: it may be a broadcast's source
-    generation: int = 0
     loss: float = 0.0  # the last step's mean loss over all ranks
     samples: int = 0  # ... and its samples over all ranks
-    step_seconds: float = 0.0  # the median step of this generation (after two)
+    # The newest steps' seconds in this generation, the first two (warm-up) left out.
+    durations: deque[float] = field(default_factory=lambda: deque(maxlen=STEPS_TIMED))
+
+    @property
+    def step_seconds(self) -> float:
+        """The median of the newest steps (0 before any)."""
+        return statistics.median(self.durations) if self.durations else 0.0
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[bytes, dict[str, torch.Tensor]]:

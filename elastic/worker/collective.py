@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import statistics
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -92,7 +91,7 @@ class CollectiveTraining:
         meta = _check(work.meta.get("collective"))
         settings, train = meta["settings"], TrainParams(**work.meta["train"])
         member = ctx.collective
-        if member is None or member.optimizer is None:
+        if member is None:
             member = ctx.collective = MemberState(
                 _optimizer(ctx.model, self._params(train, settings))
             )
@@ -123,7 +122,6 @@ class CollectiveTraining:
         end, detail = "done", ""
         try:
             source, position = share_state(ctx.model, member, self.device)
-            member.generation = generation
             log.info(
                 "state taken job=%s generation=%d from_rank=%d step=%d",
                 work.job, generation, source, position.step,
@@ -214,7 +212,8 @@ class CollectiveTraining:
         x, y = data
         size, seed = len(y), int(work.meta["seed"])
         flags = torch.zeros(2, dtype=torch.float64, device=self.device)
-        reported, durations = 0.0, []  # (0: rank 0 reports its first step at once)
+        reported, timed = 0.0, 0  # (0: rank 0 reports its first step at once)
+        member.durations.clear()
         ctx.model.train()
         while member.position.step < steps:
             began = time.perf_counter()
@@ -238,8 +237,9 @@ class CollectiveTraining:
             member.position = piece.after
             member.loss = float(flags[1]) / piece.global_count
             member.samples = piece.global_count
-            durations.append(time.perf_counter() - began)
-            member.step_seconds = statistics.median(durations[2:] or durations)  # (warm-up)
+            timed += 1
+            if timed > 2:  # (the first two warm up)
+                member.durations.append(time.perf_counter() - began)
             if rank == 0:
                 step = member.position.step
                 if step % every == 0 and step < steps:
