@@ -20,7 +20,9 @@ What to subclass: ``Aggregator`` or ``AsyncAggregator`` (a rule), ``Task`` (a mo
 its data and loss; its own training loop if it overrides ``train``, given a
 ``TrainContext`` and returning a ``TrainResult``), ``Codec`` (a compression stage),
 ``ClusterBackend`` (where members, the leader and jobs are kept; with its
-``MemberTable``, ``Election``, ``JobStore`` and ``Registration``). What they
+``MemberTable``, ``Election``, ``JobStore`` and ``Registration``),
+``PrivacyMechanism`` (what a job's ``[privacy]`` turns on: around its rule on the
+coordinator, on each worker's update; it reads the ``JobSpec``). What they
 receive: ``Update`` (with ``WireTensor`` views), ``Shard``, ``Member``.
 Constructors validate their parameters with ``check_params`` and raise
 ``JobSpecError`` naming the key and the fix, so a bad job is refused when it is
@@ -38,6 +40,7 @@ from __future__ import annotations
 from elastic.compression.codec import Codec
 from elastic.errors import JobSpecError, PluginError
 from elastic.hookspecs import hookimpl
+from elastic.jobspec import JobSpec
 from elastic.membership.base import Member, MembershipEvent, MemberTable
 from elastic.membership.cluster import (
     ClusterBackend,
@@ -47,6 +50,7 @@ from elastic.membership.cluster import (
     Registration,
 )
 from elastic.partitions import check_partition, partition
+from elastic.privacy import PrivacyMechanism
 from elastic.rules import Aggregator, AsyncAggregator, CollectiveRule, Update, WorkerMode
 from elastic.tasks import Shard, Task, TrainContext, TrainResult, task_of
 from elastic.training import update_template
@@ -58,6 +62,7 @@ __all__ = [
     "AsyncAggregator",
     "CollectiveRule",
     "Codec",
+    "JobSpec",
     "JobSpecError",
     "ClusterBackend",
     "Election",
@@ -68,6 +73,7 @@ __all__ = [
     "MembershipEvent",
     "Registration",
     "PluginError",
+    "PrivacyMechanism",
     "Shard",
     "Task",
     "TrainContext",

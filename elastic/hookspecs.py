@@ -73,6 +73,16 @@ def elastic_codecs() -> list[type]:
 
 
 @hookspec
+def elastic_privacy_mechanisms() -> list[type]:
+    """Contribute privacy mechanisms (differential privacy, secure aggregation...).
+
+    Returns:
+        Subclasses of ``elastic.api.PrivacyMechanism``. Each one's ``name`` class
+        attribute is what a job spec's ``[privacy] mechanism`` says.
+    """
+
+
+@hookspec
 def elastic_cluster_backends() -> list[type]:
     """Contribute cluster backends: where members, the leader and jobs are kept.
 
@@ -189,7 +199,8 @@ def elastic_job_finished(job_id: str, state: str, metrics: dict[str, Any]) -> No
 
     Args:
         job_id: the job.
-        state: ``finished`` (all rounds done) or ``failed``.
+        state: ``finished`` (all rounds done), ``budget_spent`` (the privacy
+            budget allowed no further round), ``cancelled`` or ``failed``.
         metrics: the final evaluation figures and totals.
     """
 

@@ -10,6 +10,7 @@ min_workers = 4
 [rule]                   # passed to the rule
 [train]                  # the worker runtime's local training
 [checkpoint]
+[privacy]                # a privacy mechanism and its settings (mechanism = "dp" by default)
 ```
 
 Everything is checked once, at load: an unknown key, a wrong type or a value out of
@@ -121,13 +122,33 @@ class JobSpec:
     # there are; 0 = each worker is one client, its slot's partition.
     clients: int = 0
     clients_per_round: int = 0
-    client_sampling: str = "random"  # each round anew | "cycle": every client once per pass
+    # "random": a uniform sample of clients_per_round each round | "poisson": each client
+    # with probability clients_per_round / clients | "cycle": every client once per pass
+    client_sampling: str = "random"
     task_params: dict[str, Any] = field(default_factory=dict)
     rule_params: dict[str, Any] = field(default_factory=dict)
     train: TrainParams = field(default_factory=TrainParams)
     checkpoint: CheckpointPolicy = field(default_factory=CheckpointPolicy)
     compression: CompressionPolicy = field(default_factory=CompressionPolicy)
     limits: UpdateLimits = field(default_factory=UpdateLimits)
+    # The [privacy] table: ``mechanism`` (a privacy plugin) and its parameters; {}: none.
+    privacy: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def population(self) -> int:
+        """How many clients the job's data belongs to: its virtual clients, else its
+        shards (each worker trains its slot's)."""
+        return self.clients or self.shard_count
+
+    @property
+    def per_round(self) -> int:
+        """How many clients a round asks, with every shard served by one worker:
+        the virtual clients sampled, else ``fraction`` of the shards (at least
+        ``min_workers``, at most ``max_workers``)."""
+        if self.clients:
+            return self.sampled_clients
+        count = max(self.min_workers, math.ceil(self.fraction * self.shard_count - 1e-9))
+        return min(count, self.max_workers or count, self.shard_count)
 
     @property
     def shard_count(self) -> int:
@@ -195,8 +216,9 @@ _JOB_KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
     ),
     "client_sampling": (
         str,
-        lambda v: v in ("random", "cycle"),
-        '"random" (a uniform sample each round) or "cycle" (every client once per pass)',
+        lambda v: v in ("random", "poisson", "cycle"),
+        '"random" (a uniform sample each round), "poisson" (each client with probability '
+        'clients_per_round / clients) or "cycle" (every client once per pass)',
     ),
 }
 _TRAIN_KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
@@ -244,7 +266,7 @@ _LIMIT_KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
         "updates a worker may send per minute, 0 for no limit",
     ),
 }
-_TABLES = {"job", "task", "rule", "train", "checkpoint", "compression", "limits"}
+_TABLES = {"job", "task", "rule", "train", "checkpoint", "compression", "limits", "privacy"}
 
 
 def load_job_spec(path: str | Path) -> JobSpec:
@@ -306,6 +328,7 @@ def parse_job_spec(
             update=tuple(compression.get("update", ())), model=tuple(compression.get("model", ()))
         ),
         limits=UpdateLimits(**limits),
+        privacy=_privacy(source, data.get("privacy", {})),
     )
     if spec.max_workers and spec.max_workers < spec.min_workers:
         raise JobSpecError(
@@ -315,6 +338,19 @@ def parse_job_spec(
     _check_clients(source, spec)
     _check_stragglers(source, spec.train)
     return spec
+
+
+def _privacy(source: str, table: dict[str, Any]) -> dict[str, Any]:
+    """The [privacy] table with its mechanism named; the mechanism checks the rest."""
+    if not table:
+        return {}
+    mechanism = table.get("mechanism", "dp")
+    if not isinstance(mechanism, str) or not mechanism:
+        raise JobSpecError(
+            f"{source}: [privacy] mechanism must be a name, got {mechanism!r}; use "
+            'mechanism = "dp" (differential privacy) or "secagg" (secure aggregation)'
+        )
+    return {**table, "mechanism": mechanism}
 
 
 def _check_clients(source: str, spec: JobSpec) -> None:
@@ -334,6 +370,12 @@ def _check_clients(source: str, spec: JobSpec) -> None:
         raise JobSpecError(
             f"{source}: [job] clients_per_round = {spec.clients_per_round} is more than clients "
             f"= {spec.clients}; lower it"
+        )
+    if spec.client_sampling == "poisson" and spec.min_workers != 1:
+        raise JobSpecError(
+            f'{source}: [job] client_sampling = "poisson" draws a varying number of clients, '
+            f"as few as one, and min_workers = {spec.min_workers} could never be met then; set "
+            "min_workers = 1"
         )
     if spec.sampled_clients < spec.min_workers:
         raise JobSpecError(

@@ -85,6 +85,12 @@ class _Snapshot(Collector):
         sent = CounterMetricFamily(
             "elastic_model_bytes_sent", "Model bytes sent to workers", labels=["job"]
         )
+        figures = GaugeMetricFamily(
+            "elastic_rule_figure",
+            "A figure the job's rule reports: the privacy spent (epsilon at dp_delta), "
+            "noise_multiplier, clip_norm...",
+            labels=["job", "name"],
+        )
         staleness = HistogramMetricFamily(
             "elastic_update_staleness",
             "Versions an applied update was behind (asynchronous rules)",
@@ -94,7 +100,15 @@ class _Snapshot(Collector):
             totals = job["totals"]
             for key, family in gauges.items():
                 family.add_metric([job_id], job[key])
-            for name in ("waiting", "running", "paused", "finished", "failed", "cancelled"):
+            for name in (
+                "waiting",
+                "running",
+                "paused",
+                "finished",
+                "budget_spent",
+                "failed",
+                "cancelled",
+            ):
                 state.add_metric([job_id, name], 1.0 if job["state"] == name else 0.0)
             updates.add_metric([job_id], totals.get("updates", 0))
             wire.add_metric([job_id], totals.get("update_bytes_wire", 0))
@@ -104,6 +118,8 @@ class _Snapshot(Collector):
                 totals.get("update_bytes_raw", 0) / max(totals.get("update_bytes_wire", 0), 1),
             )
             sent.add_metric([job_id], totals.get("bytes_sent", 0))
+            for name, value in job.get("figures", {}).items():
+                figures.add_metric([job_id, name], float(value))
             histogram = {int(k): v for k, v in totals.get("staleness_histogram", {}).items()}
             if histogram:
                 buckets, running = [], 0
@@ -114,7 +130,7 @@ class _Snapshot(Collector):
                 staleness.add_metric(
                     [job_id], buckets, sum_value=float(sum(k * v for k, v in histogram.items()))
                 )
-        yield from (*gauges.values(), state, updates, wire, raw, ratio, sent, staleness)
+        yield from (*gauges.values(), state, updates, wire, raw, ratio, sent, figures, staleness)
         rejected = CounterMetricFamily(
             "elastic_updates_rejected", "Messages and updates refused, by reason", labels=["reason"]
         )

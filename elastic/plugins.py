@@ -20,7 +20,9 @@ import pluggy
 from elastic import hookspecs
 from elastic.compression.codec import Codec
 from elastic.errors import PluginError
+from elastic.jobspec import JobSpec
 from elastic.membership.cluster import ClusterBackend
+from elastic.privacy import PrivacyMechanism
 from elastic.references import is_reference, load_class
 from elastic.rules import Aggregator
 from elastic.tasks import Task
@@ -36,6 +38,7 @@ COMPONENT_HOOKS: dict[str, tuple[str, type]] = {
     "elastic_tasks": ("task", Task),
     "elastic_codecs": ("codec", Codec),
     "elastic_cluster_backends": ("cluster backend", ClusterBackend),
+    "elastic_privacy_mechanisms": ("privacy mechanism", PrivacyMechanism),
 }
 
 
@@ -107,6 +110,7 @@ class Plugins:
         self.tasks: Registry[Task] = Registry("task")
         self.codecs: Registry[Codec] = Registry("codec")
         self.backends: Registry[ClusterBackend] = Registry("cluster backend")
+        self.privacy: Registry[PrivacyMechanism] = Registry("privacy mechanism")
         self._build_registries()
 
     def register(
@@ -138,6 +142,7 @@ class Plugins:
             "elastic_tasks": self.tasks,
             "elastic_codecs": self.codecs,
             "elastic_cluster_backends": self.backends,
+            "elastic_privacy_mechanisms": self.privacy,
         }
         for hook_name, (kind, base) in COMPONENT_HOOKS.items():
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
@@ -170,10 +175,21 @@ class Plugins:
             return load_class("rule", name, Aggregator)
         return self.aggregators.get(name)
 
+    def protected(
+        self, spec: JobSpec, rule: Aggregator
+    ) -> tuple[Aggregator, PrivacyMechanism | None]:
+        """The rule a job runs: ``rule`` wrapped by the job's privacy mechanism
+        (``[privacy]``), and the mechanism; the rule itself when there is none."""
+        if not spec.privacy:
+            return rule, None
+        params = dict(spec.privacy)
+        mechanism = self.privacy.get(params.pop("mechanism"))(params, spec)
+        return mechanism.wrap(rule), mechanism
+
     def provided(self) -> list[Provided]:
         """Everything contributed, for ``elastic plugins``."""
         out: list[Provided] = []
-        for reg in (self.aggregators, self.tasks, self.codecs, self.backends):
+        for reg in (self.aggregators, self.tasks, self.codecs, self.backends, self.privacy):
             out.extend(reg.items())
         return out
 

@@ -39,6 +39,8 @@ class Update:
             ``to_tensor()`` for the whole tensor.
         staleness: how many versions the model advanced since ``base_version``
             (always 0 for synchronous rules).
+        privacy: what the worker's privacy step says of the update (the job's
+            privacy mechanism reads it, e.g. ``below_clip``); a claim, to be bounded.
     """
 
     worker: str
@@ -48,6 +50,7 @@ class Update:
     kind: str
     tensors: Mapping[str, WireTensor] = field(default_factory=dict)
     staleness: int = 0
+    privacy: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Aggregator(ABC):
@@ -68,6 +71,11 @@ class Aggregator(ABC):
 
     name: ClassVar[str]
     worker_mode: ClassVar[WorkerMode] = "train"
+    # Whether the new model depends on the updates only through their (weighted) mean:
+    # a privacy mechanism may then fold the updates itself and give the rule one
+    # update, their clipped and noised mean, in their place (FedAvg, FedOpt, syncavg,
+    # async; not a median or Krum, which need every update).
+    averages: ClassVar[bool] = False
 
     def __init__(self, params: Mapping[str, Any]) -> None:
         """Validate ``params`` (the job spec's ``[rule]`` table); raise ``JobSpecError``."""
@@ -122,6 +130,18 @@ class Aggregator(ABC):
     def load_state_dict(self, state: Mapping[str, Any]) -> None:  # noqa: B027 - optional hook
         """Restore what ``state_dict`` returned, after ``setup``."""
 
+    def figures(self) -> dict[str, float]:
+        """Figures of the rule's own after a commit (the privacy spent, a clipping
+        norm...): added to the round's metrics, hence to the status, the history,
+        ``elastic job status``, the Prometheus metrics and the report. Numbers only."""
+        return {}
+
+    def exhausted(self) -> str | None:
+        """Why no further version may be made, if so (a privacy budget the next one
+        would exceed): asked before each round or version. The job then ends in
+        state ``budget_spent``, its final model written. None: go on."""
+        return None
+
 
 class AsyncAggregator(Aggregator):
     """A rule that folds updates in as they arrive, whatever version they started from.
@@ -138,10 +158,17 @@ class AsyncAggregator(Aggregator):
 
     Attributes:
         max_staleness: the bound on staleness; set it from the rule's parameters.
+        buffer: how many updates make a version, when the rule says (``ready``).
     """
 
     worker_mode: ClassVar[WorkerMode] = "delta"
     max_staleness: int = 10
+    buffer: int = 1  # updates folded into each version (what ``ready`` waits for)
+
+    def staleness_weight(self, staleness: int) -> float:
+        """The weight in [0, 1] the rule gives an update this many versions old
+        (1: none lost); a privacy mechanism folding updates for the rule uses it."""
+        return 1.0
 
     @abstractmethod
     def ready(self) -> bool:

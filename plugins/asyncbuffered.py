@@ -49,6 +49,7 @@ class AsyncBuffered(AsyncAggregator):
     """
 
     name = "async"
+    averages = True
 
     def __init__(self, params: Mapping[str, Any]) -> None:
         owner = "rule async"
@@ -77,6 +78,9 @@ class AsyncBuffered(AsyncAggregator):
             p.get("staleness", "polynomial"), p.get("staleness_a"), p.get("staleness_b"), owner
         )
         super().__init__(p)
+
+    def staleness_weight(self, staleness: int) -> float:
+        return self.weight_of(staleness)
 
     def setup(self, model: torch.nn.Module) -> None:
         self._targets = update_template(model, "delta")

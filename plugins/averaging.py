@@ -189,6 +189,7 @@ class MeanDeltaRule(Aggregator):
     """
 
     worker_mode = "train"
+    averages = True
 
     def check(
         self, owner: str, params: Mapping[str, Any], allowed: Mapping[str, type | tuple]

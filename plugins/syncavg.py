@@ -32,6 +32,7 @@ class SyncAvg(Aggregator):
 
     name = "syncavg"
     worker_mode = "gradient"
+    averages = True
 
     def __init__(self, params: Mapping[str, Any]) -> None:
         p = check_params(

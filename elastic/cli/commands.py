@@ -20,7 +20,7 @@ from rich.table import Table
 from elastic.cli.daemons import set_threads
 from elastic.config import CoordinatorConfig
 from elastic.coordinator.checkpoints import atomic_write
-from elastic.coordinator.job import check_spec
+from elastic.coordinator.job import ENDED_WELL, check_spec
 from elastic.coordinator.threads import FOLD_THREADS
 from elastic.errors import ConfigError, ElasticError, JobSpecError
 from elastic.jobspec import JobSpec, load_job_spec
@@ -219,7 +219,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _export(job.model.state_dict(), args.out)
         figures["model"] = str(args.out)
     _report(console, figures, args.summary)
-    return 0 if str(job.state) == "finished" else 1
+    return 0 if job.state in ENDED_WELL else 1
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -251,7 +251,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     with observer:
         job = simulate(spec, args.workers, plugins, state_dir, args.data, attackers, speeds)
     _report(console, _figures(job, state_dir), args.summary)
-    return 0 if str(job.state) == "finished" else 1
+    return 0 if job.state in ENDED_WELL else 1
 
 
 def _figures(job: Any, state_dir: Path) -> dict[str, Any]:
@@ -268,6 +268,8 @@ def _figures(job: Any, state_dir: Path) -> dict[str, Any]:
         "bytes_received": job.totals["bytes_received"],
         "model": str(job.dir / "final.safetensors"),
         "state_dir": str(state_dir),
+        **{k: final[k] for k in ("epsilon", "dp_delta", "noise_multiplier") if k in final},
+        **({"stopped": job.final_metrics["stopped"]} if "stopped" in job.final_metrics else {}),
     }
 
 
@@ -375,6 +377,10 @@ def _print_result(console: Console, figures: dict[str, Any]) -> None:
         "wall_seconds",
         "bytes_sent",
         "bytes_received",
+        "epsilon",
+        "dp_delta",
+        "noise_multiplier",
+        "stopped",
         "model",
     ):
         value = figures.get(key)

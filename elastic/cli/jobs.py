@@ -23,7 +23,8 @@ from elastic.errors import ControlError, Unreachable
 
 __all__ = ["cmd_job", "cmd_members", "cmd_report"]
 
-DONE = ("finished", "failed", "cancelled")
+DONE = ("finished", "budget_spent", "failed", "cancelled")
+ENDED_WELL = ("finished", "budget_spent")  # (budget_spent: its privacy budget ended it)
 
 
 def _client(args: argparse.Namespace) -> ControlClient:
@@ -98,6 +99,7 @@ def _job_status(args: argparse.Namespace) -> int:
         ("task", status["task"]),
         ("loss", last.get("loss")),
         ("accuracy", last.get("accuracy")),
+        *_privacy_fields(last, status.get("final") or {}),
         ("wall seconds", status["wall_seconds"]),
         ("bytes sent", status["totals"]["bytes_sent"]),
         ("bytes received", status["totals"]["bytes_received"]),
@@ -109,6 +111,20 @@ def _job_status(args: argparse.Namespace) -> int:
         table.add_row(key, _cell(value))
     _print(args, status, table)
     return 0
+
+
+def _privacy_fields(last: dict, final: dict) -> list[tuple[str, object]]:
+    """The privacy spent, when the job has differential privacy: ε at δ, the noise, the clip."""
+    if "epsilon" not in last:
+        return []
+    fields: list[tuple[str, object]] = [
+        ("privacy", f"ε = {last['epsilon']:.4g} at δ = {last.get('dp_delta', 0):.3g}"),
+        ("noise multiplier", last.get("noise_multiplier")),
+        ("clip norm", last.get("clip_norm")),
+    ]
+    if "stopped" in final:
+        fields.append(("stopped", final["stopped"]))
+    return fields
 
 
 def _job_submit(args: argparse.Namespace) -> int:
@@ -160,7 +176,7 @@ def _follow(args: argparse.Namespace, client: ControlClient, job_id: str) -> int
         console.print(
             f"job {job_id}: {status['state']} at round {status['round']}/{status['rounds']}"
         )
-    return 0 if status["state"] == "finished" else 1
+    return 0 if status["state"] in ENDED_WELL else 1
 
 
 def _desire(args: argparse.Namespace) -> int:

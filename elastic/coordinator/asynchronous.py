@@ -111,7 +111,9 @@ class AsyncEngine(Engine):
                     self._answered.add(worker)
         if self._retry_commit_at is not None and now >= self._retry_commit_at:
             self._try_commit()
-        if self.finishing and self.buffer.updates:  # what is folded makes the last version
+        if (
+            self.finishing and self.buffer.updates and job.aggregator.exhausted() is None
+        ):  # what is folded makes the last version
             if self._retry_commit_at is None:
                 self._try_commit()
             return []

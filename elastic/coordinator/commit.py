@@ -79,6 +79,7 @@ class Committer:
             "round": number,
             "version": job.version,
             **metrics,
+            **job.aggregator.figures(),
             "members": members,
             "at": round(time.time(), 3),
         }
@@ -143,10 +144,11 @@ class Committer:
             return None
         return verdict
 
-    def finish(self) -> None:
-        """The job is over: the final model written, the observers told."""
+    def finish(self, state: JobState = JobState.FINISHED) -> None:
+        """The job is over (``state``: finished, or its budget spent): the final
+        model written, the observers told."""
         job = self.job
-        job.state = JobState.FINISHED
+        job.state = state
         path = job.save_final_model()
         final = job.final_metrics | {
             "model": str(path),

@@ -551,6 +551,7 @@ class CoordinatorCore:
                 "rounds": e.job.spec.rounds,
                 "state": str(e.job.state),
                 "totals": dict(e.job.totals),
+                "figures": e.job.aggregator.figures(),
             }
             for job_id, e in self.engines.items()
         }

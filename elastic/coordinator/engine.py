@@ -230,17 +230,27 @@ class Engine(ABC):
 
     def _finish_if_due(self) -> bool:
         """True (and the job finishes) when nothing is in progress and no round is
-        left: a checkpoint already holds every round, or the operator asked to finish."""
+        left: a checkpoint already holds every round, the operator asked to finish,
+        or the rule's budget allows no further round (``budget_spent``)."""
         job = self.job
         if job.done:
             return True
-        if job.round < job.spec.rounds and not self.finishing:
+        spent = job.aggregator.exhausted() if job.round < job.spec.rounds else None
+        if spent is None and job.round < job.spec.rounds and not self.finishing:
             return False
         last = job.history[-1] if job.history else {}
+        if spent is not None and job.history and "eval_loss" not in last:
+            last.update(job.evaluate())  # the final model, scored as a last round's would be
         job.final_metrics = job.final_metrics or {
             k: v for k, v in last.items() if k in ("loss", "eval_loss", "accuracy")
         } | {"rounds": job.round}
-        self.committer.finish()
+        if spent is not None:
+            job.final_metrics["stopped"] = spent
+            log.info("budget spent job=%s round=%d: %s", job.spec.id, job.round, spent)
+            job.note("budget_spent", reason=spent)
+            self.committer.finish(JobState.BUDGET_SPENT)
+        else:
+            self.committer.finish()
         return True
 
     # ------------------------------------------------------------- updates --
@@ -284,6 +294,8 @@ class Engine(ABC):
         }
         if self.job.update_chain:
             meta["codecs"] = list(self.job.update_chain.stages)
+        if self.job.privacy is not None and (settings := self.job.privacy.worker_settings()):
+            meta["privacy"] = {**settings, "mechanism": self.job.privacy.name}
         return Message(
             MsgType.WORK,
             job=spec.id,

@@ -21,7 +21,7 @@ from elastic.rules import Aggregator, AsyncAggregator
 from elastic.tasks import Task
 from elastic.training import evaluate
 
-__all__ = ["Job", "JobState", "codec_chains"]
+__all__ = ["Job", "JobState", "codec_chains", "FINAL_STATES", "ENDED_WELL"]
 
 log = logging.getLogger("elastic.job")
 CHECKPOINT_FORMAT = 1
@@ -39,8 +39,13 @@ class JobState(StrEnum):
     RUNNING = "running"
     PAUSED = "paused"  # by the operator: the model and round are kept
     FINISHED = "finished"
+    BUDGET_SPENT = "budget_spent"  # the rule's budget (privacy) allows no further round
     FAILED = "failed"
     CANCELLED = "cancelled"  # by the operator: stopped for good, last checkpoint kept
+
+
+FINAL_STATES = (JobState.FINISHED, JobState.BUDGET_SPENT, JobState.FAILED, JobState.CANCELLED)
+ENDED_WELL = (JobState.FINISHED, JobState.BUDGET_SPENT)
 
 
 def codec_chains(
@@ -102,7 +107,7 @@ def check_spec(spec: JobSpec, plugins: Plugins) -> None:
     """Refuse a spec whose task or rule is unknown or has bad parameters, or whose
     rule cannot give what it asks (``JobSpecError``, ``PluginError``)."""
     plugins.task(spec.task)(spec.task_params)
-    rule = plugins.rule(spec.rule)(spec.rule_params)
+    rule, _ = plugins.protected(spec, plugins.rule(spec.rule)(spec.rule_params))
     codec_chains(spec, rule, plugins.codecs)
     check_fits_rule(spec, rule)
 
@@ -117,7 +122,11 @@ class Job:
     def __init__(self, spec: JobSpec, plugins: Plugins, state_dir: Path) -> None:
         self.spec = spec
         self.task: Task = plugins.task(spec.task)(spec.task_params)
-        self.aggregator: Aggregator = plugins.rule(spec.rule)(spec.rule_params)
+        # The rule, wrapped by the job's privacy mechanism when it has one.
+        self.aggregator: Aggregator
+        self.aggregator, self.privacy = plugins.protected(
+            spec, plugins.rule(spec.rule)(spec.rule_params)
+        )
         # What every update must come through, and what the model goes down through.
         self.update_chain, self.model_chain = codec_chains(spec, self.aggregator, plugins.codecs)
         check_fits_rule(spec, self.aggregator)
@@ -150,7 +159,7 @@ class Job:
 
     @property
     def done(self) -> bool:
-        return self.state in (JobState.FINISHED, JobState.FAILED, JobState.CANCELLED)
+        return self.state in FINAL_STATES
 
     def evaluate(self) -> dict[str, float]:
         """The global model on the held-out data (``eval_loss`` and the task's
@@ -210,7 +219,7 @@ class Job:
         self.final_metrics = dict(ckpt.get("final_metrics", {}))
         self.started_wall = time.time() - float(ckpt.get("wall_seconds", 0.0))
         self.started_at = ckpt.get("started_at")
-        if ckpt.get("state") in (JobState.FINISHED, JobState.FAILED, JobState.CANCELLED):
+        if ckpt.get("state") in FINAL_STATES:
             self.state = JobState(ckpt["state"])
         self.resumed_from = self.round
         log.info("resumed job=%s round=%d version=%d", self.spec.id, self.round, self.version)

@@ -11,6 +11,8 @@ import math
 import random
 from collections.abc import Sequence
 
+import numpy
+
 from elastic.jobspec import JobSpec
 
 __all__ = ["sample_clients", "local_work", "spread"]
@@ -27,10 +29,20 @@ def sample_clients(spec: JobSpec, number: int) -> list[int]:
     ``spec.clients``, without repeats, in ascending order.
 
     ``client_sampling = "random"`` draws each round anew (FedAvg's uniform
-    sampling); ``"cycle"`` walks a seeded shuffle of all clients, so each is asked
-    once per pass of ``ceil(clients / per round)`` rounds (the last round of a pass
-    is topped up from the start of its shuffle)."""
+    sampling); ``"poisson"`` takes each client with probability k / clients, on
+    its own (the sampling differential privacy's accountants amplify best: a
+    binomial number of clients, then that many uniformly; a draw of nobody is drawn
+    again, which happens with probability (1 - k / clients)^clients); ``"cycle"``
+    walks a seeded shuffle of all clients, so each is asked once per pass of
+    ``ceil(clients / per round)`` rounds (the last round of a pass is topped up from
+    the start of its shuffle)."""
     count, k = spec.clients, spec.sampled_clients
+    if spec.client_sampling == "poisson":
+        generator = numpy.random.default_rng((spec.seed * 1_000_003 + number) * 7 + _CLIENTS)
+        while True:
+            drawn = int(generator.binomial(count, k / count))
+            if drawn:
+                return sorted(int(c) for c in generator.choice(count, drawn, replace=False))
     if spec.client_sampling != "cycle":
         return sorted(_rng(spec, number, _CLIENTS).sample(range(count), k))
     per_pass = math.ceil(count / k)

@@ -254,6 +254,7 @@ class UpdateValidator:
             msg.meta["kind"],
             tensors,
             staleness,
+            dict(msg.meta.get("privacy", {})),
         )
 
     # --------------------------------------------------------------- parts --

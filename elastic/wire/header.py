@@ -129,12 +129,14 @@ META_OPTIONAL: dict[MsgType, dict[str, Expected]] = {
         "clients": list,  # virtual clients: [[client, local epochs], ...], an update each
         "epochs": int,  # a straggler: this many local epochs instead of [train] local_epochs
         "collective": dict,  # a collective rule's generation: {generation, rank, world, ...}
+        "privacy": dict,  # the job's privacy mechanism's worker settings: {mechanism, ...}
     },
     MsgType.UPDATE: {
         "part": list,  # [index, count]: one part of an update sent in parts
         "client": int,  # the virtual client this update is of
         "metrics": dict,  # a task's own training loop's extra figures: {name: number}
         "collective": dict,  # a collective member's report: {generation, step, end, ...}
+        "privacy": dict,  # what the worker's privacy step says of the update: {below_clip}
     },
     MsgType.OFFER: {"parts": bool},  # the update may be sent in parts
     MsgType.GRANT: {"part": list, "segments": list},  # send that part: [[name, start, stop], ...]

@@ -80,6 +80,7 @@ class TaskRunner:
     ) -> None:
         self.device = device
         self.worker_id = worker_id
+        self.privacy = plugins.privacy  # the mechanisms a job's WORK may name
         self.intake = Intake(plugins, device, data_dir)
         self.packer = Packer(plugins.codecs, device, worker_id)
         self.executors: dict[str, WorkExecutor] = {}
@@ -199,7 +200,11 @@ class TaskRunner:
         client = work.meta.get("client")
         if client is not None:  # its own codec state
             ctx.compressor = ctx.client_states.pop(client, None)
-        computed = executor.compute(ctx, work, relative=bool(self.packer.chain(ctx, work)))
+        chained = bool(self.packer.chain(ctx, work))
+        privacy = work.meta.get("privacy")
+        mechanism = self.privacy.get(str(privacy["mechanism"])) if privacy else None
+        # (a privacy step works on the change, so trained weights are computed as one)
+        computed = executor.compute(ctx, work, relative=chained or mechanism is not None)
         if isinstance(computed, tuple):
             return self._nack(work, *computed)
         meta = {
@@ -209,6 +214,23 @@ class TaskRunner:
             "train_seconds": computed.seconds,
             **({"metrics": computed.metrics} if computed.metrics else {}),
         }
+        if mechanism is not None:
+            assert privacy is not None
+            said = mechanism.protect(privacy, computed.update)
+            # What the data would say beyond the protected update (a sample count, a
+            # loss) may be withheld by the mechanism: it says what to send instead.
+            withheld: dict[str, Any] = {
+                k: said.pop(k) for k in ("num_samples", "loss") if k in said
+            }
+            if withheld:
+                meta.update(withheld)
+                meta.pop("metrics", None)  # (a task's own figures are the data's too)
+            if said:
+                meta["privacy"] = said
+            if not chained and meta["kind"] == "weights":  # sent as weights: add back
+                with torch.no_grad():
+                    for name, t in computed.update.items():
+                        t.add_(ctx.received[name])
         if client is not None:
             meta["client"] = client
         result = self.packer.pack(ctx, work, computed.update, meta, computed.from_parameters)

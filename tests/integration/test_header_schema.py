@@ -51,7 +51,8 @@ def test_the_daemons_send_exactly_the_declared_meta_keys(cluster: Cluster, tmp_p
     # Job "big": syncavg on 1M parameters. w0 shares this host's memory (it reads the
     # shared model); w1 does not, and sends its gradients in 1 MiB parts.
     big = big_job(tmp_path, rounds=3, min_workers=2)
-    # Job "cz": both ways compressed; the model comes down as deltas.
+    # Job "cz": both ways compressed; the model comes down as deltas; each update is
+    # clipped on its worker (differential privacy).
     cz = write_job(
         tmp_path / "cz.toml",
         """
@@ -70,6 +71,11 @@ straggler_epochs = [1, 1]
 [compression]
 update = ["fp16"]
 model = ["fp16"]
+[privacy]
+clip = 10.0
+noise_multiplier = 0.01
+delta = 0.1
+clip_on = "worker"
 """,
     )
     # Job "vc": virtual clients, a task with its own loop and figures of its own.

@@ -16,6 +16,7 @@ COMPONENT_HOOKS = {
     "elastic_tasks",
     "elastic_codecs",
     "elastic_cluster_backends",
+    "elastic_privacy_mechanisms",
 }
 
 

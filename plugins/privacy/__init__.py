@@ -1,0 +1,1 @@
+"""Privacy mechanisms: differential privacy (``dp``) with its accountant."""
