@@ -1,7 +1,8 @@
 """``elastic report``: a job's run as pictures instead of logs.
 
 Four panels from the job's status (its per-round history and its events): training
-and evaluation loss per round; accuracy per round; members over time, with joins
+and evaluation loss per round; accuracy per round (and the privacy spent, ε, when
+the job has differential privacy); members over time, with joins
 (green) and leaves (red) marked; bytes sent and received per round. Written as a
 PNG, or as one self-contained HTML page with the same figure and a summary table.
 """
@@ -86,6 +87,17 @@ def _figure(status: dict[str, Any]) -> bytes:
             transform=accuracy.transAxes,
         )
     accuracy.set(title="accuracy per round", xlabel="round", ylabel="accuracy")
+    private = [h for h in history if "epsilon" in h]
+    if private:  # the privacy spent, on the same rounds (differential privacy)
+        spent = accuracy.twinx()
+        spent.plot(
+            [h["round"] for h in private],
+            [h["epsilon"] for h in private],
+            color="tab:purple",
+            linestyle="--",
+        )
+        spent.set_ylabel(f"privacy spent: ε at δ = {private[-1].get('dp_delta', 0):g}")
+        accuracy.set_title("accuracy and privacy spent per round")
 
     members = axes[1][0]
     start = status.get("started_at") or (
@@ -178,6 +190,16 @@ def render(status: dict[str, Any], out: Path, fmt: str = "png") -> Path:
         ("version", status["version"]),
         ("final accuracy", last.get("accuracy", "-")),
         ("final loss", last.get("loss", "-")),
+        *(
+            [("privacy spent", f"ε = {last['epsilon']:.4g} at δ = {last.get('dp_delta', 0):g}")]
+            if "epsilon" in last
+            else []
+        ),
+        *(
+            [("stopped", status["final"]["stopped"])]
+            if "stopped" in status.get("final", {})
+            else []
+        ),
         ("wall seconds", status.get("wall_seconds")),
         ("updates", status["totals"].get("updates")),
         ("rejected", status["totals"].get("rejected")),

@@ -69,27 +69,24 @@ class PrivateMean(Aggregator):
             acc.zero_()
         self.count = 0
         self.below = 0  # updates whose norm was at most the clip (adaptive clipping)
-        self.spent: dict[str, float] = {}  # per worker, the clip norm its updates used
+        self.spent: dict[str, float] = {}  # per worker, the norm its updates used (async)
 
     def accumulate(self, update: Update) -> None:
-        self._fold(update, 1.0)
+        self._fold(update, 1.0, self.dp.clip)  # (each client's update is its own)
 
-    def _fold(self, update: Update, weight: float) -> None:
-        """Fold ``weight`` times the update's change, clipped to what is left of its
-        worker's clip norm in this release."""
-        budget = self.dp.clip - self.spent.get(update.worker, 0.0)
+    def _fold(self, update: Update, weight: float, budget: float) -> float:
+        """Fold ``weight`` times the update's change, clipped to norm ``budget``
+        (noised updates are folded as they are: their noise is the point); returns
+        the norm folded."""
         changes = self._changes(update)
         norm = l2_norm(changes.values()) * weight
         claim = update.privacy.get("below_clip")
         self.below += int(claim if isinstance(claim, bool) else norm <= self.dp.clip)
-        scale = weight
-        if not self.dp.local:  # (noised updates are as they are: their noise is the point)
-            kept = min(1.0, max(budget, 0.0) / norm) if norm > 0 else 1.0
-            scale *= kept
-            self.spent[update.worker] = self.spent.get(update.worker, 0.0) + norm * kept
+        kept = 1.0 if self.dp.local or norm <= budget else max(budget, 0.0) / norm
         for name, change in changes.items():
-            self._sum[name].add_(change.view(self._sum[name].shape), alpha=scale)
+            self._sum[name].add_(change.view(self._sum[name].shape), alpha=weight * kept)
         self.count += 1
+        return norm * kept
 
     def _changes(self, update: Update) -> dict[str, torch.Tensor]:
         """The update's change in float32: its tensors, less the sent weights for weights."""
@@ -166,8 +163,10 @@ class PrivateAsyncMean(PrivateMean, AsyncAggregator):
         self.buffer = rule.buffer
 
     def accumulate(self, update: Update) -> None:
-        weight = self.async_rule.staleness_weight(update.staleness)
-        self._fold(update, min(max(weight, 0.0), 1.0))
+        weight = min(max(self.async_rule.staleness_weight(update.staleness), 0.0), 1.0)
+        budget = self.dp.clip - self.spent.get(update.worker, 0.0)
+        folded = self._fold(update, weight, budget)
+        self.spent[update.worker] = self.spent.get(update.worker, 0.0) + folded
 
     def ready(self) -> bool:
         return self.count >= self.buffer

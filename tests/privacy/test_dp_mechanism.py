@@ -95,6 +95,18 @@ def test_the_aggregate_is_the_clipped_sum_over_the_clients_asked() -> None:
     assert rule.figures()["clip_norm"] == 1.0
 
 
+def test_each_virtual_client_of_one_worker_is_clipped_on_its_own() -> None:
+    model = Wide()
+    rule = protected({"clip": 1.0, "noise_multiplier": 1e-9})
+    rule.setup(model)
+    changes = [direction(model, 4.0, seed) for seed in range(5)]
+    got = round_of(rule, model, [weights(model, c, "one-worker") for c in changes])
+    for n in got:
+        torch.testing.assert_close(
+            got[n], sum(c[n] / 4.0 for c in changes) / 5, atol=1e-5, rtol=1e-4
+        )
+
+
 def test_fewer_answers_are_not_scaled_up() -> None:
     model = Wide()
     rule = protected({"clip": 1.0, "noise_multiplier": 1e-9})
