@@ -38,7 +38,7 @@ stays stable when those move.
 from __future__ import annotations
 
 from elastic.compression.codec import Codec
-from elastic.errors import JobSpecError, PluginError
+from elastic.errors import ElasticError, JobSpecError, PluginError
 from elastic.hookspecs import hookimpl
 from elastic.jobspec import JobSpec
 from elastic.membership.base import Member, MembershipEvent, MemberTable
@@ -50,8 +50,8 @@ from elastic.membership.cluster import (
     Registration,
 )
 from elastic.partitions import check_partition, partition
-from elastic.privacy import PrivacyMechanism
-from elastic.rules import Aggregator, AsyncAggregator, CollectiveRule, Update, WorkerMode
+from elastic.privacy import Channel, PrivacyMechanism
+from elastic.rules import Aggregator, AsyncAggregator, CollectiveRule, Said, Update, WorkerMode
 from elastic.tasks import Shard, Task, TrainContext, TrainResult, task_of
 from elastic.training import update_template
 from elastic.typecheck import check_params
@@ -61,17 +61,20 @@ __all__ = [
     "Aggregator",
     "AsyncAggregator",
     "CollectiveRule",
+    "Channel",
     "Codec",
     "JobSpec",
     "JobSpecError",
     "ClusterBackend",
     "Election",
+    "ElasticError",
     "JobStore",
     "LeaderRecord",
     "Member",
     "MemberTable",
     "MembershipEvent",
     "Registration",
+    "Said",
     "PluginError",
     "PrivacyMechanism",
     "Shard",

@@ -8,7 +8,7 @@ Plugins import these from ``elastic.api``. The maths belongs in pure functions
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -16,9 +16,11 @@ import torch
 
 from elastic.wire.tensors import WireTensor
 
-__all__ = ["Aggregator", "AsyncAggregator", "CollectiveRule", "Update", "WorkerMode"]
+__all__ = ["Aggregator", "AsyncAggregator", "CollectiveRule", "Said", "Update", "WorkerMode"]
 
 WorkerMode = Literal["train", "gradient", "delta", "collective"]
+# A step of a rule's conversation with a participant: (worker, stage, data).
+Said = tuple[str, str, dict[str, Any]]
 
 
 @dataclass
@@ -135,6 +137,43 @@ class Aggregator(ABC):
         norm...): added to the round's metrics, hence to the status, the history,
         ``elastic job status``, the Prometheus metrics and the report. Numbers only."""
         return {}
+
+    # ------------------------------------------------ conversations (optional) --
+    # A rule may talk with a synchronous round's participants besides their updates
+    # (a secure aggregation's keys and shares), through EXCHANGE messages. The round
+    # engine delivers what they say and sends what the rule answers; a rule that
+    # says nothing needs none of these.
+
+    def wire_form(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]] | None:
+        """The tensors an update travels as when they are not the model's (a masked
+        vector): names, shapes and dtypes, checked exactly; None: the model's own."""
+        return None
+
+    def round_started(self, number: int, participants: Sequence[str]) -> list[Said]:
+        """A round asked ``participants``; what to tell them at once."""
+        return []
+
+    def exchange(self, worker: str, stage: str, data: Mapping[str, Any]) -> list[Said]:
+        """``worker`` said ``data`` at ``stage``; the answers. Raise ``ValueError``
+        to refuse it (the worker gets a NACK naming the reason)."""
+        raise ValueError(f"rule {self.name} holds no conversations")
+
+    def poll(self, now: float, present: Collection[str]) -> list[Said]:
+        """Time passed (the engine's clock) and ``present`` are the members: what to
+        say now (a stage's deadline passed, someone left)."""
+        return []
+
+    def closing(self, answered: Sequence[str]) -> list[Said] | str:
+        """The round's updates are in (``answered`` sent theirs): what to ask before
+        ``finalize`` may run; [] when it may run now; a reason when the round cannot
+        be committed (it is then abandoned)."""
+        return []
+
+    def settled(self, give_up: bool) -> bool | str:
+        """After ``closing`` asked something: True when ``finalize`` may run, False
+        to wait for more, a reason when the round cannot be committed (it is then
+        abandoned). ``give_up``: the round's time is over; decide now."""
+        return True
 
     def exhausted(self) -> str | None:
         """Why no further version may be made, if so (a privacy budget the next one

@@ -110,6 +110,13 @@ def simulate(
             f"job {spec.id} needs min_workers = {spec.min_workers}; simulate at least that many "
             "workers"
         )
+    mechanism = spec.privacy.get("mechanism")
+    if mechanism and plugins.privacy.get(mechanism).interactive:
+        raise ConfigError(
+            f"job {spec.id}: privacy mechanism {mechanism} talks with each worker during a "
+            "round, and simulate runs them in one thread; use elastic run JOB.toml "
+            f"--local-workers {max(spec.min_workers, 3)} instead"
+        )
     if plugins.rule(spec.rule).worker_mode == "collective":
         raise ConfigError(
             f"job {spec.id}: rule {spec.rule} trains its workers together, one process each "

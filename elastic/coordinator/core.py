@@ -398,6 +398,12 @@ class CoordinatorCore:
                 self._grant(self.uploads.offer(peer, msg.job, msg.key, more, now))
         elif msg.type is MsgType.OFFER:
             self._on_offer(peer, msg, now)
+        elif msg.type is MsgType.EXCHANGE:
+            engine = self._member_engine(peer, msg, now)
+            refusal = engine.on_exchange(peer, msg) if engine is not None else None
+            if refusal is not None:
+                self.rejected[refusal.meta["reason"]] += 1
+                self._send(peer, refusal)
         elif msg.type is MsgType.NACK:
             engine = self.engines.get(msg.job)
             if engine is not None:

@@ -26,6 +26,7 @@ from elastic.coordinator.status import StatusPublisher
 from elastic.coordinator.uploads import Part
 from elastic.coordinator.validation import Refusal, UpdateValidator
 from elastic.membership.base import Member
+from elastic.rules import Said
 from elastic.training import update_template
 from elastic.wire.buffers import BufferSet
 from elastic.wire.header import Message, MsgType
@@ -95,6 +96,30 @@ class Engine(ABC):
     def abandon_parts(self, worker: str, key: str) -> None:  # noqa: B027
         """``worker``'s update ``key``, coming in parts, will not go on (it left, or
         the coordinator refused a part): what came stays folded."""
+
+    def on_exchange(self, worker: str, msg: Message) -> Message | None:
+        """A step of a conversation between the job's rule and ``worker`` (EXCHANGE):
+        None when taken (the answers go out with the next ``tick``), else the NACK."""
+        return self._nack(
+            msg,
+            Refusal("no_exchange", f"job {self.job.spec.id} holds no conversations with workers"),
+        )
+
+    def _said(self, number: int, said: list[Said]) -> list[Outgoing]:
+        """What the rule says to workers in round ``number``, as EXCHANGE messages."""
+        return [
+            Outgoing(
+                worker,
+                Message(
+                    MsgType.EXCHANGE,
+                    job=self.job.spec.id,
+                    round=number,
+                    version=self.job.version,
+                    meta={"stage": stage, "data": data},
+                ),
+            )
+            for worker, stage, data in said
+        ]
 
     @abstractmethod
     def on_worker_failed(self, worker: str, round_: int, detail: str, key: str = "") -> None:

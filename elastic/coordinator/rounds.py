@@ -70,6 +70,9 @@ class _Round:
     trained: list[int] = field(default_factory=list)
     # A task's own loop's extra figures: per name, the sum weighted by samples, and the samples.
     metric_sums: dict[str, list[float]] = field(default_factory=dict)
+    # The updates are in and the rule is still asking (``Aggregator.closing``): the
+    # round commits once it is settled, or is abandoned at its (new) deadline.
+    settling: bool = False
 
     @property
     def complete(self) -> bool:
@@ -92,6 +95,7 @@ class RoundEngine(Engine):
         self._generation_members: tuple[str, ...] = ()
         self._served_warned = -1  # the number of served shards last warned about
         self.downlink: Downlink | None = None
+        self._outbox: list[Outgoing] = []  # what the rule said between turns (EXCHANGE)
         if self.job.model_chain:
             self.downlink = Downlink(
                 self.job.model, self.job.model_chain, share=self.ctx.local is not None
@@ -114,21 +118,30 @@ class RoundEngine(Engine):
             members = [m for m in members if m.id not in self.benched]
         now = self.clock()
         if self.current is None and (self._finish_if_due() or self._pause_if_asked(idle=True)):
-            return []
+            return self._take_outbox()
         if self.current is not None:
-            if now >= self.current.deadline:
-                late = sorted(self.current.participants - self.current.answered)
+            rnd = self.current
+            said = job.aggregator.poll(now, {m.id for m in members})
+            self._outbox.extend(self._said(rnd.number, said))
+            if rnd.settling:
+                self._settle(give_up=now >= rnd.deadline)
+            elif now >= rnd.deadline:
+                late = sorted(rnd.participants - rnd.answered)
                 log.warning(
                     "round deadline passed job=%s round=%d missing=%s",
                     job.spec.id,
-                    self.current.number,
+                    rnd.number,
                     ",".join(late),
                 )
                 self._close("deadline passed")
-            return []
+            return self._take_outbox()
         if self._too_few(members) or not self.ctx.holds():
-            return []
-        return self._start(members, now)
+            return self._take_outbox()
+        return self._take_outbox() + self._start(members, now)
+
+    def _take_outbox(self) -> list[Outgoing]:
+        out, self._outbox = self._outbox, []
+        return out
 
     def _start(self, members: list[Member], now: float) -> list[Outgoing]:
         job, spec = self.job, self.job.spec
@@ -190,6 +203,9 @@ class RoundEngine(Engine):
             rnd.bytes_sent += msg.payload_bytes
         self.current = rnd
         job.aggregator.begin_round()
+        out.extend(
+            self._said(number, job.aggregator.round_started(number, sorted(rnd.participants)))
+        )
         log.info(
             "round started job=%s round=%d version=%d participants=%d",
             spec.id,
@@ -252,6 +268,22 @@ class RoundEngine(Engine):
     def _abandon_work(self, why: str) -> None:
         if self.current is not None:
             self._close(why, force_abandon=True)
+
+    def on_exchange(self, worker: str, msg: Message) -> Message | None:
+        """A participant's step in the rule's conversation: the rule answers."""
+        rnd = self.current
+        if rnd is None or msg.round != rnd.number or worker not in rnd.participants:
+            return self._nack(
+                msg, Refusal("late", f"round {msg.round} is not running with {worker} in it")
+            )
+        try:
+            said = self.job.aggregator.exchange(worker, msg.meta["stage"], msg.meta["data"])
+        except ValueError as exc:
+            return self._nack(msg, Refusal("bad_exchange", str(exc)))
+        self._outbox.extend(self._said(rnd.number, said))
+        if rnd.settling:
+            self._settle(give_up=False)
+        return None
 
     # -------------------------------------------------------------- updates --
 
@@ -412,6 +444,8 @@ class RoundEngine(Engine):
         job, rnd = self.job, self.current
         if job.done:
             return Refusal("job_done", f"job {job.spec.id} is {job.state}")
+        if rnd is not None and rnd.settling and msg.round == rnd.number:
+            return Refusal("late", f"round {msg.round} is closing: its updates are in")
         if rnd is None or msg.round != rnd.number:
             if msg.round <= job.round:
                 return Refusal(
@@ -512,7 +546,7 @@ class RoundEngine(Engine):
     def _drop(self, worker: str) -> None:
         rnd = self.current
         assert rnd is not None
-        if worker in rnd.answered:
+        if worker in rnd.answered or rnd.settling:  # (the rule sees who left: ``poll``)
             return
         rnd.participants.discard(worker)
         if self.rendezvous:  # its shard would be missing from this step
@@ -536,20 +570,49 @@ class RoundEngine(Engine):
                 "missing",
             )
         if force_abandon or rnd.updates < job.spec.min_workers:
-            reason = (
+            self._abandon(
+                rnd,
                 why
                 if force_abandon
                 else f"{why} with {rnd.updates} update(s), fewer than "
-                f"min_workers={job.spec.min_workers}"
-            )
-            log.warning(
-                "round abandoned job=%s round=%d reason=%s", job.spec.id, rnd.number, reason
-            )
-            job.aggregator.begin_round()  # drop the partial aggregate
-            self.ctx.notify(
-                "elastic_round_abandoned", job_id=job.spec.id, round=rnd.number, reason=reason
+                f"min_workers={job.spec.min_workers}",
             )
             return
+        said = job.aggregator.closing(sorted(rnd.answered))
+        if isinstance(said, str):
+            self._abandon(rnd, said)
+            return
+        if said:  # the rule asks more of the participants before it can finalize
+            rnd.settling = True
+            rnd.deadline = self.clock() + job.spec.round_timeout
+            self.current = rnd
+            self._outbox.extend(self._said(rnd.number, said))
+            return
+        self._commit_round(rnd)
+
+    def _settle(self, give_up: bool) -> None:
+        """A settling round commits when the rule says it may, or is abandoned."""
+        rnd = self.current
+        assert rnd is not None and rnd.settling
+        verdict = self.job.aggregator.settled(give_up)
+        if verdict is False:
+            return
+        self.current = None
+        if verdict is True:
+            self._commit_round(rnd)
+        else:
+            self._abandon(rnd, str(verdict))
+
+    def _abandon(self, rnd: _Round, reason: str) -> None:
+        job = self.job
+        log.warning("round abandoned job=%s round=%d reason=%s", job.spec.id, rnd.number, reason)
+        job.aggregator.begin_round()  # drop the partial aggregate
+        self.ctx.notify(
+            "elastic_round_abandoned", job_id=job.spec.id, round=rnd.number, reason=reason
+        )
+
+    def _commit_round(self, rnd: _Round) -> None:
+        job = self.job
         self.job.totals["bytes_sent"] += rnd.bytes_sent
         self.job.totals["bytes_received"] += rnd.bytes_received
         committed = self._commit(

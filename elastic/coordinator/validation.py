@@ -77,7 +77,10 @@ class UpdateValidator:
         self.base = base
         self.mode = job.aggregator.worker_mode
         self.kind = update_kind(self.mode)
-        self.template = {
+        # What updates travel as: the model's tensors, or the rule's own form (a
+        # secure aggregation's masked vector), checked exactly and never decoded.
+        self.wire = job.aggregator.wire_form()
+        self.template = self.wire or {
             k: (tuple(t.shape), t.dtype) for k, t in update_template(job.model, self.mode).items()
         }
         self.itemsizes = {name: dtype.itemsize for name, (_, dtype) in self.template.items()}
@@ -105,6 +108,8 @@ class UpdateValidator:
 
     def _decoded(self, msg: Message) -> dict[str, WireTensor] | Refusal:
         """The tensors as the model's: codecs undone, shapes checked, weights whole."""
+        if self.wire is not None:
+            return self._in_wire_form(msg)
         chain = self.job.update_chain
         tensors = dict(msg.tensors)
         if msg.encodings or chain:
@@ -148,6 +153,24 @@ class UpdateValidator:
                 )
                 for name, wt in tensors.items()
             }
+        return tensors
+
+    def _in_wire_form(self, msg: Message) -> dict[str, WireTensor] | Refusal:
+        """The tensors of an update in the rule's own form: exactly its names,
+        shapes and dtypes, uncompressed."""
+        if msg.encodings:
+            return Refusal("bad_form", f"rule {self.job.spec.rule} takes its updates uncompressed")
+        tensors = dict(msg.tensors)
+        for name, (shape, dtype) in self.template.items():
+            t = tensors.get(name)
+            if t is None or t.shape != shape or t.dtype != dtype:
+                got = "nothing" if t is None else f"{list(t.shape)} {t.dtype}"
+                return Refusal(
+                    "shape_mismatch", f"tensor {name!r} must be {list(shape)} {dtype}, got {got}"
+                )
+        if len(tensors) != len(self.template):
+            extra = sorted(set(tensors) - set(self.template))[:3]
+            return Refusal("shape_mismatch", f"unexpected tensors {extra}")
         return tensors
 
     def _screened(
@@ -294,11 +317,14 @@ class UpdateValidator:
             )
         for name, start, stop in segments:
             t = msg.tensors[name]
-            if t.shape != (stop - start,) or not t.dtype.is_floating_point:
+            dtype = self.template[name][1]
+            if t.shape != (stop - start,) or not (
+                t.dtype == dtype if self.wire is not None else t.dtype.is_floating_point
+            ):
                 return Refusal(
                     "bad_part",
                     f"part of {name!r} is {list(t.shape)} {t.dtype}, granted [{stop - start}] "
-                    "floating point",
+                    f"{dtype if self.wire is not None else 'floating point'}",
                 )
         if first:
             refusal = self.limit(worker, self.update_bytes)

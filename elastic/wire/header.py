@@ -62,6 +62,9 @@ class MsgType(StrEnum):
     NACK = "NACK"  # either way: rejected, with a reason
     REQUEST = "REQUEST"  # operator -> coordinator's control socket: op and args
     REPLY = "REPLY"  # coordinator -> operator: ok, data (tensors for an export), or the error
+    # either way, within a round: a step of a conversation between the job's rule and a
+    # participant besides its update (meta.stage, meta.data: a secure aggregation's keys)
+    EXCHANGE = "EXCHANGE"
 
 
 # An UPDATE of at least this many payload bytes is OFFERed first and sent once
@@ -108,6 +111,7 @@ META_REQUIRED: dict[MsgType, dict[str, Expected]] = {
     MsgType.NACK: {"reason": str, "detail": str},
     MsgType.REQUEST: {"op": str, "args": dict},
     MsgType.REPLY: {"ok": bool, "data": dict, "code": str, "error": str},
+    MsgType.EXCHANGE: {"stage": str, "data": dict},
 }
 META_OPTIONAL: dict[MsgType, dict[str, Expected]] = {
     MsgType.HELLO: {

@@ -43,6 +43,7 @@ from elastic.wire.parts import check_grant, part_message
 from elastic.wire.shm import Probe, SegmentReader, SegmentWriter, shm_available
 from elastic.wire.transport import Secure, dealer_socket, recv_frames, send_message
 from elastic.worker.devices import describe_device, resolve_device
+from elastic.worker.exchanges import Exchanges
 from elastic.worker.runner import Result, TaskRunner
 
 __all__ = ["Worker"]
@@ -83,7 +84,7 @@ class Worker:
         self._work: queue.Queue[Message | dict | None] = queue.Queue()
         # Results as the trainer makes them (one per virtual client); None: the WORK is
         # done; PREPARED: a job is built.
-        self._results: queue.Queue[Result | str | None] = queue.Queue()
+        self._results: queue.Queue[Result | Message | str | None] = queue.Queue()
         self._preparing = 0  # jobs queued for building: heartbeats say "preparing" meanwhile
         self._beat_now = False  # the preparing ended: say so at once
         # Results made and not yet sent or dropped: the trainer waits while there are
@@ -110,6 +111,9 @@ class Worker:
         self.registration: Registration | None = None
         self.address = ""  # the coordinator of the current session
         self.runner.superseded = lambda job: job in self._pending
+        self.exchanges = Exchanges(self._send_from_trainer, self._stop)
+        self.runner.exchanges = self.exchanges
+        self._trainer_wake: zmq.Socket | None = None  # the training thread's end of the wake
         self.runner.open_store = StoreOpener(lambda: self.address, config.membership)
         self.registered = False
         self.heartbeat_interval = 1.0
@@ -445,6 +449,10 @@ class Worker:
                     self._drop_held(key, "superseded by new work")
             self._pending[msg.job] = msg  # a newer round supersedes one not yet started
             self._feed()
+        elif msg.type is MsgType.EXCHANGE:
+            reply = self.exchanges.deliver(msg)
+            if reply is not None:
+                self._send(reply)
         elif msg.type is MsgType.ACK:
             self.rounds_done += 1
         elif msg.type is not MsgType.HEARTBEAT_ACK:
@@ -476,6 +484,10 @@ class Worker:
                 break
             if result is None:
                 self._busy = False
+                continue
+            if isinstance(result, Message):  # an EXCHANGE the trainer said: out at once
+                if self.sock is not None:
+                    self._send(result)
                 continue
             if result == PREPARED:
                 self._preparing -= 1
@@ -557,6 +569,13 @@ class Worker:
         if result.buffers is not None:
             result.buffers.release_after(tracker)
 
+    def _send_from_trainer(self, msg: Message) -> None:
+        """An EXCHANGE the training thread says: queued for the receiving thread,
+        which owns the socket, and woken (on the trainer's own end of the wake)."""
+        self._results.put(msg)
+        if self._trainer_wake is not None:
+            self._trainer_wake.send(b"")
+
     def _gone(self) -> None:
         """A result was sent or dropped: room for the trainer's next."""
         with self._unsent_changed:
@@ -573,7 +592,7 @@ class Worker:
         return not self._stop.is_set() and work.job not in self._pending
 
     def _train_loop(self) -> None:
-        wake = self.ctx.socket(zmq.PAIR)
+        wake = self._trainer_wake = self.ctx.socket(zmq.PAIR)
         wake.connect(self._wake_addr)
         try:
             while True:

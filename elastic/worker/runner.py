@@ -20,6 +20,7 @@ from elastic.plugins import Plugins
 from elastic.training import update_kind
 from elastic.wire.header import Message, MsgType
 from elastic.worker.collective import CollectiveTraining, StoreOpener
+from elastic.worker.exchanges import Exchanges
 from elastic.worker.executors import EXECUTORS, WorkExecutor
 from elastic.worker.intake import Intake, JobContext, Placer, keep_newest
 from elastic.worker.packing import Packer, Result
@@ -81,6 +82,9 @@ class TaskRunner:
         self.device = device
         self.worker_id = worker_id
         self.privacy = plugins.privacy  # the mechanisms a job's WORK may name
+        # Set by the daemon: the line to a job's rule within a round (EXCHANGE), for
+        # interactive privacy mechanisms; None in a simulation.
+        self.exchanges: Exchanges | None = None
         self.intake = Intake(plugins, device, data_dir)
         self.packer = Packer(plugins.codecs, device, worker_id)
         self.executors: dict[str, WorkExecutor] = {}
@@ -216,7 +220,16 @@ class TaskRunner:
         }
         if mechanism is not None:
             assert privacy is not None
-            said = mechanism.protect(privacy, computed.update)
+            channel = None
+            if mechanism.interactive:
+                if self.exchanges is None:
+                    raise ElasticError(
+                        f"privacy mechanism {mechanism.name} talks with the coordinator: "
+                        "run the job with worker daemons (elastic run --local-workers N)"
+                    )
+                channel = self.exchanges.channel(self.worker_id, work)
+            names = set(computed.update)
+            said = mechanism.protect(privacy, computed.update, channel)
             # What the data would say beyond the protected update (a sample count, a
             # loss) may be withheld by the mechanism: it says what to send instead.
             withheld: dict[str, Any] = {
@@ -227,7 +240,8 @@ class TaskRunner:
                 meta.pop("metrics", None)  # (a task's own figures are the data's too)
             if said:
                 meta["privacy"] = said
-            if not chained and meta["kind"] == "weights":  # sent as weights: add back
+            replaced = set(computed.update) != names  # (the rule's own wire form)
+            if not chained and not replaced and meta["kind"] == "weights":  # as weights: add back
                 with torch.no_grad():
                     for name, t in computed.update.items():
                         t.add_(ctx.received[name])

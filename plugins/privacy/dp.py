@@ -43,6 +43,7 @@ from elastic_plugins.privacy.private_mean import wrapper_for
 from elastic.api import (
     Aggregator,
     AsyncAggregator,
+    Channel,
     JobSpec,
     JobSpecError,
     PrivacyMechanism,
@@ -285,7 +286,10 @@ class DifferentialPrivacy(PrivacyMechanism):
 
     @classmethod
     def protect(
-        cls, settings: Mapping[str, Any], change: dict[str, torch.Tensor]
+        cls,
+        settings: Mapping[str, Any],
+        change: dict[str, torch.Tensor],
+        channel: Channel | None = None,
     ) -> dict[str, Any]:
         clip, noise = settings.get("clip"), settings.get("noise_std", 0.0)
         if not _positive(clip) or not (noise == 0.0 or _positive(noise)):

@@ -1,0 +1,98 @@
+"""The cryptography of a SecAgg round, from ``cryptography``: X25519 key agreement
+(through HKDF-SHA256), AES-GCM for the shares clients send each other through the
+coordinator, and ChaCha20 as the pseudo-random generator that expands a 32-byte
+seed into a mask over a whole update, in Z_(2^32).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+__all__ = [
+    "KeyPair",
+    "agree",
+    "seal",
+    "unseal",
+    "add_mask",
+    "commitment",
+    "new_seed",
+    "private_from_bytes",
+]
+
+SEED = 32
+CHUNK = 1 << 20  # mask elements expanded at a time: 4 MiB of keystream, in cache
+
+
+class KeyPair:
+    """An X25519 key pair; ``private`` may be shared (its bytes), ``public`` sent."""
+
+    def __init__(self, private: X25519PrivateKey | None = None) -> None:
+        self.private = private or X25519PrivateKey.generate()
+        self.public = self.private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+
+    def private_bytes(self) -> bytes:
+        return self.private.private_bytes(
+            serialization.Encoding.Raw,
+            serialization.PrivateFormat.Raw,
+            serialization.NoEncryption(),
+        )
+
+
+def private_from_bytes(data: bytes) -> KeyPair:
+    """The key pair of a private key given as its 32 bytes (a reconstructed one)."""
+    return KeyPair(X25519PrivateKey.from_private_bytes(data))
+
+
+def agree(pair: KeyPair, peer_public: bytes, info: bytes) -> bytes:
+    """A 32-byte key both sides derive: X25519 then HKDF-SHA256 with ``info``."""
+    shared = pair.private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    return HKDF(hashes.SHA256(), SEED, salt=None, info=info).derive(shared)
+
+
+def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    """AES-GCM with a random 96-bit nonce, sent in front."""
+    nonce = os.urandom(12)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
+
+
+def unseal(key: bytes, sealed: bytes, aad: bytes) -> bytes:
+    """What ``seal`` sealed; ``cryptography``'s InvalidTag when it was altered."""
+    return AESGCM(key).decrypt(sealed[:12], sealed[12:], aad)
+
+
+def new_seed() -> bytes:
+    return os.urandom(SEED)
+
+
+def commitment(seed: bytes) -> bytes:
+    """SHA-256 of a seed: sent before the seed is shared, so a reconstructed seed
+    can be checked (and a bad share found)."""
+    return hashlib.sha256(seed).digest()
+
+
+def add_mask(acc: np.ndarray, seed: bytes, sign: int = 1) -> None:
+    """``acc += sign * PRG(seed)`` in Z_(2^32), in place (``acc`` uint32): the
+    keystream of ChaCha20 keyed by ``seed``, a block of ``CHUNK`` at a time."""
+    encryptor = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
+    zeros = memoryview(bytes(4 * min(CHUNK, acc.size)))
+    block = bytearray(len(zeros))
+    flat = acc.reshape(-1)
+    for start in range(0, flat.size, CHUNK):
+        stop = min(start + CHUNK, flat.size)
+        size = 4 * (stop - start)
+        encryptor.update_into(zeros[:size], block)
+        stream = np.frombuffer(block, dtype=np.uint32, count=stop - start)
+        if sign > 0:
+            np.add(flat[start:stop], stream, out=flat[start:stop])
+        else:
+            np.subtract(flat[start:stop], stream, out=flat[start:stop])
