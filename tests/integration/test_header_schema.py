@@ -113,10 +113,32 @@ batch_size = 0
 checkpoint_every = 5
 """,
     )
+    # Job "sg": secure aggregation (EXCHANGE messages both ways), on three workers.
+    sg = write_job(
+        tmp_path / "sg.toml",
+        """
+[job]
+id = "sg"
+task = "linreg"
+rule = "fedavg"
+rounds = 2
+min_workers = 3
+max_workers = 3
+eval_every = 0
+[privacy]
+mechanism = "secagg"
+""",
+    )
     control = f"tcp://127.0.0.1:{free_port()}"
-    cluster.coordinator(big, cz, vc, ar, extra=("--upload-part", "1048576", "--control", control))
-    workers = [cluster.worker("w0"), cluster.worker("w1", "--no-shared-memory")]
-    for job in ("big", "cz", "vc", "ar"):
+    cluster.coordinator(
+        big, cz, vc, ar, sg, extra=("--upload-part", "1048576", "--control", control)
+    )
+    workers = [
+        cluster.worker("w0"),
+        cluster.worker("w1", "--no-shared-memory"),
+        cluster.worker("w2", "--no-shared-memory"),
+    ]
+    for job in ("big", "cz", "vc", "ar", "sg"):
         cluster.wait_status(job, lambda s: s["state"] == "finished", 120, f"job {job} to finish")
     ls = subprocess.run(
         [sys.executable, "-m", "elastic", "job", "ls", "--coordinator", control],
