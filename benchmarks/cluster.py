@@ -133,14 +133,16 @@ def run_job(
     light: int = 0,
     light_delay: float = 0.0,
     light_procs: int = 1,
+    port: int | None = None,
 ) -> Run:
-    """Run ``job_toml`` on a fresh coordinator, ``workers`` worker daemons and ``light``
-    light workers (``benchmarks/light_workers.py``, shared among ``light_procs``
-    processes); return when it finished."""
+    """Run ``job_toml`` on a fresh coordinator (bound to ``port``, else a free one),
+    ``workers`` worker daemons and ``light`` light workers
+    (``benchmarks/light_workers.py``, shared among ``light_procs`` processes); return
+    when it finished."""
     with tempfile.TemporaryDirectory(prefix="elastic-bench-") as tmp:
         root = Path(tmp)
         (root / "job.toml").write_text(job_toml)
-        port = free_port()
+        port = port or free_port()
         address = f"tcp://127.0.0.1:{port}"
         env = dict(
             os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(Path(__file__).resolve().parents[1])

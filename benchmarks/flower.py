@@ -114,12 +114,14 @@ def run_flower(
     simulation: bool,
     cpus_per_client: int = 1,
     timeout: float = 1800.0,
+    port: int | None = None,
 ) -> tuple[dict[str, Any], float]:
-    """Run ``app`` with ``config`` on ``nodes`` clients; (its out-file, peak MB)."""
+    """Run ``app`` with ``config`` on ``nodes`` clients, the SuperLink on ``port`` (else
+    a free one); (its out-file, peak MB)."""
     bin_dir = flower_env()
     with tempfile.TemporaryDirectory(prefix="flower-") as tmp:
         root = Path(tmp)
-        link = free_port()  # since flwr 1.41 one HTTP port serves the Fleet and Control APIs
+        link = port or free_port()  # since flwr 1.41 one HTTP port serves Fleet and Control
         home = root / "flwr-home"
         home.mkdir()
         (home / "config.toml").write_text(

@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import torch
 
 from elastic.coordinator.downlink import Downlink
@@ -140,7 +141,10 @@ class RoundEngine(Engine):
         return self._take_outbox() + self._start(members, now)
 
     def _take_outbox(self) -> list[Outgoing]:
+        """What the rule said since the last turn; its bytes are the round's."""
         out, self._outbox = self._outbox, []
+        if self.current is not None:
+            self.current.bytes_sent += sum(len(msgpack.packb(o.message.meta["data"])) for o in out)
         return out
 
     def _start(self, members: list[Member], now: float) -> list[Outgoing]:
@@ -280,6 +284,7 @@ class RoundEngine(Engine):
             said = self.job.aggregator.exchange(worker, msg.meta["stage"], msg.meta["data"])
         except ValueError as exc:
             return self._nack(msg, Refusal("bad_exchange", str(exc)))
+        rnd.bytes_received += len(msgpack.packb(msg.meta["data"]))
         self._outbox.extend(self._said(rnd.number, said))
         if rnd.settling:
             self._settle(give_up=False)

@@ -68,7 +68,7 @@ def one_round(
     levels = levels_for(len(rule.server.clients))  # type: ignore[attr-defined]
     for w, inbox in inboxes.items():
         clients[w].receive(inbox)
-        q = quantise(changes[w], 1.0, levels, torch.Generator().manual_seed(1))
+        q = quantise(changes[w], 1.0, levels, bytes(32))
         masked = clients[w].mask(q)
         rule.accumulate(
             Update(

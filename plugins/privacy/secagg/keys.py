@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes, serialization
@@ -22,13 +23,14 @@ __all__ = [
     "seal",
     "unseal",
     "add_mask",
+    "add_masks",
     "commitment",
     "new_seed",
     "private_from_bytes",
 ]
 
 SEED = 32
-CHUNK = 1 << 20  # mask elements expanded at a time: 4 MiB of keystream, in cache
+CHUNK = 1 << 16  # mask elements expanded at a time: 256 KiB of keystream, in cache
 
 
 class KeyPair:
@@ -81,18 +83,26 @@ def commitment(seed: bytes) -> bytes:
 
 
 def add_mask(acc: np.ndarray, seed: bytes, sign: int = 1) -> None:
-    """``acc += sign * PRG(seed)`` in Z_(2^32), in place (``acc`` uint32): the
-    keystream of ChaCha20 keyed by ``seed``, a block of ``CHUNK`` at a time."""
-    encryptor = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
+    """``acc += sign * PRG(seed)`` in Z_(2^32), in place (``acc`` uint32)."""
+    add_masks(acc, [(seed, sign)])
+
+
+def add_masks(acc: np.ndarray, masks: Sequence[tuple[bytes, int]]) -> None:
+    """``acc += sum(sign * PRG(seed))`` in Z_(2^32), in place (``acc`` uint32): each
+    PRG is the keystream of ChaCha20 keyed by its seed. A block of ``CHUNK``
+    elements at a time, every mask added to it while it is in cache: one pass over
+    ``acc`` whatever the number of masks."""
+    streams = [
+        (Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor(), sign)
+        for seed, sign in masks
+    ]
     zeros = memoryview(bytes(4 * min(CHUNK, acc.size)))
     block = bytearray(len(zeros))
     flat = acc.reshape(-1)
     for start in range(0, flat.size, CHUNK):
         stop = min(start + CHUNK, flat.size)
-        size = 4 * (stop - start)
-        encryptor.update_into(zeros[:size], block)
-        stream = np.frombuffer(block, dtype=np.uint32, count=stop - start)
-        if sign > 0:
-            np.add(flat[start:stop], stream, out=flat[start:stop])
-        else:
-            np.subtract(flat[start:stop], stream, out=flat[start:stop])
+        target = flat[start:stop]
+        for encryptor, sign in streams:
+            encryptor.update_into(zeros[: 4 * (stop - start)], block)
+            stream = np.frombuffer(block, dtype=np.uint32, count=stop - start)
+            (np.add if sign > 0 else np.subtract)(target, stream, out=target)

@@ -25,15 +25,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from elastic_plugins.privacy.clipping import secure_generator
 from elastic_plugins.privacy.secagg.graph import degree_for
+from elastic_plugins.privacy.secagg.keys import new_seed
 from elastic_plugins.privacy.secagg.protocol import (
     ClientRound,
     ProtocolFailure,
     ServerRound,
     Unmasked,
 )
-from elastic_plugins.privacy.secagg.quantise import dequantise_sum, levels_for, quantise
+from elastic_plugins.privacy.secagg.quantise import levels_for, mean_change, quantise
 
 from elastic.api import (
     Aggregator,
@@ -145,7 +145,7 @@ class SecureAggregation(PrivacyMechanism):
         client.receive(_unless_skipped(channel.receive("inbox", timeout)))
         levels = levels_for(int(roster["clients"]))
         flat = torch.cat([t.detach().flatten().to(torch.float32).cpu() for t in change.values()])
-        masked = client.mask(quantise(flat, clip, levels, secure_generator()))
+        masked = client.mask(quantise(flat, clip, levels, new_seed()))
         change.clear()
         change[MASKED] = torch.from_numpy(masked.view(np.int32))
         channel.answer("unmask", client.reveal)
@@ -281,11 +281,15 @@ class SecureMean(Aggregator):
             self._input(update.worker, update.tensors[name], start)
 
     def _input(self, worker: str, masked: WireTensor, start: int) -> None:
+        """Fold a masked input (or a part of one) frame by frame, with no copy."""
         if self.server is None:
             return
-        values = masked.to_tensor().contiguous().numpy().view(np.uint32)
         try:
-            self.server.add_input(worker, values, start)
+            at = start
+            for chunk in masked.chunks:
+                values = chunk.reshape(-1).numpy().view(np.uint32)
+                self.server.add_input(worker, values, at)
+                at += values.size
         except ProtocolFailure as exc:  # (a client out of turn: its input is not counted)
             log.warning(
                 "secure input refused job=%s worker=%s: %s", self.mechanism.spec.id, worker, exc
@@ -318,16 +322,19 @@ class SecureMean(Aggregator):
 
     def finalize(self) -> None:
         result = self.last
-        assert result is not None
-        n = len(result.survivors)
-        levels = levels_for(len(self.server.clients) if self.server else n)
-        mean = dequantise_sum(result.total, n, self.mechanism.clip, levels).div_(n)
+        assert result is not None and self.server is not None
+        mean = mean_change(
+            result.total,
+            len(result.survivors),
+            self.mechanism.clip,
+            levels_for(len(self.server.clients)),
+        )
         tensors, at = {}, 0
         for name, t in self.base.items():
-            piece = mean[at : at + t.numel()].reshape(t.shape)
+            piece = mean[at : at + t.numel()].view(t.shape)
             at += t.numel()
             if self.kind == "weights":
-                piece = piece + t.detach().to(torch.float64)
+                piece.add_(t.detach().to(torch.float32))
             tensors[name] = WireTensor.from_tensor(piece.to(t.dtype))
         self.rule.begin_round()
         self.rule.accumulate(Update("secure-sum", 0, 1, 0.0, self.kind, tensors))

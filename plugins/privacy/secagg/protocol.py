@@ -115,10 +115,11 @@ class ClientRound:
 
     def mask(self, values: np.ndarray) -> np.ndarray:
         """Step 3: ``values`` (uint32) masked in place and returned."""
-        keys.add_mask(values, self.b)
-        for v in self.held:  # (the neighbours whose shares came: they reached step 2)
-            seed = keys.agree(self.s, self.peers[v][1], _info(self.round_id, b"mask"))
-            keys.add_mask(values, seed, _sign(self.me, v))
+        masks = [(self.b, 1)] + [  # (the neighbours whose shares came: they reached step 2)
+            (keys.agree(self.s, self.peers[v][1], _info(self.round_id, b"mask")), _sign(self.me, v))
+            for v in self.held
+        ]
+        keys.add_masks(values, masks)
         return values
 
     def reveal(self, request: Mapping) -> dict:
@@ -281,12 +282,12 @@ class ServerRound:
         survivors = sorted(self.inputs)
         dropped = sorted(set(self.sent) - self.inputs)
         excluded: dict[str, str] = {}
-        total = self.total
+        masks: list[tuple[bytes, int]] = []  # taken out in one pass, at the end
         for u in survivors:
             b = self._rebuild(
                 u, "b", lambda s, u=u: keys.commitment(s) == self.keys[u]["b_commit"], excluded
             )
-            keys.add_mask(total, b, -1)
+            masks.append((b, -1))
         for u in dropped:
             s_key = self._rebuild(
                 u,
@@ -298,8 +299,9 @@ class ServerRound:
             for v in survivors:
                 if u in self.sent.get(v, {}) and v in self.sent.get(u, {}):  # v masked with u
                     seed = keys.agree(pair, self.keys[v]["s_pk"], _info(self.round_id, b"mask"))
-                    keys.add_mask(total, seed, -_sign(v, u))
-        return Unmasked(total, survivors, dropped, excluded)
+                    masks.append((seed, -_sign(v, u)))
+        keys.add_masks(self.total, masks)
+        return Unmasked(self.total, survivors, dropped, excluded)
 
     def _rebuild(self, owner: str, which: str, check, excluded: dict[str, str]) -> bytes:
         shares, by_x = [], {}
