@@ -91,6 +91,9 @@ def main() -> None:
     parser.add_argument("--flower-rounds", type=int, default=2)
     parser.add_argument("--flower-timeout", type=float, default=900.0)
     parser.add_argument("--no-flower", action="store_true")
+    parser.add_argument(
+        "--flower-sizes", default="", help="run Flower at these sizes only (default: all)"
+    )
     args = parser.parse_args()
     print(
         f"FedAvg rounds: elastic plain, elastic secagg ({args.runs} runs of {args.rounds} rounds, "
@@ -127,7 +130,9 @@ def main() -> None:
                     f"{statistics.median(secure_bytes) / 1e6:.1f}"
                 )
             print(line, flush=True)
-            if args.no_flower:
+            if args.no_flower or (
+                args.flower_sizes and str(params) not in args.flower_sizes.split(",")
+            ):
                 continue
             for _ in range(args.flower_runs):
                 started = time.monotonic()
