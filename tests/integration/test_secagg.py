@@ -4,6 +4,7 @@ workers crash and join between and during rounds, and the job goes on."""
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from .conftest import Cluster, write_job
+from .test_header_schema import RECORDER, recorded
 
 pytestmark = pytest.mark.slow
 
@@ -79,3 +81,36 @@ def test_five_clients_ten_rounds_with_churn(cluster: Cluster, tmp_path: Path) ->
     assert history[-1]["eval_loss"] < 0.05  # (label noise 0.1: 0.01 at the optimum)
     log = (cluster.root / "coordinator.log").read_text()
     assert "Traceback" not in log
+
+
+def test_masked_inputs_come_in_parts(cluster: Cluster, tmp_path: Path) -> None:
+    """A 4 MB masked input, granted in 1 MiB parts, folded as they come."""
+    records = tmp_path / "records"
+    records.mkdir()
+    cluster.env = {
+        "ELASTIC_RECORD_HEADERS": str(records),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(RECORDER), os.environ.get("PYTHONPATH")])),
+    }
+    job = write_job(
+        tmp_path / "pa.toml",
+        """
+[job]
+id = "pa"
+task = "synthetic"
+rule = "fedavg"
+rounds = 2
+min_workers = 3
+max_workers = 3
+eval_every = 0
+[task]
+params = 1000000
+[privacy]
+mechanism = "secagg"
+""",
+    )
+    cluster.coordinator(job, extra=("--upload-part", "1048576"))
+    for w in ("w0", "w1", "w2"):
+        cluster.worker(w, "--no-shared-memory")
+    status = cluster.wait_status("pa", lambda s: s["state"] == "finished", 120, "job pa")
+    assert [h["secagg_survivors"] for h in status["history"]] == [3, 3]
+    assert ("UPDATE", "part", "list") in recorded(records)

@@ -320,3 +320,18 @@ def test_a_target_epsilon_is_met_by_the_calibrated_noise() -> None:
     for _ in range(10):  # the job's rounds
         dp.accountant.add(dp.z, 5, 100)
     assert 1.98 < dp.accountant.epsilon() <= 2.0
+
+
+def test_a_server_optimizer_steps_along_the_noised_mean() -> None:
+    """FedAdam behind DP: its one update is the clipped mean, its step Adam's."""
+    model = Wide()
+    rule = protected({"clip": 1.0, "noise_multiplier": 1e-9}, rule="fedadam")
+    rule.setup(model)
+    change = direction(model, 0.5, 3)
+    got = round_of(rule, model, [weights(model, change, f"w{i}") for i in range(5)])
+    # Adam's first step with tau 1e-3: each coordinate moves by about server_lr (0.1)
+    # times (1 - beta1) m / (sqrt(v) + tau), in the direction of the mean change
+    moved = torch.cat([t.flatten() for t in got.values()])
+    mean = torch.cat([change[n].flatten() for n in got])
+    assert torch.isfinite(moved).all() and float((moved * mean).sum()) > 0
+    assert rule.rule.state_dict()["m"]  # type: ignore[attr-defined]

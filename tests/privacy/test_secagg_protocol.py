@@ -157,3 +157,19 @@ def test_quantised_sums_are_exact_to_one_step_per_client() -> None:
     assert float((got - sum(x.double() for x in xs)).abs().max()) <= 16 * step
     # unbiased: the mean error is far below a step
     assert abs(float((got - sum(x.double() for x in xs)).mean())) < step / 10
+
+
+def test_masking_while_quantising_is_masking_after() -> None:
+    """The worker's one pass (quantise, and every mask added to each block in cache)
+    gives what quantising, then masking, gives."""
+    client = ClientRound("c0", b"r")
+    client.held = {"c1": (b"", b""), "c2": (b"", b"")}
+    client.peers = {
+        "c1": (b"", ClientRound("c1", b"r").s.public),
+        "c2": (b"", ClientRound("c2", b"r").s.public),
+    }
+    parts = [torch.randn(70_000) * 0.1, torch.randn(3, 50_000) * 0.1]  # blocks cross tensors
+    levels = levels_for(3)
+    fused = quantise(parts, 1.0, levels, bytes(32), client.masks())
+    after = client.mask(quantise(torch.cat([p.flatten() for p in parts]), 1.0, levels, bytes(32)))
+    assert np.array_equal(fused, after)

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -24,6 +24,7 @@ __all__ = [
     "unseal",
     "add_mask",
     "add_masks",
+    "keystream",
     "commitment",
     "new_seed",
     "private_from_bytes",
@@ -82,6 +83,11 @@ def commitment(seed: bytes) -> bytes:
     return hashlib.sha256(seed).digest()
 
 
+def keystream(seed: bytes) -> CipherContext:
+    """The PRG of a 32-byte seed: ChaCha20's keystream (what it encrypts zeros to)."""
+    return Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
+
+
 def add_mask(acc: np.ndarray, seed: bytes, sign: int = 1) -> None:
     """``acc += sign * PRG(seed)`` in Z_(2^32), in place (``acc`` uint32)."""
     add_masks(acc, [(seed, sign)])
@@ -92,10 +98,7 @@ def add_masks(acc: np.ndarray, masks: Sequence[tuple[bytes, int]]) -> None:
     PRG is the keystream of ChaCha20 keyed by its seed. A block of ``CHUNK``
     elements at a time, every mask added to it while it is in cache: one pass over
     ``acc`` whatever the number of masks."""
-    streams = [
-        (Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor(), sign)
-        for seed, sign in masks
-    ]
+    streams = [(keystream(seed), sign) for seed, sign in masks]
     zeros = memoryview(bytes(4 * min(CHUNK, acc.size)))
     block = bytearray(len(zeros))
     flat = acc.reshape(-1)

@@ -144,8 +144,7 @@ class SecureAggregation(PrivacyMechanism):
         channel.send("shares", client.share(roster))
         client.receive(_unless_skipped(channel.receive("inbox", timeout)))
         levels = levels_for(int(roster["clients"]))
-        flat = torch.cat([t.detach().flatten().to(torch.float32).cpu() for t in change.values()])
-        masked = client.mask(quantise(flat, clip, levels, new_seed()))
+        masked = quantise(change.values(), clip, levels, new_seed(), client.masks())
         change.clear()
         change[MASKED] = torch.from_numpy(masked.view(np.int32))
         channel.answer("unmask", client.reveal)
@@ -204,8 +203,8 @@ class SecureMean(Aggregator):
 
     def exchange(self, worker: str, stage: str, data: Mapping[str, Any]) -> list[Said]:
         server = self.server
-        if worker in self.excluded:
-            raise ValueError(f"{worker} is left out of secure aggregation: {self.excluded[worker]}")
+        if worker in self.excluded and stage == "keys":  # (told at once: it stops waiting)
+            return [(worker, "roster", {"skip": f"left out: {self.excluded[worker]}"})]
         if server is None or worker not in server.clients:
             raise ValueError(f"{worker} takes no part in this round's secure aggregation")
         try:

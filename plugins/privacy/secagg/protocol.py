@@ -113,13 +113,17 @@ class ClientRound:
                 raise ProtocolFailure(f"the shares from {sender} were addressed to another")
             self.held[sender] = (bytes(s_share), bytes(b_share))
 
-    def mask(self, values: np.ndarray) -> np.ndarray:
-        """Step 3: ``values`` (uint32) masked in place and returned."""
-        masks = [(self.b, 1)] + [  # (the neighbours whose shares came: they reached step 2)
+    def masks(self) -> list[tuple[bytes, int]]:
+        """Step 3's masks, (seed, sign): the self-mask and one per neighbour whose
+        shares came (it reached step 2), + when this client's id is the smaller."""
+        return [(self.b, 1)] + [
             (keys.agree(self.s, self.peers[v][1], _info(self.round_id, b"mask")), _sign(self.me, v))
             for v in self.held
         ]
-        keys.add_masks(values, masks)
+
+    def mask(self, values: np.ndarray) -> np.ndarray:
+        """Step 3: ``values`` (uint32) masked in place and returned."""
+        keys.add_masks(values, self.masks())
         return values
 
     def reveal(self, request: Mapping) -> dict:
