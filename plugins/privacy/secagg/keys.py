@@ -22,7 +22,6 @@ __all__ = [
     "agree",
     "seal",
     "unseal",
-    "add_mask",
     "add_masks",
     "keystream",
     "commitment",
@@ -86,11 +85,6 @@ def commitment(seed: bytes) -> bytes:
 def keystream(seed: bytes) -> CipherContext:
     """The PRG of a 32-byte seed: ChaCha20's keystream (what it encrypts zeros to)."""
     return Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
-
-
-def add_mask(acc: np.ndarray, seed: bytes, sign: int = 1) -> None:
-    """``acc += sign * PRG(seed)`` in Z_(2^32), in place (``acc`` uint32)."""
-    add_masks(acc, [(seed, sign)])
 
 
 def add_masks(acc: np.ndarray, masks: Sequence[tuple[bytes, int]]) -> None:
