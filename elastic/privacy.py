@@ -94,7 +94,9 @@ class PrivacyMechanism(ABC):
         meta: short names, plain values; the coordinator bounds what it trusts).
 
         A mechanism whose rule has a ``wire_form`` replaces the entries of
-        ``change`` with that form's tensors. It may withhold what the data would
+        ``change`` with that form's tensors (new tensor objects, possibly over the
+        same memory: they are sent as they are, never turned back into weights).
+        It may withhold what the data would
         say beyond the update: ``num_samples`` and ``loss`` in the answer are sent
         in their place.
 

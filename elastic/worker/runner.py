@@ -228,7 +228,7 @@ class TaskRunner:
                         "run the job with worker daemons (elastic run --local-workers N)"
                     )
                 channel = self.exchanges.channel(self.worker_id, work)
-            names = set(computed.update)
+            given = dict(computed.update)
             said = mechanism.protect(privacy, computed.update, channel)
             # What the data would say beyond the protected update (a sample count, a
             # loss) may be withheld by the mechanism: it says what to send instead.
@@ -240,7 +240,10 @@ class TaskRunner:
                 meta.pop("metrics", None)  # (a task's own figures are the data's too)
             if said:
                 meta["privacy"] = said
-            replaced = set(computed.update) != names  # (the rule's own wire form)
+            # (tensors of the mechanism's own, in the rule's wire form, go as they are)
+            replaced = computed.update.keys() != given.keys() or any(
+                computed.update[k] is not t for k, t in given.items()
+            )
             if not chained and not replaced and meta["kind"] == "weights":  # as weights: add back
                 with torch.no_grad():
                     for name, t in computed.update.items():

@@ -9,7 +9,12 @@ import torch
 from elastic_plugins.privacy.secagg import shamir
 from elastic_plugins.privacy.secagg.graph import degree_for, neighbours
 from elastic_plugins.privacy.secagg.protocol import ClientRound, ProtocolFailure, ServerRound
-from elastic_plugins.privacy.secagg.quantise import dequantise_sum, levels_for, quantise
+from elastic_plugins.privacy.secagg.quantise import (
+    dequantise_sum,
+    flat_uint32,
+    levels_for,
+    quantise,
+)
 
 SIZE = 50_000
 
@@ -150,7 +155,7 @@ def test_quantised_sums_are_exact_to_one_step_per_client() -> None:
     levels = levels_for(16)
     total = np.zeros(SIZE, dtype=np.uint64)
     for seed, x in enumerate(xs):
-        total += quantise(x, 1.0, levels, bytes([seed]) * 32)
+        total += flat_uint32(quantise(x, 1.0, levels, bytes([seed]) * 32))
     assert total.max() < 1 << 32  # no wrap
     got = dequantise_sum(total.astype(np.uint32), 16, 1.0, levels)
     step = 2.0 / levels
@@ -170,6 +175,42 @@ def test_masking_while_quantising_is_masking_after() -> None:
     }
     parts = [torch.randn(70_000) * 0.1, torch.randn(3, 50_000) * 0.1]  # blocks cross tensors
     levels = levels_for(3)
-    fused = quantise(parts, 1.0, levels, bytes(32), client.masks())
-    after = client.mask(quantise(torch.cat([p.flatten() for p in parts]), 1.0, levels, bytes(32)))
+    fused = flat_uint32(quantise(parts, 1.0, levels, bytes(32), client.masks()))
+    flat = torch.cat([p.flatten() for p in parts])
+    after = client.mask(flat_uint32(quantise(flat, 1.0, levels, bytes(32))))
     assert np.array_equal(fused, after)
+    # in place: each float32 tensor's memory holds its result, as int32 of its shape
+    own = [p.clone() for p in parts]
+    result = quantise(own, 1.0, levels, bytes(32), client.masks(), in_place=True)
+    for o, r in zip(own, result, strict=True):
+        assert r.dtype == torch.int32 and r.shape == o.shape and r.data_ptr() == o.data_ptr()
+    assert np.array_equal(flat_uint32(result), fused)
+    # not in place: the input is left as it was
+    kept = [p.clone() for p in parts]
+    quantise(kept, 1.0, levels, bytes(32), client.masks())
+    assert all(torch.equal(k, p) for k, p in zip(kept, parts, strict=True))
+
+
+def test_an_input_comes_in_pieces_in_any_order_each_once() -> None:
+    """Parts of the tensors of an input arrive in the packer's order, not the
+    vector's: the server folds them wherever they go, and refuses an overlap."""
+    names = ["a", "b", "c"]
+    server = ServerRound(b"r", names, 2, 2, 0, 10)
+    clients = {c: ClientRound(c, b"r") for c in names}
+    for c in names:
+        server.add_keys(c, clients[c].advertise())
+    rosters = server.rosters()
+    for c in names:
+        server.add_shares(c, clients[c].share(rosters[c]))
+    ones = np.ones(10, dtype=np.uint32)
+    server.add_input("a", ones[:4], 6)
+    server.add_input("a", ones[:6], 0)
+    assert "a" in server.inputs
+    server.add_input("b", ones[:5], 5)
+    with pytest.raises(ProtocolFailure, match="each sent once"):
+        server.add_input("b", ones[:2], 4)  # overlaps the piece from 5
+    with pytest.raises(ProtocolFailure, match="each sent once"):
+        server.add_input("b", ones[:6], 5)  # past the end
+    server.add_input("b", ones[:5], 0)
+    assert server.inputs == {"a", "b"} and not server.partial
+    assert server.total.tolist() == [2] * 10

@@ -12,7 +12,7 @@ import pytest
 import torch
 from elastic_plugins.privacy.secagg import shamir
 from elastic_plugins.privacy.secagg.protocol import ClientRound
-from elastic_plugins.privacy.secagg.quantise import levels_for, quantise
+from elastic_plugins.privacy.secagg.quantise import flat_uint32, levels_for, quantise
 
 from elastic.errors import ConfigError, ElasticError
 from elastic.jobspec import parse_job_spec
@@ -44,7 +44,7 @@ def one_round(
     rule: Aggregator,
     model: torch.nn.Module,
     number: int,
-    changes: dict[str, torch.Tensor],
+    changes: dict[str, dict[str, torch.Tensor]],
     drop_after_input: frozenset[str] = frozenset(),
     tamper: str | None = None,
 ) -> bool | str:
@@ -68,18 +68,7 @@ def one_round(
     levels = levels_for(len(rule.server.clients))  # type: ignore[attr-defined]
     for w, inbox in inboxes.items():
         clients[w].receive(inbox)
-        q = quantise(changes[w], 1.0, levels, bytes(32))
-        masked = clients[w].mask(q)
-        rule.accumulate(
-            Update(
-                w,
-                0,
-                1,
-                0.0,
-                "weights",
-                {"masked": WireTensor.from_tensor(torch.from_numpy(masked.view(np.int32)))},
-            )
-        )
+        rule.accumulate(Update(w, 0, 1, 0.0, "weights", masked(clients[w], changes[w], levels)))
     asked = rule.closing(sorted(inboxes))
     if isinstance(asked, str):
         return asked
@@ -100,11 +89,39 @@ def one_round(
     return verdict
 
 
-def model_and_changes(workers: list[str]) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+def masked(
+    client: ClientRound, change: dict[str, torch.Tensor], levels: int
+) -> dict[str, WireTensor]:
+    """A worker's update: its change quantised and masked as one vector over the
+    tensors in the order of their names, each sent as int32 of its own shape."""
+    names = sorted(change)
+    vector = client.mask(flat_uint32(quantise([change[k] for k in names], 1.0, levels, bytes(32))))
+    out, at = {}, 0
+    for k in names:
+        n = change[k].numel()
+        out[k] = WireTensor.from_tensor(
+            torch.from_numpy(vector[at : at + n].view(np.int32)).reshape(change[k].shape)
+        )
+        at += n
+    return out
+
+
+def model_and_changes(
+    workers: list[str],
+) -> tuple[torch.nn.Module, dict[str, dict[str, torch.Tensor]]]:
     model = torch.nn.Linear(10, 1)
-    size = sum(p.numel() for p in model.parameters())
     generator = torch.Generator().manual_seed(0)
-    return model, {w: torch.rand(size, generator=generator) - 0.5 for w in workers}
+    return model, {
+        w: {
+            k: torch.rand(p.shape, generator=generator) - 0.5 for k, p in model.state_dict().items()
+        }
+        for w in workers
+    }
+
+
+def flat(change: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A change as one vector in the model's state-dict order (weight, then bias)."""
+    return torch.cat([change["weight"].flatten(), change["bias"].flatten()])
 
 
 def test_the_rule_gets_the_mean_change_of_the_survivors() -> None:
@@ -115,7 +132,7 @@ def test_the_rule_gets_the_mean_change_of_the_survivors() -> None:
     before = torch.cat([p.detach().flatten().clone() for p in model.state_dict().values()])
     assert one_round(rule, model, 1, changes, drop_after_input=frozenset({"w3"})) is True
     after = torch.cat([p.detach().flatten() for p in model.state_dict().values()])
-    expected = sum(changes.values()) / 5  # w3 sent its input: it is a survivor
+    expected = sum(flat(c) for c in changes.values()) / 5  # w3 sent its input: a survivor
     assert torch.allclose(after - before, expected, atol=1e-6)
     assert rule.figures() == {"secagg_survivors": 5, "secagg_dropped": 0, "secagg_excluded": 0}
 
@@ -131,7 +148,7 @@ def test_a_client_with_a_bad_share_is_named_and_left_out_after() -> None:
     assert one_round(rule, model, 2, changes) is True
     after = torch.cat([p.detach().flatten() for p in model.state_dict().values()])
     others = [w for w in workers if w != "w2"]
-    assert torch.allclose(after - before, sum(changes[w] for w in others) / 5, atol=1e-6)
+    assert torch.allclose(after - before, sum(flat(changes[w]) for w in others) / 5, atol=1e-6)
     assert rule.state_dict()["excluded"] == {"w2": "a bad share of w0's self-mask seed"}
 
 

@@ -1,7 +1,7 @@
 """The cryptography of a SecAgg round, from ``cryptography``: X25519 key agreement
 (through HKDF-SHA256), AES-GCM for the shares clients send each other through the
-coordinator, and ChaCha20 as the pseudo-random generator that expands a 32-byte
-seed into a mask over a whole update, in Z_(2^32).
+coordinator, and AES-256 in counter mode as the pseudo-random generator that
+expands a 32-byte seed into a mask over a whole update, in Z_(2^32).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms
+from cryptography.hazmat.primitives.ciphers import Cipher, CipherContext, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -24,12 +24,14 @@ __all__ = [
     "unseal",
     "add_masks",
     "keystream",
+    "PRG",
     "commitment",
     "new_seed",
     "private_from_bytes",
 ]
 
 SEED = 32
+PRG = "aes256-ctr"  # named in the job's settings: a worker that expands otherwise refuses
 CHUNK = 1 << 16  # mask elements expanded at a time: 256 KiB of keystream, in cache
 
 
@@ -83,13 +85,21 @@ def commitment(seed: bytes) -> bytes:
 
 
 def keystream(seed: bytes) -> CipherContext:
-    """The PRG of a 32-byte seed: ChaCha20's keystream (what it encrypts zeros to)."""
-    return Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
+    """The PRG of a 32-byte seed: the keystream of AES-256 keyed by it, in counter
+    mode (what it encrypts zeros to). Each seed keys one stream only (fresh each
+    round, or agreed for one pair and round), so the fixed nonce never repeats
+    under a key.
+
+    The counter mode is GCM's (its tag is never computed): OpenSSL runs GCM's
+    encryption with vector AES instructions where the CPU has them, about twice
+    plain CTR's speed and three times ChaCha20's on the machines we measured
+    (``benchmarks/RESULTS.md``, issue 20)."""
+    return Cipher(algorithms.AES256(seed), modes.GCM(bytes(12))).encryptor()
 
 
 def add_masks(acc: np.ndarray, masks: Sequence[tuple[bytes, int]]) -> None:
     """``acc += sum(sign * PRG(seed))`` in Z_(2^32), in place (``acc`` uint32): each
-    PRG is the keystream of ChaCha20 keyed by its seed. A block of ``CHUNK``
+    PRG is ``keystream(seed)``. A block of ``CHUNK``
     elements at a time, every mask added to it while it is in cache: one pass over
     ``acc`` whatever the number of masks."""
     streams = [(keystream(seed), sign) for seed, sign in masks]

@@ -10,10 +10,12 @@ stage_timeout = 15    # seconds the key and share steps wait before going on wit
 
 Each round every participant trains, then runs SecAgg+ with the coordinator
 (``protocol.py``) over EXCHANGE messages: keys, encrypted shares, and its change
-quantised into Z_(2^32) and masked, sent as the update (``masked``: one int32
-vector, in parts when big). The coordinator adds the masked vectors as they come,
-asks the survivors for the shares that take the masks out, and gives the rule the
-mean change of the survivors, as one update: all it learns is the sum.
+quantised into Z_(2^32) and masked, sent as the update (each tensor of the change
+as int32 of its shape, in the memory the change had; in parts when big). The masks
+run over the tensors in the order of their names, as one vector. The coordinator
+adds the masked inputs as they come, asks the survivors for the shares that take
+the masks out, and gives the rule the mean change of the survivors, as one update:
+all it learns is the sum.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 from elastic_plugins.privacy.secagg.graph import degree_for
-from elastic_plugins.privacy.secagg.keys import new_seed
+from elastic_plugins.privacy.secagg.keys import PRG, new_seed
 from elastic_plugins.privacy.secagg.protocol import (
     ClientRound,
     ProtocolFailure,
@@ -54,7 +56,6 @@ from elastic.api import (
 __all__ = ["SecureAggregation", "SecureMean"]
 
 log = logging.getLogger("elastic.secagg")
-MASKED = "masked"
 
 
 class SecureAggregation(PrivacyMechanism):
@@ -126,7 +127,7 @@ class SecureAggregation(PrivacyMechanism):
         return cls(rule, self)
 
     def worker_settings(self) -> dict[str, Any]:
-        return {"clip": self.clip, "timeout": self.spec.round_timeout}
+        return {"clip": self.clip, "timeout": self.spec.round_timeout, "prg": PRG}
 
     @classmethod
     def protect(
@@ -138,15 +139,22 @@ class SecureAggregation(PrivacyMechanism):
         if channel is None:
             raise ValueError("secure aggregation needs a channel to the coordinator")
         clip, timeout = float(settings["clip"]), float(settings["timeout"])
+        if settings.get("prg") != PRG:
+            raise ValueError(
+                f"the coordinator expands masks with {settings.get('prg')!r}, this worker "
+                f"with {PRG!r}: run the same elastic version on both"
+            )
         client = ClientRound(channel.me, channel.round_id.encode())
         channel.send("keys", client.advertise())
         roster = _unless_skipped(channel.receive("roster", timeout))
         channel.send("shares", client.share(roster))
         client.receive(_unless_skipped(channel.receive("inbox", timeout)))
         levels = levels_for(int(roster["clients"]))
-        masked = quantise(change.values(), clip, levels, new_seed(), client.masks())
-        change.clear()
-        change[MASKED] = torch.from_numpy(masked.view(np.int32))
+        names = sorted(change)
+        masked = quantise(
+            [change[k] for k in names], clip, levels, new_seed(), client.masks(), in_place=True
+        )
+        change.update(zip(names, masked, strict=True))
         channel.answer("unmask", client.reveal)
         return {}
 
@@ -170,10 +178,15 @@ class SecureMean(Aggregator):
         self.rule.setup(model)
         self.base = update_template(model, self.worker_mode)
         self.kind = "gradient" if self.worker_mode == "gradient" else "weights"
-        self.size = sum(t.numel() for t in self.base.values())
+        self.offsets, at = {}, 0  # each tensor's place in the masked vector
+        for name in sorted(self.base):
+            self.offsets[name] = at
+            at += self.base[name].numel()
+        self.size = at
+        self.total = np.zeros(0, dtype=np.uint32)  # (the sum's buffer, kept across rounds)
 
     def wire_form(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        return {MASKED: ((self.size,), torch.int32)}
+        return {name: (tuple(t.shape), torch.int32) for name, t in self.base.items()}
 
     # ---------------------------------------------------------- the round ---
 
@@ -196,7 +209,9 @@ class SecureMean(Aggregator):
                 threshold,
                 self.mechanism.spec.seed * 1_000_003 + number,
                 self.size,
+                self.total,
             )
+            self.total = self.server.total
         except ProtocolFailure as exc:
             self.failure = f"secure aggregation cannot start: {exc}"
         return []
@@ -273,14 +288,16 @@ class SecureMean(Aggregator):
             return said + [(c, "roster", {"skip": self.failure}) for c in server.keys]
 
     def accumulate(self, update: Update) -> None:
-        self._input(update.worker, update.tensors[MASKED], 0)
+        for name in self.offsets:
+            self._input(update.worker, update.tensors[name], self.offsets[name])
 
     def accumulate_part(self, update: Update, segments: Sequence[tuple[str, int, int]]) -> None:
         for name, start, _ in segments:
-            self._input(update.worker, update.tensors[name], start)
+            self._input(update.worker, update.tensors[name], self.offsets[name] + start)
 
     def _input(self, worker: str, masked: WireTensor, start: int) -> None:
-        """Fold a masked input (or a part of one) frame by frame, with no copy."""
+        """Fold a masked tensor (or a part of one) into the sum from ``start`` on,
+        frame by frame, with no copy."""
         if self.server is None:
             return
         try:
@@ -328,10 +345,10 @@ class SecureMean(Aggregator):
             self.mechanism.clip,
             levels_for(len(self.server.clients)),
         )
-        tensors, at = {}, 0
+        tensors = {}
         for name, t in self.base.items():
+            at = self.offsets[name]
             piece = mean[at : at + t.numel()].view(t.shape)
-            at += t.numel()
             if self.kind == "weights":
                 piece.add_(t.detach().to(torch.float32))
             tensors[name] = WireTensor.from_tensor(piece.to(t.dtype))

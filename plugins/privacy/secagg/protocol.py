@@ -25,6 +25,7 @@ shares the round cannot be unmasked and says which secret lacked them.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -166,7 +167,8 @@ class ServerRound:
     ``threshold`` is t: shares needed to rebuild a secret (at most the degree k).
     The coordinator sees keys, sealed shares, masked inputs and the shares revealed
     in step 4: never a share it could open before then, never both secrets of one
-    client.
+    client. ``total``: a uint32 buffer of ``size`` to sum into, zeroed (kept by the
+    caller across rounds, it is not allocated again).
     """
 
     def __init__(
@@ -177,6 +179,7 @@ class ServerRound:
         threshold: int,
         seed: int,
         size: int,
+        total: np.ndarray | None = None,
     ) -> None:
         if not 1 <= threshold <= degree <= len(clients) - 1:
             raise ProtocolFailure(
@@ -190,9 +193,14 @@ class ServerRound:
         self.x = {c: i + 1 for i, c in enumerate(self.clients)}
         self.keys: dict[str, dict] = {}
         self.sent: dict[str, dict[str, bytes]] = {}  # step 2: sender -> {receiver: sealed}
-        self.total = np.zeros(size, dtype=np.uint32)
+        if total is None or total.shape != (size,) or total.dtype != np.uint32:
+            total = np.zeros(size, dtype=np.uint32)
+        else:
+            total.fill(0)  # (a buffer the caller keeps across rounds)
+        self.total = total
         self.inputs: set[str] = set()
-        self.partial: dict[str, int] = {}  # an input coming in parts: the elements folded
+        self.partial: dict[str, list[tuple[int, int]]] = {}  # inputs in pieces: the ranges folded
+        self.folded: dict[str, int] = {}
         self.reveals: dict[str, dict] = {}
 
     # step 1
@@ -244,20 +252,28 @@ class ServerRound:
     # step 3
     def add_input(self, client: str, masked: np.ndarray, start: int = 0) -> None:
         """``client``'s masked input, or its elements from ``start`` on (an input in
-        parts, in order): it counts once every element came."""
+        pieces, in any order, none overlapping another): it counts once every
+        element came."""
         if client not in self.sent or client in self.inputs:
             raise ProtocolFailure(f"{client} may not send an input now")
-        at = self.partial.get(client, 0)
-        if masked.dtype != np.uint32 or start != at or at + masked.size > self.total.size:
+        stop = start + masked.size
+        pieces = self.partial.setdefault(client, [])
+        at = bisect.bisect(pieces, (start, stop))
+        if (
+            masked.dtype != np.uint32
+            or not 0 <= start < stop <= self.total.size
+            or (at > 0 and pieces[at - 1][1] > start)
+            or (at < len(pieces) and pieces[at][0] < stop)
+        ):
             raise ProtocolFailure(
-                f"{client}'s input must be {self.total.size} uint32 values, in order"
+                f"{client}'s input must be {self.total.size} uint32 values, each sent once"
             )
-        np.add(self.total[at : at + masked.size], masked, out=self.total[at : at + masked.size])
-        if at + masked.size == self.total.size:
-            self.partial.pop(client, None)
+        np.add(self.total[start:stop], masked, out=self.total[start:stop])
+        pieces.insert(at, (start, stop))
+        self.folded[client] = self.folded.get(client, 0) + masked.size
+        if self.folded[client] == self.total.size:
+            del self.partial[client]
             self.inputs.add(client)
-        else:
-            self.partial[client] = at + masked.size
 
     def request(self) -> dict:
         """After step 3: who survived, who dropped (of the clients that shared)."""

@@ -14,13 +14,12 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from elastic_plugins.privacy.secagg.keys import keystream
 
-__all__ = ["levels_for", "quantise", "dequantise_sum", "mean_change"]
+__all__ = ["levels_for", "quantise", "flat_uint32", "dequantise_sum", "mean_change"]
 
 MODULUS_BITS = 32
-BLOCK = 1 << 16  # elements quantised at a time: the working copy stays in cache
+BLOCK = 1 << 14  # elements quantised at a time: the working copy stays in cache
 
 
 def levels_for(clients: int) -> int:
@@ -34,43 +33,58 @@ def quantise(
     levels: int,
     seed: bytes,
     masks: Sequence[tuple[bytes, int]] = (),
-) -> np.ndarray:
-    """``x`` (a tensor, or tensors taken one after another as one vector) as uint32 in
-    [0, levels]: clipped, scaled, stochastically rounded with uniform draws from
-    ChaCha20 keyed by ``seed`` (32 random bytes); plus ``masks`` in Z_(2^32)
-    (``keys.add_masks``'), added to each block while it is in cache. One pass over
-    the input and one over the output; the float64 working copy is one block."""
+    in_place: bool = False,
+) -> list[torch.Tensor]:
+    """``x`` (a tensor, or tensors taken one after another as one vector) in
+    [0, levels], as the bits of uint32 in int32 tensors of the same shapes: clipped,
+    scaled, stochastically rounded with uniform draws from ``keystream(seed)`` (32
+    random bytes); plus ``masks`` in Z_(2^32) (``keys.add_masks``'), added to each
+    block while it is in cache. One pass over the input; the float64 working copy is
+    one block.
+
+    ``in_place``: a contiguous float32 CPU tensor is overwritten by its own result
+    (the caller gives up the values). A worker's change is as big as the model, and
+    a fresh buffer that size costs a page fault every 4 KiB: with many clients to a
+    machine, more than the masking itself."""
     tensors = [x] if isinstance(x, torch.Tensor) else list(x)
-    size = sum(t.numel() for t in tensors)
-    out = np.empty(size, dtype=np.uint32)
     scale = levels / (2 * clip)
-    draws = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
+    draws = keystream(seed)
     streams = [(keystream(s), sign) for s, sign in masks]
     zeros = memoryview(bytes(4 * BLOCK))
     work, uniform = np.empty(BLOCK), np.empty(BLOCK)
-    block = bytearray(4 * BLOCK)
-    at = 0
+    drawn, block = bytearray(4 * BLOCK), bytearray(4 * BLOCK)
+    drawn_u32, block_u32 = np.frombuffer(drawn, np.uint32), np.frombuffer(block, np.uint32)
+    outputs = []
     for t in tensors:
-        flat = t.detach().reshape(-1).to(torch.float32).cpu().numpy()
+        t = t.detach()
+        own = in_place and t.dtype == torch.float32 and t.device.type == "cpu"
+        own = own and t.is_contiguous()
+        result = t.view(torch.int32) if own else torch.empty(t.shape, dtype=torch.int32)
+        flat = t.reshape(-1).to(torch.float32).cpu().numpy()
+        out = result.reshape(-1).numpy().view(np.uint32)  # (the same memory as flat if own)
         for start in range(0, flat.size, BLOCK):
             n = min(BLOCK, flat.size - start)
-            v, u, target = work[:n], uniform[:n], out[at : at + n]
-            np.clip(flat[start : start + n], -clip, clip, out=v)
+            v, u, target = work[:n], uniform[:n], out[start : start + n]
+            np.clip(flat[start : start + n], -clip, clip, out=v)  # (read before written)
             v += clip
             v *= scale
-            np.multiply(
-                np.frombuffer(draws.update(zeros[: 4 * n]), dtype=np.uint32), 2.0**-32, out=u
-            )
+            draws.update_into(zeros[: 4 * n], drawn)
+            np.multiply(drawn_u32[:n], 2.0**-32, out=u)
             v += u  # rounds up with the odds of the fractional part
             np.floor(v, out=v)
             np.minimum(v, levels, out=v)
             target[:] = v
+            stream = block_u32[:n]
             for encryptor, sign in streams:
                 encryptor.update_into(zeros[: 4 * n], block)
-                stream = np.frombuffer(block, dtype=np.uint32, count=n)
                 (np.add if sign > 0 else np.subtract)(target, stream, out=target)
-            at += n
-    return out
+        outputs.append(result)
+    return outputs
+
+
+def flat_uint32(tensors: Iterable[torch.Tensor]) -> np.ndarray:
+    """``quantise``'s tensors as one uint32 vector (a copy)."""
+    return np.concatenate([t.reshape(-1).numpy().view(np.uint32) for t in tensors])
 
 
 def dequantise_sum(total: np.ndarray, clients: int, clip: float, levels: int) -> torch.Tensor:
