@@ -25,6 +25,9 @@ ALL = [
     "fed_rules",
     "codecs",
     "curve",
+    "privacy",
+    "secagg",
+    "secagg_masking",
 ]
 
 

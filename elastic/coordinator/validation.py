@@ -78,7 +78,7 @@ class UpdateValidator:
         self.mode = job.aggregator.worker_mode
         self.kind = update_kind(self.mode)
         # What updates travel as: the model's tensors, or the rule's own form (a
-        # secure aggregation's masked vector), checked exactly and never decoded.
+        # secure aggregation's masked tensors), checked exactly and never decoded.
         self.wire = job.aggregator.wire_form()
         self.template = self.wire or {
             k: (tuple(t.shape), t.dtype) for k, t in update_template(job.model, self.mode).items()

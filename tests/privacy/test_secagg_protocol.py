@@ -134,15 +134,21 @@ def test_a_client_never_reveals_both_secrets_of_one_neighbour() -> None:
     assert result.excluded == {}
 
 
-def test_a_share_sealed_for_another_does_not_open() -> None:
+def shared(size: int) -> tuple[ServerRound, dict[str, ClientRound]]:
+    """Clients a, b and c through steps 1 and 2 (keys, shares) of one round."""
     names = ["a", "b", "c"]
-    server = ServerRound(b"r", names, 2, 2, 0, 4)
+    server = ServerRound(b"r", names, 2, 2, 0, size)
     clients = {c: ClientRound(c, b"r") for c in names}
     for c in names:
         server.add_keys(c, clients[c].advertise())
     rosters = server.rosters()
     for c in names:
         server.add_shares(c, clients[c].share(rosters[c]))
+    return server, clients
+
+
+def test_a_share_sealed_for_another_does_not_open() -> None:
+    server, clients = shared(4)
     inbox = server.inboxes()["b"]
     inbox["shares"]["a"] = server.inboxes()["c"]["shares"]["a"]  # a's share for c, given to b
     with pytest.raises(ProtocolFailure, match="the shares from a do not open"):
@@ -194,14 +200,7 @@ def test_masking_while_quantising_is_masking_after() -> None:
 def test_an_input_comes_in_pieces_in_any_order_each_once() -> None:
     """Parts of the tensors of an input arrive in the packer's order, not the
     vector's: the server folds them wherever they go, and refuses an overlap."""
-    names = ["a", "b", "c"]
-    server = ServerRound(b"r", names, 2, 2, 0, 10)
-    clients = {c: ClientRound(c, b"r") for c in names}
-    for c in names:
-        server.add_keys(c, clients[c].advertise())
-    rosters = server.rosters()
-    for c in names:
-        server.add_shares(c, clients[c].share(rosters[c]))
+    server, _ = shared(10)
     ones = np.ones(10, dtype=np.uint32)
     server.add_input("a", ones[:4], 6)
     server.add_input("a", ones[:6], 0)
