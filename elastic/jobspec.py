@@ -100,6 +100,10 @@ class UpdateLimits:
     )
     norm_action: str = "reject"  # reject | clip (scaled down to max_norm)
     max_updates_per_minute: int = 0  # per worker
+    # The most samples one update may claim (its weight in FedAvg): over it, or over
+    # what the worker says it holds times its epochs, the claim is clipped or refused.
+    max_samples_per_update: int = 0
+    samples_action: str = "clip"  # clip (down to the bound) | reject
 
 
 @dataclass(frozen=True)
@@ -265,6 +269,12 @@ _LIMIT_KEYS: dict[str, tuple[type | tuple[type, ...], Any, str]] = {
         lambda v: v >= 0,
         "updates a worker may send per minute, 0 for no limit",
     ),
+    "max_samples_per_update": (
+        int,
+        lambda v: v >= 0,
+        "the most samples one update may claim, 0 for no limit but the worker's data",
+    ),
+    "samples_action": (str, lambda v: v in ("reject", "clip"), '"reject" or "clip"'),
 }
 _TABLES = {"job", "task", "rule", "train", "checkpoint", "compression", "limits", "privacy"}
 

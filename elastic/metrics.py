@@ -85,6 +85,11 @@ class _Snapshot(Collector):
         sent = CounterMetricFamily(
             "elastic_model_bytes_sent", "Model bytes sent to workers", labels=["job"]
         )
+        clipped = CounterMetricFamily(
+            "elastic_samples_clipped",
+            "Updates whose sample count was clipped to the job's bound",
+            labels=["job"],
+        )
         figures = GaugeMetricFamily(
             "elastic_rule_figure",
             "A figure the job's rule reports: the privacy spent (epsilon at dp_delta), "
@@ -118,6 +123,7 @@ class _Snapshot(Collector):
                 totals.get("update_bytes_raw", 0) / max(totals.get("update_bytes_wire", 0), 1),
             )
             sent.add_metric([job_id], totals.get("bytes_sent", 0))
+            clipped.add_metric([job_id], totals.get("samples_clipped", 0))
             for name, value in job.get("figures", {}).items():
                 figures.add_metric([job_id, name], float(value))
             histogram = {int(k): v for k, v in totals.get("staleness_histogram", {}).items()}
@@ -130,7 +136,10 @@ class _Snapshot(Collector):
                 staleness.add_metric(
                     [job_id], buckets, sum_value=float(sum(k * v for k, v in histogram.items()))
                 )
-        yield from (*gauges.values(), state, updates, wire, raw, ratio, sent, figures, staleness)
+        yield from (
+            *gauges.values(),
+            *(state, updates, wire, raw, ratio, sent, clipped, figures, staleness),
+        )
         rejected = CounterMetricFamily(
             "elastic_updates_rejected", "Messages and updates refused, by reason", labels=["reason"]
         )

@@ -144,6 +144,7 @@ class Job:
             "bytes_received": 0,
             "updates": 0,
             "rejected": 0,
+            "samples_clipped": 0,  # sample counts claimed over the job's bound
         }
         self.final_metrics: dict[str, Any] = {}
         self.started_wall = time.time()

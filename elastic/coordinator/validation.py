@@ -194,6 +194,8 @@ class UpdateValidator:
                 return bounded
             tensors = bounded
         update = self._update(worker, msg, tensors, staleness)
+        if isinstance(update, Refusal):
+            return update
         veto = self.ctx.ask(
             "elastic_validate_update", job_id=self.job.spec.id, worker_id=worker, update=update
         )
@@ -264,21 +266,62 @@ class UpdateValidator:
         )
         return clipped
 
-    @staticmethod
     def _update(
-        worker: str, msg: Message, tensors: Mapping[str, WireTensor], staleness: int = 0
-    ) -> Update:
+        self, worker: str, msg: Message, tensors: Mapping[str, WireTensor], staleness: int = 0
+    ) -> Update | Refusal:
         """The one place an ``Update`` is made from a message."""
+        samples = self._samples(worker, msg)
+        if isinstance(samples, Refusal):
+            return samples
         return Update(
             worker,
             msg.version,
-            int(msg.meta["num_samples"]),
+            samples,
             float(msg.meta["loss"]),
             msg.meta["kind"],
             tensors,
             staleness,
             dict(msg.meta.get("privacy", {})),
         )
+
+    def _samples(self, worker: str, msg: Message) -> int | Refusal:
+        """The sample count an update may claim (its weight in FedAvg), bounded by
+        what the coordinator can bound: one batch for a gradient; the samples the
+        worker says it holds (``data_size``) times the job's local epochs; the
+        job's ``max_samples_per_update``. Over the bound the claim is clipped to it
+        (counted: ``samples_clipped``) or refused, as ``samples_action`` says."""
+        claimed = int(msg.meta["num_samples"])
+        spec = self.job.spec
+        bounds: list[tuple[int, str]] = []
+        if spec.limits.max_samples_per_update:
+            bounds.append((spec.limits.max_samples_per_update, "[limits] max_samples_per_update"))
+        held = msg.meta.get("data_size")
+        if self.kind == "gradient" and spec.train.batch_size:
+            bounds.append((spec.train.batch_size, "one batch ([train] batch_size)"))
+        elif held is not None:
+            epochs = spec.train.local_epochs
+            bounds.append((held * epochs, f"the {held} samples it holds x {epochs} epoch(s)"))
+        if not bounds:
+            return claimed
+        bound, why = min(bounds)
+        if claimed <= bound:
+            return claimed
+        if spec.limits.samples_action == "reject":
+            return Refusal(
+                "too_many_samples",
+                f"{worker} claims {claimed} samples, over {bound}: {why}; an update's sample "
+                "count is its weight, and the job bounds it",
+            )
+        self.job.totals["samples_clipped"] = self.job.totals.get("samples_clipped", 0) + 1
+        log.warning(
+            "sample count clipped job=%s sender=%s claimed=%d bound=%d (%s)",
+            spec.id,
+            msg.sender,
+            claimed,
+            bound,
+            why,
+        )
+        return bound
 
     # --------------------------------------------------------------- parts --
 

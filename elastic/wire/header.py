@@ -137,6 +137,7 @@ META_OPTIONAL: dict[MsgType, dict[str, Expected]] = {
     },
     MsgType.UPDATE: {
         "part": list,  # [index, count]: one part of an update sent in parts
+        "data_size": int,  # the samples this worker (or virtual client) holds for the job
         "client": int,  # the virtual client this update is of
         "metrics": dict,  # a task's own training loop's extra figures: {name: number}
         "collective": dict,  # a collective member's report: {generation, step, end, ...}
@@ -310,6 +311,8 @@ def _validate_header(header: dict[str, Any]) -> Message:
             )  # a diverged loss is reported, not hidden
     if mtype is MsgType.UPDATE and meta["num_samples"] < 0:
         raise ProtocolError("bad_field", "num_samples must be >= 0")
+    if mtype is MsgType.UPDATE and meta.get("data_size", 1) < 1:
+        raise ProtocolError("bad_field", "data_size must be >= 1")
     specs = header["tensors"]
     if len(specs) > MAX_TENSORS:
         raise ProtocolError("bad_field", f"{len(specs)} tensors > {MAX_TENSORS}")

@@ -217,6 +217,7 @@ class TaskRunner:
             "kind": update_kind(work.meta["mode"]),
             "train_seconds": computed.seconds,
             **({"metrics": computed.metrics} if computed.metrics else {}),
+            **({"data_size": size} if (size := _data_size(ctx.dataset)) else {}),
         }
         if mechanism is not None:
             assert privacy is not None
@@ -238,6 +239,7 @@ class TaskRunner:
             if withheld:
                 meta.update(withheld)
                 meta.pop("metrics", None)  # (a task's own figures are the data's too)
+                meta.pop("data_size", None)  # (and so is how much of it there is)
             if said:
                 meta["privacy"] = said
             # (tensors of the mechanism's own, in the rule's wire form, go as they are)
@@ -274,3 +276,12 @@ class TaskRunner:
                 meta={"reason": reason, "detail": detail},
             )
         )
+
+
+def _data_size(dataset: object) -> int | None:
+    """How many samples ``dataset`` holds, sent with each update so the coordinator
+    can bound the sample count claimed; None for a dataset without a length."""
+    try:
+        return int(len(dataset))  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return None

@@ -560,9 +560,69 @@ def test_job_limits_refuse_or_clip_and_a_plugin_can_veto(tmp_path: Path) -> None
     assert seen == [("elastic_validate_update", "a", "weights")]
 
 
+def test_a_sample_count_over_its_bound_is_clipped_or_refused(tmp_path: Path) -> None:
+    """A sample count is an update's weight in FedAvg: a claim over what the worker
+    holds times the job's epochs, or over the job's limit, is clipped (counted) or
+    refused with the bound named."""
+
+    def engine_with(limits: dict, epochs: int = 1) -> tuple[RoundEngine, list]:
+        spec = parse_job_spec(
+            {
+                "job": {"id": "j", "task": "linreg", "rule": "fedavg", "min_workers": 2},
+                "task": {"samples": 60},
+                "train": {"local_epochs": epochs},
+                "limits": limits,
+            }
+        )
+        engine = RoundEngine(
+            Job(spec, Plugins(), tmp_path / f"{len(limits)}-{epochs}"),
+            EngineContext(notify=Events(), clock=Clock()),
+        )
+        return engine, engine.tick(members("a", "b"))
+
+    def claim(engine: RoundEngine, work: Message, worker: str, value: float, **meta) -> Message:
+        msg = update_for(engine, work, worker, value)
+        msg.meta.update(meta)
+        return engine.on_update(worker, msg)
+
+    # b says it holds 10 samples and claims 10^12: clipped to 10, weighed as a is
+    engine, out = engine_with({})
+    before = {k: v.detach().clone() for k, v in update_template(engine.job.model, "train").items()}
+    assert claim(engine, out[0].message, "a", 1.0, num_samples=10, data_size=10).type is MsgType.ACK
+    ack = claim(engine, out[1].message, "b", 3.0, num_samples=10**12, data_size=10)
+    assert ack.type is MsgType.ACK and engine.job.round == 1
+    for k, v in update_template(engine.job.model, "train").items():
+        assert torch.allclose(v.detach() - before[k], torch.full_like(v, 2.0))  # (1 + 3) / 2
+    assert engine.job.totals["samples_clipped"] == 1
+
+    # local epochs multiply what a worker holds
+    engine, out = engine_with({}, epochs=3)
+    assert claim(engine, out[0].message, "a", 1.0, num_samples=30, data_size=10).type is MsgType.ACK
+    assert engine.job.totals["samples_clipped"] == 0
+
+    # the job's limit bounds every claim, with or without data_size; refused, named
+    engine, out = engine_with({"max_samples_per_update": 20, "samples_action": "reject"})
+    nack = claim(engine, out[0].message, "a", 1.0, num_samples=21)
+    assert nack.meta["reason"] == "too_many_samples"
+    assert "max_samples_per_update" in nack.meta["detail"] and "21" in nack.meta["detail"]
+    nack = claim(engine, out[1].message, "b", 1.0, num_samples=15, data_size=5)
+    assert (
+        nack.meta["reason"] == "too_many_samples"
+        and "the 5 samples it holds" in nack.meta["detail"]
+    )
+    assert claim(engine, out[1].message, "b", 1.0, num_samples=5, data_size=5).type is MsgType.ACK
+    assert engine.job.totals["rejected"] == 2
+
+
 def test_bad_limits_are_one_clear_error() -> None:
     with pytest.raises(JobSpecError, match="norm_action = 'cut' is invalid"):
         parse_job_spec({"job": {"task": "t", "rule": "r"}, "limits": {"norm_action": "cut"}})
+    with pytest.raises(JobSpecError, match="samples_action = 'drop' is invalid"):
+        parse_job_spec({"job": {"task": "t", "rule": "r"}, "limits": {"samples_action": "drop"}})
+    with pytest.raises(JobSpecError, match="max_samples_per_update = -1 is invalid"):
+        parse_job_spec(
+            {"job": {"task": "t", "rule": "r"}, "limits": {"max_samples_per_update": -1}}
+        )
 
 
 def test_a_long_jobs_history_stays_bounded_and_spans_the_whole_job(tmp_path: Path) -> None:

@@ -124,7 +124,7 @@ def test_every_meta_key_is_declared_and_checked() -> None:
     with pytest.raises(
         ProtocolError,
         match="'relative' is not in protocol 1 \\(known: num_samples, loss, kind, train_seconds, "
-        "part, client, metrics, collective, privacy\\)",
+        "part, data_size, client, metrics, collective, privacy\\)",
     ) as err:
         decode(with_header(msg, meta={**msg.meta, "relative": True}))
     assert err.value.reason == "unknown_field"
