@@ -51,7 +51,15 @@ from elastic.membership.cluster import (
 )
 from elastic.partitions import check_partition, partition
 from elastic.privacy import Channel, PrivacyMechanism
-from elastic.rules import Aggregator, AsyncAggregator, CollectiveRule, Said, Update, WorkerMode
+from elastic.rules import (
+    Aggregator,
+    AsyncAggregator,
+    CollectiveRule,
+    Partial,
+    Said,
+    Update,
+    WorkerMode,
+)
 from elastic.tasks import Shard, Task, TrainContext, TrainResult, task_of
 from elastic.training import update_template
 from elastic.typecheck import check_params
@@ -75,6 +83,7 @@ __all__ = [
     "MembershipEvent",
     "Registration",
     "Said",
+    "Partial",
     "PluginError",
     "PrivacyMechanism",
     "Shard",

@@ -16,7 +16,15 @@ import torch
 
 from elastic.wire.tensors import WireTensor
 
-__all__ = ["Aggregator", "AsyncAggregator", "CollectiveRule", "Said", "Update", "WorkerMode"]
+__all__ = [
+    "Aggregator",
+    "AsyncAggregator",
+    "CollectiveRule",
+    "Partial",
+    "Said",
+    "Update",
+    "WorkerMode",
+]
 
 WorkerMode = Literal["train", "gradient", "delta", "collective"]
 # A step of a rule's conversation with a participant: (worker, stage, data).
@@ -53,6 +61,24 @@ class Update:
     tensors: Mapping[str, WireTensor] = field(default_factory=dict)
     staleness: int = 0
     privacy: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Partial:
+    """A rule's aggregate over some of a round's updates, to be merged with other
+    partials of the same round into the one a flat round would make (hierarchical
+    aggregation: an edge's contribution to its parent's round).
+
+    Attributes:
+        tensors: by state-dict name, the weighted mean of the updates folded (each
+            element over the updates that reached it; 0 where none did).
+        weights: by name, ``(start, stop, weight)`` ranges of the flattened tensor:
+            the weight folded into those elements (one range per tensor unless
+            updates came in parts and some stopped halfway). Empty: nothing folded.
+    """
+
+    tensors: Mapping[str, torch.Tensor]
+    weights: Mapping[str, Sequence[tuple[int, int, float]]]
 
 
 class Aggregator(ABC):
@@ -108,6 +134,24 @@ class Aggregator(ABC):
 
     # Whether ``accumulate_part`` is implemented: big updates may then be sent in parts.
     folds_parts: ClassVar[bool] = False
+
+    # Whether a round's aggregate can be computed in pieces (``partial`` over some
+    # updates, ``merge`` of the pieces) to the flat round's result: weighted means
+    # can, a median or Krum cannot. A hierarchical job needs it.
+    decomposable: ClassVar[bool] = False
+
+    def partial(self) -> Partial:
+        """This round's aggregate so far, as a piece for another instance of the
+        rule to ``merge`` (called instead of ``finalize``; the model is left as it
+        was). Decomposable rules only."""
+        raise NotImplementedError(f"rule {self.name} cannot be computed in pieces")
+
+    def merge(self, partial: Partial) -> None:
+        """Fold a ``partial`` of this round (another instance's, over other
+        updates) as ``accumulate`` folds an update: merging the partials of a
+        split of the updates, then ``finalize``, must make the model that
+        accumulating every update would. Decomposable rules only."""
+        raise NotImplementedError(f"rule {self.name} cannot be computed in pieces")
 
     def accumulate_part(self, update: Update, segments: Sequence[tuple[str, int, int]]) -> None:
         """Fold one part of an update; called only when ``folds_parts`` is True.

@@ -12,7 +12,15 @@ from typing import Any
 
 import torch
 
-from elastic.api import Aggregator, JobSpecError, Update, WireTensor, check_params, update_template
+from elastic.api import (
+    Aggregator,
+    JobSpecError,
+    Partial,
+    Update,
+    WireTensor,
+    check_params,
+    update_template,
+)
 
 __all__ = ["WeightedSum", "weighted_mean", "MeanDeltaRule"]
 
@@ -57,12 +65,18 @@ class WeightedSum:
         # Updates that came in parts: per part, the weight folded into it and where
         # it lies. The sums were zeroed before the first part (``_written``).
         self._part_weight: dict[tuple[tuple[str, int, int], ...], float] = {}
+        # Partials merged whose weight differs along a tensor: (name, start, stop, weight).
+        self._ranges: list[tuple[str, int, int, float]] = []
         self._written = False
 
     @property
     def any_weight(self) -> bool:
         """Whether anything with a positive weight was folded."""
-        return self.total_weight > 0 or any(w > 0 for w in self._part_weight.values())
+        return (
+            self.total_weight > 0
+            or any(w > 0 for w in self._part_weight.values())
+            or any(w > 0 for *_, w in self._ranges)
+        )
 
     @property
     def sums(self) -> dict[str, torch.Tensor]:
@@ -123,24 +137,58 @@ class WeightedSum:
         One range per tensor unless updates came in parts; where an update stopped
         halfway, the parts it sent weigh more than the ones it did not."""
         out = {name: [(0, acc.numel(), self.total_weight)] for name, acc in self._sums.items()}
-        if not self._part_weight:
-            return out
-        cuts: dict[str, list[tuple[int, int, float]]] = {name: [] for name in out}
+        extra: dict[str, list[tuple[int, int, float]]] = {name: [] for name in out}
         for part, weight in self._part_weight.items():
             for name, start, stop in part:
-                cuts[name].append((start, stop, self.total_weight + weight))
-        for name, ranges in cuts.items():
-            ranges.sort()
-            filled, at = [], 0
-            for start, stop, weight in ranges:
-                if start > at:  # no part reached these: only the whole updates did
-                    filled.append((at, start, self.total_weight))
-                filled.append((start, stop, weight))
-                at = stop
-            if at < self._sums[name].numel():
-                filled.append((at, self._sums[name].numel(), self.total_weight))
-            out[name] = filled
+                extra[name].append((start, stop, weight))
+        for name, start, stop, weight in self._ranges:
+            extra[name].append((start, stop, weight))
+        for name, pieces in extra.items():
+            if not pieces:
+                continue
+            # Each stretch between two cuts has one weight: the whole updates' plus
+            # every piece over it (the elements no piece reached: the whole updates').
+            ends = {0, self._sums[name].numel()}
+            cuts = sorted(ends | {s for s, _, _ in pieces} | {e for _, e, _ in pieces})
+            out[name] = [
+                (a, b, self.total_weight + sum(w for s, e, w in pieces if s <= a and b <= e))
+                for a, b in zip(cuts, cuts[1:], strict=False)
+            ]
         return out
+
+    def merge(self, partial: Partial) -> None:
+        """Fold another sum's ``partial`` (its mean and weights): as if the updates
+        it holds were added here."""
+        ranges = [r for rs in partial.weights.values() for r in rs]
+        if not any(w > 0 for *_, w in ranges):
+            return  # (nothing was folded into it)
+        whole = {w for name, rs in partial.weights.items() for (a, b, w) in rs}
+        if len(whole) == 1 and all(
+            len(rs) == 1 and rs[0][:2] == (0, self._sums[name].numel())
+            for name, rs in partial.weights.items()
+        ):
+            self.add(partial.tensors, whole.pop())  # one weight everywhere: as an update
+            return
+        sums = self.sums
+        if not self._written:
+            for acc in sums.values():
+                acc.zero_()
+            self._written = True
+        for name, rs in partial.weights.items():
+            flat, acc = partial.tensors[name].reshape(-1), sums[name].view(-1)
+            for start, stop, weight in rs:
+                if weight > 0:
+                    acc[start:stop].add_(flat[start:stop].to(acc.dtype), alpha=weight)
+                    self._ranges.append((name, start, stop, weight))
+
+    def partial(self) -> Partial:
+        """The sum as a ``Partial``: its mean (computed in place: the sum is
+        consumed, and the tensors are this sum's own until its next round) and
+        weights."""
+        if not self.any_weight:
+            return Partial({}, {})
+        weights = self.weights()
+        return Partial(self.mean(), weights)
 
     def mean(self) -> dict[str, torch.Tensor]:
         """The weighted mean, computed in place: the sum is consumed (``reset`` next).
@@ -230,6 +278,14 @@ class MeanDeltaRule(Aggregator):
 
     def accumulate_part(self, update: Update, segments: Sequence[tuple[str, int, int]]) -> None:
         self._sum.add_part(segments, update.tensors, self._weight(update))
+
+    decomposable = True  # (the mean of the trained weights, whatever the step after)
+
+    def partial(self) -> Partial:
+        return self._sum.partial()
+
+    def merge(self, partial: Partial) -> None:
+        self._sum.merge(partial)
 
     def finalize(self) -> None:
         if not self._sum.any_weight:

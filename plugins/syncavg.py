@@ -15,7 +15,15 @@ from typing import Any
 import torch
 from elastic_plugins.averaging import WeightedSum
 
-from elastic.api import Aggregator, JobSpecError, Update, check_params, hookimpl, update_template
+from elastic.api import (
+    Aggregator,
+    JobSpecError,
+    Partial,
+    Update,
+    check_params,
+    hookimpl,
+    update_template,
+)
 
 __all__ = ["SyncAvg"]
 
@@ -77,6 +85,14 @@ class SyncAvg(Aggregator):
 
     def accumulate_part(self, update: Update, segments: Sequence[tuple[str, int, int]]) -> None:
         self._sum.add_part(segments, update.tensors, float(update.num_samples))
+
+    decomposable = True  # (the batch-weighted mean gradient)
+
+    def partial(self) -> Partial:
+        return self._sum.partial()
+
+    def merge(self, partial: Partial) -> None:
+        self._sum.merge(partial)
 
     def finalize(self) -> None:
         if not self._sum.any_weight:
