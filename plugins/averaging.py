@@ -159,15 +159,14 @@ class WeightedSum:
     def merge(self, partial: Partial) -> None:
         """Fold another sum's ``partial`` (its mean and weights): as if the updates
         it holds were added here."""
-        ranges = [r for rs in partial.weights.values() for r in rs]
-        if not any(w > 0 for *_, w in ranges):
+        weights = {w for rs in partial.weights.values() for *_, w in rs}
+        if not any(w > 0 for w in weights):
             return  # (nothing was folded into it)
-        whole = {w for name, rs in partial.weights.items() for (a, b, w) in rs}
-        if len(whole) == 1 and all(
+        if len(weights) == 1 and all(
             len(rs) == 1 and rs[0][:2] == (0, self._sums[name].numel())
             for name, rs in partial.weights.items()
         ):
-            self.add(partial.tensors, whole.pop())  # one weight everywhere: as an update
+            self.add(partial.tensors, weights.pop())  # one weight everywhere: as an update
             return
         sums = self.sums
         if not self._written:

@@ -272,7 +272,7 @@ class ServerRound:
         pieces.insert(at, (start, stop))
         self.folded[client] = self.folded.get(client, 0) + masked.size
         if self.folded[client] == self.total.size:
-            del self.partial[client]
+            del self.partial[client], self.folded[client]
             self.inputs.add(client)
 
     def request(self) -> dict:
